@@ -1,0 +1,169 @@
+-- TornCat SSE: the schema, event log and trigger behind the real-time stream.
+--
+-- Apply with `psql "$DATABASE_URL" -f trigger.sql`, or let the server do it
+-- (`INIT_DB=1` / `--init-db`, and always for the embedded development database).
+-- Idempotent: running it again changes nothing, and on a `target_calls` table
+-- that has only the seed's columns it adds the new ones without touching rows.
+--
+-- What it builds:
+--   target_calls        who calls whom. The seed's columns plus faction, war,
+--                       names and `uncalled_at` (NULL = the call is active).
+--   target_call_events  an append-only log of every change that matters to a
+--                       client: `target_call` (a call appeared or changed) and
+--                       `target_uncall` (UPDATE set uncalled_at, or DELETE).
+--                       `event_id` is the SSE stream's event id.
+--   notify_target_call  the trigger function (the seed's name, so it replaces
+--                       the seed's trigger in place): appends the event, then
+--                       NOTIFYs channel `target_calls` with it as JSON.
+--
+-- Ordering under concurrency. A sequence hands out ids in call order, but two
+-- transactions can commit in the other order: a client that had seen id 11
+-- would then never be sent id 10. So every event is appended while holding one
+-- transaction-scoped advisory lock (key TORNCAT_EVENT_LOCK below): the second
+-- writer waits for the first to commit or roll back before it draws its id.
+-- Commit order therefore equals id order, and "everything after id N" is a
+-- stable question. The cost: writes to target_calls are serialised from the
+-- trigger to the end of their transaction, so keep those transactions short.
+-- (Ids can still have gaps, from rolled-back transactions; gaps are harmless.)
+--
+-- NOTIFY payloads must stay under 8000 bytes. When an event is larger (names
+-- can hold anything), the notification carries only its id and
+-- `"truncated": true`, and the server reads the event from the log.
+--
+-- Retention. `SELECT prune_target_call_events(interval '3 days')` deletes
+-- older events but always keeps the newest one, so the last event id never
+-- goes backwards. The server runs it hourly (EVENT_RETENTION_HOURS). A client
+-- that resumes from a pruned id gets a fresh snapshot instead of a replay.
+--
+-- Not covered: TRUNCATE fires no row trigger; after truncating target_calls,
+-- restart the server so it reloads its snapshot.
+
+BEGIN;
+
+CREATE TABLE IF NOT EXISTS target_calls (
+    id          bigserial PRIMARY KEY,
+    caller_id   bigint NOT NULL,
+    target_id   bigint NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+ALTER TABLE target_calls
+    ADD COLUMN IF NOT EXISTS faction_id  bigint,
+    ADD COLUMN IF NOT EXISTS war_id      bigint,
+    ADD COLUMN IF NOT EXISTS caller_name text,
+    ADD COLUMN IF NOT EXISTS target_name text,
+    ADD COLUMN IF NOT EXISTS uncalled_at timestamptz;
+
+-- The server loads active calls at start-up and after a long outage.
+CREATE INDEX IF NOT EXISTS target_calls_active_idx
+    ON target_calls (faction_id) WHERE uncalled_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS target_call_events (
+    event_id    bigserial PRIMARY KEY,
+    event       text NOT NULL CHECK (event IN ('target_call', 'target_uncall')),
+    call_id     bigint NOT NULL,
+    faction_id  bigint,
+    data        json NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS target_call_events_created_at_idx
+    ON target_call_events (created_at);
+
+-- Supabase exposes tables in `public` through its Data API: with row-level
+-- security on and no policy, only the table owner (the server) reads the log.
+ALTER TABLE target_call_events ENABLE ROW LEVEL SECURITY;
+
+-- ISO-8601 in UTC with milliseconds, e.g. 2026-11-24T18:41:07.123Z.
+CREATE OR REPLACE FUNCTION torncat_iso(ts timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+$$;
+
+-- A call as clients see it: the seed's fields first, then the new ones.
+CREATE OR REPLACE FUNCTION target_call_json(c target_calls) RETURNS json
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'id',          c.id,
+        'caller_id',   c.caller_id,
+        'target_id',   c.target_id,
+        'created_at',  torncat_iso(c.created_at),
+        'faction_id',  c.faction_id,
+        'war_id',      c.war_id,
+        'caller_name', c.caller_name,
+        'target_name', c.target_name,
+        'uncalled_at', torncat_iso(c.uncalled_at))
+$$;
+
+-- Append one event to the log and notify listeners. Call only from the trigger.
+CREATE OR REPLACE FUNCTION torncat_emit(kind text, c target_calls) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    TORNCAT_EVENT_LOCK constant bigint := 7402531;  -- see "Ordering" above
+    call_json json := target_call_json(c);
+    new_id    bigint;
+    payload   text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(TORNCAT_EVENT_LOCK);
+    INSERT INTO target_call_events (event, call_id, faction_id, data)
+        VALUES (kind, c.id, c.faction_id, call_json)
+        RETURNING event_id INTO new_id;
+    payload := json_build_object('event_id', new_id, 'event', kind,
+                                 'faction_id', c.faction_id, 'data', call_json)::text;
+    IF octet_length(payload) >= 8000 THEN
+        payload := json_build_object('event_id', new_id, 'event', kind,
+                                     'faction_id', c.faction_id, 'truncated', true)::text;
+    END IF;
+    PERFORM pg_notify('target_calls', payload);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION notify_target_call() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    gone target_calls;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.uncalled_at IS NULL THEN
+            PERFORM torncat_emit('target_call', NEW);
+        END IF;
+    ELSIF TG_OP = 'UPDATE' THEN
+        IF OLD.uncalled_at IS NULL AND NEW.uncalled_at IS NOT NULL THEN
+            PERFORM torncat_emit('target_uncall', NEW);
+        ELSIF NEW.uncalled_at IS NULL AND NEW IS DISTINCT FROM OLD THEN
+            IF OLD.uncalled_at IS NULL AND NEW.faction_id IS DISTINCT FROM OLD.faction_id THEN
+                -- Moved to another faction: the old one must see it leave.
+                gone := OLD;
+                gone.uncalled_at := now();
+                PERFORM torncat_emit('target_uncall', gone);
+            END IF;
+            PERFORM torncat_emit('target_call', NEW);
+        END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        IF OLD.uncalled_at IS NULL THEN
+            gone := OLD;
+            gone.uncalled_at := now();
+            PERFORM torncat_emit('target_uncall', gone);
+        END IF;
+    END IF;
+    RETURN NULL;  -- AFTER trigger: the return value is ignored
+END
+$$;
+
+DROP TRIGGER IF EXISTS trg_notify_target_call ON target_calls;
+CREATE TRIGGER trg_notify_target_call
+    AFTER INSERT OR UPDATE OR DELETE ON target_calls
+    FOR EACH ROW EXECUTE FUNCTION notify_target_call();
+
+-- Delete events older than `keep`, always keeping the newest. Returns the count.
+CREATE OR REPLACE FUNCTION prune_target_call_events(keep interval DEFAULT interval '3 days')
+RETURNS bigint LANGUAGE sql AS $$
+    WITH gone AS (
+        DELETE FROM target_call_events
+        WHERE created_at < now() - keep
+          AND event_id < (SELECT max(event_id) FROM target_call_events)
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+
+COMMIT;
