@@ -15,6 +15,11 @@
 --   notify_target_call  the trigger function (the seed's name, so it replaces
 --                       the seed's trigger in place): appends the event, then
 --                       NOTIFYs channel `target_calls` with it as JSON.
+--   torncat_call, torncat_uncall, torncat_expire_calls
+--                       what the server's calls API runs: each decides in one
+--                       statement, so two racing callers cannot both win.
+--   torncat_tokens      faction tokens (SHA-256 digests only), managed with
+--                       `python torncat_sse.py token create|list|revoke`.
 --
 -- Ordering under concurrency. A sequence hands out ids in call order, but two
 -- transactions can commit in the other order: a client that had seen id 11
@@ -52,7 +57,30 @@ ALTER TABLE target_calls
     ADD COLUMN IF NOT EXISTS war_id      bigint,
     ADD COLUMN IF NOT EXISTS caller_name text,
     ADD COLUMN IF NOT EXISTS target_name text,
-    ADD COLUMN IF NOT EXISTS uncalled_at timestamptz;
+    ADD COLUMN IF NOT EXISTS uncalled_at timestamptz,
+    ADD COLUMN IF NOT EXISTS uncalled_by bigint,
+    ADD COLUMN IF NOT EXISTS uncalled_by_name text,
+    ADD COLUMN IF NOT EXISTS uncall_reason text;  -- uncalled, forced, expired, deleted
+
+-- One active caller per target and faction (calls without a faction count as one
+-- faction). The database decides, so racing callers cannot both win. A table that
+-- already holds duplicate active calls (the seed never uncalled) keeps them, and
+-- the index waits until they are cleared: trigger.sql never rewrites rows.
+DO $$
+BEGIN
+    IF to_regclass('target_calls_one_active_caller') IS NULL THEN
+        IF EXISTS (SELECT 1 FROM target_calls WHERE uncalled_at IS NULL
+                   GROUP BY coalesce(faction_id, 0), target_id HAVING count(*) > 1) THEN
+            RAISE WARNING 'target_calls has targets with several active calls, so one caller '
+                'per target is NOT enforced yet: set uncalled_at on the extra rows (the server '
+                'expires calls older than CALL_TTL_SECONDS by itself), then run trigger.sql again';
+        ELSE
+            CREATE UNIQUE INDEX target_calls_one_active_caller
+                ON target_calls (coalesce(faction_id, 0), target_id) WHERE uncalled_at IS NULL;
+        END IF;
+    END IF;
+END
+$$;
 
 -- The server loads active calls at start-up and after a long outage.
 CREATE INDEX IF NOT EXISTS target_calls_active_idx
@@ -92,7 +120,10 @@ LANGUAGE sql STABLE AS $$
         'war_id',      c.war_id,
         'caller_name', c.caller_name,
         'target_name', c.target_name,
-        'uncalled_at', torncat_iso(c.uncalled_at))
+        'uncalled_at', torncat_iso(c.uncalled_at),
+        'uncalled_by', c.uncalled_by,
+        'uncalled_by_name', c.uncalled_by_name,
+        'uncall_reason', c.uncall_reason)
 $$;
 
 -- Append one event to the log and notify listeners. Call only from the trigger.
@@ -143,6 +174,7 @@ BEGIN
         IF OLD.uncalled_at IS NULL THEN
             gone := OLD;
             gone.uncalled_at := now();
+            gone.uncall_reason := 'deleted';
             PERFORM torncat_emit('target_uncall', gone);
         END IF;
     END IF;
@@ -154,6 +186,115 @@ DROP TRIGGER IF EXISTS trg_notify_target_call ON target_calls;
 CREATE TRIGGER trg_notify_target_call
     AFTER INSERT OR UPDATE OR DELETE ON target_calls
     FOR EACH ROW EXECUTE FUNCTION notify_target_call();
+
+-- The calls API. Each returns (status, event_id, call): `call` is the call as
+-- clients see it, `event_id` the event this write produced (NULL if none).
+
+-- Call a target: status 'called', or 'taken' with the call that holds it.
+CREATE OR REPLACE FUNCTION torncat_call(p_faction bigint, p_war bigint, p_target bigint,
+                                        p_target_name text, p_caller bigint, p_caller_name text)
+RETURNS TABLE (status text, event_id bigint, call json)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    c target_calls;
+BEGIN
+    FOR attempt IN 1..3 LOOP
+        BEGIN
+            INSERT INTO target_calls (faction_id, war_id, target_id, target_name,
+                                      caller_id, caller_name)
+                VALUES (p_faction, p_war, p_target, p_target_name, p_caller, p_caller_name)
+                RETURNING * INTO c;
+            RETURN QUERY SELECT 'called'::text,
+                currval(pg_get_serial_sequence('target_call_events', 'event_id')),
+                target_call_json(c);
+            RETURN;
+        EXCEPTION WHEN unique_violation THEN
+            SELECT * INTO c FROM target_calls t
+            WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
+              AND t.target_id = p_target AND t.uncalled_at IS NULL;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'taken'::text, NULL::bigint, target_call_json(c);
+                RETURN;
+            END IF;
+            -- The holder uncalled in between: try again.
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'target % keeps changing hands', p_target;
+END
+$$;
+
+-- Uncall a target: 'uncalled'; 'not_yours' (with the holder's call) when another
+-- member holds it and p_force is false; 'not_called' when nobody holds it.
+CREATE OR REPLACE FUNCTION torncat_uncall(p_faction bigint, p_target bigint, p_by bigint,
+                                          p_by_name text, p_force boolean)
+RETURNS TABLE (status text, event_id bigint, call json)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    c target_calls;
+BEGIN
+    UPDATE target_calls t
+    SET uncalled_at = now(), uncalled_by = p_by, uncalled_by_name = p_by_name,
+        uncall_reason = CASE WHEN t.caller_id = p_by THEN 'uncalled' ELSE 'forced' END
+    WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
+      AND t.target_id = p_target AND t.uncalled_at IS NULL
+      AND (t.caller_id = p_by OR p_force)
+    RETURNING * INTO c;
+    IF FOUND THEN
+        RETURN QUERY SELECT 'uncalled'::text,
+            currval(pg_get_serial_sequence('target_call_events', 'event_id')),
+            target_call_json(c);
+        RETURN;
+    END IF;
+    SELECT * INTO c FROM target_calls t
+    WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
+      AND t.target_id = p_target AND t.uncalled_at IS NULL;
+    IF FOUND THEN
+        RETURN QUERY SELECT 'not_yours'::text, NULL::bigint, target_call_json(c);
+    ELSE
+        RETURN QUERY SELECT 'not_called'::text, NULL::bigint, NULL::json;
+    END IF;
+END
+$$;
+
+-- Uncall every call older than `ttl`, with reason 'expired'. Row locks make this
+-- exactly-once when several servers run it at the same moment: the second UPDATE
+-- re-checks `uncalled_at IS NULL` after the first commits and skips the row.
+CREATE OR REPLACE FUNCTION torncat_expire_calls(ttl interval) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH gone AS (
+        UPDATE target_calls SET uncalled_at = now(), uncall_reason = 'expired'
+        WHERE uncalled_at IS NULL AND created_at < now() - ttl
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+
+-- Faction tokens. Only SHA-256 digests are stored; the plain token is shown once
+-- by `python torncat_sse.py token create`. Any change NOTIFYs the servers, which
+-- reload the list and close the streams of revoked tokens.
+CREATE TABLE IF NOT EXISTS torncat_tokens (
+    id            bigserial PRIMARY KEY,
+    faction_id    bigint NOT NULL CHECK (faction_id > 0),
+    label         text NOT NULL DEFAULT '',
+    token_sha256  bytea NOT NULL UNIQUE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz
+);
+ALTER TABLE torncat_tokens ENABLE ROW LEVEL SECURITY;
+
+CREATE OR REPLACE FUNCTION torncat_tokens_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('torncat_tokens', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS trg_torncat_tokens_changed ON torncat_tokens;
+CREATE TRIGGER trg_torncat_tokens_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON torncat_tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION torncat_tokens_changed();
 
 -- Delete events older than `keep`, always keeping the newest. Returns the count.
 CREATE OR REPLACE FUNCTION prune_target_call_events(keep interval DEFAULT interval '3 days')
