@@ -65,10 +65,10 @@ import collections
 import contextlib
 import email.utils
 import hashlib
-import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -78,6 +78,7 @@ import signal
 import socket
 import sys
 import time
+import unicodedata
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -119,8 +120,12 @@ QUERY_TIMEOUT = 30.0           # seconds for one catch-up query; longer means th
 SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
 CHANNEL = "target_calls"       # the seed's NOTIFY channel
+TOKENS_CHANNEL = "torncat_tokens"  # NOTIFYed by trigger.sql when the token table changes
 SCHEMA_LOCK = 7402530          # advisory lock key: one process at a time applies trigger.sql
 ORIGIN_RE = re.compile(r"^https?://[a-z0-9.-]+(:\d{1,5})?$")
+CALL_PATH_RE = re.compile(r"^/calls/(\d{1,19})(/uncall)?$")
+WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
+MIN_TOKEN_CHARS = 16           # FACTION_TOKENS shorter than this are refused as guessable
 
 
 def _bool(value: str) -> bool:
@@ -170,6 +175,19 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def _faction_tokens(value: str) -> tuple[tuple[int, str], ...]:
+    pairs = []
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        faction, colon, token = item.partition(":")
+        if not colon or not faction.strip().isdigit() or int(faction) < 1:
+            raise ValueError("expected <faction_id>:<token> pairs separated by commas")
+        if len(token.strip()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token for faction {int(faction)} is shorter than "
+                             f"{MIN_TOKEN_CHARS} characters")
+        pairs.append((int(faction), token.strip()))
+    return tuple(pairs)
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -194,8 +212,12 @@ SETTINGS = (
     Setting("PORT", "3000", _port, "TCP port to listen on (Render sets $PORT; 0 = any free port)"),
     Setting("ALLOWED_ORIGINS", "https://www.torn.com", _origins,
             "comma-separated origins allowed by CORS"),
-    Setting("SECRET_TOKEN", "", str, "if set, /events needs it (Authorization: Bearer ... "
-            "or ?token=...)", secret=True),
+    Setting("SECRET_TOKEN", "", str, "one token for every faction, as in the seed: if set, "
+            "/events and /calls need a token (Authorization: Bearer ... or ?token=...)",
+            secret=True),
+    Setting("FACTION_TOKENS", "", _faction_tokens, "comma-separated <faction_id>:<token> pairs; "
+            "a token sees and writes only its faction's calls (more with `token create`)",
+            secret=True),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -213,6 +235,10 @@ SETTINGS = (
             "on shutdown, clients are told to come back at random within this window"),
     Setting("EVENT_RETENTION_HOURS", "72", _non_negative_int,
             "events older than this are pruned from the log hourly (0 = never)"),
+    Setting("CALL_TTL_SECONDS", "900", _non_negative_int,
+            "an active call older than this is uncalled with reason \"expired\" (0 = never)"),
+    Setting("WRITES_PER_MINUTE", "300", _positive_int,
+            "calls and uncalls per minute per token (bursts of a sixth of that); more get 429"),
     Setting("INIT_DB", "0", _bool, "apply trigger.sql to DATABASE_URL at start-up"),
     Setting("EMBEDDED_PG_DIR", ".torncat-pg", str,
             "data directory of the embedded PostgreSQL (used when DATABASE_URL is unset)"),
@@ -253,6 +279,17 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         else:
             parser.add_argument(flag, dest=s.name.lower(), metavar=s.name, default=default,
                                 type=convert, help=help_text)
+    commands = parser.add_subparsers(dest="command", metavar="token")
+    token = commands.add_parser("token", help="manage faction tokens stored in the database "
+                                "(`token create --faction 123 --label main`, `token list`, "
+                                "`token revoke ID`)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a new token once, store its hash")
+    create.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    create.add_argument("--label", default="", help="who or what the token is for")
+    token_commands.add_parser("list", help="list tokens (never the tokens themselves)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=_positive_int)
     return parser.parse_args(argv, namespace=Config())
 
 
@@ -280,11 +317,12 @@ SECRET_PARAM_RE = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key
 
 
 class HttpError(Exception):
-    """A request we answer with an error status and then close."""
+    """A request we answer with an error status (and `extra` fields in the JSON body)."""
 
-    def __init__(self, status: int, message: str, headers: tuple = ()):
+    def __init__(self, status: int, message: str, headers: tuple = (), extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
+        self.extra = extra or {}
 
 
 @dataclass(slots=True)
@@ -494,37 +532,150 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-class Auth:
-    """Which tokens open which scope.
+class Grant:
+    """What one token allows: a faction (None: every faction), and its write budget."""
 
-    A scope is a faction id, or None for every faction (the seed's single
-    SECRET_TOKEN, or no token configured at all). Tokens are held only as
-    SHA-256 digests: a presented token is hashed and the digest looked up, then
-    compared with hmac.compare_digest, so the time taken does not depend on
-    how much of a real token an attacker has guessed.
+    __slots__ = ("faction", "label", "allowance", "stamp")
+
+    def __init__(self, faction: int | None, label: str):
+        self.faction, self.label = faction, label
+        self.allowance: float | None = None  # writes left in the bucket
+        self.stamp = 0.0
+
+    def take_write(self, per_minute: int, now: float) -> float:
+        """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
+        burst = max(5.0, per_minute / 6)  # ten seconds' worth, at least five
+        if self.allowance is None:
+            self.allowance = burst
+        self.allowance = min(burst, self.allowance + (now - self.stamp) * per_minute / 60)
+        self.stamp = now
+        if self.allowance >= 1:
+            self.allowance -= 1
+            return 0.0
+        return (1 - self.allowance) * 60 / per_minute
+
+
+OPEN = Grant(None, "open")  # no token configured anywhere: everyone sees every faction
+
+UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
+
+
+class Auth:
+    """Which token opens which faction.
+
+    Tokens come from SECRET_TOKEN (every faction, as in the seed), FACTION_TOKENS
+    and the `torncat_tokens` table. All are held as SHA-256 digests and a
+    presented token is found by its digest, so the time a lookup takes can only
+    depend on the digest, which tells an attacker nothing about the token.
+    Until the table has been read once, a token that is not in the environment
+    cannot be checked: such requests get 503, never a wrong answer. The server is
+    open (no token needed) only while no token was ever configured: once the table
+    holds a row, revoking the last token does not open it to everyone.
     """
 
-    def __init__(self, secret_token: str):
-        self._scopes: dict[bytes, int | None] = {}
+    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...]):
+        self.env: dict[bytes, Grant] = {}
         if secret_token:
-            self._scopes[token_digest(secret_token)] = None
+            self.env[token_digest(secret_token)] = Grant(None, "SECRET_TOKEN")
+        for faction, token in faction_tokens:
+            self.env[token_digest(token)] = Grant(faction, f"FACTION_TOKENS {faction}")
+        self.db: dict[bytes, Grant] | None = None  # None until read from the database
+        self._all = dict(self.env)
+        self.required = bool(self.env)
 
-    @property
-    def required(self) -> bool:
-        return bool(self._scopes)
+    def set_db_tokens(self, rows: list[tuple[bytes, int, str, bool]]) -> set[Grant]:
+        """Replace the database's tokens (digest, faction, label, revoked); returns those gone."""
+        old = self.db or {}
+        new: dict[bytes, Grant] = {}
+        for digest, faction, label, revoked in rows:
+            if revoked:
+                continue
+            grant = old.get(digest)
+            new[digest] = grant if grant is not None and grant.faction == faction else \
+                Grant(faction, label)
+        self.db = new
+        self._all = {**new, **self.env}
+        self.required = bool(self.env) or bool(rows)
+        return {grant for digest, grant in old.items() if new.get(digest) is not grant}
 
-    def scope(self, req: Request) -> int | None:
-        """The scope this request may see; raises HttpError(401) without a valid token."""
-        if not self._scopes:
-            return None
+    def grant(self, req: Request) -> Grant:
+        """The grant for this request; HttpError 401 without a valid token."""
         token = presented_token(req)
         if token:
-            digest = token_digest(token)
-            for known, scope in self._scopes.items():
-                if hmac.compare_digest(known, digest):
-                    return scope
-        raise HttpError(401, "missing or invalid token",
-                        (("WWW-Authenticate", 'Bearer realm="torncat"'),))
+            grant = self._all.get(token_digest(token))
+            if grant is not None:
+                return grant
+        if self.db is None and (token or not self.env):
+            raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
+                            (("Retry-After", "5"),))
+        if self.required:
+            raise HttpError(401, "missing or invalid token", UNAUTHORIZED)
+        return OPEN
+
+
+MAX_NAME_CHARS = 64
+MAX_ID = 2**63 - 1
+
+
+def _id_field(value: object, name: str) -> int:
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise HttpError(400, f"{name} must be a positive integer")
+    return value
+
+
+def _name_field(value: object, name: str) -> str | None:
+    if not isinstance(value, str):
+        raise HttpError(400, f"{name} must be a string")
+    value = value.strip()
+    if len(value) > MAX_NAME_CHARS:
+        raise HttpError(400, f"{name} must be at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(ch)[0] == "C" for ch in value):
+        raise HttpError(400, f"{name} must not contain control characters")
+    return value or None
+
+
+def _bool_field(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise HttpError(400, f"{name} must be true or false")
+    return value
+
+
+# Fields of the calls API: name -> (parser, required)
+CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
+               "caller_name": (_name_field, True), "target_name": (_name_field, False),
+               "war_id": (_id_field, False)}
+UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
+                 "force": (_bool_field, False)}
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(req: Request, body: bytes, fields: dict) -> dict:
+    """A JSON object body checked against `fields`; HttpError says which field is wrong."""
+    if body:
+        content_type = req.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HttpError(415, "send a JSON body with Content-Type: application/json")
+        try:
+            obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        if not isinstance(obj, dict):
+            raise HttpError(400, "the body must be a JSON object")
+    else:
+        obj = {}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise HttpError(400, f"unknown field {unknown[0]!r}")
+    out = {}
+    for name, (parse, required) in fields.items():
+        value = obj.get(name)
+        out[name] = None if value is None else parse(value, name)
+        if required and out[name] is None:
+            raise HttpError(400, f"{name} is required")
+    return out
 
 
 class Event:
@@ -571,7 +722,8 @@ class Stats:
     """Counters for the log line and /healthz."""
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
-                 "snapshots", "replays", "listener_reconnects", "rejected")
+                 "snapshots", "replays", "polls", "listener_reconnects", "rejected",
+                 "calls_made", "calls_refused", "uncalls")
 
     def __init__(self):
         for name in self.__slots__:
@@ -605,7 +757,8 @@ class Hub:
         self.subscribers: dict[int | None, set] = {}
         self.waiting: set = set()     # connected before the first snapshot
         self._outbox: list[Event] = []
-        self._snapshots: dict[int | None, bytes] = {}
+        self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
+        self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
     def client_count(self) -> int:
@@ -626,6 +779,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
+        self._release_sent()
         if not self.ready:
             self.ready = True
             waiting, self.waiting = self.waiting, set()
@@ -659,21 +813,52 @@ class Hub:
         if not self._outbox:
             self.loop.call_soon(self.flush)
         self._outbox.append(ev)
+        if self._sent:
+            self._release_sent()
         return True
 
     # -- what a client is owed ---------------------------------------------------
 
-    def snapshot_frame(self, scope: int | None) -> bytes:
-        """The snapshot event for a scope, cached until that scope changes."""
-        frame = self._snapshots.get(scope)
-        if frame is None:
+    def snapshot(self, scope: int | None) -> tuple[bytes, bytes]:
+        """The snapshot of a scope as (JSON, SSE frame), cached until that scope changes."""
+        cached = self._snapshots.get(scope)
+        if cached is None:
             if scope is None:
                 calls = [d for f in self.by_faction.values() for d in f.values()]
             else:
                 calls = list(self.by_faction.get(scope, {}).values())
             data = b'{"calls":[%s],"last_event_id":%d}' % (b",".join(calls), self.last_event_id)
-            frame = self._snapshots[scope] = sse_frame(self.last_event_id, "snapshot", data)
-        return frame
+            cached = self._snapshots[scope] = (
+                data, sse_frame(self.last_event_id, "snapshot", data))
+        return cached
+
+    def snapshot_frame(self, scope: int | None) -> bytes:
+        return self.snapshot(scope)[1]
+
+    def poll(self, scope: int | None, since: int | None) -> bytes:
+        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old."""
+        if since is None:
+            return self.snapshot(scope)[0]
+        if not self.can_replay(since):
+            return b'{"reset":true,' + self.snapshot(scope)[0][1:]
+        events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (ev.id, ev.kind.encode(), ev.data)
+                           for ev in self.events_after(since, scope))
+        return b'{"events":[%s],"last_event_id":%d}' % (events, self.last_event_id)
+
+    def sent(self, event_id: int) -> asyncio.Future | None:
+        """A future done once `event_id` has been applied and queued to subscribers."""
+        if event_id <= self.last_event_id:
+            return None
+        fut = self._sent.get(event_id)
+        if fut is None:
+            fut = self._sent[event_id] = self.loop.create_future()
+        return fut
+
+    def _release_sent(self) -> None:
+        for event_id in [i for i in self._sent if i <= self.last_event_id]:
+            fut = self._sent.pop(event_id)
+            if not fut.done():
+                fut.set_result(None)
 
     def events_after(self, cursor: int, scope: int | None) -> list[Event]:
         start = bisect.bisect_right(self.recent, cursor, key=lambda ev: ev.id)
@@ -783,7 +968,7 @@ class Connection(asyncio.Protocol):
     CLOSED: nothing more is written.
     """
 
-    __slots__ = ("app", "transport", "state", "buf", "timer", "scope", "cap", "cursor")
+    __slots__ = ("app", "transport", "state", "buf", "timer", "grant", "cap", "cursor")
 
     def __init__(self, app: App):
         self.app = app
@@ -791,7 +976,7 @@ class Connection(asyncio.Protocol):
         self.state = READING
         self.buf = bytearray()
         self.timer: asyncio.TimerHandle | None = None
-        self.scope: int | None = None   # the faction this stream sees; None: every faction
+        self.grant: Grant = OPEN        # the token's grant: which faction this stream sees
         self.cap = 0                    # unsent bytes allowed before eviction
         self.cursor: int | None = None  # Last-Event-ID, kept while waiting for the first snapshot
 
@@ -920,10 +1105,15 @@ class Connection(asyncio.Protocol):
 
     # -- streams -----------------------------------------------------------------
 
-    def start_stream(self, head: bytes, scope: int | None, cursor: int | None) -> None:
+    @property
+    def scope(self) -> int | None:
+        """The faction this stream sees; None: every faction."""
+        return self.grant.faction
+
+    def start_stream(self, head: bytes, grant: Grant, cursor: int | None) -> None:
         log.debug("%s: stream opened (faction=%s, last_event_id=%s)", self.peer(),
-                  "all" if scope is None else scope, cursor)
-        self.state, self.buf, self.scope = STREAM, None, scope
+                  "all" if grant.faction is None else grant.faction, cursor)
+        self.state, self.buf, self.grant = STREAM, None, grant
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
@@ -956,8 +1146,10 @@ class App:
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token)
+        self.auth = Auth(config.secret_token, config.faction_tokens)
         self.listener = Listener(self)
+        self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
+        self.tasks: set[asyncio.Task] = set()  # requests waiting on the database
         self.connections: set[Connection] = set()
         self.max_clients = config.max_clients
         self.max_connections = config.max_clients + REQUEST_SLOTS
@@ -966,10 +1158,9 @@ class App:
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
 
     def dispatch(self, conn: Connection, req: Request, body: bytes) -> None:
-        """Route one request. Responses are written before this returns."""
+        """Route one request. Synchronous routes answer before this returns."""
         log.debug("%s %s %s", conn.peer(), req.method, redact(req.target))
         cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
-        head_only = req.method == "HEAD"
         try:
             if req.method == "OPTIONS":
                 conn.respond(preflight(req, self.config.allowed_origins), req.keep_alive)
@@ -979,28 +1170,62 @@ class App:
             elif req.path == "/healthz":
                 self._require(req, ("GET", "HEAD"))
                 status, body_obj = self.health()
-                conn.respond(json_response(status, body_obj, cors, head_only=head_only),
-                             req.keep_alive)
+                conn.respond(json_response(status, body_obj, cors,
+                                           head_only=req.method == "HEAD"), req.keep_alive)
+            elif req.path == "/calls":
+                self._require(req, ("GET", "HEAD", "POST"))
+                grant = self.auth.grant(req)
+                if req.method == "POST":
+                    fields = parse_body(req, body, CALL_FIELDS)
+                    self._spawn(conn, req, cors, self.make_call(grant, fields, cors))
+                else:
+                    conn.respond(self.poll(grant, req, cors), req.keep_alive)
+            elif m := CALL_PATH_RE.match(req.path):
+                self._require(req, ("POST",) if m.group(2) else ("DELETE",))
+                grant = self.auth.grant(req)
+                target = _id_field(int(m.group(1)), "target_id")
+                fields = parse_body(req, body, UNCALL_FIELDS)
+                self._spawn(conn, req, cors, self.uncall(grant, target, fields, cors))
             else:
                 raise HttpError(404, "no such endpoint")
         except HttpError as e:
-            conn.respond(json_response(e.status, {"error": e.message}, [*e.headers, *cors],
-                                       close=not req.keep_alive), req.keep_alive)
+            conn.respond(self.error(e, cors, req.keep_alive), req.keep_alive)
         except Exception:
             log.exception("error handling %s %s", req.method, redact(req.path))
             conn.respond(json_response(500, {"error": "internal error"}, cors, close=True),
                          keep_alive=False)
 
     @staticmethod
+    def error(e: HttpError, cors: list[tuple[str, str]], keep_alive: bool) -> bytes:
+        return json_response(e.status, {"error": e.message, **e.extra}, [*e.headers, *cors],
+                             close=not keep_alive)
+
+    @staticmethod
     def _require(req: Request, methods: tuple[str, ...]) -> None:
         if req.method not in methods:
             raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
+
+    def _spawn(self, conn: Connection, req: Request, cors: list[tuple[str, str]], work) -> None:
+        """Answer from a task: for requests that wait on the database."""
+        async def run() -> None:
+            try:
+                response = await work
+            except HttpError as e:
+                response = self.error(e, cors, req.keep_alive)
+            except Exception:
+                log.exception("error handling %s %s", req.method, redact(req.path))
+                response = json_response(500, {"error": "internal error"}, cors, close=True)
+            conn.respond(response, req.keep_alive)
+
+        task = self.loop.create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def events(self, conn: Connection, req: Request, cors: list[tuple[str, str]]) -> None:
         """GET /events: the stream."""
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
-        scope = self.auth.scope(req)
+        grant = self.auth.grant(req)
         if self.stopping or self.hub.client_count >= self.max_clients:
             raise HttpError(503, "too many clients, retry later",
                             (("Retry-After", self.retry_after),))
@@ -1012,7 +1237,91 @@ class App:
             ("Transfer-Encoding", "chunked"),
             *cors,
         ])
-        conn.start_stream(head, scope, parse_event_id(cursor_text))
+        conn.start_stream(head, grant, parse_event_id(cursor_text))
+
+    def revoke(self, grants: set[Grant]) -> None:
+        """End the streams of tokens that were revoked."""
+        if not grants:
+            return
+        ended = [c for c in self.hub.all_streams() if c.grant in grants]
+        for conn in ended:
+            conn.end_stream(self.config.retry_ms)
+        log.info("tokens revoked: %s; ended %d streams",
+                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
+
+    # -- the calls API ---------------------------------------------------------------
+
+    def poll(self, grant: Grant, req: Request, cors: list[tuple[str, str]]) -> bytes:
+        """GET /calls[?since=N]: from memory, for clients that cannot stream (TornPDA)."""
+        if not self.hub.ready:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", "5"),))
+        since_text = req.query.get("since")
+        since = parse_event_id(since_text)
+        if since_text is not None and since is None:
+            raise HttpError(400, "since must be an event id (a non-negative integer)")
+        self.stats.polls += 1
+        return render_response(200, [("Content-Type", "application/json"),
+                                     ("Cache-Control", "no-store"), *cors],
+                               self.hub.poll(grant.faction, since), close=not req.keep_alive,
+                               head_only=req.method == "HEAD")
+
+    def _check_rate(self, grant: Grant) -> None:
+        wait = grant.take_write(self.config.writes_per_minute, self.loop.time())
+        if wait:
+            raise HttpError(429, "too many writes with this token, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
+
+    async def _db(self, sql: str, *args) -> asyncpg.Record:
+        """One statement on the pool; HttpError 503 when the database cannot be reached."""
+        try:
+            async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                return await conn.fetchrow(sql, *args, timeout=QUERY_TIMEOUT)
+        except (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+            log.warning("database unavailable for a write: %s", describe(e))
+            raise HttpError(503, "database unavailable, retry later",
+                            (("Retry-After", "5"),)) from None
+
+    async def _seen(self, event_id: int) -> None:
+        """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
+        fut = self.hub.sent(event_id)
+        if fut is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
+
+    async def make_call(self, grant: Grant, f: dict, cors: list[tuple[str, str]]) -> bytes:
+        """POST /calls: call a target for the token's faction."""
+        self._check_rate(grant)
+        row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
+                             f["war_id"], f["target_id"], f["target_name"], f["caller_id"],
+                             f["caller_name"])
+        call = json.loads(row["call"])
+        if row["status"] == "taken":
+            self.stats.calls_refused += 1
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
+                            extra={"call": call})
+        self.stats.calls_made += 1
+        await self._seen(row["event_id"])
+        return json_response(201, {"call": call, "event_id": row["event_id"]}, cors)
+
+    async def uncall(self, grant: Grant, target: int, f: dict,
+                     cors: list[tuple[str, str]]) -> bytes:
+        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
+        self._check_rate(grant)
+        row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
+                             target, f["caller_id"], f["caller_name"], bool(f["force"]))
+        if row["status"] == "not_called":
+            raise HttpError(404, f"target {target} is not called")
+        call = json.loads(row["call"])
+        if row["status"] == "not_yours":
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
+                            'it, unless the request says "force": true', extra={"call": call})
+        self.stats.uncalls += 1
+        await self._seen(row["event_id"])
+        return json_response(200, {"call": call, "event_id": row["event_id"]}, cors)
 
     def health(self) -> tuple[int, dict]:
         live = self.listener.state == "live"
@@ -1042,6 +1351,31 @@ class App:
                      deltas["connects"], deltas["disconnects"], deltas["evictions"],
                      deltas["events"], self.hub.last_event_id, self.listener.state)
 
+    async def expiry_loop(self) -> None:
+        """Uncall calls older than CALL_TTL_SECONDS (exactly once, whatever the instances)."""
+        ttl = self.config.call_ttl_seconds
+        if not ttl:
+            return
+        while True:
+            await asyncio.sleep(min(30.0, max(0.1, ttl / 10)))
+            with contextlib.suppress(HttpError):  # the database is down: try again later
+                expired = (await self._db("SELECT torncat_expire_calls(make_interval(secs => $1))",
+                                          ttl))[0]
+                if expired:
+                    log.info("expired %d calls older than %ds", expired, ttl)
+
+    async def prune_loop(self) -> None:
+        """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
+        hours = self.config.event_retention_hours
+        if not hours:
+            return
+        while True:
+            await asyncio.sleep(3600)
+            with contextlib.suppress(HttpError):
+                pruned = (await self._db("SELECT prune_target_call_events(make_interval("
+                                         "hours => $1))", hours))[0]
+                log.info("pruned %d events older than %d hours", pruned, hours)
+
     # -- shutdown ------------------------------------------------------------------
 
     async def shutdown(self) -> None:
@@ -1055,6 +1389,8 @@ class App:
             if conn.state == READING:
                 conn.close()
         log.info("shutting down: ended %d streams", len(streams))
+        if self.tasks:  # writes in flight get their answer
+            await asyncio.wait(list(self.tasks), timeout=SHUTDOWN_GRACE)
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
@@ -1108,6 +1444,7 @@ class Listener:
         self._pending: list[str] | None = None
         self._lost: asyncio.Future | None = None
         self._catch_up_task: asyncio.Task | None = None
+        self._tokens_task: asyncio.Task | None = None
         self._probes: dict[str, asyncio.Future] = {}
         self._in_use = asyncio.Lock()  # asyncpg runs one operation at a time per connection
         self._schema_applied = False
@@ -1149,6 +1486,7 @@ class Listener:
             self._schema_applied = True
         self._pending = []
         await conn.add_listener(CHANNEL, self._on_notify)
+        await conn.add_listener(TOKENS_CHANNEL, self._on_tokens_changed)
         await conn.add_listener(self.probe_channel, self._on_probe)
         try:
             await self.probe()
@@ -1158,6 +1496,7 @@ class Listener:
                 f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
                 "(port 5432) or a direct connection. Not reporting healthy.") from None
+        await self._load_tokens()
         await self._catch_up()
         self.state = "live"
         log.info("postgres listener live (last_event_id=%d)", self.hub.last_event_id)
@@ -1175,9 +1514,10 @@ class Listener:
                     f"{self.app.config.probe_timeout_seconds:g}s (half-open connection?)") from None
 
     def _close(self) -> None:
-        if self._catch_up_task is not None:
-            self._catch_up_task.cancel()
-            self._catch_up_task = None
+        for task in (self._catch_up_task, self._tokens_task):
+            if task is not None:
+                task.cancel()
+        self._catch_up_task = self._tokens_task = None
         if self.conn is not None:
             self.conn.terminate()
             self.conn = None
@@ -1198,7 +1538,7 @@ class Listener:
         elif not self._apply(payload):
             # Too big for NOTIFY: read it (and whatever follows) from the log.
             self._pending = []
-            self._catch_up_task = self.app.loop.create_task(self._catch_up_in_background())
+            self._catch_up_task = self.app.loop.create_task(self._in_background(self._catch_up()))
 
     def _apply(self, payload: str) -> bool:
         """Apply one notification; False when it must be read from the log first."""
@@ -1212,9 +1552,32 @@ class Listener:
         self.hub.apply(result)
         return True
 
-    async def _catch_up_in_background(self) -> None:
+    def _on_tokens_changed(self, conn, pid, channel, payload: str) -> None:
+        if conn is self.conn and (self._tokens_task is None or self._tokens_task.done()):
+            self._tokens_task = self.app.loop.create_task(self._in_background(self._load_tokens()))
+
+    async def _load_tokens(self) -> None:
+        """Read the token table; end the streams of tokens that are gone."""
         try:
-            await self._catch_up()
+            async with self._in_use:
+                rows = await self.conn.fetch(
+                    "SELECT token_sha256, faction_id, label, revoked_at IS NOT NULL AS revoked "
+                    "FROM torncat_tokens", timeout=QUERY_TIMEOUT)
+        except asyncpg.UndefinedTableError:
+            log.warning("no torncat_tokens table: apply trigger.sql for database tokens")
+            rows = []
+        auth = self.app.auth
+        before = None if auth.db is None else len(auth.db)
+        revoked = auth.set_db_tokens(
+            [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"]) for r in rows])
+        if len(auth.db) != before:
+            log.info("tokens: %d active in the database, %d from the environment%s",
+                     len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
+        self.app.revoke(revoked)
+
+    async def _in_background(self, work) -> None:
+        try:
+            await work
         except Exception as e:
             if self._lost is not None and not self._lost.done():
                 self._lost.set_result(e)
@@ -1292,32 +1655,18 @@ class SelfTestFailed(Exception):
 
 async def apply_schema(conn) -> None:
     """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
+    def show_warning(_conn, message) -> None:
+        if isinstance(message, asyncpg.PostgresWarning):
+            log.warning("trigger.sql: %s", message)
+
+    conn.add_log_listener(show_warning)
     await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
     try:
         await conn.execute(TRIGGER_SQL_PATH.read_text())
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+        conn.remove_log_listener(show_warning)
     log.info("applied trigger.sql")
-
-
-async def maintenance_loop(app: App) -> None:
-    """Hourly: prune old events (EVENT_RETENTION_HOURS)."""
-    hours = app.config.event_retention_hours
-    if not hours:
-        return
-    while True:
-        await asyncio.sleep(3600)
-        try:
-            conn = await asyncpg.connect(app.dsn, timeout=CONNECT_TIMEOUT, server_settings={
-                "application_name": "torncat-sse maintenance"})
-            try:
-                pruned = await conn.fetchval("SELECT prune_target_call_events($1::interval)",
-                                             f"{hours} hours")
-            finally:
-                await conn.close()
-            log.info("pruned %d events older than %d hours", pruned, hours)
-        except Exception as e:
-            log.warning("pruning events failed: %s", describe(e))
 
 
 # ---------------------------------------------------------------------------
@@ -1365,23 +1714,74 @@ async def serve(config: Config, dsn: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # min_size=0: no connection is opened before one is needed, so start-up does not
+    # wait for (or fail on) a database that is not reachable yet.
+    app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
+                                         timeout=CONNECT_TIMEOUT,
+                                         server_settings={"application_name": "torncat-sse api"})
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
                                       backlog=LISTEN_BACKLOG)
     host, port = server.sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (max %d clients)", host, port, app.max_clients)
     tasks = [loop.create_task(coro) for coro in (
-        app.listener.run(), app.keepalive_loop(), app.stats_loop(), maintenance_loop(app))]
+        app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
+        app.prune_loop())]
     await stop.wait()
     server.close()
     await app.shutdown()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    app.pool.terminate()
     log.info("stopped")
+
+
+async def token_command(config: Config, dsn: str) -> int:
+    """`token create|list|revoke`: manage the faction tokens kept in the database."""
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    try:
+        if config.init_db:
+            await apply_schema(conn)
+        if config.token_command == "create":
+            token = "tc_" + secrets.token_urlsafe(24)
+            row = await conn.fetchrow(
+                "INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+                "VALUES ($1, $2, $3) RETURNING id", config.faction, config.label,
+                token_digest(token))
+            print(f"token {row['id']} for faction {config.faction} ({config.label or 'no label'}); "
+                  "it is shown only this once:", file=sys.stderr)
+            print(token)
+        elif config.token_command == "list":
+            rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
+                                    "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
+                                    "FROM torncat_tokens ORDER BY id")
+            print(f"{'id':>5}  {'faction':>10}  {'sha256':8}  {'created (UTC)':19}  "
+                  f"{'revoked (UTC)':19}  label")
+            for r in rows:
+                revoked = f"{r['revoked_at']:%Y-%m-%d %H:%M:%S}" if r["revoked_at"] else "-"
+                print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['digest']:8}  "
+                      f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {revoked:19}  {r['label']}")
+        else:
+            revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
+                                          "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+                                          config.id)
+            if revoked is None:
+                print(f"torncat_sse: no active token with id {config.id}", file=sys.stderr)
+                return 1
+            print(f"token {config.id} revoked; servers close its streams now", file=sys.stderr)
+        return 0
+    except asyncpg.UndefinedTableError:
+        print("torncat_sse: the database has no torncat_tokens table: apply trigger.sql "
+              "(or add --init-db)", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
+    if config.command == "token" and config.log_level == "INFO":
+        config.log_level = "WARNING"  # keep the command's own output readable
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("asyncio").setLevel(logging.WARNING)
@@ -1403,6 +1803,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    if config.command == "token":
+        return runner(token_command(config, dsn))
     runner(serve(config, dsn))
     return 0
 
