@@ -134,21 +134,94 @@ def _req(target: str, **headers: str) -> t.Request:
     return t.parse_request_head(head(*lines))
 
 
-def test_auth_accepts_bearer_header_or_query_token_and_nothing_else():
-    auth = t.Auth("s3cret")
-    assert auth.required
-    assert auth.scope(_req("/events", Authorization="Bearer s3cret")) is None
-    assert auth.scope(_req("/events", Authorization="bearer s3cret")) is None
-    assert auth.scope(_req("/events?token=s3cret")) is None
-    for bad in (_req("/events"), _req("/events?token=s3cre"), _req("/events?token="),
-                _req("/events", Authorization="Basic czNjcmV0"),
-                _req("/events", Authorization="Bearer s3cret2")):
-        with pytest.raises(t.HttpError) as e:
-            auth.scope(bad)
-        assert e.value.status == 401
-        assert "s3cret" not in e.value.message
-    assert not t.Auth("").required
-    assert t.Auth("").scope(_req("/events")) is None
+def _status(auth: t.Auth, req: t.Request) -> int:
+    with pytest.raises(t.HttpError) as e:
+        auth.grant(req)
+    assert "s3cret" not in e.value.message
+    return e.value.status
+
+
+def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
+    auth = t.Auth("s3cret-seed-token", ((5, "s3cret-faction-5-token"),))
+    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"))
+    assert seed.faction is None  # the seed's token sees every faction
+    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token")) is seed
+    assert auth.grant(_req("/calls?token=s3cret-faction-5-token")).faction == 5
+    assert _status(auth, _req("/events")) == 401
+    assert _status(auth, _req("/events", Authorization="Basic czNjcmV0")) == 401
+    # Not in the environment, and the table is not read yet: cannot say no, cannot say yes.
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503
+    db_digest = t.token_digest("s3cret-db-token-xyz")
+    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()
+    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"))
+    assert (db_grant.faction, db_grant.label) == (7, "main")
+    assert _status(auth, _req("/events?token=s3cret-db-token-xy")) == 401
+    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()  # a reload keeps it
+    assert auth.grant(_req("/events?token=s3cret-db-token-xyz")) is db_grant
+    assert auth.set_db_tokens([(db_digest, 7, "main", True)]) == {db_grant}  # revoked
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
+
+
+def test_auth_is_open_only_when_no_token_exists_anywhere():
+    auth = t.Auth("", ())
+    assert _status(auth, _req("/events")) == 503  # the table might hold tokens
+    auth.set_db_tokens([])
+    assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
+    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", False)])
+    assert _status(auth, _req("/events")) == 401
+    # Revoking the last token must not open the server to everyone.
+    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
+    assert _status(auth, _req("/events")) == 401
+
+
+def test_write_budget_is_a_token_bucket():
+    grant = t.Grant(5, "x")
+    assert [grant.take_write(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
+    wait = grant.take_write(60, 100.0)
+    assert wait == pytest.approx(1.0)
+    assert grant.take_write(60, 101.0) == 0.0  # one more a second later
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"", "target_id is required"),
+    (b"[]", "the body must be a JSON object"),
+    (b"{", "not valid UTF-8 JSON"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "\xff"}', "not valid UTF-8 JSON"),
+    (b'{"target_id": NaN, "caller_id": 2, "caller_name": "a"}', "not valid UTF-8 JSON"),
+    (b'{"target_id": "1", "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
+    (b'{"target_id": 0, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
+    (b'{"target_id": 1.0, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
+    (b'{"target_id": true, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
+    (b'{"target_id": 9223372036854775808, "caller_id": 2, "caller_name": "a"}',
+     "target_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 2}', "caller_name is required"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "   "}', "caller_name is required"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": 5}', "caller_name must be a string"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "' + b"x" * 65 + b'"}', "at most 64"),
+    (rb'{"target_id": 1, "caller_id": 2, "caller_name": "a\u0000b"}', "control characters"),
+    (rb'{"target_id": 1, "caller_id": 2, "caller_name": "a\u202eb"}', "control characters"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "a", "faction_id": 9}', "unknown field 'faction_id'"),
+])
+def test_call_bodies_are_validated_field_by_field(body, message):
+    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x", "Content-Type: application/json",
+                                    f"Content-Length: {len(body)}"))
+    with pytest.raises(t.HttpError) as e:
+        t.parse_body(req, body, t.CALL_FIELDS)
+    assert e.value.status == 400 and message in e.value.message
+
+
+def test_call_bodies_are_trimmed_and_need_json():
+    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x",
+                                    "Content-Type: application/json; charset=utf-8"))
+    body = json.dumps({"target_id": 7, "caller_id": 8, "caller_name": "  Ann ", "target_name": "",
+                       "war_id": None}).encode()
+    assert t.parse_body(req, body, t.CALL_FIELDS) == {
+        "target_id": 7, "caller_id": 8, "caller_name": "Ann", "target_name": None, "war_id": None}
+    form = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x",
+                                     "Content-Type: application/x-www-form-urlencoded"))
+    with pytest.raises(t.HttpError) as e:
+        t.parse_body(form, b"target_id=7", t.CALL_FIELDS)
+    assert e.value.status == 415
 
 
 def test_parse_notification():
@@ -163,6 +236,12 @@ def test_parse_notification():
                 '{"event_id": 5, "event": "target_call", "data": {}}'):
         with pytest.raises(ValueError):
             t.parse_notification(bad)
+
+
+def test_faction_tokens_setting():
+    config = t.parse_settings([], {"FACTION_TOKENS": "12:aaaaaaaaaaaaaaaa, 34:bbbbbbbbbbbbbbbbbb"})
+    assert config.faction_tokens == ((12, "aaaaaaaaaaaaaaaa"), (34, "bbbbbbbbbbbbbbbbbb"))
+    assert t.parse_settings([], {}).faction_tokens == ()
 
 
 def test_settings_from_environment_and_flags():
@@ -184,6 +263,8 @@ def test_settings_from_environment_and_flags():
     ([], {"ALLOWED_ORIGINS": "*"}, "not allowed"),
     ([], {"ALLOWED_ORIGINS": "torn.com"}, "not an origin"),
     ([], {"CLIENT_BUFFER_BYTES": "0"}, "at least 1"),
+    ([], {"FACTION_TOKENS": "12:short"}, "shorter than 16"),
+    ([], {"FACTION_TOKENS": "abc:aaaaaaaaaaaaaaaaaaaa"}, "<faction_id>:<token>"),
     ([], {"DATABASE_URL": ""}, None),
 ])
 def test_settings_errors_name_the_setting(argv, env, message, capsys):
@@ -276,7 +357,8 @@ async def test_trigger_sql_upgrades_a_seed_table_without_touching_rows_and_is_id
         columns = {r["column_name"] for r in await conn.fetch(
             "SELECT column_name FROM information_schema.columns WHERE table_name='target_calls'")}
         assert columns >= {"faction_id", "war_id", "caller_name", "target_name", "uncalled_at"}
-        triggers = await conn.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+        triggers = await conn.fetch("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
+                                    "AND tgrelid = 'target_calls'::regclass")
         assert [r["tgname"] for r in triggers] == ["trg_notify_target_call"]
         assert await conn.fetchval("SELECT count(*) FROM target_call_events") == 0
     finally:
@@ -289,7 +371,7 @@ async def test_prune_keeps_the_newest_event(db):
     conn = await asyncpg.connect(db)
     try:
         for i in range(3):
-            await conn.execute("INSERT INTO target_calls (caller_id, target_id) VALUES ($1, 9)", i)
+            await conn.execute("INSERT INTO target_calls (caller_id, target_id) VALUES ($1, $1)", i)
         await conn.execute("UPDATE target_call_events SET created_at = now() - interval '10 days'")
         assert await conn.fetchval("SELECT prune_target_call_events(interval '1 day')") == 2
         assert await conn.fetchval("SELECT array_agg(event_id) FROM target_call_events") == [3]
@@ -368,7 +450,8 @@ async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_serve
         assert data.pop("created_at").endswith("Z")
         assert data == {"id": call_id, "caller_id": 111, "target_id": 222, "faction_id": None,
                         "war_id": None, "caller_name": None, "target_name": None,
-                        "uncalled_at": None}
+                        "uncalled_at": None, "uncalled_by": None, "uncalled_by_name": None,
+                        "uncall_reason": None}
     finally:
         await client.close()
 
@@ -451,8 +534,8 @@ async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
     for i in range(5, 10):
         await call(conn, i, 100 + i)
     missed = [6, 7, 8, 9, 10]
-    for how in ({"headers": {"Last-Event-ID": seen[-1].id}},
-                {"path": f"/events?last_event_id={seen[-1].id}"}):
+    for target, how in ((998, {"headers": {"Last-Event-ID": seen[-1].id}}),
+                        (999, {"path": f"/events?last_event_id={seen[-1].id}"})):
         again = SseClient(server.port, **how)
         await again.connect()
         try:
@@ -460,9 +543,9 @@ async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
             assert [e.int_id for e in replayed] == missed
             assert [e.json["target_id"] for e in replayed][:5] == [105, 106, 107, 108, 109]
             await again.assert_quiet()
-            await call(conn, 99, 999)
+            await call(conn, 99, target)
             live = await again.next()
-            assert live.event == "target_call" and live.json["target_id"] == 999
+            assert live.event == "target_call" and live.json["target_id"] == target
             missed.append(live.int_id)
         finally:
             await again.close()
@@ -498,7 +581,7 @@ async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server,
             for i in range(per_writer):
                 async with c.transaction():
                     await c.execute("INSERT INTO target_calls (caller_id, target_id) "
-                                    "VALUES ($1, $2)", w, i)
+                                    "VALUES ($1, $2)", w, w * 1000 + i)
                     if random.random() < 0.5:  # hold the transaction open a little
                         await c.execute("SELECT pg_sleep(0.002)")
         finally:
@@ -787,16 +870,24 @@ async def test_sigterm_ends_streams_with_a_jittered_retry_and_exits(live_server)
 
 
 async def test_health_is_503_while_the_database_is_unreachable_and_streams_wait(start_server):
-    server = start_server(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    token = "faction-12-token-abcdef"
+    server = start_server(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+                          FACTION_TOKENS=f"12:{token}")
     await server.await_log("reconnecting")
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 503 and r.json()["listener"] == "down"
-    client = await SseClient(server.port).connect()  # accepted; the snapshot comes later
+    # A token from the environment can be checked: the stream is accepted and waits.
+    client = await SseClient(server.port, headers={"Authorization": f"Bearer {token}"}).connect()
     try:
         await client.assert_quiet()
         assert client.retry == 10000
     finally:
         await client.close()
+    # A token that may be in the database cannot be checked yet: 503, not a guess.
+    r = await http(server.port, "GET", "/events", {"Authorization": "Bearer maybe-in-the-table-0"})
+    assert r.status == 503 and r.headers["retry-after"] == "5"
+    r = await http(server.port, "GET", "/calls", {"Authorization": f"Bearer {token}"})
+    assert r.status == 503
 
 
 async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server):
@@ -855,6 +946,279 @@ def test_bad_settings_exit_2_with_one_clear_line():
                        text=True, timeout=60, env={**os.environ, "PORT": "abc"})
     assert r.returncode == 2
     assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Integration: the calls API (issue 4)
+# ---------------------------------------------------------------------------
+
+RED, BLUE = "red-faction-token-0123456789", "blue-faction-token-0123456789"
+RED_ID, BLUE_ID = 111, 222
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def factions(live_server):
+    """A server with two factions' tokens."""
+    return live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
+
+
+async def post_call(port, token, target_id, caller_id=1, caller_name="Ann", **extra):
+    body = {"target_id": target_id, "caller_id": caller_id, "caller_name": caller_name, **extra}
+    return await http(port, "POST", "/calls", bearer(token), body)
+
+
+async def table_state(conn) -> tuple:
+    return (await conn.fetch("SELECT * FROM target_calls ORDER BY id"),
+            await conn.fetch("SELECT event_id FROM target_call_events ORDER BY event_id"))
+
+
+async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
+    port = factions.port
+    red1, red2 = SseClient(port, headers=bearer(RED)), SseClient(port, headers=bearer(RED))
+    blue = SseClient(port, headers=bearer(BLUE))
+    for c in (red1, red2, blue):
+        await c.connect()
+        assert (await c.next()).json == {"calls": [], "last_event_id": 0}
+    try:
+        r = await post_call(port, RED, 5001, caller_id=7, caller_name=" Ann ", target_name="Zed",
+                            war_id=42)
+        assert r.status == 201, r
+        call = r.json()["call"]
+        assert r.json()["event_id"] == 1
+        assert {k: call[k] for k in ("faction_id", "target_id", "caller_id", "caller_name",
+                                     "target_name", "war_id")} == {
+            "faction_id": RED_ID, "target_id": 5001, "caller_id": 7, "caller_name": "Ann",
+            "target_name": "Zed", "war_id": 42}
+        for c in (red1, red2):
+            ev = await c.next()
+            assert (ev.event, ev.int_id, ev.json) == ("target_call", 1, call)
+        await blue.assert_quiet()
+        # Blue calls the same target for itself: factions do not collide.
+        r = await post_call(port, BLUE, 5001, caller_id=8, caller_name="Bo")
+        assert r.status == 201 and r.json()["call"]["faction_id"] == BLUE_ID
+        assert (await blue.next()).json["caller_name"] == "Bo"
+        await red1.assert_quiet()
+        # Snapshots, replays and polls are filtered the same way.
+        late_blue = await SseClient(port, headers=bearer(BLUE)).connect()
+        assert [c["caller_name"] for c in (await late_blue.next()).json["calls"]] == ["Bo"]
+        await late_blue.close()
+        resumed = await SseClient(port, headers={**bearer(BLUE), "Last-Event-ID": "0"}).connect()
+        assert [e.int_id for e in await resumed.take(1)] == [2]
+        await resumed.assert_quiet()
+        await resumed.close()
+        poll = (await http(port, "GET", "/calls", bearer(BLUE))).json()
+        assert [c["caller_name"] for c in poll["calls"]] == ["Bo"] and poll["last_event_id"] == 2
+        since = (await http(port, "GET", "/calls?since=0", bearer(RED))).json()
+        assert [e["id"] for e in since["events"]] == [1] and since["last_event_id"] == 2
+        assert since["events"][0] == {"id": 1, "event": "target_call", "data": call}
+        # Another faction's call does not exist for a token, even with force.
+        assert (await post_call(port, RED, 5002, caller_id=7)).status == 201
+        assert (await red1.next()).json["target_id"] == 5002
+        r = await http(port, "DELETE", "/calls/5002", bearer(BLUE), {"caller_id": 7, "force": True})
+        assert r.status == 404
+        rows = await conn.fetch("SELECT faction_id, target_id FROM target_calls "
+                                "WHERE uncalled_at IS NULL ORDER BY id")
+        assert [tuple(r) for r in rows] == [(RED_ID, 5001), (BLUE_ID, 5001), (RED_ID, 5002)]
+    finally:
+        for c in (red1, red2, blue):
+            await c.close()
+
+
+async def test_racing_callers_exactly_one_wins(factions, conn):
+    results = await asyncio.gather(*(
+        post_call(factions.port, RED, 777, caller_id=100 + i, caller_name=f"m{i}")
+        for i in range(30)))
+    statuses = sorted(r.status for r in results)
+    assert statuses == [201] + [409] * 29
+    winner = next(r for r in results if r.status == 201).json()["call"]
+    for r in results:
+        if r.status == 409:
+            assert r.json()["call"] == winner
+            assert r.json()["error"] == f"target 777 is already called by {winner['caller_name']}"
+    assert await conn.fetchval("SELECT count(*) FROM target_calls WHERE target_id = 777") == 1
+
+
+async def test_uncall_by_the_caller_refused_for_others_forced_with_force(factions, conn):
+    port = factions.port
+    stream = await SseClient(port, headers=bearer(RED)).connect()
+    try:
+        await stream.next()
+        assert (await post_call(port, RED, 10, caller_id=1, caller_name="Ann")).status == 201
+        assert (await post_call(port, RED, 20, caller_id=1, caller_name="Ann")).status == 201
+        await stream.take(2)
+        # The caller uncalls their own call.
+        r = await http(port, "DELETE", "/calls/10", bearer(RED), {"caller_id": 1})
+        assert r.status == 200 and r.json()["event_id"] == 3
+        ev = await stream.next()
+        assert (ev.event, ev.json["target_id"], ev.json["uncall_reason"], ev.json["uncalled_by"]) == (
+            "target_uncall", 10, "uncalled", 1)
+        # Another member may not...
+        before = await table_state(conn)
+        r = await http(port, "POST", "/calls/20/uncall", bearer(RED), {"caller_id": 2,
+                                                                     "caller_name": "Bob"})
+        assert r.status == 403 and "called by Ann" in r.json()["error"]
+        assert r.json()["call"]["caller_id"] == 1
+        assert await table_state(conn) == before
+        await stream.assert_quiet(0.2)
+        # ...unless they force it, and the faction sees who cleared it.
+        r = await http(port, "POST", "/calls/20/uncall", bearer(RED),
+                       {"caller_id": 2, "caller_name": "Bob", "force": True})
+        assert r.status == 200
+        ev = await stream.next()
+        assert (ev.json["uncall_reason"], ev.json["uncalled_by"], ev.json["uncalled_by_name"]) == (
+            "forced", 2, "Bob")
+        r = await http(port, "DELETE", "/calls/20", bearer(RED), {"caller_id": 1})
+        assert r.status == 404 and r.json() == {"error": "target 20 is not called"}
+        # Called again after an uncall: a new call.
+        assert (await post_call(port, RED, 20, caller_id=3, caller_name="Cy")).status == 201
+    finally:
+        await stream.close()
+
+
+async def test_calls_expire_once_even_with_two_servers(live_server, conn):
+    env = {"FACTION_TOKENS": f"{RED_ID}:{RED}", "CALL_TTL_SECONDS": "1"}
+    first, second = live_server(**env), live_server(**env)
+    stream = await SseClient(first.port, headers=bearer(RED)).connect()
+    try:
+        await stream.next()
+        assert (await post_call(second.port, RED, 31)).status == 201
+        called, expired = await stream.take(2)
+        assert called.event == "target_call"
+        assert (expired.event, expired.json["uncall_reason"], expired.json["target_id"]) == (
+            "target_uncall", "expired", 31)
+        await stream.assert_quiet(0.5)
+        uncalls = await conn.fetchval("SELECT count(*) FROM target_call_events "
+                                      "WHERE event = 'target_uncall'")
+        assert uncalls == 1
+    finally:
+        await stream.close()
+    logs = [server.log for server in (first, second) if server.stop() == 0]
+    assert sum(log.count("expired 1 calls older than 1s") for log in logs) == 1
+
+
+async def test_bad_writes_get_their_status_and_change_nothing(factions, conn):
+    port = factions.port
+    assert (await post_call(port, RED, 40)).status == 201
+    before = await table_state(conn)
+    good = {"target_id": 41, "caller_id": 1, "caller_name": "Ann"}
+    cases = [
+        (http(port, "POST", "/calls", {}, good), 401),
+        (http(port, "POST", "/calls", bearer("nope-nope-nope-nope"), good), 401),
+        (http(port, "POST", "/calls?token=" + RED[:-1], {}, good), 401),
+        (http(port, "POST", "/calls", bearer(RED), b"{oops"), 400),
+        (http(port, "POST", "/calls", bearer(RED), {**good, "faction_id": BLUE_ID}), 400),
+        (http(port, "POST", "/calls", bearer(RED), {**good, "target_id": -4}), 400),
+        (http(port, "POST", "/calls", {**bearer(RED), "Content-Type": "text/plain"}, b"x"), 415),
+        (http(port, "POST", "/calls", bearer(RED), "x" * (t.MAX_BODY_BYTES + 1)), 413),
+        (http(port, "PUT", "/calls", bearer(RED), good), 405),
+        (http(port, "DELETE", "/calls/40", bearer(RED), {}), 400),
+        (http(port, "DELETE", "/calls/40", bearer(RED), {"caller_id": "1"}), 400),
+        (http(port, "DELETE", "/calls/abc", bearer(RED), {"caller_id": 1}), 404),
+        (http(port, "DELETE", "/calls/0", bearer(RED), {"caller_id": 1}), 400),
+        (http(port, "POST", "/calls/40", bearer(RED), {"caller_id": 1}), 405),
+        (http(port, "DELETE", "/calls/40", bearer(BLUE), {"caller_id": 1}), 404),
+        (http(port, "GET", "/calls", {}), 401),
+        (http(port, "GET", "/calls?since=x", bearer(RED)), 400),
+    ]
+    for request, status in cases:
+        r = await request
+        assert r.status == status, (status, r)
+        assert "error" in r.json()
+    r = await http(port, "POST", "/calls", bearer(RED), {**good, "caller_name": None})
+    assert r.json() == {"error": "caller_name is required"}
+    assert await table_state(conn) == before
+
+
+async def test_writes_are_rate_limited_per_token(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}", WRITES_PER_MINUTE="6")
+    statuses = [(await post_call(server.port, RED, 50 + i)).status for i in range(6)]
+    assert statuses == [201] * 5 + [429]
+    r = await post_call(server.port, RED, 60)
+    assert r.status == 429 and 1 <= int(r.headers["retry-after"]) <= 10
+    assert (await post_call(server.port, BLUE, 60)).status == 201  # another token, its own budget
+
+
+async def test_poll_returns_exactly_the_missed_events_and_resets_when_too_old(live_server, conn):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="4")
+    port = server.port
+    first = (await http(port, "GET", "/calls", bearer(RED))).json()
+    assert first == {"calls": [], "last_event_id": 0}
+    for target in (1, 2, 3):
+        assert (await post_call(port, RED, target)).status == 201
+    # Read-your-writes: the POST answered after its event went out, so a poll sees it.
+    r = await http(port, "GET", "/calls?since=1", bearer(RED))
+    assert [(e["id"], e["event"], e["data"]["target_id"]) for e in r.json()["events"]] == [
+        (2, "target_call", 2), (3, "target_call", 3)]
+    assert r.json()["last_event_id"] == 3 and r.headers["cache-control"] == "no-store"
+    assert (await http(port, "GET", "/calls?since=3", bearer(RED))).json() == {
+        "events": [], "last_event_id": 3}
+    assert (await http(port, "DELETE", "/calls/1", bearer(RED), {"caller_id": 1})).status == 200
+    for target in (4, 5):
+        assert (await post_call(port, RED, target)).status == 201
+    reset = (await http(port, "GET", "/calls?since=1", bearer(RED))).json()  # 2..6 > 4 events
+    assert reset["reset"] is True and reset["last_event_id"] == 6
+    assert sorted(c["target_id"] for c in reset["calls"]) == [2, 3, 4, 5]
+    r = await http(port, "HEAD", "/calls", bearer(RED))
+    assert r.status == 200 and r.body == b""
+
+
+async def test_preflight_allows_writes_with_authorization(factions):
+    r = await http(factions.port, "OPTIONS", "/calls/5", {
+        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status == 204
+    assert r.headers["access-control-allow-origin"] == "https://www.torn.com"
+    assert {"POST", "DELETE"} <= {m.strip() for m in r.headers["access-control-allow-methods"].split(",")}
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    r = await http(factions.port, "POST", "/calls", {**bearer(RED), "Origin": "https://www.torn.com"},
+                   {"target_id": 9, "caller_id": 1, "caller_name": "Ann"})
+    assert r.status == 201 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
+
+
+def run_cli(db: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATABASE_URL": db}
+    return subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_server, db, conn):
+    created = await asyncio.to_thread(run_cli, db, "token", "create", "--faction", "333",
+                                      "--label", "main")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("tc_") and len(token) > 30
+    assert "shown only this once" in created.stderr
+    stored = await conn.fetchrow("SELECT faction_id, label, token_sha256 FROM torncat_tokens")
+    assert (stored["faction_id"], stored["label"]) == (333, "main")
+    assert bytes(stored["token_sha256"]) == t.token_digest(token)  # only the hash is stored
+    listing = await asyncio.to_thread(run_cli, db, "token", "list")
+    assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
+
+    server = live_server()
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    try:
+        await stream.next()
+        r = await post_call(server.port, token, 70)
+        assert r.status == 201 and r.json()["call"]["faction_id"] == 333
+        await stream.next()
+        assert (await http(server.port, "GET", "/calls", {})).status == 401  # no longer open
+        revoked = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        assert revoked.returncode == 0, revoked.stderr
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        assert stream.ended_cleanly
+        assert (await post_call(server.port, token, 71)).status == 401
+        assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
+        again = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        assert again.returncode == 1 and "no active token with id 1" in again.stderr
+    finally:
+        await stream.close()
+    server.stop()
+    assert token not in server.log
 
 
 # ---------------------------------------------------------------------------
