@@ -139,8 +139,10 @@ BEGIN
     INSERT INTO target_call_events (event, call_id, faction_id, data)
         VALUES (kind, c.id, c.faction_id, call_json)
         RETURNING event_id INTO new_id;
-    payload := json_build_object('event_id', new_id, 'event', kind,
-                                 'faction_id', c.faction_id, 'data', call_json)::text;
+    -- ts: when the event was made (seconds since the epoch), for the server's lag metric.
+    payload := json_build_object('event_id', new_id, 'event', kind, 'faction_id', c.faction_id,
+                                 'ts', extract(epoch FROM clock_timestamp()),
+                                 'data', call_json)::text;
     IF octet_length(payload) >= 8000 THEN
         payload := json_build_object('event_id', new_id, 'event', kind,
                                      'faction_id', c.faction_id, 'truncated', true)::text;
