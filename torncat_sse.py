@@ -76,6 +76,7 @@ import resource
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import time
 import unicodedata
@@ -208,6 +209,9 @@ SETTINGS = (
     Setting("DATABASE_URL", "", str, "PostgreSQL DSN (Supabase: the session pooler, port "
             "5432, sslmode=require). Unset: start an embedded PostgreSQL for development.",
             secret=True),
+    Setting("DATABASE_CA_CERT", "", str, "CA certificate (PEM text, or a file path) to verify "
+            "the database's TLS certificate and host name; Supabase's is under Database "
+            "settings, SSL configuration"),
     Setting("HOST", "0.0.0.0", str, "address to listen on"),
     Setting("PORT", "3000", _port, "TCP port to listen on (Render sets $PORT; 0 = any free port)"),
     Setting("ALLOWED_ORIGINS", "https://www.torn.com", _origins,
@@ -223,6 +227,8 @@ SETTINGS = (
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
             "unsent bytes a client may fall behind by before it is dropped"),
     Setting("MAX_CLIENTS", "10000", _positive_int, "open streams per process; more get 503"),
+    Setting("WORKERS", "1", _positive_int, "server processes sharing the port (SO_REUSEPORT), "
+            "each with its own LISTEN connection; one per core"),
     Setting("REPLAY_EVENTS", "10000", _non_negative_int,
             "recent events kept in memory for Last-Event-ID replay"),
     Setting("REQUEST_TIMEOUT_SECONDS", "10", _positive_float,
@@ -718,16 +724,68 @@ def parse_notification(payload: str) -> Event | int:
 # The hub: who is connected, and what they are owed
 # ---------------------------------------------------------------------------
 
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+
+
 class Stats:
-    """Counters for the log line and /healthz."""
+    """Counters for the log line and /metrics."""
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
                  "snapshots", "replays", "polls", "listener_reconnects", "rejected",
-                 "calls_made", "calls_refused", "uncalls")
+                 "calls_made", "calls_refused", "uncalls", "lag_counts", "lag_sum", "lag_count")
 
     def __init__(self):
         for name in self.__slots__:
             setattr(self, name, 0)
+        self.lag_counts = [0] * (len(LAG_BUCKETS) + 1)
+        self.lag_sum = 0.0
+
+    def observe_lag(self, seconds: float) -> None:
+        self.lag_counts[bisect.bisect_left(LAG_BUCKETS, seconds)] += 1
+        self.lag_sum += seconds
+        self.lag_count += 1
+
+
+def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples) -> None:
+        lines.append(f"# HELP torncat_{name} {help_text}")
+        lines.append(f"# TYPE torncat_{name} {kind}")
+        lines.extend(f"torncat_{name}{labels} {value:g}" for labels, value in samples)
+
+    for name, (help_text, value) in gauges.items():
+        metric(name, "gauge", help_text, [("", value)])
+    counters = (
+        ("connects_total", "Event streams opened.", stats.connects),
+        ("disconnects_total", "Event streams closed, evictions included.", stats.disconnects),
+        ("evictions_total", "Streams dropped for falling CLIENT_BUFFER_BYTES behind.",
+         stats.evictions),
+        ("events_total", "Events applied from the database.", stats.events),
+        ("deliveries_total", "Events written to streams (one per event per client).",
+         stats.deliveries),
+        ("snapshots_total", "Snapshots sent to streams.", stats.snapshots),
+        ("replays_total", "Last-Event-ID replays sent to streams.", stats.replays),
+        ("polls_total", "GET /calls answered.", stats.polls),
+        ("listener_reconnects_total", "Times the LISTEN connection was lost and remade.",
+         stats.listener_reconnects),
+        ("rejected_connections_total", "Connections refused because the server was full.",
+         stats.rejected),
+        ("uncalls_total", "Uncalls made through the API.", stats.uncalls),
+    )
+    for name, help_text, value in counters:
+        metric(name, "counter", help_text, [("", value)])
+    metric("calls_total", "counter", "Calls through the API, by result.",
+           [('{result="made"}', stats.calls_made), ('{result="refused"}', stats.calls_refused)])
+    buckets, running = [], 0
+    for bound, count in zip((*LAG_BUCKETS, "+Inf"), stats.lag_counts, strict=True):
+        running += count
+        buckets.append((f'_bucket{{le="{bound}"}}', running))
+    metric("broadcast_lag_seconds", "histogram",
+           "From an event's commit (its trigger) to its broadcast to streams.",
+           [*buckets, ("_sum", stats.lag_sum), ("_count", stats.lag_count)])
+    return ("\n".join(lines) + "\n").encode()
 
 
 _ABSENT = object()
@@ -920,14 +978,18 @@ class Hub:
         if not events:
             return
         by_scope: dict[int | None, list[bytes]] = {}
+        now = time.time()
         for ev in events:
             by_scope.setdefault(None, []).append(ev.frame)
             if ev.faction is not None:
                 by_scope.setdefault(ev.faction, []).append(ev.frame)
+            if ev.ts is not None:
+                self.stats.observe_lag(max(0.0, now - ev.ts))
         for scope, frames in by_scope.items():
             subs = self.subscribers.get(scope)
             if subs:
                 self._send(subs, chunk(b"".join(frames)))
+                self.stats.deliveries += len(subs) * len(frames)
 
     def _send(self, subs: set, data: bytes) -> None:
         """The same bytes to every subscriber, never awaiting; drop those over their cap."""
@@ -937,7 +999,6 @@ class Hub:
             transport.write(data)
             if transport.get_write_buffer_size() > conn.cap:
                 over.append(conn)
-        self.stats.deliveries += len(subs)
         for conn in over:
             self.evict(conn)
 
@@ -1143,6 +1204,7 @@ class App:
     def __init__(self, config: Config, dsn: str, loop: asyncio.AbstractEventLoop):
         self.config = config
         self.dsn = dsn
+        self.db_tls = database_tls(config.database_ca_cert)
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
@@ -1172,6 +1234,12 @@ class App:
                 status, body_obj = self.health()
                 conn.respond(json_response(status, body_obj, cors,
                                            head_only=req.method == "HEAD"), req.keep_alive)
+            elif req.path == "/metrics":
+                self._require(req, ("GET", "HEAD"))
+                conn.respond(render_response(200, [
+                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                    ("Cache-Control", "no-store")], self.metrics(),
+                    head_only=req.method == "HEAD", close=not req.keep_alive), req.keep_alive)
             elif req.path == "/calls":
                 self._require(req, ("GET", "HEAD", "POST"))
                 grant = self.auth.grant(req)
@@ -1322,6 +1390,16 @@ class App:
         self.stats.uncalls += 1
         await self._seen(row["event_id"])
         return json_response(200, {"call": call, "event_id": row["event_id"]}, cors)
+
+    def metrics(self) -> bytes:
+        return render_metrics(self.stats, {
+            "clients": ("Open event streams.", self.hub.client_count),
+            "connections": ("Open TCP connections, streams included.", len(self.connections)),
+            "listener_up": ("1 while the LISTEN connection is live.",
+                            int(self.listener.state == "live")),
+            "last_event_id": ("The last event id applied.", self.hub.last_event_id),
+            "active_calls": ("Active calls held in memory.", len(self.hub.active)),
+        })
 
     def health(self) -> tuple[int, dict]:
         live = self.listener.state == "live"
@@ -1474,7 +1552,7 @@ class Listener:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _session(self) -> None:
-        conn = await asyncpg.connect(self.app.dsn, timeout=CONNECT_TIMEOUT,
+        conn = await asyncpg.connect(self.app.dsn, timeout=CONNECT_TIMEOUT, ssl=self.app.db_tls,
                                      server_settings={"application_name": "torncat-sse listener"})
         self.conn = conn
         self._lost = self.app.loop.create_future()
@@ -1489,10 +1567,12 @@ class Listener:
         await conn.add_listener(TOKENS_CHANNEL, self._on_tokens_changed)
         await conn.add_listener(self.probe_channel, self._on_probe)
         try:
-            await self.probe()
+            # From another connection: behind a transaction pooler a NOTIFY sent on our own
+            # client connection can come straight back while real ones never would.
+            await self.probe(self.app.pool)
         except TimeoutError:
             raise SelfTestFailed(
-                "LISTEN self-test failed: a NOTIFY sent on this connection did not come back "
+                "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
                 f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
                 "(port 5432) or a direct connection. Not reporting healthy.") from None
@@ -1636,14 +1716,24 @@ class Listener:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def probe(self) -> None:
-        """NOTIFY ourselves and wait for it: proves the link and LISTEN both work."""
+    async def probe(self, sender=None) -> None:
+        """NOTIFY our probe channel and wait for it to arrive on the LISTEN connection.
+
+        Sent on the LISTEN connection itself (the periodic check: a half-open link
+        or a frozen backend never answers), or from `sender` (the start-up self-test).
+        The channel and nonce are our own hex, so a simple query needs no parameters
+        and no prepared statement, which transaction poolers may not support.
+        """
         nonce = secrets.token_hex(8)
         fut = self._probes[nonce] = self.app.loop.create_future()
+        notify = f"NOTIFY {self.probe_channel}, '{nonce}'"
         try:
             async with asyncio.timeout(self.app.config.probe_timeout_seconds):
-                async with self._in_use:
-                    await self.conn.execute("SELECT pg_notify($1, $2)", self.probe_channel, nonce)
+                if sender is None:
+                    async with self._in_use:
+                        await self.conn.execute(notify)
+                else:
+                    await sender.execute(notify)
                 await fut
         finally:
             self._probes.pop(nonce, None)
@@ -1672,6 +1762,18 @@ async def apply_schema(conn) -> None:
 # ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
+
+def database_tls(ca_cert: str) -> ssl.SSLContext | None:
+    """TLS that verifies the database's certificate and host name against `ca_cert`.
+
+    None leaves TLS to the DSN (`sslmode=require` encrypts without verifying).
+    """
+    if not ca_cert:
+        return None
+    if ca_cert.lstrip().startswith("-----BEGIN"):
+        return ssl.create_default_context(cadata=ca_cert)
+    return ssl.create_default_context(cafile=ca_cert)
+
 
 def raise_fd_limit(wanted: int) -> int:
     """Raise our soft open-files limit towards the hard one; returns the new soft limit."""
@@ -1709,6 +1811,7 @@ def start_embedded_postgres(data_dir: str) -> str:
 
 
 async def serve(config: Config, dsn: str) -> None:
+    """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     app = App(config, dsn, loop)
     stop = asyncio.Event()
@@ -1717,10 +1820,10 @@ async def serve(config: Config, dsn: str) -> None:
     # min_size=0: no connection is opened before one is needed, so start-up does not
     # wait for (or fail on) a database that is not reachable yet.
     app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
-                                         timeout=CONNECT_TIMEOUT,
+                                         timeout=CONNECT_TIMEOUT, ssl=app.db_tls,
                                          server_settings={"application_name": "torncat-sse api"})
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      backlog=LISTEN_BACKLOG)
+                                      backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1)
     host, port = server.sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (max %d clients)", host, port, app.max_clients)
     tasks = [loop.create_task(coro) for coro in (
@@ -1738,7 +1841,8 @@ async def serve(config: Config, dsn: str) -> None:
 
 async def token_command(config: Config, dsn: str) -> int:
     """`token create|list|revoke`: manage the faction tokens kept in the database."""
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT,
+                                 ssl=database_tls(config.database_ca_cert))
     try:
         if config.init_db:
             await apply_schema(conn)
@@ -1786,6 +1890,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        database_tls(config.database_ca_cert)
+    except (OSError, ssl.SSLError) as e:
+        sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
         config.init_db = True
@@ -1805,7 +1913,60 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     if config.command == "token":
         return runner(token_command(config, dsn))
+    if config.workers > 1:
+        return run_workers(config, lambda: runner(serve(config, dsn)))
     runner(serve(config, dsn))
+    return 0
+
+
+def run_workers(config: Config, serve_forever: Callable[[], None]) -> int:
+    """WORKERS=N: fork N servers on one port (SO_REUSEPORT spreads connections across
+    them) and keep them running: one that dies is started again; SIGTERM stops all."""
+    if config.port == 0:  # pick the port once, so that every worker shares it
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            probe.bind((config.host, 0))
+            config.port = probe.getsockname()[1]
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def start(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(logging.Formatter(
+                    f"%(asctime)s %(levelname)s [w{number}] %(message)s"))
+            code = 0
+            try:
+                serve_forever()
+            except BaseException:
+                log.exception("worker %d failed", number)
+                code = 1
+            logging.shutdown()
+            os._exit(code)  # not sys.exit: the parent owns atexit work (the embedded database)
+        children[pid] = number
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for number in range(config.workers):
+        start(number)
+    log.info("started %d workers on port %d", config.workers, config.port)
+    while children:
+        pid, status = os.wait()
+        number = children.pop(pid, None)
+        if number is not None and not stopping:
+            log.error("worker %d exited (status %d): starting it again", number, status)
+            time.sleep(1)
+            start(number)
     return 0
 
 
