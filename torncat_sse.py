@@ -1144,7 +1144,8 @@ class Connection(asyncio.Protocol):
 
     def fail(self, e: HttpError) -> None:
         """Answer a bad request, then linger: we cannot trust where a next one would start."""
-        log.debug("%s: %d %s", self.peer(), e.status, e.message)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d %s", self.peer(), e.status, e.message)
         self.transport.write(json_response(e.status, {"error": e.message}, list(e.headers),
                                            close=True))
         self.state, self.buf = LINGER, None
@@ -1172,8 +1173,9 @@ class Connection(asyncio.Protocol):
         return self.grant.faction
 
     def start_stream(self, head: bytes, grant: Grant, cursor: int | None) -> None:
-        log.debug("%s: stream opened (faction=%s, last_event_id=%s)", self.peer(),
-                  "all" if grant.faction is None else grant.faction, cursor)
+        if log.isEnabledFor(logging.DEBUG):  # peer() costs a system call: only when shown
+            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", self.peer(),
+                      "all" if grant.faction is None else grant.faction, cursor)
         self.state, self.buf, self.grant = STREAM, None, grant
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
@@ -1188,7 +1190,8 @@ class Connection(asyncio.Protocol):
         if self.state == STREAM:
             self.state = CLOSED
             self.app.hub.unsubscribe(self)
-            log.debug("%s: stream closed", self.peer())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: stream closed", self.peer())
 
     def end_stream(self, retry_ms: int) -> None:
         """Finish the chunked body cleanly, telling the client when to come back."""
@@ -1221,7 +1224,8 @@ class App:
 
     def dispatch(self, conn: Connection, req: Request, body: bytes) -> None:
         """Route one request. Synchronous routes answer before this returns."""
-        log.debug("%s %s %s", conn.peer(), req.method, redact(req.target))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s", conn.peer(), req.method, redact(req.target))
         cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
         try:
             if req.method == "OPTIONS":
