@@ -1429,6 +1429,64 @@ def test_an_unusable_ca_certificate_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
+    """Snapshots and replays for many clients at once run no database query."""
+    server = live_server(PROBE_INTERVAL_SECONDS="3600")
+    for i in range(20):
+        await call(conn, i, i)
+    seeded = await SseClient(server.port).connect()
+    assert (await seeded.next()).id == "20"
+    await seeded.close()
+
+    async def server_backends():  # state_change moves whenever a backend runs a statement
+        rows = await conn.fetch("SELECT pid, state_change FROM pg_stat_activity "
+                                "WHERE application_name LIKE 'torncat-sse%'")
+        return {r["pid"]: r["state_change"] for r in rows}
+
+    before = await server_backends()
+    clients = [SseClient(server.port, headers={"Last-Event-ID": "10"} if i % 2 else {})
+               for i in range(200)]
+    await asyncio.gather(*(c.connect() for c in clients))
+    try:
+        for i, c in enumerate(clients):
+            first = await c.next()
+            assert (first.event, first.id) == (("target_call", "11") if i % 2 else ("snapshot", "20"))
+        assert await server_backends() == before
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+def test_help_lists_every_setting():
+    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    for s in t.SETTINGS:
+        assert "--" + s.name.lower().replace("_", "-") in r.stdout and s.name in r.stdout
+    assert "token" in r.stdout
+
+
+async def test_without_uvloop_it_says_so_and_serves(db, tmp_path):
+    code = ("import sys; sys.modules['uvloop'] = None; sys.argv = ['torncat_sse.py']; "
+            "import torncat_sse; sys.exit(torncat_sse.main())")
+    env = {**os.environ, "DATABASE_URL": db, "HOST": "127.0.0.1", "PORT": "0"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=HERE, env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        seen = []
+        while not any("listener live" in line for line in seen):
+            line = await asyncio.wait_for(proc.stderr.readline(), STEP_TIMEOUT)
+            assert line, "\n".join(seen)
+            seen.append(line.decode())
+        log_text = "".join(seen)
+        assert "uvloop is not installed: using the default asyncio event loop" in log_text
+        port = int(re.search(r"listening on http://[\d.]+:(\d+)", log_text).group(1))
+        assert (await http(port, "GET", "/healthz")).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), STEP_TIMEOUT)
+    assert proc.returncode == 0
+
+
 # ---------------------------------------------------------------------------
 # Faults (issue 7): the database and the network fail under the server
 # ---------------------------------------------------------------------------
