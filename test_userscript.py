@@ -1,0 +1,926 @@
+"""The userscript (torn-war-caller.user.js) in a real headless Chromium.
+
+Each test serves an imitation of Torn's ranked-war page from its own origin (a
+small HTTP server below, with Torn's hidden `#torn-user` input and enemy rows
+that the page's own script renders late, as Torn's does), loads the userscript
+into it the way a userscript manager would, and points it at the real server
+(`python torncat_sse.py`) on a real PostgreSQL.
+
+The userscript manager is imitated faithfully where it matters: `GM_xmlhttpRequest`
+runs outside the page, as Tampermonkey's does, so the page's CSP and CORS do not
+apply to it. Here it is a Playwright binding that makes the real HTTP request from
+Python and hands the body back to the page chunk by chunk while it arrives (a
+ReadableStream for Tampermonkey's `responseType: "stream"`, a growing
+`responseText` for Violentmonkey's `onprogress`). The war page of the GM tests
+sends `Content-Security-Policy: connect-src 'self'`, so a request the page made
+itself would be blocked and reported: they prove the script goes through GM.
+TornPDA's `PDA_httpGet`/`PDA_httpPost` are imitated the same way, without
+streaming, with `EventSource` deleted as in TornPDA.
+
+Chromium is Debian's (`apt-get install chromium`; `.ci/run` does it). Without it
+these tests fail: they never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import html
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import BrowserContext, Page, async_playwright, expect
+
+from conftest import HERE, STEP_TIMEOUT, free_port, http, pg_execute, read_chunk, read_response_head
+
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    # Without these Chromium keeps calling home, and this machine has no network.
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+USERSCRIPT = (HERE / "torn-war-caller.user.js").read_text()
+ARTIFACTS = HERE / "artifacts"
+FACTION = 123
+TOKEN = "faction-123-browser-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STEP_MS = STEP_TIMEOUT * 1000
+# "Within a second" (the issue's bar) is measured, not asserted: a timed assertion flakes on a
+# busy 2-core machine. Each run records how long a call and an uncall took to cross from one
+# browser to the other in artifacts/propagation.json; the tests themselves wait STEP_TIMEOUT.
+PROPAGATION = ARTIFACTS / "propagation.json"
+
+
+def record_propagation(transport: str, what: str, seconds: float) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    seen = json.loads(PROPAGATION.read_text()) if PROPAGATION.exists() else {}
+    seen[f"{transport} {what}"] = round(seconds, 3)
+    PROPAGATION.write_text(json.dumps(seen, indent=1, sort_keys=True) + "\n")
+    print(f"{transport}: {what} crossed browsers in {seconds * 1000:.0f} ms")
+STRICT_CSP = "connect-src 'self'"
+
+expect.set_options(timeout=STEP_MS)
+
+
+@dataclass(frozen=True)
+class Member:
+    id: int
+    name: str
+
+
+ALICE, BOB, CY, DEE = Member(1001, "Alice"), Member(1002, "Bob"), Member(1003, "Cy"), Member(1004, "Dee")
+MEMBERS = {m.id: m for m in (ALICE, BOB, CY, DEE)}
+ENEMIES = {2001: "Xena", 2002: "Yuri", 2003: "Zed"}
+
+
+# ---------------------------------------------------------------------------
+# The imitation of Torn's war page
+# ---------------------------------------------------------------------------
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Faction War | TORN</title>
+<style>
+body {{ margin: 0; background: #191919; color: #ddd; font: 12px Arial, sans-serif; }}
+.header {{ background: #333; padding: 10px; font-weight: bold; }}
+.content-wrapper {{ max-width: 640px; padding: 8px; }}
+.white-grad {{ background: #444; padding: 6px 8px; font-weight: bold; }}
+.members-list {{ list-style: none; margin: 0 0 12px; padding: 0; }}
+.members-list > li {{ display: flex; gap: 8px; align-items: center; padding: 6px 8px;
+  border-bottom: 1px solid #333; }}
+.members-list .member {{ flex: 1; }}
+a {{ color: #8bf; }}
+</style></head>
+<body>
+<input type="hidden" id="torn-user" value="{user}">
+<div class="header">TORN</div>
+<div class="content-wrapper"><div id="factions"><div class="faction-war">
+  <div class="your-faction tab-menu-cont"><div class="white-grad">Your faction</div>
+    <div class="members-cont"><ul class="members-list">{own}</ul></div></div>
+  <div class="enemy-faction tab-menu-cont"><div class="white-grad">Enemy faction</div>
+    <div class="members-cont"><ul class="members-list"></ul></div></div>
+</div></div></div>
+<script src="/war.js"></script>
+</body></html>
+"""
+
+ROW = ('<li><div class="member icons"><a class="user name" href="/profiles.php?XID={id}" '
+       'data-placeholder="{name} [{id}]"><span>{name}</span></a></div><div class="level">{level}</div>'
+       '<div class="status">Okay</div><div class="attack">'
+       '<a href="/loader.php?sid=attack&amp;user2ID={id}">Attack</a></div></li>')
+
+# Torn's own code renders the enemy list after the page has loaded (it is a React app).
+WAR_JS = """
+const ENEMIES = ENEMIES_JSON, ROW = ROW_JSON;
+setTimeout(() => {
+  const list = document.querySelector('.enemy-faction .members-list');
+  for (const [id, name] of ENEMIES) {
+    const li = document.createElement('li');
+    li.innerHTML = ROW.replaceAll('{id}', id).replaceAll('{name}', name).replaceAll('{level}', 40 + id % 9);
+    list.append(li);
+  }
+  document.body.dataset.warRendered = 'yes';
+}, 150);
+""".replace("ENEMIES_JSON", json.dumps(list(ENEMIES.items()))).replace(
+    "ROW_JSON", json.dumps(ROW.removeprefix("<li>").removesuffix("</li>")))
+
+
+class TornSite:
+    """The imitation war page on its own origin, with an optional Content-Security-Policy."""
+
+    def __init__(self):
+        self.csp: str | None = None
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> TornSite:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, member: Member) -> str:
+        return f"{self.origin}/factions.php?step=your&as={member.id}#/war/rank"
+
+    def page(self, query: dict[str, list[str]]) -> bytes:
+        member = MEMBERS[int(query["as"][0])]
+        user = json.dumps({"id": member.id, "playername": member.name, "factionID": FACTION})
+        own = "".join(ROW.format(id=m.id, name=m.name, level=10) for m in MEMBERS.values())
+        return PAGE.format(user=html.escape(user), own=own).encode()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
+            url = urllib.parse.urlsplit(head.split(b" ", 2)[1].decode())
+            headers = [("Cache-Control", "no-store"), ("Connection", "close")]
+            if url.path == "/factions.php":
+                status, body = "200 OK", self.page(urllib.parse.parse_qs(url.query))
+                headers.append(("Content-Type", "text/html; charset=utf-8"))
+                if self.csp:
+                    headers.append(("Content-Security-Policy", self.csp))
+            elif url.path == "/war.js":
+                status, body = "200 OK", WAR_JS.encode()
+                headers.append(("Content-Type", "text/javascript"))
+            else:
+                status, body = "404 Not Found", b"not found"
+                headers.append(("Content-Type", "text/plain"))
+            headers.append(("Content-Length", str(len(body))))
+            writer.write(f"HTTP/1.1 {status}\r\n".encode()
+                         + "".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\n" + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        await self.server.wait_closed()
+
+
+# ---------------------------------------------------------------------------
+# The userscript manager: GM_xmlhttpRequest (and TornPDA's PDA_http*) from Python
+# ---------------------------------------------------------------------------
+
+class Upstream:
+    """One request a page asked the manager to make, its body read on demand."""
+
+    def __init__(self, page: Page, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 headers: dict[str, str]):
+        self.page, self.reader, self.writer = page, reader, writer
+        self.chunked = headers.get("transfer-encoding") == "chunked"
+        length = headers.get("content-length")
+        self.remaining = int(length) if length is not None else None
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.done = False
+        self.aborted = False
+
+    async def read(self) -> str | None:
+        """The next piece of the body as text; None at its end."""
+        while not self.done:
+            try:
+                if self.chunked:
+                    data = await read_chunk(self.reader)
+                elif self.remaining is not None:
+                    data = await self.reader.read(min(self.remaining, 65536)) if self.remaining else b""
+                    if self.remaining and not data:
+                        raise ConnectionError("the body ended early")
+                    self.remaining -= len(data)
+                else:
+                    data = await self.reader.read(65536)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
+                self.close()
+                if self.aborted:
+                    return None
+                raise ConnectionError("network error: the connection broke") from e
+            if not data:
+                self.done = True
+                self.close()
+                return self.decoder.decode(b"", final=True) or None
+            text = self.decoder.decode(data)
+            if text:
+                return text
+        return None
+
+    def close(self) -> None:
+        self.done = True
+        self.writer.close()
+
+
+class Manager:
+    """What Tampermonkey's background page does for GM_xmlhttpRequest: real requests, outside the page."""
+
+    def __init__(self):
+        self.upstreams: dict[int, Upstream] = {}
+        self.ids = itertools.count(1)
+        self.requests: list[dict] = []  # every request made: method, url, headers
+        self.cut_streams = False  # like a buffering proxy: /events answers 200, then ends at once
+
+    async def install(self, context: BrowserContext) -> None:
+        await context.expose_binding("__tcOpen", self.open)
+        await context.expose_binding("__tcRead", self.read)
+        await context.expose_binding("__tcAbort", self.abort)
+        await context.expose_binding("__tcFetch", self.fetch)
+        context.on("page", lambda page: page.on("close", self.page_closed))
+
+    async def open(self, source, req: dict) -> dict:
+        url = urllib.parse.urlsplit(req["url"])
+        assert url.hostname == "127.0.0.1", req["url"]
+        self.requests.append({"method": req["method"], "url": req["url"], "headers": dict(req["headers"])})
+        body = req["data"].encode() if req.get("data") is not None else b""
+        headers = {"Host": url.netloc, "Connection": "close", **req["headers"]}
+        if body or req["method"] in ("POST", "PUT"):
+            headers["Content-Length"] = str(len(body))
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        except OSError as e:
+            raise ConnectionError("network error: cannot connect") from e
+        try:
+            writer.write(f"{req['method']} {target} HTTP/1.1\r\n".encode()
+                         + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n" + body)
+            status, response_headers = await read_response_head(reader)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError) as e:
+            writer.close()
+            raise ConnectionError("network error: no response") from e
+        upstream_id = next(self.ids)
+        self.upstreams[upstream_id] = upstream = Upstream(source["page"], reader, writer, response_headers)
+        if self.cut_streams and url.path == "/events":
+            upstream.close()
+        return {"id": upstream_id, "status": status, "statusText": "",
+                "headers": "".join(f"{k}: {v}\r\n" for k, v in response_headers.items())}
+
+    async def read(self, source, upstream_id: int) -> str | None:
+        upstream = self.upstreams.get(upstream_id)
+        if upstream is None:
+            return None
+        text = await upstream.read()
+        if text is None:
+            self.upstreams.pop(upstream_id, None)
+        return text
+
+    def abort(self, source, upstream_id: int) -> None:
+        upstream = self.upstreams.pop(upstream_id, None)
+        if upstream is not None:
+            upstream.aborted = True
+            upstream.close()
+
+    async def fetch(self, source, req: dict) -> dict:
+        """A whole request at once (TornPDA's PDA_httpGet / PDA_httpPost)."""
+        head = await self.open(source, req)
+        text = ""
+        while (piece := await self.read(source, head["id"])) is not None:
+            text += piece
+        return {"status": head["status"], "statusText": "", "responseHeaders": head["headers"],
+                "responseText": text}
+
+    def page_closed(self, page: Page) -> None:
+        """A closed tab's requests end with it, as the real managers do."""
+        for upstream_id, upstream in list(self.upstreams.items()):
+            if upstream.page is page:
+                self.abort(None, upstream_id)
+
+    def close(self) -> None:
+        for upstream_id in list(self.upstreams):
+            self.abort(None, upstream_id)
+
+
+# Tampermonkey's GM_xmlhttpRequest ("stream": responseType "stream" gives a ReadableStream)
+# or Violentmonkey's ("progress": onprogress with the growing responseText).
+GM_SHIM = """
+(() => {
+  const MODE = %s;
+  const STORE = 'gmshim:';
+  window.GM_getValue = (k, d) => {
+    const v = localStorage.getItem(STORE + k);
+    return v === null ? d : JSON.parse(v);
+  };
+  window.GM_setValue = (k, v) => localStorage.setItem(STORE + k, JSON.stringify(v));
+  window.GM_info = { scriptHandler: 'TornCat test shim (' + MODE + ')', version: '0' };
+  function GM_xmlhttpRequest(d) {
+    let id = null, aborted = false, finished = false;
+    const base = { readyState: 1, status: 0, statusText: '', responseHeaders: '', responseText: '',
+                   response: null, finalUrl: d.url, context: d.context };
+    const fire = (name, extra) => {
+      if (typeof d[name] !== 'function') return;
+      try {
+        d[name](Object.assign({}, base, extra));
+      } catch (e) {
+        console.error('handler ' + name + ' threw', e);
+      }
+    };
+    (async () => {
+      let head;
+      try {
+        head = await window.__tcOpen({ method: d.method || 'GET', url: String(d.url),
+                                       headers: d.headers || {},
+                                       data: d.data == null ? null : String(d.data) });
+      } catch (e) { if (!aborted) fire('onerror', { error: 'network error' }); return; }
+      id = head.id;
+      if (aborted) { window.__tcAbort(id); return; }
+      Object.assign(base, { readyState: 2, status: head.status, statusText: head.statusText,
+                            responseHeaders: head.headers });
+      if (MODE === 'stream' && d.responseType === 'stream') {
+        const encoder = new TextEncoder();
+        base.response = new ReadableStream({
+          async pull(controller) {
+            let piece;
+            try {
+              piece = await window.__tcRead(id);
+            } catch (e) {
+              controller.error(new TypeError('network error'));
+              fire('onerror', {});
+              return;
+            }
+            if (piece === null) {
+              controller.close();
+              finished = true;
+              Object.assign(base, { readyState: 4 });
+              fire('onload', {});
+              fire('onloadend', {});
+            } else controller.enqueue(encoder.encode(piece));
+          },
+          cancel() { if (!aborted) { aborted = true; window.__tcAbort(id); } },
+        });
+        fire('onreadystatechange', {});
+        fire('onloadstart', {});
+        return;
+      }
+      fire('onreadystatechange', {});
+      fire('onloadstart', {});
+      let text = '';
+      for (;;) {
+        let piece;
+        try { piece = await window.__tcRead(id); } catch (e) { if (!aborted) fire('onerror', {}); return; }
+        if (aborted) return;
+        if (piece === null) break;
+        text += piece;
+        if (MODE === 'progress') {
+          Object.assign(base, { readyState: 3, responseText: text });
+          fire('onprogress', { loaded: text.length });
+          fire('onreadystatechange', {});
+        }
+      }
+      finished = true;
+      Object.assign(base, { readyState: 4, responseText: text, response: text });
+      fire('onreadystatechange', {});
+      fire('onload', {});
+      fire('onloadend', {});
+    })();
+    return { abort() {
+      if (aborted || finished) return;
+      aborted = true;
+      if (id !== null) window.__tcAbort(id);
+      fire('onabort', {});
+    } };
+  }
+  if (MODE === 'stream') GM_xmlhttpRequest.RESPONSE_TYPE_STREAM = 'stream';
+  window.GM_xmlhttpRequest = GM_xmlhttpRequest;
+})();
+"""
+
+# TornPDA: PDA_httpGet/PDA_httpPost (no streaming) and no EventSource.
+PDA_SHIM = """
+(() => {
+  window.__pdaRequests = [];
+  const call = (method, url, headers, data) => {
+    window.__pdaRequests.push({ method, url, headers: Object.assign({}, headers) });
+    return window.__tcFetch({ method, url, headers: headers || {},
+                              data: data == null ? null : String(data) });
+  };
+  window.PDA_httpGet = (url, headers = {}) => call('GET', url, headers, null);
+  window.PDA_httpPost = (url, headers, body) => call('POST', url, headers, body);
+  delete window.EventSource;
+})();
+"""
+
+# Records what a test needs to see afterwards: every status the panel showed, CSP
+# violations (a request the page made itself, under the GM tests' CSP), dialogs.
+WATCH = """
+(() => {
+  window.__tc = { statuses: [], violations: [] };
+  document.addEventListener('securitypolicyviolation',
+    (e) => window.__tc.violations.push(e.violatedDirective + ' ' + e.blockedURI));
+  new MutationObserver((ms) => {
+    for (const m of ms) {
+      if (m.target.id === 'torncat-panel') window.__tc.statuses.push(m.target.dataset.status);
+    }
+  }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-status'] });
+})();
+"""
+
+SEED = """
+(() => {
+  const prefix = %s, settings = %s;
+  if (localStorage.getItem(prefix + 'torncat.configured') === null) {
+    for (const [k, v] of Object.entries(settings)) {
+      localStorage.setItem(prefix + 'torncat.' + k, JSON.stringify(v));
+    }
+  }
+})();
+"""
+
+# transport -> (shim, storage prefix of the settings, data-transport the panel shows)
+TRANSPORTS = {
+    "gm-stream": (GM_SHIM % json.dumps("stream"), "gmshim:", "gm"),
+    "gm-progress": (GM_SHIM % json.dumps("progress"), "gmshim:", "gm"),
+    "eventsource": ("", "", "es"),
+    "pda": (PDA_SHIM, "", "poll"),
+}
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+def chromium() -> str:
+    """Debian's Chromium; missing is a failure, never a skip."""
+    assert os.path.isfile(CHROMIUM), (
+        f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium), "
+        "as .ci/run does, or point $CHROMIUM at a Chromium binary")
+    return CHROMIUM
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    executable = chromium()
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        await b.close()
+
+
+class Harness:
+    """One test's war page site, userscript manager, servers and browser contexts."""
+
+    def __init__(self, browser, db: str, start_server):
+        self.browser, self.db, self._start_server = browser, db, start_server
+        self.site = TornSite()
+        self.manager = Manager()
+        self.server = None
+        self.contexts: list[BrowserContext] = []
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+
+    async def start(self, **env):
+        """The real server (in a thread: starting it blocks until it listens)."""
+        env = {"DATABASE_URL": self.db, "FACTION_TOKENS": f"{FACTION}:{TOKEN}",
+               "ALLOWED_ORIGINS": self.site.origin, "RETRY_MS": "1000",
+               "RECONNECT_SPREAD_SECONDS": "1", **env}
+        self.server = await asyncio.to_thread(self._start_server, **env)
+        return self.server
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def context(self, transport: str, *, phone: bool = False, configured: bool = True,
+                      before: str = "") -> BrowserContext:
+        shim, prefix, _ = TRANSPORTS[transport]
+        viewport = {"width": 390, "height": 760} if phone else {"width": 1280, "height": 800}
+        context = await self.browser.new_context(viewport=viewport, is_mobile=phone, has_touch=phone)
+        self.contexts.append(context)
+        await self.manager.install(context)
+        seed = SEED % (json.dumps(prefix), json.dumps(
+            {"server": self.base, "token": TOKEN, "configured": True} if configured else {}))
+        await context.add_init_script(script="\n".join((WATCH, seed, shim, before, USERSCRIPT)))
+        return context
+
+    async def page(self, context: BrowserContext, member: Member) -> Page:
+        page = await context.new_page()
+        page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        page.on("console", lambda m: self.errors.append(m.text) if "[TornCat]" in m.text else None)
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), asyncio.ensure_future(d.dismiss())))
+        await page.goto(self.site.url(member))
+        await expect(page.locator("#torncat-panel")).to_be_visible()
+        return page
+
+    async def open(self, member: Member, transport: str, **kw) -> Page:
+        """A browser of its own (a context) with one war page, for one member."""
+        return await self.page(await self.context(transport, **kw), member)
+
+    async def close(self) -> None:
+        for context in self.contexts:
+            with contextlib.suppress(Exception):
+                await context.close()
+        self.manager.close()
+        await self.site.close()
+
+    async def assert_clean(self, *pages: Page) -> None:
+        """The script never threw into the page, opened no dialog, and the page is Torn's still."""
+        assert not self.errors, self.errors
+        assert not self.dialogs, self.dialogs
+        for page in pages:
+            assert await page.locator(".your-faction .tc-cell").count() == 0  # never on our own side
+            await expect(page.locator(".enemy-faction .attack a")).to_have_count(len(ENEMIES))
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def h(browser, db, start_server):
+    harness = Harness(browser, db, start_server)
+    await harness.site.start()
+    yield harness
+    await harness.close()
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def panel(page: Page):
+    return page.locator("#torncat-panel")
+
+
+def panel_call(page: Page, target: int):
+    return page.locator(f'#torncat-panel li.tc-call[data-target-id="{target}"]')
+
+
+def row_cell(page: Page, target: int):
+    return page.locator(f'.enemy-faction .tc-cell[data-target-id="{target}"]')
+
+
+async def api_call(port: int, member: Member, target: int, target_name: str | None = None):
+    body = {"target_id": target, "caller_id": member.id, "caller_name": member.name}
+    if target_name is not None:
+        body["target_name"] = target_name
+    r = await http(port, "POST", "/calls", headers=AUTH, body=body)
+    assert r.status == 201, r
+    return r.json()
+
+
+async def active_calls(port: int) -> dict[int, str]:
+    r = await http(port, "GET", "/calls", headers=AUTH)
+    assert r.status == 200, r
+    return {c["target_id"]: c["caller_name"] for c in r.json()["calls"]}
+
+
+async def healthz(port: int) -> dict:
+    return (await http(port, "GET", "/healthz")).json()
+
+
+async def until(predicate, timeout: float = STEP_TIMEOUT, what: str = "condition"):
+    """Wait for an async predicate to hold, checking every 50 ms."""
+    deadline = time.monotonic() + timeout
+    while not (result := await predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.05)
+    return result
+
+
+def streams_opened(server) -> list[str]:
+    return [line for line in server.lines if "stream opened" in line]
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", ["gm-stream", "gm-progress", "eventsource"])
+async def test_a_call_in_one_browser_shows_in_another_and_an_uncall_removes_it(h, transport):
+    server = await h.start()
+    if transport != "eventsource":
+        h.site.csp = STRICT_CSP  # the page itself may not connect anywhere: only GM can
+    alice = await h.open(ALICE, transport)
+    bob = await h.open(BOB, transport, phone=True)
+    for page in (alice, bob):
+        await expect(panel(page)).to_have_attribute("data-status", "live")
+        await expect(panel(page)).to_have_attribute("data-transport", TRANSPORTS[transport][2])
+        await expect(panel(page).locator(".tc-empty")).to_have_text("No active calls")
+
+    # The enemy rows come from Torn's own script after load; each gets a Call button.
+    call_button = row_cell(alice, 2001).locator(".tc-call-btn")
+    await expect(call_button).to_be_visible()
+    started = time.monotonic()
+    await call_button.click()
+    await expect(panel_call(bob, 2001)).to_contain_text("Xena")
+    record_propagation(transport, "call", time.monotonic() - started)
+    await expect(panel_call(bob, 2001).locator(".tc-by")).to_have_text("by Alice")
+    await expect(panel_call(bob, 2001).locator(".tc-target")).to_have_attribute(
+        "href", "/profiles.php?XID=2001")
+    await expect(panel_call(bob, 2001).locator(".tc-age")).to_have_text(re.compile(r"^\d+s$"))
+    await expect(row_cell(bob, 2001)).to_have_text("called by Alice")
+    await expect(row_cell(alice, 2001)).to_contain_text("called by you")
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    await expect(bob.locator("#torncat-toasts")).to_contain_text("Alice called Xena")
+    await expect(alice.locator("#torncat-toasts .tc-toast")).to_have_count(0)  # not for your own call
+
+    # The server decides: Bob calling the same target by id is told who holds it.
+    await bob.locator(".tc-call-input").fill("https://www.torn.com/profiles.php?XID=2001")
+    await bob.locator(".tc-form .tc-call-btn").click()
+    await expect(bob.locator("#torncat-toasts .tc-error")).to_have_text("Xena is already called by Alice")
+    assert await active_calls(server.port) == {2001: "Alice"}
+
+    # Two more calls from elsewhere, for the screenshot and the count.
+    await api_call(server.port, CY, 2002, "Yuri")
+    await api_call(server.port, DEE, 2003, "Zed")
+    for page in (alice, bob):
+        await expect(panel(page).locator("li.tc-call")).to_have_count(3)
+        await expect(panel(page).locator(".tc-count")).to_have_text("3")
+    if transport == "gm-stream":
+        ARTIFACTS.mkdir(exist_ok=True)
+        await panel(alice).screenshot(path=ARTIFACTS / "panel.png")
+        await bob.screenshot(path=ARTIFACTS / "war-page-phone.png")
+        docs_copy = HERE / "docs" / "panel.png"
+        if not docs_copy.exists() or os.environ.get("UPDATE_SCREENSHOTS"):
+            docs_copy.parent.mkdir(exist_ok=True)
+            shutil.copyfile(ARTIFACTS / "panel.png", docs_copy)
+
+    # Uncall from Alice's panel: gone from Bob's page too.
+    started = time.monotonic()
+    await panel_call(alice, 2001).locator(".tc-uncall").click()
+    await expect(panel_call(bob, 2001)).to_have_count(0)
+    record_propagation(transport, "uncall", time.monotonic() - started)
+    await expect(row_cell(bob, 2001).locator(".tc-call-btn")).to_be_visible()
+    assert await active_calls(server.port) == {2002: "Cy", 2003: "Dee"}
+
+    # Readable on a phone: the panel fits the 390 px screen.
+    box = await panel(bob).bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    await h.assert_clean(alice, bob)
+    if transport != "eventsource":
+        # Every request went through GM: the page never tried to connect by itself.
+        for page in (alice, bob):
+            assert await page.evaluate("window.__tc.violations") == []
+        assert any(r["url"].endswith("/events") and r["headers"]["Authorization"] == f"Bearer {TOKEN}"
+                   for r in h.manager.requests)
+        assert not any("token=" in r["url"] for r in h.manager.requests)
+
+
+@pytest.mark.parametrize("resume", ["replay", "snapshot"])
+async def test_pages_reconnect_after_a_server_restart_and_miss_no_call(h, resume):
+    """The new server replays what the pages missed or, when their last id is too old for its
+    memory (REPLAY_EVENTS=0 here), sends a snapshot that must replace what they show."""
+    port = free_port()
+    server = await h.start(PORT=str(port))
+    h.site.csp = STRICT_CSP
+    alice = await h.open(ALICE, "gm-stream")
+    bob = await h.open(BOB, "gm-progress")
+    for page in (alice, bob):
+        await expect(panel(page)).to_have_attribute("data-status", "live")
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(bob, 2001)).to_contain_text("Alice")
+    last_seen = (await healthz(port))["last_event_id"]
+
+    # SIGTERM ends every stream cleanly with a `retry:`; the pages say they are reconnecting.
+    await asyncio.to_thread(server.stop)
+    for page in (alice, bob):
+        await page.wait_for_function("window.__tc.statuses.includes('reconnecting')")
+    # While no server runs, the faction goes on: Alice's call ends, Cy calls another target.
+    await pg_execute(h.db, "UPDATE target_calls SET uncalled_at = now() WHERE target_id = 2001")
+    await pg_execute(h.db, "INSERT INTO target_calls (caller_id, caller_name, target_id, target_name, "
+                           f"faction_id) VALUES ({CY.id}, 'Cy', 2002, 'Yuri', {FACTION})")
+
+    server = await h.start(PORT=str(port), REPLAY_EVENTS="10000" if resume == "replay" else "0")
+    for page in (alice, bob):
+        await expect(panel_call(page, 2002)).to_contain_text("Cy", timeout=20_000)
+        await expect(panel_call(page, 2001)).to_have_count(0)
+        await expect(panel(page)).to_have_attribute("data-status", "live")
+    # Both asked to resume from the last event they had; the server answered as expected.
+    opened = streams_opened(server)
+    assert len(opened) == 2 and all(f"last_event_id={last_seen}" in line for line in opened), opened
+    metrics = (await http(port, "GET", "/metrics")).body.decode()
+    assert f"torncat_{resume}s_total 2" in metrics
+
+    # And the new streams carry live calls.
+    await api_call(port, DEE, 2003, "Zed")
+    for page in (alice, bob):
+        await expect(panel_call(page, 2003)).to_contain_text("Dee")
+    await h.assert_clean(alice, bob)
+
+
+# Browsers without Web Locks (Safari before 15.4) elect by BroadcastChannel heartbeats.
+NO_WEB_LOCKS = "Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined });"
+
+
+@pytest.mark.parametrize("election", ["web-locks", "heartbeat"])
+async def test_three_tabs_of_one_browser_share_one_stream(h, election):
+    server = await h.start()
+    h.site.csp = STRICT_CSP
+    context = await h.context("gm-stream", before=NO_WEB_LOCKS if election == "heartbeat" else "")
+    tabs = [await h.page(context, ALICE) for _ in range(3)]
+    for tab in tabs:
+        await expect(panel(tab)).to_have_attribute("data-status", "live")
+    await until(lambda: _roles_are(tabs, ["follower", "follower", "leader"]), what="one leader")
+    roles = [await panel(tab).get_attribute("data-role") for tab in tabs]
+    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    if election == "web-locks":  # a lock is exclusive: there never was a second stream
+        assert len(streams_opened(server)) == 1
+    opened_before = len(streams_opened(server))
+
+    # A follower's call reaches every tab, through the leader's stream.
+    leader = tabs[roles.index("leader")]
+    follower = tabs[roles.index("follower")]
+    await row_cell(follower, 2001).locator(".tc-call-btn").click()
+    for tab in tabs:
+        await expect(panel_call(tab, 2001).locator(".tc-by")).to_have_text("by you")
+    await api_call(server.port, BOB, 2002, "Yuri")
+    for tab in tabs:
+        await expect(panel_call(tab, 2002)).to_contain_text("Bob")
+    assert len(streams_opened(server)) == opened_before
+    last_seen = (await healthz(server.port))["last_event_id"]
+
+    # Bob's call ends; a second relay (another tab, a late message) repeats the old call event.
+    # It must not bring the call back: an event id is never applied twice.
+    first = (await http(server.port, "GET", f"/calls?since={last_seen - 1}", headers=AUTH)).json()
+    r = await http(server.port, "DELETE", "/calls/2002", headers=AUTH, body={"caller_id": BOB.id})
+    assert r.status == 200, r
+    for tab in tabs:
+        await expect(panel_call(tab, 2002)).to_have_count(0)
+    (old,) = first["events"]
+    # Channels get a message in the order they were made: once `seen` has it, the script has too.
+    await follower.evaluate("""(ev) => new Promise((done) => {
+      const seen = new BroadcastChannel('torncat-sse');
+      seen.onmessage = () => { seen.close(); done(); };
+      new BroadcastChannel('torncat-sse').postMessage(
+        { from: 'another-tab', t: 'event', id: ev.id, name: ev.event, call: ev.data });
+    })""", old)
+    assert await panel_call(follower, 2002).count() == 0
+    last_seen = (await healthz(server.port))["last_event_id"]
+
+    # The leader tab closes: another tab takes the stream over, resuming where it was.
+    mark = server.mark()
+    await leader.close()
+    rest = [tab for tab in tabs if tab is not leader]
+    await server.await_log(r"stream closed", start=mark)
+    await server.await_log(r"stream opened", start=mark)
+    await until(lambda: _roles_are(rest, ["follower", "leader"]), what="a new leader")
+    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    handed_over = streams_opened(server)[opened_before:]
+    assert handed_over and all(f"last_event_id={last_seen}" in line for line in handed_over), handed_over
+    if election == "web-locks":
+        assert len(handed_over) == 1
+
+    await api_call(server.port, CY, 2003, "Zed")
+    for tab in rest:
+        await expect(panel_call(tab, 2003)).to_contain_text("Cy")
+        await expect(panel(tab)).to_have_attribute("data-status", "live")
+    assert len(streams_opened(server)) == opened_before + len(handed_over)
+    assert (await healthz(server.port))["clients"] == 1
+    await h.assert_clean(*rest)
+
+
+async def _roles_are(tabs: list[Page], roles: list[str]) -> bool:
+    return sorted([await panel(t).get_attribute("data-role") for t in tabs]) == roles
+
+
+async def _clients_are(port: int, n: int) -> bool:
+    return (await healthz(port))["clients"] == n
+
+
+async def test_tornpda_without_gm_or_eventsource_polls_and_stays_current(h):
+    server = await h.start()
+    h.site.csp = STRICT_CSP
+    bob = await h.open(BOB, "pda", phone=True, configured=False)
+    assert await bob.evaluate("typeof EventSource") == "undefined"
+
+    # First run: the settings open by themselves; who you are comes from Torn's page.
+    settings = panel(bob).locator(".tc-settings")
+    await expect(settings).to_be_visible()
+    await expect(panel(bob)).to_have_attribute("data-status", "off")
+    await expect(settings.locator(".tc-f-id")).to_have_value(str(BOB.id))
+    await expect(settings.locator(".tc-f-name")).to_have_value(BOB.name)
+    await settings.locator(".tc-f-server").fill(h.base + "/")
+    await settings.locator(".tc-f-token").fill(TOKEN)
+    await settings.locator(".tc-save").click()
+    await expect(settings).to_be_hidden()
+    await expect(panel(bob)).to_have_attribute("data-status", "polling")
+    await expect(panel(bob)).to_have_attribute("data-transport", "poll")
+    assert await bob.evaluate("JSON.parse(localStorage.getItem('torncat.token'))") == TOKEN
+
+    # Someone else calls and uncalls: the next poll shows it.
+    await api_call(server.port, CY, 2001, "Xena")
+    await expect(panel_call(bob, 2001)).to_contain_text("Cy")
+    await expect(row_cell(bob, 2001)).to_have_text("called by Cy")
+    r = await http(server.port, "DELETE", "/calls/2001", headers=AUTH, body={"caller_id": CY.id})
+    assert r.status == 200, r
+    await expect(panel_call(bob, 2001)).to_have_count(0)
+
+    # Bob calls and uncalls through PDA_httpPost.
+    await row_cell(bob, 2002).locator(".tc-call-btn").click()
+    await expect(panel_call(bob, 2002).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2002: "Bob"}
+    await panel_call(bob, 2002).locator(".tc-uncall").click()
+    await expect(panel_call(bob, 2002)).to_have_count(0)
+    assert await active_calls(server.port) == {}
+    await expect(panel(bob)).to_have_attribute("data-status", "polling")
+
+    # Only the cheap poll, always with the token in a header, never in the URL.
+    requests = await bob.evaluate("window.__pdaRequests")
+    urls = [r["url"] for r in requests]
+    assert any("/calls?since=" in u for u in urls), urls
+    assert not any("/events" in u or "token=" in u for u in urls), urls
+    assert all(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in requests)
+    assert {r["method"] for r in requests} == {"GET", "POST"}
+    assert await bob.evaluate("window.__tc.violations") == []
+    await h.assert_clean(bob)
+
+
+async def test_a_stream_that_keeps_failing_falls_back_to_polling(h):
+    server = await h.start()
+    h.site.csp = STRICT_CSP
+    h.manager.cut_streams = True  # every stream ends at once, before a single byte
+    alice = await h.open(ALICE, "gm-stream")
+    await expect(panel(alice)).to_have_attribute("data-status", "polling", timeout=20_000)
+    await expect(panel(alice)).to_have_attribute("data-transport", "poll")
+    await expect(panel(alice).locator(".tc-status")).to_have_attribute("title", re.compile("stream failed"))
+    streams = [r for r in h.manager.requests if urllib.parse.urlsplit(r["url"]).path == "/events"]
+    assert len(streams) == 4  # FAILURES_BEFORE_POLLING
+    statuses = await alice.evaluate("window.__tc.statuses")
+    assert "reconnecting" in statuses and "live" not in statuses, statuses
+
+    await api_call(server.port, BOB, 2001, "Xena")
+    await expect(row_cell(alice, 2001)).to_have_text("called by Bob")
+    await row_cell(alice, 2002).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2002).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2001: "Bob", 2002: "Alice"}
+    polls = [r["url"] for r in h.manager.requests if "/calls?since=" in r["url"]]
+    assert polls and not any("token=" in u for u in polls)
+    await h.assert_clean(alice)
+
+
+async def test_names_from_the_server_are_shown_as_text_never_as_html(h):
+    server = await h.start()
+    h.site.csp = STRICT_CSP
+    alice = await h.open(ALICE, "gm-stream")
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(row_cell(alice, 2001)).to_be_visible()
+    evil = Member(1666, "<img src=x onerror=alert(1)>")
+    await api_call(server.port, evil, 2001, "<b>Xena</b><script>alert(2)</script>")
+
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by <img src=x onerror=alert(1)>")
+    await expect(panel_call(alice, 2001).locator(".tc-target")).to_have_text(
+        "<b>Xena</b><script>alert(2)</script>")
+    await expect(row_cell(alice, 2001)).to_have_text("called by <img src=x onerror=alert(1)>")
+    await expect(alice.locator("#torncat-toasts")).to_contain_text(
+        "<img src=x onerror=alert(1)> called <b>Xena")
+    created = "img, b, #torncat-panel script, .tc-cell script, #torncat-toasts script"
+    assert await alice.locator(created).count() == 0
+    assert h.dialogs == []
+    await h.assert_clean(alice)
+
+
+async def test_the_panel_moves_collapses_and_remembers(h):
+    await h.start()
+    alice = await h.open(ALICE, "gm-stream")
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    before = await panel(alice).bounding_box()
+    head = await panel(alice).locator(".tc-head .tc-title").bounding_box()
+    await alice.mouse.move(head["x"] + 5, head["y"] + 5)
+    await alice.mouse.down()
+    await alice.mouse.move(head["x"] - 300, head["y"] + 200, steps=5)
+    await alice.mouse.up()
+    moved = await panel(alice).bounding_box()
+    assert (moved["x"], moved["y"]) == pytest.approx((before["x"] - 305, before["y"] + 195), abs=2)
+
+    await panel(alice).locator(".tc-toggle").click()
+    await expect(panel(alice).locator(".tc-body")).to_be_hidden()
+    await alice.reload()
+    await expect(panel(alice).locator(".tc-body")).to_be_hidden()
+    again = await panel(alice).bounding_box()
+    assert (again["x"], again["y"]) == pytest.approx((moved["x"], moved["y"]), abs=1)
+    await panel(alice).locator(".tc-toggle").click()
+    await expect(panel(alice).locator(".tc-list")).to_be_visible()
+    await h.assert_clean(alice)

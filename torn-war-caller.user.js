@@ -1,0 +1,1271 @@
+// ==UserScript==
+// @name         TornCat War Caller
+// @namespace    torncat
+// @version      2.0.0
+// @description  Who calls which enemy target in a Torn war, live for the whole faction: one Server-Sent Events stream per browser instead of polling every second.
+// @author       TornCat
+// @match        https://www.torn.com/*
+// @run-at       document-end
+// @noframes
+// @grant        GM_xmlhttpRequest
+// @grant        GM_getValue
+// @grant        GM_setValue
+// @connect      torncat-sse.onrender.com
+// ==/UserScript==
+//
+// Running your own server? Add a `// @connect <your host>` line above (Tampermonkey
+// lets GM_xmlhttpRequest reach only the hosts listed there, and asks you about any
+// other), then put its URL in the settings panel (the gear of the TornCat panel on a
+// faction page).
+
+/*
+ * TornCat War Caller: the faction's calls, pushed by the TornCat SSE server
+ * (torncat_sse.py, README "The userscript").
+ *
+ * Transport, best first, chosen by itself and shown in the panel:
+ *   1. `GET /events` through GM_xmlhttpRequest, parsed as Server-Sent Events while
+ *      it arrives, token in the Authorization header, resumed with Last-Event-ID.
+ *      The userscript manager makes that request outside the page, so Torn's
+ *      Content-Security-Policy and CORS do not apply to it.
+ *   2. The page's own EventSource when there is no GM_xmlhttpRequest. EventSource
+ *      cannot send headers, so the token goes in `?token=` (the server redacts it
+ *      from its logs) and the resume point in `?last_event_id=`.
+ *   3. `GET /calls?since=<last event id>` every POLL_MS where nothing can stream
+ *      (TornPDA), or after a stream failed FAILURES_BEFORE_POLLING times in a row
+ *      while the server answered.
+ * Reconnects wait for the server's `retry:` after a clean end (the server spreads
+ * it out on shutdown), otherwise back off exponentially with jitter. A snapshot
+ * replaces the local state; an event whose id is not above the last one applied
+ * is dropped, so nothing is ever applied twice.
+ *
+ * One stream per browser: the tabs elect a leader with a Web Lock (a
+ * BroadcastChannel heartbeat where Web Locks are missing); only the leader talks
+ * to the server, and it relays every snapshot and event to the other tabs over a
+ * BroadcastChannel. When the leader tab closes, its lock is released and the
+ * next tab takes over, resuming from the last event id it was relayed.
+ *
+ * Nothing the server sends is ever parsed as HTML: every name goes through
+ * textContent, and the only attributes built from server data are profile links
+ * made of validated integers.
+ *
+ * What this relies on (from public sources; none of it is an official Torn API):
+ *   - Torn pages carry a hidden `<input id="torn-user">` whose value is JSON with
+ *     the logged-in player's `id` and `playername` (read by many public Torn
+ *     userscripts: Racing+, Execute+, buy-mug helpers...).
+ *   - Ranked-war pages list the enemy in `.enemy-faction .members-list > li`,
+ *     each row with a profile link `profiles.php?XID=<id>` (FF Scouter, TornTools
+ *     and war-helper scripts use these selectors); faction profile pages list
+ *     members in `.members-list > li` / `.table-body > li`. Rows are rendered
+ *     late by Torn's own code, so a MutationObserver finds them.
+ *   - Tampermonkey: GM_xmlhttpRequest `responseType: "stream"` gives the body as a
+ *     ReadableStream (documented; `GM_xmlhttpRequest.RESPONSE_TYPE_STREAM` is set
+ *     when supported). Violentmonkey has no "stream" type (its issue #1328) but
+ *     calls `onprogress` with the growing `responseText`, which works as well.
+ *   - TornPDA: `PDA_httpGet(url, headers)` and `PDA_httpPost(url, headers, body)`
+ *     resolve to `{status, statusText, responseText, responseHeaders}`
+ *     (Manuito83/torn-pda userscripts/TornPDA_API.js); neither streams. Its
+ *     optional GMforPDA shim builds a GM_xmlhttpRequest on top of them that does
+ *     not stream either, so where PDA_httpGet exists this script polls. Uncalls use
+ *     `POST /calls/<id>/uncall`, because TornPDA has no DELETE.
+ */
+
+(function torncat() {
+  'use strict';
+
+  // ---------------------------------------------------------------------------
+  // Settings and limits
+  // ---------------------------------------------------------------------------
+
+  const VERSION = '2.0.0';
+  const DEFAULT_SERVER = 'https://torncat-sse.onrender.com';
+  const KEY = 'torncat.';                 // storage prefix: localStorage is shared with Torn's own code
+  const CHANNEL = 'torncat-sse';          // BroadcastChannel between this browser's Torn tabs
+  const LOCK = 'torncat-sse-leader';      // Web Lock held by the one tab that talks to the server
+  const DEFAULT_RETRY_MS = 10000;         // the server's RETRY_MS default, until a `retry:` says otherwise
+  const BACKOFF_MIN_MS = 1000;            // first delay after a failed connection
+  const BACKOFF_MAX_MS = 60000;           // longest delay between attempts
+  const FIRST_BYTE_MS = 15000;            // a stream that sent nothing by then (the server sends `retry:`
+                                          // at once) is not streaming: a buffering proxy or manager
+  const STALL_MS = 65000;                 // silence on a live stream (pings come every 20 s): dead link
+  const FAILURES_BEFORE_POLLING = 4;      // streams in a row that reached the server but did not stream
+  const STREAM_AGAIN_MS = 5 * 60000;      // while polling because streams failed, try one again this often
+  const POLL_MS = 3000;                   // GET /calls?since= period (TornPDA); the answer is tiny
+  const REQUEST_TIMEOUT_MS = 15000;       // one call, uncall or poll
+  const RECYCLE_BYTES = 1 << 20;          // a responseText stream (Violentmonkey) is reopened past this
+  const HEARTBEAT_MS = 1000;              // leader heartbeat, only where Web Locks are missing
+  const LEADER_LOST_MS = 3500;            // no heartbeat for this long: take over
+  const TOAST_MS = 5000;
+  const MAX_TOASTS = 3;
+  const AGE_REFRESH_MS = 5000;
+  const NAME_MAX = 64;                    // the server refuses longer names
+  const ENEMY_ROWS = [                    // rows of players one may call; never the member's own faction
+    '.enemy-faction .members-list > li',
+    '.faction-info-wrap.another-faction .members-list > li',
+    '.faction-info-wrap.another-faction .table-body > li',
+  ].join(', ');
+
+  const gmRequest = typeof GM_xmlhttpRequest === 'function' ? GM_xmlhttpRequest : null;
+  const gmGet = typeof GM_getValue === 'function' ? GM_getValue : null;
+  const gmSet = typeof GM_setValue === 'function' ? GM_setValue : null;
+  const pda = typeof PDA_httpGet === 'function' && typeof PDA_httpPost === 'function';
+  const tabId = Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+
+  function warn(...args) { try { console.warn('[TornCat]', ...args); } catch (e) { /* no console */ } }
+
+  /** Run fn, never letting an exception reach Torn's page. */
+  function safe(fn, ...args) {
+    try { return fn(...args); } catch (e) { warn(e && e.message ? e.message : e); return undefined; }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Storage and settings
+  // ---------------------------------------------------------------------------
+
+  function load(name, fallback) {
+    try {
+      if (gmGet) {
+        const value = gmGet(KEY + name, fallback);
+        return value === undefined || value === null ? fallback : value;
+      }
+      const raw = localStorage.getItem(KEY + name);
+      return raw === null ? fallback : JSON.parse(raw);
+    } catch (e) {
+      return fallback;
+    }
+  }
+
+  function save(name, value) {
+    try {
+      if (gmSet) gmSet(KEY + name, value);
+      else localStorage.setItem(KEY + name, JSON.stringify(value));
+    } catch (e) { /* storage full or blocked: the setting lasts for this page only */ }
+  }
+
+  function cleanName(value) {
+    if (typeof value !== 'string') return '';
+    return value.replace(/[\u0000-\u001f\u007f-\u009f]/g, '').trim().slice(0, NAME_MAX);
+  }
+
+  function positiveInt(value) {
+    const n = typeof value === 'number' ? value
+      : typeof value === 'string' && /^\s*\d{1,16}\s*$/.test(value) ? Number(value) : NaN;
+    return Number.isSafeInteger(n) && n > 0 ? n : null;
+  }
+
+  /** An event id (0 is valid: the snapshot of an empty log). */
+  function eventId(value) {
+    const n = typeof value === 'number' ? value
+      : typeof value === 'string' && /^\s*\d{1,16}\s*$/.test(value) ? Number(value) : NaN;
+    return Number.isSafeInteger(n) && n >= 0 ? n : null;
+  }
+
+  function normaliseServer(value) {
+    try {
+      const url = new URL(String(value).trim());
+      if (url.protocol !== 'https:' && url.protocol !== 'http:') return null;
+      if (url.username || url.password || url.search || url.hash) return null;
+      return url.origin + url.pathname.replace(/\/+$/, '');
+    } catch (e) {
+      return null;
+    }
+  }
+
+  /** The logged-in player as Torn's page shows it: `<input id="torn-user" value='{"id":..}'>`. */
+  function pageUser() {
+    try {
+      const input = document.getElementById('torn-user');
+      if (!input || !input.value) return null;
+      const user = JSON.parse(input.value);
+      const id = positiveInt(user && user.id);
+      return id ? { id, name: cleanName(user.playername) } : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function readSettings() {
+    const s = {
+      server: normaliseServer(load('server', DEFAULT_SERVER)) || DEFAULT_SERVER,
+      token: String(load('token', '') || '').trim(),
+      memberId: positiveInt(load('memberId', null)),
+      memberName: cleanName(load('memberName', '')),
+      fromPage: false,
+      configured: load('configured', false) === true,
+    };
+    const user = pageUser();
+    if (user) {
+      // The page knows best (an account switch); remember it for pages that do not say.
+      if (user.id !== s.memberId) save('memberId', user.id);
+      if (user.name && user.name !== s.memberName) save('memberName', user.name);
+      s.memberId = user.id;
+      s.memberName = user.name || s.memberName;
+      s.fromPage = true;
+    }
+    return s;
+  }
+
+  let settings = null;
+
+  // ---------------------------------------------------------------------------
+  // HTTP: GM_xmlhttpRequest, TornPDA, or the page's fetch
+  // ---------------------------------------------------------------------------
+
+  function authHeaders(extra) {
+    const headers = Object.assign({ Accept: 'application/json' }, extra);
+    if (settings.token) headers.Authorization = 'Bearer ' + settings.token;
+    return headers;
+  }
+
+  function response(status, text, rawHeaders) {
+    let json = null;
+    try { json = text ? JSON.parse(text) : null; } catch (e) { json = null; }
+    const m = /(?:^|\n)\s*retry-after:\s*(\d+)/i.exec(rawHeaders || '');
+    return { status: Number(status) || 0, json, retryAfterMs: m ? Number(m[1]) * 1000 : null };
+  }
+
+  /** One request to the server; resolves to {status, json, retryAfterMs}, status 0 when unreachable. */
+  function request(method, path, body) {
+    const url = settings.server + path;
+    const data = body === undefined ? undefined : JSON.stringify(body);
+    const headers = authHeaders(data === undefined ? {} : { 'Content-Type': 'application/json' });
+    return new Promise((resolve) => {
+      let settled = false;
+      const done = (status, text, rawHeaders) => {
+        if (!settled) { settled = true; resolve(response(status, text, rawHeaders)); }
+      };
+      try {
+        if (pda) {
+          const pending = method === 'GET' ? PDA_httpGet(url, headers) : PDA_httpPost(url, headers, data || '');
+          Promise.resolve(pending).then(
+            (r) => done(r && r.status, r && r.responseText, r && r.responseHeaders), () => done(0));
+          setTimeout(() => done(0), REQUEST_TIMEOUT_MS);
+        } else if (gmRequest) {
+          gmRequest({
+            method, url, headers, data, timeout: REQUEST_TIMEOUT_MS, nocache: true,
+            onload: (r) => done(r.status, r.responseText, r.responseHeaders),
+            onerror: () => done(0), ontimeout: () => done(0), onabort: () => done(0),
+          });
+        } else {
+          const abort = typeof AbortController === 'function' ? new AbortController() : null;
+          const timer = setTimeout(() => { if (abort) abort.abort(); done(0); }, REQUEST_TIMEOUT_MS);
+          fetch(url, {
+            method, headers, body: data, mode: 'cors', credentials: 'omit', cache: 'no-store',
+            signal: abort ? abort.signal : undefined,
+          }).then((r) => r.text().then((text) => {
+            clearTimeout(timer);
+            done(r.status, text, 'Retry-After: ' + (r.headers.get('Retry-After') || ''));
+          })).catch(() => { clearTimeout(timer); done(0); });
+        }
+      } catch (e) {
+        done(0);
+      }
+    });
+  }
+
+  function describe(r) {
+    const error = r.json && typeof r.json.error === 'string' ? r.json.error : '';
+    switch (r.status) {
+      case 0: return 'cannot reach the server';
+      case 401: return 'the server refused the token: check the settings';
+      case 429: return 'too many calls: slow down';
+      case 503: return 'the server is busy or starting';
+      default: return error || 'the server answered ' + r.status;
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Server-Sent Events parsing (WHATWG HTML, "Parsing an event stream")
+  // ---------------------------------------------------------------------------
+
+  class SseParser {
+    /** Fed text in pieces of any size; calls onEvent({type, data, id}), onRetry(ms), onComment(). */
+    constructor(onEvent, onRetry, onComment) {
+      this.onEvent = onEvent;
+      this.onRetry = onRetry;
+      this.onComment = onComment;
+      this.buf = '';
+      this.data = null;     // data lines of the event being read, joined by \n
+      this.type = '';
+      this.id = null;       // the last event ID buffer: it carries over between events
+      this.first = true;
+    }
+
+    feed(text) {
+      if (!text) return;
+      if (this.first) {
+        this.first = false;
+        if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+      }
+      this.buf += text;
+      let start = 0;
+      for (;;) {
+        const cr = this.buf.indexOf('\r', start);
+        const lf = this.buf.indexOf('\n', start);
+        const end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+        if (end === -1) break;
+        let next = end + 1;
+        if (this.buf[end] === '\r') {
+          if (next === this.buf.length) break; // a CRLF cut in two: wait for the rest
+          if (this.buf[next] === '\n') next += 1;
+        }
+        this.line(this.buf.slice(start, end));
+        start = next;
+      }
+      this.buf = this.buf.slice(start);
+    }
+
+    line(line) {
+      if (line === '') { this.dispatch(); return; }
+      if (line[0] === ':') { this.onComment(); return; }
+      const colon = line.indexOf(':');
+      const field = colon === -1 ? line : line.slice(0, colon);
+      let value = colon === -1 ? '' : line.slice(colon + 1);
+      if (value[0] === ' ') value = value.slice(1);
+      if (field === 'data') this.data = this.data === null ? value : this.data + '\n' + value;
+      else if (field === 'event') this.type = value;
+      else if (field === 'id') { if (value.indexOf('\u0000') === -1) this.id = value; }
+      else if (field === 'retry') { if (/^\d+$/.test(value)) this.onRetry(Number(value)); }
+    }
+
+    dispatch() {
+      const data = this.data;
+      const type = this.type || 'message';
+      this.data = null;
+      this.type = '';
+      if (data !== null) this.onEvent({ type, data, id: this.id });
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // The calls, as the server last told us
+  // ---------------------------------------------------------------------------
+
+  function validCall(c) {
+    return !!c && typeof c === 'object' && positiveInt(c.id) !== null && positiveInt(c.target_id) !== null;
+  }
+
+  class CallState {
+    constructor(onChange) {
+      this.calls = new Map();   // target_id -> active call
+      this.lastEventId = null;  // null until a snapshot: events mean nothing before one
+      this.onChange = onChange;
+    }
+
+    reset() {
+      this.calls.clear();
+      this.lastEventId = null;
+      this.onChange({ kind: 'reset' });
+    }
+
+    /** Replace everything: the server's word on what is active as of event `id`. */
+    snapshot(calls, id) {
+      const last = eventId(id);
+      if (last === null) return false;
+      this.calls.clear();
+      for (const c of Array.isArray(calls) ? calls : []) {
+        if (validCall(c) && !c.uncalled_at) this.calls.set(c.target_id, c);
+      }
+      this.lastEventId = last;
+      this.onChange({ kind: 'snapshot' });
+      return true;
+    }
+
+    /** Apply one event in id order; false if it is not newer than the last one applied. */
+    event(id, name, call) {
+      const n = eventId(id);
+      if (n === null || this.lastEventId === null || n <= this.lastEventId) return false;
+      if ((name !== 'target_call' && name !== 'target_uncall') || !validCall(call)) return false;
+      this.lastEventId = n;
+      this.put(name, call);
+      this.onChange({ kind: name, call, id: n });
+      return true;
+    }
+
+    /** The server says nothing else for us happened up to `id` (a poll's last_event_id). */
+    advance(id) {
+      const n = eventId(id);
+      if (n !== null && this.lastEventId !== null && n > this.lastEventId) this.lastEventId = n;
+    }
+
+    /** Our own write's answer, shown before its event arrives (and only then). */
+    local(name, call, id) {
+      const n = eventId(id);
+      if (!validCall(call) || this.lastEventId === null || n === null || n <= this.lastEventId) return;
+      this.put(name, call);
+      this.onChange({ kind: 'local' });
+    }
+
+    put(name, call) {
+      if (name === 'target_call' && !call.uncalled_at) {
+        this.calls.set(call.target_id, call);
+      } else {
+        const current = this.calls.get(call.target_id);
+        if (current && current.id === call.id) this.calls.delete(call.target_id);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // The link to the server (only the leader tab has one)
+  // ---------------------------------------------------------------------------
+
+  function jitter(ms) { return ms / 2 + Math.random() * ms / 2; }
+  function seconds(ms) { return Math.max(1, Math.round(ms / 1000)) + ' s'; }
+
+  class Link {
+    /** sink: {snapshot(calls, id), event(id, name, call), advance(id), status(status, detail, transport)} */
+    constructor(state, sink) {
+      this.state = state;
+      this.sink = sink;
+      this.streamMode = pda ? 'poll' : gmRequest ? 'gm' : typeof EventSource === 'function' ? 'es' : 'poll';
+      this.mode = this.streamMode;
+      this.retryMs = DEFAULT_RETRY_MS;  // the server's last `retry:`
+      this.errors = 0;                  // attempts in a row that never went live: the backoff
+      this.streamFailures = 0;          // of those, how many reached the server without streaming
+      this.fallback = false;            // polling because streams kept failing
+      this.streamAgainAt = 0;
+      this.pollErrors = 0;
+      this.attempt = null;
+      this.timer = null;
+      this.stopped = false;
+      this.wasLive = false;             // a stream worked before: say "reconnecting", not "connecting"
+    }
+
+    start() { this.connect(); }
+
+    stop() {
+      this.stopped = true;
+      clearTimeout(this.timer);
+      if (this.attempt) this.attempt.close();
+      this.attempt = null;
+    }
+
+    status(status, detail) { if (!this.stopped) this.sink.status(status, detail, this.mode); }
+
+    connect() {
+      if (this.stopped) return;
+      if (this.mode === 'poll') { this.poll(); return; }
+      this.status(this.errors || this.wasLive ? 'reconnecting' : 'connecting', 'connecting…');
+      this.attempt = this.mode === 'gm' ? this.openGm() : this.openEventSource();
+    }
+
+    newAttempt(watchSilence) {
+      const a = { live: false, ended: false, hooks: [], watchdog: null };
+      a.arm = () => {
+        clearTimeout(a.watchdog);
+        if (a.live && !watchSilence) return;
+        a.watchdog = setTimeout(() => this.ended(a, a.live
+          ? { why: 'the stream went silent' }
+          : { why: 'the stream sent nothing', streamFailed: true }), a.live ? STALL_MS : FIRST_BYTE_MS);
+      };
+      a.close = () => {
+        if (a.ended) return;
+        a.ended = true;
+        clearTimeout(a.watchdog);
+        for (const hook of a.hooks) safe(hook);
+      };
+      a.arm();
+      return a;
+    }
+
+    /** The attempt is streaming: anything at all arrived (the server always sends `retry:` first). */
+    alive(a) {
+      if (a.ended || this.stopped) return;
+      if (!a.live) {
+        a.live = true;
+        this.wasLive = true;
+        this.errors = 0;
+        this.streamFailures = 0;
+        this.status('live', this.mode === 'gm' ? 'streaming' : 'streaming (EventSource)');
+      }
+      a.arm();
+    }
+
+    dispatch(a, ev) {
+      if (a.ended || this.stopped) return;
+      this.alive(a);
+      let data;
+      try { data = JSON.parse(ev.data); } catch (e) { return; }
+      if (ev.type === 'snapshot') {
+        this.sink.snapshot(data && data.calls, data && data.last_event_id !== undefined ? data.last_event_id : ev.id);
+      } else if (ev.type === 'target_call' || ev.type === 'target_uncall') {
+        this.sink.event(ev.id, ev.type, data);
+      }
+    }
+
+    /** An attempt is over: decide when to try again, and how. */
+    ended(a, { why, clean = false, streamFailed = false, status = 0, retryAfterMs = null, now = false }) {
+      if (a.ended) return;
+      a.close();
+      if (this.attempt === a) this.attempt = null;
+      if (this.stopped) return;
+      let delay;
+      if (now) {
+        delay = 0;
+      } else if (a.live) {
+        // A stream that worked: come back when the server said. On shutdown the server
+        // sends each client a different `retry:`, so they do not all come back at once.
+        delay = clean ? this.retryMs : jitter(this.retryMs);
+      } else {
+        this.errors += 1;
+        if (streamFailed) this.streamFailures += 1;
+        if (status === 401 || status === 403) {
+          why = 'the server refused the token: check the settings';
+          delay = BACKOFF_MAX_MS;
+        } else if (retryAfterMs) {
+          delay = retryAfterMs + Math.random() * 1000;
+        } else {
+          delay = jitter(Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (this.errors - 1)));
+        }
+        if (this.streamFailures >= FAILURES_BEFORE_POLLING) {
+          this.mode = 'poll';
+          this.fallback = true;
+          this.streamAgainAt = Date.now() + STREAM_AGAIN_MS;
+          this.streamFailures = 0;
+          delay = 0;
+        }
+      }
+      if (delay > 0) this.status('reconnecting', why + ': retrying in ' + seconds(delay));
+      this.timer = setTimeout(() => this.connect(), delay);
+    }
+
+    /** `GET /events` through GM_xmlhttpRequest, read while it arrives. */
+    openGm() {
+      const a = this.newAttempt(true);
+      const parser = new SseParser(
+        (ev) => this.dispatch(a, ev),
+        (ms) => { this.retryMs = ms; this.alive(a); },
+        () => this.alive(a));
+      const headers = authHeaders({ Accept: 'text/event-stream', 'Cache-Control': 'no-cache' });
+      if (this.state.lastEventId !== null) headers['Last-Event-ID'] = String(this.state.lastEventId);
+      const streaming = !!gmRequest.RESPONSE_TYPE_STREAM; // Tampermonkey: the body as a ReadableStream
+      const decoder = new TextDecoder();
+      let reading = false;
+      let seen = 0; // characters of responseText already parsed (Violentmonkey)
+
+      const refused = (r) => {
+        if (!r || !r.status || r.status === 200) return false;
+        const answer = response(r.status, '', r.responseHeaders);
+        this.ended(a, { why: 'the server answered ' + r.status, status: r.status, retryAfterMs: answer.retryAfterMs });
+        return true;
+      };
+      const read = (r) => {
+        if (reading || a.ended || !r || !r.response || typeof r.response.getReader !== 'function') return;
+        if (refused(r)) return;
+        reading = true;
+        const reader = r.response.getReader();
+        a.hooks.push(() => reader.cancel().catch(() => {}));
+        const pump = () => reader.read().then(({ done, value }) => {
+          if (a.ended) return;
+          if (done) {
+            parser.feed(decoder.decode());
+            this.ended(a, { why: 'the server closed the stream', clean: true, streamFailed: !a.live });
+            return;
+          }
+          parser.feed(typeof value === 'string' ? value : decoder.decode(value, { stream: true }));
+          pump();
+        }, () => this.ended(a, { why: 'the stream broke', streamFailed: !a.live }));
+        pump();
+      };
+      const progress = (r) => {
+        if (streaming || a.ended || !r || refused(r)) return;
+        const text = typeof r.responseText === 'string' ? r.responseText : '';
+        if (text.length > seen) {
+          parser.feed(text.slice(seen));
+          seen = text.length;
+        }
+        if (seen > RECYCLE_BYTES && !a.ended) this.ended(a, { why: 'reopening the stream', now: true });
+      };
+
+      let handle = null;
+      const details = {
+        method: 'GET',
+        url: settings.server + '/events',
+        headers,
+        nocache: true,
+        onloadstart: (r) => { if (streaming) read(r); },
+        onreadystatechange: (r) => { if (streaming) read(r); else if (r && r.readyState >= 3) progress(r); },
+        onprogress: (r) => progress(r),
+        onload: (r) => {
+          if (a.ended) return;
+          if (streaming) {
+            if (!reading && !refused(r)) this.ended(a, { why: 'the stream did not stream', streamFailed: true });
+            return;
+          }
+          progress(r);
+          this.ended(a, { why: 'the server closed the stream', clean: true, streamFailed: !a.live });
+        },
+        onerror: () => this.ended(a, { why: 'cannot reach the server', streamFailed: reading && !a.live }),
+        ontimeout: () => this.ended(a, { why: 'the request timed out' }),
+        onabort: () => this.ended(a, { why: 'the request was aborted' }),
+      };
+      if (streaming) details.responseType = 'stream';
+      try {
+        handle = gmRequest(details);
+      } catch (e) {
+        setTimeout(() => this.ended(a, { why: 'GM_xmlhttpRequest failed', streamFailed: true }), 0);
+      }
+      a.hooks.push(() => { if (handle && typeof handle.abort === 'function') handle.abort(); });
+      return a;
+    }
+
+    /** The page's own EventSource (no GM): the token has to go in the URL. */
+    openEventSource() {
+      const a = this.newAttempt(false); // EventSource hides the pings: no silence watchdog once open
+      const query = [];
+      if (settings.token) query.push('token=' + encodeURIComponent(settings.token));
+      if (this.state.lastEventId !== null) query.push('last_event_id=' + this.state.lastEventId);
+      let source;
+      try {
+        source = new EventSource(settings.server + '/events' + (query.length ? '?' + query.join('&') : ''));
+      } catch (e) {
+        setTimeout(() => this.ended(a, { why: 'the browser refused EventSource', streamFailed: true }), 0);
+        return a;
+      }
+      a.hooks.push(() => source.close());
+      const onMessage = (e) => this.dispatch(a, { type: e.type, data: e.data, id: e.lastEventId });
+      for (const type of ['snapshot', 'target_call', 'target_uncall']) source.addEventListener(type, onMessage);
+      source.onopen = () => this.alive(a);
+      // We reconnect ourselves (with backoff and jitter, and ?last_event_id=) rather than let
+      // the browser retry at a fixed interval. CLOSED means the connection was refused for
+      // good (the page's CSP, a wrong status or type), not just dropped.
+      source.onerror = () => this.ended(a, {
+        why: source.readyState === 2 ? 'the browser or the server refused the stream' : 'the stream broke',
+        streamFailed: source.readyState === 2 && !a.live,
+      });
+      return a;
+    }
+
+    /** `GET /calls?since=N`: only what changed, from the server's memory. */
+    poll() {
+      if (this.stopped) return;
+      if (this.fallback && Date.now() >= this.streamAgainAt) {
+        this.fallback = false;
+        this.mode = this.streamMode;
+        this.streamFailures = FAILURES_BEFORE_POLLING - 1; // one more failure and we poll again
+        this.connect();
+        return;
+      }
+      const since = this.state.lastEventId;
+      request('GET', since === null ? '/calls' : '/calls?since=' + since).then((r) => {
+        if (this.stopped) return;
+        let delay = POLL_MS * (0.8 + Math.random() * 0.4);
+        const j = r.json;
+        if (r.status === 200 && j && typeof j === 'object') {
+          if (Array.isArray(j.events) && since !== null) {
+            for (const ev of j.events) if (ev) this.sink.event(ev.id, ev.event, ev.data);
+            this.sink.advance(j.last_event_id);
+          } else {
+            this.sink.snapshot(j.calls, j.last_event_id); // the first poll, or {"reset": true}
+          }
+          this.pollErrors = 0;
+          this.status('polling', (this.fallback ? 'the stream failed; ' : '') + 'every ' + seconds(POLL_MS));
+        } else {
+          this.pollErrors += 1;
+          delay = r.retryAfterMs ? r.retryAfterMs + Math.random() * 1000
+            : jitter(Math.min(BACKOFF_MAX_MS, POLL_MS * 2 ** this.pollErrors));
+          if (r.status === 401) delay = BACKOFF_MAX_MS;
+          this.status('reconnecting', describe(r) + ': retrying in ' + seconds(delay));
+        }
+        this.timer = setTimeout(() => this.poll(), delay);
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Tabs: one leader talks to the server and relays to the others
+  // ---------------------------------------------------------------------------
+
+  let state = null;
+  let link = null;
+  let role = 'starting';        // 'leader' or 'follower'
+  let linkStatus = { status: 'connecting', detail: '', transport: '' };
+  let channel = null;
+  let lastHeartbeat = 0;
+  let lockLeader = false;       // leader by Web Lock: exclusive, so never two of them
+
+  function post(message) {
+    if (!channel) return;
+    try { channel.postMessage(Object.assign({ from: tabId }, message)); } catch (e) { /* closing */ }
+  }
+
+  /** What the leader's link reports: applied here, relayed to the other tabs. */
+  const sink = {
+    snapshot(calls, id) {
+      if (state.snapshot(calls, id)) {
+        post({ t: 'snapshot', calls: Array.from(state.calls.values()), last_event_id: state.lastEventId });
+      }
+    },
+    event(id, name, call) {
+      if (state.event(id, name, call)) post({ t: 'event', id: state.lastEventId, name, call });
+    },
+    advance(id) {
+      state.advance(id);
+      post({ t: 'advance', id: state.lastEventId });
+    },
+    status(status, detail, transport) {
+      linkStatus = { status, detail, transport };
+      showStatus(linkStatus);
+      post({ t: 'status', status: linkStatus });
+    },
+  };
+
+  function startLink() {
+    if (link) link.stop();
+    link = null;
+    if (!settings.configured) {
+      sink.status('off', 'open the settings to connect', '');
+      return;
+    }
+    link = new Link(state, sink);
+    link.start();
+  }
+
+  function becomeLeader() {
+    if (role === 'leader') return;
+    role = 'leader';
+    startLink();
+    post({ t: 'leader' });
+  }
+
+  function stepDown() {
+    if (role !== 'leader') return;
+    role = 'follower';
+    if (link) link.stop();
+    link = null;
+    post({ t: 'hello' });
+    showStatus(linkStatus);
+  }
+
+  function elect() {
+    try {
+      channel = typeof BroadcastChannel === 'function' ? new BroadcastChannel(CHANNEL) : null;
+    } catch (e) {
+      channel = null;
+    }
+    if (!channel) { becomeLeader(); return; } // nobody to share a stream with
+    channel.onmessage = (e) => safe(onMessage, e.data);
+    role = 'follower';
+    showStatus(linkStatus);
+    post({ t: 'hello' });
+    const locks = navigator.locks;
+    if (locks && typeof locks.request === 'function') {
+      // Held until this tab goes away: then the browser hands it to the next tab waiting.
+      locks.request(LOCK, () => new Promise(() => {
+        lockLeader = true;
+        safe(becomeLeader);
+      })).catch(() => heartbeatElection());
+    } else {
+      heartbeatElection();
+    }
+  }
+
+  /** Where Web Locks are missing: the leader says so every HEARTBEAT_MS; silence means take over. */
+  function heartbeatElection() {
+    // Each tab waits a little longer than the others, so that they rarely take over together.
+    const patience = LEADER_LOST_MS + Math.random() * HEARTBEAT_MS;
+    lastHeartbeat = Date.now();
+    setInterval(() => safe(() => {
+      if (role === 'leader') post({ t: 'heartbeat' });
+      else if (Date.now() - lastHeartbeat > patience) becomeLeader();
+    }), HEARTBEAT_MS);
+  }
+
+  function onMessage(m) {
+    if (!m || typeof m !== 'object' || m.from === tabId) return;
+    switch (m.t) {
+      case 'hello':
+        if (role === 'leader') {
+          post({
+            t: 'state', to: m.from, calls: Array.from(state.calls.values()),
+            last_event_id: state.lastEventId, status: linkStatus,
+          });
+        }
+        break;
+      case 'state':
+        if (m.to === tabId && role !== 'leader') {
+          if (m.last_event_id !== null) state.snapshot(m.calls, m.last_event_id);
+          showStatus(m.status);
+        }
+        break;
+      case 'snapshot':
+        if (role !== 'leader') state.snapshot(m.calls, m.last_event_id);
+        break;
+      case 'event':
+        if (role !== 'leader') state.event(m.id, m.name, m.call);
+        break;
+      case 'advance':
+        if (role !== 'leader') state.advance(m.id);
+        break;
+      case 'status':
+        if (role !== 'leader' && m.status) { linkStatus = m.status; showStatus(linkStatus); }
+        break;
+      case 'leader':
+      case 'heartbeat':
+        lastHeartbeat = Date.now();
+        // Two leaders (heartbeat election only): the one with the smaller id stays.
+        if (role === 'leader' && !lockLeader && String(m.from) < tabId) stepDown();
+        break;
+      case 'bye': // the leader is leaving: take over now, not after LEADER_LOST_MS
+        lastHeartbeat = Date.now() - LEADER_LOST_MS;
+        break;
+      case 'settings':
+        applySettings();
+        break;
+      default:
+        break;
+    }
+  }
+
+  function applySettings() {
+    settings = readSettings();
+    state.reset();
+    if (role === 'leader') startLink();
+    renderAll();
+  }
+
+  // ---------------------------------------------------------------------------
+  // Calling and uncalling
+  // ---------------------------------------------------------------------------
+
+  function callerName(c) {
+    return cleanName(c && c.caller_name) || ('#' + (c && c.caller_id));
+  }
+
+  function targetLabel(c, fallbackName) {
+    return cleanName(c && c.target_name) || cleanName(fallbackName) || ('#' + (c ? c.target_id : ''));
+  }
+
+  async function callTarget(targetId, targetName) {
+    if (!settings.memberId || !settings.memberName) {
+      notice('Set your Torn id and name in the settings first.', 'error');
+      return;
+    }
+    const body = { target_id: targetId, caller_id: settings.memberId, caller_name: settings.memberName };
+    if (cleanName(targetName)) body.target_name = cleanName(targetName);
+    const r = await request('POST', '/calls', body);
+    if (r.status === 201 && r.json) {
+      state.local('target_call', r.json.call, r.json.event_id);
+      notice('');
+    } else if (r.status === 409) {
+      const holder = r.json && r.json.call;
+      notice(targetLabel(holder || { target_id: targetId }, targetName) + ' is already called by '
+        + (holder ? callerName(holder) : 'someone else'), 'error');
+    } else {
+      notice('Call failed: ' + describe(r), 'error');
+    }
+  }
+
+  async function uncallTarget(targetId) {
+    const r = await request('POST', '/calls/' + targetId + '/uncall',
+      { caller_id: settings.memberId, caller_name: settings.memberName || undefined });
+    if (r.status === 200 && r.json) {
+      state.local('target_uncall', r.json.call, r.json.event_id);
+      notice('');
+    } else if (r.status === 403 && r.json && r.json.call) {
+      notice('Only ' + callerName(r.json.call) + ' can uncall ' + targetLabel(r.json.call), 'error');
+    } else if (r.status === 404) {
+      notice('That target is not called any more.');
+    } else {
+      notice('Uncall failed: ' + describe(r), 'error');
+    }
+  }
+
+  /** A button that runs an async action once at a time. */
+  function actionButton(label, cls, action) {
+    const button = h('button', { type: 'button', class: 'tc-btn ' + cls, text: label });
+    button.addEventListener('click', (e) => {
+      e.preventDefault();
+      e.stopPropagation();
+      if (button.disabled) return;
+      button.disabled = true;
+      Promise.resolve(safe(action)).catch(() => {}).then(() => { button.disabled = false; });
+    });
+    return button;
+  }
+
+  // ---------------------------------------------------------------------------
+  // The page: panel, badges on Torn's rows, toasts
+  // ---------------------------------------------------------------------------
+
+  /** createElement with text children only: nothing here ever parses HTML. */
+  function h(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(props || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'class') node.className = v;
+      else if (k === 'text') node.textContent = String(v);
+      else node.setAttribute(k, v === true ? '' : String(v));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined && child !== false) node.append(child);
+    }
+    return node;
+  }
+
+  const ui = {};
+  const cellKeys = new WeakMap(); // row cell -> what it shows, to skip needless DOM writes
+
+  const CSS = `
+#torncat-panel, #torncat-panel *, #torncat-toasts, #torncat-toasts *, .tc-cell, .tc-cell * {
+  box-sizing: border-box; font-family: Arial, Helvetica, sans-serif; letter-spacing: normal;
+}
+#torncat-panel {
+  position: fixed; top: 80px; right: 8px; z-index: 2147483000;
+  width: min(300px, calc(100vw - 16px)); max-height: calc(100vh - 16px);
+  display: flex; flex-direction: column; background: #1f1f1f; color: #ddd;
+  border: 1px solid #444; border-radius: 6px; box-shadow: 0 2px 10px rgba(0,0,0,.5);
+  font-size: 12px; line-height: 1.35; text-align: left;
+}
+#torncat-panel .tc-head {
+  display: flex; align-items: center; gap: 6px; padding: 6px 8px; cursor: move;
+  touch-action: none; user-select: none; border-bottom: 1px solid #333; background: #2a2a2a;
+  border-radius: 6px 6px 0 0;
+}
+#torncat-panel.tc-collapsed .tc-head { border-bottom: 0; border-radius: 6px; }
+#torncat-panel .tc-title { font-weight: bold; color: #fff; }
+#torncat-panel .tc-dot { width: 9px; height: 9px; border-radius: 50%; background: #777; flex: none; }
+#torncat-panel[data-status="live"] .tc-dot { background: #5c5; }
+#torncat-panel[data-status="polling"] .tc-dot { background: #db3; }
+#torncat-panel[data-status="reconnecting"] .tc-dot { background: #d55; }
+#torncat-panel .tc-status { flex: 1; min-width: 0; color: #aaa; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#torncat-panel .tc-count { color: #fff; background: #444; border-radius: 8px; padding: 0 6px; }
+#torncat-panel .tc-icon {
+  background: none; border: 0; color: #bbb; cursor: pointer; font-size: 14px; padding: 2px 4px; margin: 0;
+  min-width: 24px; min-height: 24px; line-height: 1;
+}
+#torncat-panel .tc-body { overflow-y: auto; padding: 6px 8px; }
+#torncat-panel .tc-notice { margin: 0 0 6px; color: #f99; overflow-wrap: anywhere; }
+#torncat-panel .tc-notice.tc-info { color: #9cf; }
+#torncat-panel .tc-notice:empty { display: none; }
+#torncat-panel ul.tc-list { list-style: none; margin: 0; padding: 0; }
+#torncat-panel li.tc-call {
+  display: flex; align-items: center; gap: 6px; padding: 4px 0; border-bottom: 1px solid #2f2f2f;
+  margin: 0; background: none;
+}
+#torncat-panel li.tc-call .tc-target { color: #8bf; text-decoration: none; font-weight: bold; overflow-wrap: anywhere; }
+#torncat-panel li.tc-call .tc-by { flex: 1; min-width: 0; color: #ccc; overflow-wrap: anywhere; }
+#torncat-panel li.tc-call.tc-mine .tc-by { color: #8d8; }
+#torncat-panel li.tc-call .tc-age { color: #888; flex: none; }
+#torncat-panel li.tc-empty { color: #888; padding: 4px 0; margin: 0; }
+#torncat-panel .tc-form { display: flex; gap: 6px; margin-top: 8px; }
+#torncat-panel input {
+  flex: 1; min-width: 0; background: #111; color: #eee; border: 1px solid #555; border-radius: 4px;
+  padding: 4px 6px; font-size: 12px; margin: 0; height: auto;
+}
+#torncat-panel input[readonly] { color: #999; }
+#torncat-panel .tc-settings label { display: block; margin: 0 0 6px; color: #bbb; }
+#torncat-panel .tc-settings label input { display: block; width: 100%; margin-top: 2px; }
+#torncat-panel .tc-settings .tc-row { display: flex; gap: 6px; justify-content: flex-end; }
+#torncat-panel .tc-version { color: #666; margin-right: auto; align-self: center; }
+.tc-btn {
+  background: #3a5f3a; color: #fff; border: 1px solid #4c7a4c; border-radius: 4px; cursor: pointer;
+  padding: 3px 8px; font-size: 11px; line-height: 1.3; min-height: 24px; margin: 0; flex: none;
+}
+.tc-btn.tc-uncall, .tc-btn.tc-cancel { background: #5f3a3a; border-color: #7a4c4c; }
+.tc-btn:disabled { opacity: .5; cursor: default; }
+.tc-cell { display: inline-flex; align-items: center; gap: 4px; margin-left: 6px; vertical-align: middle; font-size: 11px; }
+.tc-cell .tc-badge { background: #7a3; color: #fff; border-radius: 3px; padding: 1px 5px; white-space: nowrap; max-width: 160px; overflow: hidden; text-overflow: ellipsis; }
+.tc-cell .tc-badge.tc-theirs { background: #a53; }
+#torncat-toasts {
+  position: fixed; right: 12px; bottom: 12px; z-index: 2147483001; display: flex; flex-direction: column;
+  gap: 6px; align-items: flex-end; max-width: calc(100vw - 24px); pointer-events: none;
+}
+#torncat-toasts .tc-toast {
+  background: #222; color: #fff; padding: 8px 12px; border-radius: 8px; font-size: 13px;
+  box-shadow: 0 2px 6px rgba(0,0,0,.4); overflow-wrap: anywhere; pointer-events: auto;
+}
+#torncat-toasts .tc-toast.tc-error { background: #7a2a2a; }
+`;
+
+  function onFactionPage() { return /\/factions\.php$/i.test(location.pathname); }
+
+  function injectStyle() {
+    if (document.getElementById('torncat-style')) return;
+    const style = h('style', { id: 'torncat-style' });
+    style.textContent = CSS;
+    (document.head || document.documentElement).append(style);
+  }
+
+  function buildPanel() {
+    ui.status = h('span', { class: 'tc-status', text: 'connecting…' });
+    ui.count = h('span', { class: 'tc-count', text: '0', title: 'active calls' });
+    ui.toggle = h('button', { type: 'button', class: 'tc-icon tc-toggle', title: 'Collapse', text: '▾' });
+    ui.gear = h('button', { type: 'button', class: 'tc-icon tc-gear', title: 'Settings', text: '⚙' });
+    ui.head = h('div', { class: 'tc-head' },
+      h('span', { class: 'tc-dot' }), h('span', { class: 'tc-title', text: 'TornCat' }), ui.status, ui.count,
+      ui.gear, ui.toggle);
+    ui.notice = h('p', { class: 'tc-notice', role: 'status' });
+    ui.list = h('ul', { class: 'tc-list' });
+    ui.callInput = h('input', {
+      class: 'tc-call-input', type: 'text', inputmode: 'numeric', placeholder: 'Target id or profile link',
+      'aria-label': 'Target to call',
+    });
+    ui.form = h('form', { class: 'tc-form' }, ui.callInput,
+      h('button', { type: 'submit', class: 'tc-btn tc-call-btn', text: 'Call' }));
+    ui.form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const m = /(?:XID=)?(\d{1,16})\s*$/.exec(ui.callInput.value.trim());
+      const id = m ? positiveInt(m[1]) : null;
+      if (!id) { notice('Give a target id or a profile link.', 'error'); return; }
+      ui.callInput.value = '';
+      safe(callTarget, id, '');
+    });
+    ui.settings = buildSettings();
+    ui.body = h('div', { class: 'tc-body' }, ui.notice, ui.settings, ui.list, ui.form);
+    ui.panel = h('div', { id: 'torncat-panel', 'data-status': 'connecting', 'data-role': role },
+      ui.head, ui.body);
+
+    ui.toggle.addEventListener('click', () => setCollapsed(!ui.panel.classList.contains('tc-collapsed')));
+    ui.gear.addEventListener('click', () => (ui.settings.hidden ? openSettings() : closeSettings()));
+    makeMovable(ui.panel, ui.head);
+    document.body.append(ui.panel);
+    setCollapsed(load('collapsed', false) === true);
+    const pos = load('position', null);
+    if (pos && typeof pos.x === 'number' && typeof pos.y === 'number') place(pos.x, pos.y);
+    window.addEventListener('resize', () => safe(() => {
+      if (ui.panel.style.left) place(parseFloat(ui.panel.style.left), parseFloat(ui.panel.style.top));
+    }));
+    if (!settings.configured) openSettings();
+  }
+
+  function buildSettings() {
+    const field = (label, input) => h('label', {}, label, input);
+    ui.fServer = h('input', { type: 'url', class: 'tc-f-server', placeholder: DEFAULT_SERVER, autocomplete: 'off' });
+    ui.fToken = h('input', { type: 'password', class: 'tc-f-token', autocomplete: 'off', placeholder: 'from your faction' });
+    ui.fId = h('input', { type: 'text', class: 'tc-f-id', inputmode: 'numeric' });
+    ui.fName = h('input', { type: 'text', class: 'tc-f-name', maxlength: NAME_MAX });
+    const saveButton = h('button', { type: 'submit', class: 'tc-btn tc-save', text: 'Save' });
+    const cancel = h('button', { type: 'button', class: 'tc-btn tc-cancel', text: 'Cancel' });
+    cancel.addEventListener('click', () => closeSettings());
+    const form = h('form', { class: 'tc-settings' },
+      field('Server URL', ui.fServer), field('Token', ui.fToken),
+      field('Your Torn id', ui.fId), field('Your name', ui.fName),
+      h('div', { class: 'tc-row' }, h('span', { class: 'tc-version', text: 'v' + VERSION }), cancel, saveButton));
+    form.hidden = true;
+    form.addEventListener('submit', (e) => { e.preventDefault(); safe(saveSettings); });
+    return form;
+  }
+
+  function openSettings() {
+    ui.fServer.value = settings.server;
+    ui.fToken.value = settings.token;
+    ui.fId.value = settings.memberId ? String(settings.memberId) : '';
+    ui.fName.value = settings.memberName;
+    ui.fId.readOnly = ui.fName.readOnly = settings.fromPage; // Torn's page says who you are
+    ui.fId.title = ui.fName.title = settings.fromPage ? 'read from the page' : '';
+    ui.settings.hidden = false;
+    setCollapsed(false);
+  }
+
+  function closeSettings() { ui.settings.hidden = true; }
+
+  function saveSettings() {
+    const server = normaliseServer(ui.fServer.value || DEFAULT_SERVER);
+    if (!server) { notice('The server URL must start with https:// (or http://).', 'error'); return; }
+    save('server', server);
+    save('token', ui.fToken.value.trim());
+    if (!settings.fromPage) {
+      save('memberId', positiveInt(ui.fId.value.trim()));
+      save('memberName', cleanName(ui.fName.value));
+    }
+    save('configured', true);
+    closeSettings();
+    notice('Saved.', 'info');
+    applySettings();
+    post({ t: 'settings' });
+  }
+
+  function setCollapsed(collapsed) {
+    ui.panel.classList.toggle('tc-collapsed', collapsed);
+    ui.body.hidden = collapsed;
+    ui.toggle.textContent = collapsed ? '▸' : '▾';
+    ui.toggle.title = collapsed ? 'Expand' : 'Collapse';
+    save('collapsed', collapsed);
+  }
+
+  function place(x, y) {
+    const p = ui.panel;
+    const maxX = Math.max(0, window.innerWidth - p.offsetWidth);
+    const maxY = Math.max(0, window.innerHeight - ui.head.offsetHeight);
+    p.style.left = Math.round(Math.min(Math.max(0, x), maxX)) + 'px';
+    p.style.top = Math.round(Math.min(Math.max(0, y), maxY)) + 'px';
+    p.style.right = 'auto';
+  }
+
+  function makeMovable(panel, handle) {
+    let drag = null;
+    handle.addEventListener('pointerdown', (e) => {
+      if (e.button !== 0 || e.target.closest('button')) return;
+      const rect = panel.getBoundingClientRect();
+      drag = { dx: e.clientX - rect.left, dy: e.clientY - rect.top };
+      safe(() => handle.setPointerCapture(e.pointerId));
+    });
+    handle.addEventListener('pointermove', (e) => { if (drag) place(e.clientX - drag.dx, e.clientY - drag.dy); });
+    const drop = () => {
+      if (!drag) return;
+      drag = null;
+      save('position', { x: parseFloat(panel.style.left) || 0, y: parseFloat(panel.style.top) || 0 });
+    };
+    handle.addEventListener('pointerup', drop);
+    handle.addEventListener('pointercancel', drop);
+  }
+
+  function notice(text, kind) {
+    if (text && kind === 'error') toast(text, 'error');
+    if (!ui.notice) return;
+    ui.notice.textContent = text || '';
+    ui.notice.className = 'tc-notice' + (kind === 'info' ? ' tc-info' : '');
+  }
+
+  function toast(text, kind) {
+    let box = document.getElementById('torncat-toasts');
+    if (!box) {
+      box = h('div', { id: 'torncat-toasts', 'aria-live': 'polite' });
+      document.body.append(box);
+    }
+    const item = h('div', { class: 'tc-toast' + (kind === 'error' ? ' tc-error' : ''), text });
+    box.append(item);
+    while (box.children.length > MAX_TOASTS) box.firstElementChild.remove();
+    setTimeout(() => item.remove(), TOAST_MS);
+  }
+
+  function showStatus(s) {
+    if (!ui.panel || !s) return;
+    ui.panel.dataset.status = s.status || 'connecting';
+    ui.panel.dataset.transport = s.transport || '';
+    ui.panel.dataset.role = role;
+    const via = role === 'leader' ? '' : ' (via another tab)';
+    ui.status.textContent = (s.status || 'connecting') + via;
+    ui.status.title = (s.detail || '') + via;
+  }
+
+  function age(createdAt) {
+    const t = Date.parse(createdAt);
+    if (!Number.isFinite(t)) return '';
+    const s = Math.max(0, Math.floor((Date.now() - t) / 1000));
+    if (s < 60) return s + 's';
+    if (s < 3600) return Math.floor(s / 60) + 'm';
+    return Math.floor(s / 3600) + 'h' + String(Math.floor((s % 3600) / 60)).padStart(2, '0');
+  }
+
+  function renderCalls() {
+    if (!ui.list) return;
+    const calls = Array.from(state.calls.values())
+      .sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)));
+    ui.count.textContent = String(calls.length);
+    if (!calls.length) {
+      ui.list.replaceChildren(h('li', {
+        class: 'tc-empty', text: state.lastEventId === null ? 'Waiting for the server…' : 'No active calls',
+      }));
+      return;
+    }
+    ui.list.replaceChildren(...calls.map((c) => {
+      const mine = c.caller_id === settings.memberId;
+      return h('li', { class: 'tc-call' + (mine ? ' tc-mine' : ''), 'data-target-id': c.target_id },
+        h('a', { class: 'tc-target', href: '/profiles.php?XID=' + c.target_id, text: targetLabel(c) }),
+        h('span', { class: 'tc-by', text: mine ? 'by you' : 'by ' + callerName(c) }),
+        h('span', { class: 'tc-age', 'data-created': String(c.created_at || ''), text: age(c.created_at) }),
+        mine ? actionButton('Uncall', 'tc-uncall', () => uncallTarget(c.target_id)) : null);
+    }));
+  }
+
+  function refreshAges() {
+    if (!ui.list || ui.body.hidden) return;
+    for (const span of ui.list.querySelectorAll('.tc-age')) span.textContent = age(span.dataset.created);
+  }
+
+  /** The Call button or "called by X" badge on each enemy row Torn has rendered. */
+  function decorateRows() {
+    for (const row of document.querySelectorAll(ENEMY_ROWS)) {
+      const link = row.querySelector('a[href*="profiles.php?XID="]');
+      const m = link && /XID=(\d+)/.exec(link.getAttribute('href') || '');
+      const id = m ? positiveInt(m[1]) : null;
+      if (!id) continue;
+      let cell = row.querySelector('.tc-cell');
+      if (!cell || cell.dataset.targetId !== String(id)) {
+        if (cell) cell.remove();
+        cell = h('span', { class: 'tc-cell', 'data-target-id': id });
+        // Appended at the end of the name cell: Torn's own nodes keep their order.
+        (row.querySelector('.member') || row).append(cell);
+      }
+      const name = (link.textContent || '').replace(/\s*\[\d+\]\s*$/, '').trim();
+      renderCell(cell, id, name);
+    }
+  }
+
+  function renderCell(cell, id, name) {
+    const c = state.calls.get(id);
+    const mine = !!c && c.caller_id === settings.memberId;
+    const key = c ? c.id + (mine ? ':mine' : ':' + callerName(c)) : 'free';
+    if (cellKeys.get(cell) === key) return;
+    cellKeys.set(cell, key);
+    if (!c) {
+      cell.replaceChildren(actionButton('Call', 'tc-call-btn', () => callTarget(id, name)));
+    } else if (mine) {
+      cell.replaceChildren(h('span', { class: 'tc-badge tc-mine', text: 'called by you' }),
+        actionButton('Uncall', 'tc-uncall', () => uncallTarget(id)));
+    } else {
+      const by = 'called by ' + callerName(c);
+      cell.replaceChildren(h('span', { class: 'tc-badge tc-theirs', text: by, title: by }));
+    }
+  }
+
+  function renderAll() {
+    safe(renderCalls);
+    safe(decorateRows);
+    showStatus(linkStatus);
+  }
+
+  function watchRows() {
+    let queued = false;
+    const ours = (node) => !!node && node.nodeType === 1 && !!node.closest('.tc-cell, #torncat-panel, #torncat-toasts');
+    // Our own writes (a badge, the panel, a toast) must not wake us up again.
+    const byUs = (m) => ours(m.target) || (Array.from(m.addedNodes).every(ours)
+      && Array.from(m.removedNodes).every((n) => n.nodeType !== 1 || n.classList.contains('tc-cell')));
+    new MutationObserver((mutations) => {
+      if (queued || mutations.every(byUs)) return;
+      queued = true;
+      setTimeout(() => { queued = false; safe(decorateRows); }, 50);
+    }).observe(document.body, { childList: true, subtree: true });
+  }
+
+  function onStateChange(change) {
+    safe(renderCalls);
+    safe(decorateRows);
+    if (change.kind === 'target_call' && change.call.caller_id !== settings.memberId) {
+      safe(toast, callerName(change.call) + ' called ' + targetLabel(change.call));
+    }
+  }
+
+  // ---------------------------------------------------------------------------
+  // Start
+  // ---------------------------------------------------------------------------
+
+  function main() {
+    if (window.__torncatLoaded) return; // installed twice (a manager and TornPDA both inject it)
+    window.__torncatLoaded = VERSION;
+    settings = readSettings();
+    state = new CallState((change) => safe(onStateChange, change));
+    injectStyle();
+    if (onFactionPage()) {
+      buildPanel();
+      renderAll();
+      watchRows();
+      setInterval(() => safe(refreshAges), AGE_REFRESH_MS);
+    }
+    elect();
+    window.addEventListener('pagehide', () => safe(() => {
+      if (role === 'leader' && link) { link.stop(); link = null; post({ t: 'bye' }); }
+    }));
+    window.addEventListener('pageshow', (e) => safe(() => {
+      if (e.persisted && role === 'leader' && !link) startLink(); // back from the back-forward cache
+    }));
+  }
+
+  if (document.readyState === 'loading') {
+    document.addEventListener('DOMContentLoaded', () => safe(main), { once: true });
+  } else {
+    safe(main);
+  }
+})();
