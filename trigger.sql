@@ -192,6 +192,15 @@ CREATE TRIGGER trg_notify_target_call
 -- The calls API. Each returns (status, event_id, call): `call` is the call as
 -- clients see it, `event_id` the event this write produced (NULL if none).
 
+-- The active call of a faction's target, if any (calls without a faction count as one
+-- faction, as in the unique index above).
+CREATE OR REPLACE FUNCTION torncat_active_call(p_faction bigint, p_target bigint)
+RETURNS SETOF target_calls LANGUAGE sql STABLE AS $$
+    SELECT * FROM target_calls t
+    WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
+      AND t.target_id = p_target AND t.uncalled_at IS NULL
+$$;
+
 -- Call a target: status 'called', or 'taken' with the call that holds it.
 CREATE OR REPLACE FUNCTION torncat_call(p_faction bigint, p_war bigint, p_target bigint,
                                         p_target_name text, p_caller bigint, p_caller_name text)
@@ -212,9 +221,7 @@ BEGIN
                 target_call_json(c);
             RETURN;
         EXCEPTION WHEN unique_violation THEN
-            SELECT * INTO c FROM target_calls t
-            WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
-              AND t.target_id = p_target AND t.uncalled_at IS NULL;
+            SELECT * INTO c FROM torncat_active_call(p_faction, p_target);
             IF FOUND THEN
                 RETURN QUERY SELECT 'taken'::text, NULL::bigint, target_call_json(c);
                 RETURN;
@@ -249,9 +256,7 @@ BEGIN
             target_call_json(c);
         RETURN;
     END IF;
-    SELECT * INTO c FROM target_calls t
-    WHERE coalesce(t.faction_id, 0) = coalesce(p_faction, 0)
-      AND t.target_id = p_target AND t.uncalled_at IS NULL;
+    SELECT * INTO c FROM torncat_active_call(p_faction, p_target);
     IF FOUND THEN
         RETURN QUERY SELECT 'not_yours'::text, NULL::bigint, target_call_json(c);
     ELSE
