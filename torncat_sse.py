@@ -39,21 +39,33 @@ every subscriber; the broadcast never awaits a client. A client whose unsent
 bytes exceed CLIENT_BUFFER_BYTES is dropped: it reconnects with Last-Event-ID
 and resumes where it was, while everyone else keeps receiving.
 
+Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
+managed by `python torncat_sse.py token create|list|revoke`); its streams,
+snapshots, replays and polls carry that faction's calls only. The seed's
+SECRET_TOKEN, or no token at all, sees every faction. The calls API
+(`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N` for clients that
+cannot stream) writes through SQL functions of trigger.sql that decide in one
+statement, so two racing callers cannot both win; reads come from memory.
+
 Connections are asyncio Protocols, not `asyncio.start_server` coroutines: a
 stream then costs a transport and one small object, with no task, coroutine
 frame, StreamReader or StreamWriter kept alive for hours (measured on 10,000
-idle connections: about 1.3 KB each against 5.4 KB with start_server).
+idle connections: about 1.3 KB each against 5.4 KB with start_server; the
+whole server holds ~1.6 KB per idle stream in bench_sse.py).
 
-Known limits: one process holds its clients in memory, so more clients than
-one core can serve need WORKERS or more instances (each LISTENs on its own;
-the README's "Scaling"). TRUNCATE on target_calls is not seen until restart.
+Known limits: one process is bounded by the broadcast, one write() per client
+per flush (~150,000 deliveries a second per core here); WORKERS=N or more
+instances scale out, each LISTENing on its own (README, "Scaling"). TRUNCATE on
+target_calls is not seen until restart. /metrics is open, like /healthz.
 
 Poke at it by hand:
 
     python torncat_sse.py                          # embedded Postgres, port 3000
     curl -N localhost:3000/events                  # watch the stream
     psql "<dsn from the log>" -c "INSERT INTO target_calls (caller_id, target_id) VALUES (1, 2)"
-    curl localhost:3000/healthz
+    curl -X POST localhost:3000/calls -H 'Content-Type: application/json' \\
+         -d '{"target_id": 3, "caller_id": 1, "caller_name": "Ann"}'
+    curl localhost:3000/healthz; curl localhost:3000/metrics
 """
 
 from __future__ import annotations
@@ -952,7 +964,7 @@ class Hub:
         self.subscribers.setdefault(conn.scope, set()).add(conn)
         if frames:
             conn.transport.write(chunk(frames))
-        conn.cap = self.client_buffer + conn.transport.get_write_buffer_size()
+        conn.set_cap()
 
     def unsubscribe(self, conn) -> None:
         self.stats.disconnects += 1
@@ -1180,10 +1192,14 @@ class Connection(asyncio.Protocol):
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
-        hub = self.app.hub
-        frames = hub.subscribe(self, cursor)
+        frames = self.app.hub.subscribe(self, cursor)
         self.transport.write(head + chunk(retry_field(self.app.config.retry_ms) + frames))
-        self.cap = hub.client_buffer + self.transport.get_write_buffer_size()
+        self.set_cap()
+
+    def set_cap(self) -> None:
+        """Allow CLIENT_BUFFER_BYTES unsent beyond what is queued now: a big snapshot
+        on a fresh connection is not a sign of a slow client."""
+        self.cap = self.app.hub.client_buffer + self.transport.get_write_buffer_size()
 
     def stream_closed(self) -> None:
         """Unregister once, whether the client left, was evicted, or we are stopping."""
