@@ -1232,7 +1232,6 @@ class App:
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
         self.tasks: set[asyncio.Task] = set()  # requests waiting on the database
         self.connections: set[Connection] = set()
-        self.max_clients = config.max_clients
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
@@ -1314,7 +1313,7 @@ class App:
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
         grant = self.auth.grant(req)
-        if self.stopping or self.hub.client_count >= self.max_clients:
+        if self.stopping or self.hub.client_count >= self.config.max_clients:
             raise HttpError(503, "too many clients, retry later",
                             (("Retry-After", self.retry_after),))
         cursor_text = req.headers.get("last-event-id", req.query.get("last_event_id"))
@@ -1846,7 +1845,7 @@ async def serve(config: Config, dsn: str) -> None:
     server = await loop.create_server(lambda: Connection(app), config.host, config.port,
                                       backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1)
     host, port = server.sockets[0].getsockname()[:2]
-    log.info("listening on http://%s:%d (max %d clients)", host, port, app.max_clients)
+    log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
         app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
         app.prune_loop())]
