@@ -298,9 +298,23 @@ class FakeTransport:
         return 0
 
 
-class Sub:
-    def __init__(self, scope):
-        self.scope, self.transport, self.cap, self.cursor = scope, FakeTransport(), 0, None
+class FakeWriter:
+    """A StreamWriter's surface that the hub uses: write() and its transport."""
+
+    def __init__(self):
+        self.transport = FakeTransport()
+
+    def write(self, data):
+        self.transport.write(data)
+
+    def get_extra_info(self, name):
+        return None
+
+
+def Sub(scope):
+    client = t.Client(FakeWriter())
+    client.grant = t.Grant(scope, "test")
+    return client
 
 
 def _event(eid, kind, faction, call_id):
@@ -325,16 +339,28 @@ def test_hub_snapshot_replay_and_floor():
         assert hub.floor == 4 and hub.can_replay(4) and not hub.can_replay(3)
         assert not hub.can_replay(8) and not hub.can_replay(None)
         faction10, everyone = Sub(10), Sub(None)
-        assert hub.subscribe(faction10, 5) == _event(6, "target_uncall", 10, 1).frame + \
-            _event(7, "target_call", 10, 3).frame
-        assert hub.subscribe(everyone, 2).startswith(b"id: 7\nevent: snapshot\n")
+        faction10.cursor, everyone.cursor = 5, 2
+        hub.subscribe(faction10, b"HEAD")
+        assert faction10.writer.transport.written == b"HEAD" + t.chunk(
+            _event(6, "target_uncall", 10, 1).frame + _event(7, "target_call", 10, 3).frame)
+        hub.subscribe(everyone, b"")
+        assert b"id: 7\nevent: snapshot\n" in everyone.writer.transport.written
+        faction10.writer.transport.written = everyone.writer.transport.written = b""
         hub.apply(_event(8, "target_call", 20, 4))
         hub.apply(_event(9, "target_call", 10, 5))
         hub.flush()
         # One write per subscriber with every queued event of its scope, in order.
-        assert everyone.transport.written == t.chunk(
+        assert everyone.writer.transport.written == t.chunk(
             _event(8, "target_call", 20, 4).frame + _event(9, "target_call", 10, 5).frame)
-        assert faction10.transport.written == t.chunk(_event(9, "target_call", 10, 5).frame)
+        assert faction10.writer.transport.written == t.chunk(_event(9, "target_call", 10, 5).frame)
+        # A stream that resumes with nothing missed gets no empty chunk: that would end it.
+        quiet = Sub(10)
+        quiet.cursor = 9
+        hub.subscribe(quiet, b"HEAD")
+        assert quiet.writer.transport.written == b"HEAD"
+        hub.unsubscribe(quiet)
+        hub.unsubscribe(quiet)  # twice is harmless and counted once
+        assert hub.stats.disconnects == 1 and hub.stream_count == 2
     finally:
         loop.close()
 
@@ -427,6 +453,15 @@ def live_server(start_server, db):
         server.wait_for_log("postgres listener live")
         return server
     return start
+
+
+async def applied(server, conn) -> None:
+    """Wait until the server has applied every event in the log (NOTIFY is asynchronous)."""
+    last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events")
+    deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT
+    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < last:
+        assert asyncio.get_running_loop().time() < deadline, f"event {last} never applied"
+        await asyncio.sleep(0.02)
 
 
 async def call(conn, caller_id: int, target_id: int, **columns) -> int:
@@ -563,6 +598,7 @@ async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_serve
     server = live_server(REPLAY_EVENTS="3")
     for i in range(6):
         await call(conn, i, 100 + i)
+    await applied(server, conn)
     for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
         client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
         try:
@@ -680,7 +716,8 @@ async def test_routes_methods_and_health(live_server):
     server = live_server()
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 200
-    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "last_event_id": 0}
+    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
+                        "last_event_id": 0}
     assert (await http(server.port, "HEAD", "/healthz")).body == b""
     assert (await http(server.port, "GET", "/nope")).status == 404
     r = await http(server.port, "POST", "/events", body=b"{}")
@@ -1435,7 +1472,8 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
     for i in range(20):
         await call(conn, i, i)
     seeded = await SseClient(server.port).connect()
-    assert (await seeded.next()).id == "20"
+    while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY still on its way
+        pass
     await seeded.close()
 
     async def server_backends():  # state_change moves whenever a backend runs a statement
