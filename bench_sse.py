@@ -1516,7 +1516,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "storm, CPU per delivery, missed/duplicated events.",
         epilog="modes: default = connect, idle RSS, burst (latency, RSS growth, CPU), storm; "
                "--soak SECONDS; --deploy. Without --url/--dsn it starts PostgreSQL and the "
-               "server itself. See the README's Benchmark section for what each number means.",
+               "server itself. See docs/benchmark.md for what each number means.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clients", type=int, default=3000, help="SSE clients held open")
     p.add_argument("--events", type=int, default=500,

@@ -1693,13 +1693,35 @@ async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything
 # ---------------------------------------------------------------------------
 
 README = (HERE / "README.md").read_text()
+OPERATIONS = (HERE / "docs/operations.md").read_text()  # holds the settings table
 
 
-def test_readme_documents_every_setting_with_its_default():
+def test_operations_doc_documents_every_setting_with_its_default():
     for s in t.SETTINGS:
         flag = "--" + s.name.lower().replace("_", "-")
         default = f"`{s.default}`" if s.default else "unset"
-        assert f"| `{s.name}` | `{flag}` | {default} |" in README, s.name
+        assert f"| `{s.name}` | `{flag}` | {default} |" in OPERATIONS, s.name
+
+
+def heading_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_lead_somewhere():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL: not checked, the tests have no network
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name}: {target} leads nowhere"
+            if fragment:
+                anchors = {heading_anchor(h) for h in
+                           re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)}
+                assert fragment in anchors, f"{page.name}: {target}: no such heading"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
