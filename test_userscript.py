@@ -40,7 +40,17 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
-from conftest import HERE, STEP_TIMEOUT, free_port, http, pg_execute, read_chunk, read_response_head
+from testkit import (
+    HERE,
+    STEP_TIMEOUT,
+    free_port,
+    healthz,
+    http,
+    pg_execute,
+    read_chunk,
+    read_response_head,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -596,20 +606,6 @@ async def active_calls(port: int) -> dict[int, str]:
     return {c["target_id"]: c["caller_name"] for c in r.json()["calls"]}
 
 
-async def healthz(port: int) -> dict:
-    return (await http(port, "GET", "/healthz")).json()
-
-
-async def until(predicate, timeout: float = STEP_TIMEOUT, what: str = "condition"):
-    """Wait for an async predicate to hold, checking every 50 ms."""
-    deadline = time.monotonic() + timeout
-    while not (result := await predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.05)
-    return result
-
-
 def streams_opened(server) -> list[str]:
     return [line for line in server.lines if "stream opened" in line]
 
@@ -743,9 +739,9 @@ async def test_three_tabs_of_one_browser_share_one_stream(h, election):
     tabs = [await h.page(context, ALICE) for _ in range(3)]
     for tab in tabs:
         await expect(panel(tab)).to_have_attribute("data-status", "live")
-    await until(lambda: _roles_are(tabs, ["follower", "follower", "leader"]), what="one leader")
+    await wait_until(lambda: _roles_are(tabs, ["follower", "follower", "leader"]), what="one leader")
     roles = [await panel(tab).get_attribute("data-role") for tab in tabs]
-    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
     if election == "web-locks":  # a lock is exclusive: there never was a second stream
         assert len(streams_opened(server)) == 1
     opened_before = len(streams_opened(server))
@@ -786,8 +782,8 @@ async def test_three_tabs_of_one_browser_share_one_stream(h, election):
     rest = [tab for tab in tabs if tab is not leader]
     await server.await_log(r"stream closed", start=mark)
     await server.await_log(r"stream opened", start=mark)
-    await until(lambda: _roles_are(rest, ["follower", "leader"]), what="a new leader")
-    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    await wait_until(lambda: _roles_are(rest, ["follower", "leader"]), what="a new leader")
+    await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
     handed_over = streams_opened(server)[opened_before:]
     assert handed_over and all(f"last_event_id={last_seen}" in line for line in handed_over), handed_over
     if election == "web-locks":

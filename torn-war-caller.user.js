@@ -20,7 +20,7 @@
 
 /*
  * TornCat War Caller: the faction's calls, pushed by the TornCat SSE server
- * (torncat_sse.py, README "The userscript").
+ * (torncat_sse.py, docs/userscript.md).
  *
  * Transport, best first, chosen by itself and shown in the panel:
  *   1. `GET /events` through GM_xmlhttpRequest, parsed as Server-Sent Events while
