@@ -69,6 +69,9 @@ def test_parse_request_head_keep_alive_rules():
 def test_parse_request_head_absolute_form():
     req = t.parse_request_head(head("GET http://example.com/healthz?x=1 HTTP/1.1", "Host: a"))
     assert (req.path, req.query) == ("/healthz", {"x": "1"})
+    for scheme in ("HTTP", "Https", "hTtP"):  # a scheme is case-insensitive, RFC 3986 3.1
+        req = t.parse_request_head(head(f"GET {scheme}://example.com/events?x=1 HTTP/1.1", "Host: a"))
+        assert (req.path, req.query) == ("/events", {"x": "1"})
 
 
 @pytest.mark.parametrize(("raw", "status"), [
@@ -87,6 +90,9 @@ def test_parse_request_head_absolute_form():
     (head("GET / HTTP/1.1", "Host: x", "X: a\x00b"), 400),
     (b"GET / HTTP/1.1\r\nHost: x\nX: y", 400),                     # bare LF
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: -1"), 400),
+    ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2".encode("latin-1"), 400),  # "²"
+    (head("POST / HTTP/1.1", "Host: x", "Content-Length: +1"), 400),
+    (head("GET ftp://example.com/events HTTP/1.1", "Host: x"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: 1", "Content-Length: 2"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"), 411),
     (head("GET /?a=%ff HTTP/1.1", "Host: x"), 400),                # not UTF-8 once decoded
@@ -102,6 +108,12 @@ def test_parse_request_head_rejects(raw, status):
 def test_redact_hides_tokens_in_urls_and_passwords_in_dsns():
     assert t.redact("/events?token=s3cret&last_event_id=4") == "/events?token=REDACTED&last_event_id=4"
     assert t.redact("/x?a=1&TOKEN=s3cret") == "/x?a=1&TOKEN=REDACTED"
+    # Names as the query parser reads them: percent-encoded or not, any case, plus as space.
+    assert t.redact("/calls?%74oken=s3cret") == "/calls?%74oken=REDACTED"
+    assert t.redact("/calls?x=1&%54%4F%4B%45%4E=s3cret&y=2") == "/calls?x=1&%54%4F%4B%45%4E=REDACTED&y=2"
+    assert t.redact("/calls?api+key=s3cret&api%5Fkey=s3cret") == "/calls?api+key=s3cret&api%5Fkey=REDACTED"
+    assert t.redact("/calls/5?since=4") == "/calls/5?since=4"
+    assert t.redact("/calls") == "/calls"
     assert t.redact_dsn("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:REDACTED@db:5432/x"
     assert t.redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"
 
@@ -202,6 +214,15 @@ def test_write_budget_is_a_token_bucket():
     (b'{"target_id": true, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
     (b'{"target_id": 9223372036854775808, "caller_id": 2, "caller_name": "a"}',
      "target_id must be a positive integer"),
+    # Above Number.MAX_SAFE_INTEGER the userscript cannot hold the id exactly.
+    (b'{"target_id": 9007199254740992, "caller_id": 2, "caller_name": "a"}',
+     "target_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 9223372036854775807, "caller_name": "a"}',
+     "caller_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "a", "war_id": 9007199254740992}',
+     "war_id must be a positive integer"),
+    (b"[" * 2000, "the body nests too deeply"),               # RecursionError, not a 500
+    (b'{"target_id": ' * 2000, "the body nests too deeply"),
     (b'{"target_id": 1, "caller_id": 2}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": "   "}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": 5}', "caller_name must be a string"),
@@ -225,6 +246,10 @@ def test_call_bodies_are_trimmed_and_need_json():
                        "war_id": None}).encode()
     assert t.parse_body(req, body, t.CALL_FIELDS) == {
         "target_id": 7, "caller_id": 8, "caller_name": "Ann", "target_name": None, "war_id": None}
+    largest = 2**53 - 1  # Number.MAX_SAFE_INTEGER: still exact in JavaScript
+    body = json.dumps({"target_id": largest, "caller_id": largest, "caller_name": "Ann",
+                       "war_id": largest}).encode()
+    assert t.parse_body(req, body, t.CALL_FIELDS)["target_id"] == largest
     form = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x",
                                      "Content-Type: application/x-www-form-urlencoded"))
     with pytest.raises(t.HttpError) as e:
@@ -1723,3 +1748,38 @@ def test_ci_runs_exactly_the_readme_test_command():
     script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
               if line and not line.startswith("#")]
     assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: auth that fails closed, row-level security, small ones
+# ---------------------------------------------------------------------------
+
+async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    port = server.port
+    # A Unicode digit in Content-Length (str.isdigit() is true for it): 400, not a dropped link.
+    # (Header bytes are read as Latin-1, RFC 9110 section 5.5, where 0xB2 is "²".)
+    r = await http_raw(port, b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+    assert (r.status, r.json()) == (400, {"error": "malformed Content-Length"})
+    # 2,000 nested brackets: 400, not a RecursionError and a 500.
+    r = await http(port, "POST", "/calls", bearer(RED), body=b"[" * 2000)
+    assert (r.status, r.json()) == (400, {"error": "the body nests too deeply"})
+    # Ids JavaScript cannot hold exactly (above Number.MAX_SAFE_INTEGER) are refused.
+    for field, value in (("target_id", 2**53), ("caller_id", 2**63 - 1), ("war_id", 2**53)):
+        body = {"target_id": 5, "caller_id": 1, "caller_name": "Ann", field: value}
+        r = await http(port, "POST", "/calls", bearer(RED), body)
+        assert (r.status, r.json()) == (400, {"error": f"{field} must be a positive integer"})
+    r = await http(port, "DELETE", f"/calls/{2**53}", bearer(RED), body={"caller_id": 1})
+    assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
+    assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
+    # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
+    client = await SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}").connect()
+    assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
+    await client.close()
+    # A percent-encoded parameter name is still a token, and still redacted from the log.
+    mark = server.mark()
+    r = await http(port, "GET", f"/calls?%74oken={RED}")
+    assert r.status == 200
+    await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
+    server.stop()
+    assert RED not in server.log and "Traceback" not in server.log

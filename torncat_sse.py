@@ -331,7 +331,8 @@ FIELD_VALUE_RE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
 # Request targets: visible ASCII only (RFC 3986 characters, percent-encoded otherwise).
 TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 VERSION_RE = re.compile(rb"^HTTP/(\d)\.(\d)$")
-SECRET_PARAM_RE = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key)=)[^&#]*")
+# Query parameters whose values never reach a log line, compared case-insensitively.
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "key"})
 
 
 class HttpError(Exception):
@@ -404,7 +405,9 @@ def parse_request_head(head: bytes) -> Request:
     if "transfer-encoding" in headers:
         raise HttpError(411, "chunked request bodies are not supported: send Content-Length")
     length = headers.get("content-length", "0")
-    if not length.isdigit() or len(length) > 12:
+    # ASCII digits only (RFC 9110 section 8.6: 1*DIGIT): str.isdigit() is also true
+    # for "²" (refused by int()) and for Arabic-Indic digits (read by int() as numbers).
+    if not (length.isascii() and length.isdigit()) or len(length) > 12:
         raise HttpError(400, "malformed Content-Length")
     connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in connection if http11 else "keep-alive" in connection
@@ -415,7 +418,8 @@ def parse_request_head(head: bytes) -> Request:
 
 
 def _split_target(target: str) -> tuple[str, dict[str, str]]:
-    if target.startswith(("http://", "https://")):  # absolute-form, RFC 9112 section 3.2.2
+    # absolute-form, RFC 9112 section 3.2.2; a scheme is case-insensitive (RFC 3986 section 3.1)
+    if target[:8].lower().startswith(("http://", "https://")):
         parts = urllib.parse.urlsplit(target)
         path, query = parts.path or "/", parts.query
     elif target.startswith("/") or target == "*":
@@ -435,8 +439,20 @@ def _split_target(target: str) -> tuple[str, dict[str, str]]:
 
 
 def redact(target: str) -> str:
-    """A request target fit for a log line: secret query parameters replaced."""
-    return SECRET_PARAM_RE.sub(r"\1REDACTED", target)
+    """A request target fit for a log line: the values of secret query parameters replaced.
+
+    A name is compared as `_split_target` will read it (percent-decoded, `+` as a
+    space), so `?%74oken=...`, which the server takes as `token`, is hidden too.
+    """
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, equals, _ = field.partition("=")
+        if equals and urllib.parse.unquote_plus(name).lower() in SECRET_PARAMS:
+            fields[i] = name + "=REDACTED"
+    return f"{path}?{'&'.join(fields)}"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -632,7 +648,10 @@ class Auth:
 
 
 MAX_NAME_CHARS = 64
-MAX_ID = 2**63 - 1
+# Torn ids (players, factions, wars) are small integers, and the userscript reads them
+# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
+# a larger id would be rounded in the browser and match the wrong target.
+MAX_ID = 2**53 - 1
 
 
 def _id_field(value: object, name: str) -> int:
@@ -680,6 +699,8 @@ def parse_body(req: Request, body: bytes, fields: dict) -> dict:
             obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+            raise HttpError(400, "the body nests too deeply") from None
         if not isinstance(obj, dict):
             raise HttpError(400, "the body must be a JSON object")
     else:
