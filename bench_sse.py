@@ -574,7 +574,8 @@ class Server:
         self.name = name
         full = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PG"))}
         full.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO",
-                     "PYTHONUNBUFFERED": "1", "DATABASE_URL": dsn})
+                     "PYTHONUNBUFFERED": "1", "DATABASE_URL": dsn,
+                     "OPEN_ACCESS": "1"})  # its clients stream without tokens
         full.update(env)
         self.log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, str(HERE / "torncat_sse.py")], env=full,

@@ -182,8 +182,8 @@ def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
-def test_auth_is_open_only_when_no_token_exists_anywhere():
-    auth = t.Auth("", ())
+def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
+    auth = t.Auth("", (), open_access=True)
     assert _status(auth, _req("/events")) == 503  # the table might hold tokens
     auth.set_db_tokens([])
     assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
@@ -192,6 +192,18 @@ def test_auth_is_open_only_when_no_token_exists_anywhere():
     # Revoking the last token must not open the server to everyone.
     auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
     assert _status(auth, _req("/events")) == 401
+
+
+def test_auth_without_open_access_is_closed_whatever_the_table_holds():
+    auth = t.Auth("", ())  # DATABASE_URL without OPEN_ACCESS=1: the default is closed
+    assert not auth.open_access and auth.required
+    assert _status(auth, _req("/events")) == 401  # no token can be right: no need to wait
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503  # this one might be
+    for rows in ([], [(t.token_digest("s3cret-db-token-xyz"), 7, "", False)], []):
+        auth.set_db_tokens(rows)  # empty at start-up, a token, then DELETE/TRUNCATE
+        assert _status(auth, _req("/events")) == 401
+        assert _status(auth, _req("/calls")) == 401
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
 def test_write_budget_is_a_token_bucket():
@@ -944,8 +956,10 @@ async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server)
 
 
 def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
-    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"))
+    # OPEN_ACCESS unset: the development database is open by default (no token below).
+    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"), OPEN_ACCESS="")
     server.wait_for_log("postgres listener live", timeout=60)
+    assert "access: open while the torncat_tokens table holds no token" in server.log
     dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
 
     async def check():
@@ -1753,6 +1767,51 @@ def test_ci_runs_exactly_the_readme_test_command():
 # ---------------------------------------------------------------------------
 # Issue 12: auth that fails closed, row-level security, small ones
 # ---------------------------------------------------------------------------
+
+async def test_a_real_database_without_open_access_stays_closed_whatever_the_token_table_does(
+        start_server, db, conn):
+    server = start_server(DATABASE_URL=db, OPEN_ACCESS="")  # unset, as on a real deployment
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO access: closed: streams, polls and writes without a token get 401 "
+                     r"\(OPEN_ACCESS unset: off with DATABASE_URL\); no SECRET_TOKEN or "
+                     r"FACTION_TOKENS is set", server.log)
+    await call(conn, 1, 2, faction_id=100)  # faction 100 has an active call to protect
+    token = "tc_faction-100-token-abcdef"
+
+    async def assert_closed(port: int) -> None:
+        for method, path, body in (("GET", "/events", None), ("GET", "/calls", None),
+                                   ("GET", "/calls?since=0", None),
+                                   ("POST", "/calls", {"target_id": 3, "caller_id": 1, "caller_name": "A"}),
+                                   ("DELETE", "/calls/2", {"caller_id": 1})):
+            r = await http(port, method, path, body=body)
+            assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
+
+    async def token_table(sql: str) -> SseClient:
+        """Change the table while a stream holds the token; its end proves the reload."""
+        client = await SseClient(server.port, headers=bearer(token)).connect()
+        assert (await client.next()).event == "snapshot"
+        await conn.execute(sql)
+        await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
+        await client.close()
+
+    await assert_closed(server.port)  # an empty table at start-up
+    insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+              f"VALUES (100, 'main', '\\x{t.token_digest(token).hex()}')")
+    for change in ("DELETE FROM torncat_tokens", "TRUNCATE torncat_tokens"):
+        mark = server.mark()
+        await conn.execute(insert)
+        await server.await_log("tokens: 1 active in the database", start=mark)
+        r = await http(server.port, "GET", "/calls", bearer(token))
+        assert r.status == 200 and [c["target_id"] for c in r.json()["calls"]] == [2]
+        await assert_closed(server.port)
+        await token_table(change)
+        await assert_closed(server.port)
+    server.stop()
+    again = start_server(DATABASE_URL=db, OPEN_ACCESS="0")  # a restart on the empty table
+    again.wait_for_log("postgres listener live")
+    assert "(OPEN_ACCESS=0)" in again.log
+    await assert_closed(again.port)
+
 
 async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
     server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")

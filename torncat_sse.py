@@ -42,10 +42,13 @@ and resumes where it was, while everyone else keeps receiving.
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
 snapshots, replays and polls carry that faction's calls only. The seed's
-SECRET_TOKEN, or no token at all, sees every faction. The calls API
-(`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N` for clients that
-cannot stream) writes through SQL functions of trigger.sql that decide in one
-statement, so two racing callers cannot both win; reads come from memory.
+SECRET_TOKEN sees every faction. No token at all gets 401, unless the operator
+asked for open access (OPEN_ACCESS, on by default only with the embedded
+development database) and no token exists yet: then it sees every faction.
+The calls API (`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N` for
+clients that cannot stream) writes through SQL functions of trigger.sql that
+decide in one statement, so two racing callers cannot both win; reads come from
+memory.
 
 Connections are asyncio Protocols, not `asyncio.start_server` coroutines: a
 stream then costs a transport and one small object, with no task, coroutine
@@ -188,6 +191,11 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def _optional_bool(value: str) -> bool | None:
+    """A yes/no setting whose default depends on other settings: unset (empty) is None."""
+    return None if not value.strip() else _bool(value)
+
+
 def _faction_tokens(value: str) -> tuple[tuple[int, str], ...]:
     pairs = []
     for item in filter(None, (i.strip() for i in value.split(","))):
@@ -234,6 +242,10 @@ SETTINGS = (
     Setting("FACTION_TOKENS", "", _faction_tokens, "comma-separated <faction_id>:<token> pairs; "
             "a token sees and writes only its faction's calls (more with `token create`)",
             secret=True),
+    Setting("OPEN_ACCESS", "", _optional_bool, "1: while no token exists (environment or "
+            "token table), /events and /calls need none and everyone sees every faction; 0: "
+            "without a token they answer 401. Unset: 1 with the embedded database, 0 with "
+            "DATABASE_URL"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -589,7 +601,7 @@ class Grant:
         return (1 - self.allowance) * 60 / per_minute
 
 
-OPEN = Grant(None, "open")  # no token configured anywhere: everyone sees every faction
+OPEN = Grant(None, "open")  # OPEN_ACCESS and no token anywhere: everyone sees every faction
 
 UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
 
@@ -602,20 +614,28 @@ class Auth:
     presented token is found by its digest, so the time a lookup takes can only
     depend on the digest, which tells an attacker nothing about the token.
     Until the table has been read once, a token that is not in the environment
-    cannot be checked: such requests get 503, never a wrong answer. The server is
-    open (no token needed) only while no token was ever configured: once the table
-    holds a row, revoking the last token does not open it to everyone.
+    cannot be checked: such requests get 503, never a wrong answer.
+
+    No token needed (the OPEN grant) only where the operator asked for it:
+    `open_access` (OPEN_ACCESS, the default only with the embedded development
+    database), and only while no token exists: once the table holds a row,
+    revoking the last token does not open the server. Without `open_access` a
+    request without a token is 401 whatever the table holds or later loses
+    (DELETE, TRUNCATE, an empty table at restart): an empty table must not be
+    the switch that opens every faction's calls to everyone.
     """
 
-    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...]):
+    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...],
+                 open_access: bool = False):
         self.env: dict[bytes, Grant] = {}
         if secret_token:
             self.env[token_digest(secret_token)] = Grant(None, "SECRET_TOKEN")
         for faction, token in faction_tokens:
             self.env[token_digest(token)] = Grant(faction, f"FACTION_TOKENS {faction}")
+        self.open_access = open_access
         self.db: dict[bytes, Grant] | None = None  # None until read from the database
         self._all = dict(self.env)
-        self.required = bool(self.env)
+        self.required = not open_access or bool(self.env)  # a request needs a token
 
     def set_db_tokens(self, rows: list[tuple[bytes, int, str, bool]]) -> set[Grant]:
         """Replace the database's tokens (digest, faction, label, revoked); returns those gone."""
@@ -629,7 +649,7 @@ class Auth:
                 Grant(faction, label)
         self.db = new
         self._all = {**new, **self.env}
-        self.required = bool(self.env) or bool(rows)
+        self.required = not self.open_access or bool(self.env) or bool(rows)
         return {grant for digest, grant in old.items() if new.get(digest) is not grant}
 
     def grant(self, req: Request) -> Grant:
@@ -639,7 +659,7 @@ class Auth:
             grant = self._all.get(token_digest(token))
             if grant is not None:
                 return grant
-        if self.db is None and (token or not self.env):
+        if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
                             (("Retry-After", "5"),))
         if self.required:
@@ -1248,7 +1268,7 @@ class App:
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens)
+        self.auth = Auth(config.secret_token, config.faction_tokens, config.open_access)
         self.listener = Listener(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
         self.tasks: set[asyncio.Task] = set()  # requests waiting on the database
@@ -1923,6 +1943,26 @@ async def token_command(config: Config, dsn: str) -> int:
         await conn.close()
 
 
+def access_summary(config: Config, asked: bool | None) -> str:
+    """One start-up log line: who may read and write without a token, and why.
+
+    `asked` is OPEN_ACCESS as set (None: unset), `config.open_access` what it became."""
+    env_tokens = bool(config.secret_token) + len(config.faction_tokens)
+    why = (f"OPEN_ACCESS={int(asked)}" if asked is not None else
+           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.open_access
+                                    else "off with DATABASE_URL"))
+    if env_tokens:
+        return (f"access: a token is required ({env_tokens} from SECRET_TOKEN/FACTION_TOKENS, "
+                f"more from the torncat_tokens table); without one: 401 ({why})")
+    if config.open_access:
+        return (f"access: open while the torncat_tokens table holds no token: no token needed, "
+                f"everyone sees every faction ({why})")
+    return (f"access: closed: streams, polls and writes without a token get 401 ({why}); no "
+            "SECRET_TOKEN or FACTION_TOKENS is set, so only tokens from the torncat_tokens "
+            "table open it (`python torncat_sse.py token create --faction ID`); "
+            "OPEN_ACCESS=1 would serve everyone without a token")
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
     if config.command == "token" and config.log_level == "INFO":
@@ -1935,12 +1975,19 @@ def main(argv: list[str] | None = None) -> int:
         database_tls(config.database_ca_cert)
     except (OSError, ssl.SSLError) as e:
         sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
+    # Open access only where the operator asked for it; unset, only for the embedded
+    # development database: a real database with an empty token table stays closed.
+    asked = config.open_access
+    if asked is None:
+        config.open_access = not config.database_url
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
         config.init_db = True
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
+    if config.command != "token":
+        log.info("%s", access_summary(config, asked))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
         config.max_clients = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
