@@ -1813,6 +1813,81 @@ async def test_a_real_database_without_open_access_stays_closed_whatever_the_tok
     await assert_closed(again.port)
 
 
+SUPABASE_ROLES = """
+DO $$ BEGIN
+    -- Like Supabase: the Data API's roles, and the secret key's role, which bypasses RLS.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
+        CREATE ROLE anon NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+        CREATE ROLE authenticated NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
+        CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
+    -- The server's role: an ordinary role (no superuser, no BYPASSRLS) that owns the tables.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'torncat_owner') THEN
+        CREATE ROLE torncat_owner LOGIN; END IF;
+END $$;
+GRANT anon, authenticated, service_role TO torncat_owner;
+"""
+# What Supabase grants on every table of `public` (its default privileges).
+SUPABASE_GRANTS = """
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO anon, authenticated, service_role;
+"""
+
+
+async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_server):
+    name = f"rls{os.getpid()}"
+    await pg_execute(pg.dsn(), SUPABASE_ROLES)
+    await pg_execute(pg.dsn(), f"CREATE DATABASE {name} OWNER torncat_owner")
+    owner_dsn = f"postgresql://torncat_owner@127.0.0.1:{pg.port}/{name}"
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        for _ in range(2):  # idempotent, as the owner
+            await owner.execute(TRIGGER_SQL)
+        await owner.execute(SUPABASE_GRANTS)
+        # The server, connected as the owner, keeps reading and writing the calls.
+        server = start_server(DATABASE_URL=owner_dsn, FACTION_TOKENS=f"{RED_ID}:{RED}")
+        server.wait_for_log("postgres listener live")
+        client = await SseClient(server.port, headers=bearer(RED)).connect()
+        assert (await client.next()).event == "snapshot"
+        assert (await post_call(server.port, RED, 77)).status == 201
+        await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
+        assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
+        await client.close()
+        await owner.execute("INSERT INTO torncat_tokens (faction_id, token_sha256) "
+                            "VALUES (1, '\\x00')")
+
+        async def as_role(role: str) -> tuple[int, int, int, int]:
+            async with owner.transaction():
+                await owner.execute(f"SET LOCAL ROLE {role}")
+                return tuple([
+                    *[await owner.fetchval(f"SELECT count(*) FROM {table}") for table in
+                      ("target_calls", "target_call_events", "torncat_tokens")],
+                    len(await owner.fetch(f"SELECT * FROM torncat_active_call({RED_ID}, 77)"))])
+
+        assert await as_role("torncat_owner") == (2, 2, 1, 1)
+        assert await as_role("service_role") == (2, 2, 1, 1)  # BYPASSRLS
+        for role in ("anon", "authenticated"):
+            assert await as_role(role) == (0, 0, 0, 0), role
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # RLS: no policy allows it
+                async with owner.transaction():
+                    await owner.execute(f"SET LOCAL ROLE {role}")
+                    await owner.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 9)")
+        # The README's check, run as it is written there.
+        command = re.search(r'^psql "\$DATABASE_URL" (.+)$', README, re.MULTILINE).group(1)
+        r = await asyncio.to_thread(
+            subprocess.run, ["sh", "-c", f'"$PSQL" "$DATABASE_URL" {command}'], capture_output=True,
+            text=True, timeout=60, check=True,
+            env={**os.environ, "PSQL": str(pg.bin / "psql"), "DATABASE_URL": owner_dsn})
+        for table in ("target_call_events", "target_calls", "torncat_tokens"):
+            assert re.search(rf"^ {table} +\| t +\| torncat_owner$", r.stdout, re.MULTILINE), r.stdout
+        assert re.search(r"calls_anon_can_read\s*\n-+\n\s+0\n", r.stdout), r.stdout
+    finally:
+        await owner.close()
+        await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
     server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
     port = server.port
