@@ -869,6 +869,7 @@ class Bench:
     def server_env(self) -> dict[str, str]:
         a = self.args
         env = {"PROBE_INTERVAL_SECONDS": "3600", "CALL_TTL_SECONDS": "0",
+               "OPEN_ACCESS": "1",  # its clients stream without tokens
                "MAX_CLIENTS": str(max(10_000, a.clients + 1000)),
                "RECONNECT_SPREAD_SECONDS": str(a.spread)}
         if a.workers > 1:

@@ -53,10 +53,15 @@ def db(pg):
 
 @pytest.fixture
 def start_server():
-    """Factory: start_server(DATABASE_URL=..., SECRET_TOKEN=...) -> ServerProcess."""
+    """Factory: start_server(DATABASE_URL=..., SECRET_TOKEN=...) -> ServerProcess.
+
+    OPEN_ACCESS=1 unless a test says otherwise: most tests are about streams, not
+    tokens, and run against a DATABASE_URL, where the server is closed by default.
+    A test of that default passes OPEN_ACCESS="" (unset)."""
     started: list[ServerProcess] = []
 
     def start(*args: str, **env: str) -> ServerProcess:
+        env.setdefault("OPEN_ACCESS", "1")
         server = ServerProcess({k: str(v) for k, v in env.items()}, list(args))
         started.append(server)
         return server

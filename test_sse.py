@@ -70,6 +70,9 @@ def test_parse_request_head_keep_alive_rules():
 def test_parse_request_head_absolute_form():
     req = t.parse_request_head(head("GET http://example.com/healthz?x=1 HTTP/1.1", "Host: a"))
     assert (req.path, req.query) == ("/healthz", {"x": "1"})
+    for scheme in ("HTTP", "Https", "hTtP"):  # a scheme is case-insensitive, RFC 3986 3.1
+        req = t.parse_request_head(head(f"GET {scheme}://example.com/events?x=1 HTTP/1.1", "Host: a"))
+        assert (req.path, req.query) == ("/events", {"x": "1"})
 
 
 @pytest.mark.parametrize(("raw", "status"), [
@@ -88,6 +91,9 @@ def test_parse_request_head_absolute_form():
     (head("GET / HTTP/1.1", "Host: x", "X: a\x00b"), 400),
     (b"GET / HTTP/1.1\r\nHost: x\nX: y", 400),                     # bare LF
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: -1"), 400),
+    ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2".encode("latin-1"), 400),  # "²"
+    (head("POST / HTTP/1.1", "Host: x", "Content-Length: +1"), 400),
+    (head("GET ftp://example.com/events HTTP/1.1", "Host: x"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: 1", "Content-Length: 2"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"), 411),
     (head("GET /?a=%ff HTTP/1.1", "Host: x"), 400),                # not UTF-8 once decoded
@@ -103,6 +109,12 @@ def test_parse_request_head_rejects(raw, status):
 def test_redact_hides_tokens_in_urls_and_passwords_in_dsns():
     assert t.redact("/events?token=s3cret&last_event_id=4") == "/events?token=REDACTED&last_event_id=4"
     assert t.redact("/x?a=1&TOKEN=s3cret") == "/x?a=1&TOKEN=REDACTED"
+    # Names as the query parser reads them: percent-encoded or not, any case, plus as space.
+    assert t.redact("/calls?%74oken=s3cret") == "/calls?%74oken=REDACTED"
+    assert t.redact("/calls?x=1&%54%4F%4B%45%4E=s3cret&y=2") == "/calls?x=1&%54%4F%4B%45%4E=REDACTED&y=2"
+    assert t.redact("/calls?api+key=s3cret&api%5Fkey=s3cret") == "/calls?api+key=s3cret&api%5Fkey=REDACTED"
+    assert t.redact("/calls/5?since=4") == "/calls/5?since=4"
+    assert t.redact("/calls") == "/calls"
     assert t.redact_dsn("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:REDACTED@db:5432/x"
     assert t.redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"
 
@@ -171,8 +183,8 @@ def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
-def test_auth_is_open_only_when_no_token_exists_anywhere():
-    auth = t.Auth("", ())
+def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
+    auth = t.Auth("", (), open_access=True)
     assert _status(auth, _req("/events")) == 503  # the table might hold tokens
     auth.set_db_tokens([])
     assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
@@ -181,6 +193,18 @@ def test_auth_is_open_only_when_no_token_exists_anywhere():
     # Revoking the last token must not open the server to everyone.
     auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
     assert _status(auth, _req("/events")) == 401
+
+
+def test_auth_without_open_access_is_closed_whatever_the_table_holds():
+    auth = t.Auth("", ())  # DATABASE_URL without OPEN_ACCESS=1: the default is closed
+    assert not auth.open_access and auth.required
+    assert _status(auth, _req("/events")) == 401  # no token can be right: no need to wait
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503  # this one might be
+    for rows in ([], [(t.token_digest("s3cret-db-token-xyz"), 7, "", False)], []):
+        auth.set_db_tokens(rows)  # empty at start-up, a token, then DELETE/TRUNCATE
+        assert _status(auth, _req("/events")) == 401
+        assert _status(auth, _req("/calls")) == 401
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
 def test_write_budget_is_a_token_bucket():
@@ -203,6 +227,15 @@ def test_write_budget_is_a_token_bucket():
     (b'{"target_id": true, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
     (b'{"target_id": 9223372036854775808, "caller_id": 2, "caller_name": "a"}',
      "target_id must be a positive integer"),
+    # Above Number.MAX_SAFE_INTEGER the userscript cannot hold the id exactly.
+    (b'{"target_id": 9007199254740992, "caller_id": 2, "caller_name": "a"}',
+     "target_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 9223372036854775807, "caller_name": "a"}',
+     "caller_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "a", "war_id": 9007199254740992}',
+     "war_id must be a positive integer"),
+    (b"[" * 2000, "the body nests too deeply"),               # RecursionError, not a 500
+    (b'{"target_id": ' * 2000, "the body nests too deeply"),
     (b'{"target_id": 1, "caller_id": 2}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": "   "}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": 5}', "caller_name must be a string"),
@@ -226,6 +259,10 @@ def test_call_bodies_are_trimmed_and_need_json():
                        "war_id": None}).encode()
     assert t.parse_body(req, body, t.CALL_FIELDS) == {
         "target_id": 7, "caller_id": 8, "caller_name": "Ann", "target_name": None, "war_id": None}
+    largest = 2**53 - 1  # Number.MAX_SAFE_INTEGER: still exact in JavaScript
+    body = json.dumps({"target_id": largest, "caller_id": largest, "caller_name": "Ann",
+                       "war_id": largest}).encode()
+    assert t.parse_body(req, body, t.CALL_FIELDS)["target_id"] == largest
     form = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x",
                                      "Content-Type: application/x-www-form-urlencoded"))
     with pytest.raises(t.HttpError) as e:
@@ -951,8 +988,10 @@ async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server)
 
 
 def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
-    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"))
+    # OPEN_ACCESS unset: the development database is open by default (no token below).
+    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"), OPEN_ACCESS="")
     server.wait_for_log("postgres listener live", timeout=60)
+    assert "access: open while the torncat_tokens table holds no token" in server.log
     dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
 
     async def check():
@@ -1769,3 +1808,159 @@ def test_ci_runs_exactly_the_readme_test_command():
     script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
               if line and not line.startswith("#")]
     assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: auth that fails closed, row-level security, small ones
+# ---------------------------------------------------------------------------
+
+async def test_a_real_database_without_open_access_stays_closed_whatever_the_token_table_does(
+        start_server, db, conn):
+    server = start_server(DATABASE_URL=db, OPEN_ACCESS="")  # unset, as on a real deployment
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO access: closed: streams, polls and writes without a token get 401 "
+                     r"\(OPEN_ACCESS unset: off with DATABASE_URL\); no SECRET_TOKEN or "
+                     r"FACTION_TOKENS is set", server.log)
+    await call(conn, 1, 2, faction_id=100)  # faction 100 has an active call to protect
+    token = "tc_faction-100-token-abcdef"
+
+    async def assert_closed(port: int) -> None:
+        for method, path, body in (("GET", "/events", None), ("GET", "/calls", None),
+                                   ("GET", "/calls?since=0", None),
+                                   ("POST", "/calls", {"target_id": 3, "caller_id": 1, "caller_name": "A"}),
+                                   ("DELETE", "/calls/2", {"caller_id": 1})):
+            r = await http(port, method, path, body=body)
+            assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
+
+    async def token_table(sql: str) -> SseClient:
+        """Change the table while a stream holds the token; its end proves the reload."""
+        client = await SseClient(server.port, headers=bearer(token)).connect()
+        assert (await client.next()).event == "snapshot"
+        await conn.execute(sql)
+        await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
+        await client.close()
+
+    await assert_closed(server.port)  # an empty table at start-up
+    insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+              f"VALUES (100, 'main', '\\x{t.token_digest(token).hex()}')")
+    for change in ("DELETE FROM torncat_tokens", "TRUNCATE torncat_tokens"):
+        mark = server.mark()
+        await conn.execute(insert)
+        await server.await_log("tokens: 1 active in the database", start=mark)
+        r = await http(server.port, "GET", "/calls", bearer(token))
+        assert r.status == 200 and [c["target_id"] for c in r.json()["calls"]] == [2]
+        await assert_closed(server.port)
+        await token_table(change)
+        await assert_closed(server.port)
+    server.stop()
+    again = start_server(DATABASE_URL=db, OPEN_ACCESS="0")  # a restart on the empty table
+    again.wait_for_log("postgres listener live")
+    assert "(OPEN_ACCESS=0)" in again.log
+    await assert_closed(again.port)
+
+
+SUPABASE_ROLES = """
+DO $$ BEGIN
+    -- Like Supabase: the Data API's roles, and the secret key's role, which bypasses RLS.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
+        CREATE ROLE anon NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+        CREATE ROLE authenticated NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
+        CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
+    -- The server's role: an ordinary role (no superuser, no BYPASSRLS) that owns the tables.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'torncat_owner') THEN
+        CREATE ROLE torncat_owner LOGIN; END IF;
+END $$;
+GRANT anon, authenticated, service_role TO torncat_owner;
+"""
+# What Supabase grants on every table of `public` (its default privileges).
+SUPABASE_GRANTS = """
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO anon, authenticated, service_role;
+"""
+
+
+async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_server):
+    name = f"rls{os.getpid()}"
+    await pg_execute(pg.dsn(), SUPABASE_ROLES)
+    await pg_execute(pg.dsn(), f"CREATE DATABASE {name} OWNER torncat_owner")
+    owner_dsn = f"postgresql://torncat_owner@127.0.0.1:{pg.port}/{name}"
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        for _ in range(2):  # idempotent, as the owner
+            await owner.execute(TRIGGER_SQL)
+        await owner.execute(SUPABASE_GRANTS)
+        # The server, connected as the owner, keeps reading and writing the calls.
+        server = start_server(DATABASE_URL=owner_dsn, FACTION_TOKENS=f"{RED_ID}:{RED}")
+        server.wait_for_log("postgres listener live")
+        client = await SseClient(server.port, headers=bearer(RED)).connect()
+        assert (await client.next()).event == "snapshot"
+        assert (await post_call(server.port, RED, 77)).status == 201
+        await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
+        assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
+        await client.close()
+        await owner.execute("INSERT INTO torncat_tokens (faction_id, token_sha256) "
+                            "VALUES (1, '\\x00')")
+
+        async def as_role(role: str) -> tuple[int, int, int, int]:
+            async with owner.transaction():
+                await owner.execute(f"SET LOCAL ROLE {role}")
+                return tuple([
+                    *[await owner.fetchval(f"SELECT count(*) FROM {table}") for table in
+                      ("target_calls", "target_call_events", "torncat_tokens")],
+                    len(await owner.fetch(f"SELECT * FROM torncat_active_call({RED_ID}, 77)"))])
+
+        assert await as_role("torncat_owner") == (2, 2, 1, 1)
+        assert await as_role("service_role") == (2, 2, 1, 1)  # BYPASSRLS
+        for role in ("anon", "authenticated"):
+            assert await as_role(role) == (0, 0, 0, 0), role
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # RLS: no policy allows it
+                async with owner.transaction():
+                    await owner.execute(f"SET LOCAL ROLE {role}")
+                    await owner.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 9)")
+        # The operations doc's check, run as it is written there.
+        command = re.search(r'^psql "\$DATABASE_URL" (.+)$', (HERE / "docs" / "operations.md").read_text(),
+                            re.MULTILINE).group(1)
+        r = await asyncio.to_thread(
+            subprocess.run, ["sh", "-c", f'"$PSQL" "$DATABASE_URL" {command}'], capture_output=True,
+            text=True, timeout=60, check=True,
+            env={**os.environ, "PSQL": str(pg.bin / "psql"), "DATABASE_URL": owner_dsn})
+        for table in ("target_call_events", "target_calls", "torncat_tokens"):
+            assert re.search(rf"^ {table} +\| t +\| torncat_owner$", r.stdout, re.MULTILINE), r.stdout
+        assert re.search(r"calls_anon_can_read\s*\n-+\n\s+0\n", r.stdout), r.stdout
+    finally:
+        await owner.close()
+        await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    port = server.port
+    # A Unicode digit in Content-Length (str.isdigit() is true for it): 400, not a dropped link.
+    # (Header bytes are read as Latin-1, RFC 9110 section 5.5, where 0xB2 is "²".)
+    r = await http_raw(port, b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+    assert (r.status, r.json()) == (400, {"error": "malformed Content-Length"})
+    # 2,000 nested brackets: 400, not a RecursionError and a 500.
+    r = await http(port, "POST", "/calls", bearer(RED), body=b"[" * 2000)
+    assert (r.status, r.json()) == (400, {"error": "the body nests too deeply"})
+    # Ids JavaScript cannot hold exactly (above Number.MAX_SAFE_INTEGER) are refused.
+    for field, value in (("target_id", 2**53), ("caller_id", 2**63 - 1), ("war_id", 2**53)):
+        body = {"target_id": 5, "caller_id": 1, "caller_name": "Ann", field: value}
+        r = await http(port, "POST", "/calls", bearer(RED), body)
+        assert (r.status, r.json()) == (400, {"error": f"{field} must be a positive integer"})
+    r = await http(port, "DELETE", f"/calls/{2**53}", bearer(RED), body={"caller_id": 1})
+    assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
+    assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
+    # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
+    client = await SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}").connect()
+    assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
+    await client.close()
+    # A percent-encoded parameter name is still a token, and still redacted from the log.
+    mark = server.mark()
+    r = await http(port, "GET", f"/calls?%74oken={RED}")
+    assert r.status == 200
+    await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
+    server.stop()
+    assert RED not in server.log and "Traceback" not in server.log

@@ -42,10 +42,13 @@ and resumes where it was, while everyone else keeps receiving.
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
 snapshots, replays and polls carry that faction's calls only. The seed's
-SECRET_TOKEN, or no token at all, sees every faction. The calls API
-(`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N[&wait=S]` for
-clients that cannot stream) writes through SQL functions of trigger.sql that decide in one
-statement, so two racing callers cannot both win; reads come from memory.
+SECRET_TOKEN sees every faction. No token at all gets 401, unless the operator
+asked for open access (OPEN_ACCESS, on by default only with the embedded
+development database) and no token exists yet: then it sees every faction.
+The calls API (`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N[&wait=S]`
+for clients that cannot stream) writes through SQL functions of trigger.sql that
+decide in one statement, so two racing callers cannot both win; reads come from
+memory.
 
 Connections. `asyncio.start_server` hands each connection to one coroutine,
 `App.handle`: read a request (the sans-I/O RequestReader frames it), route it
@@ -205,6 +208,11 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def _optional_bool(value: str) -> bool | None:
+    """A yes/no setting whose default depends on other settings: unset (empty) is None."""
+    return None if not value.strip() else _bool(value)
+
+
 def _faction_tokens(value: str) -> tuple[tuple[int, str], ...]:
     pairs = []
     for item in filter(None, (i.strip() for i in value.split(","))):
@@ -251,6 +259,10 @@ SETTINGS = (
     Setting("FACTION_TOKENS", "", _faction_tokens, "comma-separated <faction_id>:<token> pairs; "
             "a token sees and writes only its faction's calls (more with `token create`)",
             secret=True),
+    Setting("OPEN_ACCESS", "", _optional_bool, "1: while no token exists (environment or "
+            "token table), /events and /calls need none and everyone sees every faction; 0: "
+            "without a token they answer 401. Unset: 1 with the embedded database, 0 with "
+            "DATABASE_URL"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -348,7 +360,8 @@ FIELD_VALUE_RE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
 # Request targets: visible ASCII only (RFC 3986 characters, percent-encoded otherwise).
 TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 VERSION_RE = re.compile(rb"^HTTP/(\d)\.(\d)$")
-SECRET_PARAM_RE = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key)=)[^&#]*")
+# Query parameters whose values never reach a log line, compared case-insensitively.
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "key"})
 
 
 class HttpError(Exception):
@@ -421,7 +434,9 @@ def parse_request_head(head: bytes) -> Request:
     if "transfer-encoding" in headers:
         raise HttpError(411, "chunked request bodies are not supported: send Content-Length")
     length = headers.get("content-length", "0")
-    if not length.isdigit() or len(length) > 12:
+    # ASCII digits only (RFC 9110 section 8.6: 1*DIGIT): str.isdigit() is also true
+    # for "²" (refused by int()) and for Arabic-Indic digits (read by int() as numbers).
+    if not (length.isascii() and length.isdigit()) or len(length) > 12:
         raise HttpError(400, "malformed Content-Length")
     connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in connection if http11 else "keep-alive" in connection
@@ -503,7 +518,8 @@ def parse_wait(value: str | None) -> int | None:
 
 
 def _split_target(target: str) -> tuple[str, dict[str, str]]:
-    if target.startswith(("http://", "https://")):  # absolute-form, RFC 9112 section 3.2.2
+    # absolute-form, RFC 9112 section 3.2.2; a scheme is case-insensitive (RFC 3986 section 3.1)
+    if target[:8].lower().startswith(("http://", "https://")):
         parts = urllib.parse.urlsplit(target)
         path, query = parts.path or "/", parts.query
     elif target.startswith("/") or target == "*":
@@ -523,8 +539,20 @@ def _split_target(target: str) -> tuple[str, dict[str, str]]:
 
 
 def redact(target: str) -> str:
-    """A request target fit for a log line: secret query parameters replaced."""
-    return SECRET_PARAM_RE.sub(r"\1REDACTED", target)
+    """A request target fit for a log line: the values of secret query parameters replaced.
+
+    A name is compared as `_split_target` will read it (percent-decoded, `+` as a
+    space), so `?%74oken=...`, which the server takes as `token`, is hidden too.
+    """
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, equals, _ = field.partition("=")
+        if equals and urllib.parse.unquote_plus(name).lower() in SECRET_PARAMS:
+            fields[i] = name + "=REDACTED"
+    return f"{path}?{'&'.join(fields)}"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -661,7 +689,7 @@ class Grant:
         return (1 - self.allowance) * 60 / per_minute
 
 
-OPEN = Grant(None, "open")  # no token configured anywhere: everyone sees every faction
+OPEN = Grant(None, "open")  # OPEN_ACCESS and no token anywhere: everyone sees every faction
 
 UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
 
@@ -674,20 +702,28 @@ class Auth:
     presented token is found by its digest, so the time a lookup takes can only
     depend on the digest, which tells an attacker nothing about the token.
     Until the table has been read once, a token that is not in the environment
-    cannot be checked: such requests get 503, never a wrong answer. The server is
-    open (no token needed) only while no token was ever configured: once the table
-    holds a row, revoking the last token does not open it to everyone.
+    cannot be checked: such requests get 503, never a wrong answer.
+
+    No token needed (the OPEN grant) only where the operator asked for it:
+    `open_access` (OPEN_ACCESS, the default only with the embedded development
+    database), and only while no token exists: once the table holds a row,
+    revoking the last token does not open the server. Without `open_access` a
+    request without a token is 401 whatever the table holds or later loses
+    (DELETE, TRUNCATE, an empty table at restart): an empty table must not be
+    the switch that opens every faction's calls to everyone.
     """
 
-    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...]):
+    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...],
+                 open_access: bool = False):
         self.env: dict[bytes, Grant] = {}
         if secret_token:
             self.env[token_digest(secret_token)] = Grant(None, "SECRET_TOKEN")
         for faction, token in faction_tokens:
             self.env[token_digest(token)] = Grant(faction, f"FACTION_TOKENS {faction}")
+        self.open_access = open_access
         self.db: dict[bytes, Grant] | None = None  # None until read from the database
         self._all = dict(self.env)
-        self.required = bool(self.env)
+        self.required = not open_access or bool(self.env)  # a request needs a token
 
     def set_db_tokens(self, rows: list[tuple[bytes, int, str, bool]]) -> set[Grant]:
         """Replace the database's tokens (digest, faction, label, revoked); returns those gone."""
@@ -701,7 +737,7 @@ class Auth:
                 Grant(faction, label)
         self.db = new
         self._all = {**new, **self.env}
-        self.required = bool(self.env) or bool(rows)
+        self.required = not self.open_access or bool(self.env) or bool(rows)
         return {grant for digest, grant in old.items() if new.get(digest) is not grant}
 
     def grant(self, req: Request) -> Grant:
@@ -711,7 +747,7 @@ class Auth:
             grant = self._all.get(token_digest(token))
             if grant is not None:
                 return grant
-        if self.db is None and (token or not self.env):
+        if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
                             (("Retry-After", "5"),))
         if self.required:
@@ -720,7 +756,10 @@ class Auth:
 
 
 MAX_NAME_CHARS = 64
-MAX_ID = 2**63 - 1
+# Torn ids (players, factions, wars) are small integers, and the userscript reads them
+# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
+# a larger id would be rounded in the browser and match the wrong target.
+MAX_ID = 2**53 - 1
 
 
 def _id_field(value: object, name: str) -> int:
@@ -768,6 +807,8 @@ def parse_body(req: Request, body: bytes, fields: dict) -> dict:
             obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+            raise HttpError(400, "the body nests too deeply") from None
         if not isinstance(obj, dict):
             raise HttpError(400, "the body must be a JSON object")
     else:
@@ -1269,7 +1310,7 @@ class App:
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens)
+        self.auth = Auth(config.secret_token, config.faction_tokens, config.open_access)
         self.listener = Listener(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
         self.connections: set[Client] = set()
@@ -2077,6 +2118,26 @@ async def token_command(config: Config, dsn: str) -> int:
         await conn.close()
 
 
+def access_summary(config: Config, asked: bool | None) -> str:
+    """One start-up log line: who may read and write without a token, and why.
+
+    `asked` is OPEN_ACCESS as set (None: unset), `config.open_access` what it became."""
+    env_tokens = bool(config.secret_token) + len(config.faction_tokens)
+    why = (f"OPEN_ACCESS={int(asked)}" if asked is not None else
+           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.open_access
+                                    else "off with DATABASE_URL"))
+    if env_tokens:
+        return (f"access: a token is required ({env_tokens} from SECRET_TOKEN/FACTION_TOKENS, "
+                f"more from the torncat_tokens table); without one: 401 ({why})")
+    if config.open_access:
+        return (f"access: open while the torncat_tokens table holds no token: no token needed, "
+                f"everyone sees every faction ({why})")
+    return (f"access: closed: streams, polls and writes without a token get 401 ({why}); no "
+            "SECRET_TOKEN or FACTION_TOKENS is set, so only tokens from the torncat_tokens "
+            "table open it (`python torncat_sse.py token create --faction ID`); "
+            "OPEN_ACCESS=1 would serve everyone without a token")
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
     if config.command == "token" and config.log_level == "INFO":
@@ -2089,12 +2150,19 @@ def main(argv: list[str] | None = None) -> int:
         database_tls(config.database_ca_cert)
     except (OSError, ssl.SSLError) as e:
         sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
+    # Open access only where the operator asked for it; unset, only for the embedded
+    # development database: a real database with an empty token table stays closed.
+    asked = config.open_access
+    if asked is None:
+        config.open_access = not config.database_url
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
         config.init_db = True
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
+    if config.command != "token":
+        log.info("%s", access_summary(config, asked))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
         config.max_clients = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
