@@ -39,6 +39,7 @@ from testkit import (
     pg_execute,
     read_response_head,
     run_cli,
+    wait_until,
 )
 
 # ---------------------------------------------------------------------------
@@ -104,6 +105,78 @@ def test_parse_request_head_rejects(raw, status):
     with pytest.raises(t.HttpError) as e:
         t.parse_request_head(raw)
     assert e.value.status == status
+
+
+def read_all(data: bytes, step: int | None = None) -> list:
+    """Feed a RequestReader `data` in chunks of `step` bytes (all at once: None); collect
+    (method, path, body) of each complete request, and the HttpError status that ends it."""
+    reader, out = t.RequestReader(), []
+    chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    try:
+        for piece in chunks:
+            reader.feed(piece)
+            while (got := reader.next_request()) is not None:
+                out.append((got[0].method, got[0].path, got[1]))
+    except t.HttpError as e:
+        out.append(e.status)
+    return out
+
+
+PIPELINE = (b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"             # blank lines first
+            b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"DELETE /calls/7 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.mark.parametrize("step", [None, 1, 2, 3, 5, 7, 64])
+def test_request_reader_frames_pipelined_requests_at_any_chunk_boundary(step):
+    assert read_all(PIPELINE, step) == [("GET", "/healthz", b""), ("POST", "/calls", b"hello"),
+                                        ("DELETE", "/calls/7", b""), ("GET", "/events", b"")]
+
+
+def test_request_reader_waits_for_the_whole_head_and_body():
+    reader = t.RequestReader()
+    assert not reader.started
+    reader.feed(b"\r\n")
+    assert reader.next_request() is None and not reader.started  # a blank line is not a request
+    reader.feed(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab")
+    assert reader.next_request() is None and reader.started       # one body byte short
+    reader.feed(b"cGET")
+    req, body = reader.next_request()
+    assert (req.method, body, reader.buffered) == ("POST", b"abc", 3)  # "GET" stays for later
+    assert reader.next_request() is None and reader.started
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    # A head one byte over the limit, with or without its end: 431.
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * t.MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * (t.MAX_HEAD_BYTES * 2), 431),
+    # A body over the limit is refused from its Content-Length, before it arrives.
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (t.MAX_BODY_BYTES + 1), 413),
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 411),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n", 400),  # the second request is junk
+])
+@pytest.mark.parametrize("step", [None, 1, 1000])
+def test_request_reader_errors(data, status, step):
+    assert read_all(data, step)[-1] == status
+
+
+def test_request_reader_head_exactly_at_the_limit_is_read():
+    line = b"GET / HTTP/1.1\r\nHost: x\r\nX: "
+    data = line + b"a" * (t.MAX_HEAD_BYTES - len(line)) + b"\r\n\r\n"
+    assert read_all(data, 997) == [("GET", "/", b"")]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, None), ("1", 1), ("25", 25), ("30", 30), ("0", 400), ("31", 400), ("-1", 400),
+    ("1.5", 400), ("", 400), ("²", 400), ("9" * 5000, 400)])
+def test_parse_wait(value, expected):
+    if expected == 400:
+        with pytest.raises(t.HttpError) as e:
+            t.parse_wait(value)
+        assert e.value.status == 400 and "from 1 to 30" in e.value.message
+    else:
+        assert t.parse_wait(value) == expected
 
 
 def test_redact_hides_tokens_in_urls_and_passwords_in_dsns():
@@ -1291,6 +1364,178 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
         await stream.close()
     server.stop()
     assert token not in server.log
+
+
+# ---------------------------------------------------------------------------
+# Integration: the long-poll, and connections that do not read (issues 11, 12)
+# ---------------------------------------------------------------------------
+
+class LongPoll:
+    """One keep-alive connection for `GET /calls?since=N&wait=S` requests."""
+
+    def __init__(self, port: int, token: str | None):
+        self.port, self.token = port, token
+
+    async def __aenter__(self) -> LongPoll:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.writer.close()
+
+    def send(self, since: int | None, wait: int | None = 30, **headers: str) -> None:
+        query = "&".join(f"{k}={v}" for k, v in (("since", since), ("wait", wait)) if v is not None)
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        self.writer.write(f"GET /calls?{query} HTTP/1.1\r\nHost: x\r\n".encode() + "".join(
+            f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+
+    async def answer(self, timeout: float = STEP_TIMEOUT) -> tuple[int, dict[str, str], dict]:
+        status, headers = await asyncio.wait_for(read_response_head(self.reader), timeout)
+        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])),
+                                      STEP_TIMEOUT)
+        return status, headers, json.loads(body)
+
+
+async def held_count(port: int, n: int) -> bool:
+    return (await http(port, "GET", "/healthz")).json()["long_polls"] == n
+
+
+async def test_a_long_poll_answers_at_once_with_news_and_resets_when_too_old(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="2")
+    first = (await post_call(server.port, RED, 1)).json()["event_id"]
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=first - 1, wait=30)  # something is new: no waiting
+        status, _, body = await poll.answer()
+        assert status == 200 and [e["id"] for e in body["events"]] == [first]
+        assert body["last_event_id"] == first and body["events"][0]["data"]["target_id"] == 1
+        poll.send(since=None)  # no cursor yet: the snapshot, at once
+        assert [c["target_id"] for c in (await poll.answer())[2]["calls"]] == [1]
+        for target in (2, 3):
+            await post_call(server.port, RED, target)
+        poll.send(since=first - 1)  # fell out of the replay window: a reset, at once
+        _, _, body = await poll.answer()
+        assert body["reset"] is True and sorted(c["target_id"] for c in body["calls"]) == [1, 2, 3]
+
+
+async def test_a_held_long_poll_wakes_for_its_faction_only_and_reuses_its_connection(factions):
+    port = factions.port
+    start = (await post_call(port, RED, 1)).json()["event_id"]
+    async with LongPoll(port, RED) as red:
+        red.send(since=start, wait=30, Origin="https://www.torn.com")
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        blue_event = (await post_call(port, BLUE, 2)).json()["event_id"]
+        # post_call returns once its event went out: another faction's event left it held.
+        assert await held_count(port, 1)
+        red_event = (await post_call(port, RED, 3, caller_id=9)).json()["event_id"]
+        status, headers, body = await red.answer()
+        assert status == 200 and headers["access-control-allow-origin"] == "https://www.torn.com"
+        assert [(e["id"], e["event"], e["data"]["target_id"]) for e in body["events"]] == [
+            (red_event, "target_call", 3)]
+        assert body["last_event_id"] == red_event > blue_event
+        assert await held_count(port, 0)
+        # The same connection, again: this time nothing comes, and S seconds end the wait.
+        red.send(since=red_event, wait=1)
+        status, headers, body = await red.answer()
+        assert (status, body) == (200, {"events": [], "last_event_id": red_event})
+        assert headers.get("connection") != "close"
+
+
+async def test_long_poll_auth_and_bad_input(factions):
+    port = factions.port
+    async with LongPoll(port, None) as anonymous:
+        anonymous.send(since=0)
+        assert (await anonymous.answer())[0] == 401
+    async with LongPoll(port, "not-a-token-of-this-server") as wrong:
+        wrong.send(since=0)
+        assert (await wrong.answer())[0] == 401
+    for query in ("since=0&wait=0", "since=0&wait=31", "since=0&wait=abc", "since=x&wait=5",
+                  "since=0&wait=" + "9" * 5000):
+        r = await http(port, "GET", f"/calls?{query}", bearer(RED))
+        assert r.status == 400, query
+    assert await held_count(port, 0)
+
+
+async def test_long_polls_count_as_clients_and_show_in_health_and_metrics(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", MAX_CLIENTS="2")
+    port = server.port
+    async with SseClient(port, headers=bearer(RED)) as stream, LongPoll(port, RED) as poll:
+        await stream.next()
+        poll.send(since=0)
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        health = (await http(port, "GET", "/healthz")).json()
+        assert (health["clients"], health["long_polls"]) == (1, 1)
+        metrics = (await http(port, "GET", "/metrics")).body.decode()
+        assert "torncat_long_polls 1\n" in metrics and "torncat_long_polls_total 1\n" in metrics
+        assert (await http(port, "GET", "/events", bearer(RED))).status == 503  # full
+        r = await http(port, "GET", "/calls?since=0&wait=5", bearer(RED))
+        assert r.status == 503 and r.headers["retry-after"] == "10"
+        await post_call(port, RED, 4)
+        assert [e["data"]["target_id"] for e in (await poll.answer())[2]["events"]] == [4]
+
+
+async def test_a_client_that_leaves_a_long_poll_costs_nothing_after(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    for _ in range(3):
+        async with LongPoll(server.port, RED) as poll:
+            poll.send(since=0)
+            await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+    await wait_until(lambda: held_count(server.port, 0), what="the held long-poll released")
+    assert (await http(server.port, "GET", "/healthz")).json()["clients"] == 0
+
+
+async def test_sigterm_answers_held_long_polls_at_once(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=0, wait=30)
+        await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = await poll.answer()  # well before its 30 s
+        assert (status, body) == (200, {"events": [], "last_event_id": 0})
+        assert await asyncio.wait_for(poll.reader.read(), STEP_TIMEOUT) == b""  # then closed
+    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def test_a_pipelining_client_that_never_reads_cannot_take_the_servers_memory(live_server):
+    """Issue 12, 3: 60,000 pipelined GET /metrics on one unread socket took 140 MB."""
+    server = live_server()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read from it
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    before = rss_bytes(server.proc.pid)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    batch, sent = request * 1000, 0
+    try:
+        while sent < 60_000 * len(request):
+            # The server stops reading once its answers back up: then our writes block too.
+            await asyncio.wait_for(loop.sock_sendall(sock, batch), 2.0)
+            sent += len(batch)
+    except TimeoutError:
+        pass
+    # Held over RESPONSE_BUFFER_BYTES longer than SLOW_READER_SECONDS, the connection is
+    # closed; until then the server answers nothing more on it, however much is queued.
+    peak = before
+
+    async def closed() -> bool:
+        nonlocal peak
+        peak = max(peak, rss_bytes(server.proc.pid))
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        return "torncat_connections 1\n" in metrics  # only this /metrics request is left
+
+    await wait_until(closed, t.SLOW_READER_SECONDS + STEP_TIMEOUT, "the flooding connection closed")
+    after = rss_bytes(server.proc.pid)
+    sock.close()
+    mb = 2**20
+    assert peak - before < 16 * mb, f"RSS grew {(peak - before) / mb:.1f} MB ({sent / mb:.1f} MB sent)"
+    assert after - before < 16 * mb
+    assert (await http(server.port, "GET", "/healthz")).status == 200
 
 
 # ---------------------------------------------------------------------------
