@@ -67,7 +67,7 @@ request waits on its socket like a stream and is woken by the same broadcast.
 
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
-instances scale out, each LISTENing on its own (README, "Scaling"). TRUNCATE on
+instances scale out, each LISTENing on its own (docs/operations.md, "Scaling"). TRUNCATE on
 target_calls is not seen until restart. /metrics is open, like /healthz.
 
 Poke at it by hand:
@@ -1161,20 +1161,21 @@ class Hub:
     # -- streams -------------------------------------------------------------------
 
     def subscribe(self, client: Client, preamble: bytes) -> None:
-        """Register a stream: `preamble` (its HTTP head) goes out now, its first events
-        as soon as the hub is ready."""
+        """Register a stream whose HTTP head and retry: field are `preamble`."""
         self.stats.connects += 1
         client.phase = Phase.STREAM
         if self._outbox:
             self.flush()  # so the snapshot below does not repeat queued events
-        if self.ready:
-            self._start(client, preamble)
-        else:
-            client.writer.write(preamble)
-            self.waiting.add(client)
+        self._start(client, preamble)
 
     def _start(self, client: Client, preamble: bytes = b"") -> None:
-        """The one place a stream gets what it is owed before live events, and its cap."""
+        """The one place a stream's first bytes are written: `preamble` at once, and what
+        it is owed before live events (a replay or a snapshot) at once if the hub is ready,
+        else when the first load lands (which calls this again)."""
+        if not self.ready:
+            client.writer.write(preamble)
+            self.waiting.add(client)
+            return
         self.subscribers.setdefault(client.scope, set()).add(client)
         frames = self.initial_frames(client.scope, client.cursor)
         client.writer.write(preamble + chunk(frames) if frames else preamble)
