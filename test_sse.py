@@ -1744,26 +1744,26 @@ def test_torn_errors_map_to_clear_statuses():
     assert t.torn_error_to_http(16).extra == {"torn_error_code": 16, "access_needed": "Public Only"}
 
 
-def test_client_address_trusts_x_forwarded_for_only_when_told():
-    req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4"})
-    assert t.client_address("10.0.0.1:5555", req, False) == "10.0.0.1"
-    assert t.client_address("10.0.0.1:5555", req, True) == "1.2.3.4"
-    assert t.client_address("[::1]:5555", _req("/auth/torn"), True) == "[::1]"
+def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
+    req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4, 104.22.17.40"})
+    assert t.client_address("10.0.0.1:5555", req, 0) == "10.0.0.1"
+    assert t.client_address("10.0.0.1:5555", req, 1) == "104.22.17.40"
+    assert t.client_address("10.0.0.1:5555", req, 2) == "1.2.3.4"  # Render: Cloudflare, its proxy
+    assert t.client_address("10.0.0.1:5555", req, 4) == "10.0.0.1"  # a shorter chain: not ours
+    assert t.client_address("[::1]:5555", _req("/auth/torn"), 2) == "[::1]"
 
 
 def test_a_member_writes_only_in_their_own_name():
     member = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
-    assert t.writer_of(member, {"caller_id": None, "caller_name": "Zed"}, True) == (1001, "Ann")
-    assert t.writer_of(member, {"caller_id": 1001, "caller_name": None}, True) == (1001, "Ann")
+    assert t.writer_of(member, {"caller_id": None, "caller_name": "Zed"}) == (1001, "Ann")
+    assert t.writer_of(member, {"caller_id": 1001, "caller_name": None}) == (1001, "Ann")
     with pytest.raises(t.HttpError) as e:
-        t.writer_of(member, {"caller_id": 1002, "caller_name": None}, True)
+        t.writer_of(member, {"caller_id": 1002, "caller_name": None})
     assert e.value.status == 403 and "signed in as Ann [1001]" in e.value.message
-    faction = t.Grant(111, "main")
-    assert t.writer_of(faction, {"caller_id": 7, "caller_name": None}, False) == (7, None)
-    with pytest.raises(t.HttpError, match="caller_name is required"):
-        t.writer_of(faction, {"caller_id": 7, "caller_name": None}, True)
-    with pytest.raises(t.HttpError, match="caller_id is required"):
-        t.writer_of(faction, {"caller_id": None, "caller_name": "Ann"}, False)
+    assert t.writer_of(t.Grant(111, "main"), {"caller_id": 7, "caller_name": None}) == (7, None)
+    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x", "Content-Type: application/json"))
+    assert t.parse_body(req, b'{"target_id": 3}', t.MEMBER_CALL_FIELDS)["caller_id"] is None
+    assert t.parse_body(req, b'{"force": true}', t.MEMBER_UNCALL_FIELDS)["force"] is True
 
 
 def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
@@ -1860,8 +1860,14 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
     listing = await asyncio.to_thread(run_cli, db, "token", "list")
     assert listing.returncode == 0, listing.stderr
     assert re.search(r"member .*Ann \[1001\]", listing.stdout), listing.stdout
-    revoked = await asyncio.to_thread(run_cli, db, "token", "revoke", "--player", "1001")
-    assert revoked.returncode == 0 and "revoked 1 member tokens" in revoked.stderr
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    try:
+        await stream.next()
+        revoked = await asyncio.to_thread(run_cli, db, "token", "revoke", "--player", "1001")
+        assert revoked.returncode == 0 and "revoked 1 member tokens" in revoked.stderr
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+    finally:
+        await stream.close()
     assert (await http(server.port, "GET", "/calls", bearer(token))).status == 401
 
 
@@ -1931,13 +1937,13 @@ async def test_torn_slow_or_down_gets_503_with_retry_after_and_never_blocks(torn
 
 
 async def test_a_sign_in_storm_costs_one_torn_request_per_player(torn_server, torn, conn):
-    server = torn_server(TRUST_X_FORWARDED_FOR="1", SIGNINS_PER_MINUTE="60")  # bursts of 10
+    server = torn_server(TRUSTED_PROXIES="2", SIGNINS_PER_MINUTE="60")  # bursts of 10
     players = [(1001 + i, torn.add_player(1001 + i, f"P{i}", RED_ID)) for i in range(50)]
     torn.latency = 0.2  # answers take a while: sign-ins of the same key arrive meanwhile
 
     async def one(player_id: int, key: str):
-        return player_id, await sign_in(server.port, key, {
-            "X-Forwarded-For": f"203.0.113.9, 10.0.{player_id // 256}.{player_id % 256}"})
+        return player_id, await sign_in(server.port, key, {  # as on Render, behind Cloudflare
+            "X-Forwarded-For": f"10.0.{player_id // 256}.{player_id % 256}, 104.22.17.40"})
 
     results = await asyncio.gather(*(one(pid, key) for _ in range(10) for pid, key in players))
     assert [r.status for _, r in results] == [200] * 500, [r for _, r in results if r.status != 200][:3]
@@ -1948,7 +1954,7 @@ async def test_a_sign_in_storm_costs_one_torn_request_per_player(torn_server, to
 
 
 async def test_sign_ins_are_limited_per_client_address(torn_server, torn):
-    server = torn_server(SIGNINS_PER_MINUTE="1", TRUST_X_FORWARDED_FOR="1")  # bursts of five
+    server = torn_server(SIGNINS_PER_MINUTE="1", TRUSTED_PROXIES="1")  # bursts of five
     key = torn.add_player(1001, "Ann", RED_ID)
 
     async def from_(address: str) -> int:

@@ -261,8 +261,9 @@ SETTINGS = (
             "days a member token from POST /auth/torn stays valid"),
     Setting("SIGNINS_PER_MINUTE", "20", _positive_int,
             "POST /auth/torn per minute per client address (bursts of five); more get 429"),
-    Setting("TRUST_X_FORWARDED_FOR", "0", _bool, "behind a proxy that appends the client's "
-            "address to X-Forwarded-For (Render does): use that address for per-client limits"),
+    Setting("TRUSTED_PROXIES", "0", _non_negative_int, "proxies in front of the server that "
+            "append to X-Forwarded-For, whose entry that far from the right is then the client "
+            "address for per-client limits (Render: 2, Cloudflare then Render's proxy)"),
     Setting("TORN_API_URL", "https://api.torn.com/v2", _http_url,
             "Torn's API v2, asked who owns a key at sign-in (tests point it at fake_torn.py)"),
     Setting("TORN_TIMEOUT_SECONDS", "5", _positive_float,
@@ -306,7 +307,7 @@ class Config(argparse.Namespace):
 def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
     """Every setting is an environment variable with a mirroring --flag; flags win."""
     parser = argparse.ArgumentParser(
-        prog="torncat_sse.py",
+        prog="torncat_sse.py", allow_abbrev=False,  # `token create --faction` vs --factions
         description="TornCat SSE: real-time target calls over Server-Sent Events.",
         epilog="Each option can also be set by the environment variable shown in capitals. "
                "Prefer the environment for secrets: command lines are visible to other users.")
@@ -738,28 +739,27 @@ def _bool_field(value: object, name: str) -> bool:
     return value
 
 
-# Fields of the calls API: name -> (parser, required). The caller is required too,
-# but only with a faction token: a member token names its player (see `writer_of`).
-CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, False),
-               "caller_name": (_name_field, False), "target_name": (_name_field, False),
+# Fields of the calls API: name -> (parser, required)
+CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
+               "caller_name": (_name_field, True), "target_name": (_name_field, False),
                "war_id": (_id_field, False)}
-UNCALL_FIELDS = {"caller_id": (_id_field, False), "caller_name": (_name_field, False),
+UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
                  "force": (_bool_field, False)}
+# With a member token the token names the caller: the body need not (see `writer_of`).
+_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
+MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
+MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
 
 
-def writer_of(grant: Grant, f: dict, name_required: bool) -> tuple[int, str | None]:
+def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
     """Who makes this write: the signed-in player of a member token (a body naming someone
     else is refused), else the caller the body names, as the seed had it."""
-    if grant.player_id is not None:
-        if f["caller_id"] not in (None, grant.player_id):
-            raise HttpError(403, f"you are signed in as {grant.player_name} "
-                            f"[{grant.player_id}]: you cannot write in another player's name")
-        return grant.player_id, grant.player_name
-    if f["caller_id"] is None:
-        raise HttpError(400, "caller_id is required")
-    if name_required and f["caller_name"] is None:
-        raise HttpError(400, "caller_name is required")
-    return f["caller_id"], f["caller_name"]
+    if grant.player_id is None:
+        return f["caller_id"], f["caller_name"]
+    if f["caller_id"] not in (None, grant.player_id):
+        raise HttpError(403, f"you are signed in as {grant.player_name} "
+                        f"[{grant.player_id}]: you cannot write in another player's name")
+    return grant.player_id, grant.player_name
 
 
 def _no_constants(name: str) -> None:
@@ -1363,7 +1363,8 @@ class App:
                 self._require(req, ("GET", "HEAD", "POST"))
                 grant = self.auth.grant(req)
                 if req.method == "POST":
-                    fields = parse_body(req, body, CALL_FIELDS)
+                    fields = parse_body(req, body, CALL_FIELDS if grant.player_id is None
+                                        else MEMBER_CALL_FIELDS)
                     self._spawn(conn, req, cors, self.make_call(grant, fields, cors))
                 else:
                     conn.respond(self.poll(grant, req, cors), req.keep_alive)
@@ -1373,7 +1374,8 @@ class App:
                 self._require(req, ("POST",) if m.group(2) else ("DELETE",))
                 grant = self.auth.grant(req)
                 target = _id_field(int(m.group(1)), "target_id")
-                fields = parse_body(req, body, UNCALL_FIELDS)
+                fields = parse_body(req, body, UNCALL_FIELDS if grant.player_id is None
+                                    else MEMBER_UNCALL_FIELDS)
                 self._spawn(conn, req, cors, self.uncall(grant, target, fields, cors))
             else:
                 raise HttpError(404, "no such endpoint")
@@ -1445,7 +1447,7 @@ class App:
         """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
         client" for what happens to the key)."""
         self._require(req, ("POST",))
-        address = client_address(peer, req, self.config.trust_x_forwarded_for)
+        address = client_address(peer, req, self.config.trusted_proxies)
         budget = self.signin_budgets.get(address)
         if budget is None:
             if len(self.signin_budgets) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
@@ -1541,7 +1543,7 @@ class App:
 
     async def make_call(self, grant: Grant, f: dict, cors: list[tuple[str, str]]) -> bytes:
         """POST /calls: call a target for the token's faction."""
-        caller_id, caller_name = writer_of(grant, f, name_required=True)
+        caller_id, caller_name = writer_of(grant, f)
         self._check_rate(grant)
         row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
                              f["war_id"], f["target_id"], f["target_name"], caller_id,
@@ -1559,7 +1561,7 @@ class App:
     async def uncall(self, grant: Grant, target: int, f: dict,
                      cors: list[tuple[str, str]]) -> bytes:
         """DELETE /calls/<target> or POST /calls/<target>/uncall."""
-        by_id, by_name = writer_of(grant, f, name_required=False)
+        by_id, by_name = writer_of(grant, f)
         self._check_rate(grant)
         row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
                              target, by_id, by_name, bool(f["force"]))
@@ -2177,13 +2179,16 @@ def _key_field(value: object, name: str) -> str:
 SIGNIN_FIELDS = {"key": (_key_field, True)}
 
 
-def client_address(peer: str, req: Request, trust_forwarded: bool) -> str:
-    """The address per-client limits count by: the peer, or behind a trusted proxy the
-    address that proxy appended last to X-Forwarded-For (earlier ones are the client's say)."""
-    if trust_forwarded:
-        forwarded = req.headers.get("x-forwarded-for", "").rpartition(",")[2].strip()
-        if forwarded:
-            return forwarded
+def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
+    """The address per-client limits count by. Each proxy appends the address it got the
+    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
+    right is the client's; entries left of it are the client's own say. On Render a request
+    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
+    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
+    if trusted_proxies:
+        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
+        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
+            return chain[-trusted_proxies]
     return peer.rpartition(":")[0] or peer
 
 
