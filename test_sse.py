@@ -1781,14 +1781,16 @@ def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
     row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
     assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
     assert auth.db[t.token_digest("tm_ann")] is mine
-    assert auth.faction_ids() == {111}  # from the faction token: a member token is no faction's
+    assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
     faction_grant = auth.grant(_req("/x?token=faction-token-of-111"))
     assert auth.set_db_tokens([row]) == {faction_grant}
     # ...and a token past its expiry is refused with the reason.
     with pytest.raises(t.HttpError, match="expired"):
         auth.grant(_req("/events?token=tm_ann"))
-    assert auth.drop([t.token_digest("tm_ann")]) == {mine}
+    assert auth.expire(time.time() - 2) == set()
+    assert auth.expire(time.time()) == {mine}
     assert _status(auth, _req("/events?token=tm_ann")) == 401
+    assert auth.drop([t.token_digest("tm_ann")]) == set()
 
 
 @pytest.fixture

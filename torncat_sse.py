@@ -41,7 +41,9 @@ and resumes where it was, while everyone else keeps receiving.
 
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
-snapshots, replays and polls carry that faction's calls only. The seed's
+snapshots, replays and polls carry that faction's calls only. A member can also
+sign in with their own Torn API key (`POST /auth/torn`, see "The Torn API client"
+below) for a member token: their faction's calls, every write in their name. The seed's
 SECRET_TOKEN, or no token at all, sees every faction. The calls API
 (`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N` for clients that
 cannot stream) writes through SQL functions of trigger.sql that decide in one
@@ -631,8 +633,9 @@ class Auth:
     depend on the digest, which tells an attacker nothing about the token.
     Until the table has been read once, a token that is not in the environment
     cannot be checked: such requests get 503, never a wrong answer. The server is
-    open (no token needed) only while no token was ever configured: once the table
-    holds a row, revoking the last token does not open it to everyone.
+    open (no token needed) only while no token was ever configured and FACTIONS is
+    unset: once the table holds a row, revoking the last token does not open it to
+    everyone. Member tokens (POST /auth/torn) live in the same table.
     """
 
     def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...],
@@ -646,6 +649,7 @@ class Auth:
         self._all = dict(self.env)
         self.closed = bool(factions)  # FACTIONS: members sign in, so nobody gets in without
         self.required = bool(self.env) or self.closed
+        self.token_factions = {g.faction for g in self.env.values() if g.faction is not None}
         # Member tokens this process issued that no read of the table has shown yet: a
         # read that began before their INSERT committed must not make them vanish.
         self.pending: dict[bytes, Grant] = {}
@@ -669,6 +673,8 @@ class Auth:
         self.db = new
         self._all = {**new, **self.env}
         self.required = bool(self.env) or self.closed or bool(rows)
+        self.token_factions = {g.faction for g in self._all.values()  # they may sign in
+                               if g.faction is not None and g.player_id is None}
         return {grant for digest, grant in old.items() if new.get(digest) is not grant}
 
     def add_member(self, digest: bytes, grant: Grant) -> None:
@@ -689,10 +695,10 @@ class Auth:
                 gone.add(grant)
         return gone
 
-    def faction_ids(self) -> set[int]:
-        """Factions that hold a faction token (their members may sign in)."""
-        return {g.faction for g in self._all.values()
-                if g.faction is not None and g.player_id is None}
+    def expire(self, now: float) -> set[Grant]:
+        """Forget member tokens past their expiry; returns their grants (to end streams)."""
+        ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
+        return self.drop(list(ended))
 
     def grant(self, req: Request) -> Grant:
         """The grant for this request; HttpError 401 without a valid token."""
@@ -1468,7 +1474,8 @@ class App:
         if who.faction_id is None:
             raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
                             "shares calls within a faction")
-        if who.faction_id not in set(self.config.factions) | self.auth.faction_ids():
+        if who.faction_id not in self.config.factions and \
+                who.faction_id not in self.auth.token_factions:
             raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
                             extra={"faction_id": who.faction_id})
         token = "tm_" + secrets.token_urlsafe(24)
@@ -1601,6 +1608,12 @@ class App:
         while True:
             await asyncio.sleep(self.config.keepalive_seconds)
             self.hub.keepalive()
+
+    async def member_expiry_loop(self) -> None:
+        """End the streams of member tokens that expired while streaming."""
+        while True:
+            await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
+            self.revoke(self.auth.expire(time.time()))
 
     async def stats_loop(self) -> None:
         """Seed step 6: log the number of active connections, once a minute."""
@@ -1985,6 +1998,7 @@ SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-s
 SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
 SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
 SIGNIN_ADDRESSES_MAX = 10_000    # client addresses with a sign-in budget held at most
+MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
 TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
 TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
 TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
@@ -2276,7 +2290,7 @@ async def serve(config: Config, dsn: str) -> None:
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
         app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop())]
+        app.prune_loop(), app.member_expiry_loop())]
     await stop.wait()
     server.close()
     await app.shutdown()
