@@ -248,7 +248,7 @@ class FakeTorn:
         if owner.status is not None:
             return 200, error_body(owner.status)
         category, selection, level = ROUTES[route]
-        if owner.level == 0:
+        if level and owner.level == 0:  # level 0: "Available for any key" (/key/info)
             if selection not in (owner.selections or {}).get(category, []):
                 return 200, error_body(16)
         elif owner.level < level:

@@ -1744,6 +1744,15 @@ def test_torn_errors_map_to_clear_statuses():
     assert t.torn_error_to_http(16).extra == {"torn_error_code": 16, "access_needed": "Public Only"}
 
 
+def test_torn_api_url_is_https_except_on_loopback():
+    assert t.parse_settings([], {}).torn_api_url == "https://api.torn.com/v2"
+    assert t.parse_settings(["--torn-api-url", "http://127.0.0.1:8099/v2/"], {}).torn_api_url == (
+        "http://127.0.0.1:8099/v2")
+    for url in ("http://api.torn.com/v2", "ftp://x/v2", "https://api.torn.com/v2?key=x"):
+        with pytest.raises(SystemExit):
+            t.parse_settings(["--torn-api-url", url], {})
+
+
 def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
     req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4, 104.22.17.40"})
     assert t.client_address("10.0.0.1:5555", req, 0) == "10.0.0.1"
@@ -2070,3 +2079,35 @@ async def test_the_key_never_reaches_logs_errors_or_the_database(torn_server, to
         assert key not in dump, key
         assert not any(key in body for body in bodies), key
     assert "/auth/torn?key=REDACTED" in server.log
+
+
+async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):
+    async def get(path: str, key: str | None = None, **headers: str):
+        hdrs = {"Authorization": f"ApiKey {key}"} if key else {}
+        return (await http(torn.port, "GET", "/v2" + path, {**hdrs, **headers})).json()
+
+    torn.factions[RED_ID].ranked_war = {
+        "war_id": 9, "start": 1, "end": None, "target": 100, "winner": None,
+        "factions": [{"id": RED_ID, "name": "Red", "score": 3, "chain": 1},
+                     {"id": BLUE_ID, "name": "Blue", "score": 2, "chain": 0}]}
+    key = torn.add_player(1001, "Ann", RED_ID)
+    info = (await get("/key/info", key))["info"]
+    assert info["user"] == {"id": 1001, "faction_id": RED_ID, "company_id": None}
+    assert (info["access"]["level"], info["access"]["type"]) == (1, "Public Only")
+    assert (await get(f"/user/basic?key={key}"))["profile"]["name"] == "Ann"
+    profile = (await get("/user/profile", key))["profile"]
+    assert (profile["id"], profile["name"], profile["faction_id"]) == (1001, "Ann", RED_ID)
+    wars = await get("/faction/wars", key)
+    assert wars["wars"]["ranked"]["factions"][1]["id"] == BLUE_ID and wars["pacts"] == []
+    member = (await get(f"/faction/{RED_ID}/members", key))["members"][0]
+    assert (member["id"], member["status"]["state"], member["status"]["until"]) == (1001, "Okay", None)
+    assert {"last_action", "days_in_faction", "position", "revive_setting"} <= set(member)
+    assert await get("/user/profile") == {"error": {"code": 1, "error": "Key is empty"}}
+    assert (await get("/user/profile", "WrongWrongWrong1"))["error"]["code"] == 2
+    assert (await get("/faction/999/members", key))["error"]["code"] == 6
+    # 100 requests a minute per player, across their keys; the 101st is code 5.
+    other_key = torn.add_key(1001)
+    for _ in range(100 - 6):
+        assert "profile" in await get("/user/basic", other_key)
+    assert (await get("/user/basic", key))["error"]["code"] == 5
+    assert torn.count("/user/basic") == 1 + 94 + 1

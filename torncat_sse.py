@@ -220,6 +220,9 @@ def _http_url(value: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise ValueError("expected a URL like https://api.torn.com/v2")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("http:// only on this machine (a fake Torn API): players' keys "
+                         "travel to Torn over https")
     return url
 
 
