@@ -2111,3 +2111,14 @@ async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):
         assert "profile" in await get("/user/basic", other_key)
     assert (await get("/user/basic", key))["error"]["code"] == 5
     assert torn.count("/user/basic") == 1 + 94 + 1
+
+
+async def test_a_token_issued_by_one_server_works_on_the_other_after_a_storm(torn_server, torn):
+    first, second = torn_server(), torn_server()
+    keys = [torn.add_player(1001 + i, f"P{i}", RED_ID) for i in range(60)]
+    answers = await asyncio.gather(*(sign_in(first.port, key) for key in keys))
+    tokens = [a.json()["token"] for a in answers]
+    # The other server learns of them through the token table's NOTIFY.
+    await second.await_log(r"tokens: 60 active in the database")
+    statuses = [(await http(second.port, "GET", "/calls", bearer(tok))).status for tok in tokens]
+    assert statuses == [200] * len(tokens), statuses.count(401)
