@@ -1756,11 +1756,20 @@ def strip_options(argv: list[str], names: set[str]) -> list[str]:
 
 
 def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
-    import subprocess
+    import shutil
     import tempfile
 
-    rev = args.compare
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    try:
+        return compare_in(args, argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_in(args: argparse.Namespace, argv: list[str], tmp: Path) -> int:
+    import subprocess
+
+    rev = args.compare
     try:
         sha = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", rev],
                              capture_output=True, text=True, check=True).stdout.strip()
@@ -1775,40 +1784,63 @@ def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
                           capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "torncat_sse.py",
                             "trigger.sql"], capture_output=True, text=True).stdout.strip()
-    base = strip_options(argv, {"--compare", "--json"})
+    base = strip_options(argv, {"--compare", "--json", "--rounds"})
     sides = [(f"old: {rev}" + ("" if sha.startswith(rev) else f" ({sha})"),
               tmp / "torncat_sse.py", tmp / "trigger.sql"),
              (f"new: working tree ({head}{' + changes' if dirty else ''})",
               HERE / "torncat_sse.py", HERE / "trigger.sql")]
-    results = []
-    for label, script, trigger in sides:
-        out = tmp / f"{len(results)}.json"
-        print(f"[{time.strftime('%H:%M:%S')}] --compare: running the bench against {label}",
-              file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(THIS_SCRIPT), *base,
-                               "--server-script", str(script), "--trigger-sql", str(trigger),
-                               "--json", str(out)], stdout=subprocess.DEVNULL)
-        if proc.returncode != 0 or not out.exists():
-            print(f"bench_sse: --compare: the run against {label} failed ({proc.returncode})",
-                  file=sys.stderr)
-            return 1
-        results.append((label, json.loads(out.read_text())))
-    combined = {"compare": [{"label": label, **r} for label, r in results]}
+    # Rounds in the order old new, new old, old new, ...: on a shared machine load drifts,
+    # and each side gets the first and the second slot equally often.
+    runs: list[list[dict]] = [[], []]
+    for rnd in range(args.rounds):
+        for side in ((0, 1) if rnd % 2 == 0 else (1, 0)):
+            label, script, trigger = sides[side]
+            out = tmp / f"{rnd}-{side}.json"
+            print(f"[{time.strftime('%H:%M:%S')}] --compare: round {rnd + 1}/{args.rounds}, "
+                  f"the bench against {label}", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, str(THIS_SCRIPT), *base,
+                                   "--server-script", str(script), "--trigger-sql", str(trigger),
+                                   "--json", str(out)], stdout=subprocess.DEVNULL)
+            if proc.returncode != 0 or not out.exists():
+                print(f"bench_sse: --compare: the run against {label} failed ({proc.returncode})",
+                      file=sys.stderr)
+                return 1
+            runs[side].append(json.loads(out.read_text()))
+    results = [(sides[i][0], runs[i]) for i in (0, 1)]
+    combined = {"compare": [{"label": label, "runs": rs} for label, rs in results]}
     print(render_compare(results))
     if args.json:
         Path(args.json).write_text(json.dumps(combined, indent=1, default=str) + "\n")
     return 0
 
 
-def render_compare(results: list[tuple[str, dict]]) -> str:
-    (old_label, old), (new_label, new) = results
+def render_compare(results: list[tuple[str, list[dict]]]) -> str:
+    """Side by side; with several rounds each cell is the median, (min-max) after it."""
+    (old_label, olds), (new_label, news) = results
 
-    def get(r: dict, *path):
+    def get1(r: dict, path):
         for key in path:
             if not isinstance(r, dict):
                 return None
             r = r.get(key)
         return r
+
+    def values(rs: list[dict], path, conv) -> list[float]:
+        vs = [get1(r, path) for r in rs]
+        vs = [conv(v) if conv else v for v in vs if v is not None]
+        return sorted(vs)
+
+    def median(vs: list[float]) -> float | None:
+        if not vs:
+            return None
+        n = len(vs)
+        return vs[n // 2] if n % 2 else (vs[n // 2 - 1] + vs[n // 2]) / 2
+
+    def cell(vs: list[float]) -> str:
+        m = median(vs)
+        if m is None:
+            return "-"
+        return f"{m:,.4g}" + (f" ({vs[0]:,.4g}-{vs[-1]:,.4g})" if len(vs) > 1 else "")
 
     def ms(v):
         return None if v is None else v * 1000
@@ -1827,30 +1859,30 @@ def render_compare(results: list[tuple[str, dict]]) -> str:
         ("client workers CPU per 1,000 deliveries, ms",
          ("burst", "client_cpu_s_per_1000_deliveries"), ms),
         ("machine busy during the burst, %", ("burst", "machine_busy_percent"), None),
+        ("CPU s of other load during the burst", ("burst", "other_cpu_s"), None),
     ]
-    c = old["config"]
+    c = olds[0]["config"]
+    rounds = len(olds)
+    order = "old first" if rounds == 1 else f"{rounds} rounds, old/new order alternating; " \
+                                            "median (min-max)"
     lines = [f"{c['clients']:,} clients, {c['events']} events at {c['rate']:g}/s, then a storm of "
-             f"{c['clients']:,}; one machine, back to back ({old_label} first)", "",
+             f"{c['clients']:,}; one machine, back to back ({order})", "",
              f"| | {old_label} | {new_label} | delta |", "|---|---:|---:|---:|"]
     for name, path, conv in rows:
         if path is None:
-            key = "burst" if "burst" in name else "storm"
-            sub = (lambda r: r.get("burst", {})) if key == "burst" else \
-                  (lambda r: r.get("storm", {}).get("post_check", {}))
-            a, b = sub(old), sub(new)
-            lines.append(f"| {name} | {a.get('missed')} / {a.get('duplicated')} | "
-                         f"{b.get('missed')} / {b.get('duplicated')} | |")
+            where = ("burst",) if "burst" in name else ("storm", "post_check")
+            a, b = (tuple(sum(get1(r, (*where, k)) or 0 for r in rs)
+                          for k in ("missed", "duplicated")) for rs in (olds, news))
+            lines.append(f"| {name} | {a[0]} / {a[1]} | {b[0]} / {b[1]} | |")
             continue
-        a, b = get(old, *path), get(new, *path)
-        if conv:
-            a, b = conv(a), conv(b)
+        va, vb = values(olds, path, conv), values(news, path, conv)
+        a, b = median(va), median(vb)
         if a is None or b is None:
             delta = ""
         else:
             d = b - a
             delta = f"{d:+,.4g}" + (f" ({100 * d / a:+.0f} %)" if a else "")
-        lines.append(f"| {name} | {'-' if a is None else f'{a:,.4g}'} | "
-                     f"{'-' if b is None else f'{b:,.4g}'} | {delta} |")
+        lines.append(f"| {name} | {cell(va)} | {cell(vb)} | {delta} |")
     return "\n".join(lines)
 
 
@@ -2130,6 +2162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the bench twice, back to back with the same arguments: against "
                         "REV's torncat_sse.py and trigger.sql (git show), then against the "
                         "working tree's; print both side by side with the differences")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--compare: rounds (old new, new old, ...); the table shows medians")
     p.add_argument("--shapes", action="store_true",
                    help="memory per idle stream of the candidate connection shapes (start_server "
                         "handler kept alive / returning, bare asyncio.Protocol), each a minimal "
