@@ -1587,11 +1587,14 @@ def faction_tokens(n: int) -> list[tuple[int, str]]:
 SHAPES = {
     "keep": "asyncio.start_server, handler alive awaiting EOF (the server's shape)",
     "return": "asyncio.start_server, handler returns; the set keeps the writer",
+    "handoff": "asyncio.start_server, handler reads the request, then hands the transport "
+               "to a small Protocol (set_protocol) and returns",
     "protocol": "asyncio.Protocol via loop.create_server (the old shape)",
 }
 SHAPE_SNDBUF = 64 * 1024        # torncat_sse.STREAM_SNDBUF: the server caps each stream's send buffer
 SHAPE_HEAD_LIMIT = 16 * 1024    # torncat_sse.MAX_HEAD_BYTES: the server's StreamReader limit
 SHAPE_READ_CHUNK = 16 * 1024    # torncat_sse.READ_CHUNK
+SHAPE_COUNT_SECONDS = 0.2       # how often a shape server prints its number of registered streams
 SHAPE_WARMUP = 50               # connections opened and closed before the baseline RSS: code paths
                                 # and first allocations, few enough not to pre-grow the heap
 SHAPE_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -1634,6 +1637,32 @@ def shape_server_main(kind: str) -> None:
             start(writer, writer.write)
             subscribers.add(writer)   # disconnects would be found by the next write
 
+    class Held(asyncio.Protocol):
+        """What a handed-off stream keeps: its transport; connection_lost unregisters it."""
+
+        __slots__ = ("transport",)
+
+        def __init__(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            pass  # what a stream's client sends is ignored
+
+        def connection_lost(self, exc) -> None:
+            subscribers.discard(self)
+
+    async def handoff(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            start(writer, writer.write)
+            transport = writer.transport
+            if transport.is_closing():
+                return
+            held = Held(transport)
+            transport.set_protocol(held)   # the StreamReader, StreamWriter and task can go
+            subscribers.add(held)
+
     class Stream(asyncio.Protocol):
         __slots__ = ("transport", "buf")
 
@@ -1657,12 +1686,19 @@ def shape_server_main(kind: str) -> None:
         if kind == "protocol":
             server = await loop.create_server(Stream, "127.0.0.1", 0, backlog=4096)
         else:
-            server = await asyncio.start_server(keep if kind == "keep" else returns, "127.0.0.1",
-                                                0, limit=SHAPE_HEAD_LIMIT, backlog=4096)
+            handler = {"keep": keep, "return": returns, "handoff": handoff}[kind]
+            server = await asyncio.start_server(handler, "127.0.0.1", 0, limit=SHAPE_HEAD_LIMIT,
+                                                backlog=4096)
         print(f"listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
+        shown = -1
+        while not stop.is_set():   # the registered streams, whenever their number changes
+            if len(subscribers) != shown:
+                shown = len(subscribers)
+                print(f"subscribers {shown}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SHAPE_COUNT_SECONDS)
         server.close()
 
     uvloop.run(main())
@@ -1707,10 +1743,17 @@ async def run_shapes(args: argparse.Namespace) -> dict:
                     await asyncio.sleep(args.settle)
                     rss = tree.rss()
                     await ask_all(workers, "close_all", wait=60)
+                    # Does the server notice that its clients left, without writing to them?
+                    with contextlib.suppress(AssertionError):
+                        await server.await_log(r"^subscribers 0$", timeout=2.0,
+                                               start=server.mark() - 1)
+                    left = int(next(line for line in reversed(server.lines)
+                                    if line.startswith("subscribers ")).split()[1])
                     per = round((rss - base) / n) if base and rss else None
                     results["shapes"][kind][str(n)] = {
                         "streams": got, "rss_before_mb": mb(base), "rss_idle_mb": mb(rss),
-                        "rss_per_idle_stream_bytes": per}
+                        "rss_per_idle_stream_bytes": per,
+                        "still_registered_2s_after_clients_left": left}
                     print(f"[{time.strftime('%H:%M:%S')}] shape {kind}: {got}/{n} streams, "
                           f"{per} B each", file=sys.stderr, flush=True)
                 finally:
@@ -1724,9 +1767,11 @@ async def run_shapes(args: argparse.Namespace) -> dict:
 def render_shapes(r: dict) -> str:
     counts = r["clients"]
     lines = [f"RSS per idle stream, bytes (server RSS with N streams minus before them, / N; "
-             f"uvloop; after {r['warmup']} warm-up connections)", "",
-             "| shape | " + " | ".join(f"{n:,} streams" for n in counts) + " |",
-             "|---|" + "---:|" * len(counts)]
+             f"uvloop; after {r['warmup']} warm-up connections); streams still registered 2 s "
+             f"after all clients closed", "",
+             "| shape | " + " | ".join(f"{n:,} streams" for n in counts)
+             + " | still registered after the clients left |",
+             "|---|" + "---:|" * (len(counts) + 1)]
     for kind, v in r["shapes"].items():
         cells = []
         for n in counts:
@@ -1734,7 +1779,9 @@ def render_shapes(r: dict) -> str:
             per = x.get("rss_per_idle_stream_bytes")
             cells.append("-" if per is None else f"{per:,}"
                          + ("" if x.get("streams") == n else f" ({x.get('streams')}/{n} up)"))
-        lines.append(f"| {kind}: {v['what']} | " + " | ".join(cells) + " |")
+        left = [v.get(str(n), {}).get("still_registered_2s_after_clients_left") for n in counts]
+        lines.append(f"| {kind}: {v['what']} | " + " | ".join(cells) + " | "
+                     + " / ".join("-" if x is None else f"{x:,}" for x in left) + " |")
     return "\n".join(lines)
 
 
