@@ -1692,6 +1692,17 @@ def shape_server_main(kind: str) -> None:
         print(f"listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        def collect() -> None:
+            import gc
+
+            print(f"collected {gc.collect()}", flush=True)
+
+        # SIGUSR1: a full garbage collection before the bench reads RSS. The shapes that drop
+        # the streams API's objects leave them in reference cycles (StreamWriter <-> protocol),
+        # freed only when the cyclic collector runs; without this their RSS depends on when
+        # it last did.
+        loop.add_signal_handler(signal.SIGUSR1, collect)
         shown = -1
         while not stop.is_set():   # the registered streams, whenever their number changes
             if len(subscribers) != shown:
@@ -1724,51 +1735,60 @@ async def run_shapes(args: argparse.Namespace) -> dict:
                     ServerProcess, {}, ["--shape-server", kind], name=f"shape-{kind}",
                     script=THIS_SCRIPT)
                 try:
-                    tree = ProcTree(server.pid)
-                    port = server.port
-
-                    async def connect(total_n: int, port: int = port) -> int:
-                        shares = split(total_n, procs)
-                        replies = await ask_all(
-                            workers, "connect", timeout=total_n / 100 + 60,
-                            per_worker=[{"n": k} for k in shares], host="127.0.0.1", port=port,
-                            batch=args.connect_batch, wait=total_n / 200 + 30)
-                        return total(replies, "snapshots")
-
-                    await connect(SHAPE_WARMUP)
-                    await ask_all(workers, "close_all", wait=20)
-                    await asyncio.sleep(args.settle)
-                    base = tree.rss()
-                    got = await connect(n)
-                    await asyncio.sleep(args.settle)
-                    rss = tree.rss()
-                    await ask_all(workers, "close_all", wait=60)
-                    # Does the server notice that its clients left, without writing to them?
-                    with contextlib.suppress(AssertionError):
-                        await server.await_log(r"^subscribers 0$", timeout=2.0,
-                                               start=server.mark() - 1)
-                    left = int(next(line for line in reversed(server.lines)
-                                    if line.startswith("subscribers ")).split()[1])
-                    per = round((rss - base) / n) if base and rss else None
-                    results["shapes"][kind][str(n)] = {
-                        "streams": got, "rss_before_mb": mb(base), "rss_idle_mb": mb(rss),
-                        "rss_per_idle_stream_bytes": per,
-                        "still_registered_2s_after_clients_left": left}
-                    print(f"[{time.strftime('%H:%M:%S')}] shape {kind}: {got}/{n} streams, "
-                          f"{per} B each", file=sys.stderr, flush=True)
+                    out = await measure_shape(server, workers, n, args)
                 finally:
                     server.stop()
+                results["shapes"][kind][str(n)] = out
+                print(f"[{time.strftime('%H:%M:%S')}] shape {kind}: {out['streams']}/{n} streams, "
+                      f"{out['rss_per_idle_stream_bytes']} B each", file=sys.stderr, flush=True)
     finally:
         for w in workers:
             w.stop()
     return results
 
 
+async def shape_connect(workers: list[WorkerHandle], port: int, n: int,
+                        args: argparse.Namespace) -> int:
+    replies = await ask_all(workers, "connect", timeout=n / 100 + 60,
+                            per_worker=[{"n": k} for k in split(n, len(workers))],
+                            host="127.0.0.1", port=port, batch=args.connect_batch,
+                            wait=n / 200 + 30)
+    return total(replies, "snapshots")
+
+
+async def collected_rss(server: ServerProcess) -> float | None:
+    """The shape server's RSS right after a full garbage collection (SIGUSR1)."""
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGUSR1)
+    await server.await_log(r"^collected \d+$", start=mark)
+    return ProcTree(server.pid).rss()
+
+
+async def measure_shape(server: ServerProcess, workers: list[WorkerHandle], n: int,
+                        args: argparse.Namespace) -> dict:
+    await shape_connect(workers, server.port, SHAPE_WARMUP, args)
+    await ask_all(workers, "close_all", wait=20)
+    await asyncio.sleep(args.settle)
+    base = await collected_rss(server)
+    got = await shape_connect(workers, server.port, n, args)
+    await asyncio.sleep(args.settle)
+    rss = await collected_rss(server)
+    await ask_all(workers, "close_all", wait=60)
+    # Does the server notice that its clients left, without writing to them?
+    with contextlib.suppress(AssertionError):
+        await server.await_log(r"^subscribers 0$", timeout=2.0, start=server.mark() - 1)
+    left = int(next(line for line in reversed(server.lines)
+                    if line.startswith("subscribers ")).split()[1])
+    return {"streams": got, "rss_before_mb": mb(base), "rss_idle_mb": mb(rss),
+            "rss_per_idle_stream_bytes": round((rss - base) / n) if base and rss else None,
+            "still_registered_2s_after_clients_left": left}
+
+
 def render_shapes(r: dict) -> str:
     counts = r["clients"]
     lines = [f"RSS per idle stream, bytes (server RSS with N streams minus before them, / N; "
-             f"uvloop; after {r['warmup']} warm-up connections); streams still registered 2 s "
-             f"after all clients closed", "",
+             f"uvloop; after {r['warmup']} warm-up connections; each RSS read after "
+             f"gc.collect()); streams still registered 2 s after all clients closed", "",
              "| shape | " + " | ".join(f"{n:,} streams" for n in counts)
              + " | still registered after the clients left |",
              "|---|" + "---:|" * (len(counts) + 1)]
