@@ -1993,7 +1993,7 @@ def render_long_poll(r: dict) -> str:
     # the poll clients connect after the long-polls left, into a heap already grown: their
     # RSS difference says little, so only the held requests' is shown
     row("RSS per held request, B",
-        lambda m, x: m["rss_per_client_bytes"] if m is lp["long"] else None)
+        lambda m, x: f"{m['rss_per_client_bytes']:,}" if m is lp["long"] else None)
     row("client workers CPU, s", lambda m, x: x["client_cpu_s"])
     row("machine busy, %", lambda m, x: x["machine_busy_percent"])
     for rate in rates:
