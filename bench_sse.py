@@ -2275,6 +2275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--compare runs the default mode against two servers it starts itself")
     if args.long_poll and (args.url or args.workers > 1):
         p.error("--long-poll starts its own single-process server")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not 1 <= args.lp_wait <= 30 or args.factions < 1:
         p.error("--lp-wait must be 1 to 30 (the server's limits) and --factions positive")
     if args.clients < 1 or args.events < 1 or args.rate <= 0:
