@@ -54,11 +54,15 @@ import math
 import multiprocessing
 import os
 import queue
+import random
 import re
 import resource
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -532,8 +536,6 @@ class Worker:
 
     async def cmd_lp_connect(self, msg: dict) -> dict:
         """Open n poll clients (--long-poll mode); each starts asking from `since`."""
-        import random
-
         host, port = msg["host"], msg["port"]
         self.lp_mode = msg["mode"]
         wait = b"&wait=%d" % msg["wait"] if msg["mode"] == "long" else b""
@@ -1832,9 +1834,6 @@ def strip_options(argv: list[str], names: set[str]) -> list[str]:
 
 
 def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
-    import shutil
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     try:
         return compare_in(args, argv, tmp)
@@ -1843,8 +1842,6 @@ def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def compare_in(args: argparse.Namespace, argv: list[str], tmp: Path) -> int:
-    import subprocess
-
     rev = args.compare
     try:
         sha = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", rev],
