@@ -232,18 +232,16 @@ def test_call_bodies_are_trimmed_and_need_json():
     assert e.value.status == 415
 
 
-def test_parse_notification():
-    ev = t.parse_notification(json.dumps({"event_id": 5, "event": "target_uncall", "faction_id": 9,
-                                          "data": {"id": 3, "caller_name": "é"}, "ts": 1.5}))
-    assert (ev.id, ev.kind, ev.faction, ev.call_id, ev.active) == (5, "target_uncall", 9, 3, False)
-    assert ev.frame == 'id: 5\nevent: target_uncall\ndata: {"id":3,"caller_name":"é"}\n\n'.encode()
-    assert t.parse_notification('{"event_id": 6, "event": "target_call", "truncated": true}') == 6
-    for bad in ("not json", "[]", '{"event_id": "5"}',
-                '{"event_id": 5, "event": "x", "data": {"id": 1}}',
-                '{"event_id": 5, "event": "target_call"}',
-                '{"event_id": 5, "event": "target_call", "data": {}}'):
+def test_a_notification_only_announces_an_event_id():
+    assert t.announced_event_id(json.dumps({"event_id": 5, "event": "target_uncall",
+                                            "faction_id": 9, "data": {"id": 3}})) == 5
+    assert t.announced_event_id('{"event_id": 6, "event": "target_call", "truncated": true}') == 6
+    assert t.announced_event_id('{"event_id": 9223372036854775807}') == 2**63 - 1
+    for bad in ("not json", "[]", "", '{"event_id": "5"}', '{"event_id": true}',
+                '{"event_id": 0}', '{"event_id": 9223372036854775808}', '{"event_id": 5.0}',
+                "[" * 5000):
         with pytest.raises(ValueError):
-            t.parse_notification(bad)
+            t.announced_event_id(bad)
 
 
 def test_faction_tokens_setting():
@@ -437,6 +435,14 @@ async def call(conn, caller_id: int, target_id: int, **columns) -> int:
                                f"VALUES ({placeholders}) RETURNING id", *values)
 
 
+async def applied(server, event_id: int) -> None:
+    """Wait until the server has read `event_id` from the log (it reads on each NOTIFY)."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < event_id:
+        assert time.monotonic() < deadline, f"event {event_id} not applied in time"
+        await asyncio.sleep(0.02)
+
+
 async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
     server = live_server()
     client = await SseClient(server.port).connect()
@@ -563,6 +569,7 @@ async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_serve
     server = live_server(REPLAY_EVENTS="3")
     for i in range(6):
         await call(conn, i, 100 + i)
+    await applied(server, 6)
     for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
         client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
         try:
@@ -680,7 +687,10 @@ async def test_routes_methods_and_health(live_server):
     server = live_server()
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 200
-    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "last_event_id": 0}
+    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "last_event_id": 0,
+                        "database": {"pool": "unused", "pool_connections": 0,
+                                     "pool_idle_connections": 0, "timeouts": 0,
+                                     "terminated_connections": 0}}
     assert (await http(server.port, "HEAD", "/healthz")).body == b""
     assert (await http(server.port, "GET", "/nope")).status == 404
     r = await http(server.port, "POST", "/events", body=b"{}")
