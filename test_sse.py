@@ -9,6 +9,7 @@ never on sleeps; "nothing arrived" is proved with a short timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -1733,3 +1734,238 @@ def test_ci_runs_exactly_the_readme_test_command():
     script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
               if line and not line.startswith("#")]
     assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is
+
+
+# ---------------------------------------------------------------------------
+# Faults (issue 12): dead database links and forged notifications
+# ---------------------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-sees-every-faction-0123"
+SERVER_BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%'"
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Postgres that can stop forwarding on the connections it
+    has while keeping both of their sockets open, as a network blackhole, a pooler
+    failover or a NAT that dropped its state looks to each end. New connections pass."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.flows: list[asyncio.Event] = []  # one per connection: set while it forwards
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> FreezingProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        self.tasks.add(asyncio.current_task())
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        flowing = asyncio.Event()
+        flowing.set()
+        self.flows.append(flowing)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    await flowing.wait()
+                    data = await src.read(65536)
+                    await flowing.wait()  # what arrived while frozen stays here
+                    if not data:
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def freeze(self) -> None:
+        for flowing in self.flows:
+            flowing.clear()
+
+    def thaw(self) -> None:
+        for flowing in self.flows:
+            flowing.set()
+
+    async def close(self) -> None:
+        self.thaw()
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def each_worker_logs(server, pattern: str, start: int, workers: int) -> None:
+    """Wait until every worker (WORKERS=N prefixes its lines with [wN]) has logged `pattern`."""
+    if workers == 1:
+        await server.await_log(pattern, start=start)
+        return
+    for number in range(workers):
+        await server.await_log(rf"\[w{number}\] .*{pattern}", start=start)
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped)...: the third field of /proc/<pid>/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def wait_gone(admin, pids: list[int]) -> None:
+    """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids):
+        assert time.monotonic() < deadline, "frozen backends still there after the resume"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(("fault", "workers"), [("sigstop", 1), ("proxy", 1), ("sigstop", 2)])
+async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault, workers):
+    """Every backend of the server frozen (SIGSTOP), or every link to them blackholed (a
+    proxy): writes answer 503 fast, the listener is live again on a fresh connection while
+    the old ones are still frozen, and every committed call reaches every client once."""
+    proxy = await FreezingProxy(own_pg.port).start() if fault == "proxy" else None
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres" if proxy else own_pg.dsn()
+    probe_interval, probe_timeout = 1.0, 1.0
+    server = start_server(DATABASE_URL=dsn, WORKERS=workers, SECRET_TOKEN=ADMIN_TOKEN,
+                          PROBE_INTERVAL_SECONDS=probe_interval,
+                          PROBE_TIMEOUT_SECONDS=probe_timeout, DB_TIMEOUT_SECONDS=1)
+    await each_worker_logs(server, "postgres listener live", 0, workers)
+    admin = await asyncpg.connect(own_pg.dsn())
+    clients = [await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect()
+               for _ in range(2 * workers + 1)]
+    for c in clients:
+        assert (await c.next()).event == "snapshot"
+    # Several writes at once, so that each pool holds several connections to freeze.
+    warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
+                                  for i in range(4 * workers)))
+    assert {r.status for r in warm} == {201}
+    frozen = [r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL)]
+    assert len(frozen) > workers  # the listeners and pool connections
+    mark = server.mark()
+    frozen_at = 0.0
+
+    async def freeze() -> None:
+        nonlocal frozen_at
+        if proxy:
+            proxy.freeze()
+        else:
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+
+    try:
+        await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
+        # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
+        started = time.monotonic()
+        answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
+                                                   caller_id=7) for i in range(3 * workers)))
+        write_seconds = time.monotonic() - started
+        assert {r.status for r in answers} <= {201, 503}, answers
+        unavailable = [r for r in answers if r.status == 503]
+        assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
+        for r in unavailable:
+            assert r.headers["retry-after"].isdigit()
+            assert r.json()["outcome"] in ("unknown", "not applied")
+        # The listener gives up on its frozen link and is live again on a fresh one.
+        await each_worker_logs(server, "no answer to a probe", mark, workers)
+        await each_worker_logs(server, "postgres listener live", mark, workers)
+        recovered = time.monotonic() - frozen_at
+        if not proxy:
+            assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
+        health = await http(server.port, "GET", "/healthz")
+        assert health.status == 200 and health.json()["listener"] == "live"
+        # Events flow again, and writes go through, while the old backends stay frozen.
+        await insert_through_faults(own_pg.dsn(), range(31, 41))
+        for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
+            r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
+            if r.status != 503:
+                break
+        assert r.status == 201, r
+    finally:
+        if proxy:
+            proxy.thaw()
+        else:
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+    await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+    for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
+        if r.status == 503:
+            again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
+            assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
+    expected = await all_event_ids(own_pg.dsn())
+    for c in clients:
+        assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+    db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
+    assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
+    metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+    assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
+                     re.MULTILINE)
+    print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of {len(answers)} "
+          f"writes answered 503 within {write_seconds:.2f}s; listener live again "
+          f"{recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
+          f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
+    for c in clients:
+        await c.close()
+    await admin.close()
+    if proxy:
+        await proxy.close()
+
+
+def ignored_notifications(metrics: bytes) -> int:
+    m = re.search(rb"^torncat_notifications_ignored_total (\d+)", metrics, re.MULTILINE)
+    return int(m.group(1)) if m else -1
+
+
+@pytest.mark.faults
+async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live_server, conn, db):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    assert (await client.next()).event == "snapshot"
+    real = await call(conn, 1, 10, faction_id=200)
+    assert (await client.next()).int_id == 1
+    role = f"torncat_nobody_{os.getpid()}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
+    nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
+    try:
+        forged = [
+            {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
+             "data": {"id": 99, "caller_id": 6, "target_id": 66}},
+            {"event_id": 2, "event": "target_uncall", "faction_id": 200,  # the next real id
+             "data": {"id": real, "caller_id": 1, "target_id": 10,
+                      "uncalled_at": "2026-11-24T18:41:07.123Z"}},
+            {"event_id": 3, "event": "target_call", "faction_id": [1],
+             "data": {"id": 98, "caller_id": 5, "target_id": 55}},
+        ]
+        for payload in [*map(json.dumps, forged), "garbage {"]:
+            await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while ignored_notifications((await http(server.port, "GET", "/metrics")).body) < 4:
+            assert time.monotonic() < deadline, server.log_tail()
+            await asyncio.sleep(0.02)
+        await call(conn, 2, 11, faction_id=200)
+        ev = await client.next()
+        assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
+        await client.assert_quiet()
+        health = (await http(server.port, "GET", "/healthz")).json()
+        assert (health["status"], health["last_event_id"]) == ("ok", 2)
+        fresh = await SseClient(server.port).connect()
+        snapshot = (await fresh.next()).json
+        await fresh.close()
+        assert snapshot["last_event_id"] == 2
+        assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
+        assert ignored_notifications((await http(server.port, "GET", "/metrics")).body) == 4
+        assert server.log.count("ignoring") == 1  # once, not once per notification
+        assert "Traceback" not in server.log
+    finally:
+        await nobody.close()
+        await conn.execute(f"DROP ROLE {role}")
+        await client.close()
