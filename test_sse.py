@@ -1837,87 +1837,90 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
     server = start_server(DATABASE_URL=dsn, WORKERS=workers, SECRET_TOKEN=ADMIN_TOKEN,
                           PROBE_INTERVAL_SECONDS=probe_interval,
                           PROBE_TIMEOUT_SECONDS=probe_timeout, DB_TIMEOUT_SECONDS=1)
-    await each_worker_logs(server, "postgres listener live", 0, workers)
     admin = await asyncpg.connect(own_pg.dsn())
-    clients = [await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect()
-               for _ in range(2 * workers + 1)]
-    for c in clients:
-        assert (await c.next()).event == "snapshot"
-    # Several writes at once, so that each pool holds several connections to freeze.
-    warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
-                                  for i in range(4 * workers)))
-    assert {r.status for r in warm} == {201}
-    frozen = [r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL)]
-    assert len(frozen) > workers  # the listeners and pool connections
-    mark = server.mark()
-    frozen_at = 0.0
-
-    async def freeze() -> None:
-        nonlocal frozen_at
-        if proxy:
-            proxy.freeze()
-        else:
-            for pid in frozen:
-                os.kill(pid, signal.SIGSTOP)
-        frozen_at = time.monotonic()
-
+    clients: list[SseClient] = []
+    frozen: list[int] = []
     try:
-        await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
-        # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
-        started = time.monotonic()
-        answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
-                                                   caller_id=7) for i in range(3 * workers)))
-        write_seconds = time.monotonic() - started
-        assert {r.status for r in answers} <= {201, 503}, answers
-        unavailable = [r for r in answers if r.status == 503]
-        assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
-        for r in unavailable:
-            assert r.headers["retry-after"].isdigit()
-            assert r.json()["outcome"] in ("unknown", "not applied")
-        # The listener gives up on its frozen link and is live again on a fresh one.
-        await each_worker_logs(server, "no answer to a probe", mark, workers)
-        await each_worker_logs(server, "postgres listener live", mark, workers)
-        recovered = time.monotonic() - frozen_at
-        if not proxy:
-            assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
-        health = await http(server.port, "GET", "/healthz")
-        assert health.status == 200 and health.json()["listener"] == "live"
-        # Events flow again, and writes go through, while the old backends stay frozen.
-        await insert_through_faults(own_pg.dsn(), range(31, 41))
-        for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
-            r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
-            if r.status != 503:
-                break
-        assert r.status == 201, r
-    finally:
-        if proxy:
-            proxy.thaw()
-        else:
+        await each_worker_logs(server, "postgres listener live", 0, workers)
+        for _ in range(2 * workers + 1):
+            clients.append(await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect())
+            assert (await clients[-1].next()).event == "snapshot"
+        # Several writes at once, so that each pool holds several connections to freeze.
+        warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
+                                      for i in range(4 * workers)))
+        assert {r.status for r in warm} == {201}
+        mark = server.mark()
+        frozen_at = 0.0
+
+        async def freeze() -> None:
+            nonlocal frozen_at
+            frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
+            assert len(frozen) > workers  # the listeners and the pools' connections
+            if proxy:
+                proxy.freeze()
+            else:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+
+        try:
+            await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
+            # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
+            started = time.monotonic()
+            answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
+                                                       caller_id=7) for i in range(3 * workers)))
+            write_seconds = time.monotonic() - started
+            assert {r.status for r in answers} <= {201, 503}, answers
+            unavailable = [r for r in answers if r.status == 503]
+            assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
+            for r in unavailable:
+                assert r.headers["retry-after"].isdigit()
+                assert r.json()["outcome"] in ("unknown", "not applied")
+            # The listener gives up on its frozen link and is live again on a fresh one.
+            await each_worker_logs(server, "no answer to a probe", mark, workers)
+            await each_worker_logs(server, "postgres listener live", mark, workers)
+            recovered = time.monotonic() - frozen_at
+            if not proxy:
+                assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
+            health = await http(server.port, "GET", "/healthz")
+            assert health.status == 200 and health.json()["listener"] == "live"
+            # Events flow again, and writes go through, while the old backends stay frozen.
+            await insert_through_faults(own_pg.dsn(), range(31, 41))
+            for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
+                r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
+                if r.status != 503:
+                    break
+            assert r.status == 201, r
+        finally:
+            if proxy:
+                proxy.thaw()
             for pid in frozen:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-    await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
-    for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
-        if r.status == 503:
-            again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
-            assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
-    expected = await all_event_ids(own_pg.dsn())
-    for c in clients:
-        assert await drain(c, expected[-1]) == expected  # in order, once, none missing
-    db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
-    assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
-    metrics = (await http(server.port, "GET", "/metrics")).body.decode()
-    assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
-                     re.MULTILINE)
-    print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of {len(answers)} "
-          f"writes answered 503 within {write_seconds:.2f}s; listener live again "
-          f"{recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
-          f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
-    for c in clients:
-        await c.close()
-    await admin.close()
-    if proxy:
-        await proxy.close()
+        await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+        for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
+            if r.status == 503:
+                again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
+                assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
+        expected = await all_event_ids(own_pg.dsn())
+        for c in clients:
+            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+        db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
+        assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
+                         re.MULTILINE)
+        print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of "
+              f"{len(answers)} writes answered 503 within {write_seconds:.2f}s; listener live "
+              f"again {recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
+              f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
+    finally:
+        for c in clients:
+            await c.close()
+        await admin.close()
+        server.stop()
+        if proxy:
+            await proxy.close()
 
 
 def ignored_notifications(metrics: bytes) -> int:
@@ -1939,22 +1942,22 @@ async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live
         forged = [
             {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
              "data": {"id": 99, "caller_id": 6, "target_id": 66}},
-            {"event_id": 2, "event": "target_uncall", "faction_id": 200,  # the next real id
+            {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
              "data": {"id": real, "caller_id": 1, "target_id": 10,
                       "uncalled_at": "2026-11-24T18:41:07.123Z"}},
-            {"event_id": 3, "event": "target_call", "faction_id": [1],
+            {"event_id": 1001, "event": "target_call", "faction_id": [1],
              "data": {"id": 98, "caller_id": 5, "target_id": 55}},
         ]
         for payload in [*map(json.dumps, forged), "garbage {"]:
             await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while ignored_notifications((await http(server.port, "GET", "/metrics")).body) < 4:
-            assert time.monotonic() < deadline, server.log_tail()
-            await asyncio.sleep(0.02)
         await call(conn, 2, 11, faction_id=200)
         ev = await client.next()
         assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
         await client.assert_quiet()
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while ignored_notifications((await http(server.port, "GET", "/metrics")).body) < 4:
+            assert time.monotonic() < deadline, server.log_tail()
+            await asyncio.sleep(0.02)
         health = (await http(server.port, "GET", "/healthz")).json()
         assert (health["status"], health["last_event_id"]) == ("ok", 2)
         fresh = await SseClient(server.port).connect()
