@@ -1753,6 +1753,7 @@ class FreezingProxy:
         self.target_port = target_port
         self.flows: list[asyncio.Event] = []  # one per connection: set while it forwards
         self.tasks: set[asyncio.Task] = set()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> FreezingProxy:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -1761,11 +1762,13 @@ class FreezingProxy:
 
     async def _handle(self, reader, writer) -> None:
         self.tasks.add(asyncio.current_task())
+        self.writers.append(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
+        self.writers.append(up_writer)
         flowing = asyncio.Event()
         flowing.set()
         self.flows.append(flowing)
@@ -1798,9 +1801,9 @@ class FreezingProxy:
     async def close(self) -> None:
         self.thaw()
         self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.transport.abort()  # each pump then ends on its own
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STEP_TIMEOUT)
 
 
 async def each_worker_logs(server, pattern: str, start: int, workers: int) -> None:
@@ -1972,3 +1975,27 @@ async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live
         await nobody.close()
         await conn.execute(f"DROP ROLE {role}")
         await client.close()
+
+
+@pytest.mark.faults
+async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_server, pg, db):
+    server = live_server(SECRET_TOKEN=ADMIN_TOKEN, DB_KEEPALIVE_SECONDS="7")
+    assert (await post_call(server.port, ADMIN_TOKEN, 5)).status == 201  # a pool connection
+    ss = (await asyncio.to_thread(
+        subprocess.run, ["ss", "-tnpo", "state", "established", f"( dport = :{pg.port} )"],
+        capture_output=True, text=True, check=True)).stdout
+    ours = [line for line in ss.splitlines() if f"pid={server.proc.pid}," in line]
+    assert len(ours) >= 2, ss  # the LISTEN connection and the pool's
+    for line in ours:
+        assert "timer:(keepalive," in line, line
+    conn = await asyncpg.connect(db)  # the options themselves, read back from a real socket
+    try:
+        t.tune_db_socket(conn, 7, 20)
+        sock = conn._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == t.DB_KEEPALIVE_PROBES
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
+    finally:
+        await conn.close()
