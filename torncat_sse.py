@@ -1407,14 +1407,15 @@ class App:
         may have run (`"outcome": "unknown"`: the calls API's writes are safe to send again)
         or surely did not (`"not applied"`).
         """
+        deadline = deadline or self.config.db_timeout_seconds
         conn, sent = None, False
         try:
-            async with asyncio.timeout(deadline or self.config.db_timeout_seconds):
+            async with asyncio.timeout(deadline):
                 conn = await self.pool.acquire()
                 sent = True
                 row = await conn.fetchrow(sql, *args)
         except (TimeoutError, *DB_UNAVAILABLE) as e:
-            self._unavailable(conn, e)
+            self._unavailable(conn, e, deadline)
             raise self._db_error(sent) from None
         except asyncpg.PostgresError:
             if conn is not None:
@@ -1428,15 +1429,15 @@ class App:
         await self._release(conn)
         return row
 
-    def _unavailable(self, conn, e: BaseException) -> None:
+    def _unavailable(self, conn, e: BaseException, deadline: float) -> None:
         timed_out = isinstance(e, TimeoutError)
         if timed_out:
             self.stats.pool_timeouts += 1
         if conn is not None:
             self._terminate(conn)
         self.pool_state = "failing"
-        log.warning("database unavailable for a statement: %s", "no answer within "
-                    f"{self.config.db_timeout_seconds:g}s" if timed_out else describe(e))
+        log.warning("database unavailable for a statement: %s",
+                    f"no answer within {deadline:g}s" if timed_out else describe(e))
         self.check_pool()  # the connections this one came with may be as dead
 
     @staticmethod
@@ -1472,26 +1473,13 @@ class App:
             self._sweep = self.loop.create_task(self._sweep_pool())
 
     async def _sweep_pool(self) -> None:
-        idle = self.pool.get_idle_size()
-        results = await asyncio.gather(*(self._ping_pooled() for _ in range(idle)))
-        if results and all(results):
-            self.pool_state = "ok"
-        elif idle:
-            log.warning("pool check: %d of %d idle connections did not answer within %gs and "
-                        "were closed", results.count(False), idle, PING_TIMEOUT)
+        """`SELECT 1` on as many connections as are idle, all at once, within PING_TIMEOUT:
+        the dead ones miss it and are terminated (by _db)."""
+        async def ping() -> None:
+            with contextlib.suppress(HttpError):
+                await self._db("SELECT 1", deadline=PING_TIMEOUT)
 
-    async def _ping_pooled(self) -> bool:
-        conn = None
-        try:
-            async with asyncio.timeout(PING_TIMEOUT):
-                conn = await self.pool.acquire()
-                await conn.execute("SELECT 1")
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            if conn is not None:
-                self._terminate(conn)
-            return False
-        await self._release(conn)
-        return True
+        await asyncio.gather(*(ping() for _ in range(self.pool.get_idle_size())))
 
     async def connect_db(self, role: str) -> asyncpg.Connection:
         """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
@@ -1836,7 +1824,8 @@ class Listener:
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
                 "(port 5432) or a direct connection. Not reporting healthy.") from None
         finally:
-            await sender.close(timeout=PING_TIMEOUT)  # terminates it if it does not answer
+            with contextlib.suppress(Exception):  # it terminates the connection if it fails
+                await sender.close(timeout=PING_TIMEOUT)
 
     def _close(self) -> None:
         for task in (self._reader, self._tokens_task):
