@@ -1760,7 +1760,10 @@ class Listener:
             except Exception as e:
                 if isinstance(e, TimeoutError):  # a deadline on this connection was missed
                     self.app.stats.listener_timeouts += 1
-                log.warning("postgres listener: %s; reconnecting in %.1fs", describe(e), delay)
+                    reason = "a query on the LISTEN connection missed its deadline"
+                else:
+                    reason = describe(e)
+                log.warning("postgres listener: %s; reconnecting in %.1fs", reason, delay)
                 self.app.check_pool()  # what froze or cut this link may have hit the pool too
             finally:
                 if self.state is ListenerState.LIVE:
@@ -1770,7 +1773,9 @@ class Listener:
                 self.state = ListenerState.DOWN
             self.app.stats.listener_reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BACKOFF_MAX)
+            # Never longer than a probe interval: once the database takes connections again,
+            # we are live within PROBE_INTERVAL_SECONDS and a connection's set-up.
+            delay = min(delay * 2, BACKOFF_MAX, self.app.config.probe_interval_seconds)
 
     async def _session(self) -> None:
         conn = await self.app.connect_db("listener")
@@ -2089,7 +2094,7 @@ async def serve(config: Config, dsn: str) -> None:
 
 async def token_command(config: Config, dsn: str) -> int:
     """`token create|list|revoke`: manage the faction tokens kept in the database."""
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT,
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
         if config.init_db:
