@@ -1926,8 +1926,8 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
             await proxy.close()
 
 
-def ignored_notifications(metrics: bytes) -> int:
-    m = re.search(rb"^torncat_notifications_ignored_total (\d+)", metrics, re.MULTILINE)
+def metric_value(metrics: bytes, name: str) -> int:
+    m = re.search(rb"^torncat_" + name.encode() + rb" (\d+)", metrics, re.MULTILINE)
     return int(m.group(1)) if m else -1
 
 
@@ -1958,7 +1958,8 @@ async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live
         assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
         await client.assert_quiet()
         deadline = time.monotonic() + STEP_TIMEOUT
-        while ignored_notifications((await http(server.port, "GET", "/metrics")).body) < 4:
+        while metric_value((await http(server.port, "GET", "/metrics")).body,
+                            "notifications_ignored_total") < 4:
             assert time.monotonic() < deadline, server.log_tail()
             await asyncio.sleep(0.02)
         health = (await http(server.port, "GET", "/healthz")).json()
@@ -1968,7 +1969,8 @@ async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live
         await fresh.close()
         assert snapshot["last_event_id"] == 2
         assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
-        assert ignored_notifications((await http(server.port, "GET", "/metrics")).body) == 4
+        assert metric_value((await http(server.port, "GET", "/metrics")).body,
+                            "notifications_ignored_total") == 4
         assert server.log.count("ignoring") == 1  # once, not once per notification
         assert "Traceback" not in server.log
     finally:
@@ -1999,3 +2001,21 @@ async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_serv
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
     finally:
         await conn.close()
+
+
+@pytest.mark.faults
+async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        assert (await client.next()).event == "snapshot"
+        before = metric_value((await http(server.port, "GET", "/metrics")).body, "log_reads_total")
+        async with conn.transaction():  # 300 NOTIFYs delivered at once, on commit
+            await conn.executemany("INSERT INTO target_calls (caller_id, target_id) VALUES (1, $1)",
+                                   [(i,) for i in range(1, 301)])
+        assert [e.int_id for e in await client.take(300)] == list(range(1, 301))
+        reads = metric_value((await http(server.port, "GET", "/metrics")).body,
+                             "log_reads_total") - before
+        assert 1 <= reads <= 5, reads  # one per chunk of notifications read, not one per event
+    finally:
+        await client.close()
