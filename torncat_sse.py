@@ -1473,13 +1473,14 @@ class App:
             self._sweep = self.loop.create_task(self._sweep_pool())
 
     async def _sweep_pool(self) -> None:
-        """`SELECT 1` on as many connections as are idle, all at once, within PING_TIMEOUT:
-        the dead ones miss it and are terminated (by _db)."""
+        """`SELECT 1` on as many connections as are idle (at least one, so that the pool's
+        health is known again), all at once, within PING_TIMEOUT: the dead ones miss it and
+        are terminated (by _db)."""
         async def ping() -> None:
             with contextlib.suppress(HttpError):
                 await self._db("SELECT 1", deadline=PING_TIMEOUT)
 
-        await asyncio.gather(*(ping() for _ in range(self.pool.get_idle_size())))
+        await asyncio.gather(*(ping() for _ in range(max(1, self.pool.get_idle_size()))))
 
     async def connect_db(self, role: str) -> asyncpg.Connection:
         """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
@@ -1764,7 +1765,8 @@ class Listener:
                 else:
                     reason = describe(e)
                 log.warning("postgres listener: %s; reconnecting in %.1fs", reason, delay)
-                self.app.check_pool()  # what froze or cut this link may have hit the pool too
+                if self.conn is not None:  # a link that worked died: whatever froze or cut it
+                    self.app.check_pool()  # may have hit the pool's links too
             finally:
                 if self.state is ListenerState.LIVE:
                     delay = BACKOFF_MIN  # it worked for a while: start the backoff over
@@ -1797,6 +1799,8 @@ class Listener:
         await self._catch_up()
         self.state = ListenerState.LIVE  # no await since the last read: no doorbell is missed
         log.info("postgres listener live (last_event_id=%d)", self.hub.last_event_id)
+        if self.app.pool_state == "failing":
+            self.app.check_pool()  # the database is back: so is the pool, or /healthz says not
         interval = self.app.config.probe_interval_seconds
         while True:
             with contextlib.suppress(TimeoutError):
