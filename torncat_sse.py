@@ -1473,14 +1473,43 @@ class App:
             self._sweep = self.loop.create_task(self._sweep_pool())
 
     async def _sweep_pool(self) -> None:
-        """`SELECT 1` on as many connections as are idle (at least one, so that the pool's
-        health is known again), all at once, within PING_TIMEOUT: the dead ones miss it and
-        are terminated (by _db)."""
-        async def ping() -> None:
-            with contextlib.suppress(HttpError):
-                await self._db("SELECT 1", deadline=PING_TIMEOUT)
+        """Ping every connection waiting in the pool, all at once, within PING_TIMEOUT;
+        terminate those that miss it. Not through _db: a ping that cannot get a connection
+        (they are all busy) says nothing about the database."""
+        pool = self.pool
+        # Hold them all at once: the pool hands out the most recently used connection first,
+        # so one at a time would ping the same one again and again. Those it has not opened
+        # yet are opened, which tells whether the database takes connections.
+        waiting = pool.get_max_size() - pool.get_size() + pool.get_idle_size()
 
-        await asyncio.gather(*(ping() for _ in range(max(1, self.pool.get_idle_size()))))
+        async def take():
+            with contextlib.suppress(Exception):  # no connection: the database is down
+                async with asyncio.timeout(PING_TIMEOUT):
+                    return await pool.acquire()
+            return None
+
+        async def ping(conn) -> bool:
+            try:
+                async with asyncio.timeout(PING_TIMEOUT):
+                    await conn.execute("SELECT 1")
+            except Exception as e:  # no answer, or a broken link: either way, not again
+                if isinstance(e, TimeoutError):
+                    self.stats.pool_timeouts += 1
+                self._terminate(conn)
+                return False
+            await self._release(conn)
+            return True
+
+        taken = [c for c in await asyncio.gather(*(take() for _ in range(max(1, waiting))))
+                 if c is not None]
+        answered = await asyncio.gather(*(ping(c) for c in taken))
+        if any(answered):
+            self.pool_state = "ok"
+        elif not taken:
+            self.pool_state = "failing"  # not even a new connection could be had
+        if not all(answered):
+            log.warning("pool check: %d of %d connections did not answer within %gs and were "
+                        "closed", answered.count(False), len(answered), PING_TIMEOUT)
 
     async def connect_db(self, role: str) -> asyncpg.Connection:
         """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
