@@ -1901,6 +1901,9 @@ class Listener:
         """Read the log until no notification rang during the last read."""
         while self._rang:
             claims, self._rang, self._claims = self._claims, False, []
+            if max(claims, default=0) <= self.hub.last_event_id:
+                continue  # each event they announce came with an earlier read (ids commit
+                          # in order, so nothing unannounced can be read yet either)
             self.app.stats.log_reads += 1
             await self._read_log()
             # Commit order is id order, and a notification is delivered only once its
