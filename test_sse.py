@@ -1743,6 +1743,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 ADMIN_TOKEN = "admin-token-sees-every-faction-0123"
 SERVER_BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%'"
+EVENT_LOCK = 7402531  # TORNCAT_EVENT_LOCK in trigger.sql: writers queue on it
 
 
 class FreezingProxy:
@@ -1855,13 +1856,29 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
         assert {r.status for r in warm} == {201}
         mark = server.mark()
         frozen_at = 0.0
+        busy: asyncio.Future | None = None  # writes caught mid-statement by the blackhole
 
         async def freeze() -> None:
-            nonlocal frozen_at
+            nonlocal frozen_at, busy
+            if proxy:
+                # Writes that are in Postgres at the moment the links die: they queue on the
+                # event lock we hold, we blackhole the links, then let them commit. Their
+                # answers never arrive. (Not with SIGSTOP: a stopped backend granted that lock
+                # would hold up every writer of the database until it resumes.)
+                await admin.execute("SELECT pg_advisory_lock($1)", EVENT_LOCK)
+                busy = asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2100 + i,
+                                                  caller_id=6) for i in range(workers)))
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while not await admin.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                        "objid = $1 AND NOT granted", EVENT_LOCK):
+                    assert time.monotonic() < deadline, "no write reached the database"
+                    await asyncio.sleep(0.01)
             frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
             assert len(frozen) > workers  # the listeners and the pools' connections
             if proxy:
                 proxy.freeze()
+                await admin.execute("SELECT pg_advisory_unlock($1)", EVENT_LOCK)
             else:
                 for pid in frozen:
                     os.kill(pid, signal.SIGSTOP)
@@ -1902,6 +1919,13 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
         await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+        if busy is not None:  # they committed, but their answers were lost: 503, unknown
+            caught = await busy
+            assert [(r.status, r.json()["outcome"]) for r in caught] == \
+                [(503, "unknown")] * workers, caught
+            for i in range(workers):  # and sending one again says it is made already
+                again = await post_call(server.port, ADMIN_TOKEN, 2100 + i, caller_id=6)
+                assert again.status == 201 and again.json()["event_id"] is None, again
         for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
             if r.status == 503:
                 again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
