@@ -9,6 +9,7 @@ never on sleeps; "nothing arrived" is proved with a short timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -345,18 +346,16 @@ def test_call_bodies_are_trimmed_and_need_json():
     assert e.value.status == 415
 
 
-def test_parse_notification():
-    ev = t.parse_notification(json.dumps({"event_id": 5, "event": "target_uncall", "faction_id": 9,
-                                          "data": {"id": 3, "caller_name": "é"}, "ts": 1.5}))
-    assert (ev.id, ev.kind, ev.faction, ev.call_id, ev.active) == (5, "target_uncall", 9, 3, False)
-    assert ev.frame == 'id: 5\nevent: target_uncall\ndata: {"id":3,"caller_name":"é"}\n\n'.encode()
-    assert t.parse_notification('{"event_id": 6, "event": "target_call", "truncated": true}') == 6
-    for bad in ("not json", "[]", '{"event_id": "5"}',
-                '{"event_id": 5, "event": "x", "data": {"id": 1}}',
-                '{"event_id": 5, "event": "target_call"}',
-                '{"event_id": 5, "event": "target_call", "data": {}}'):
+def test_a_notification_only_announces_an_event_id():
+    assert t.announced_event_id(json.dumps({"event_id": 5, "event": "target_uncall",
+                                            "faction_id": 9, "data": {"id": 3}})) == 5
+    assert t.announced_event_id('{"event_id": 6, "event": "target_call", "truncated": true}') == 6
+    assert t.announced_event_id('{"event_id": 9223372036854775807}') == 2**63 - 1
+    for bad in ("not json", "[]", "", '{"event_id": "5"}', '{"event_id": true}',
+                '{"event_id": 0}', '{"event_id": 9223372036854775808}', '{"event_id": 5.0}',
+                "[" * 5000):
         with pytest.raises(ValueError):
-            t.parse_notification(bad)
+            t.announced_event_id(bad)
 
 
 def test_faction_tokens_setting():
@@ -568,21 +567,20 @@ def live_server(start_server, db):
     return start
 
 
-async def applied(server, conn) -> None:
-    """Wait until the server has applied every event in the log (NOTIFY is asynchronous)."""
-    last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events")
-    deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT
-    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < last:
-        assert asyncio.get_running_loop().time() < deadline, f"event {last} never applied"
-        await asyncio.sleep(0.02)
-
-
 async def call(conn, caller_id: int, target_id: int, **columns) -> int:
     names = ["caller_id", "target_id", *columns]
     values = [caller_id, target_id, *columns.values()]
     placeholders = ", ".join(f"${i + 1}" for i in range(len(values)))
     return await conn.fetchval(f"INSERT INTO target_calls ({', '.join(names)}) "
                                f"VALUES ({placeholders}) RETURNING id", *values)
+
+
+async def applied(server, event_id: int) -> None:
+    """Wait until the server has read `event_id` from the log (it reads on each NOTIFY)."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < event_id:
+        assert time.monotonic() < deadline, f"event {event_id} not applied in time"
+        await asyncio.sleep(0.02)
 
 
 async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
@@ -711,7 +709,7 @@ async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_serve
     server = live_server(REPLAY_EVENTS="3")
     for i in range(6):
         await call(conn, i, 100 + i)
-    await applied(server, conn)
+    await applied(server, 6)
     for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
         client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
         try:
@@ -830,7 +828,10 @@ async def test_routes_methods_and_health(live_server):
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 200
     assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
-                        "last_event_id": 0}
+                        "last_event_id": 0,
+                        "database": {"pool": "unused", "pool_connections": 0,
+                                     "pool_idle_connections": 0, "timeouts": 0,
+                                     "terminated_connections": 0}}
     assert (await http(server.port, "HEAD", "/healthz")).body == b""
     assert (await http(server.port, "GET", "/nope")).status == 404
     r = await http(server.port, "POST", "/events", body=b"{}")
@@ -1744,6 +1745,7 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
     server = live_server(PROBE_INTERVAL_SECONDS="3600")
     for i in range(20):
         await call(conn, i, i)
+    await applied(server, 20)
     seeded = await SseClient(server.port).connect()
     while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY still on its way
         pass
@@ -2611,3 +2613,312 @@ async def test_a_token_issued_by_one_server_works_on_the_other_after_a_storm(tor
     await second.await_log(r"tokens: 60 active in the database")
     statuses = [(await http(second.port, "GET", "/calls", bearer(tok))).status for tok in tokens]
     assert statuses == [200] * len(tokens), statuses.count(401)
+
+
+# ---------------------------------------------------------------------------
+# Faults (issue 12): dead database links and forged notifications
+# ---------------------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-sees-every-faction-0123"
+SERVER_BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%'"
+EVENT_LOCK = 7402531  # TORNCAT_EVENT_LOCK in trigger.sql: writers queue on it
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Postgres that can stop forwarding on the connections it
+    has while keeping both of their sockets open, as a network blackhole, a pooler
+    failover or a NAT that dropped its state looks to each end. New connections pass."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.flows: list[asyncio.Event] = []  # one per connection: set while it forwards
+        self.tasks: set[asyncio.Task] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> FreezingProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        self.tasks.add(asyncio.current_task())
+        self.writers.append(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers.append(up_writer)
+        flowing = asyncio.Event()
+        flowing.set()
+        self.flows.append(flowing)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    await flowing.wait()
+                    data = await src.read(65536)
+                    await flowing.wait()  # what arrived while frozen stays here
+                    if not data:
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def freeze(self) -> None:
+        for flowing in self.flows:
+            flowing.clear()
+
+    def thaw(self) -> None:
+        for flowing in self.flows:
+            flowing.set()
+
+    async def close(self) -> None:
+        self.thaw()
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()  # each pump then ends on its own
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STEP_TIMEOUT)
+
+
+async def each_worker_logs(server, pattern: str, start: int, workers: int) -> None:
+    """Wait until every worker (WORKERS=N prefixes its lines with [wN]) has logged `pattern`."""
+    if workers == 1:
+        await server.await_log(pattern, start=start)
+        return
+    for number in range(workers):
+        await server.await_log(rf"\[w{number}\] .*{pattern}", start=start)
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped)...: the third field of /proc/<pid>/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def wait_gone(admin, pids: list[int]) -> None:
+    """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids):
+        assert time.monotonic() < deadline, "frozen backends still there after the resume"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(("fault", "workers"), [("sigstop", 1), ("proxy", 1), ("sigstop", 2)])
+async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault, workers):
+    """Every backend of the server frozen (SIGSTOP), or every link to them blackholed (a
+    proxy): writes answer 503 fast, the listener is live again on a fresh connection while
+    the old ones are still frozen, and every committed call reaches every client once."""
+    proxy = await FreezingProxy(own_pg.port).start() if fault == "proxy" else None
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres" if proxy else own_pg.dsn()
+    probe_interval, probe_timeout = 1.0, 1.0
+    server = start_server(DATABASE_URL=dsn, WORKERS=workers, SECRET_TOKEN=ADMIN_TOKEN,
+                          PROBE_INTERVAL_SECONDS=probe_interval,
+                          PROBE_TIMEOUT_SECONDS=probe_timeout, DB_TIMEOUT_SECONDS=1)
+    admin = await asyncpg.connect(own_pg.dsn())
+    clients: list[SseClient] = []
+    frozen: list[int] = []
+    try:
+        await each_worker_logs(server, "postgres listener live", 0, workers)
+        for _ in range(2 * workers + 1):
+            clients.append(await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect())
+            assert (await clients[-1].next()).event == "snapshot"
+        # Several writes at once, so that each pool holds several connections to freeze.
+        warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
+                                      for i in range(4 * workers)))
+        assert {r.status for r in warm} == {201}
+        mark = server.mark()
+        frozen_at = 0.0
+        busy: asyncio.Future | None = None  # writes caught mid-statement by the blackhole
+
+        async def freeze() -> None:
+            nonlocal frozen_at, busy
+            if proxy:
+                # Writes that are in Postgres at the moment the links die: they queue on the
+                # event lock we hold, we blackhole the links, then let them commit. Their
+                # answers never arrive. (Not with SIGSTOP: a stopped backend granted that lock
+                # would hold up every writer of the database until it resumes.)
+                await admin.execute("SELECT pg_advisory_lock($1)", EVENT_LOCK)
+                busy = asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2100 + i,
+                                                  caller_id=6) for i in range(workers)))
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while not await admin.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                        "objid = $1 AND NOT granted", EVENT_LOCK):
+                    assert time.monotonic() < deadline, "no write reached the database"
+                    await asyncio.sleep(0.01)
+            frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
+            assert len(frozen) > workers  # the listeners and the pools' connections
+            if proxy:
+                proxy.freeze()
+                await admin.execute("SELECT pg_advisory_unlock($1)", EVENT_LOCK)
+            else:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+
+        try:
+            await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
+            # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
+            started = time.monotonic()
+            answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
+                                                       caller_id=7) for i in range(3 * workers)))
+            write_seconds = time.monotonic() - started
+            assert {r.status for r in answers} <= {201, 503}, answers
+            unavailable = [r for r in answers if r.status == 503]
+            assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
+            for r in unavailable:
+                assert r.headers["retry-after"].isdigit()
+                assert r.json()["outcome"] in ("unknown", "not applied")
+            # The listener gives up on its frozen link and is live again on a fresh one.
+            await each_worker_logs(server, "no answer to a probe", mark, workers)
+            await each_worker_logs(server, "postgres listener live", mark, workers)
+            recovered = time.monotonic() - frozen_at
+            if not proxy:
+                assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
+            health = await http(server.port, "GET", "/healthz")
+            assert health.status == 200 and health.json()["listener"] == "live"
+            # Events flow again, and writes go through, while the old backends stay frozen.
+            await insert_through_faults(own_pg.dsn(), range(31, 41))
+            for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
+                r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
+                if r.status != 503:
+                    break
+            assert r.status == 201, r
+        finally:
+            if proxy:
+                proxy.thaw()
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+        if busy is not None:  # they committed, but their answers were lost: 503, unknown
+            caught = await busy
+            assert [(r.status, r.json()["outcome"]) for r in caught] == \
+                [(503, "unknown")] * workers, caught
+            for i in range(workers):  # and sending one again says it is made already
+                again = await post_call(server.port, ADMIN_TOKEN, 2100 + i, caller_id=6)
+                assert again.status == 201 and again.json()["event_id"] is None, again
+        for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
+            if r.status == 503:
+                again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
+                assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
+        expected = await all_event_ids(own_pg.dsn())
+        for c in clients:
+            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+        db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
+        assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
+                         re.MULTILINE)
+        print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of "
+              f"{len(answers)} writes answered 503 within {write_seconds:.2f}s; listener live "
+              f"again {recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
+              f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
+    finally:
+        for c in clients:
+            await c.close()
+        await admin.close()
+        server.stop()
+        if proxy:
+            await proxy.close()
+
+
+def metric_value(metrics: bytes, name: str) -> int:
+    m = re.search(rb"^torncat_" + name.encode() + rb" (\d+)", metrics, re.MULTILINE)
+    return int(m.group(1)) if m else -1
+
+
+@pytest.mark.faults
+async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live_server, conn, db):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    assert (await client.next()).event == "snapshot"
+    real = await call(conn, 1, 10, faction_id=200)
+    assert (await client.next()).int_id == 1
+    role = f"torncat_nobody_{os.getpid()}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
+    nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
+    try:
+        forged = [
+            {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
+             "data": {"id": 99, "caller_id": 6, "target_id": 66}},
+            {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
+             "data": {"id": real, "caller_id": 1, "target_id": 10,
+                      "uncalled_at": "2026-11-24T18:41:07.123Z"}},
+            {"event_id": 1001, "event": "target_call", "faction_id": [1],
+             "data": {"id": 98, "caller_id": 5, "target_id": 55}},
+        ]
+        for payload in [*map(json.dumps, forged), "garbage {"]:
+            await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
+        await call(conn, 2, 11, faction_id=200)
+        ev = await client.next()
+        assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
+        await client.assert_quiet()
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while metric_value((await http(server.port, "GET", "/metrics")).body,
+                            "notifications_ignored_total") < 4:
+            assert time.monotonic() < deadline, server.log_tail()
+            await asyncio.sleep(0.02)
+        health = (await http(server.port, "GET", "/healthz")).json()
+        assert (health["status"], health["last_event_id"]) == ("ok", 2)
+        fresh = await SseClient(server.port).connect()
+        snapshot = (await fresh.next()).json
+        await fresh.close()
+        assert snapshot["last_event_id"] == 2
+        assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
+        assert metric_value((await http(server.port, "GET", "/metrics")).body,
+                            "notifications_ignored_total") == 4
+        assert server.log.count("ignoring") == 1  # once, not once per notification
+        assert "Traceback" not in server.log
+    finally:
+        await nobody.close()
+        await conn.execute(f"DROP ROLE {role}")
+        await client.close()
+
+
+@pytest.mark.faults
+async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_server, pg, db):
+    server = live_server(SECRET_TOKEN=ADMIN_TOKEN, DB_KEEPALIVE_SECONDS="7")
+    assert (await post_call(server.port, ADMIN_TOKEN, 5)).status == 201  # a pool connection
+    ss = (await asyncio.to_thread(
+        subprocess.run, ["ss", "-tnpo", "state", "established", f"( dport = :{pg.port} )"],
+        capture_output=True, text=True, check=True)).stdout
+    ours = [line for line in ss.splitlines() if f"pid={server.proc.pid}," in line]
+    assert len(ours) >= 2, ss  # the LISTEN connection and the pool's
+    for line in ours:
+        assert "timer:(keepalive," in line, line
+    conn = await asyncpg.connect(db)  # the options themselves, read back from a real socket
+    try:
+        t.tune_db_socket(conn, 7, 20)
+        sock = conn._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == t.DB_KEEPALIVE_PROBES
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
+    finally:
+        await conn.close()
+
+
+@pytest.mark.faults
+async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn):
+    server = live_server()
+    client = await SseClient(server.port).connect()
+    try:
+        assert (await client.next()).event == "snapshot"
+        before = metric_value((await http(server.port, "GET", "/metrics")).body, "log_reads_total")
+        async with conn.transaction():  # 300 NOTIFYs, delivered on commit
+            await conn.executemany("INSERT INTO target_calls (caller_id, target_id) VALUES (1, $1)",
+                                   [(i,) for i in range(1, 301)])
+        assert [e.int_id for e in await client.take(300)] == list(range(1, 301))
+        reads = metric_value((await http(server.port, "GET", "/metrics")).body,
+                             "log_reads_total") - before
+        assert reads == 1  # not one per event: the first read has them all
+    finally:
+        await client.close()

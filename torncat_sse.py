@@ -27,12 +27,17 @@ client that remembers the last id it applied never misses or repeats one. If
 it asks for an id older than the in-memory window (REPLAY_EVENTS), it gets a
 fresh snapshot, which a client treats as "replace your state".
 
-Nothing is lost on the server side either. After the LISTEN connection drops
-(noticed by asyncpg's termination callback, and by a NOTIFY sent to ourselves
-every PROBE_INTERVAL_SECONDS, because a half-open TCP link is silent), the
-server reconnects with capped, jittered exponential backoff, reads the event
-log for everything after the last id it saw, delivers that in order, and only
-then goes live again. Clients stay connected throughout.
+Nothing is lost on the server side either. The event log is the truth and a
+notification only a doorbell: on one, the server reads the log after the last
+id it applied (one query per burst), so a NOTIFY forged by any database role
+changes nothing. After the LISTEN connection drops (noticed by asyncpg's
+termination callback, and by a NOTIFY sent to ourselves every
+PROBE_INTERVAL_SECONDS, because a half-open TCP link is silent), the server
+reconnects with capped, jittered exponential backoff, reads the log for
+everything after the last id it saw, delivers that in order, and only then goes
+live again. Clients stay connected throughout. Every database operation has a
+deadline; a connection that misses one is closed at once and never used again,
+and a write that cannot be made in time answers 503 within DB_TIMEOUT_SECONDS.
 
 Slow clients. An event is encoded once and the same bytes are written to
 every subscriber; the broadcast never awaits a client. A client whose unsent
@@ -155,8 +160,17 @@ FD_RESERVE = 64                # file descriptors kept for Postgres, logs and th
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
 BACKOFF_MAX = 30.0             # seconds: longest reconnect delay to Postgres
 CONNECT_TIMEOUT = 10.0         # seconds for one Postgres connection attempt
-CATCH_UP_PAGE = 1000           # events read from the log per query when catching up
-QUERY_TIMEOUT = 30.0           # seconds for one catch-up query; longer means the link is dead
+CATCH_UP_PAGE = 1000           # events read from the log per query (catching up, or one burst)
+QUERY_TIMEOUT = 30.0           # seconds for one read of the LISTEN connection (a snapshot of
+                               # REPLAY_EVENTS events included); longer means the link is dead
+PING_TIMEOUT = 1.0             # seconds for `SELECT 1` (or a pool reset) on a connection we
+                               # doubt; a live backend answers in one round trip
+PRUNE_TIMEOUT = 60.0           # seconds for the hourly DELETE of old events, which may be large
+SCHEMA_TIMEOUT = 120.0         # seconds to apply trigger.sql: it may build an index on a big table
+DB_RETRY_AFTER = "5"           # Retry-After (seconds) when the database cannot answer a write
+DB_KEEPALIVE_PROBES = 3        # unanswered TCP keepalive probes before the kernel drops a link
+BAD_NOTIFY_LOG_SECONDS = 60.0  # at most one log line this often about ignored notifications:
+                               # any database role may NOTIFY, so they must not flood the log
 SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
 CHANNEL = "target_calls"       # the seed's NOTIFY channel
@@ -317,6 +331,15 @@ SETTINGS = (
             "seconds between checks that the LISTEN connection still delivers"),
     Setting("PROBE_TIMEOUT_SECONDS", "5", _positive_float,
             "seconds a check may take before the LISTEN connection is declared dead"),
+    Setting("DB_TIMEOUT_SECONDS", "5", _positive_float,
+            "deadline for one statement of the calls API, waiting for a connection included: "
+            "a connection that misses it is closed, and the write answers 503 with Retry-After"),
+    Setting("DB_KEEPALIVE_SECONDS", "10", _positive_float,
+            "a silent Postgres connection is probed with TCP keepalives after this long, "
+            "then every this long, and dropped after 3 unanswered probes"),
+    Setting("DB_USER_TIMEOUT_SECONDS", "20", _positive_float,
+            "a Postgres connection whose sent data stays unacknowledged this long is dropped "
+            "by the kernel (TCP_USER_TIMEOUT, RFC 5482)"),
     Setting("RECONNECT_SPREAD_SECONDS", "10", _positive_float,
             "on shutdown, clients are told to come back at random within this window"),
     Setting("EVENT_RETENTION_HOURS", "72", _non_negative_int,
@@ -951,19 +974,19 @@ class Event:
         self.ts = ts
 
 
-def parse_notification(payload: str) -> Event | int:
-    """An Event from a NOTIFY payload, or just its id when it was too big to carry the call."""
-    msg = json.loads(payload)
-    if not isinstance(msg, dict) or not isinstance(msg.get("event_id"), int):
-        raise ValueError("not a target_calls event")
-    if msg.get("truncated"):
-        return msg["event_id"]
-    if not isinstance(msg.get("data"), dict):
-        raise ValueError("event without data")
-    faction = msg.get("faction_id")
-    ts = msg.get("ts")
-    return Event(msg["event_id"], msg.get("event"), faction,
-                 msg["data"], ts if isinstance(ts, (int, float)) else None)
+def announced_event_id(payload: str) -> int:
+    """The event id a notification on CHANNEL announces; ValueError if it announces none.
+
+    Only a claim: the listener reads the event itself from the log (see Listener).
+    """
+    try:
+        msg = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    event_id = msg.get("event_id") if isinstance(msg, dict) else None
+    if type(event_id) is not int or not 0 < event_id < 2**63:  # a bigint, as in the log
+        raise ValueError("no event_id")
+    return event_id
 
 
 # ---------------------------------------------------------------------------
@@ -978,7 +1001,9 @@ class Stats:
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
                  "snapshots", "replays", "polls", "listener_reconnects", "rejected",
-                 "calls_made", "calls_refused", "uncalls", "long_polls", "lag_counts", "lag_sum", "lag_count")
+                 "calls_made", "calls_refused", "uncalls", "long_polls", "lag_counts", "lag_sum",
+                 "lag_count", "pool_timeouts", "listener_timeouts", "db_terminations", "log_reads",
+                 "notifications_ignored")
 
     def __init__(self):
         for name in self.__slots__:
@@ -1021,11 +1046,20 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
         ("rejected_connections_total", "Connections refused because the server was full.",
          stats.rejected),
         ("uncalls_total", "Uncalls made through the API.", stats.uncalls),
+        ("db_terminated_connections_total", "Postgres connections closed at once because they "
+         "missed a deadline or failed mid-statement.", stats.db_terminations),
+        ("log_reads_total", "Reads of the event log that notifications rang for (one per burst).",
+         stats.log_reads),
+        ("notifications_ignored_total", "Notifications that were malformed or announced an "
+         "event the log does not hold.", stats.notifications_ignored),
     )
     for name, help_text, value in counters:
         metric(name, "counter", help_text, [("", value)])
     metric("calls_total", "counter", "Calls through the API, by result.",
            [('{result="made"}', stats.calls_made), ('{result="refused"}', stats.calls_refused)])
+    metric("db_timeouts_total", "counter", "Database operations that missed their deadline.",
+           [('{connection="pool"}', stats.pool_timeouts),
+            ('{connection="listener"}', stats.listener_timeouts)])
     buckets, running = [], 0
     for bound, count in zip((*LAG_BUCKETS, "+Inf"), stats.lag_counts, strict=True):
         running += count
@@ -1424,6 +1458,8 @@ class App:
         self.member_budgets: dict[int, Grant] = {}  # player id -> write bucket of all their tokens
         self.listener = Listener(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
+        self.pool_state = "unused"    # "ok" or "failing": how the last statement on it went
+        self._sweep: asyncio.Task | None = None  # pinging the pool's idle connections
         self.connections: set[Client] = set()
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
@@ -1733,6 +1769,11 @@ class App:
             who = call["caller_name"] or f"player {call['caller_id']}"
             raise HttpError(409, f"target {f['target_id']} is already called by {who}",
                             extra={"call": call})
+        if row["status"] == "yours":
+            # The caller holds it already: most likely a retry of a write whose answer was
+            # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
+            return json_response(201, {"call": call, "event_id": None}, x.cors,
+                                 close=not x.req.keep_alive)
         self.stats.calls_made += 1
         await self._seen(row["event_id"])
         return json_response(201, {"call": call, "event_id": row["event_id"]}, x.cors,
@@ -1781,16 +1822,135 @@ class App:
             raise HttpError(429, "too many writes with this token, slow down",
                             (("Retry-After", str(math.ceil(wait))),))
 
-    async def _db(self, sql: str, *args) -> asyncpg.Record:
-        """One statement on the pool; HttpError 503 when the database cannot be reached."""
+    async def _db(self, sql: str, *args, deadline: float | None = None) -> asyncpg.Record:
+        """One statement on the pool, within a deadline (DB_TIMEOUT_SECONDS by default).
+
+        The deadline covers waiting for a connection, opening one and the statement. A
+        connection that misses it, or fails mid-statement, is terminated at once (a cancel
+        request would need an answer from the very backend that does not answer) and so never
+        handed out again: the pool opens a fresh one when it next needs one. The database
+        not answering is HttpError 503 with Retry-After, whose body says whether the statement
+        may have run (`"outcome": "unknown"`: the calls API's writes are safe to send again)
+        or surely did not (`"not applied"`).
+        """
+        deadline = deadline or self.config.db_timeout_seconds
+        conn, sent = None, False
         try:
-            async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                return await conn.fetchrow(sql, *args, timeout=QUERY_TIMEOUT)
-        except (OSError, TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
-            log.warning("database unavailable for a write: %s", describe(e))
-            raise HttpError(503, "database unavailable, retry later",
-                            (("Retry-After", "5"),)) from None
+            async with asyncio.timeout(deadline):
+                conn = await self.pool.acquire()
+                sent = True
+                row = await conn.fetchrow(sql, *args)
+        except (TimeoutError, *DB_UNAVAILABLE) as e:
+            self._unavailable(conn, e, deadline)
+            raise self._db_error(sent) from None
+        except asyncpg.PostgresError:
+            if conn is not None:
+                await self._release(conn)  # the statement failed, the connection is fine
+            raise
+        except BaseException:  # cancelled: we cannot know what the connection is doing
+            if conn is not None:
+                self._terminate(conn)
+            raise
+        self.pool_state = "ok"
+        await self._release(conn)
+        return row
+
+    def _unavailable(self, conn, e: BaseException, deadline: float) -> None:
+        timed_out = isinstance(e, TimeoutError)
+        if timed_out:
+            self.stats.pool_timeouts += 1
+        if conn is not None:
+            self._terminate(conn)
+        self.pool_state = "failing"
+        log.warning("database unavailable for a statement: %s",
+                    f"no answer within {deadline:g}s" if timed_out else describe(e))
+        self.check_pool()  # the connections this one came with may be as dead
+
+    @staticmethod
+    def _db_error(sent: bool) -> HttpError:
+        if sent:
+            return HttpError(503, "the database did not answer in time: the write may or may "
+                             "not have been made; it is safe to send it again",
+                             (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
+        return HttpError(503, "database unavailable, retry later",
+                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
+
+    def _terminate(self, conn) -> None:
+        """Close a pool connection now, without a word to its backend; the pool replaces it."""
+        if not conn.is_closed():
+            self.stats.db_terminations += 1
+        conn.terminate()  # returns it to the pool as a slot to reconnect (asyncpg's
+                          # PoolConnectionHolder._release_on_close)
+
+    async def _release(self, conn) -> None:
+        """Give a connection back; asyncpg resets it first, within PING_TIMEOUT, and
+        terminates it itself if the reset does not answer."""
+        try:
+            await self.pool.release(conn, timeout=PING_TIMEOUT)
+        except Exception as e:
+            self.stats.db_terminations += 1
+            log.warning("a pool connection was closed: its reset failed (%s)", describe(e))
+
+    def check_pool(self) -> None:
+        """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
+        connection was lost, so the others may be dead too (a failover, a NAT that dropped
+        its state). Dead ones are terminated before a write draws them."""
+        if self.pool is not None and (self._sweep is None or self._sweep.done()):
+            self._sweep = self.loop.create_task(self._sweep_pool())
+
+    async def _sweep_pool(self) -> None:
+        """Ping every connection waiting in the pool, all at once, within PING_TIMEOUT;
+        terminate those that miss it. Not through _db: a ping that cannot get a connection
+        (they are all busy) says nothing about the database."""
+        pool = self.pool
+        # Hold them all at once: the pool hands out the most recently used connection first,
+        # so one at a time would ping the same one again and again. Those it has not opened
+        # yet are opened, which tells whether the database takes connections.
+        waiting = pool.get_max_size() - pool.get_size() + pool.get_idle_size()
+
+        async def take():
+            with contextlib.suppress(Exception):  # no connection: the database is down
+                async with asyncio.timeout(PING_TIMEOUT):
+                    return await pool.acquire()
+            return None
+
+        async def ping(conn) -> bool:
+            try:
+                async with asyncio.timeout(PING_TIMEOUT):
+                    await conn.execute("SELECT 1")
+            except Exception as e:  # no answer, or a broken link: either way, not again
+                if isinstance(e, TimeoutError):
+                    self.stats.pool_timeouts += 1
+                self._terminate(conn)
+                return False
+            await self._release(conn)
+            return True
+
+        taken = [c for c in await asyncio.gather(*(take() for _ in range(max(1, waiting))))
+                 if c is not None]
+        answered = await asyncio.gather(*(ping(c) for c in taken))
+        if any(answered):
+            self.pool_state = "ok"
+        elif not taken:
+            self.pool_state = "failing"  # not even a new connection could be had
+        if not all(answered):
+            log.warning("pool check: %d of %d connections did not answer within %gs and were "
+                        "closed", answered.count(False), len(answered), PING_TIMEOUT)
+
+    async def connect_db(self, role: str) -> asyncpg.Connection:
+        """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
+        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.db_tls,
+                                     server_settings={"application_name": f"torncat-sse {role}"})
+        self.tune_socket(conn)
+        return conn
+
+    def tune_socket(self, conn) -> None:
+        tune_db_socket(conn, self.config.db_keepalive_seconds,
+                       self.config.db_user_timeout_seconds)
+
+    async def _init_pooled(self, conn) -> None:
+        """The pool's `init`: every connection it opens gets our TCP options."""
+        self.tune_socket(conn)
 
     async def _seen(self, event_id: int) -> None:
         """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
@@ -1800,24 +1960,42 @@ class App:
                 await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
 
     def metrics(self) -> bytes:
+        pool = self.pool
         return render_metrics(self.stats, {
             "clients": ("Open event streams.", self.hub.stream_count),
             "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
             "connections": ("Open TCP connections, streams included.", len(self.connections)),
             "listener_up": ("1 while the LISTEN connection is live.",
-                            int(self.listener.state == "live")),
+                            int(self.listener.state is ListenerState.LIVE)),
             "last_event_id": ("The last event id applied.", self.hub.last_event_id),
             "active_calls": ("Active calls held in memory.", len(self.hub.active)),
+            "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
+                           int(self.pool_state != "failing")),
+            "db_pool_connections": ("Open pool connections (LISTEN not included).",
+                                    pool.get_size() if pool else 0),
+            "db_pool_idle_connections": ("Pool connections waiting for a statement.",
+                                         pool.get_idle_size() if pool else 0),
         })
 
     def health(self) -> tuple[int, dict]:
-        live = self.listener.state == "live"
+        """200 while events flow (the LISTEN connection is live); the body tells the rest."""
+        live = self.listener.state is ListenerState.LIVE
+        status = "unavailable" if not live else "degraded" if self.pool_state == "failing" \
+            else "ok"
+        pool = self.pool
         return (200 if live else 503), {
-            "status": "ok" if live else "unavailable",
-            "listener": self.listener.state,
+            "status": status,
+            "listener": self.listener.state.value,
             "clients": self.hub.stream_count,
             "long_polls": self.hub.held_count,
             "last_event_id": self.hub.last_event_id,
+            "database": {
+                "pool": self.pool_state,
+                "pool_connections": pool.get_size() if pool else 0,
+                "pool_idle_connections": pool.get_idle_size() if pool else 0,
+                "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
+                "terminated_connections": self.stats.db_terminations,
+            },
         }
 
     # -- periodic work -----------------------------------------------------------
@@ -1867,7 +2045,7 @@ class App:
             await asyncio.sleep(3600)
             with contextlib.suppress(HttpError):
                 pruned = (await self._db("SELECT prune_target_call_events(make_interval("
-                                         "hours => $1))", hours))[0]
+                                         "hours => $1))", hours, deadline=PRUNE_TIMEOUT))[0]
                 log.info("pruned %d events older than %d hours", pruned, hours)
 
     # -- shutdown ------------------------------------------------------------------
@@ -1916,14 +2094,48 @@ LOAD_TOKENS_SQL = """
     FROM torncat_tokens
     WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
 """
-CATCH_UP_SQL = """
-    SELECT event_id, event, faction_id, data::text AS data
+# created_at is when the writing transaction began: for the lag metric.
+READ_LOG_SQL = """
+    SELECT event_id, event, faction_id, data::text AS data,
+           extract(epoch FROM created_at)::float8 AS ts
     FROM target_call_events WHERE event_id > $1 ORDER BY event_id LIMIT $2
 """
 
 
 def _event_from_row(row) -> Event:
-    return Event(row["event_id"], row["event"], row["faction_id"], json.loads(row["data"]))
+    return Event(row["event_id"], row["event"], row["faction_id"], json.loads(row["data"]),
+                 row.get("ts"))
+
+
+# Errors that say the database (or the way to it) is not there, rather than that a
+# statement was wrong: the server, a pooler or the network is down, restarting or full.
+DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+
+
+def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
+    """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
+
+    They find a link that died silently (a NAT or a pooler that dropped its state, a host
+    that vanished) without our sending anything, or when what we send is never
+    acknowledged; a backend that is merely frozen still has a kernel that answers, which
+    the deadlines and the probe catch. asyncpg has no option for this (`server_settings`
+    sets the backend's GUCs, i.e. the server's end of the socket), and a pool's `init`
+    runs after the connection is made, TLS included, so we set them on the transport's
+    socket, which asyncio and uvloop expose as `get_extra_info("socket")`, TLS or not.
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket (host=/run/postgresql): nothing in between to die
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    seconds = max(1, round(keepalive))
+    for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds),
+                        ("TCP_KEEPCNT", DB_KEEPALIVE_PROBES),
+                        ("TCP_USER_TIMEOUT", max(1, round(user_timeout * 1000)))):
+        option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def describe(exc: BaseException) -> str:
@@ -1932,27 +2144,44 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class Listener:
-    """The dedicated LISTEN connection, and catching up from the event log.
+class ListenerState(enum.StrEnum):
+    """Where the LISTEN connection is (shown in /healthz and the stats line)."""
 
-    Notifications are applied by a synchronous callback. While catching up
-    (after a reconnect, or to fetch an event too big for NOTIFY), they are held
-    in `_pending` and applied after the log has been read, skipping ids
-    already applied, so order is kept and nothing is applied twice.
+    STARTING = "starting"                  # not connected yet
+    CATCHING_UP = "catching_up"            # connected: self-test, tokens, reading the log
+    LIVE = "live"                          # events flow; probed every PROBE_INTERVAL_SECONDS
+    DOWN = "down"                          # lost: reconnecting after a backoff
+    SELF_TEST_FAILED = "self-test failed"  # connected, but LISTEN does not deliver
+
+
+class Listener:
+    """The dedicated LISTEN connection, and reading the event log.
+
+    The event log is the truth and a notification only a doorbell. Any role that
+    can connect may NOTIFY any channel, so nothing in a payload is applied: a
+    notification says "read the log after the last id you applied", and events
+    come from `target_call_events` only, in id order. Doorbells that ring while a
+    read is in flight (or while catching up) are answered by one more read, so a
+    burst of notifications costs one query per page, not one per event. What a
+    payload claims (`event_id`) is only checked against the log afterwards, so a
+    forged or garbled one is counted and logged, and changes nothing.
     """
 
     def __init__(self, app: App):
         self.app = app
         self.hub = app.hub
-        self.state = "starting"
+        self.state = ListenerState.STARTING
         self.conn: asyncpg.Connection | None = None
-        self._pending: list[str] | None = None
+        # The doorbell: notifications that rang since the last read of the log began.
+        self._rang = False           # at least one did: the log must be read again
+        self._claims: list[int] = []  # the event ids they announced, checked after that read
+        self._reader: asyncio.Task | None = None  # the one read of the log in flight
         self._lost: asyncio.Future | None = None
-        self._catch_up_task: asyncio.Task | None = None
         self._tokens_task: asyncio.Task | None = None
         self._probes: dict[str, asyncio.Future] = {}
         self._in_use = asyncio.Lock()  # asyncpg runs one operation at a time per connection
         self._schema_applied = False
+        self._ignored_logged_at = -math.inf
         self.probe_channel = f"torncat_probe_{os.getpid()}_{secrets.token_hex(4)}"
 
     async def run(self) -> None:
@@ -1964,49 +2193,51 @@ class Listener:
             except asyncio.CancelledError:
                 raise
             except SelfTestFailed as e:
-                self.state = "self-test failed"
+                self.state = ListenerState.SELF_TEST_FAILED
                 log.error("%s", e)
             except Exception as e:
-                log.warning("postgres listener: %s; reconnecting in %.1fs", describe(e), delay)
+                if isinstance(e, TimeoutError):  # a deadline on this connection was missed
+                    self.app.stats.listener_timeouts += 1
+                    reason = "a query on the LISTEN connection missed its deadline"
+                else:
+                    reason = describe(e)
+                log.warning("postgres listener: %s; reconnecting in %.1fs", reason, delay)
+                if self.conn is not None:  # a link that worked died: whatever froze or cut it
+                    self.app.check_pool()  # may have hit the pool's links too
             finally:
-                if self.state == "live":
+                if self.state is ListenerState.LIVE:
                     delay = BACKOFF_MIN  # it worked for a while: start the backoff over
                 self._close()
-            if self.state != "self-test failed":
-                self.state = "down"
+            if self.state is not ListenerState.SELF_TEST_FAILED:
+                self.state = ListenerState.DOWN
             self.app.stats.listener_reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, BACKOFF_MAX)
+            # Never longer than a probe interval: once the database takes connections again,
+            # we are live within PROBE_INTERVAL_SECONDS and a connection's set-up.
+            delay = min(delay * 2, BACKOFF_MAX, self.app.config.probe_interval_seconds)
 
     async def _session(self) -> None:
-        conn = await asyncpg.connect(self.app.dsn, timeout=CONNECT_TIMEOUT, ssl=self.app.db_tls,
-                                     server_settings={"application_name": "torncat-sse listener"})
+        conn = await self.app.connect_db("listener")
         self.conn = conn
         self._lost = self.app.loop.create_future()
         conn.add_termination_listener(self._on_terminated)
-        self.state = "catching_up"
+        self.state = ListenerState.CATCHING_UP
+        self._rang, self._claims = False, []
         if self.app.config.init_db and not self._schema_applied:
-            async with self._in_use:
+            async with self._in_use, asyncio.timeout(SCHEMA_TIMEOUT):
                 await apply_schema(conn)
             self._schema_applied = True
-        self._pending = []
-        await conn.add_listener(CHANNEL, self._on_notify)
-        await conn.add_listener(TOKENS_CHANNEL, self._on_tokens_changed)
-        await conn.add_listener(self.probe_channel, self._on_probe)
-        try:
-            # From another connection: behind a transaction pooler a NOTIFY sent on our own
-            # client connection can come straight back while real ones never would.
-            await self.probe(self.app.pool)
-        except TimeoutError:
-            raise SelfTestFailed(
-                "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
-                f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
-                "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
-                "(port 5432) or a direct connection. Not reporting healthy.") from None
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await conn.add_listener(CHANNEL, self._on_notify)
+            await conn.add_listener(TOKENS_CHANNEL, self._on_tokens_changed)
+            await conn.add_listener(self.probe_channel, self._on_probe)
+        await self._self_test()
         await self._load_tokens()
         await self._catch_up()
-        self.state = "live"
+        self.state = ListenerState.LIVE  # no await since the last read: no doorbell is missed
         log.info("postgres listener live (last_event_id=%d)", self.hub.last_event_id)
+        if self.app.pool_state == "failing":
+            self.app.check_pool()  # the database is back: so is the pool, or /healthz says not
         interval = self.app.config.probe_interval_seconds
         while True:
             with contextlib.suppress(TimeoutError):
@@ -2016,17 +2247,41 @@ class Listener:
             try:
                 await self.probe()
             except TimeoutError:
+                self.app.stats.listener_timeouts += 1
                 raise ConnectionError(
                     "no answer to a probe within "
                     f"{self.app.config.probe_timeout_seconds:g}s (half-open connection?)") from None
 
+    async def _self_test(self) -> None:
+        """Send a NOTIFY from a fresh connection and wait for it here.
+
+        From another connection: behind a transaction pooler a NOTIFY sent on our own
+        client connection can come straight back while real ones never would. A fresh
+        one, not the pool's: a pooled connection may be as frozen as the one we just
+        gave up, and this test must only depend on the database accepting connections.
+        """
+        sender = await self.app.connect_db("self-test")
+        try:
+            await self.probe(sender)
+        except TimeoutError:
+            raise SelfTestFailed(
+                "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
+                f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
+                "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
+                "(port 5432) or a direct connection. Not reporting healthy.") from None
+        finally:
+            with contextlib.suppress(Exception):  # it terminates the connection if it fails
+                await sender.close(timeout=PING_TIMEOUT)
+
     def _close(self) -> None:
-        for task in (self._catch_up_task, self._tokens_task):
+        for task in (self._reader, self._tokens_task):
             if task is not None:
                 task.cancel()
-        self._catch_up_task = self._tokens_task = None
+        self._reader = self._tokens_task = None
         if self.conn is not None:
-            self.conn.terminate()
+            if not self.conn.is_closed():
+                self.app.stats.db_terminations += 1
+            self.conn.terminate()  # at once: a frozen backend would never answer a goodbye
             self.conn = None
         for fut in self._probes.values():
             fut.cancel()
@@ -2037,27 +2292,46 @@ class Listener:
             self._lost.set_result(ConnectionError("connection closed"))
 
     def _on_notify(self, conn, pid, channel, payload: str) -> None:
-        """asyncpg's notification callback: cheap and synchronous."""
+        """asyncpg's notification callback: cheap and synchronous. Rings the doorbell."""
         if conn is not self.conn:
             return  # a late callback from a connection we already gave up
-        if self._pending is not None:
-            self._pending.append(payload)
-        elif not self._apply(payload):
-            # Too big for NOTIFY: read it (and whatever follows) from the log.
-            self._pending = []
-            self._catch_up_task = self.app.loop.create_task(self._in_background(self._catch_up()))
-
-    def _apply(self, payload: str) -> bool:
-        """Apply one notification; False when it must be read from the log first."""
         try:
-            result = parse_notification(payload)
-        except (ValueError, KeyError, TypeError) as e:
-            log.error("ignoring a malformed notification on %r: %s", CHANNEL, e)
-            return True
-        if isinstance(result, int):
-            return result <= self.hub.last_event_id
-        self.hub.apply(result)
-        return True
+            self._claims.append(announced_event_id(payload))
+        except ValueError as e:
+            self._ignore(1, f"a malformed notification on {CHANNEL!r} ({e})")
+            return
+        self._rang = True
+        if self.state is ListenerState.LIVE and (self._reader is None or self._reader.done()):
+            self._reader = self.app.loop.create_task(self._in_background(self._answer_doorbell()))
+        # else: a read is in flight (or we are catching up), and it reads again when done
+
+    async def _answer_doorbell(self) -> None:
+        """Read the log until no notification rang during the last read."""
+        while self._rang:
+            claims, self._rang, self._claims = self._claims, False, []
+            if max(claims, default=0) <= self.hub.last_event_id:
+                continue  # each event they announce came with an earlier read (ids commit
+                          # in order, so nothing unannounced can be read yet either)
+            self.app.stats.log_reads += 1
+            await self._read_log()
+            # Commit order is id order, and a notification is delivered only once its
+            # transaction is visible (PostgreSQL's async.c checks the listener's snapshot),
+            # so a real event announced before this read began is in what it returned.
+            false = [c for c in claims if c > self.hub.last_event_id]
+            if false:
+                self._ignore(len(false), f"notifications on {CHANNEL!r} announced events up "
+                             f"to {max(false)} that the log does not hold (last is "
+                             f"{self.hub.last_event_id}): forged, or sent by hand?")
+
+    def _ignore(self, count: int, what: str) -> None:
+        """Count ignored notifications; say so in the log at most every BAD_NOTIFY_LOG_SECONDS."""
+        stats = self.app.stats
+        stats.notifications_ignored += count
+        now = self.app.loop.time()
+        if now - self._ignored_logged_at >= BAD_NOTIFY_LOG_SECONDS:
+            self._ignored_logged_at = now
+            log.warning("ignoring %s; nothing was applied from it (ignored so far: %d, "
+                        "torncat_notifications_ignored_total)", what, stats.notifications_ignored)
 
     def _on_tokens_changed(self, conn, pid, channel, payload: str) -> None:
         if conn is self.conn and (self._tokens_task is None or self._tokens_task.done()):
@@ -2066,8 +2340,8 @@ class Listener:
     async def _load_tokens(self) -> None:
         """Read the token table; end the streams of tokens that are gone."""
         try:
-            async with self._in_use:
-                rows = await self.conn.fetch(LOAD_TOKENS_SQL, timeout=QUERY_TIMEOUT)
+            async with self._in_use, asyncio.timeout(QUERY_TIMEOUT):
+                rows = await self.conn.fetch(LOAD_TOKENS_SQL)
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
             log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
                         "database tokens")
@@ -2086,41 +2360,33 @@ class Listener:
         try:
             await work
         except Exception as e:
+            if isinstance(e, TimeoutError):
+                self.app.stats.listener_timeouts += 1
             if self._lost is not None and not self._lost.done():
                 self._lost.set_result(e)
 
     async def _catch_up(self) -> None:
-        """Read the log after the last applied id, then the notifications held meanwhile."""
-        if self._pending is None:
-            self._pending = []
+        """Load or read the log after the last applied id, then answer the doorbells that
+        rang meanwhile."""
         conn = self.conn
-        while True:
-            if not self.hub.ready:
+        if not self.hub.ready:
+            await self._load(conn)
+        else:
+            async with self._in_use, asyncio.timeout(QUERY_TIMEOUT):
+                oldest = await conn.fetchval("SELECT min(event_id) FROM target_call_events")
+            if oldest is not None and self.hub.last_event_id < oldest - 1:
+                log.warning("events after %d were pruned before we read them: sending "
+                            "every client a fresh snapshot", self.hub.last_event_id)
                 await self._load(conn)
             else:
-                async with self._in_use:
-                    oldest = await conn.fetchval("SELECT min(event_id) FROM target_call_events",
-                                                 timeout=QUERY_TIMEOUT)
-                if oldest is not None and self.hub.last_event_id < oldest - 1:
-                    log.warning("events after %d were pruned before we read them: sending "
-                                "every client a fresh snapshot", self.hub.last_event_id)
-                    await self._load(conn)
-                else:
-                    await self._read_log(conn)
-            pending, self._pending = self._pending, []
-            for i, payload in enumerate(pending):
-                if not self._apply(payload):
-                    self._pending[:0] = pending[i:]
-                    break
-            else:
-                self._pending = None
-                return
+                await self._read_log()
+        await self._answer_doorbell()
 
-    async def _read_log(self, conn) -> None:
+    async def _read_log(self) -> None:
+        """Apply every event after the last applied one, a page per query."""
         while True:
-            async with self._in_use:
-                rows = await conn.fetch(CATCH_UP_SQL, self.hub.last_event_id, CATCH_UP_PAGE,
-                                        timeout=QUERY_TIMEOUT)
+            async with self._in_use, asyncio.timeout(QUERY_TIMEOUT):
+                rows = await self.conn.fetch(READ_LOG_SQL, self.hub.last_event_id, CATCH_UP_PAGE)
             for row in rows:
                 self.hub.apply(_event_from_row(row))
             if len(rows) < CATCH_UP_PAGE:
@@ -2128,13 +2394,14 @@ class Listener:
 
     async def _load(self, conn) -> None:
         """One consistent read of the active calls and the recent events."""
-        async with self._in_use, conn.transaction(isolation="repeatable_read", readonly=True):
-            last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events",
-                                       timeout=QUERY_TIMEOUT)
+        # The deadline is outside the transaction: its ROLLBACK would wait on a dead link too.
+        async with self._in_use, asyncio.timeout(QUERY_TIMEOUT), \
+                conn.transaction(isolation="repeatable_read", readonly=True):
+            last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events")
             calls = [(r["id"], r["faction_id"], json_bytes(json.loads(r["data"])))
-                     for r in await conn.fetch(LOAD_CALLS_SQL, timeout=QUERY_TIMEOUT)]
+                     for r in await conn.fetch(LOAD_CALLS_SQL)]
             recent = [_event_from_row(r) for r in await conn.fetch(
-                LOAD_RECENT_SQL, self.app.config.replay_events, timeout=QUERY_TIMEOUT)]
+                LOAD_RECENT_SQL, self.app.config.replay_events)]
         self.hub.load(calls, last, recent)
         log.info("loaded %d active calls, last_event_id=%d", len(calls), last)
 
@@ -2499,8 +2766,10 @@ async def serve(config: Config, dsn: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     # min_size=0: no connection is opened before one is needed, so start-up does not
     # wait for (or fail on) a database that is not reachable yet.
+    # Every statement on it has a deadline (App._db), which also bounds connecting.
     app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
                                          timeout=CONNECT_TIMEOUT, ssl=app.db_tls,
+                                         init=app._init_pooled,
                                          server_settings={"application_name": "torncat-sse api"})
     # The StreamReader's limit is the head limit: a reader never buffers much more than
     # twice that before it stops reading from the socket.
@@ -2523,7 +2792,7 @@ async def serve(config: Config, dsn: str) -> None:
 
 async def token_command(config: Config, dsn: str) -> int:
     """`token create|list|revoke`: manage the faction tokens kept in the database."""
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT,
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
         if config.init_db:

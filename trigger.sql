@@ -32,9 +32,10 @@
 -- trigger to the end of their transaction, so keep those transactions short.
 -- (Ids can still have gaps, from rolled-back transactions; gaps are harmless.)
 --
--- NOTIFY payloads must stay under 8000 bytes. When an event is larger (names
--- can hold anything), the notification carries only its id and
--- `"truncated": true`, and the server reads the event from the log.
+-- The server reads every event from the log: a notification only tells it when to
+-- look (any role may NOTIFY, so a payload proves nothing). The payload still carries
+-- the event for other listeners; one over NOTIFY's 8000-byte limit (names can hold
+-- anything) carries only its id and `"truncated": true`.
 --
 -- Retention. `SELECT prune_target_call_events(interval '3 days')` deletes
 -- older events but always keeps the newest one, so the last event id never
@@ -213,7 +214,9 @@ RETURNS SETOF target_calls LANGUAGE sql STABLE AS $$
       AND t.target_id = p_target AND t.uncalled_at IS NULL
 $$;
 
--- Call a target: status 'called', or 'taken' with the call that holds it.
+-- Call a target: status 'called'; 'yours' when the same caller holds it already (a
+-- retry of a call whose answer was lost, so retrying is safe); or 'taken' with the call
+-- that holds it.
 CREATE OR REPLACE FUNCTION torncat_call(p_faction bigint, p_war bigint, p_target bigint,
                                         p_target_name text, p_caller bigint, p_caller_name text)
 RETURNS TABLE (status text, event_id bigint, call json)
@@ -235,7 +238,8 @@ BEGIN
         EXCEPTION WHEN unique_violation THEN
             SELECT * INTO c FROM torncat_active_call(p_faction, p_target);
             IF FOUND THEN
-                RETURN QUERY SELECT 'taken'::text, NULL::bigint, target_call_json(c);
+                RETURN QUERY SELECT CASE WHEN c.caller_id = p_caller THEN 'yours' ELSE 'taken'
+                    END, NULL::bigint, target_call_json(c);
                 RETURN;
             END IF;
             -- The holder uncalled in between: try again.
