@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -69,6 +70,17 @@ def record_propagation(transport: str, what: str, seconds: float) -> None:
     PROPAGATION.write_text(json.dumps(seen, indent=1, sort_keys=True) + "\n")
     print(f"{transport}: {what} crossed browsers in {seconds * 1000:.0f} ms")
 STRICT_CSP = "connect-src 'self'"
+# Per case: seconds from navigation start to "live" (a fresh browser, then a reload that starts
+# with what it remembered), and from a POST /calls elsewhere to the call shown on the page.
+TIMINGS = ARTIFACTS / "transports.json"
+
+
+def record_timing(case: str, what: str, value) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    seen = json.loads(TIMINGS.read_text()) if TIMINGS.exists() else {}
+    seen.setdefault(case, {})[what] = value
+    TIMINGS.write_text(json.dumps(seen, indent=1, sort_keys=True) + "\n")
+    print(f"{case}: {what} = {value}")
 
 expect.set_options(timeout=STEP_MS)
 
@@ -92,17 +104,8 @@ PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Faction War | TORN</title>
-<style>
-body {{ margin: 0; background: #191919; color: #ddd; font: 12px Arial, sans-serif; }}
-.header {{ background: #333; padding: 10px; font-weight: bold; }}
-.content-wrapper {{ max-width: 640px; padding: 8px; }}
-.white-grad {{ background: #444; padding: 6px 8px; font-weight: bold; }}
-.members-list {{ list-style: none; margin: 0 0 12px; padding: 0; }}
-.members-list > li {{ display: flex; gap: 8px; align-items: center; padding: 6px 8px;
-  border-bottom: 1px solid #333; }}
-.members-list .member {{ flex: 1; }}
-a {{ color: #8bf; }}
-</style></head>
+<link rel="stylesheet" href="/torn.css">
+</head>
 <body>
 <input type="hidden" id="torn-user" value="{user}">
 <div class="header">TORN</div>
@@ -112,9 +115,30 @@ a {{ color: #8bf; }}
   <div class="enemy-faction tab-menu-cont"><div class="white-grad">Enemy faction</div>
     <div class="members-cont"><ul class="members-list"></ul></div></div>
 </div></div></div>
-<script src="/war.js"></script>
+<script src="/war.js" nonce="{nonce}"></script>
 </body></html>
 """
+
+# An external sheet: Torn's CSP has no style-src, so default-src 'self' would block a <style>.
+TORN_CSS = """
+body { margin: 0; background: #191919; color: #ddd; font: 12px Arial, sans-serif; }
+.header { background: #333; padding: 10px; font-weight: bold; }
+.content-wrapper { max-width: 640px; padding: 8px; }
+.white-grad { background: #444; padding: 6px 8px; font-weight: bold; }
+.members-list { list-style: none; margin: 0 0 12px; padding: 0; }
+.members-list > li { display: flex; gap: 8px; align-items: center; padding: 6px 8px;
+  border-bottom: 1px solid #333; }
+.members-list .member { flex: 1; }
+a { color: #8bf; }
+"""
+
+# Torn's Content-Security-Policy as Tampermonkey issue #1919 quotes it (../shared/USERS.md),
+# with a default-src 'self' and a fixed nonce. Our server (127.0.0.1) is in no list of it.
+TORN_CSP = ("default-src 'self'; connect-src 'self' wss://*.torn.com wss://*.torncity.com *.torncity.com "
+            "*.torn.com api.torn.com www.google-analytics.com www.facebook.com *.sendbird.com; "
+            "script-src 'nonce-t0rn' 'self' *.torn.com; frame-src 'self'; child-src 'self'; "
+            "worker-src 'self' blob:")
+NONCE = "t0rn"
 
 ROW = ('<li><div class="member icons"><a class="user name" href="/profiles.php?XID={id}" '
        'data-placeholder="{name} [{id}]"><span>{name}</span></a></div><div class="level">{level}</div>'
@@ -138,22 +162,29 @@ setTimeout(() => {
 
 
 class TornSite:
-    """The imitation war page on its own origin, with an optional Content-Security-Policy."""
+    """The imitation war page on its own origin, with an optional Content-Security-Policy.
 
-    def __init__(self):
+    With `ssl` it is `https://www.torn.com` for a browser started with
+    `--host-resolver-rules` (the real-manager test); it then also serves the userscript,
+    for the manager to install from a URL.
+    """
+
+    def __init__(self, ssl_context=None, userscript: str = ""):
         self.csp: str | None = None
         self.port = 0
+        self.ssl = ssl_context
+        self.userscript = userscript
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> TornSite:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return "https://www.torn.com" if self.ssl else f"http://127.0.0.1:{self.port}"
 
     def url(self, member: Member) -> str:
         return f"{self.origin}/factions.php?step=your&as={member.id}#/war/rank"
@@ -162,7 +193,7 @@ class TornSite:
         member = MEMBERS[int(query["as"][0])]
         user = json.dumps({"id": member.id, "playername": member.name, "factionID": FACTION})
         own = "".join(ROW.format(id=m.id, name=m.name, level=10) for m in MEMBERS.values())
-        return PAGE.format(user=html.escape(user), own=own).encode()
+        return PAGE.format(user=html.escape(user), own=own, nonce=NONCE).encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -178,6 +209,12 @@ class TornSite:
             elif url.path == "/war.js":
                 status, body = "200 OK", WAR_JS.encode()
                 headers.append(("Content-Type", "text/javascript"))
+            elif url.path == "/torn.css":
+                status, body = "200 OK", TORN_CSS.encode()
+                headers.append(("Content-Type", "text/css"))
+            elif url.path == "/torn-war-caller.user.js" and self.userscript:
+                status, body = "200 OK", self.userscript.encode()
+                headers.append(("Content-Type", "text/javascript"))
             else:
                 status, body = "404 Not Found", b"not found"
                 headers.append(("Content-Type", "text/plain"))
@@ -185,7 +222,8 @@ class TornSite:
             writer.write(f"HTTP/1.1 {status}\r\n".encode()
                          + "".join(f"{k}: {v}\r\n" for k, v in headers).encode() + b"\r\n" + body)
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, TimeoutError):
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, TimeoutError,
+                ssl.SSLError):
             pass
         finally:
             self.writers.discard(writer)
@@ -327,8 +365,17 @@ class Manager:
             self.abort(None, upstream_id)
 
 
-# Tampermonkey's GM_xmlhttpRequest ("stream": responseType "stream" gives a ReadableStream)
-# or Violentmonkey's ("progress": onprogress with the growing responseText).
+# GM_xmlhttpRequest stand-ins, each as a manager was measured or reported to behave (see
+# ../shared/USERS.md and managers/README.md). In all of them, as in ScriptCat,
+# `GM_xmlhttpRequest.RESPONSE_TYPE_STREAM` is undefined and `responseText` stays undefined
+# until the request completes.
+#   "stream": ScriptCat/Tampermonkey. With `responseType: "stream"`, onloadstart hands over
+#     a ReadableStream that delivers each chunk as it arrives.
+#   "no-loadstart": what a public war tool reported: with `responseType: "stream"`,
+#     onloadstart never fires for an endless text/event-stream (the request is made and
+#     read, but nothing reaches the script until it ends).
+#   "complete": complete responses only (Violentmonkey without a stream type, TornPDA's
+#     GMforPDA shim): readystate and progress events come, the body only at the end.
 GM_SHIM = """
 (() => {
   const MODE = %s;
@@ -339,10 +386,12 @@ GM_SHIM = """
   };
   window.GM_setValue = (k, v) => localStorage.setItem(STORE + k, JSON.stringify(v));
   window.GM_info = { scriptHandler: 'TornCat test shim (' + MODE + ')', version: '0' };
+  window.__gmRequests = [];
   function GM_xmlhttpRequest(d) {
     let id = null, aborted = false, finished = false;
-    const base = { readyState: 1, status: 0, statusText: '', responseHeaders: '', responseText: '',
-                   response: null, finalUrl: d.url, context: d.context };
+    window.__gmRequests.push({ url: String(d.url), responseType: d.responseType || '' });
+    const base = { readyState: 1, status: 0, statusText: '', responseHeaders: '', responseText: undefined,
+                   response: undefined, finalUrl: d.url, context: d.context };
     const fire = (name, extra) => {
       if (typeof d[name] !== 'function') return;
       try {
@@ -362,7 +411,8 @@ GM_SHIM = """
       if (aborted) { window.__tcAbort(id); return; }
       Object.assign(base, { readyState: 2, status: head.status, statusText: head.statusText,
                             responseHeaders: head.headers });
-      if (MODE === 'stream' && d.responseType === 'stream') {
+      const asStream = d.responseType === 'stream';
+      if (MODE === 'stream' && asStream) {
         const encoder = new TextEncoder();
         base.response = new ReadableStream({
           async pull(controller) {
@@ -384,12 +434,15 @@ GM_SHIM = """
           },
           cancel() { if (!aborted) { aborted = true; window.__tcAbort(id); } },
         });
-        fire('onreadystatechange', {});
         fire('onloadstart', {});
+        fire('onreadystatechange', {});
         return;
       }
-      fire('onreadystatechange', {});
-      fire('onloadstart', {});
+      const silent = MODE === 'no-loadstart' && asStream;
+      if (!silent) {
+        fire('onloadstart', {});
+        fire('onreadystatechange', {});
+      }
       let text = '';
       for (;;) {
         let piece;
@@ -397,8 +450,8 @@ GM_SHIM = """
         if (aborted) return;
         if (piece === null) break;
         text += piece;
-        if (MODE === 'progress') {
-          Object.assign(base, { readyState: 3, responseText: text });
+        if (!silent) {
+          Object.assign(base, { readyState: 3 });
           fire('onprogress', { loaded: text.length });
           fire('onreadystatechange', {});
         }
@@ -416,36 +469,66 @@ GM_SHIM = """
       fire('onabort', {});
     } };
   }
-  if (MODE === 'stream') GM_xmlhttpRequest.RESPONSE_TYPE_STREAM = 'stream';
   window.GM_xmlhttpRequest = GM_xmlhttpRequest;
 })();
 """
 
-# TornPDA: PDA_httpGet/PDA_httpPost (no streaming) and no EventSource.
+# TornPDA: PDA_httpGet/PDA_httpPost resolve only with the complete response, and a GET of
+# the same URL within 2 s of the last one resolves to `undefined` without a request
+# (remote_snippets.dart). Its GMforPDA shim puts a GM_xmlhttpRequest on top that never
+# streams. No EventSource.
 PDA_SHIM = """
 (() => {
+  const SAME_URL_MS = 2000;
   window.__pdaRequests = [];
+  window.__pdaDeduplicated = [];
+  const lastGet = new Map();
   const call = (method, url, headers, data) => {
+    if (method === 'GET') {
+      const last = lastGet.get(url);
+      lastGet.set(url, Date.now());
+      if (last !== undefined && Date.now() - last < SAME_URL_MS) {
+        window.__pdaDeduplicated.push(url);
+        return Promise.resolve(undefined);
+      }
+    }
     window.__pdaRequests.push({ method, url, headers: Object.assign({}, headers) });
     return window.__tcFetch({ method, url, headers: headers || {},
                               data: data == null ? null : String(data) });
   };
   window.PDA_httpGet = (url, headers = {}) => call('GET', url, headers, null);
   window.PDA_httpPost = (url, headers, body) => call('POST', url, headers, body);
+  window.GM_info = { scriptHandler: 'GMforPDA', version: '0' };
+  window.GM_xmlhttpRequest = (d) => {
+    const r = { readyState: 4, finalUrl: d.url };
+    const pending = (d.method || 'GET') === 'GET' ? window.PDA_httpGet(d.url, d.headers)
+      : window.PDA_httpPost(d.url, d.headers, d.data);
+    Promise.resolve(pending).then((x) => {
+      if (!x) { if (d.onerror) d.onerror(r); return; }
+      Object.assign(r, x, { response: x.responseText });
+      if (d.onload) d.onload(r);
+    }, () => { if (d.onerror) d.onerror(r); });
+    return { abort() {} };
+  };
   delete window.EventSource;
 })();
 """
 
-# Records what a test needs to see afterwards: every status the panel showed, CSP
-# violations (a request the page made itself, under the GM tests' CSP), dialogs.
+# Records what a test needs to see afterwards: every status the panel showed (and when it
+# first said "live", in ms since navigation started), CSP violations, dialogs.
 WATCH = """
 (() => {
-  window.__tc = { statuses: [], violations: [] };
+  window.__tc = { statuses: [], violations: [], liveAt: null, liveBy: null };
   document.addEventListener('securitypolicyviolation',
     (e) => window.__tc.violations.push(e.violatedDirective + ' ' + e.blockedURI));
   new MutationObserver((ms) => {
     for (const m of ms) {
-      if (m.target.id === 'torncat-panel') window.__tc.statuses.push(m.target.dataset.status);
+      if (m.target.id !== 'torncat-panel') continue;
+      window.__tc.statuses.push(m.target.dataset.status);
+      if (m.target.dataset.status === 'live' && window.__tc.liveAt === null) {
+        window.__tc.liveAt = performance.now();
+        window.__tc.liveBy = m.target.dataset.transport;
+      }
     }
   }).observe(document, { subtree: true, attributes: true, attributeFilter: ['data-status'] });
 })();
@@ -462,12 +545,14 @@ SEED = """
 })();
 """
 
-# transport -> (shim, storage prefix of the settings, data-transport the panel shows)
+# case -> (shim, storage prefix of the settings, the transport the panel shows once live)
 TRANSPORTS = {
-    "gm-stream": (GM_SHIM % json.dumps("stream"), "gmshim:", "gm"),
-    "gm-progress": (GM_SHIM % json.dumps("progress"), "gmshim:", "gm"),
-    "eventsource": ("", "", "es"),
-    "pda": (PDA_SHIM, "", "poll"),
+    "gm-stream": (GM_SHIM % json.dumps("stream"), "gmshim:", "stream"),
+    "gm-no-loadstart": (GM_SHIM % json.dumps("no-loadstart"), "gmshim:", "long-poll"),
+    "gm-complete": (GM_SHIM % json.dumps("complete"), "gmshim:", "long-poll"),
+    "eventsource": ("", "", "EventSource"),
+    "pda": (PDA_SHIM, "", "long-poll"),
+    "no-gm": ("", "", None),  # under Torn's CSP: nothing the page does may reach the server
 }
 
 
@@ -614,11 +699,42 @@ def streams_opened(server) -> list[str]:
     return [line for line in server.lines if "stream opened" in line]
 
 
+async def seconds_to_live(page: Page, transport: str | None) -> float:
+    """Wait for "live" by `transport`; seconds from the page's navigation start to it."""
+    await expect(panel(page)).to_have_attribute("data-status", "live")
+    await expect(panel(page)).to_have_attribute("data-transport", transport)
+    await expect(panel(page).locator(".tc-status")).to_have_text(f"live · {transport}")
+    tc = await page.evaluate("window.__tc")
+    assert tc["liveBy"] == transport, tc
+    return round(tc["liveAt"] / 1000, 3)
+
+
+# Resolves with the wall-clock time (ms) at which the page first shows the call on a target.
+SHOWN = """(target) => { window.__tcShown = new Promise((done) => {
+  const sel = '#torncat-panel li.tc-call[data-target-id="' + target + '"]';
+  const now = () => performance.timeOrigin + performance.now();
+  if (document.querySelector(sel)) { done(now()); return; }
+  const seen = new MutationObserver(() => {
+    if (document.querySelector(sel)) { seen.disconnect(); done(now()); }
+  });
+  seen.observe(document, { subtree: true, childList: true });
+}); }"""
+
+
+async def seconds_to_show(page: Page, port: int, member: Member, target: int, name: str | None) -> float:
+    """POST /calls as another browser would; seconds until this page shows the call."""
+    await page.evaluate(SHOWN, target)
+    sent = time.time()
+    await api_call(port, member, target, name)
+    shown = await asyncio.wait_for(page.evaluate("window.__tcShown"), STEP_TIMEOUT)
+    return round(shown / 1000 - sent, 3)
+
+
 # ---------------------------------------------------------------------------
 # Tests
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("transport", ["gm-stream", "gm-progress", "eventsource"])
+@pytest.mark.parametrize("transport", ["gm-stream", "gm-complete", "eventsource"])
 async def test_a_call_in_one_browser_shows_in_another_and_an_uncall_removes_it(h, transport):
     server = await h.start()
     if transport != "eventsource":
@@ -628,6 +744,7 @@ async def test_a_call_in_one_browser_shows_in_another_and_an_uncall_removes_it(h
     for page in (alice, bob):
         await expect(panel(page)).to_have_attribute("data-status", "live")
         await expect(panel(page)).to_have_attribute("data-transport", TRANSPORTS[transport][2])
+        await expect(panel(page).locator(".tc-status")).to_have_text(f"live · {TRANSPORTS[transport][2]}")
         await expect(panel(page).locator(".tc-empty")).to_have_text("No active calls")
 
     # The enemy rows come from Torn's own script after load; each gets a Call button.
@@ -697,7 +814,9 @@ async def test_pages_reconnect_after_a_server_restart_and_miss_no_call(h, resume
     server = await h.start(PORT=str(port))
     h.site.csp = STRICT_CSP
     alice = await h.open(ALICE, "gm-stream")
-    bob = await h.open(BOB, "gm-progress")
+    bob = await h.open(BOB, "gm-complete")  # long-polls: its manager cannot stream
+    await expect(panel(alice)).to_have_attribute("data-transport", "stream")
+    await expect(panel(bob)).to_have_attribute("data-transport", "long-poll")
     for page in (alice, bob):
         await expect(panel(page)).to_have_attribute("data-status", "live")
     await row_cell(alice, 2001).locator(".tc-call-btn").click()
@@ -705,6 +824,7 @@ async def test_pages_reconnect_after_a_server_restart_and_miss_no_call(h, resume
     last_seen = (await healthz(port))["last_event_id"]
 
     # SIGTERM ends every stream cleanly with a `retry:`; the pages say they are reconnecting.
+    before_restart = len(h.manager.requests)
     await asyncio.to_thread(server.stop)
     for page in (alice, bob):
         await page.wait_for_function("window.__tc.statuses.includes('reconnecting')")
@@ -720,9 +840,11 @@ async def test_pages_reconnect_after_a_server_restart_and_miss_no_call(h, resume
         await expect(panel(page)).to_have_attribute("data-status", "live")
     # Both asked to resume from the last event they had; the server answered as expected.
     opened = streams_opened(server)
-    assert len(opened) == 2 and all(f"last_event_id={last_seen}" in line for line in opened), opened
+    assert len(opened) == 1 and f"last_event_id={last_seen}" in opened[0], opened
     metrics = (await http(port, "GET", "/metrics")).body.decode()
-    assert f"torncat_{resume}s_total 2" in metrics
+    assert f"torncat_{resume}s_total 1" in metrics
+    polls = [r["url"] for r in h.manager.requests[before_restart:] if "/calls?" in r["url"]]
+    assert any(f"since={last_seen}&" in u for u in polls), polls
 
     # And the new streams carry live calls.
     await api_call(port, DEE, 2003, "Zed")
@@ -810,7 +932,7 @@ async def _clients_are(port: int, n: int) -> bool:
     return (await healthz(port))["clients"] == n
 
 
-async def test_tornpda_without_gm_or_eventsource_polls_and_stays_current(h):
+async def test_tornpda_long_polls_with_unique_urls_and_stays_current(h):
     server = await h.start()
     h.site.csp = STRICT_CSP
     bob = await h.open(BOB, "pda", phone=True, configured=False)
@@ -826,11 +948,11 @@ async def test_tornpda_without_gm_or_eventsource_polls_and_stays_current(h):
     await settings.locator(".tc-f-token").fill(TOKEN)
     await settings.locator(".tc-save").click()
     await expect(settings).to_be_hidden()
-    await expect(panel(bob)).to_have_attribute("data-status", "polling")
-    await expect(panel(bob)).to_have_attribute("data-transport", "poll")
+    await expect(panel(bob)).to_have_attribute("data-status", "live")
+    await expect(panel(bob)).to_have_attribute("data-transport", "long-poll")
     assert await bob.evaluate("JSON.parse(localStorage.getItem('torncat.token'))") == TOKEN
 
-    # Someone else calls and uncalls: the next poll shows it.
+    # Someone else calls and uncalls: the long-poll shows it.
     await api_call(server.port, CY, 2001, "Xena")
     await expect(panel_call(bob, 2001)).to_contain_text("Cy")
     await expect(row_cell(bob, 2001)).to_have_text("called by Cy")
@@ -845,12 +967,16 @@ async def test_tornpda_without_gm_or_eventsource_polls_and_stays_current(h):
     await panel_call(bob, 2002).locator(".tc-uncall").click()
     await expect(panel_call(bob, 2002)).to_have_count(0)
     assert await active_calls(server.port) == {}
-    await expect(panel(bob)).to_have_attribute("data-status", "polling")
+    await expect(panel(bob)).to_have_attribute("data-status", "live")
 
-    # Only the cheap poll, always with the token in a header, never in the URL.
+    # Only the long-poll, never a stream (TornPDA's GM shim cannot stream), every URL unique
+    # (TornPDA answers a repeated one with `undefined`), the token in a header, never the URL.
     requests = await bob.evaluate("window.__pdaRequests")
     urls = [r["url"] for r in requests]
-    assert any("/calls?since=" in u for u in urls), urls
+    gets = [r["url"] for r in requests if r["method"] == "GET"]
+    assert any("/calls?since=" in u and "&wait=" in u for u in urls), urls
+    assert len(set(gets)) == len(gets), gets
+    assert await bob.evaluate("window.__pdaDeduplicated") == []
     assert not any("/events" in u or "token=" in u for u in urls), urls
     assert all(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in requests)
     assert {r["method"] for r in requests} == {"GET", "POST"}
@@ -858,18 +984,20 @@ async def test_tornpda_without_gm_or_eventsource_polls_and_stays_current(h):
     await h.assert_clean(bob)
 
 
-async def test_a_stream_that_keeps_failing_falls_back_to_polling(h):
+async def test_a_stream_that_ends_before_a_byte_hands_over_to_long_poll_at_once_and_is_remembered(h):
     server = await h.start()
     h.site.csp = STRICT_CSP
-    h.manager.cut_streams = True  # every stream ends at once, before a single byte
+    h.manager.cut_streams = True  # like a buffering proxy: /events answers 200, then ends at once
     alice = await h.open(ALICE, "gm-stream")
-    await expect(panel(alice)).to_have_attribute("data-status", "polling", timeout=20_000)
-    await expect(panel(alice)).to_have_attribute("data-transport", "poll")
-    await expect(panel(alice).locator(".tc-status")).to_have_attribute("title", re.compile("stream failed"))
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(panel(alice)).to_have_attribute("data-transport", "long-poll")
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · long-poll")
+    await expect(panel(alice).locator(".tc-status")).to_have_attribute(
+        "title", re.compile("the stream did not work here"))
     streams = [r for r in h.manager.requests if urllib.parse.urlsplit(r["url"]).path == "/events"]
-    assert len(streams) == 4  # FAILURES_BEFORE_POLLING
+    assert len(streams) == 1  # no second try in a row: it waits STREAM_PROBE_MS, beside the long-poll
     statuses = await alice.evaluate("window.__tc.statuses")
-    assert "reconnecting" in statuses and "live" not in statuses, statuses
+    assert "reconnecting" not in statuses, statuses
 
     await api_call(server.port, BOB, 2001, "Xena")
     await expect(row_cell(alice, 2001)).to_have_text("called by Bob")
@@ -877,7 +1005,16 @@ async def test_a_stream_that_keeps_failing_falls_back_to_polling(h):
     await expect(panel_call(alice, 2002).locator(".tc-by")).to_have_text("by you")
     assert await active_calls(server.port) == {2001: "Bob", 2002: "Alice"}
     polls = [r["url"] for r in h.manager.requests if "/calls?since=" in r["url"]]
-    assert polls and not any("token=" in u for u in polls)
+    assert polls and all("&wait=" in u for u in polls) and not any("token=" in u for u in polls)
+
+    # The next page load remembers: long-poll at once, no stream tried (the last one failed
+    # less than STREAM_PROBE_MS ago).
+    asked = len(h.manager.requests)
+    await alice.reload()
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(panel(alice)).to_have_attribute("data-transport", "long-poll")
+    await expect(panel_call(alice, 2001)).to_contain_text("Bob")
+    assert not [r for r in h.manager.requests[asked:] if "/events" in r["url"]]
     await h.assert_clean(alice)
 
 
