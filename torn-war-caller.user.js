@@ -555,7 +555,10 @@
       }
       a.later(FIRST_BYTE_MS, () => {
         if (a.ended || a.proven || this.stopped) return;
-        this.longPoll(); // deliver now; the stream may still prove itself
+        // Deliver now, and start with the long-poll on the next page load too; the stream may
+        // still prove itself (then it takes over and is remembered instead).
+        this.remember(LONG_POLL);
+        this.longPoll();
         a.later(STREAM_PATIENCE_MS - FIRST_BYTE_MS, () => this.streamEnded(a, {
           why: 'the stream sent nothing', silent: true,
         }));
