@@ -129,7 +129,7 @@ PAGE = """<!DOCTYPE html>
   <div class="your-faction tab-menu-cont"><div class="white-grad">Your faction</div>
     <div class="members-cont"><ul class="members-list">{own}</ul></div></div>
   <div class="enemy-faction tab-menu-cont"><div class="white-grad">Enemy faction</div>
-    <div class="members-cont"><ul class="members-list"></ul></div></div>
+    <div class="members-cont"><ul class="{enemy_list}" data-row-class="{row_class}"></ul></div></div>
 </div></div></div>
 <script src="/war.js" nonce="{nonce}"></script>
 </body></html>
@@ -165,9 +165,10 @@ ROW = ('<li><div class="member icons"><a class="user name" href="/profiles.php?X
 WAR_JS = """
 const ENEMIES = ENEMIES_JSON, ROW = ROW_JSON;
 setTimeout(() => {
-  const list = document.querySelector('.enemy-faction .members-list');
+  const list = document.querySelector('.enemy-faction ul');
   for (const [id, name] of ENEMIES) {
     const li = document.createElement('li');
+    li.className = list.dataset.rowClass;
     li.innerHTML = ROW.replaceAll('{id}', id).replaceAll('{name}', name).replaceAll('{level}', 40 + id % 9);
     list.append(li);
   }
@@ -175,6 +176,22 @@ setTimeout(() => {
 }, 150);
 """.replace("ENEMIES_JSON", json.dumps(list(ENEMIES.items()))).replace(
     "ROW_JSON", json.dumps(ROW.removeprefix("<li>").removesuffix("</li>")))
+
+
+# The markups Torn has used for the enemy list: (class of the list, class of each row).
+LAYOUTS = {
+    "classic": ("members-list", ""),          # .enemy-faction .members-list > li
+    "hashed": ("membersWrap___Xy12", ""),     # React builds with hashed class names
+    "li-enemy": ("table-body", "enemy"),      # rows marked li.enemy
+}
+
+ATTACK_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Attack | TORN</title>
+<link rel="stylesheet" href="/torn.css"></head>
+<body><input type="hidden" id="torn-user" value="{user}">
+<div class="header">TORN</div><div class="content-wrapper" id="react-root">Attacking [{target}]</div>
+</body></html>
+"""
 
 
 class TornSite:
@@ -187,6 +204,7 @@ class TornSite:
 
     def __init__(self, ssl_context=None, userscript: str = ""):
         self.csp: str | None = None
+        self.layout = "classic"
         self.port = 0
         self.ssl = ssl_context
         self.userscript = userscript
@@ -209,7 +227,14 @@ class TornSite:
         member = MEMBERS[int(query["as"][0])]
         user = json.dumps({"id": member.id, "playername": member.name, "factionID": FACTION})
         own = "".join(ROW.format(id=m.id, name=m.name, level=10) for m in MEMBERS.values())
-        return PAGE.format(user=html.escape(user), own=own, nonce=NONCE).encode()
+        enemy_list, row_class = LAYOUTS[self.layout]
+        return PAGE.format(user=html.escape(user), own=own, nonce=NONCE, enemy_list=enemy_list,
+                           row_class=row_class).encode()
+
+    def attack_page(self, query: dict[str, list[str]]) -> bytes:
+        member = MEMBERS[int(query["as"][0])]
+        user = json.dumps({"id": member.id, "playername": member.name, "factionID": FACTION})
+        return ATTACK_PAGE.format(user=html.escape(user), target=int(query["user2ID"][0])).encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -217,8 +242,10 @@ class TornSite:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), STEP_TIMEOUT)
             url = urllib.parse.urlsplit(head.split(b" ", 2)[1].decode())
             headers = [("Cache-Control", "no-store"), ("Connection", "close")]
-            if url.path == "/factions.php":
-                status, body = "200 OK", self.page(urllib.parse.parse_qs(url.query))
+            if url.path in ("/factions.php", "/page.php", "/loader.php"):
+                query = urllib.parse.parse_qs(url.query)
+                page = self.page if url.path == "/factions.php" else self.attack_page
+                status, body = "200 OK", page(query)
                 headers.append(("Content-Type", "text/html; charset=utf-8"))
                 if self.csp:
                     headers.append(("Content-Security-Policy", self.csp))
@@ -311,6 +338,7 @@ class Manager:
         self.ids = itertools.count(1)
         self.requests: list[dict] = []  # every request made: method, url, headers
         self.cut_streams = False  # like a buffering proxy: /events answers 200, then ends at once
+        self.hold_streams: asyncio.Event | None = None  # /events waits for this before it connects
 
     async def install(self, context: BrowserContext) -> None:
         await context.expose_binding("__tcOpen", self.open)
@@ -323,6 +351,8 @@ class Manager:
         url = urllib.parse.urlsplit(req["url"])
         assert url.hostname == "127.0.0.1", req["url"]
         self.requests.append({"method": req["method"], "url": req["url"], "headers": dict(req["headers"])})
+        if self.hold_streams and url.path == "/events":
+            await self.hold_streams.wait()
         body = req["data"].encode() if req.get("data") is not None else b""
         headers = {"Host": url.netloc, "Connection": "close", **req["headers"]}
         if body or req["method"] in ("POST", "PUT"):
@@ -534,13 +564,14 @@ PDA_SHIM = """
 # first said "live", in ms since navigation started), CSP violations, dialogs.
 WATCH = """
 (() => {
-  window.__tc = { statuses: [], violations: [], liveAt: null, liveBy: null };
+  window.__tc = { statuses: [], shown: [], violations: [], liveAt: null, liveBy: null };
   document.addEventListener('securitypolicyviolation',
     (e) => window.__tc.violations.push(e.violatedDirective + ' ' + e.blockedURI));
   new MutationObserver((ms) => {
     for (const m of ms) {
       if (m.target.id !== 'torncat-panel') continue;
       window.__tc.statuses.push(m.target.dataset.status);
+      window.__tc.shown.push(m.target.dataset.status + ' ' + m.target.dataset.transport);
       if (m.target.dataset.status === 'live' && window.__tc.liveAt === null) {
         window.__tc.liveAt = performance.now();
         window.__tc.liveBy = m.target.dataset.transport;
@@ -1329,3 +1360,78 @@ async def test_in_scriptcat_on_torn_it_streams_at_once_styled_and_one_stream_ser
     finally:
         await manager.close()
         await site.close()
+
+
+@pytest.mark.parametrize("layout", ["hashed", "li-enemy"])
+async def test_enemy_rows_in_torns_other_markups_and_both_attack_pages(h, layout):
+    server = await h.start()
+    h.site.csp = TORN_CSP
+    h.site.layout = layout
+    context = await h.context("gm-stream")
+    alice = await h.page(context, ALICE)
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    # A call made without a target name (by id, from elsewhere) is named from Torn's row.
+    await api_call(server.port, BOB, 2002)
+    await expect(panel_call(alice, 2002).locator(".tc-target")).to_have_text("Yuri")
+    await expect(row_cell(alice, 2002)).to_have_text("called by Bob")
+    await h.assert_clean(alice)
+
+    # Torn's attack page, at its address since April 2026 and the one before: the panel, with
+    # the target of the attack ready to call.
+    for i, path in enumerate(("page.php", "loader.php")):
+        target = 2003 if i == 0 else 2002
+        attack = await context.new_page()
+        await attack.goto(f"{h.site.origin}/{path}?sid=attack&user2ID={target}&as={ALICE.id}")
+        await expect(panel(attack)).to_be_visible()
+        await expect(panel(attack).locator(".tc-call-input")).to_have_value(str(target))
+        await expect(panel_call(attack, 2001).locator(".tc-by")).to_have_text("by you")
+        await attack.close()
+    attack = await context.new_page()
+    await attack.goto(f"{h.site.origin}/page.php?sid=attack&user2ID=2003&as={ALICE.id}")
+    await panel(attack).locator(".tc-form .tc-call-btn").click()
+    await expect(panel_call(attack, 2003).locator(".tc-by")).to_have_text("by you")
+    await expect(panel_call(alice, 2003).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2001: "Alice", 2002: "Bob", 2003: "Alice"}
+    assert not h.errors, h.errors
+
+
+async def test_a_stream_tried_again_beside_the_long_poll_takes_over_without_a_silent_moment(h):
+    server = await h.start()
+    h.site.csp = TORN_CSP
+    # This browser remembers that the stream failed, STREAM_PROBE_MS ago or more: it starts with
+    # the long-poll and tries the stream beside it. The stream is slow to answer this time.
+    remembered = ("localStorage.setItem('gmshim:torncat.transport', "
+                  "JSON.stringify({ best: 'stream', works: 'long-poll', at: 1 }));")
+    h.manager.hold_streams = asyncio.Event()
+    context = await h.context("gm-stream", before=remembered)
+    alice = await h.page(context, ALICE)
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · long-poll")
+    await until(lambda: _asked(h.manager, "/events"), what="a stream tried beside the long-poll")
+    await api_call(server.port, BOB, 2001, "Xena")
+    await expect(panel_call(alice, 2001)).to_contain_text("Bob")  # the long-poll keeps delivering
+
+    h.manager.hold_streams.set()
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · stream")
+    await api_call(server.port, CY, 2002, "Yuri")
+    await expect(panel_call(alice, 2002)).to_contain_text("Cy")
+    # Live all along: from the first "live" on, it never said anything else.
+    shown = await alice.evaluate("window.__tc.shown")
+    after = shown[shown.index("live long-poll"):]
+    assert set(after) == {"live long-poll", "live stream"}, shown
+    assert after[-1] == "live stream", shown
+    # The stream is remembered for the next page load, and the long-poll has stopped: prove that
+    # no poll goes out for longer than its slowest pace (one a second against a server that does
+    # not hold requests).
+    memory = json.loads(await alice.evaluate("localStorage.getItem('gmshim:torncat.transport')"))
+    assert memory["works"] == "stream", memory
+    polls = len([r for r in h.manager.requests if "/calls?" in r["url"]])
+    with pytest.raises(PlaywrightTimeoutError):
+        await alice.wait_for_function("() => false", timeout=1500)
+    assert len([r for r in h.manager.requests if "/calls?" in r["url"]]) == polls
+    await h.assert_clean(alice)
+
+
+async def _asked(manager: Manager, path: str) -> bool:
+    return any(urllib.parse.urlsplit(r["url"]).path == path for r in manager.requests)
