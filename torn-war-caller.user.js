@@ -21,7 +21,7 @@
 
 /*
  * TornCat War Caller: the faction's calls, pushed by the TornCat SSE server
- * (torncat_sse.py, README "The userscript").
+ * (torncat_sse.py, docs/userscript.md).
  *
  * Transports, best first. Each one proves itself before it is trusted, and the panel
  * says which one is live ("live · stream", "live · long-poll"):

@@ -42,20 +42,32 @@ and resumes where it was, while everyone else keeps receiving.
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
 snapshots, replays and polls carry that faction's calls only. The seed's
-SECRET_TOKEN, or no token at all, sees every faction. The calls API
-(`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N` for clients that
-cannot stream) writes through SQL functions of trigger.sql that decide in one
-statement, so two racing callers cannot both win; reads come from memory.
+SECRET_TOKEN sees every faction. No token at all gets 401, unless the operator
+asked for open access (OPEN_ACCESS, on by default only with the embedded
+development database) and no token exists yet: then it sees every faction.
+The calls API (`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N[&wait=S]`
+for clients that cannot stream) writes through SQL functions of trigger.sql that
+decide in one statement, so two racing callers cannot both win; reads come from
+memory.
 
-Connections are asyncio Protocols, not `asyncio.start_server` coroutines: a
-stream then costs a transport and one small object, with no task, coroutine
-frame, StreamReader or StreamWriter kept alive for hours (measured on 10,000
-idle connections: about 1.3 KB each against 5.4 KB with start_server; the
-whole server holds ~1.6 KB per idle stream in bench_sse.py).
+Connections. `asyncio.start_server` hands each connection to one coroutine,
+`App.handle`: read a request (the sans-I/O RequestReader frames it), route it
+through a table, answer it, and again while the client keeps the connection
+alive. A stream registers the connection with the hub and then only waits for
+the client to leave (EOF), so every stream is unregistered the moment it ends.
+Measured on idle streams (bench_sse.py --shapes): ~4.8 KB each kept this way,
+~3.9 KB when the handler returns and the hub alone keeps the writer (but then a
+client that leaves is noticed only by a later write), ~1.3 KB for a bare
+asyncio.Protocol, which the design card does not use.
+
+Long-poll. `GET /calls?since=N&wait=S`, for clients that cannot stream (TornPDA,
+userscript managers whose streaming fails): answered at once when something
+is new after N, else held until the faction's next event or S seconds. A held
+request waits on its socket like a stream and is woken by the same broadcast.
 
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
-instances scale out, each LISTENing on its own (README, "Scaling"). TRUNCATE on
+instances scale out, each LISTENing on its own (docs/operations.md, "Scaling"). TRUNCATE on
 target_calls is not seen until restart. /metrics is open, like /healthz.
 
 Poke at it by hand:
@@ -76,6 +88,7 @@ import bisect
 import collections
 import contextlib
 import email.utils
+import enum
 import hashlib
 import itertools
 import json
@@ -94,7 +107,7 @@ import time
 import unicodedata
 import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +136,13 @@ LISTEN_BACKLOG = 4096          # a reconnect storm arrives at once; Linux somaxc
 LINGER_SECONDS = 2.0           # after an error response, how long we drain the client's input
                                # before closing, so its kernel does not turn our answer into a
                                # reset (RFC 9112 section 9.6)
+READ_CHUNK = 16 * 1024         # bytes asked of a client's socket per read: a whole request fits
+RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we stop reading
+                               # (and answering) its pipelined requests until it catches up
+SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
+MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
+MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
+POLL_CACHE_ENTRIES = 1024      # cached poll answers per (faction, since), dropped on every event
 REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests
 FD_RESERVE = 64                # file descriptors kept for Postgres, logs and the listening socket
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
@@ -188,6 +208,11 @@ def _origins(value: str) -> tuple[str, ...]:
     return origins
 
 
+def _optional_bool(value: str) -> bool | None:
+    """A yes/no setting whose default depends on other settings: unset (empty) is None."""
+    return None if not value.strip() else _bool(value)
+
+
 def _faction_tokens(value: str) -> tuple[tuple[int, str], ...]:
     pairs = []
     for item in filter(None, (i.strip() for i in value.split(","))):
@@ -234,6 +259,10 @@ SETTINGS = (
     Setting("FACTION_TOKENS", "", _faction_tokens, "comma-separated <faction_id>:<token> pairs; "
             "a token sees and writes only its faction's calls (more with `token create`)",
             secret=True),
+    Setting("OPEN_ACCESS", "", _optional_bool, "1: while no token exists (environment or "
+            "token table), /events and /calls need none and everyone sees every faction; 0: "
+            "without a token they answer 401. Unset: 1 with the embedded database, 0 with "
+            "DATABASE_URL"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -331,7 +360,8 @@ FIELD_VALUE_RE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
 # Request targets: visible ASCII only (RFC 3986 characters, percent-encoded otherwise).
 TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 VERSION_RE = re.compile(rb"^HTTP/(\d)\.(\d)$")
-SECRET_PARAM_RE = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key)=)[^&#]*")
+# Query parameters whose values never reach a log line, compared case-insensitively.
+SECRET_PARAMS = frozenset({"token", "access_token", "api_key", "apikey", "key"})
 
 
 class HttpError(Exception):
@@ -404,7 +434,9 @@ def parse_request_head(head: bytes) -> Request:
     if "transfer-encoding" in headers:
         raise HttpError(411, "chunked request bodies are not supported: send Content-Length")
     length = headers.get("content-length", "0")
-    if not length.isdigit() or len(length) > 12:
+    # ASCII digits only (RFC 9110 section 8.6: 1*DIGIT): str.isdigit() is also true
+    # for "²" (refused by int()) and for Arabic-Indic digits (read by int() as numbers).
+    if not (length.isascii() and length.isdigit()) or len(length) > 12:
         raise HttpError(400, "malformed Content-Length")
     connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in connection if http11 else "keep-alive" in connection
@@ -414,8 +446,80 @@ def parse_request_head(head: bytes) -> Request:
                    f"HTTP/1.{m.group(2).decode()}", headers, int(length), keep_alive)
 
 
+class RequestReader:
+    """Bytes in, complete requests out: HTTP/1.1 message framing, and no I/O.
+
+    Strategy (RFC 9112 sections 2.2, 6): a request is a head ending in CRLF CRLF,
+    at most MAX_HEAD_BYTES (else 431), then exactly Content-Length bytes of body,
+    at most MAX_BODY_BYTES (else 413); parse_request_head refuses
+    Transfer-Encoding (411), so Content-Length is the only framing there is.
+    Empty lines before a request line are skipped. Pipelined requests come out
+    one at a time, in order. After an HttpError the stream cannot be trusted
+    (where would the next request start?): the caller answers and closes.
+
+    The socket code feeds it what it reads and asks for the next request; tests
+    feed it one byte at a time.
+    """
+
+    __slots__ = ("_buf", "_head", "_scanned")
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._head: Request | None = None  # a parsed head waiting for its body
+        self._scanned = 0                  # bytes of _buf known to hold no CRLF CRLF
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def started(self) -> bool:
+        """Part of a request has arrived (a blank line before a request does not count)."""
+        return self._head is not None or bool(self._buf.lstrip(b"\r\n"))
+
+    def next_request(self) -> tuple[Request, bytes] | None:
+        """The next complete request and its body; None until more bytes arrive."""
+        if self._head is None:
+            while self._buf.startswith(b"\r\n"):
+                del self._buf[:2]
+                self._scanned = 0
+            end = self._buf.find(b"\r\n\r\n", self._scanned, MAX_HEAD_BYTES + 4)
+            if end < 0:
+                if len(self._buf) > MAX_HEAD_BYTES:
+                    raise HttpError(431, "request head too large")
+                self._scanned = max(0, len(self._buf) - 3)
+                return None
+            head = parse_request_head(bytes(self._buf[:end]))
+            if head.content_length > MAX_BODY_BYTES:
+                raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            del self._buf[:end + 4]
+            self._head, self._scanned = head, 0
+        length = self._head.content_length
+        if len(self._buf) < length:
+            return None
+        body = bytes(self._buf[:length])
+        del self._buf[:length]
+        request, self._head = self._head, None
+        return request, body
+
+
+def parse_wait(value: str | None) -> int | None:
+    """A long-poll's `?wait=S`: whole seconds, MIN_WAIT_SECONDS to MAX_WAIT_SECONDS."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 2) \
+            or not MIN_WAIT_SECONDS <= int(value) <= MAX_WAIT_SECONDS:
+        raise HttpError(400, f"wait must be a whole number of seconds from {MIN_WAIT_SECONDS} "
+                        f"to {MAX_WAIT_SECONDS}")
+    return int(value)
+
+
 def _split_target(target: str) -> tuple[str, dict[str, str]]:
-    if target.startswith(("http://", "https://")):  # absolute-form, RFC 9112 section 3.2.2
+    # absolute-form, RFC 9112 section 3.2.2; a scheme is case-insensitive (RFC 3986 section 3.1)
+    if target[:8].lower().startswith(("http://", "https://")):
         parts = urllib.parse.urlsplit(target)
         path, query = parts.path or "/", parts.query
     elif target.startswith("/") or target == "*":
@@ -435,8 +539,20 @@ def _split_target(target: str) -> tuple[str, dict[str, str]]:
 
 
 def redact(target: str) -> str:
-    """A request target fit for a log line: secret query parameters replaced."""
-    return SECRET_PARAM_RE.sub(r"\1REDACTED", target)
+    """A request target fit for a log line: the values of secret query parameters replaced.
+
+    A name is compared as `_split_target` will read it (percent-decoded, `+` as a
+    space), so `?%74oken=...`, which the server takes as `token`, is hidden too.
+    """
+    path, question, query = target.partition("?")
+    if not question:
+        return target
+    fields = query.split("&")
+    for i, field in enumerate(fields):
+        name, equals, _ = field.partition("=")
+        if equals and urllib.parse.unquote_plus(name).lower() in SECRET_PARAMS:
+            fields[i] = name + "=REDACTED"
+    return f"{path}?{'&'.join(fields)}"
 
 
 def redact_dsn(dsn: str) -> str:
@@ -573,7 +689,7 @@ class Grant:
         return (1 - self.allowance) * 60 / per_minute
 
 
-OPEN = Grant(None, "open")  # no token configured anywhere: everyone sees every faction
+OPEN = Grant(None, "open")  # OPEN_ACCESS and no token anywhere: everyone sees every faction
 
 UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
 
@@ -586,20 +702,28 @@ class Auth:
     presented token is found by its digest, so the time a lookup takes can only
     depend on the digest, which tells an attacker nothing about the token.
     Until the table has been read once, a token that is not in the environment
-    cannot be checked: such requests get 503, never a wrong answer. The server is
-    open (no token needed) only while no token was ever configured: once the table
-    holds a row, revoking the last token does not open it to everyone.
+    cannot be checked: such requests get 503, never a wrong answer.
+
+    No token needed (the OPEN grant) only where the operator asked for it:
+    `open_access` (OPEN_ACCESS, the default only with the embedded development
+    database), and only while no token exists: once the table holds a row,
+    revoking the last token does not open the server. Without `open_access` a
+    request without a token is 401 whatever the table holds or later loses
+    (DELETE, TRUNCATE, an empty table at restart): an empty table must not be
+    the switch that opens every faction's calls to everyone.
     """
 
-    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...]):
+    def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...],
+                 open_access: bool = False):
         self.env: dict[bytes, Grant] = {}
         if secret_token:
             self.env[token_digest(secret_token)] = Grant(None, "SECRET_TOKEN")
         for faction, token in faction_tokens:
             self.env[token_digest(token)] = Grant(faction, f"FACTION_TOKENS {faction}")
+        self.open_access = open_access
         self.db: dict[bytes, Grant] | None = None  # None until read from the database
         self._all = dict(self.env)
-        self.required = bool(self.env)
+        self.required = not open_access or bool(self.env)  # a request needs a token
 
     def set_db_tokens(self, rows: list[tuple[bytes, int, str, bool]]) -> set[Grant]:
         """Replace the database's tokens (digest, faction, label, revoked); returns those gone."""
@@ -613,7 +737,7 @@ class Auth:
                 Grant(faction, label)
         self.db = new
         self._all = {**new, **self.env}
-        self.required = bool(self.env) or bool(rows)
+        self.required = not self.open_access or bool(self.env) or bool(rows)
         return {grant for digest, grant in old.items() if new.get(digest) is not grant}
 
     def grant(self, req: Request) -> Grant:
@@ -623,7 +747,7 @@ class Auth:
             grant = self._all.get(token_digest(token))
             if grant is not None:
                 return grant
-        if self.db is None and (token or not self.env):
+        if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
                             (("Retry-After", "5"),))
         if self.required:
@@ -632,7 +756,10 @@ class Auth:
 
 
 MAX_NAME_CHARS = 64
-MAX_ID = 2**63 - 1
+# Torn ids (players, factions, wars) are small integers, and the userscript reads them
+# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
+# a larger id would be rounded in the browser and match the wrong target.
+MAX_ID = 2**53 - 1
 
 
 def _id_field(value: object, name: str) -> int:
@@ -680,6 +807,8 @@ def parse_body(req: Request, body: bytes, fields: dict) -> dict:
             obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+            raise HttpError(400, "the body nests too deeply") from None
         if not isinstance(obj, dict):
             raise HttpError(400, "the body must be a JSON object")
     else:
@@ -744,7 +873,7 @@ class Stats:
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
                  "snapshots", "replays", "polls", "listener_reconnects", "rejected",
-                 "calls_made", "calls_refused", "uncalls", "lag_counts", "lag_sum", "lag_count")
+                 "calls_made", "calls_refused", "uncalls", "long_polls", "lag_counts", "lag_sum", "lag_count")
 
     def __init__(self):
         for name in self.__slots__:
@@ -779,7 +908,9 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
          stats.deliveries),
         ("snapshots_total", "Snapshots sent to streams.", stats.snapshots),
         ("replays_total", "Last-Event-ID replays sent to streams.", stats.replays),
-        ("polls_total", "GET /calls answered.", stats.polls),
+        ("polls_total", "GET /calls answered, long-polls included.", stats.polls),
+        ("long_polls_total", "GET /calls?wait= requests held until an event or the deadline.",
+         stats.long_polls),
         ("listener_reconnects_total", "Times the LISTEN connection was lost and remade.",
          stats.listener_reconnects),
         ("rejected_connections_total", "Connections refused because the server was full.",
@@ -803,13 +934,59 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
 _ABSENT = object()
 
 
-class Hub:
-    """The active calls, the recent events, and the subscribers of each scope.
+class Phase(enum.Enum):
+    """What a connection is doing (h11 names its states the same way)."""
 
-    Subscribers are Connections. Scope None sees every faction; scope F sees
-    faction F's events only. Events are applied synchronously, queued in an
-    outbox and flushed once per loop iteration, so a burst of NOTIFYs turns
-    into one write per client.
+    READING = "reading"   # waiting for (the rest of) a request; REQUEST_TIMEOUT_SECONDS bounds it
+    BUSY = "busy"         # answering a request (a write may be waiting on the database)
+    STREAM = "stream"     # an event stream: the hub writes to it, what the client sends is ignored
+    HELD = "held"         # a long-poll waiting for its faction's next event
+    CLOSED = "closed"     # nothing more is written
+
+
+class Client:
+    """One connection, as the server and the hub see it.
+
+    `writer` is its StreamWriter. As a stream or a held long-poll it also has a
+    `grant` (which faction it sees), and the hub uses `cursor` (the event id it
+    resumes after), `cap` (unsent bytes allowed before eviction) and `wake` (a
+    held long-poll's deadline, which the hub moves to now when an event comes).
+    """
+
+    __slots__ = ("writer", "phase", "grant", "cursor", "cap", "wake")
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.phase = Phase.READING
+        self.grant: Grant = OPEN
+        self.cursor: int | None = None
+        self.cap = 0
+        self.wake: asyncio.Timeout | None = None
+
+    @property
+    def scope(self) -> int | None:
+        """The faction this client sees; None: every faction."""
+        return self.grant.faction
+
+    def peer(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+class Hub:
+    """The active calls, the recent events, and who is owed them.
+
+    Streams and held long-polls are Clients, grouped by scope: scope None sees
+    every faction, scope F faction F's events only. Events are applied
+    synchronously, queued in an outbox and flushed once per loop iteration, so a
+    burst of NOTIFYs turns into one write per stream.
+
+    The subscriber contract: `subscribe` registers a stream and `unsubscribe`
+    (idempotent) removes it, whoever ends it; `_start` is the one place a stream
+    gets its first events (at once, or when the first load lands if the hub is
+    not ready yet); `evict` is the one place a stream is dropped for falling
+    behind; `end` finishes one cleanly with a `retry:`. Long-polls `hold` and
+    `release` the same way and are woken by `flush` and `load`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, replay_events: int,
@@ -824,15 +1001,26 @@ class Hub:
         self.recent: collections.deque[Event] = collections.deque()
         self.active: dict[int, int | None] = {}               # call id -> faction
         self.by_faction: dict[int | None, dict[int, bytes]] = {}  # faction -> call id -> JSON
-        self.subscribers: dict[int | None, set] = {}
-        self.waiting: set = set()     # connected before the first snapshot
+        self.subscribers: dict[int | None, set[Client]] = {}
+        self.waiting: set[Client] = set()    # streams opened before the first snapshot
+        self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
+        self._polls: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> poll body
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
-    def client_count(self) -> int:
+    def stream_count(self) -> int:
         return sum(map(len, self.subscribers.values())) + len(self.waiting)
+
+    @property
+    def held_count(self) -> int:
+        return sum(map(len, self.holding.values()))
+
+    @property
+    def client_count(self) -> int:
+        """Streams and held long-polls: what MAX_CLIENTS bounds."""
+        return self.stream_count + self.held_count
 
     # -- state ---------------------------------------------------------------
 
@@ -849,15 +1037,17 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
+        self._polls.clear()
         self._release_sent()
         if not self.ready:
             self.ready = True
             waiting, self.waiting = self.waiting, set()
-            for conn in waiting:
-                self._start(conn, self.initial_frames(conn.scope, conn.cursor))
+            for client in waiting:
+                self._start(client)
         else:
             for scope, subs in list(self.subscribers.items()):
                 self._send(subs, chunk(self.snapshot_frame(scope)))
+        self._wake(list(self.holding))
 
     def apply(self, ev: Event) -> bool:
         """Apply one event in id order; False if it was already applied."""
@@ -876,6 +1066,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
+        self._polls.clear()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -906,14 +1097,35 @@ class Hub:
         return self.snapshot(scope)[1]
 
     def poll(self, scope: int | None, since: int | None) -> bytes:
-        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old."""
+        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
+
+        Cached per (scope, since) until the next event: a faction's long-polls all
+        ask with the same `since` when an event wakes them.
+        """
         if since is None:
             return self.snapshot(scope)[0]
         if not self.can_replay(since):
             return b'{"reset":true,' + self.snapshot(scope)[0][1:]
-        events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (ev.id, ev.kind.encode(), ev.data)
-                           for ev in self.events_after(since, scope))
-        return b'{"events":[%s],"last_event_id":%d}' % (events, self.last_event_id)
+        body = self._polls.get((scope, since))
+        if body is None:
+            if len(self._polls) >= POLL_CACHE_ENTRIES:
+                self._polls.clear()
+            events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
+                ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
+            body = self._polls[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
+                events, self.last_event_id)
+        return body
+
+    def has_news(self, scope: int | None, since: int) -> bool:
+        """Whether a poll with `since` would get something now: events, or a reset."""
+        if not self.can_replay(since):
+            return True
+        for ev in reversed(self.recent):
+            if ev.id <= since:
+                return False
+            if scope is None or ev.faction == scope:
+                return True
+        return False
 
     def sent(self, event_id: int) -> asyncio.Future | None:
         """A future done once `event_id` has been applied and queued to subscribers."""
@@ -946,46 +1158,94 @@ class Hub:
         self.stats.snapshots += 1
         return self.snapshot_frame(scope)
 
-    # -- subscribers -------------------------------------------------------------
+    # -- streams -------------------------------------------------------------------
 
-    def subscribe(self, conn, cursor: int | None) -> bytes:
-        """Register a stream; returns what it is owed before live events."""
+    def subscribe(self, client: Client, preamble: bytes) -> None:
+        """Register a stream whose HTTP head and retry: field are `preamble`."""
         self.stats.connects += 1
+        client.phase = Phase.STREAM
         if self._outbox:
             self.flush()  # so the snapshot below does not repeat queued events
+        self._start(client, preamble)
+
+    def _start(self, client: Client, preamble: bytes = b"") -> None:
+        """The one place a stream's first bytes are written: `preamble` at once, and what
+        it is owed before live events (a replay or a snapshot) at once if the hub is ready,
+        else when the first load lands (which calls this again)."""
         if not self.ready:
-            conn.cursor = cursor
-            self.waiting.add(conn)
-            return b""
-        self.subscribers.setdefault(conn.scope, set()).add(conn)
-        return self.initial_frames(conn.scope, cursor)
+            client.writer.write(preamble)
+            self.waiting.add(client)
+            return
+        self.subscribers.setdefault(client.scope, set()).add(client)
+        frames = self.initial_frames(client.scope, client.cursor)
+        client.writer.write(preamble + chunk(frames) if frames else preamble)
+        # A big snapshot on a fresh connection is not a sign of a slow client.
+        client.cap = self.client_buffer + client.writer.transport.get_write_buffer_size()
 
-    def _start(self, conn, frames: bytes) -> None:
-        self.subscribers.setdefault(conn.scope, set()).add(conn)
-        if frames:
-            conn.transport.write(chunk(frames))
-        conn.set_cap()
-
-    def unsubscribe(self, conn) -> None:
+    def unsubscribe(self, client: Client) -> None:
+        """Forget a stream, whether it left, was evicted or ended; safe to call twice."""
+        if client.phase is not Phase.STREAM:
+            return
+        client.phase = Phase.CLOSED
         self.stats.disconnects += 1
-        self.waiting.discard(conn)
-        subs = self.subscribers.get(conn.scope)
+        self.waiting.discard(client)
+        subs = self.subscribers.get(client.scope)
         if subs is not None:
-            subs.discard(conn)
+            subs.discard(client)
             if not subs:
-                del self.subscribers[conn.scope]
+                del self.subscribers[client.scope]
+        if log.isEnabledFor(logging.DEBUG):  # peer() costs a system call: only when shown
+            log.debug("%s: stream closed", client.peer())
 
-    def evict(self, conn) -> None:
+    def evict(self, client: Client) -> None:
+        """The one place a stream is dropped for falling CLIENT_BUFFER_BYTES behind."""
         self.stats.evictions += 1
-        log.debug("evicting a slow client (%d bytes unsent)",
-                  conn.transport.get_write_buffer_size())
-        conn.stream_closed()
-        conn.transport.abort()
+        transport = client.writer.transport
+        log.debug("evicting a slow client (%d bytes unsent)", transport.get_write_buffer_size())
+        self.unsubscribe(client)
+        transport.abort()
+
+    def end(self, client: Client, retry_ms: int) -> None:
+        """Finish a stream's chunked body cleanly, telling it when to come back."""
+        if client.phase is Phase.STREAM:
+            self.unsubscribe(client)
+            client.writer.write(chunk(retry_field(retry_ms)) + LAST_CHUNK)
+            client.writer.close()
+
+    def all_streams(self) -> list[Client]:
+        return [c for subs in self.subscribers.values() for c in subs] + list(self.waiting)
+
+    # -- long-polls ------------------------------------------------------------------
+
+    def hold(self, client: Client, wake: asyncio.Timeout) -> None:
+        """Park a long-poll until its scope's next event (or `load`) moves `wake` to now."""
+        client.phase, client.wake = Phase.HELD, wake
+        self.holding.setdefault(client.scope, set()).add(client)
+
+    def release(self, client: Client) -> None:
+        """Forget a held long-poll, woken or not; safe to call twice."""
+        client.wake = None
+        held = self.holding.get(client.scope)
+        if held is not None:
+            held.discard(client)
+            if not held:
+                del self.holding[client.scope]
+
+    def _wake(self, scopes) -> None:
+        now = self.loop.time()
+        for scope in scopes:
+            for client in self.holding.pop(scope, ()):
+                if client.wake is not None:
+                    client.wake.reschedule(now)
+                    client.wake = None
+
+    def wake_all(self) -> None:
+        self._wake(list(self.holding))
 
     # -- broadcast ----------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write every queued event to its subscribers: one write per client."""
+        """Write every queued event to its subscribers: one write per stream."""
         events, self._outbox = self._outbox, []
         if not events:
             return
@@ -1002,223 +1262,47 @@ class Hub:
             if subs:
                 self._send(subs, chunk(b"".join(frames)))
                 self.stats.deliveries += len(subs) * len(frames)
+        if self.holding:
+            self._wake([scope for scope in by_scope if scope in self.holding])
 
-    def _send(self, subs: set, data: bytes) -> None:
-        """The same bytes to every subscriber, never awaiting; drop those over their cap."""
+    def _send(self, subs: set[Client], data: bytes) -> None:
+        """The same bytes to every stream, never awaiting; evict those over their cap."""
         over = []
-        for conn in subs:
-            transport = conn.transport
+        for client in subs:
+            transport = client.writer.transport
             transport.write(data)
-            if transport.get_write_buffer_size() > conn.cap:
-                over.append(conn)
-        for conn in over:
-            self.evict(conn)
+            if transport.get_write_buffer_size() > client.cap:
+                over.append(client)
+        for client in over:
+            self.evict(client)
 
     def keepalive(self) -> None:
         for subs in [*self.subscribers.values(), self.waiting]:
             self._send(subs, KEEPALIVE_CHUNK)
 
-    def all_streams(self) -> list:
-        return [c for subs in self.subscribers.values() for c in subs] + list(self.waiting)
-
 
 # ---------------------------------------------------------------------------
-# The HTTP side
+# The HTTP side: one coroutine per connection
 # ---------------------------------------------------------------------------
 
-# Connection states
-READING, BUSY, STREAM, LINGER, CLOSED = "reading", "busy", "stream", "linger", "closed"
+@dataclass(slots=True)
+class Exchange:
+    """One request being answered: what a route handler gets."""
+
+    client: Client
+    reader: asyncio.StreamReader
+    requests: RequestReader        # where bytes read while a long-poll is held go
+    req: Request
+    body: bytes
+    cors: list[tuple[str, str]]
+    target: int | None = None      # the <target> of /calls/<target>
 
 
-class Connection(asyncio.Protocol):
-    """One client socket: reads requests, then, for /events, becomes a stream.
-
-    READING: `buf` collects a request and `timer` bounds how long that may take.
-    BUSY: a response is being prepared; pipelined requests wait in `buf`
-          (`buf` is None if the client already half-closed).
-    STREAM: the hub writes events to `transport`; what the client sends is ignored.
-    LINGER: an error was answered and our side shut; input is drained, then closed.
-    CLOSED: nothing more is written.
-    """
-
-    __slots__ = ("app", "transport", "state", "buf", "timer", "grant", "cap", "cursor")
-
-    def __init__(self, app: App):
-        self.app = app
-        self.transport = None
-        self.state = READING
-        self.buf = bytearray()
-        self.timer: asyncio.TimerHandle | None = None
-        self.grant: Grant = OPEN        # the token's grant: which faction this stream sees
-        self.cap = 0                    # unsent bytes allowed before eviction
-        self.cursor: int | None = None  # Last-Event-ID, kept while waiting for the first snapshot
-
-    # -- asyncio.Protocol ------------------------------------------------------
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        app = self.app
-        if app.stopping or len(app.connections) >= app.max_connections:
-            app.stats.rejected += 1
-            self.state, self.buf = CLOSED, None
-            transport.write(json_response(503, {"error": "server busy"},
-                                          [("Retry-After", app.retry_after)], close=True))
-            transport.close()
-            return
-        app.connections.add(self)
-        self._arm_timer()
-
-    def data_received(self, data: bytes) -> None:
-        if self.state == READING:
-            self.buf += data
-            self.process()
-        elif self.state == BUSY:
-            self.buf += data
-            if len(self.buf) > MAX_HEAD_BYTES + MAX_BODY_BYTES:
-                self.transport.pause_reading()  # resumed when the response is sent
-
-    def eof_received(self) -> bool:
-        """The client shut its side. Keep ours open only to finish a response."""
-        if self.state == BUSY:
-            self.buf = None
-            return True
-        return False  # asyncio closes the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.stream_closed()
-        self.state, self.buf = CLOSED, None
-        app = self.app
-        app.connections.discard(self)
-        if app.stopping and not app.connections:
-            app.drained.set()
-
-    # -- requests ----------------------------------------------------------------
-
-    def _arm_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.app.loop.call_later(self.app.config.request_timeout_seconds,
-                                              self._on_timeout)
-
-    def _on_timeout(self) -> None:
-        self.timer = None
-        if self.state != READING:
-            return
-        if self.buf:
-            self.fail(HttpError(408, "request not received in time"))
-        else:
-            self.close()  # an idle keep-alive connection: nothing to answer
-
-    def process(self) -> None:
-        """Handle every complete request in the buffer (pipelined ones in order)."""
-        while self.state == READING:
-            while self.buf[:2] == b"\r\n":  # RFC 9112 section 2.2: ignore leading empty lines
-                del self.buf[:2]
-            end = self.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-            if end < 0:
-                if len(self.buf) > MAX_HEAD_BYTES:
-                    self.fail(HttpError(431, "request head too large"))
-                return
-            try:
-                req = parse_request_head(bytes(self.buf[:end]))
-                if req.content_length > MAX_BODY_BYTES:
-                    raise HttpError(413, f"request body over {MAX_BODY_BYTES} bytes")
-            except HttpError as e:
-                self.fail(e)
-                return
-            total = end + 4 + req.content_length
-            if len(self.buf) < total:
-                return  # the rest of the body is on its way; the timer bounds the wait
-            body = bytes(self.buf[end + 4:total])
-            del self.buf[:total]
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            self.state = BUSY
-            self.app.dispatch(self, req, body)
-
-    def respond(self, data: bytes, keep_alive: bool) -> None:
-        """Send a complete response; then read the next request, or close."""
-        if self.state != BUSY:
-            return  # the client left while we were preparing the answer
-        self.transport.write(data)
-        if not keep_alive or self.app.stopping or self.buf is None:
-            self.close()
-            return
-        self.state = READING
-        self._arm_timer()
-        self.transport.resume_reading()
-        if self.buf:
-            self.app.loop.call_soon(self.process)  # pipelined requests, without recursion
-
-    def fail(self, e: HttpError) -> None:
-        """Answer a bad request, then linger: we cannot trust where a next one would start."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %d %s", self.peer(), e.status, e.message)
-        self.transport.write(json_response(e.status, {"error": e.message}, list(e.headers),
-                                           close=True))
-        self.state, self.buf = LINGER, None
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.app.loop.call_later(LINGER_SECONDS, self.close)
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.state, self.buf, self.timer = CLOSED, None, None
-        self.transport.close()
-
-    def peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
-
-    # -- streams -----------------------------------------------------------------
-
-    @property
-    def scope(self) -> int | None:
-        """The faction this stream sees; None: every faction."""
-        return self.grant.faction
-
-    def start_stream(self, head: bytes, grant: Grant, cursor: int | None) -> None:
-        if log.isEnabledFor(logging.DEBUG):  # peer() costs a system call: only when shown
-            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", self.peer(),
-                      "all" if grant.faction is None else grant.faction, cursor)
-        self.state, self.buf, self.grant = STREAM, None, grant
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
-        frames = self.app.hub.subscribe(self, cursor)
-        self.transport.write(head + chunk(retry_field(self.app.config.retry_ms) + frames))
-        self.set_cap()
-
-    def set_cap(self) -> None:
-        """Allow CLIENT_BUFFER_BYTES unsent beyond what is queued now: a big snapshot
-        on a fresh connection is not a sign of a slow client."""
-        self.cap = self.app.hub.client_buffer + self.transport.get_write_buffer_size()
-
-    def stream_closed(self) -> None:
-        """Unregister once, whether the client left, was evicted, or we are stopping."""
-        if self.state == STREAM:
-            self.state = CLOSED
-            self.app.hub.unsubscribe(self)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s: stream closed", self.peer())
-
-    def end_stream(self, retry_ms: int) -> None:
-        """Finish the chunked body cleanly, telling the client when to come back."""
-        if self.state == STREAM:
-            self.stream_closed()
-            self.transport.write(chunk(retry_field(retry_ms)) + LAST_CHUNK)
-            self.transport.close()
+Handler = Callable[[Exchange], Awaitable[bytes | None]]
 
 
 class App:
-    """Routing and the pieces that outlive a connection."""
+    """The routes, and the pieces that outlive a connection."""
 
     def __init__(self, config: Config, dsn: str, loop: asyncio.AbstractEventLoop):
         self.config = config
@@ -1227,119 +1311,198 @@ class App:
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens)
+        self.auth = Auth(config.secret_token, config.faction_tokens, config.open_access)
         self.listener = Listener(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
-        self.tasks: set[asyncio.Task] = set()  # requests waiting on the database
-        self.connections: set[Connection] = set()
+        self.connections: set[Client] = set()
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
+        # path -> method -> handler; the methods in the order a 405 lists them.
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/events": {"GET": self.events},
+            "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
+            "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
+            "/calls": {"GET": self.poll, "HEAD": self.poll, "POST": self.make_call},
+            "/calls/<target>": {"DELETE": self.uncall},
+            "/calls/<target>/uncall": {"POST": self.uncall},
+        }
 
-    def dispatch(self, conn: Connection, req: Request, body: bytes) -> None:
-        """Route one request. Synchronous routes answer before this returns."""
+    # -- a connection, from accept to close ------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server's callback: one connection, from accept to close."""
+        if self.stopping or len(self.connections) >= self.max_connections:
+            self.stats.rejected += 1
+            writer.write(json_response(503, {"error": "server busy"},
+                                       [("Retry-After", self.retry_after)], close=True))
+            writer.close()
+            return
+        client = Client(writer)
+        self.connections.add(client)
+        try:
+            await self.converse(client, reader)
+        except OSError:   # ConnectionResetError, BrokenPipeError...: the client went away
+            pass
+        except Exception:
+            log.exception("connection from %s failed", client.peer())
+        finally:
+            self.hub.unsubscribe(client)
+            self.hub.release(client)
+            client.phase = Phase.CLOSED
+            self.connections.discard(client)
+            if not writer.is_closing():
+                writer.close()
+            if self.stopping and not self.connections:
+                self.drained.set()
+
+    async def converse(self, client: Client, reader: asyncio.StreamReader) -> None:
+        """Read a request, route it, answer it; again while the connection is kept alive."""
+        writer = client.writer
+        requests = RequestReader()
+        while True:
+            client.phase = Phase.READING
+            try:
+                got = await self.read_request(reader, requests)
+            except HttpError as e:
+                await self.refuse(client, reader, e)
+                return
+            if got is None:
+                return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
+            req, body = got
+            client.phase = Phase.BUSY
+            response = await self.answer(Exchange(client, reader, requests, req, body,
+                                                  cors_headers(req.headers.get("origin"),
+                                                               self.config.allowed_origins)))
+            if response is None:
+                return  # a stream, now over
+            writer.write(response)
+            if not req.keep_alive or self.stopping:
+                return
+            if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
+                # A client that pipelines requests and does not read the answers: answer
+                # (and read) nothing more until it catches up; close it if it never does.
+                try:
+                    async with asyncio.timeout(SLOW_READER_SECONDS):
+                        await writer.drain()
+                except TimeoutError:
+                    log.debug("%s: closed, %d response bytes unread", client.peer(),
+                              writer.transport.get_write_buffer_size())
+                    writer.transport.abort()
+                    return
+
+    async def read_request(self, reader: asyncio.StreamReader,
+                           requests: RequestReader) -> tuple[Request, bytes] | None:
+        """The next request, or None when the client closed or stayed idle; HttpError for a
+        bad one. The whole request must arrive within REQUEST_TIMEOUT_SECONDS."""
+        deadline = self.loop.time() + self.config.request_timeout_seconds
+        while (got := requests.next_request()) is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                if requests.started:
+                    raise HttpError(408, "request not received in time") from None
+                return None  # an idle keep-alive connection: nothing to answer
+            if not data:
+                return None
+            requests.feed(data)
+        return got
+
+    async def refuse(self, client: Client, reader: asyncio.StreamReader, e: HttpError) -> None:
+        """Answer a request we could not read, then linger: its framing is lost, so we close,
+        but only after draining the client's input for a moment, or its kernel would turn
+        our answer into a reset (RFC 9112 section 9.6)."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s", conn.peer(), req.method, redact(req.target))
-        cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
+            log.debug("%s: %d %s", client.peer(), e.status, e.message)
+        writer = client.writer
+        client.phase = Phase.CLOSED
+        writer.write(json_response(e.status, {"error": e.message}, list(e.headers), close=True))
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await reader.read(READ_CHUNK):
+                    pass
+
+    async def answer(self, x: Exchange) -> bytes | None:
+        """Route one request. Every route's errors leave through here, and only here."""
+        req = x.req
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s", x.client.peer(), req.method, redact(req.target))
         try:
             if req.method == "OPTIONS":
-                conn.respond(preflight(req, self.config.allowed_origins), req.keep_alive)
-            elif req.path == "/events":
-                self._require(req, ("GET",))
-                self.events(conn, req, cors)
-            elif req.path == "/healthz":
-                self._require(req, ("GET", "HEAD"))
-                status, body_obj = self.health()
-                conn.respond(json_response(status, body_obj, cors,
-                                           head_only=req.method == "HEAD"), req.keep_alive)
-            elif req.path == "/metrics":
-                self._require(req, ("GET", "HEAD"))
-                conn.respond(render_response(200, [
-                    ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                    ("Cache-Control", "no-store")], self.metrics(),
-                    head_only=req.method == "HEAD", close=not req.keep_alive), req.keep_alive)
-            elif req.path == "/calls":
-                self._require(req, ("GET", "HEAD", "POST"))
-                grant = self.auth.grant(req)
-                if req.method == "POST":
-                    fields = parse_body(req, body, CALL_FIELDS)
-                    self._spawn(conn, req, cors, self.make_call(grant, fields, cors))
-                else:
-                    conn.respond(self.poll(grant, req, cors), req.keep_alive)
-            elif m := CALL_PATH_RE.match(req.path):
-                self._require(req, ("POST",) if m.group(2) else ("DELETE",))
-                grant = self.auth.grant(req)
-                target = _id_field(int(m.group(1)), "target_id")
-                fields = parse_body(req, body, UNCALL_FIELDS)
-                self._spawn(conn, req, cors, self.uncall(grant, target, fields, cors))
-            else:
+                return preflight(req, self.config.allowed_origins)
+            if m := CALL_PATH_RE.match(req.path):
+                methods = self.routes["/calls/<target>/uncall" if m.group(2) else "/calls/<target>"]
+                x.target = int(m.group(1))
+            elif (methods := self.routes.get(req.path)) is None:
                 raise HttpError(404, "no such endpoint")
+            handler = methods.get(req.method)
+            if handler is None:
+                raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
+            return await handler(x)
         except HttpError as e:
-            conn.respond(self.error(e, cors, req.keep_alive), req.keep_alive)
+            return json_response(e.status, {"error": e.message, **e.extra}, [*e.headers, *x.cors],
+                                 close=not req.keep_alive)
         except Exception:
             log.exception("error handling %s %s", req.method, redact(req.path))
-            conn.respond(json_response(500, {"error": "internal error"}, cors, close=True),
-                         keep_alive=False)
+            req.keep_alive = False
+            return json_response(500, {"error": "internal error"}, x.cors, close=True)
 
-    @staticmethod
-    def error(e: HttpError, cors: list[tuple[str, str]], keep_alive: bool) -> bytes:
-        return json_response(e.status, {"error": e.message, **e.extra}, [*e.headers, *cors],
-                             close=not keep_alive)
+    # -- the routes ------------------------------------------------------------------
 
-    @staticmethod
-    def _require(req: Request, methods: tuple[str, ...]) -> None:
-        if req.method not in methods:
-            raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
-
-    def _spawn(self, conn: Connection, req: Request, cors: list[tuple[str, str]], work) -> None:
-        """Answer from a task: for requests that wait on the database."""
-        async def run() -> None:
-            try:
-                response = await work
-            except HttpError as e:
-                response = self.error(e, cors, req.keep_alive)
-            except Exception:
-                log.exception("error handling %s %s", req.method, redact(req.path))
-                response = json_response(500, {"error": "internal error"}, cors, close=True)
-            conn.respond(response, req.keep_alive)
-
-        task = self.loop.create_task(run())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def events(self, conn: Connection, req: Request, cors: list[tuple[str, str]]) -> None:
-        """GET /events: the stream."""
+    async def events(self, x: Exchange) -> None:
+        """GET /events: the stream, until the client leaves or the hub ends it."""
+        req, client = x.req, x.client
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
-        grant = self.auth.grant(req)
+        client.grant = self.auth.grant(req)
         if self.stopping or self.hub.client_count >= self.config.max_clients:
             raise HttpError(503, "too many clients, retry later",
                             (("Retry-After", self.retry_after),))
-        cursor_text = req.headers.get("last-event-id", req.query.get("last_event_id"))
+        client.cursor = parse_event_id(req.headers.get("last-event-id",
+                                                       req.query.get("last_event_id")))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
+                      "all" if client.scope is None else client.scope, client.cursor)
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
         head = render_head(200, [
             ("Content-Type", "text/event-stream"),
             ("Cache-Control", "no-cache"),
             ("X-Accel-Buffering", "no"),
             ("Transfer-Encoding", "chunked"),
-            *cors,
+            *x.cors,
         ])
-        conn.start_stream(head, grant, parse_event_id(cursor_text))
+        self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        try:
+            while await x.reader.read(READ_CHUNK):
+                pass  # what a stream's client sends is ignored; EOF ends it
+        finally:
+            self.hub.unsubscribe(client)
 
-    def revoke(self, grants: set[Grant]) -> None:
-        """End the streams of tokens that were revoked."""
-        if not grants:
-            return
-        ended = [c for c in self.hub.all_streams() if c.grant in grants]
-        for conn in ended:
-            conn.end_stream(self.config.retry_ms)
-        log.info("tokens revoked: %s; ended %d streams",
-                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
+    async def healthz(self, x: Exchange) -> bytes:
+        status, body = self.health()
+        return json_response(status, body, x.cors, head_only=x.req.method == "HEAD",
+                             close=not x.req.keep_alive)
 
-    # -- the calls API ---------------------------------------------------------------
+    async def metrics_page(self, x: Exchange) -> bytes:
+        return render_response(200, [
+            ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+            ("Cache-Control", "no-store")], self.metrics(),
+            head_only=x.req.method == "HEAD", close=not x.req.keep_alive)
 
-    def poll(self, grant: Grant, req: Request, cors: list[tuple[str, str]]) -> bytes:
-        """GET /calls[?since=N]: from memory, for clients that cannot stream (TornPDA)."""
+    async def poll(self, x: Exchange) -> bytes:
+        """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
+
+        With `wait`, a long-poll: when nothing is new after N, held until the
+        faction's next event or S seconds, whichever comes first.
+        """
+        req = x.req
+        grant = self.auth.grant(req)
         if not self.hub.ready:
             raise HttpError(503, "not ready: the database has not been reached yet",
                             (("Retry-After", "5"),))
@@ -1347,11 +1510,94 @@ class App:
         since = parse_event_id(since_text)
         if since_text is not None and since is None:
             raise HttpError(400, "since must be an event id (a non-negative integer)")
+        wait = parse_wait(req.query.get("wait"))
+        if wait and since is not None and not self.stopping \
+                and not self.hub.has_news(grant.faction, since):
+            await self.hold(x, grant, wait)
         self.stats.polls += 1
         return render_response(200, [("Content-Type", "application/json"),
-                                     ("Cache-Control", "no-store"), *cors],
+                                     ("Cache-Control", "no-store"), *x.cors],
                                self.hub.poll(grant.faction, since), close=not req.keep_alive,
                                head_only=req.method == "HEAD")
+
+    async def hold(self, x: Exchange, grant: Grant, wait: float) -> None:
+        """Hold a long-poll until its faction's next event, `wait` seconds, or shutdown.
+
+        It costs what an idle stream costs: this coroutine waits on the client's
+        socket (so a client that leaves is noticed at once), and the hub wakes it
+        by moving its deadline to now. Nothing touches the database.
+        """
+        client = x.client
+        if self.hub.client_count >= self.config.max_clients:
+            raise HttpError(503, "too many clients, retry later",
+                            (("Retry-After", self.retry_after),))
+        client.grant = grant
+        self.stats.long_polls += 1
+        try:
+            async with asyncio.timeout(wait) as deadline:
+                self.hub.hold(client, deadline)
+                while data := await x.reader.read(READ_CHUNK):
+                    x.requests.feed(data)  # the client's next request, pipelined: kept
+                    if x.requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
+                        break  # more than a request's worth: answer now
+                else:
+                    x.req.keep_alive = False  # the client closed its side: answer, then close
+        except TimeoutError:
+            pass  # an event, the deadline or shutdown: answer with what there is
+        finally:
+            self.hub.release(client)
+            client.phase = Phase.BUSY
+
+    async def make_call(self, x: Exchange) -> bytes:
+        """POST /calls: call a target for the token's faction."""
+        grant = self.auth.grant(x.req)
+        f = parse_body(x.req, x.body, CALL_FIELDS)
+        self._check_rate(grant)
+        row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
+                             f["war_id"], f["target_id"], f["target_name"], f["caller_id"],
+                             f["caller_name"])
+        call = json.loads(row["call"])
+        if row["status"] == "taken":
+            self.stats.calls_refused += 1
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
+                            extra={"call": call})
+        self.stats.calls_made += 1
+        await self._seen(row["event_id"])
+        return json_response(201, {"call": call, "event_id": row["event_id"]}, x.cors,
+                             close=not x.req.keep_alive)
+
+    async def uncall(self, x: Exchange) -> bytes:
+        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
+        grant = self.auth.grant(x.req)
+        target = _id_field(x.target, "target_id")
+        f = parse_body(x.req, x.body, UNCALL_FIELDS)
+        self._check_rate(grant)
+        row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
+                             target, f["caller_id"], f["caller_name"], bool(f["force"]))
+        if row["status"] == "not_called":
+            raise HttpError(404, f"target {target} is not called")
+        call = json.loads(row["call"])
+        if row["status"] == "not_yours":
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
+                            'it, unless the request says "force": true', extra={"call": call})
+        self.stats.uncalls += 1
+        await self._seen(row["event_id"])
+        return json_response(200, {"call": call, "event_id": row["event_id"]}, x.cors,
+                             close=not x.req.keep_alive)
+
+    def revoke(self, grants: set[Grant]) -> None:
+        """End the streams of tokens that were revoked."""
+        if not grants:
+            return
+        ended = [c for c in self.hub.all_streams() if c.grant in grants]
+        for client in ended:
+            self.hub.end(client, self.config.retry_ms)
+        log.info("tokens revoked: %s; ended %d streams",
+                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
+
+    # -- the calls API's helpers ------------------------------------------------------
 
     def _check_rate(self, grant: Grant) -> None:
         wait = grant.take_write(self.config.writes_per_minute, self.loop.time())
@@ -1377,42 +1623,10 @@ class App:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
 
-    async def make_call(self, grant: Grant, f: dict, cors: list[tuple[str, str]]) -> bytes:
-        """POST /calls: call a target for the token's faction."""
-        self._check_rate(grant)
-        row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
-                             f["war_id"], f["target_id"], f["target_name"], f["caller_id"],
-                             f["caller_name"])
-        call = json.loads(row["call"])
-        if row["status"] == "taken":
-            self.stats.calls_refused += 1
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
-                            extra={"call": call})
-        self.stats.calls_made += 1
-        await self._seen(row["event_id"])
-        return json_response(201, {"call": call, "event_id": row["event_id"]}, cors)
-
-    async def uncall(self, grant: Grant, target: int, f: dict,
-                     cors: list[tuple[str, str]]) -> bytes:
-        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
-        self._check_rate(grant)
-        row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
-                             target, f["caller_id"], f["caller_name"], bool(f["force"]))
-        if row["status"] == "not_called":
-            raise HttpError(404, f"target {target} is not called")
-        call = json.loads(row["call"])
-        if row["status"] == "not_yours":
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
-                            'it, unless the request says "force": true', extra={"call": call})
-        self.stats.uncalls += 1
-        await self._seen(row["event_id"])
-        return json_response(200, {"call": call, "event_id": row["event_id"]}, cors)
-
     def metrics(self) -> bytes:
         return render_metrics(self.stats, {
-            "clients": ("Open event streams.", self.hub.client_count),
+            "clients": ("Open event streams.", self.hub.stream_count),
+            "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
             "connections": ("Open TCP connections, streams included.", len(self.connections)),
             "listener_up": ("1 while the LISTEN connection is live.",
                             int(self.listener.state == "live")),
@@ -1425,7 +1639,8 @@ class App:
         return (200 if live else 503), {
             "status": "ok" if live else "unavailable",
             "listener": self.listener.state,
-            "clients": self.hub.client_count,
+            "clients": self.hub.stream_count,
+            "long_polls": self.hub.held_count,
             "last_event_id": self.hub.last_event_id,
         }
 
@@ -1476,23 +1691,23 @@ class App:
     # -- shutdown ------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """End every stream with a jittered retry:, so clients come back spread out."""
+        """End every stream with a jittered retry:, so clients come back spread out; answer
+        held long-polls at once; let requests in flight finish, then close what is left."""
         self.stopping = True
         window_ms = int(self.config.reconnect_spread_seconds * 1000)
         streams = self.hub.all_streams()
-        for conn in streams:
-            conn.end_stream(random.randint(min(1000, window_ms), window_ms))
-        for conn in list(self.connections):
-            if conn.state == READING:
-                conn.close()
+        for client in streams:
+            self.hub.end(client, random.randint(min(1000, window_ms), window_ms))
+        self.hub.wake_all()
+        for client in list(self.connections):
+            if client.phase is Phase.READING:
+                client.writer.close()
         log.info("shutting down: ended %d streams", len(streams))
-        if self.tasks:  # writes in flight get their answer
-            await asyncio.wait(list(self.tasks), timeout=SHUTDOWN_GRACE)
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
-        for conn in list(self.connections):
-            conn.transport.abort()
+        for client in list(self.connections):
+            client.writer.transport.abort()
 
 
 # ---------------------------------------------------------------------------
@@ -1842,8 +2057,10 @@ async def serve(config: Config, dsn: str) -> None:
     app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
                                          timeout=CONNECT_TIMEOUT, ssl=app.db_tls,
                                          server_settings={"application_name": "torncat-sse api"})
-    server = await loop.create_server(lambda: Connection(app), config.host, config.port,
-                                      backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1)
+    # The StreamReader's limit is the head limit: a reader never buffers much more than
+    # twice that before it stops reading from the socket.
+    server = await asyncio.start_server(app.handle, config.host, config.port, limit=MAX_HEAD_BYTES,
+                                        backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1)
     host, port = server.sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
@@ -1902,6 +2119,26 @@ async def token_command(config: Config, dsn: str) -> int:
         await conn.close()
 
 
+def access_summary(config: Config, asked: bool | None) -> str:
+    """One start-up log line: who may read and write without a token, and why.
+
+    `asked` is OPEN_ACCESS as set (None: unset), `config.open_access` what it became."""
+    env_tokens = bool(config.secret_token) + len(config.faction_tokens)
+    why = (f"OPEN_ACCESS={int(asked)}" if asked is not None else
+           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.open_access
+                                    else "off with DATABASE_URL"))
+    if env_tokens:
+        return (f"access: a token is required ({env_tokens} from SECRET_TOKEN/FACTION_TOKENS, "
+                f"more from the torncat_tokens table); without one: 401 ({why})")
+    if config.open_access:
+        return (f"access: open while the torncat_tokens table holds no token: no token needed, "
+                f"everyone sees every faction ({why})")
+    return (f"access: closed: streams, polls and writes without a token get 401 ({why}); no "
+            "SECRET_TOKEN or FACTION_TOKENS is set, so only tokens from the torncat_tokens "
+            "table open it (`python torncat_sse.py token create --faction ID`); "
+            "OPEN_ACCESS=1 would serve everyone without a token")
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
     if config.command == "token" and config.log_level == "INFO":
@@ -1914,12 +2151,19 @@ def main(argv: list[str] | None = None) -> int:
         database_tls(config.database_ca_cert)
     except (OSError, ssl.SSLError) as e:
         sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
+    # Open access only where the operator asked for it; unset, only for the embedded
+    # development database: a real database with an empty token table stays closed.
+    asked = config.open_access
+    if asked is None:
+        config.open_access = not config.database_url
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
         config.init_db = True
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
+    if config.command != "token":
+        log.info("%s", access_summary(config, asked))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
         config.max_clients = max(1, limit - REQUEST_SLOTS - FD_RESERVE)

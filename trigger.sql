@@ -98,8 +98,19 @@ CREATE TABLE IF NOT EXISTS target_call_events (
 CREATE INDEX IF NOT EXISTS target_call_events_created_at_idx
     ON target_call_events (created_at);
 
--- Supabase exposes tables in `public` through its Data API: with row-level
--- security on and no policy, only the table owner (the server) reads the log.
+-- Row-level security, on with no policy. Supabase exposes every table in `public`
+-- through its Data API to the roles `anon` and `authenticated` (the project's public
+-- keys), and grants them access to those tables: with RLS on and no policy they read
+-- zero rows and write none. Roles that bypass RLS, and still see everything:
+--   * the table owner, i.e. the role that ran this file, which the server connects
+--     as: RLS applies to the owner only under FORCE ROW LEVEL SECURITY (PostgreSQL
+--     docs, "Row Security Policies"), which this file never sets;
+--   * superusers and roles with BYPASSRLS (on Supabase: `service_role`, the secret
+--     key's role, which must stay on servers).
+-- Enabling it again is a no-op, so this stays idempotent. No other role could make
+-- a call before either: the trigger's insert into the log (RLS on) was refused.
+-- How to check it: README, "Supabase".
+ALTER TABLE target_calls ENABLE ROW LEVEL SECURITY;
 ALTER TABLE target_call_events ENABLE ROW LEVEL SECURITY;
 
 -- ISO-8601 in UTC with milliseconds, e.g. 2026-11-24T18:41:07.123Z.
