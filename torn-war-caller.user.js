@@ -690,7 +690,16 @@
           responseType: 'stream',
           onloadstart: read,
           onreadystatechange: read,
-          onprogress: read,
+          onprogress: (r) => {
+            read(r);
+            // Bytes are arriving but there is no stream to read them from: this manager
+            // buffers (Violentmonkey, GMforPDA). Deliver by long-poll now, not after
+            // FIRST_BYTE_MS; the stream attempt stays, in case it proves itself after all.
+            if (!reading && !a.ended && !a.proven && !this.poller) {
+              this.remember(LONG_POLL);
+              this.longPoll();
+            }
+          },
           onload: (r) => {
             read(r);
             // The whole body at once: this manager buffered the stream instead of streaming it.
