@@ -355,6 +355,7 @@ class Manager:
         self.cut_streams = False  # like a buffering proxy: /events answers 200, then ends at once
         self.hold_streams: asyncio.Event | None = None  # /events waits for this before it connects
         self.connecting: dict[asyncio.StreamWriter, tuple[Page, str | None]] = {}  # no head yet
+        self.drop_wait = False  # like a server from before long-poll: `?wait=` is not passed on
 
     async def install(self, context: BrowserContext) -> None:
         await context.expose_binding("__tcOpen", self.open)
@@ -373,7 +374,10 @@ class Manager:
         headers = {"Host": url.netloc, "Connection": "close", **req["headers"]}
         if body or req["method"] in ("POST", "PUT"):
             headers["Content-Length"] = str(len(body))
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        query = url.query
+        if self.drop_wait:
+            query = urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(query) if k != "wait"])
+        target = (url.path or "/") + (f"?{query}" if query else "")
         try:
             reader, writer = await asyncio.open_connection(url.hostname, url.port)
         except OSError as e:
@@ -1458,3 +1462,34 @@ async def _long_polls_are(port: int, n: int) -> bool:
 
 async def _asked(manager: Manager, path: str) -> bool:
     return any(urllib.parse.urlsplit(r["url"]).path == path for r in manager.requests)
+
+
+# How long to watch a loop to prove it does not spin: a few of its slowest cycles.
+SPIN_WINDOW = 3.0  # seconds
+
+
+async def test_the_long_poll_never_spins_when_the_server_does_not_hold_or_is_gone(h):
+    server = await h.start()
+    h.site.csp = TORN_CSP
+    h.manager.drop_wait = True  # every answer comes at once, empty or not, as before long-poll existed
+    alice = await h.open(ALICE, "gm-complete")
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · long-poll")
+    await api_call(server.port, BOB, 2001, "Xena")
+    await expect(panel_call(alice, 2001)).to_contain_text("Bob")
+
+    def polls() -> int:
+        return len([r for r in h.manager.requests if urllib.parse.urlsplit(r["url"]).path == "/calls"])
+
+    # Empty answers that were not held: at most one request a second (LONG_POLL_MIN_CYCLE_MS).
+    before, started = polls(), time.monotonic()
+    await asyncio.sleep(SPIN_WINDOW)  # a window to count in, not a wait for something to settle
+    assert polls() - before <= (time.monotonic() - started) + 1, polls() - before
+    # The server gone: every request fails at once; the retries back off (1-2 s, 2-4 s, ...).
+    await asyncio.to_thread(server.stop)
+    await expect(panel(alice)).to_have_attribute("data-status", "reconnecting")
+    before = polls()
+    await asyncio.sleep(SPIN_WINDOW)
+    assert polls() - before <= 3, polls() - before
+    await expect(panel(alice).locator(".tc-status")).to_have_attribute(
+        "title", re.compile("cannot reach the server: retrying in"))
+    await h.assert_clean(alice)
