@@ -9,6 +9,7 @@ never on sleeps; "nothing arrived" is proved with a short timeout.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import asyncpg
 import pytest
 
 import torncat_sse as t
+from fake_torn import FakeTorn
 from testkit import (
     DEBIAN_PG_BIN,
     HERE,
@@ -2209,3 +2211,403 @@ async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_s
     await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
     server.stop()
     assert RED not in server.log and "Traceback" not in server.log
+
+
+# ---------------------------------------------------------------------------
+# Signing in with a Torn API key (issue 13), against fake_torn.py on loopback
+# ---------------------------------------------------------------------------
+
+def test_torn_errors_map_to_clear_statuses():
+    cases = {2: (401, "incorrect"), 13: (401, "inactive"), 18: (401, "paused"),
+             16: (403, "Public"), 5: (503, "100 requests"), 8: (503, "blocking"),
+             9: (503, "disabled"), 14: (503, "daily"), 17: (503, "error"),
+             None: (503, "did not answer"), 0: (503, "temporary"), 99: (502, "99"),
+             t.TORN_BAD_ANSWER: (502, "does not understand")}
+    for code, (status, words) in cases.items():
+        e = t.torn_error_to_http(code)
+        assert (e.status, words in e.message) == (status, True), (code, e.message)
+        assert ("Retry-After" in dict(e.headers)) == (status == 503), code
+    assert t.torn_error_to_http(16).extra == {"torn_error_code": 16, "access_needed": "Public Only"}
+
+
+def test_torn_api_url_is_https_except_on_loopback():
+    assert t.parse_settings([], {}).torn_api_url == "https://api.torn.com/v2"
+    assert t.parse_settings(["--torn-api-url", "http://127.0.0.1:8099/v2/"], {}).torn_api_url == (
+        "http://127.0.0.1:8099/v2")
+    for url in ("http://api.torn.com/v2", "ftp://x/v2", "https://api.torn.com/v2?key=x"):
+        with pytest.raises(SystemExit):
+            t.parse_settings(["--torn-api-url", url], {})
+
+
+def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
+    req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4, 104.22.17.40"})
+    assert t.client_address("10.0.0.1:5555", req, 0) == "10.0.0.1"
+    assert t.client_address("10.0.0.1:5555", req, 1) == "104.22.17.40"
+    assert t.client_address("10.0.0.1:5555", req, 2) == "1.2.3.4"  # Render: Cloudflare, its proxy
+    assert t.client_address("10.0.0.1:5555", req, 4) == "10.0.0.1"  # a shorter chain: not ours
+    assert t.client_address("[::1]:5555", _req("/auth/torn"), 2) == "[::1]"
+
+
+def test_a_member_writes_only_in_their_own_name():
+    member = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
+    assert t.writer_of(member, {"caller_id": None, "caller_name": "Zed"}) == (1001, "Ann")
+    assert t.writer_of(member, {"caller_id": 1001, "caller_name": None}) == (1001, "Ann")
+    with pytest.raises(t.HttpError) as e:
+        t.writer_of(member, {"caller_id": 1002, "caller_name": None})
+    assert e.value.status == 403 and "signed in as Ann [1001]" in e.value.message
+    assert t.writer_of(t.Grant(111, "main"), {"caller_id": 7, "caller_name": None}) == (7, None)
+    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x", "Content-Type: application/json"))
+    assert t.parse_body(req, b'{"target_id": 3}', t.MEMBER_CALL_FIELDS)["caller_id"] is None
+    assert t.parse_body(req, b'{"force": true}', t.MEMBER_UNCALL_FIELDS)["force"] is True
+
+
+def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
+    auth = t.Auth("", (), factions=(111,))
+    assert auth.required  # FACTIONS alone closes the server: members sign in
+    faction_row = (t.token_digest("faction-token-of-111"), 111, "main", False)
+    assert auth.set_db_tokens([faction_row]) == set()
+    mine = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
+    auth.add_member(t.token_digest("tm_ann"), mine)
+    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    # A read of the table that began before the INSERT committed does not drop it...
+    assert auth.set_db_tokens([faction_row]) == set()
+    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    # ...a read that shows it keeps the same grant, now settled...
+    row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
+    assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
+    assert auth.db[t.token_digest("tm_ann")] is mine
+    assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
+    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"))
+    assert auth.set_db_tokens([row]) == {faction_grant}
+    # ...and a token past its expiry is refused with the reason.
+    with pytest.raises(t.HttpError, match="expired"):
+        auth.grant(_req("/events?token=tm_ann"))
+    assert auth.expire(time.time() - 2) == set()
+    assert auth.expire(time.time()) == {mine}
+    assert _status(auth, _req("/events?token=tm_ann")) == 401
+    assert auth.drop([t.token_digest("tm_ann")]) == set()
+
+
+@pytest.fixture
+async def torn():
+    """A fake Torn API on loopback: factions RED_ID and BLUE_ID, and their players."""
+    fake = await FakeTorn().start()
+    fake.add_faction(RED_ID, "Red")
+    fake.add_faction(BLUE_ID, "Blue")
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def torn_server(live_server, torn):
+    """Factory: a server asking the fake Torn, with faction RED_ID on it (FACTIONS)."""
+    def start(**env):
+        env.setdefault("TORN_API_URL", torn.base_url)
+        env.setdefault("FACTIONS", str(RED_ID))
+        env.setdefault("SIGNINS_PER_MINUTE", "600")  # tests sign in from one address
+        return live_server(**env)
+    return start
+
+
+async def sign_in(port: int, key: str, headers: dict[str, str] | None = None):
+    return await http(port, "POST", "/auth/torn", headers or {}, {"key": key})
+
+
+async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn_server, torn, db, conn):
+    server = torn_server(FACTION_TOKENS=f"{BLUE_ID}:{BLUE}")  # RED by FACTIONS, BLUE by its token
+    ann_key = torn.add_player(1001, "Ann", RED_ID)
+    zed_key = torn.add_player(2001, "Zed", BLUE_ID)
+    r = await http(server.port, "OPTIONS", "/auth/torn", {
+        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert r.status == 204 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = await sign_in(server.port, ann_key, {"Origin": "https://www.torn.com"})
+    assert r.status == 200, r
+    assert r.headers["access-control-allow-origin"] == "https://www.torn.com"
+    answer = r.json()
+    assert {k: answer[k] for k in ("player_id", "name", "faction_id")} == {
+        "player_id": 1001, "name": "Ann", "faction_id": RED_ID}
+    token = answer["token"]
+    expires = datetime.datetime.fromisoformat(answer["expires_at"])
+    days = (expires - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
+    assert 6.99 < days <= 7
+    # Torn was asked once, with the key in the header (the fake counts by header or ?key=).
+    assert torn.requests == {(ann_key, "/user/profile"): 1}
+    stored = await conn.fetchrow("SELECT * FROM torncat_tokens")
+    assert (stored["kind"], stored["faction_id"], stored["player_id"], stored["player_name"]) == (
+        "member", RED_ID, 1001, "Ann")
+    assert bytes(stored["token_sha256"]) == t.token_digest(token)
+    # The token streams and polls its faction's calls, and its writes are Ann's.
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    try:
+        assert (await stream.next()).event == "snapshot"
+        r = await http(server.port, "POST", "/calls", bearer(token), {"target_id": 5001})
+        assert r.status == 201, r
+        call = r.json()["call"]
+        assert (call["caller_id"], call["caller_name"], call["faction_id"]) == (1001, "Ann", RED_ID)
+        assert (await stream.next()).json == call
+        poll = (await http(server.port, "GET", "/calls", bearer(token))).json()
+        assert [c["target_id"] for c in poll["calls"]] == [5001]
+    finally:
+        await stream.close()
+    # A faction with a faction token may sign in too.
+    r = await sign_in(server.port, zed_key)
+    assert r.status == 200 and r.json()["faction_id"] == BLUE_ID
+    listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(r"member .*Ann \[1001\]", listing.stdout), listing.stdout
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    try:
+        await stream.next()
+        revoked = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001", DATABASE_URL=db)
+        assert revoked.returncode == 0 and "revoked 1 member tokens" in revoked.stderr
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+    finally:
+        await stream.close()
+    assert (await http(server.port, "GET", "/calls", bearer(token))).status == 401
+
+
+async def test_wrong_inactive_paused_and_weak_keys_and_foreign_factions_are_refused(torn_server, torn):
+    server = torn_server()
+    wrong = "WrongWrongWrong1"
+    inactive = torn.add_player(1001, "Ann", RED_ID, status=13)
+    paused = torn.add_player(1002, "Bob", RED_ID, status=18)
+    weak = torn.add_player(1003, "Cy", RED_ID, level=0, selections={"user": ["basic"]})
+    foreign = torn.add_player(2001, "Zed", BLUE_ID)
+    loner = torn.add_player(3001, "Lone")
+    cases = [
+        (wrong, 401, "incorrect"), (inactive, 401, "inactive"), (paused, 401, "paused"),
+        (weak, 403, "access level is too low"),
+        (foreign, 403, f"your faction ({BLUE_ID}) is not on this server"),
+        (loner, 403, "Lone [3001] is not in a faction"),
+    ]
+    for key, status, words in cases:
+        r = await sign_in(server.port, key)
+        assert r.status == status and words in r.json()["error"], (key, r)
+        assert key not in r.body.decode()
+    assert (await sign_in(server.port, weak)).json()["access_needed"] == "Public Only"
+    # Refusals are remembered: asking again did not ask Torn again.
+    assert torn.count() == len(cases)
+    for body, words in (({"key": "short"}, "must be a Torn API key"), ({}, "key is required"),
+                        ({"key": 12}, "must be a Torn API key"), ({"kee": "x"}, "unknown field")):
+        r = await http(server.port, "POST", "/auth/torn", {}, body)
+        assert r.status == 400 and words in r.json()["error"], (body, r)
+        assert "short" not in r.body.decode()
+    assert (await http(server.port, "GET", "/auth/torn")).status == 405
+    assert torn.count() == len(cases)
+
+
+async def test_torn_slow_or_down_gets_503_with_retry_after_and_never_blocks(torn_server, torn):
+    server = torn_server(TORN_TIMEOUT_SECONDS="0.5")
+    keys = [torn.add_player(1001 + i, f"P{i}", RED_ID) for i in range(6)]
+    # A Torn that holds the request: other requests are served meanwhile, then it answers.
+    torn.hold = asyncio.Event()
+    pending = asyncio.create_task(sign_in(server.port, keys[0]))
+    await asyncio.wait_for(torn.arrivals.get(), STEP_TIMEOUT)
+    assert (await http(server.port, "GET", "/healthz")).status == 200
+    assert (await http(server.port, "GET", "/calls?token=" + RED, {})).status == 401
+    # ...until the deadline: 503, and a clear reason.
+    r = await pending
+    assert r.status == 503 and "did not answer in time" in r.json()["error"], r
+    assert int(r.headers["retry-after"]) > 0
+    torn.hold.set()
+    torn.hold = None
+    # Torn answers an outage error, or a proxy answers for it, or nobody answers at all.
+    for key, (knob, value), words in (
+            (keys[1], ("error_code", 17), "backend error"),
+            (keys[2], ("error_code", 9), "disabled"),
+            (keys[3], ("error_code", 5), "100 requests a minute"),
+            (keys[4], ("http_status", 502), "did not answer")):
+        setattr(torn, knob, value)
+        r = await sign_in(server.port, key)
+        assert r.status == 503 and words in r.json()["error"], (knob, value, r)
+        assert int(r.headers["retry-after"]) > 0
+        setattr(torn, knob, None)
+    # Outages are not remembered: the same key signs in once Torn is back.
+    r = await sign_in(server.port, keys[1])
+    assert r.status == 200, r
+    await torn.stop()
+    r = await sign_in(server.port, keys[5])
+    assert r.status == 503 and "did not answer" in r.json()["error"], r
+    assert "Traceback" not in server.log
+
+
+async def test_a_sign_in_storm_costs_one_torn_request_per_player(torn_server, torn, conn):
+    server = torn_server(TRUSTED_PROXIES="2", SIGNINS_PER_MINUTE="60")  # bursts of 10
+    players = [(1001 + i, torn.add_player(1001 + i, f"P{i}", RED_ID)) for i in range(50)]
+    torn.latency = 0.2  # answers take a while: sign-ins of the same key arrive meanwhile
+
+    async def one(player_id: int, key: str):
+        return player_id, await sign_in(server.port, key, {  # as on Render, behind Cloudflare
+            "X-Forwarded-For": f"10.0.{player_id // 256}.{player_id % 256}, 104.22.17.40"})
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(pid, key) for _ in range(10) for pid, key in players))
+    print(f"500 sign-ins of 50 players: {torn.count()} Torn requests, "
+          f"{time.monotonic() - started:.2f} s (Torn answering in 0.2 s)")  # measured, not asserted
+    assert [r.status for _, r in results] == [200] * 500, [r for _, r in results if r.status != 200][:3]
+    assert all(r.json()["player_id"] == pid for pid, r in results)
+    assert len({r.json()["token"] for _, r in results}) == 500
+    assert torn.count() <= 50, torn.count()
+    assert await conn.fetchval("SELECT count(*) FROM torncat_tokens WHERE kind = 'member'") == 500
+
+
+async def test_sign_ins_are_limited_per_client_address(torn_server, torn):
+    server = torn_server(SIGNINS_PER_MINUTE="1", TRUSTED_PROXIES="1")  # bursts of five
+    key = torn.add_player(1001, "Ann", RED_ID)
+
+    async def from_(address: str) -> int:
+        return (await sign_in(server.port, key, {"X-Forwarded-For": address})).status
+
+    assert [await from_("198.51.100.1") for _ in range(5)] == [200] * 5
+    r = await sign_in(server.port, key, {"X-Forwarded-For": "198.51.100.1"})
+    assert r.status == 429 and int(r.headers["retry-after"]) > 0, r
+    assert await from_("198.51.100.2") == 200  # another player, another budget
+    assert torn.count() == 1
+
+
+async def test_members_write_in_their_own_name_and_have_their_own_budget(torn_server, torn, conn):
+    server = torn_server(WRITES_PER_MINUTE="6")  # bursts of 5
+    port = server.port
+    ann_key = torn.add_player(1001, "Ann", RED_ID)
+    ann = (await sign_in(port, ann_key)).json()["token"]
+    bob = (await sign_in(port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    assert (await http(port, "POST", "/calls", bearer(ann), {"target_id": 1})).status == 201
+    before = await table_state(conn)
+    r = await http(port, "POST", "/calls", bearer(ann), {"target_id": 2, "caller_id": 1002})
+    assert r.status == 403 and "signed in as Ann [1001]" in r.json()["error"], r
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {})
+    assert r.status == 403 and "called by Ann" in r.json()["error"], r
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"caller_id": 1001})
+    assert r.status == 403 and "signed in as Bob [1002]" in r.json()["error"], r
+    assert await table_state(conn) == before
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"force": True})
+    assert r.status == 200, r
+    call = r.json()["call"]
+    assert (call["uncall_reason"], call["uncalled_by"], call["uncalled_by_name"]) == (
+        "forced", 1002, "Bob")
+    # Ann's writes count against Ann, across her tokens; Bob keeps his budget.
+    ann2 = (await sign_in(port, ann_key)).json()["token"]  # another device
+    statuses = [(await http(port, "POST", "/calls", bearer(tok), {"target_id": 10 + i})).status
+                for i, tok in enumerate([ann, ann2, ann, ann2, ann])]
+    assert statuses == [201] * 4 + [429]  # the burst is five: her first call was one of them
+    assert (await http(port, "POST", "/calls", bearer(bob), {"target_id": 20})).status == 201
+
+
+async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, conn):
+    server = torn_server()
+    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    try:
+        await stream.next()
+        await conn.execute("UPDATE torncat_tokens SET expires_at = now() - interval '1 second' "
+                           "WHERE player_id = 1001")
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        assert stream.ended_cleanly
+    finally:
+        await stream.close()
+    r = await http(server.port, "GET", "/calls", bearer(token))
+    assert r.status == 401, r
+
+
+async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, conn):
+    server = torn_server()
+    ann_key = torn.add_player(1001, "Ann", RED_ID)
+    ann = (await sign_in(server.port, ann_key)).json()["token"]
+    bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    streams = [await SseClient(server.port, headers=bearer(tok)).connect() for tok in (ann, bob)]
+    try:
+        for s_ in streams:
+            await s_.next()
+        torn.leave_faction(1002)
+        # What the central poll (issue 14) will do: read the member list, revoke the rest.
+        config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
+        app = t.App(config, db, asyncio.get_running_loop())
+        app.pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+        try:
+            members = await app.torn.faction_member_ids(ann_key, RED_ID)
+            assert members == {1001}
+            assert await app.revoke_departed(RED_ID, members) == 1
+            assert await app.revoke_departed(RED_ID, members) == 0
+        finally:
+            await app.pool.close()
+            app.torn.close()
+        await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
+        assert (await http(server.port, "GET", "/calls", bearer(bob))).status == 401
+        assert (await http(server.port, "GET", "/calls", bearer(ann))).status == 200
+        assert not streams[0].closed.is_set()
+    finally:
+        for s_ in streams:
+            await s_.close()
+
+
+async def test_the_key_never_reaches_logs_errors_or_the_database(torn_server, torn, pg, db):
+    server = torn_server(LOG_LEVEL="DEBUG")
+    good = torn.add_player(1001, "Ann", RED_ID)
+    inactive = torn.add_player(1002, "Bob", RED_ID, status=13)
+    foreign = torn.add_player(2001, "Zed", BLUE_ID)
+    keys = [good, inactive, foreign, "WrongWrongWrong1"]
+    bodies = []
+    for key in keys:
+        r = await sign_in(server.port, key)
+        bodies.append(r.body.decode())
+        r = await http(server.port, "POST", "/auth/torn?key=" + key, {"Content-Type": "text/plain"},
+                       key)
+        assert r.status == 415
+        bodies.append(r.body.decode())
+    torn.error_code = 17
+    bodies.append((await sign_in(server.port, "Another1Another2")).body.decode())
+    assert json.loads(bodies[0])["player_id"] == 1001
+    server.stop()
+    dump = (await asyncio.to_thread(subprocess.run, [str(pg.bin / "pg_dump"), "--data-only", db],
+                                    capture_output=True, text=True, check=True)).stdout
+    assert "Ann" in dump and "torncat_tokens" in dump  # the dump has the sign-in in it
+    for key in [*keys, "Another1Another2"]:
+        assert key not in server.log, key
+        assert key not in dump, key
+        assert not any(key in body for body in bodies), key
+    assert "/auth/torn?key=REDACTED" in server.log
+
+
+async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):
+    async def get(path: str, key: str | None = None, **headers: str):
+        hdrs = {"Authorization": f"ApiKey {key}"} if key else {}
+        return (await http(torn.port, "GET", "/v2" + path, {**hdrs, **headers})).json()
+
+    torn.factions[RED_ID].ranked_war = {
+        "war_id": 9, "start": 1, "end": None, "target": 100, "winner": None,
+        "factions": [{"id": RED_ID, "name": "Red", "score": 3, "chain": 1},
+                     {"id": BLUE_ID, "name": "Blue", "score": 2, "chain": 0}]}
+    key = torn.add_player(1001, "Ann", RED_ID)
+    info = (await get("/key/info", key))["info"]
+    assert info["user"] == {"id": 1001, "faction_id": RED_ID, "company_id": None}
+    assert (info["access"]["level"], info["access"]["type"]) == (1, "Public Only")
+    assert (await get(f"/user/basic?key={key}"))["profile"]["name"] == "Ann"
+    profile = (await get("/user/profile", key))["profile"]
+    assert (profile["id"], profile["name"], profile["faction_id"]) == (1001, "Ann", RED_ID)
+    wars = await get("/faction/wars", key)
+    assert wars["wars"]["ranked"]["factions"][1]["id"] == BLUE_ID and wars["pacts"] == []
+    member = (await get(f"/faction/{RED_ID}/members", key))["members"][0]
+    assert (member["id"], member["status"]["state"], member["status"]["until"]) == (1001, "Okay", None)
+    assert {"last_action", "days_in_faction", "position", "revive_setting"} <= set(member)
+    assert await get("/user/profile") == {"error": {"code": 1, "error": "Key is empty"}}
+    assert (await get("/user/profile", "WrongWrongWrong1"))["error"]["code"] == 2
+    assert (await get("/faction/999/members", key))["error"]["code"] == 6
+    # 100 requests a minute per player, across their keys; the 101st is code 5.
+    other_key = torn.add_key(1001)
+    for _ in range(100 - 6):
+        assert "profile" in await get("/user/basic", other_key)
+    assert (await get("/user/basic", key))["error"]["code"] == 5
+    assert torn.count("/user/basic") == 1 + 94 + 1
+
+
+async def test_a_token_issued_by_one_server_works_on_the_other_after_a_storm(torn_server, torn):
+    first, second = torn_server(), torn_server()
+    keys = [torn.add_player(1001 + i, f"P{i}", RED_ID) for i in range(60)]
+    answers = await asyncio.gather(*(sign_in(first.port, key) for key in keys))
+    tokens = [a.json()["token"] for a in answers]
+    # The other server learns of them through the token table's NOTIFY.
+    await second.await_log(r"tokens: 60 active in the database")
+    statuses = [(await http(second.port, "GET", "/calls", bearer(tok))).status for tok in tokens]
+    assert statuses == [200] * len(tokens), statuses.count(401)

@@ -48,6 +48,7 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
+from fake_torn import FakeTorn
 from testkit import (
     HERE,
     STEP_TIMEOUT,
@@ -1493,3 +1494,99 @@ async def test_the_long_poll_never_spins_when_the_server_does_not_hold_or_is_gon
     await expect(panel(alice).locator(".tc-status")).to_have_attribute(
         "title", re.compile("cannot reach the server: retrying in"))
     await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# Signing in with a Torn API key (issue 13), against fake_torn.py
+# ---------------------------------------------------------------------------
+
+KEY_LINK = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def torn_api():
+    fake = await FakeTorn().start()
+    yield fake
+    await fake.stop()
+
+
+async def storage_text(page: Page) -> str:
+    return await page.evaluate("JSON.stringify(Object.assign({}, localStorage))")
+
+
+async def test_a_member_signs_in_with_a_key_calls_in_their_name_and_signs_out(h, torn_api):
+    server = await h.start(TORN_API_URL=torn_api.base_url)  # faction 123 has a token: it may sign in
+    alice_key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    h.site.csp = STRICT_CSP
+    alice = await h.open(ALICE, "gm-stream", configured=False)
+    settings = panel(alice).locator(".tc-settings")
+    await expect(settings).to_be_visible()
+    await expect(settings.locator(".tc-key-link")).to_have_attribute("href", KEY_LINK)
+    await settings.locator(".tc-f-server").fill(h.base)
+    await settings.locator(".tc-f-key").fill("WrongWrongWrong1")
+    await settings.locator(".tc-sign-in").click()
+    await expect(panel(alice).locator(".tc-notice")).to_contain_text("this API key is incorrect")
+    await settings.locator(".tc-f-key").fill(alice_key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(settings).to_be_hidden()
+    await expect(panel(alice).locator(".tc-who")).to_have_text("Signed in as Alice [1001]")
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    stored = await storage_text(alice)
+    assert alice_key not in stored and "tm_" in stored  # the member token is kept, never the key
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2001: "Alice"}
+    sign_in = next(r for r in h.manager.requests if r["url"].endswith("/auth/torn"))
+    assert alice_key not in sign_in["url"]
+    # Sign out: back to the sign-in form; the token is gone.
+    await panel(alice).locator(".tc-gear").click()
+    await expect(settings.locator(".tc-signed-in-as")).to_have_text("Signed in as Alice [1001]")
+    await settings.locator(".tc-sign-out").click()
+    await expect(settings.locator(".tc-f-key")).to_be_visible()
+    await expect(panel(alice).locator(".tc-who")).to_be_hidden()
+    await expect(panel(alice)).to_have_attribute("data-status", "off")
+    assert "tm_" not in await storage_text(alice)
+    h.errors.clear()  # the wrong key's refusal was reported on purpose
+    await h.assert_clean(alice)
+
+
+async def test_an_expired_sign_in_leads_back_to_the_sign_in_form(h):
+    await h.start()
+    expired = {"id": ALICE.id, "name": ALICE.name, "faction_id": FACTION,
+               "expires_at": "2020-01-01T00:00:00Z"}
+    seed = SEED % (json.dumps("gmshim:"), json.dumps(
+        {"server": h.base, "token": "tm_expired", "configured": True, "member": expired}))
+    alice = await h.page(await h.context("gm-stream", configured=False, before=seed), ALICE)
+    await expect(panel(alice).locator(".tc-notice")).to_have_text("Your sign-in has expired: sign in again.")
+    await expect(panel(alice).locator(".tc-settings .tc-f-key")).to_be_visible()
+    await expect(panel(alice)).to_have_attribute("data-status", "off")
+    h.errors.clear()
+
+
+async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, torn_api):
+    server = await h.start(TORN_API_URL=torn_api.base_url)
+    bob_key = torn_api.add_player(BOB.id, BOB.name, FACTION)
+    h.site.csp = STRICT_CSP
+    # TornPDA replaces the placeholder in the script's text with the player's key.
+    script = USERSCRIPT.replace("###PDA-APIKEY###", bob_key)
+    assert script != USERSCRIPT
+    context = await h.browser.new_context(viewport={"width": 390, "height": 760}, is_mobile=True,
+                                          has_touch=True)
+    h.contexts.append(context)
+    await h.manager.install(context)
+    seed = SEED % (json.dumps(""), json.dumps({"server": h.base}))
+    await context.add_init_script(script="\n".join((WATCH, seed, PDA_SHIM, script)))
+    bob = await h.page(context, BOB)
+    await expect(panel(bob).locator(".tc-who")).to_have_text("Signed in as Bob [1002]")
+    await expect(panel(bob)).to_have_attribute("data-status", "live")
+    await expect(panel(bob)).to_have_attribute("data-transport", "long-poll")
+    await expect(panel(bob).locator(".tc-settings")).to_be_hidden()
+    await row_cell(bob, 2002).locator(".tc-call-btn").click()
+    await expect(panel_call(bob, 2002).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2002: "Bob"}
+    assert torn_api.requests == {(bob_key, "/user/profile"): 1}
+    requests = await bob.evaluate("window.__pdaRequests")
+    assert any(r["url"].endswith("/auth/torn") for r in requests)
+    assert not any(bob_key in r["url"] for r in requests)
+    assert bob_key not in await storage_text(bob)
+    await h.assert_clean(bob)

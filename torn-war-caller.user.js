@@ -123,6 +123,12 @@
   const MAX_TOASTS = 3;
   const AGE_REFRESH_MS = 5000;
   const NAME_MAX = 64;                    // the server refuses longer names
+  // Sign-in with a Torn API key (POST /auth/torn): the key is sent once and never kept;
+  // only the member token the server answers is stored. A Public key is enough; this
+  // link opens Torn's "new key" form with the title and the Public type filled in.
+  const KEY_LINK = 'https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1';
+  const KEY_RE = /^[A-Za-z0-9]{16}$/;     // Torn API keys: 16 letters and digits
+  const PDA_KEY = '###PDA-APIKEY###';     // TornPDA puts the player's key here; untouched: none
   const ENEMY_ROWS = [                    // rows of players one may call; never the member's own faction
     '.enemy-faction .members-list > li',
     'li.enemy',
@@ -219,6 +225,18 @@
     }
   }
 
+  /** Who the stored member token is for, as the sign-in answered; null if none. */
+  function signedIn(value) {
+    if (!value || typeof value !== 'object') return null;
+    const id = positiveInt(value.id);
+    const expires = Date.parse(value.expires_at);
+    return id && Number.isFinite(expires)
+      ? { id, name: cleanName(value.name), factionId: positiveInt(value.faction_id), expires } : null;
+  }
+
+  /** TornPDA's copy of the player's key, when TornPDA filled it in. */
+  function pdaKey() { return KEY_RE.test(PDA_KEY) ? PDA_KEY : null; }
+
   function readSettings() {
     const s = {
       server: normaliseServer(load('server', DEFAULT_SERVER)) || DEFAULT_SERVER,
@@ -227,7 +245,16 @@
       memberName: cleanName(load('memberName', '')),
       fromPage: false,
       configured: load('configured', false) === true,
+      member: signedIn(load('member', null)),
+      signInExpired: false,
     };
+    if (s.member && s.member.expires <= Date.now()) {
+      // An expired sign-in: back to the sign-in form rather than a stream the server refuses.
+      s.member = null;
+      s.token = '';
+      s.configured = false;
+      s.signInExpired = true;
+    }
     const user = pageUser();
     if (user) {
       // The page knows best (an account switch); remember it for pages that do not say.
@@ -236,6 +263,10 @@
       s.memberId = user.id;
       s.memberName = user.name || s.memberName;
       s.fromPage = true;
+    }
+    if (s.member) { // the server writes in the signed-in player's name, whatever the page says
+      s.memberId = s.member.id;
+      s.memberName = s.member.name || s.memberName;
     }
     return s;
   }
@@ -945,6 +976,7 @@
         break;
       case 'settings':
         applySettings();
+        showWho();
         break;
       default:
         break;
@@ -1095,6 +1127,11 @@
 #torncat-panel .tc-settings label input { display: block; width: 100%; margin-top: 2px; }
 #torncat-panel .tc-settings .tc-row { display: flex; gap: 6px; justify-content: flex-end; }
 #torncat-panel .tc-version { color: #666; margin-right: auto; align-self: center; }
+#torncat-panel .tc-who { margin: 0 0 6px; color: #8d8; }
+#torncat-panel .tc-key-link { color: #8bf; margin-right: auto; align-self: center; }
+#torncat-panel .tc-signed-in-as { color: #8d8; margin-right: auto; align-self: center; }
+#torncat-panel .tc-sign-in-box, #torncat-panel .tc-member-box { margin: 0 0 8px; }
+#torncat-panel .tc-settings [hidden] { display: none; }
 .tc-btn {
   background: #3a5f3a; color: #fff; border: 1px solid #4c7a4c; border-radius: 4px; cursor: pointer;
   padding: 3px 8px; font-size: 11px; line-height: 1.3; min-height: 24px; margin: 0; flex: none;
@@ -1179,7 +1216,8 @@
       safe(callTarget, id, '');
     });
     ui.settings = buildSettings();
-    ui.body = h('div', { class: 'tc-body' }, ui.notice, ui.settings, ui.list, ui.form);
+    ui.who = h('p', { class: 'tc-who' });
+    ui.body = h('div', { class: 'tc-body' }, ui.notice, ui.who, ui.settings, ui.list, ui.form);
     ui.panel = h('div', { id: 'torncat-panel', 'data-status': 'connecting', 'data-role': role },
       ui.head, ui.body);
 
@@ -1194,6 +1232,8 @@
       if (ui.panel.style.left) place(parseFloat(ui.panel.style.left), parseFloat(ui.panel.style.top));
     }));
     if (!settings.configured) openSettings();
+    if (settings.signInExpired) notice('Your sign-in has expired: sign in again.', 'error');
+    showWho();
   }
 
   function buildSettings() {
@@ -1205,8 +1245,23 @@
     const saveButton = h('button', { type: 'submit', class: 'tc-btn tc-save', text: 'Save' });
     const cancel = h('button', { type: 'button', class: 'tc-btn tc-cancel', text: 'Cancel' });
     cancel.addEventListener('click', () => closeSettings());
+    ui.fKey = h('input', { type: 'password', class: 'tc-f-key', autocomplete: 'off', placeholder: '16 letters and digits' });
+    const signInButton = h('button', { type: 'button', class: 'tc-btn tc-sign-in', text: 'Sign in' });
+    signInButton.addEventListener('click', () => safe(signInFromSettings));
+    ui.fKey.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter') { e.preventDefault(); safe(signInFromSettings); }
+    });
+    const keyLink = h('a', { class: 'tc-key-link', href: KEY_LINK, target: '_blank', rel: 'noopener noreferrer',
+      text: 'Create a Public key' });
+    ui.signInBox = h('div', { class: 'tc-sign-in-box' },
+      field('Your Torn API key (Public access is enough; it is not kept)', ui.fKey),
+      h('div', { class: 'tc-row' }, keyLink, signInButton));
+    ui.signedInAs = h('span', { class: 'tc-signed-in-as' });
+    const signOutButton = h('button', { type: 'button', class: 'tc-btn tc-sign-out', text: 'Sign out' });
+    signOutButton.addEventListener('click', () => safe(signOut));
+    ui.memberBox = h('div', { class: 'tc-member-box tc-row' }, ui.signedInAs, signOutButton);
     const form = h('form', { class: 'tc-settings' },
-      field('Server URL', ui.fServer), field('Token', ui.fToken),
+      field('Server URL', ui.fServer), ui.signInBox, ui.memberBox, field('Or a faction token', ui.fToken),
       field('Your Torn id', ui.fId), field('Your name', ui.fName),
       h('div', { class: 'tc-row' }, h('span', { class: 'tc-version', text: 'v' + VERSION }), cancel, saveButton));
     form.hidden = true;
@@ -1216,7 +1271,12 @@
 
   function openSettings() {
     ui.fServer.value = settings.server;
-    ui.fToken.value = settings.token;
+    ui.fToken.value = settings.member ? '' : settings.token;
+    ui.fKey.value = '';
+    ui.signInBox.hidden = !!settings.member;
+    ui.memberBox.hidden = !settings.member;
+    ui.fToken.parentNode.hidden = !!settings.member;
+    if (settings.member) ui.signedInAs.textContent = whoText(settings.member);
     ui.fId.value = settings.memberId ? String(settings.memberId) : '';
     ui.fName.value = settings.memberName;
     ui.fId.readOnly = ui.fName.readOnly = settings.fromPage; // Torn's page says who you are
@@ -1231,8 +1291,8 @@
     const server = normaliseServer(ui.fServer.value || DEFAULT_SERVER);
     if (!server) { notice('The server URL must start with https:// (or http://).', 'error'); return; }
     save('server', server);
-    save('token', ui.fToken.value.trim());
-    if (!settings.fromPage) {
+    if (!settings.member) save('token', ui.fToken.value.trim());
+    if (!settings.fromPage && !settings.member) {
       save('memberId', positiveInt(ui.fId.value.trim()));
       save('memberName', cleanName(ui.fName.value));
     }
@@ -1241,6 +1301,79 @@
     notice('Saved.', 'info');
     applySettings();
     post({ t: 'settings' });
+  }
+
+  // ---------------------------------------------------------------------------
+  // Signing in with a Torn API key
+  // ---------------------------------------------------------------------------
+
+  function whoText(member) {
+    return 'Signed in as ' + (member.name || 'player') + ' [' + member.id + ']';
+  }
+
+  function showWho() {
+    if (!ui.who) return;
+    ui.who.textContent = settings.member ? whoText(settings.member) : '';
+    ui.who.hidden = !settings.member;
+  }
+
+  /** Ask the server for a member token; the key lives only in this call. True on success. */
+  async function signIn(key) {
+    if (!KEY_RE.test(key)) {
+      notice('A Torn API key is 16 letters and digits.', 'error');
+      return false;
+    }
+    notice('Signing in…', 'info');
+    const r = await request('POST', '/auth/torn', { key });
+    const a = r.json || {};
+    const id = positiveInt(a.player_id);
+    if (r.status !== 200 || typeof a.token !== 'string' || !id) {
+      notice(typeof a.error === 'string' && a.error ? 'Sign-in refused: ' + a.error
+        : 'Sign-in failed: ' + describe(r), 'error');
+      return false;
+    }
+    save('token', a.token);
+    save('member', { id, name: cleanName(a.name), faction_id: a.faction_id, expires_at: a.expires_at });
+    save('memberId', id);
+    save('memberName', cleanName(a.name));
+    save('configured', true);
+    applySettings();
+    post({ t: 'settings' });
+    showWho();
+    notice(whoText(settings.member) + '.', 'info');
+    return true;
+  }
+
+  async function signInFromSettings() {
+    const server = normaliseServer(ui.fServer.value || DEFAULT_SERVER);
+    if (!server) { notice('The server URL must start with https:// (or http://).', 'error'); return; }
+    const key = ui.fKey.value.trim();
+    if (server !== settings.server) {
+      save('server', server);
+      settings = readSettings();
+    }
+    if (await signIn(key)) {
+      ui.fKey.value = '';
+      closeSettings();
+    }
+  }
+
+  function signOut() {
+    save('token', '');
+    save('member', null);
+    save('configured', false);
+    applySettings();
+    post({ t: 'settings' });
+    showWho();
+    notice('Signed out.', 'info');
+    openSettings();
+  }
+
+  /** TornPDA hands scripts the player's key: sign in with it, no setup at all. */
+  async function signInOnPda() {
+    const key = pdaKey();
+    if (!key || settings.member || (settings.token && settings.configured)) return;
+    if (await signIn(key) && ui.settings) closeSettings();
   }
 
   function setCollapsed(collapsed) {
@@ -1439,6 +1572,7 @@
       if (link) link.blocked();
     }));
     elect();
+    safe(signInOnPda);
     window.addEventListener('pagehide', () => safe(() => {
       if (role === 'leader' && link) { link.stop(); link = null; post({ t: 'bye' }); }
     }));

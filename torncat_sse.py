@@ -41,9 +41,11 @@ and resumes where it was, while everyone else keeps receiving.
 
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
-snapshots, replays and polls carry that faction's calls only. The seed's
-SECRET_TOKEN sees every faction. No token at all gets 401, unless the operator
-asked for open access (OPEN_ACCESS, on by default only with the embedded
+snapshots, replays and polls carry that faction's calls only. A member can also
+sign in with their own Torn API key (`POST /auth/torn`, see "The Torn API client"
+below) for a member token: their faction's calls, every write in their name. The
+seed's SECRET_TOKEN sees every faction. No token at all gets 401, unless the
+operator asked for open access (OPEN_ACCESS, on by default only with the embedded
 development database) and no token exists yet: then it sees every faction.
 The calls API (`POST /calls`, `DELETE /calls/<target>`, `GET /calls?since=N[&wait=S]`
 for clients that cannot stream) writes through SQL functions of trigger.sql that
@@ -86,10 +88,13 @@ import argparse
 import asyncio
 import bisect
 import collections
+import concurrent.futures
 import contextlib
+import datetime
 import email.utils
 import enum
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -105,7 +110,9 @@ import ssl
 import sys
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -226,6 +233,24 @@ def _faction_tokens(value: str) -> tuple[tuple[int, str], ...]:
     return tuple(pairs)
 
 
+def _faction_ids(value: str) -> tuple[int, ...]:
+    items = [i.strip() for i in value.split(",") if i.strip()]
+    if not all(i.isdigit() and 0 < int(i) < 2**63 for i in items):
+        raise ValueError("expected Torn faction ids separated by commas")
+    return tuple(int(i) for i in items)
+
+
+def _http_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError("expected a URL like https://api.torn.com/v2")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("http:// only on this machine (a fake Torn API): players' keys "
+                         "travel to Torn over https")
+    return url
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -263,6 +288,20 @@ SETTINGS = (
             "token table), /events and /calls need none and everyone sees every faction; 0: "
             "without a token they answer 401. Unset: 1 with the embedded database, 0 with "
             "DATABASE_URL"),
+    Setting("FACTIONS", "", _faction_ids, "comma-separated Torn faction ids whose members may "
+            "sign in with a Torn API key (POST /auth/torn); factions with a faction token "
+            "may always sign in"),
+    Setting("MEMBER_TOKEN_DAYS", "7", _positive_float,
+            "days a member token from POST /auth/torn stays valid"),
+    Setting("SIGNINS_PER_MINUTE", "20", _positive_int,
+            "POST /auth/torn per minute per client address (bursts of five); more get 429"),
+    Setting("TRUSTED_PROXIES", "0", _non_negative_int, "proxies in front of the server that "
+            "append to X-Forwarded-For, whose entry that far from the right is then the client "
+            "address for per-client limits (Render: 2, Cloudflare then Render's proxy)"),
+    Setting("TORN_API_URL", "https://api.torn.com/v2", _http_url,
+            "Torn's API v2, asked who owns a key at sign-in (tests point it at fake_torn.py)"),
+    Setting("TORN_TIMEOUT_SECONDS", "5", _positive_float,
+            "seconds Torn's API has to answer a sign-in before it gets 503"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -302,7 +341,7 @@ class Config(argparse.Namespace):
 def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
     """Every setting is an environment variable with a mirroring --flag; flags win."""
     parser = argparse.ArgumentParser(
-        prog="torncat_sse.py",
+        prog="torncat_sse.py", allow_abbrev=False,  # `token create --faction` vs --factions
         description="TornCat SSE: real-time target calls over Server-Sent Events.",
         epilog="Each option can also be set by the environment variable shown in capitals. "
                "Prefer the environment for secrets: command lines are visible to other users.")
@@ -334,9 +373,12 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
     create = token_commands.add_parser("create", help="print a new token once, store its hash")
     create.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
     create.add_argument("--label", default="", help="who or what the token is for")
-    token_commands.add_parser("list", help="list tokens (never the tokens themselves)")
-    revoke = token_commands.add_parser("revoke", help="revoke a token by id")
-    revoke.add_argument("id", type=_positive_int)
+    token_commands.add_parser("list", help="list tokens, members' included (never the tokens "
+                              "themselves)")
+    revoke = token_commands.add_parser("revoke", help="revoke a token by id, or every token "
+                                       "of a signed-in player with --player")
+    revoke.add_argument("id", type=_positive_int, nargs="?")
+    revoke.add_argument("--player", type=_positive_int, help="a Torn player id")
     return parser.parse_args(argv, namespace=Config())
 
 
@@ -350,7 +392,7 @@ REASONS = {
     408: "Request Timeout", 409: "Conflict", 411: "Length Required",
     413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
 
 # RFC 9110 section 5.6.2: token = 1*tchar
@@ -667,14 +709,21 @@ def token_digest(token: str) -> bytes:
 
 
 class Grant:
-    """What one token allows: a faction (None: every faction), and its write budget."""
+    """What one token allows: a faction (None: every faction), and its write budget.
 
-    __slots__ = ("faction", "label", "allowance", "stamp")
+    A member token (POST /auth/torn) also names its player, who is the caller of
+    every write made with it, and ends at `expires_at` (seconds since the epoch).
+    """
 
-    def __init__(self, faction: int | None, label: str):
+    __slots__ = ("faction", "label", "allowance", "stamp", "player_id", "player_name",
+                 "expires_at")
+
+    def __init__(self, faction: int | None, label: str, player_id: int | None = None,
+                 player_name: str | None = None, expires_at: float | None = None):
         self.faction, self.label = faction, label
         self.allowance: float | None = None  # writes left in the bucket
         self.stamp = 0.0
+        self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
 
     def take_write(self, per_minute: int, now: float) -> float:
         """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
@@ -702,19 +751,21 @@ class Auth:
     presented token is found by its digest, so the time a lookup takes can only
     depend on the digest, which tells an attacker nothing about the token.
     Until the table has been read once, a token that is not in the environment
-    cannot be checked: such requests get 503, never a wrong answer.
+    cannot be checked: such requests get 503, never a wrong answer. Member tokens
+    (POST /auth/torn) live in the same table.
 
     No token needed (the OPEN grant) only where the operator asked for it:
     `open_access` (OPEN_ACCESS, the default only with the embedded development
-    database), and only while no token exists: once the table holds a row,
-    revoking the last token does not open the server. Without `open_access` a
-    request without a token is 401 whatever the table holds or later loses
-    (DELETE, TRUNCATE, an empty table at restart): an empty table must not be
-    the switch that opens every faction's calls to everyone.
+    database), only while no token exists (once the table holds a row, revoking
+    the last token does not open the server), and never with FACTIONS set (its
+    members sign in). Without `open_access` a request without a token is 401
+    whatever the table holds or later loses (DELETE, TRUNCATE, an empty table at
+    restart): an empty table must not be the switch that opens every faction's
+    calls to everyone.
     """
 
     def __init__(self, secret_token: str, faction_tokens: tuple[tuple[int, str], ...],
-                 open_access: bool = False):
+                 open_access: bool = False, factions: tuple[int, ...] = ()):
         self.env: dict[bytes, Grant] = {}
         if secret_token:
             self.env[token_digest(secret_token)] = Grant(None, "SECRET_TOKEN")
@@ -723,22 +774,58 @@ class Auth:
         self.open_access = open_access
         self.db: dict[bytes, Grant] | None = None  # None until read from the database
         self._all = dict(self.env)
-        self.required = not open_access or bool(self.env)  # a request needs a token
+        self.closed = bool(factions)  # FACTIONS: members sign in, so nobody gets in without
+        self.required = not open_access or bool(self.env) or self.closed  # a request needs a token
+        self.token_factions = {g.faction for g in self.env.values() if g.faction is not None}
+        # Member tokens this process issued that no read of the table has shown yet: a
+        # read that began before their INSERT committed must not make them vanish.
+        self.pending: dict[bytes, Grant] = {}
 
-    def set_db_tokens(self, rows: list[tuple[bytes, int, str, bool]]) -> set[Grant]:
-        """Replace the database's tokens (digest, faction, label, revoked); returns those gone."""
+    def set_db_tokens(self, rows: list[tuple]) -> set[Grant]:
+        """Replace the database's tokens; returns those gone. A row is (digest, faction,
+        label, revoked), and for member tokens also (player_id, player_name, expires_at)."""
         old = self.db or {}
         new: dict[bytes, Grant] = {}
-        for digest, faction, label, revoked in rows:
+        for digest, faction, label, revoked, *member in rows:
+            self.pending.pop(digest, None)
             if revoked:
                 continue
+            player_id, player_name, expires_at = member or (None, None, None)
             grant = old.get(digest)
-            new[digest] = grant if grant is not None and grant.faction == faction else \
-                Grant(faction, label)
+            if grant is None or grant.faction != faction or grant.player_id != player_id:
+                grant = Grant(faction, label, player_id, player_name, expires_at)
+            grant.expires_at = expires_at
+            new[digest] = grant
+        new.update(self.pending)
         self.db = new
         self._all = {**new, **self.env}
-        self.required = not self.open_access or bool(self.env) or bool(rows)
+        self.required = not self.open_access or bool(self.env) or self.closed or bool(rows)
+        self.token_factions = {g.faction for g in self._all.values()  # they may sign in
+                               if g.faction is not None and g.player_id is None}
         return {grant for digest, grant in old.items() if new.get(digest) is not grant}
+
+    def add_member(self, digest: bytes, grant: Grant) -> None:
+        """A member token this process just stored: valid here at once, before any NOTIFY."""
+        self.pending[digest] = grant
+        self.db = {**(self.db or {}), digest: grant}
+        self._all[digest] = grant
+        self.required = True
+
+    def drop(self, digests: list[bytes]) -> set[Grant]:
+        """Forget tokens revoked in the database by this process; returns their grants."""
+        gone = set()
+        for digest in digests:
+            self.pending.pop(digest, None)
+            grant = (self.db or {}).pop(digest, None)
+            if grant is not None and self._all.get(digest) is grant:
+                del self._all[digest]
+                gone.add(grant)
+        return gone
+
+    def expire(self, now: float) -> set[Grant]:
+        """Forget member tokens past their expiry; returns their grants (to end streams)."""
+        ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
+        return self.drop(list(ended))
 
     def grant(self, req: Request) -> Grant:
         """The grant for this request; HttpError 401 without a valid token."""
@@ -746,6 +833,9 @@ class Auth:
         if token:
             grant = self._all.get(token_digest(token))
             if grant is not None:
+                if grant.expires_at is not None and time.time() >= grant.expires_at:
+                    raise HttpError(401, "your sign-in has expired: sign in again with your "
+                                    "Torn API key", UNAUTHORIZED)
                 return grant
         if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
@@ -791,6 +881,21 @@ CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
                "war_id": (_id_field, False)}
 UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
                  "force": (_bool_field, False)}
+# With a member token the token names the caller: the body need not (see `writer_of`).
+_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
+MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
+MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
+
+
+def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
+    """Who makes this write: the signed-in player of a member token (a body naming someone
+    else is refused), else the caller the body names, as the seed had it."""
+    if grant.player_id is None:
+        return f["caller_id"], f["caller_name"]
+    if f["caller_id"] not in (None, grant.player_id):
+        raise HttpError(403, f"you are signed in as {grant.player_name} "
+                        f"[{grant.player_id}]: you cannot write in another player's name")
+    return grant.player_id, grant.player_name
 
 
 def _no_constants(name: str) -> None:
@@ -1311,7 +1416,12 @@ class App:
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens, config.open_access)
+        self.auth = Auth(config.secret_token, config.faction_tokens,
+                         open_access=config.open_access, factions=config.factions)
+        self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
+        self.sign_ins = SignIn(self.torn)
+        self.signin_budgets: dict[str, Grant] = {}  # client address -> sign-in token bucket
+        self.member_budgets: dict[int, Grant] = {}  # player id -> write bucket of all their tokens
         self.listener = Listener(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
         self.connections: set[Client] = set()
@@ -1327,6 +1437,7 @@ class App:
             "/calls": {"GET": self.poll, "HEAD": self.poll, "POST": self.make_call},
             "/calls/<target>": {"DELETE": self.uncall},
             "/calls/<target>/uncall": {"POST": self.uncall},
+            "/auth/torn": {"POST": self.sign_in},
         }
 
     # -- a connection, from accept to close ------------------------------------------
@@ -1495,6 +1606,64 @@ class App:
             ("Cache-Control", "no-store")], self.metrics(),
             head_only=x.req.method == "HEAD", close=not x.req.keep_alive)
 
+    # -- signing in with a Torn API key ------------------------------------------------
+
+    async def sign_in(self, x: Exchange) -> bytes:
+        """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
+        client" for what happens to the key)."""
+        req = x.req
+        address = client_address(x.client.peer(), req, self.config.trusted_proxies)
+        budget = self.signin_budgets.get(address)
+        if budget is None:
+            if len(self.signin_budgets) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
+                idle = self.loop.time() - 60.0
+                self.signin_budgets = {a: b for a, b in self.signin_budgets.items()
+                                       if b.stamp > idle}
+            budget = self.signin_budgets[address] = Grant(None, "")
+        wait = budget.take_write(self.config.signins_per_minute, self.loop.time())
+        if wait:
+            raise HttpError(429, "too many sign-ins from your address, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
+        if self.auth.db is None:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", "5"),))
+        key = parse_body(req, x.body, SIGNIN_FIELDS)["key"]
+        who = await self.sign_ins.identity(key)
+        del key  # nothing below needs it
+        if who.faction_id is None:
+            raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
+                            "shares calls within a faction")
+        if who.faction_id not in self.config.factions and \
+                who.faction_id not in self.auth.token_factions:
+            raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
+                            extra={"faction_id": who.faction_id})
+        token = "tm_" + secrets.token_urlsafe(24)
+        digest = token_digest(token)
+        row = await self._db(ISSUE_MEMBER_TOKEN_SQL, who.faction_id, who.name, digest,
+                             who.player_id, who.name, self.config.member_token_days * 86400)
+        self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
+                                           row["expires_at"]))
+        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
+        expires = datetime.datetime.fromtimestamp(row["expires_at"], datetime.UTC)
+        return json_response(200, {"token": token, "player_id": who.player_id, "name": who.name,
+                                   "faction_id": who.faction_id,
+                                   "expires_at": expires.isoformat(timespec="seconds")
+                                   .replace("+00:00", "Z")}, x.cors,
+                             close=not req.keep_alive)
+
+    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> int:
+        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
+        faction's member list as Torn shows it now) and end their streams; returns how many.
+        Other servers learn of it through the token table's NOTIFY."""
+        async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            rows = await conn.fetch(REVOKE_DEPARTED_SQL, faction_id, sorted(member_ids),
+                                    timeout=QUERY_TIMEOUT)
+        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows])
+        self.revoke(gone)
+        for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
+            log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
+        return len(rows)
+
     async def poll(self, x: Exchange) -> bytes:
         """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
 
@@ -1551,11 +1720,13 @@ class App:
     async def make_call(self, x: Exchange) -> bytes:
         """POST /calls: call a target for the token's faction."""
         grant = self.auth.grant(x.req)
-        f = parse_body(x.req, x.body, CALL_FIELDS)
+        f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
+                       else MEMBER_CALL_FIELDS)
+        caller_id, caller_name = writer_of(grant, f)
         self._check_rate(grant)
         row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
-                             f["war_id"], f["target_id"], f["target_name"], f["caller_id"],
-                             f["caller_name"])
+                             f["war_id"], f["target_id"], f["target_name"], caller_id,
+                             caller_name)
         call = json.loads(row["call"])
         if row["status"] == "taken":
             self.stats.calls_refused += 1
@@ -1571,10 +1742,12 @@ class App:
         """DELETE /calls/<target> or POST /calls/<target>/uncall."""
         grant = self.auth.grant(x.req)
         target = _id_field(x.target, "target_id")
-        f = parse_body(x.req, x.body, UNCALL_FIELDS)
+        f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
+                       else MEMBER_UNCALL_FIELDS)
+        by_id, by_name = writer_of(grant, f)
         self._check_rate(grant)
         row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
-                             target, f["caller_id"], f["caller_name"], bool(f["force"]))
+                             target, by_id, by_name, bool(f["force"]))
         if row["status"] == "not_called":
             raise HttpError(404, f"target {target} is not called")
         call = json.loads(row["call"])
@@ -1600,7 +1773,10 @@ class App:
     # -- the calls API's helpers ------------------------------------------------------
 
     def _check_rate(self, grant: Grant) -> None:
-        wait = grant.take_write(self.config.writes_per_minute, self.loop.time())
+        # A member's writes count against the member (all their tokens), not the faction.
+        budget = grant if grant.player_id is None else \
+            self.member_budgets.setdefault(grant.player_id, Grant(grant.faction, ""))
+        wait = budget.take_write(self.config.writes_per_minute, self.loop.time())
         if wait:
             raise HttpError(429, "too many writes with this token, slow down",
                             (("Retry-After", str(math.ceil(wait))),))
@@ -1650,6 +1826,12 @@ class App:
         while True:
             await asyncio.sleep(self.config.keepalive_seconds)
             self.hub.keepalive()
+
+    async def member_expiry_loop(self) -> None:
+        """End the streams of member tokens that expired while streaming."""
+        while True:
+            await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
+            self.revoke(self.auth.expire(time.time()))
 
     async def stats_loop(self) -> None:
         """Seed step 6: log the number of active connections, once a minute."""
@@ -1708,6 +1890,7 @@ class App:
                 await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
         for client in list(self.connections):
             client.writer.transport.abort()
+        self.torn.close()
 
 
 # ---------------------------------------------------------------------------
@@ -1722,6 +1905,16 @@ LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
         SELECT * FROM target_call_events ORDER BY event_id DESC LIMIT $1) recent
     ORDER BY event_id
+"""
+# Every faction token, revoked ones included (once a token existed the server stays
+# closed), and the member tokens valid or ended within a day: an ended one ends its grant
+# (and tells Auth that a token it issued is settled), older ones are history.
+LOAD_TOKENS_SQL = """
+    SELECT token_sha256, faction_id, label,
+           revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
+           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at
+    FROM torncat_tokens
+    WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
 """
 CATCH_UP_SQL = """
     SELECT event_id, event, faction_id, data::text AS data
@@ -1874,16 +2067,16 @@ class Listener:
         """Read the token table; end the streams of tokens that are gone."""
         try:
             async with self._in_use:
-                rows = await self.conn.fetch(
-                    "SELECT token_sha256, faction_id, label, revoked_at IS NOT NULL AS revoked "
-                    "FROM torncat_tokens", timeout=QUERY_TIMEOUT)
-        except asyncpg.UndefinedTableError:
-            log.warning("no torncat_tokens table: apply trigger.sql for database tokens")
+                rows = await self.conn.fetch(LOAD_TOKENS_SQL, timeout=QUERY_TIMEOUT)
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+            log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
+                        "database tokens")
             rows = []
         auth = self.app.auth
         before = None if auth.db is None else len(auth.db)
         revoked = auth.set_db_tokens(
-            [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"]) for r in rows])
+            [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"],
+              r["player_id"], r["player_name"], r["expires_at"]) for r in rows])
         if len(auth.db) != before:
             log.info("tokens: %d active in the database, %d from the environment%s",
                      len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
@@ -1994,6 +2187,258 @@ async def apply_schema(conn) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The Torn API client, and signing in with a Torn API key
+# ---------------------------------------------------------------------------
+#
+# POST /auth/torn {"key": "<Torn API key>"} asks Torn's API v2 who owns the key
+# (GET /user/profile: UserProfileResponse.profile.id, .name and .faction_id, all
+# three in one request with Torn's lowest, "Public", access) and answers a member
+# token bound to that player and faction. The key goes to Torn in the
+# `Authorization: ApiKey` header, never in a URL (URLs end up in access logs); it
+# is never stored, logged or echoed, and no reference to it outlives the request
+# to Torn. What is cached is an HMAC of the key under a per-process secret.
+#
+# The client is urllib.request in a small thread pool of its own: the standard
+# library verifies TLS certificates and host names and decodes chunked answers, so
+# there is no hand-written HTTPS to get wrong and no dependency beyond the design
+# card's. A sign-in is rare (once per player per MEMBER_TOKEN_DAYS, and one Torn
+# request per key per SIGNIN_CACHE_SECONDS however many tabs ask), so a thread per
+# request in flight costs nothing that matters. The pool is separate from asyncio's
+# default executor, which resolves host names for Postgres connections: a hanging
+# Torn cannot starve those.
+
+TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
+TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
+TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
+SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
+                                 # reloads costs one Torn request per player (Torn itself
+                                 # caches answers ~30 s, and a player's limit is 100/minute)
+SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
+SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
+SIGNIN_ADDRESSES_MAX = 10_000    # client addresses with a sign-in budget held at most
+MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
+TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
+TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
+TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
+
+# Torn error code -> (HTTP status, what the player reads, Retry-After seconds or None).
+# Codes: Torn's API documentation; the schemas ErrorIncorrectKey (2), ErrorTooManyRequests
+# (5), ErrorKeyTemporaryDisabled (13), ErrorAccessLevelTooLow (16)... in its OpenAPI document.
+TORN_ERRORS: dict[int | None, tuple[int, str, int | None]] = {
+    1: (400, "Torn says the API key is empty", None),
+    2: (401, "Torn says this API key is incorrect: check it, or create a new one", None),
+    5: (503, "Torn's limit of 100 requests a minute for this player is reached: try again "
+        "in a minute", 60),
+    8: (503, "Torn is blocking this server's address for now", 300),
+    9: (503, "Torn's API is disabled for now (maintenance?)", 60),
+    10: (403, "Torn refuses this key while its owner is in federal jail", None),
+    13: (401, "Torn has disabled this API key because its owner has been inactive: "
+         "log in to Torn, or create a new key", None),
+    14: (503, "this key's daily read limit at Torn is reached", 3600),
+    16: (403, "this API key's access level is too low: TornCat needs a key with Public "
+         "access (the user profile)", None),
+    17: (503, "Torn's API had an error (backend error): try again shortly", 10),
+    18: (401, "this API key is paused by its owner: unpause it at Torn, or use another key",
+         None),
+    TORN_NO_ANSWER: (503, "Torn's API did not answer in time: try again shortly", 10),
+}
+TORN_TRANSIENT = (0, 12, 15, 24)  # unknown, key read, temporary errors, closed temporarily
+
+
+def torn_error_to_http(code: int | None) -> HttpError:
+    """The error a sign-in answers when Torn answered error `code` (None: no answer)."""
+    if code in TORN_ERRORS:
+        status, message, retry = TORN_ERRORS[code]
+    elif code in TORN_TRANSIENT:
+        status, message, retry = 503, f"Torn's API had a temporary error (code {code})", 10
+    else:
+        status, retry = 502, None
+        message = ("Torn's API gave an answer TornCat does not understand" if code == TORN_BAD_ANSWER
+                   else f"Torn's API refused the request (error code {code})")
+    extra = {"torn_error_code": code} if code is not None and code >= 0 else {}
+    if code == 16:
+        extra["access_needed"] = "Public Only"
+    return HttpError(status, message, (("Retry-After", str(retry)),) if retry else (), extra)
+
+
+class TornError(Exception):
+    """Torn answered an error code, or no usable answer (TORN_NO_ANSWER, TORN_BAD_ANSWER)."""
+
+    def __init__(self, code: int | None, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with our headers, the key included: never."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises HTTPError for the 3xx
+
+
+@dataclass(frozen=True, slots=True)
+class TornIdentity:
+    player_id: int
+    name: str
+    faction_id: int | None
+
+
+class TornClient:
+    """GET requests to Torn's API v2, each in a thread of our own pool, with a deadline."""
+
+    def __init__(self, base_url: str, timeout: float):
+        self.base_url, self.timeout = base_url, timeout
+        self.executor = concurrent.futures.ThreadPoolExecutor(TORN_THREADS, "torn-api")
+        self._opener = urllib.request.build_opener(_NoRedirects)
+
+    async def get(self, key: str, path: str) -> dict:
+        """Torn's JSON answer to GET <base><path>; TornError for an error or no answer."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self.executor, self._get, key, path)
+        try:
+            # urllib's timeout bounds each socket operation; this bounds the whole request.
+            return await asyncio.wait_for(work, self.timeout)
+        except TimeoutError:
+            raise TornError(TORN_NO_ANSWER, f"no answer within {self.timeout:g}s") from None
+
+    def _get(self, key: str, path: str) -> dict:
+        request = urllib.request.Request(self.base_url + path, headers={
+            "Authorization": f"ApiKey {key}", "Accept": "application/json",
+            "User-Agent": TORN_USER_AGENT})
+        try:
+            with self._opener.open(request, timeout=self.timeout) as answer:
+                data = answer.read(TORN_MAX_ANSWER_BYTES + 1)
+        except urllib.error.HTTPError as e:  # Torn answers errors with 200: this is a proxy
+            raise TornError(TORN_NO_ANSWER, f"HTTP {e.code}") from None
+        except (OSError, ValueError) as e:   # URLError, timeouts, resets, TLS errors
+            raise TornError(TORN_NO_ANSWER, describe(e)) from None
+        if len(data) > TORN_MAX_ANSWER_BYTES:
+            raise TornError(TORN_BAD_ANSWER, "answer too large")
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise TornError(TORN_BAD_ANSWER, "answer is not JSON") from None
+        if not isinstance(obj, dict):
+            raise TornError(TORN_BAD_ANSWER, "answer is not a JSON object")
+        error = obj.get("error")
+        if isinstance(error, dict):
+            code = error.get("code")
+            raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
+                            str(error.get("error", ""))[:200])
+        return obj
+
+    async def identity(self, key: str) -> TornIdentity:
+        """Who owns `key`: /user/profile (UserProfileResponse) needs only Public access."""
+        profile = (await self.get(key, "/user/profile")).get("profile")
+        if not isinstance(profile, dict):
+            raise TornError(TORN_BAD_ANSWER, "no profile in the answer")
+        player, name, faction = profile.get("id"), profile.get("name"), profile.get("faction_id")
+        if type(player) is not int or player <= 0 or not isinstance(name, str) or not (
+                faction is None or type(faction) is int):
+            raise TornError(TORN_BAD_ANSWER, "unexpected profile fields")
+        return TornIdentity(player, name.strip()[:MAX_NAME_CHARS], faction or None)
+
+    async def faction_member_ids(self, key: str, faction_id: int) -> set[int]:
+        """The ids in a faction's member list (FactionMembersResponse), for re-verification."""
+        members = (await self.get(key, f"/faction/{int(faction_id)}/members")).get("members")
+        if not isinstance(members, list) or not all(
+                isinstance(m, dict) and type(m.get("id")) is int for m in members):
+            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+        return {m["id"] for m in members}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class SignIn:
+    """Who owns a key, asking Torn once per key however many sign-ins ask at once.
+
+    Answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
+    are cached by HMAC of the key; a sign-in while Torn is being asked about the same
+    key waits for that answer instead of asking again.
+    """
+
+    def __init__(self, torn: TornClient):
+        self.torn = torn
+        self._secret = secrets.token_bytes(32)
+        self._cache: dict[bytes, tuple[float, TornIdentity | HttpError]] = {}
+        self._asking: dict[bytes, asyncio.Task] = {}
+
+    async def identity(self, key: str) -> TornIdentity:
+        """The key's owner; HttpError (the Torn error mapped) when Torn says no."""
+        digest = hmac.digest(self._secret, key.encode(), "sha256")
+        loop = asyncio.get_running_loop()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > loop.time():
+            result = cached[1]
+        else:
+            task = self._asking.get(digest)
+            if task is None:
+                task = self._asking[digest] = loop.create_task(self._ask(digest, key))
+            result = await asyncio.shield(task)
+        if isinstance(result, HttpError):  # a fresh exception for each waiter
+            raise HttpError(result.status, result.message, result.headers, result.extra)
+        return result
+
+    async def _ask(self, digest: bytes, key: str) -> TornIdentity | HttpError:
+        try:
+            result: TornIdentity | HttpError = await self.torn.identity(key)
+            ttl = SIGNIN_CACHE_SECONDS
+        except TornError as e:
+            result = torn_error_to_http(e.code)
+            ttl = SIGNIN_REFUSAL_CACHE_SECONDS if result.status in (401, 403) else 0.0
+            if result.status >= 500:
+                log.warning("sign-in: Torn's API: %s (code %s)", e, e.code)
+        finally:
+            del self._asking[digest]
+        if ttl:
+            now = asyncio.get_running_loop().time()
+            if len(self._cache) >= SIGNIN_CACHE_MAX:
+                self._cache = {d: v for d, v in self._cache.items() if v[0] > now}
+                while len(self._cache) >= SIGNIN_CACHE_MAX:  # all fresh: drop the oldest
+                    del self._cache[next(iter(self._cache))]
+            self._cache[digest] = (now + ttl, result)
+        return result
+
+
+def _key_field(value: object, name: str) -> str:
+    # Never echo the value: it is a secret, and a wrong one is still someone's key.
+    if not isinstance(value, str) or not TORN_KEY_RE.match(value.strip()):
+        raise HttpError(400, f"{name} must be a Torn API key (16 letters and digits)")
+    return value.strip()
+
+
+SIGNIN_FIELDS = {"key": (_key_field, True)}
+
+
+def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
+    """The address per-client limits count by. Each proxy appends the address it got the
+    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
+    right is the client's; entries left of it are the client's own say. On Render a request
+    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
+    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
+    if trusted_proxies:
+        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
+        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
+            return chain[-trusted_proxies]
+    return peer.rpartition(":")[0] or peer
+
+
+ISSUE_MEMBER_TOKEN_SQL = """
+    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
+                                expires_at)
+    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
+"""
+REVOKE_DEPARTED_SQL = """
+    UPDATE torncat_tokens SET revoked_at = now()
+    WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
+      AND NOT (player_id = ANY($2::bigint[]))
+    RETURNING token_sha256, player_id, player_name
+"""
+
+
+# ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
 
@@ -2065,7 +2510,7 @@ async def serve(config: Config, dsn: str) -> None:
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
         app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop())]
+        app.prune_loop(), app.member_expiry_loop())]
     await stop.wait()
     server.close()
     await app.shutdown()
@@ -2094,14 +2539,28 @@ async def token_command(config: Config, dsn: str) -> int:
             print(token)
         elif config.token_command == "list":
             rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
+                                    "kind, player_id, expires_at, "
                                     "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
                                     "FROM torncat_tokens ORDER BY id")
-            print(f"{'id':>5}  {'faction':>10}  {'sha256':8}  {'created (UTC)':19}  "
-                  f"{'revoked (UTC)':19}  label")
+            print(f"{'id':>5}  {'faction':>10}  {'kind':7}  {'sha256':8}  {'created (UTC)':19}  "
+                  f"{'ends (UTC)':19}  label")
             for r in rows:
-                revoked = f"{r['revoked_at']:%Y-%m-%d %H:%M:%S}" if r["revoked_at"] else "-"
-                print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['digest']:8}  "
-                      f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {revoked:19}  {r['label']}")
+                ends, end = r["revoked_at"] or r["expires_at"], "revoked" if r["revoked_at"] else ""
+                ends = f"{ends:%Y-%m-%d %H:%M:%S}" if ends else "-"
+                label = r["label"] if r["kind"] == "faction" else f"{r['label']} [{r['player_id']}]"
+                print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['kind']:7}  {r['digest']:8}  "
+                      f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {ends:19}  {label} {end}".rstrip())
+        elif config.player is not None:
+            revoked = await conn.fetchval("WITH r AS (UPDATE torncat_tokens SET revoked_at = now() "
+                                          "WHERE kind = 'member' AND player_id = $1 AND "
+                                          "revoked_at IS NULL RETURNING 1) SELECT count(*) FROM r",
+                                          config.player)
+            print(f"revoked {revoked} member tokens of player {config.player}; servers close "
+                  "their streams now", file=sys.stderr)
+            return 0 if revoked else 1
+        elif config.id is None:
+            print("torncat_sse: token revoke needs a token id or --player", file=sys.stderr)
+            return 2
         else:
             revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
                                           "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
@@ -2111,8 +2570,8 @@ async def token_command(config: Config, dsn: str) -> int:
                 return 1
             print(f"token {config.id} revoked; servers close its streams now", file=sys.stderr)
         return 0
-    except asyncpg.UndefinedTableError:
-        print("torncat_sse: the database has no torncat_tokens table: apply trigger.sql "
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        print("torncat_sse: the database has no (current) torncat_tokens table: apply trigger.sql "
               "(or add --init-db)", file=sys.stderr)
         return 1
     finally:

@@ -18,8 +18,9 @@
 --   torncat_call, torncat_uncall, torncat_expire_calls
 --                       what the server's calls API runs: each decides in one
 --                       statement, so two racing callers cannot both win.
---   torncat_tokens      faction tokens (SHA-256 digests only), managed with
---                       `python torncat_sse.py token create|list|revoke`.
+--   torncat_tokens      tokens (SHA-256 digests only): faction tokens, managed with
+--                       `python torncat_sse.py token create|list|revoke`, and member
+--                       tokens, issued by POST /auth/torn to one verified player.
 --
 -- Ordering under concurrency. A sequence hands out ids in call order, but two
 -- transactions can commit in the other order: a client that had seen id 11
@@ -300,6 +301,29 @@ CREATE TABLE IF NOT EXISTS torncat_tokens (
     revoked_at    timestamptz
 );
 ALTER TABLE torncat_tokens ENABLE ROW LEVEL SECURITY;
+
+-- Member tokens live in the same table: one digest index, one NOTIFY, one `token
+-- list|revoke` for both kinds. A member token names its player (every write made with
+-- it is theirs) and ends at expires_at (MEMBER_TOKEN_DAYS after sign-in).
+ALTER TABLE torncat_tokens
+    ADD COLUMN IF NOT EXISTS kind        text NOT NULL DEFAULT 'faction',
+    ADD COLUMN IF NOT EXISTS player_id   bigint,
+    ADD COLUMN IF NOT EXISTS player_name text,
+    ADD COLUMN IF NOT EXISTS expires_at  timestamptz;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'torncat_tokens_kind_check') THEN
+        ALTER TABLE torncat_tokens ADD CONSTRAINT torncat_tokens_kind_check CHECK (
+            (kind = 'faction' AND player_id IS NULL)
+            OR (kind = 'member' AND player_id > 0 AND expires_at IS NOT NULL));
+    END IF;
+END
+$$;
+
+-- Cutting off the players who left a faction reads that faction's member tokens.
+CREATE INDEX IF NOT EXISTS torncat_tokens_members_idx
+    ON torncat_tokens (faction_id, player_id) WHERE kind = 'member' AND revoked_at IS NULL;
 
 CREATE OR REPLACE FUNCTION torncat_tokens_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
