@@ -1182,6 +1182,8 @@ async def test_without_a_userscript_manager_under_torns_csp_it_says_so_and_stops
         "title", re.compile("userscript manager"))
     blocked = await page.evaluate("window.__tc.violations")
     assert blocked and all(v.startswith("connect-src http://127.0.0.1") for v in blocked), blocked
+    # What the CSP refused (and a report-uri would be sent) never carried the token.
+    assert not any(TOKEN in v or "token=" in v for v in blocked), blocked
     # It gave up: nothing more is tried (a retry would come within BACKOFF_MIN_MS).
     with pytest.raises(PlaywrightTimeoutError):
         await page.wait_for_function("(n) => window.__tc.violations.length > n", arg=len(blocked),

@@ -512,6 +512,7 @@
       this.probeTimer = null;           // the next try of the stream beside the long-poll
       this.stopped = false;
       this.wasLive = false;             // something worked before: say "reconnecting", not "connecting"
+      this.pageMayConnect = false;      // the page's CSP let a token-free request through
     }
 
     start() {
@@ -749,6 +750,17 @@
     /** The page's own EventSource (no userscript API): the token has to go in the URL. */
     openEventSource(a) {
       a.watchSilence = false; // EventSource hides the pings: no silence watchdog once open
+      if (!this.pageMayConnect) {
+        // A page whose CSP refuses the server reports the refused URL (CSP 3, "report-uri"):
+        // learn whether it may connect with a request that carries nothing secret, and put
+        // the token in a URL only then. A violation calls blocked() through main's listener.
+        fetch(settings.server + '/healthz', { mode: 'no-cors', credentials: 'omit', cache: 'no-store' })
+          .then(() => {
+            this.pageMayConnect = true;
+            if (!a.ended && !this.stopped) this.openEventSource(a);
+          }, () => this.streamEnded(a, { why: 'cannot reach the server' }));
+        return;
+      }
       const query = [];
       if (settings.token) query.push('token=' + encodeURIComponent(settings.token));
       if (this.state.lastEventId !== null) query.push('last_event_id=' + this.state.lastEventId);
