@@ -1459,6 +1459,27 @@ async def test_a_stream_tried_again_beside_the_long_poll_takes_over_without_a_si
     await h.assert_clean(alice)
 
 
+async def test_a_new_leader_starts_with_the_transport_that_worked_not_with_a_failing_stream(h):
+    """The issue's "every leader change costs a minute": with a manager whose stream never
+    starts, the tab that takes over must long-poll at once, not wait for a stream again."""
+    server = await h.start()
+    h.site.csp = TORN_CSP
+    context = await h.context("gm-no-loadstart")
+    first = await h.page(context, ALICE)
+    await expect(panel(first).locator(".tc-status")).to_have_text("live · long-poll")
+    second = await h.page(context, ALICE)
+    await expect(panel(second).locator(".tc-status")).to_have_text("live · long-poll (via another tab)")
+    await second.evaluate(SHOWN, 2001)
+    closed = time.time()
+    await first.close()
+    await api_call(server.port, BOB, 2001, "Xena")
+    shown_at = await asyncio.wait_for(second.evaluate("window.__tcShown"), STEP_TIMEOUT)
+    record_timing("gm-no-loadstart", "leader_closed_to_call_shown_s", round(shown_at / 1000 - closed, 3))
+    await expect(panel(second).locator(".tc-status")).to_have_text("live · long-poll")
+    assert [r for r in await second.evaluate("window.__gmRequests") if r["url"].endswith("/events")] == []
+    await h.assert_clean(second)
+
+
 async def _long_polls_are(port: int, n: int) -> bool:
     return (await healthz(port))["long_polls"] == n
 
