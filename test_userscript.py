@@ -6,16 +6,23 @@ that the page's own script renders late, as Torn's does), loads the userscript
 into it the way a userscript manager would, and points it at the real server
 (`python torncat_sse.py`) on a real PostgreSQL.
 
-The userscript manager is imitated faithfully where it matters: `GM_xmlhttpRequest`
-runs outside the page, as Tampermonkey's does, so the page's CSP and CORS do not
-apply to it. Here it is a Playwright binding that makes the real HTTP request from
-Python and hands the body back to the page chunk by chunk while it arrives (a
-ReadableStream for Tampermonkey's `responseType: "stream"`, a growing
-`responseText` for Violentmonkey's `onprogress`). The war page of the GM tests
-sends `Content-Security-Policy: connect-src 'self'`, so a request the page made
-itself would be blocked and reported: they prove the script goes through GM.
-TornPDA's `PDA_httpGet`/`PDA_httpPost` are imitated the same way, without
-streaming, with `EventSource` deleted as in TornPDA.
+One test runs the real thing: ScriptCat (a Manifest V3 userscript manager, from
+../shared/managers beside the repository) in Chromium, the script installed through
+ScriptCat's own install page, on a page served as https://www.torn.com with Torn's
+Content-Security-Policy as a real header.
+
+The others imitate the manager where a real one here cannot show a case, each stand-in
+behaving as a manager was measured or reported to: `GM_xmlhttpRequest` runs outside the
+page, as the managers' does, so the page's CSP and CORS do not apply to it. It is a
+Playwright binding that makes the real HTTP request from Python and hands the body back
+to the page as it arrives: a ReadableStream for `responseType: "stream"` (ScriptCat,
+Tampermonkey), nothing until the end for a manager that never fires `onloadstart`, or
+complete responses only (Violentmonkey, TornPDA's GMforPDA shim); `responseText` is
+undefined until a request ends, as in ScriptCat. TornPDA's `PDA_httpGet`/`PDA_httpPost`
+are imitated the same way, complete responses only, with its 2-second deduplication of
+a repeated URL and `EventSource` deleted. The war pages send Torn's CSP (or
+`connect-src 'self'`), so a request the page made itself would be blocked and reported:
+the tests prove the script goes through GM.
 
 Chromium is Debian's (`apt-get install chromium`; `.ci/run` does it). Without it
 these tests fail: they never skip.
