@@ -1,7 +1,7 @@
 // ==UserScript==
 // @name         TornCat War Caller
 // @namespace    torncat
-// @version      2.0.0
+// @version      2.1.0
 // @description  Who calls which enemy target in a Torn war, live for the whole faction: one Server-Sent Events stream per browser instead of polling every second.
 // @author       TornCat
 // @match        https://www.torn.com/*
@@ -10,6 +10,7 @@
 // @grant        GM_xmlhttpRequest
 // @grant        GM_getValue
 // @grant        GM_setValue
+// @grant        GM_addStyle
 // @connect      torncat-sse.onrender.com
 // ==/UserScript==
 //
@@ -22,21 +23,34 @@
  * TornCat War Caller: the faction's calls, pushed by the TornCat SSE server
  * (torncat_sse.py, docs/userscript.md).
  *
- * Transport, best first, chosen by itself and shown in the panel:
- *   1. `GET /events` through GM_xmlhttpRequest, parsed as Server-Sent Events while
- *      it arrives, token in the Authorization header, resumed with Last-Event-ID.
- *      The userscript manager makes that request outside the page, so Torn's
- *      Content-Security-Policy and CORS do not apply to it.
- *   2. The page's own EventSource when there is no GM_xmlhttpRequest. EventSource
- *      cannot send headers, so the token goes in `?token=` (the server redacts it
- *      from its logs) and the resume point in `?last_event_id=`.
- *   3. `GET /calls?since=<last event id>` every POLL_MS where nothing can stream
- *      (TornPDA), or after a stream failed FAILURES_BEFORE_POLLING times in a row
- *      while the server answered.
+ * Transports, best first. Each one proves itself before it is trusted, and the panel
+ * says which one is live ("live · stream", "live · long-poll"):
+ *   1. `GET /events` through GM_xmlhttpRequest with `responseType: "stream"`, read from
+ *      the ReadableStream (`response.getReader()`) the moment onloadstart or
+ *      onreadystatechange hands it over, never from `responseText`: ScriptCat and
+ *      Tampermonkey leave `responseText` undefined until a request ends, which an
+ *      endless stream never does. ScriptCat has no `GM_xmlhttpRequest.RESPONSE_TYPE_STREAM`,
+ *      so the stream is always asked for rather than detected. Trusted once the
+ *      server's first bytes (its `retry:` line, sent at once) arrive within
+ *      FIRST_BYTE_MS. The manager makes the request outside the page, so Torn's
+ *      Content-Security-Policy and CORS do not apply to it; the token goes in the
+ *      Authorization header and the resume point in Last-Event-ID.
+ *   2. Otherwise, at once: long-poll, `GET /calls?since=N&wait=S` through
+ *      GM_xmlhttpRequest (complete responses only). The server holds the request until
+ *      an event for the faction arrives or S seconds pass, so a call shows the moment
+ *      it is made with one request per event or per S seconds.
+ *   3. TornPDA: the same long-poll through `PDA_httpGet(url, headers)`, every URL made
+ *      unique by a cache-busting parameter (TornPDA answers `undefined` to a GET of
+ *      the same URL within 2 s), the token in a header.
+ *   4. The page's own EventSource, only where there is no userscript API at all and the
+ *      page's CSP allows it (Torn's `connect-src` does not: the panel then says so).
+ * What worked is remembered per browser (GM_setValue), so the next page load and the
+ * next leader tab start with it. A better transport is tried again only alongside the
+ * one that works, which keeps delivering until the new one has proven itself.
  * Reconnects wait for the server's `retry:` after a clean end (the server spreads
  * it out on shutdown), otherwise back off exponentially with jitter. A snapshot
  * replaces the local state; an event whose id is not above the last one applied
- * is dropped, so nothing is ever applied twice.
+ * is dropped, so nothing is ever applied twice, whichever transport brought it.
  *
  * One stream per browser: the tabs elect a leader with a Web Lock (a
  * BroadcastChannel heartbeat where Web Locks are missing); only the leader talks
@@ -52,20 +66,25 @@
  *   - Torn pages carry a hidden `<input id="torn-user">` whose value is JSON with
  *     the logged-in player's `id` and `playername` (read by many public Torn
  *     userscripts: Racing+, Execute+, buy-mug helpers...).
- *   - Ranked-war pages list the enemy in `.enemy-faction .members-list > li`,
+ *   - Ranked-war pages list the enemy in `.enemy-faction .members-list > li`
+ *     (`li.enemy`; newer builds use hashed class names, `[class*='membersWrap___'] > li`),
  *     each row with a profile link `profiles.php?XID=<id>` (FF Scouter, TornTools
  *     and war-helper scripts use these selectors); faction profile pages list
  *     members in `.members-list > li` / `.table-body > li`. Rows are rendered
  *     late by Torn's own code, so a MutationObserver finds them.
- *   - Tampermonkey: GM_xmlhttpRequest `responseType: "stream"` gives the body as a
- *     ReadableStream (documented; `GM_xmlhttpRequest.RESPONSE_TYPE_STREAM` is set
- *     when supported). Violentmonkey has no "stream" type (its issue #1328) but
- *     calls `onprogress` with the growing `responseText`, which works as well.
+ *   - Torn's attack page is `page.php?sid=attack&user2ID=<id>` (April 2026;
+ *     `loader.php?sid=attack&user2ID=<id>` before); both get the panel.
+ *   - GM_xmlhttpRequest `responseType: "stream"` gives the body as a ReadableStream in
+ *     Tampermonkey and ScriptCat (measured in ScriptCat MV3: onloadstart after ~20 ms,
+ *     each event 8-25 ms after the server wrote it). Managers that do not stream
+ *     (Violentmonkey, issue #1328; TornPDA's GMforPDA shim) are found out by silence
+ *     and long-polled instead.
  *   - TornPDA: `PDA_httpGet(url, headers)` and `PDA_httpPost(url, headers, body)`
- *     resolve to `{status, statusText, responseText, responseHeaders}`
- *     (Manuito83/torn-pda userscripts/TornPDA_API.js); neither streams. Its
- *     optional GMforPDA shim builds a GM_xmlhttpRequest on top of them that does
- *     not stream either, so where PDA_httpGet exists this script polls. Uncalls use
+ *     resolve to `{status, statusText, responseText, responseHeaders}` when the
+ *     response is complete (Manuito83/torn-pda userscripts/TornPDA_API.js), and to
+ *     `undefined` for a GET of the same URL within 2 s (remote_snippets.dart). Its
+ *     GMforPDA shim (`GM_info.scriptHandler` "GMforPDA") never streams and times out
+ *     after 30 s, so a long-poll waits less than that. Uncalls use
  *     `POST /calls/<id>/uncall`, because TornPDA has no DELETE.
  */
 
@@ -76,7 +95,7 @@
   // Settings and limits
   // ---------------------------------------------------------------------------
 
-  const VERSION = '2.0.0';
+  const VERSION = '2.1.0';
   const DEFAULT_SERVER = 'https://torncat-sse.onrender.com';
   const KEY = 'torncat.';                 // storage prefix: localStorage is shared with Torn's own code
   const CHANNEL = 'torncat-sse';          // BroadcastChannel between this browser's Torn tabs
@@ -84,14 +103,20 @@
   const DEFAULT_RETRY_MS = 10000;         // the server's RETRY_MS default, until a `retry:` says otherwise
   const BACKOFF_MIN_MS = 1000;            // first delay after a failed connection
   const BACKOFF_MAX_MS = 60000;           // longest delay between attempts
-  const FIRST_BYTE_MS = 15000;            // a stream that sent nothing by then (the server sends `retry:`
-                                          // at once) is not streaming: a buffering proxy or manager
+  const FIRST_BYTE_MS = 3000;             // the server sends `retry:` at once (34-48 ms measured in
+                                          // ScriptCat): a stream silent this long is not trusted, and
+                                          // the long-poll starts beside it
+  const STREAM_PATIENCE_MS = 15000;       // a stream still silent by then is given up: the manager or a
+                                          // proxy buffers it (Violentmonkey, GMforPDA)
+  const STREAM_PROBE_MS = 5 * 60000;      // where streams failed, try one again (beside the long-poll)
+                                          // this often, per browser, across page loads
   const STALL_MS = 65000;                 // silence on a live stream (pings come every 20 s): dead link
-  const FAILURES_BEFORE_POLLING = 4;      // streams in a row that reached the server but did not stream
-  const STREAM_AGAIN_MS = 5 * 60000;      // while polling because streams failed, try one again this often
-  const POLL_MS = 3000;                   // GET /calls?since= period (TornPDA); the answer is tiny
-  const REQUEST_TIMEOUT_MS = 15000;       // one call, uncall or poll
-  const RECYCLE_BYTES = 1 << 20;          // a responseText stream (Violentmonkey) is reopened past this
+  const LONG_POLL_WAIT_S = 25;            // `wait=` of a long-poll: under TornPDA's 30 s GM timeout and
+                                          // common 30-60 s proxy idle timeouts (the server allows 1..30)
+  const LONG_POLL_GRACE_MS = 10000;       // beyond `wait`, how late a held answer may be before we give up
+  const LONG_POLL_MIN_CYCLE_MS = 1000;    // an empty answer sooner than this was not held (a server
+                                          // without long-poll, or one shutting down): never faster
+  const REQUEST_TIMEOUT_MS = 15000;       // one call or uncall
   const HEARTBEAT_MS = 1000;              // leader heartbeat, only where Web Locks are missing
   const LEADER_LOST_MS = 3500;            // no heartbeat for this long: take over
   const TOAST_MS = 5000;
@@ -106,6 +131,8 @@
   const PDA_KEY = '###PDA-APIKEY###';     // TornPDA puts the player's key here; untouched: none
   const ENEMY_ROWS = [                    // rows of players one may call; never the member's own faction
     '.enemy-faction .members-list > li',
+    'li.enemy',
+    "[class*='membersWrap___'] > li",
     '.faction-info-wrap.another-faction .members-list > li',
     '.faction-info-wrap.another-faction .table-body > li',
   ].join(', ');
@@ -113,8 +140,17 @@
   const gmRequest = typeof GM_xmlhttpRequest === 'function' ? GM_xmlhttpRequest : null;
   const gmGet = typeof GM_getValue === 'function' ? GM_getValue : null;
   const gmSet = typeof GM_setValue === 'function' ? GM_setValue : null;
+  const gmAddStyle = typeof GM_addStyle === 'function' ? GM_addStyle : null;
   const pda = typeof PDA_httpGet === 'function' && typeof PDA_httpPost === 'function';
+  // TornPDA's GM shim sits on PDA_http*: complete responses only, and the same 2 s deduplication.
+  const gmHandler = safeHandler();
+  const completeOnly = pda || gmHandler === 'GMforPDA';
+  const pageOnly = !gmRequest && !pda; // every request is the page's own, under its CSP
   const tabId = Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+
+  function safeHandler() {
+    try { return typeof GM_info === 'object' && GM_info ? String(GM_info.scriptHandler || '') : ''; } catch (e) { return ''; }
+  }
 
   function warn(...args) { try { console.warn('[TornCat]', ...args); } catch (e) { /* no console */ } }
 
@@ -254,8 +290,14 @@
     return { status: Number(status) || 0, json, retryAfterMs: m ? Number(m[1]) * 1000 : null };
   }
 
-  /** One request to the server; resolves to {status, json, retryAfterMs}, status 0 when unreachable. */
-  function request(method, path, body) {
+  /**
+   * One request to the server; resolves to {status, json, retryAfterMs}, status 0 when
+   * unreachable. `opts.timeoutMs` overrides REQUEST_TIMEOUT_MS; `opts.cancel`, if given,
+   * gets an `abort()` that ends the request (TornPDA's cannot be ended: it is ignored).
+   */
+  function request(method, path, body, opts) {
+    const timeoutMs = (opts && opts.timeoutMs) || REQUEST_TIMEOUT_MS;
+    const cancel = (opts && opts.cancel) || {};
     const url = settings.server + path;
     const data = body === undefined ? undefined : JSON.stringify(body);
     const headers = authHeaders(data === undefined ? {} : { 'Content-Type': 'application/json' });
@@ -269,16 +311,19 @@
           const pending = method === 'GET' ? PDA_httpGet(url, headers) : PDA_httpPost(url, headers, data || '');
           Promise.resolve(pending).then(
             (r) => done(r && r.status, r && r.responseText, r && r.responseHeaders), () => done(0));
-          setTimeout(() => done(0), REQUEST_TIMEOUT_MS);
+          const timer = setTimeout(() => done(0), timeoutMs);
+          cancel.abort = () => { clearTimeout(timer); done(0); };
         } else if (gmRequest) {
-          gmRequest({
-            method, url, headers, data, timeout: REQUEST_TIMEOUT_MS, nocache: true,
+          const handle = gmRequest({
+            method, url, headers, data, timeout: timeoutMs, nocache: true,
             onload: (r) => done(r.status, r.responseText, r.responseHeaders),
             onerror: () => done(0), ontimeout: () => done(0), onabort: () => done(0),
           });
+          cancel.abort = () => { done(0); if (handle && typeof handle.abort === 'function') handle.abort(); };
         } else {
           const abort = typeof AbortController === 'function' ? new AbortController() : null;
-          const timer = setTimeout(() => { if (abort) abort.abort(); done(0); }, REQUEST_TIMEOUT_MS);
+          const timer = setTimeout(() => { if (abort) abort.abort(); done(0); }, timeoutMs);
+          cancel.abort = () => { clearTimeout(timer); if (abort) abort.abort(); done(0); };
           fetch(url, {
             method, headers, body: data, mode: 'cors', credentials: 'omit', cache: 'no-store',
             signal: abort ? abort.signal : undefined,
@@ -443,78 +488,139 @@
   function jitter(ms) { return ms / 2 + Math.random() * ms / 2; }
   function seconds(ms) { return Math.max(1, Math.round(ms / 1000)) + ' s'; }
 
+  // Transports, as the panel names them.
+  const STREAM = 'stream';            // GET /events through GM_xmlhttpRequest
+  const EVENTSOURCE = 'EventSource';  // GET /events through the page's own EventSource
+  const LONG_POLL = 'long-poll';      // GET /calls?since=N&wait=S, complete answers
+
+  let cspBlocked = false;             // the page's CSP refused a connection to our server
+
   class Link {
     /** sink: {snapshot(calls, id), event(id, name, call), advance(id), status(status, detail, transport)} */
     constructor(state, sink) {
       this.state = state;
       this.sink = sink;
-      this.streamMode = pda ? 'poll' : gmRequest ? 'gm' : typeof EventSource === 'function' ? 'es' : 'poll';
-      this.mode = this.streamMode;
+      // The best this browser offers; the long-poll is what every one of them can do.
+      this.best = completeOnly ? LONG_POLL : gmRequest ? STREAM
+        : typeof EventSource === 'function' ? EVENTSOURCE : LONG_POLL;
       this.retryMs = DEFAULT_RETRY_MS;  // the server's last `retry:`
-      this.errors = 0;                  // attempts in a row that never went live: the backoff
-      this.streamFailures = 0;          // of those, how many reached the server without streaming
-      this.fallback = false;            // polling because streams kept failing
-      this.streamAgainAt = 0;
-      this.pollErrors = 0;
-      this.attempt = null;
-      this.timer = null;
+      this.errors = 0;                  // stream attempts in a row that failed on the server's side
+      this.stream = null;               // the stream attempt under way (proven or not)
+      this.poller = null;               // the long-poll loop, when it runs
+      this.live = '';                   // the transport delivering now, '' when none
+      this.timer = null;                // the next stream attempt
+      this.probeTimer = null;           // the next try of the stream beside the long-poll
       this.stopped = false;
-      this.wasLive = false;             // a stream worked before: say "reconnecting", not "connecting"
+      this.wasLive = false;             // something worked before: say "reconnecting", not "connecting"
+      this.pageMayConnect = false;      // the page's CSP let a token-free request through
     }
 
-    start() { this.connect(); }
+    start() {
+      if (this.best === LONG_POLL) { this.longPoll(); return; }
+      // The stream failed in this browser lately: deliver by long-poll at once, and try the
+      // stream beside it only when STREAM_PROBE_MS have passed since it last failed.
+      const memory = load('transport', null);
+      const failedAt = memory && memory.best === this.best && memory.works === LONG_POLL ? Number(memory.at) || 0 : 0;
+      if (failedAt) {
+        this.longPoll();
+        this.probeLater(Math.max(0, failedAt + STREAM_PROBE_MS - Date.now()));
+      } else {
+        this.openStream();
+      }
+    }
 
     stop() {
       this.stopped = true;
       clearTimeout(this.timer);
-      if (this.attempt) this.attempt.close();
-      this.attempt = null;
+      clearTimeout(this.probeTimer);
+      if (this.stream) this.stream.close();
+      this.stream = null;
+      this.stopLongPoll();
     }
 
-    status(status, detail) { if (!this.stopped) this.sink.status(status, detail, this.mode); }
+    status(status, detail, transport) { if (!this.stopped) this.sink.status(status, detail, transport || ''); }
 
-    connect() {
+    remember(works) { save('transport', { best: this.best, works, at: Date.now() }); }
+
+    /** Delivering by `transport`: say so once. */
+    isLive(transport, detail) {
+      this.wasLive = true;
+      if (this.live === transport) return;
+      this.live = transport;
+      this.status('live', detail, transport);
+    }
+
+    probeLater(ms) {
+      clearTimeout(this.probeTimer);
+      this.probeTimer = setTimeout(() => { if (!this.stopped && !this.stream) this.openStream(); }, ms);
+    }
+
+    /** The page's CSP blocked us: nothing this page does can reach the server, so stop trying. */
+    blocked() {
+      if (this.stopped || !pageOnly) return; // GM and TornPDA requests are exempt from the page's CSP
+      this.status('blocked', "Torn's Content-Security-Policy blocks this page from reaching the server: "
+        + 'run the script in a userscript manager (Tampermonkey, ScriptCat, Violentmonkey) or TornPDA', '');
+      this.stop();
+    }
+
+    // -- streams ----------------------------------------------------------------
+
+    /**
+     * A stream attempt: the primary way in, or a try beside a running long-poll. It is
+     * proven by the server's first SSE line; silent for FIRST_BYTE_MS, the long-poll starts
+     * beside it; silent for STREAM_PATIENCE_MS, it is given up.
+     */
+    openStream() {
       if (this.stopped) return;
-      if (this.mode === 'poll') { this.poll(); return; }
-      this.status(this.errors || this.wasLive ? 'reconnecting' : 'connecting', 'connecting…');
-      this.attempt = this.mode === 'gm' ? this.openGm() : this.openEventSource();
-    }
-
-    newAttempt(watchSilence) {
-      const a = { live: false, ended: false, hooks: [], watchdog: null };
-      a.arm = () => {
-        clearTimeout(a.watchdog);
-        if (a.live && !watchSilence) return;
-        a.watchdog = setTimeout(() => this.ended(a, a.live
-          ? { why: 'the stream went silent' }
-          : { why: 'the stream sent nothing', streamFailed: true }), a.live ? STALL_MS : FIRST_BYTE_MS);
-      };
+      clearTimeout(this.timer);
+      const a = { proven: false, ended: false, status: 0, hooks: [], timers: [] };
       a.close = () => {
         if (a.ended) return;
         a.ended = true;
-        clearTimeout(a.watchdog);
+        for (const t of a.timers) clearTimeout(t);
         for (const hook of a.hooks) safe(hook);
       };
-      a.arm();
-      return a;
+      a.later = (ms, fn) => a.timers.push(setTimeout(() => safe(fn), ms));
+      this.stream = a;
+      if (!this.poller) {
+        this.status(this.wasLive ? 'reconnecting' : 'connecting', 'opening a stream…', this.best);
+      }
+      a.later(FIRST_BYTE_MS, () => {
+        if (a.ended || a.proven || this.stopped) return;
+        // Deliver now, and start with the long-poll on the next page load too; the stream may
+        // still prove itself (then it takes over and is remembered instead).
+        this.remember(LONG_POLL);
+        this.longPoll();
+        a.later(STREAM_PATIENCE_MS - FIRST_BYTE_MS, () => this.streamEnded(a, {
+          why: 'the stream sent nothing', silent: true,
+        }));
+      });
+      if (this.best === STREAM) this.openGm(a); else this.openEventSource(a);
     }
 
-    /** The attempt is streaming: anything at all arrived (the server always sends `retry:` first). */
-    alive(a) {
+    /** The server's first line arrived: this stream is trusted, the long-poll can stop. */
+    proven(a) {
       if (a.ended || this.stopped) return;
-      if (!a.live) {
-        a.live = true;
-        this.wasLive = true;
+      if (!a.proven) {
+        a.proven = true;
+        for (const t of a.timers) clearTimeout(t);
+        a.timers = [];
+        clearTimeout(this.probeTimer);
         this.errors = 0;
-        this.streamFailures = 0;
-        this.status('live', this.mode === 'gm' ? 'streaming' : 'streaming (EventSource)');
+        this.stopLongPoll();
+        this.remember(this.best);
+        this.isLive(this.best, this.best === STREAM ? 'streaming' : 'streaming (EventSource)');
       }
-      a.arm();
+      if (a.watchSilence) {
+        for (const t of a.timers) clearTimeout(t);
+        a.timers = [];
+        a.later(STALL_MS, () => this.streamEnded(a, { why: 'the stream went silent' }));
+      }
     }
 
     dispatch(a, ev) {
       if (a.ended || this.stopped) return;
-      this.alive(a);
+      this.proven(a);
       let data;
       try { data = JSON.parse(ev.data); } catch (e) { return; }
       if (ev.type === 'snapshot') {
@@ -524,125 +630,137 @@
       }
     }
 
-    /** An attempt is over: decide when to try again, and how. */
-    ended(a, { why, clean = false, streamFailed = false, status = 0, retryAfterMs = null, now = false }) {
+    /**
+     * A stream attempt is over. A proven one comes back when the server said; one that never
+     * streamed hands over to the long-poll (and is remembered); one the server refused or
+     * could not answer is tried again with backoff, unless the long-poll is delivering.
+     */
+    streamEnded(a, { why, clean = false, silent = false, status = 0, retryAfterMs = null }) {
       if (a.ended) return;
       a.close();
-      if (this.attempt === a) this.attempt = null;
+      if (this.stream === a) this.stream = null;
       if (this.stopped) return;
-      let delay;
-      if (now) {
-        delay = 0;
-      } else if (a.live) {
-        // A stream that worked: come back when the server said. On shutdown the server
-        // sends each client a different `retry:`, so they do not all come back at once.
-        delay = clean ? this.retryMs : jitter(this.retryMs);
-      } else {
-        this.errors += 1;
-        if (streamFailed) this.streamFailures += 1;
-        if (status === 401 || status === 403) {
-          why = 'the server refused the token: check the settings';
-          delay = BACKOFF_MAX_MS;
-        } else if (retryAfterMs) {
-          delay = retryAfterMs + Math.random() * 1000;
-        } else {
-          delay = jitter(Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (this.errors - 1)));
-        }
-        if (this.streamFailures >= FAILURES_BEFORE_POLLING) {
-          this.mode = 'poll';
-          this.fallback = true;
-          this.streamAgainAt = Date.now() + STREAM_AGAIN_MS;
-          this.streamFailures = 0;
-          delay = 0;
-        }
+      if (pageOnly && cspBlocked) { this.blocked(); return; }
+      if (a.proven) {
+        // On shutdown the server sends each client a different `retry:`, so they do not all
+        // come back at once.
+        if (this.live === this.best) this.live = '';
+        const delay = clean ? this.retryMs : jitter(this.retryMs);
+        this.status('reconnecting', why + ': back in ' + seconds(delay), this.best);
+        this.timer = setTimeout(() => this.openStream(), delay);
+        return;
       }
-      if (delay > 0) this.status('reconnecting', why + ': retrying in ' + seconds(delay));
-      this.timer = setTimeout(() => this.connect(), delay);
+      if (silent) {
+        this.remember(LONG_POLL);
+        this.longPoll();
+        this.probeLater(STREAM_PROBE_MS);
+        return;
+      }
+      if (this.poller) { this.probeLater(STREAM_PROBE_MS); return; }
+      this.errors += 1;
+      let delay;
+      if (status === 401 || status === 403) {
+        why = 'the server refused the token: check the settings';
+        delay = BACKOFF_MAX_MS;
+      } else if (retryAfterMs) {
+        delay = retryAfterMs + Math.random() * 1000;
+      } else {
+        delay = jitter(Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** (this.errors - 1)));
+      }
+      this.status('reconnecting', why + ': retrying in ' + seconds(delay), this.best);
+      this.timer = setTimeout(() => this.openStream(), delay);
     }
 
-    /** `GET /events` through GM_xmlhttpRequest, read while it arrives. */
-    openGm() {
-      const a = this.newAttempt(true);
+    /** `GET /events` through GM_xmlhttpRequest, read from the ReadableStream as it arrives. */
+    openGm(a) {
+      a.watchSilence = true;
       const parser = new SseParser(
         (ev) => this.dispatch(a, ev),
-        (ms) => { this.retryMs = ms; this.alive(a); },
-        () => this.alive(a));
+        (ms) => { this.retryMs = ms; this.proven(a); },
+        () => this.proven(a));
       const headers = authHeaders({ Accept: 'text/event-stream', 'Cache-Control': 'no-cache' });
       if (this.state.lastEventId !== null) headers['Last-Event-ID'] = String(this.state.lastEventId);
-      const streaming = !!gmRequest.RESPONSE_TYPE_STREAM; // Tampermonkey: the body as a ReadableStream
       const decoder = new TextDecoder();
       let reading = false;
-      let seen = 0; // characters of responseText already parsed (Violentmonkey)
 
       const refused = (r) => {
-        if (!r || !r.status || r.status === 200) return false;
-        const answer = response(r.status, '', r.responseHeaders);
-        this.ended(a, { why: 'the server answered ' + r.status, status: r.status, retryAfterMs: answer.retryAfterMs });
+        if (r && r.status) a.status = r.status;
+        if (!a.status || a.status === 200) return false;
+        const answer = response(a.status, '', r && r.responseHeaders);
+        this.streamEnded(a, { why: 'the server answered ' + a.status, status: a.status, retryAfterMs: answer.retryAfterMs });
         return true;
       };
+      // The body is a ReadableStream from onloadstart on (ScriptCat, Tampermonkey); start
+      // reading the first time any handler sees it. responseText is never looked at.
       const read = (r) => {
-        if (reading || a.ended || !r || !r.response || typeof r.response.getReader !== 'function') return;
-        if (refused(r)) return;
+        if (reading || a.ended || !r || refused(r)) return;
+        const body = r.response;
+        if (!body || typeof body.getReader !== 'function') return;
         reading = true;
-        const reader = r.response.getReader();
+        const reader = body.getReader();
         a.hooks.push(() => reader.cancel().catch(() => {}));
         const pump = () => reader.read().then(({ done, value }) => {
           if (a.ended) return;
           if (done) {
             parser.feed(decoder.decode());
-            this.ended(a, { why: 'the server closed the stream', clean: true, streamFailed: !a.live });
+            this.streamEnded(a, { why: 'the server closed the stream', clean: true, silent: !a.proven });
             return;
           }
           parser.feed(typeof value === 'string' ? value : decoder.decode(value, { stream: true }));
           pump();
-        }, () => this.ended(a, { why: 'the stream broke', streamFailed: !a.live }));
+        }, () => this.streamEnded(a, { why: 'the stream broke' }));
         pump();
-      };
-      const progress = (r) => {
-        if (streaming || a.ended || !r || refused(r)) return;
-        const text = typeof r.responseText === 'string' ? r.responseText : '';
-        if (text.length > seen) {
-          parser.feed(text.slice(seen));
-          seen = text.length;
-        }
-        if (seen > RECYCLE_BYTES && !a.ended) this.ended(a, { why: 'reopening the stream', now: true });
       };
 
       let handle = null;
-      const details = {
-        method: 'GET',
-        url: settings.server + '/events',
-        headers,
-        nocache: true,
-        onloadstart: (r) => { if (streaming) read(r); },
-        onreadystatechange: (r) => { if (streaming) read(r); else if (r && r.readyState >= 3) progress(r); },
-        onprogress: (r) => progress(r),
-        onload: (r) => {
-          if (a.ended) return;
-          if (streaming) {
-            if (!reading && !refused(r)) this.ended(a, { why: 'the stream did not stream', streamFailed: true });
-            return;
-          }
-          progress(r);
-          this.ended(a, { why: 'the server closed the stream', clean: true, streamFailed: !a.live });
-        },
-        onerror: () => this.ended(a, { why: 'cannot reach the server', streamFailed: reading && !a.live }),
-        ontimeout: () => this.ended(a, { why: 'the request timed out' }),
-        onabort: () => this.ended(a, { why: 'the request was aborted' }),
-      };
-      if (streaming) details.responseType = 'stream';
       try {
-        handle = gmRequest(details);
+        handle = gmRequest({
+          method: 'GET',
+          url: settings.server + '/events',
+          headers,
+          nocache: true,
+          responseType: 'stream',
+          onloadstart: read,
+          onreadystatechange: read,
+          onprogress: (r) => {
+            read(r);
+            // Bytes are arriving but there is no stream to read them from: this manager
+            // buffers (Violentmonkey, GMforPDA). Deliver by long-poll now, not after
+            // FIRST_BYTE_MS; the stream attempt stays, in case it proves itself after all.
+            if (!reading && !a.ended && !a.proven && !this.poller) {
+              this.remember(LONG_POLL);
+              this.longPoll();
+            }
+          },
+          onload: (r) => {
+            read(r);
+            // The whole body at once: this manager buffered the stream instead of streaming it.
+            if (!reading && !refused(r)) this.streamEnded(a, { why: 'the stream did not stream', silent: true });
+          },
+          onerror: (r) => { if (!refused(r)) this.streamEnded(a, { why: 'cannot reach the server' }); },
+          ontimeout: () => this.streamEnded(a, { why: 'the request timed out' }),
+          onabort: () => this.streamEnded(a, { why: 'the request was aborted' }),
+        });
       } catch (e) {
-        setTimeout(() => this.ended(a, { why: 'GM_xmlhttpRequest failed', streamFailed: true }), 0);
+        a.later(0, () => this.streamEnded(a, { why: 'GM_xmlhttpRequest failed', silent: true }));
       }
       a.hooks.push(() => { if (handle && typeof handle.abort === 'function') handle.abort(); });
-      return a;
     }
 
-    /** The page's own EventSource (no GM): the token has to go in the URL. */
-    openEventSource() {
-      const a = this.newAttempt(false); // EventSource hides the pings: no silence watchdog once open
+    /** The page's own EventSource (no userscript API): the token has to go in the URL. */
+    openEventSource(a) {
+      a.watchSilence = false; // EventSource hides the pings: no silence watchdog once open
+      if (!this.pageMayConnect) {
+        // A page whose CSP refuses the server reports the refused URL (CSP 3, "report-uri"):
+        // learn whether it may connect with a request that carries nothing secret, and put
+        // the token in a URL only then. A violation calls blocked() through main's listener.
+        fetch(settings.server + '/healthz', { mode: 'no-cors', credentials: 'omit', cache: 'no-store' })
+          .then(() => {
+            this.pageMayConnect = true;
+            if (!a.ended && !this.stopped) this.openEventSource(a);
+          }, () => this.streamEnded(a, { why: 'cannot reach the server' }));
+        return;
+      }
       const query = [];
       if (settings.token) query.push('token=' + encodeURIComponent(settings.token));
       if (this.state.lastEventId !== null) query.push('last_event_id=' + this.state.lastEventId);
@@ -650,56 +768,84 @@
       try {
         source = new EventSource(settings.server + '/events' + (query.length ? '?' + query.join('&') : ''));
       } catch (e) {
-        setTimeout(() => this.ended(a, { why: 'the browser refused EventSource', streamFailed: true }), 0);
-        return a;
+        a.later(0, () => this.streamEnded(a, { why: 'the browser refused EventSource', silent: true }));
+        return;
       }
       a.hooks.push(() => source.close());
       const onMessage = (e) => this.dispatch(a, { type: e.type, data: e.data, id: e.lastEventId });
       for (const type of ['snapshot', 'target_call', 'target_uncall']) source.addEventListener(type, onMessage);
-      source.onopen = () => this.alive(a);
+      source.onopen = () => this.proven(a);
       // We reconnect ourselves (with backoff and jitter, and ?last_event_id=) rather than let
       // the browser retry at a fixed interval. CLOSED means the connection was refused for
       // good (the page's CSP, a wrong status or type), not just dropped.
-      source.onerror = () => this.ended(a, {
+      source.onerror = () => this.streamEnded(a, {
         why: source.readyState === 2 ? 'the browser or the server refused the stream' : 'the stream broke',
-        streamFailed: source.readyState === 2 && !a.live,
+        silent: source.readyState === 2 && !a.proven,
       });
-      return a;
     }
 
-    /** `GET /calls?since=N`: only what changed, from the server's memory. */
-    poll() {
-      if (this.stopped) return;
-      if (this.fallback && Date.now() >= this.streamAgainAt) {
-        this.fallback = false;
-        this.mode = this.streamMode;
-        this.streamFailures = FAILURES_BEFORE_POLLING - 1; // one more failure and we poll again
-        this.connect();
-        return;
-      }
-      const since = this.state.lastEventId;
-      request('GET', since === null ? '/calls' : '/calls?since=' + since).then((r) => {
-        if (this.stopped) return;
-        let delay = POLL_MS * (0.8 + Math.random() * 0.4);
-        const j = r.json;
-        if (r.status === 200 && j && typeof j === 'object') {
-          if (Array.isArray(j.events) && since !== null) {
-            for (const ev of j.events) if (ev) this.sink.event(ev.id, ev.event, ev.data);
-            this.sink.advance(j.last_event_id);
-          } else {
-            this.sink.snapshot(j.calls, j.last_event_id); // the first poll, or {"reset": true}
+    // -- long-poll --------------------------------------------------------------
+
+    /**
+     * `GET /calls?since=N&wait=S` in a loop: the server answers when something happens (or
+     * after S seconds), and the next request goes out at once. No fixed interval: an empty
+     * answer that came sooner than LONG_POLL_MIN_CYCLE_MS waits out the rest of it, and an
+     * error backs off with jitter, so the loop never spins.
+     */
+    longPoll() {
+      if (this.poller || this.stopped) return;
+      const lp = { stopped: false, errors: 0, timer: null, cancel: {}, n: 0 };
+      this.poller = lp;
+      const again = (ms) => { if (!lp.stopped) lp.timer = setTimeout(() => safe(cycle), ms); };
+      const cycle = () => {
+        if (lp.stopped || this.stopped) return;
+        const since = this.state.lastEventId;
+        const query = since === null ? [] : ['since=' + since, 'wait=' + LONG_POLL_WAIT_S];
+        // TornPDA answers `undefined` to a GET of the same URL within 2 s: make each one unique.
+        if (completeOnly) query.push('_=' + Date.now().toString(36) + (lp.n++).toString(36));
+        const started = Date.now();
+        lp.cancel = {};
+        request('GET', '/calls' + (query.length ? '?' + query.join('&') : ''), undefined, {
+          timeoutMs: LONG_POLL_WAIT_S * 1000 + LONG_POLL_GRACE_MS, cancel: lp.cancel,
+        }).then((r) => {
+          if (lp.stopped || this.stopped) return;
+          const j = r.json;
+          if (r.status === 200 && j && typeof j === 'object') {
+            let news = true;
+            if (Array.isArray(j.events) && since !== null) {
+              for (const ev of j.events) if (ev) this.sink.event(ev.id, ev.event, ev.data);
+              this.sink.advance(j.last_event_id);
+              news = j.events.length > 0;
+            } else {
+              this.sink.snapshot(j.calls, j.last_event_id); // the first answer, or {"reset": true}
+            }
+            lp.errors = 0;
+            this.isLive(LONG_POLL, (this.best === LONG_POLL ? '' : 'the stream did not work here; ')
+              + 'each answer comes when something happens');
+            again(news ? 0 : Math.max(0, LONG_POLL_MIN_CYCLE_MS - (Date.now() - started)));
+            return;
           }
-          this.pollErrors = 0;
-          this.status('polling', (this.fallback ? 'the stream failed; ' : '') + 'every ' + seconds(POLL_MS));
-        } else {
-          this.pollErrors += 1;
-          delay = r.retryAfterMs ? r.retryAfterMs + Math.random() * 1000
-            : jitter(Math.min(BACKOFF_MAX_MS, POLL_MS * 2 ** this.pollErrors));
-          if (r.status === 401) delay = BACKOFF_MAX_MS;
-          this.status('reconnecting', describe(r) + ': retrying in ' + seconds(delay));
-        }
-        this.timer = setTimeout(() => this.poll(), delay);
-      });
+          if (pageOnly && cspBlocked) { this.blocked(); return; }
+          lp.errors += 1;
+          let delay = r.retryAfterMs ? r.retryAfterMs + Math.random() * 1000
+            : jitter(Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** lp.errors));
+          if (r.status === 401 || r.status === 403) delay = BACKOFF_MAX_MS;
+          if (this.live === LONG_POLL) this.live = '';
+          if (!this.live) this.status('reconnecting', describe(r) + ': retrying in ' + seconds(delay), LONG_POLL);
+          again(delay);
+        });
+      };
+      cycle();
+    }
+
+    stopLongPoll() {
+      const lp = this.poller;
+      if (!lp) return;
+      this.poller = null;
+      lp.stopped = true;
+      clearTimeout(lp.timer);
+      if (lp.cancel.abort) safe(lp.cancel.abort);
+      if (this.live === LONG_POLL) this.live = '';
     }
   }
 
@@ -865,7 +1011,8 @@
   }
 
   function targetLabel(c, fallbackName) {
-    return cleanName(c && c.target_name) || cleanName(fallbackName) || ('#' + (c ? c.target_id : ''));
+    return cleanName(c && c.target_name) || cleanName(fallbackName)
+      || cleanName(c && rowNames.get(c.target_id)) || ('#' + (c ? c.target_id : ''));
   }
 
   async function callTarget(targetId, targetName) {
@@ -937,6 +1084,7 @@
 
   const ui = {};
   const cellKeys = new WeakMap(); // row cell -> what it shows, to skip needless DOM writes
+  const rowNames = new Map();     // target id -> name, from Torn's rows: for calls made without one
 
   const CSS = `
 #torncat-panel, #torncat-panel *, #torncat-toasts, #torncat-toasts *, .tc-cell, .tc-cell * {
@@ -958,7 +1106,8 @@
 #torncat-panel .tc-title { font-weight: bold; color: #fff; }
 #torncat-panel .tc-dot { width: 9px; height: 9px; border-radius: 50%; background: #777; flex: none; }
 #torncat-panel[data-status="live"] .tc-dot { background: #5c5; }
-#torncat-panel[data-status="polling"] .tc-dot { background: #db3; }
+#torncat-panel[data-status="connecting"] .tc-dot { background: #db3; }
+#torncat-panel[data-status="blocked"] .tc-dot { background: #d55; }
 #torncat-panel[data-status="reconnecting"] .tc-dot { background: #d55; }
 #torncat-panel .tc-status { flex: 1; min-width: 0; color: #aaa; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 #torncat-panel .tc-count { color: #fff; background: #444; border-radius: 8px; padding: 0 6px; }
@@ -1017,8 +1166,38 @@
 
   function onFactionPage() { return /\/factions\.php$/i.test(location.pathname); }
 
+  /** The target of Torn's attack page (`page.php?sid=attack&user2ID=`, formerly loader.php), or null. */
+  function attackTarget() {
+    if (!/\/(?:page|loader)\.php$/i.test(location.pathname)) return null;
+    const q = new URLSearchParams(location.search);
+    return q.get('sid') === 'attack' ? positiveInt(q.get('user2ID')) : null;
+  }
+
+  /**
+   * The panel's CSS. Torn's CSP has no style-src, so default-src 'self' blocks a page's
+   * inline <style> (and reports a violation); the manager's GM_addStyle is not blocked.
+   * Without GM_addStyle (TornPDA, no manager) a constructed stylesheet
+   * (`document.adoptedStyleSheets`, which CSP does not govern: Chromium applies it under
+   * Torn's policy) comes next, and a <style> element last, for browsers without it.
+   */
   function injectStyle() {
-    if (document.getElementById('torncat-style')) return;
+    if (document.getElementById('torncat-style') || window.__torncatStyled) return;
+    if (gmAddStyle) {
+      try {
+        Promise.resolve(gmAddStyle(CSS)).catch(() => {}); // some managers return a Promise
+        window.__torncatStyled = 'GM_addStyle';
+        return;
+      } catch (e) { /* fall back */ }
+    }
+    if (typeof CSSStyleSheet === 'function' && 'adoptedStyleSheets' in document) {
+      try {
+        const sheet = new CSSStyleSheet();
+        sheet.replaceSync(CSS);
+        document.adoptedStyleSheets = [...document.adoptedStyleSheets, sheet];
+        window.__torncatStyled = 'adoptedStyleSheets';
+        return;
+      } catch (e) { /* fall back */ }
+    }
     const style = h('style', { id: 'torncat-style' });
     style.textContent = CSS;
     (document.head || document.documentElement).append(style);
@@ -1269,7 +1448,8 @@
     ui.panel.dataset.transport = s.transport || '';
     ui.panel.dataset.role = role;
     const via = role === 'leader' ? '' : ' (via another tab)';
-    ui.status.textContent = (s.status || 'connecting') + via;
+    const what = s.status === 'live' && s.transport ? 'live · ' + s.transport : s.status || 'connecting';
+    ui.status.textContent = what + via;
     ui.status.title = (s.detail || '') + via;
   }
 
@@ -1310,6 +1490,7 @@
 
   /** The Call button or "called by X" badge on each enemy row Torn has rendered. */
   function decorateRows() {
+    let learnt = false;
     for (const row of document.querySelectorAll(ENEMY_ROWS)) {
       const link = row.querySelector('a[href*="profiles.php?XID="]');
       const m = link && /XID=(\d+)/.exec(link.getAttribute('href') || '');
@@ -1322,9 +1503,15 @@
         // Appended at the end of the name cell: Torn's own nodes keep their order.
         (row.querySelector('.member') || row).append(cell);
       }
-      const name = (link.textContent || '').replace(/\s*\[\d+\]\s*$/, '').trim();
+      const name = cleanName((link.textContent || '').replace(/\s*\[\d+\]\s*$/, '')
+        || (link.getAttribute('data-placeholder') || '').replace(/\s*\[\d+\]\s*$/, ''));
+      if (name && rowNames.get(id) !== name) {
+        rowNames.set(id, name);
+        learnt = learnt || state.calls.has(id);
+      }
       renderCell(cell, id, name);
     }
+    if (learnt) renderCalls();
   }
 
   function renderCell(cell, id, name) {
@@ -1381,12 +1568,21 @@
     settings = readSettings();
     state = new CallState((change) => safe(onStateChange, change));
     injectStyle();
-    if (onFactionPage()) {
+    if (onFactionPage() || attackTarget()) {
       buildPanel();
+      if (attackTarget()) ui.callInput.value = String(attackTarget());
       renderAll();
       watchRows();
       setInterval(() => safe(refreshAges), AGE_REFRESH_MS);
     }
+    // Where the page makes the requests itself, its CSP may refuse them (Torn's connect-src
+    // does): then say so once instead of retrying in vain.
+    document.addEventListener('securitypolicyviolation', (e) => safe(() => {
+      const blocked = String(e.blockedURI || '');
+      if (!pageOnly || !blocked || blocked.indexOf(new URL(settings.server).origin) !== 0) return;
+      cspBlocked = true;
+      if (link) link.blocked();
+    }));
     elect();
     safe(signInOnPda);
     window.addEventListener('pagehide', () => safe(() => {
