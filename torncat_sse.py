@@ -457,7 +457,7 @@ def parse_request_head(head: bytes) -> Request:
     malformed: a strict parser is the simplest defence against smuggling.
     """
     lines = head.split(b"\r\n")
-    if any(b"\n" in line or b"\r" in line for line in lines):
+    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
         raise HttpError(400, "bare CR or LF in request head")
     parts = lines[0].split(b" ")
     if len(parts) != 3:
@@ -1424,6 +1424,20 @@ class Hub:
 # The HTTP side: one coroutine per connection
 # ---------------------------------------------------------------------------
 
+class HeldPoll:
+    """A long-poll with nothing new yet: all that its answer needs once it wakes.
+
+    The poll route returns it instead of an answer; converse() then drops the
+    request and waits in App.hold, so a held long-poll keeps about what an idle
+    stream keeps, not a request's head, headers and route frames.
+    """
+
+    __slots__ = ("since", "wait", "headers", "head_only")
+
+    def __init__(self, since: int, wait: int, headers: list[tuple[str, str]], head_only: bool):
+        self.since, self.wait, self.headers, self.head_only = since, wait, headers, head_only
+
+
 @dataclass(slots=True)
 class Exchange:
     """One request being answered: what a route handler gets."""
@@ -1437,7 +1451,7 @@ class Exchange:
     target: int | None = None      # the <target> of /calls/<target>
 
 
-Handler = Callable[[Exchange], Awaitable[bytes | None]]
+Handler = Callable[[Exchange], Awaitable[bytes | HeldPoll | None]]
 
 
 class App:
@@ -1527,10 +1541,15 @@ class App:
             response = await self.answer(Exchange(client, reader, requests, req, body,
                                                   cors_headers(req.headers.get("origin"),
                                                                self.config.allowed_origins)))
-            if response is None:
+            keep_alive = req.keep_alive
+            if isinstance(response, HeldPoll):
+                got = req = body = None  # not kept for the seconds the long-poll waits
+                response, keep_alive = await self.hold(client, reader, requests, response,
+                                                       keep_alive)
+            elif response is None:
                 return  # a stream: handle() waits for its end
             writer.write(response)
-            if not req.keep_alive or self.stopping:
+            if not keep_alive or self.stopping:
                 return
             if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
                 # A client that pipelines requests and does not read the answers: answer
@@ -1578,7 +1597,7 @@ class App:
                 while await reader.read(READ_CHUNK):
                     pass
 
-    async def answer(self, x: Exchange) -> bytes | None:
+    async def answer(self, x: Exchange) -> bytes | HeldPoll | None:
         """Route one request. Every route's errors leave through here, and only here."""
         req = x.req
         if log.isEnabledFor(logging.DEBUG):
@@ -1700,11 +1719,11 @@ class App:
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
         return len(rows)
 
-    async def poll(self, x: Exchange) -> bytes:
+    async def poll(self, x: Exchange) -> bytes | HeldPoll:
         """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
 
-        With `wait`, a long-poll: when nothing is new after N, held until the
-        faction's next event or S seconds, whichever comes first.
+        With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
+        until the faction's next event or S seconds, whichever comes first.
         """
         req = x.req
         grant = self.auth.grant(req)
@@ -1716,42 +1735,45 @@ class App:
         if since_text is not None and since is None:
             raise HttpError(400, "since must be an event id (a non-negative integer)")
         wait = parse_wait(req.query.get("wait"))
+        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *x.cors]
         if wait and since is not None and not self.stopping \
                 and not self.hub.has_news(grant.faction, since):
-            await self.hold(x, grant, wait)
+            if self.hub.client_count >= self.config.max_clients:
+                raise HttpError(503, "too many clients, retry later",
+                                (("Retry-After", self.retry_after),))
+            x.client.grant = grant
+            return HeldPoll(since, wait, headers, req.method == "HEAD")
         self.stats.polls += 1
-        return render_response(200, [("Content-Type", "application/json"),
-                                     ("Cache-Control", "no-store"), *x.cors],
-                               self.hub.poll(grant.faction, since), close=not req.keep_alive,
-                               head_only=req.method == "HEAD")
+        return render_response(200, headers, self.hub.poll(grant.faction, since),
+                               close=not req.keep_alive, head_only=req.method == "HEAD")
 
-    async def hold(self, x: Exchange, grant: Grant, wait: float) -> None:
-        """Hold a long-poll until its faction's next event, `wait` seconds, or shutdown.
+    async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
+                   held: HeldPoll, keep_alive: bool) -> tuple[bytes, bool]:
+        """Hold a long-poll until its faction's next event, its wait, or shutdown; then
+        its answer, and whether the connection stays open.
 
-        It costs what an idle stream costs: this coroutine waits on the client's
-        socket (so a client that leaves is noticed at once), and the hub wakes it
-        by moving its deadline to now. Nothing touches the database.
+        It costs about what an idle stream costs: this coroutine waits on the
+        client's socket (so a client that leaves is noticed at once), and the hub
+        wakes it by moving its deadline to now. Nothing touches the database.
         """
-        client = x.client
-        if self.hub.client_count >= self.config.max_clients:
-            raise HttpError(503, "too many clients, retry later",
-                            (("Retry-After", self.retry_after),))
-        client.grant = grant
         self.stats.long_polls += 1
         try:
-            async with asyncio.timeout(wait) as deadline:
+            async with asyncio.timeout(held.wait) as deadline:
                 self.hub.hold(client, deadline)
-                while data := await x.reader.read(READ_CHUNK):
-                    x.requests.feed(data)  # the client's next request, pipelined: kept
-                    if x.requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
+                while data := await reader.read(READ_CHUNK):
+                    requests.feed(data)  # the client's next request, pipelined: kept
+                    if requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
                         break  # more than a request's worth: answer now
                 else:
-                    x.req.keep_alive = False  # the client closed its side: answer, then close
+                    keep_alive = False  # the client closed its side: answer, then close
         except TimeoutError:
             pass  # an event, the deadline or shutdown: answer with what there is
         finally:
             self.hub.release(client)
             client.phase = Phase.BUSY
+        self.stats.polls += 1
+        return render_response(200, held.headers, self.hub.poll(client.scope, held.since),
+                               close=not keep_alive, head_only=held.head_only), keep_alive
 
     async def make_call(self, x: Exchange) -> bytes:
         """POST /calls: call a target for the token's faction."""
