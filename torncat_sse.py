@@ -60,12 +60,14 @@ memory.
 Connections. `asyncio.start_server` hands each connection to one coroutine,
 `App.handle`: read a request (the sans-I/O RequestReader frames it), route it
 through a table, answer it, and again while the client keeps the connection
-alive. A stream registers the connection with the hub and then only waits for
-the client to leave (EOF), so every stream is unregistered the moment it ends.
-Measured on idle streams (bench_sse.py --shapes): ~4.8 KB each kept this way,
-~3.9 KB when the handler returns and the hub alone keeps the writer (but then a
-client that leaves is noticed only by a later write), ~1.3 KB for a bare
-asyncio.Protocol, which the design card does not use.
+alive. A stream registers the connection with the hub and then handle() only
+waits for the client to leave (EOF), with the request that opened it freed, so
+every stream is unregistered the moment it ends. An idle stream costs ~5.1 KB
+(bench_sse.py --compare). Other shapes (bench_sse.py --shapes): ~3.6 KB when the
+handler returns and the hub alone keeps the writer, but then a client that
+leaves is noticed only by a later write; ~1-3 KB handing the transport to a
+small Protocol, and ~1.3 KB for a bare asyncio.Protocol, neither of which is the
+design card's StreamWriter shape.
 
 Long-poll. `GET /calls?since=N&wait=S`, for clients that cannot stream (TornPDA,
 userscript managers whose streaming fails): answered at once when something
