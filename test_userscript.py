@@ -1357,6 +1357,8 @@ async def test_in_scriptcat_on_torn_it_streams_at_once_styled_and_one_stream_ser
         record_timing("scriptcat", "call_shown_s", shown)
         await expect(panel_call(first, 2003).locator(".tc-target")).to_have_text("Zed")  # from the row
         await expect(row_cell(first, 2001)).to_have_text("called by Bob")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await first.screenshot(path=ARTIFACTS / "scriptcat-torn.png")  # to look at, not compared
 
         # A second tab: one connection for both, the second one relayed.
         opened = len(streams_opened(server))
