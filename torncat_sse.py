@@ -1445,8 +1445,6 @@ class Exchange:
     """One request being answered: what a route handler gets."""
 
     client: Client
-    reader: asyncio.StreamReader
-    requests: RequestReader        # where bytes read while a long-poll is held go
     req: Request
     body: bytes
     cors: list[tuple[str, str]]
@@ -1540,12 +1538,11 @@ class App:
                 return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
             req, body = got
             client.phase = Phase.BUSY
-            response = await self.answer(Exchange(client, reader, requests, req, body,
-                                                  cors_headers(req.headers.get("origin"),
-                                                               self.config.allowed_origins)))
+            cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
+            response = await self.answer(Exchange(client, req, body, cors))
             keep_alive = req.keep_alive
             if isinstance(response, HeldPoll):
-                got = req = body = None  # not kept for the seconds the long-poll waits
+                got = req = body = cors = None  # not kept for the seconds the long-poll waits
                 response, keep_alive = await self.hold(client, reader, requests, response,
                                                        keep_alive)
             elif response is None:
