@@ -2029,11 +2029,10 @@ class App:
             log.warning("pool check: %d of %d connections did not answer within %gs and were "
                         "closed", answered.count(False), len(answered), PING_TIMEOUT)
 
-    async def connect_db(self, role: str, settings: dict | None = None) -> asyncpg.Connection:
+    async def connect_db(self, role: str) -> asyncpg.Connection:
         """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
         conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.db_tls,
-                                     server_settings={"application_name": f"torncat-sse {role}",
-                                                      **(settings or {})})
+                                     server_settings={"application_name": f"torncat-sse {role}"})
         self.tune_socket(conn)
         return conn
 
@@ -2818,12 +2817,12 @@ REVOKE_DEPARTED_SQL = """
 # transaction-mode pooler hands each statement to any backend, so a session lock taken
 # there belongs to nobody in particular (and two processes could share the backend that
 # holds it). The poll connection therefore first checks that it has a session of its own
-# (a NOTIFY to itself arrives only on a session: the Listener's self-test), and behind a
+# (a NOTIFY from another connection arrives only there: the Listener's self-test), and behind a
 # transaction pooler it says so in the log and never polls. The others wait, trying the
 # lock every POLL_LOCK_RETRY_SECONDS. The holder checks before each round that the lock is
 # still its own; when it dies, Postgres ends its session at once and frees the lock; when
 # its link to Postgres goes silent, the keepalives asked of Postgres on that connection
-# (POLL_SESSION_SETTINGS) end the session within a few seconds. Either way another
+# (POLL_SESSION_SQL) end the session within a few seconds. Either way another
 # process takes over within POLL_SECONDS and a few seconds.
 #
 # Every POLL_SECONDS, for each faction with a key: GET /faction/wars (FactionWarsResponse:
@@ -2846,7 +2845,7 @@ REVOKE_DEPARTED_SQL = """
 
 POLL_LOCK = 7402532               # advisory lock key: held by the one process that polls
 POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the lock this often
-POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY to ourselves arrives within this on a session
+POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
 POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
 POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
 KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
@@ -2854,10 +2853,12 @@ KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this roll
 BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
 PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
 PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
-# Asked of Postgres for the poll's session (libpq's keepalive settings, server side): a
-# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s.
-POLL_SESSION_SETTINGS = {"tcp_keepalives_idle": "3", "tcp_keepalives_interval": "1",
-                         "tcp_keepalives_count": "3"}
+# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
+# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
+# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
+POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
+                    "set_config('tcp_keepalives_interval', '1', false), "
+                    "set_config('tcp_keepalives_count', '3', false)")
 HOLDS_POLL_LOCK_SQL = """
     SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
                    AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
@@ -2910,6 +2911,7 @@ class FactionPoll:
     known: dict = dataclasses.field(default_factory=dict)  # target -> (state, until, desc, war)
     last_success: float | None = None    # time.time() of the last complete poll
     failures: int = 0                    # polls failed in a row (Torn down or slow)
+    polls: int = 0                       # polls completed this session
     next_at: float = 0.0                 # loop time of the next poll
     reverified_at: float = -math.inf     # loop time of the last member-list read
 
@@ -2965,7 +2967,6 @@ class Poller:
         self.factions: dict[int, FactionPoll] = {}
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
-        self.polls = 0               # rounds of a faction completed
         self._db_lock = asyncio.Lock()  # asyncpg runs one operation at a time per connection
 
     async def run(self) -> None:
@@ -2998,8 +2999,9 @@ class Poller:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:
-        conn = self.conn = await self.app.connect_db("poller", POLL_SESSION_SETTINGS)
+        conn = self.conn = await self.app.connect_db("poller")
         await self._self_test(conn)
+        await self._query("execute", POLL_SESSION_SQL)
         self.role = "standby"
         while True:  # a standby: try the lock until the holder is gone
             if await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", POLL_LOCK):
@@ -3025,7 +3027,9 @@ class Poller:
             await asyncio.sleep(min(max(0.0, wake - loop.time()), self.config.poll_seconds))
 
     async def _self_test(self, conn) -> None:
-        """A NOTIFY to ourselves arrives on a session; behind a transaction pooler, not."""
+        """A NOTIFY from another connection arrives on a session of our own; behind a
+        transaction pooler, never (one sent on our own connection could come straight back:
+        see Listener._self_test)."""
         channel = f"torncat_poll_{os.getpid()}_{secrets.token_hex(4)}"
         got = self.app.loop.create_future()
 
@@ -3035,11 +3039,16 @@ class Poller:
 
         async with asyncio.timeout(QUERY_TIMEOUT):
             await conn.add_listener(channel, heard)
-            await conn.execute(f"NOTIFY {channel}")
+        sender = await self.app.connect_db("poll self-test")
         try:
-            await asyncio.wait_for(got, POLL_SELF_TEST_SECONDS)
+            async with asyncio.timeout(POLL_SELF_TEST_SECONDS):
+                await sender.execute(f"NOTIFY {channel}")
+                await got
         except TimeoutError:
             raise PoolerDetected from None
+        finally:
+            with contextlib.suppress(Exception):
+                await sender.close(timeout=PING_TIMEOUT)
         async with asyncio.timeout(QUERY_TIMEOUT):
             await conn.remove_listener(channel, heard)
 
@@ -3148,7 +3157,7 @@ class Poller:
         fp.failures = 0
         fp.last_success = time.time()
         fp.next_at = loop.time() + poll_seconds
-        self.polls += 1
+        fp.polls += 1
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
         war_id, opponent = war
@@ -3175,6 +3184,7 @@ class Poller:
                 datetime.datetime.fromtimestamp(fp.last_success, datetime.UTC)
                 .isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "failures": fp.failures,
+                "polls": fp.polls,
                 "war_id": fp.war[0] if fp.war else None,
                 "opponent_id": fp.war[1] if fp.war else None,
             } for fp in self.factions.values()},
