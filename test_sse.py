@@ -3250,3 +3250,20 @@ async def test_the_poll_refuses_a_transaction_pooler_and_never_polls(pg, db, sta
         assert torn.count() == 0
     finally:
         bouncer.stop()
+
+
+async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war, torn):
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", REVERIFY_HOURS="0.0003")  # ~1 s
+    bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    stream = await SseClient(server.port, headers=bearer(bob)).connect()
+    try:
+        await stream.next()
+        await members_asked(torn, 1)
+        assert not stream.closed.is_set()
+        torn.leave_faction(1002)
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        await server.await_log(rf"Bob \[1002\] is no longer in faction {RED_ID}")
+        assert (await http(server.port, "GET", "/calls", bearer(bob))).status == 401
+        assert torn.requests[(war, "/faction/{id}/members")] >= 2
+    finally:
+        await stream.close()
