@@ -2984,12 +2984,12 @@ class Poller:
                               "Torn; use the session pooler (port 5432) or a direct connection")
                 self.role, delay = "transaction pooler", POLL_POOLER_RETRY_SECONDS
             except Exception as e:
-                if self.role == "polling":
-                    log.warning("torn poll: stopped polling: %s", "a database operation "
-                                "missed its deadline" if isinstance(e, TimeoutError)
-                                else describe(e))
-                else:
-                    log.debug("torn poll: %s", describe(e))
+                # A warning only when factions were being polled: a server without keys
+                # that loses its database has nothing to say about the poll.
+                level = logging.WARNING if self.role == "polling" and self.factions \
+                    else logging.DEBUG
+                log.log(level, "torn poll: stopped polling: %s", "a database operation "
+                        "missed its deadline" if isinstance(e, TimeoutError) else describe(e))
             finally:
                 if self.conn is not None:
                     self.conn.terminate()  # the session ends: Postgres frees the lock now
