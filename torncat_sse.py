@@ -1987,6 +1987,7 @@ class App:
         """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
         connection was lost, so the others may be dead too (a failover, a NAT that dropped
         its state). Dead ones are terminated before a write draws them."""
+        self.poller.check()
         if self.pool is not None and (self._sweep is None or self._sweep.done()):
             self._sweep = self.loop.create_task(self._sweep_pool())
 
@@ -2968,6 +2969,7 @@ class Poller:
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
         self._db_lock = asyncio.Lock()  # asyncpg runs one operation at a time per connection
+        self._check: asyncio.Task | None = None  # a ping asked for by check()
 
     async def run(self) -> None:
         while True:
@@ -3025,6 +3027,20 @@ class Poller:
             wake = min((fp.next_at for fp in self.factions.values()),
                        default=now + self.config.poll_seconds)
             await asyncio.sleep(min(max(0.0, wake - loop.time()), self.config.poll_seconds))
+
+    def check(self) -> None:
+        """Another link to the database died (App.check_pool): ping ours now rather than at
+        the next round, and close it if it does not answer, so that a frozen or cut link
+        does not hold the lock, or come back to life later, unnoticed."""
+        if self.conn is not None and (self._check is None or self._check.done()):
+            self._check = self.app.loop.create_task(self._ping(self.conn))
+
+    async def _ping(self, conn) -> None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT), self._db_lock:
+                await conn.execute("SELECT 1")
+        except Exception:  # no answer, or a broken link: the session ends at its next step
+            conn.terminate()
 
     async def _self_test(self, conn) -> None:
         """A NOTIFY from another connection arrives on a session of our own; behind a
@@ -3132,8 +3148,12 @@ class Poller:
                 await self._statuses(fp, war, now)
             if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
                 members = await self._ask(fp, "", members_of=fp.faction)
-                fp.reverified_at = loop.time()
-                await self.app.revoke_departed(fp.faction, members)
+                try:
+                    await self.app.revoke_departed(fp.faction, members)
+                    fp.reverified_at = loop.time()
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    log.warning("torn poll: faction %d: could not sign out departed members "
+                                "(%s): next round", fp.faction, describe(e))
         except OverBudget:
             log.debug("torn poll: faction %d: every key used its budget this minute",
                       fp.faction)
