@@ -2053,8 +2053,8 @@ class App:
                 await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
 
     def metrics(self) -> bytes:
-        pool = self.pool
-        return self._metrics(pool) + self.poller.metrics().encode()
+        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
+        return self._metrics(self.pool) + self.poller.metrics().encode()
 
     def _metrics(self, pool) -> bytes:
         return render_metrics(self.stats, {
