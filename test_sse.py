@@ -827,7 +827,10 @@ async def test_routes_methods_and_health(live_server):
     server = live_server()
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 200
-    assert r.json() == {"status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
+    poll = r.json().pop("torn_poll")  # no key anywhere: nothing polled, whatever the role
+    assert poll["factions"] == {} and poll["keys"] == {} and poll["torn_errors"] == {}
+    assert {k: v for k, v in r.json().items() if k != "torn_poll"} == {
+                        "status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
                         "last_event_id": 0,
                         "database": {"pool": "unused", "pool_connections": 0,
                                      "pool_idle_connections": 0, "timeouts": 0,
@@ -2922,3 +2925,348 @@ async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn
         assert reads == 1  # not one per event: the first read has them all
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------------------
+# The central Torn API poll (issue 14), against fake_torn.py on loopback
+# ---------------------------------------------------------------------------
+
+WAR_ID = 9001
+FAST_POLL = "0.3"  # seconds; below POLL_SECONDS' 5-10 only with TORNCAT_TESTING=1
+
+
+def ranked_war(**fields) -> dict:
+    """FactionRankedWar: RED_ID against BLUE_ID, on since a minute."""
+    now = int(time.time())
+    return {"war_id": WAR_ID, "start": now - 60, "end": None, "target": 1000, "winner": None,
+            "factions": [{"id": RED_ID, "name": "Red", "score": 0, "chain": 0},
+                         {"id": BLUE_ID, "name": "Blue", "score": 0, "chain": 0}], **fields}
+
+
+@pytest.fixture
+def war(torn):
+    """RED_ID at war with BLUE_ID; Ann (RED) has a key; Zed [2001] and Yan [2002] are BLUE."""
+    torn.factions[RED_ID].ranked_war = torn.factions[BLUE_ID].ranked_war = ranked_war()
+    torn.add_player(2001, "Zed", BLUE_ID)
+    torn.add_player(2002, "Yan", BLUE_ID)
+    return torn.add_player(1001, "Ann", RED_ID)
+
+
+@pytest.fixture
+def poll_server(torn_server):
+    """Factory: a server polling the fake Torn every FAST_POLL seconds with RED's token on."""
+    def start(**env):
+        env.setdefault("POLL_SECONDS", FAST_POLL)
+        env.setdefault("FACTION_TOKENS", f"{RED_ID}:{RED}")
+        return torn_server(TORNCAT_TESTING="1", **env)
+    return start
+
+
+async def poll_health(server) -> dict:
+    return (await http(server.port, "GET", "/healthz")).json()["torn_poll"]
+
+
+async def polled(server, faction: int = RED_ID, rounds: int = 1) -> int:
+    """Wait until `server` has completed `rounds` polls of `faction`; returns its count."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while True:
+        info = (await poll_health(server))["factions"].get(str(faction), {})
+        if info.get("polls", 0) >= rounds:
+            return info["polls"]
+        assert time.monotonic() < deadline, server.log_tail()
+        await asyncio.sleep(0.05)
+
+
+async def members_asked(torn, times: int) -> None:
+    """Wait until the fake was asked for BLUE's members `times` more times: a status set
+    before the first of them has been read by the poll when the second arrives."""
+    while not torn.arrivals.empty():
+        torn.arrivals.get_nowait()
+    seen = 0
+    while seen < times:
+        _, path = await asyncio.wait_for(torn.arrivals.get(), STEP_TIMEOUT)
+        seen += path == "/faction/{id}/members"
+
+
+def hospitalise(torn, player_id: int, minutes: int = 10) -> None:
+    player = torn.players[player_id]
+    player.state, player.until = "Hospital", int(time.time()) + minutes * 60
+    player.description = f"In hospital for {minutes} mins"
+
+
+def set_okay(torn, player_id: int) -> None:
+    player = torn.players[player_id]
+    player.state, player.until, player.description = "Okay", None, "Okay"
+
+
+def assert_no_key(key: str, *texts) -> None:
+    for text in texts:
+        assert key not in (text.decode() if isinstance(text, bytes) else text)
+
+
+async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_war_end(
+        poll_server, war, torn, conn):
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}")
+    await server.await_log("torn poll: this process polls")
+    await polled(server)
+    stream = await SseClient(server.port, headers=bearer(RED)).connect()
+    try:
+        snapshot = (await stream.next()).json
+        assert snapshot["calls"] == []
+        assert sorted((s["target_id"], s["state"], s["war_id"], s["faction_id"])
+                      for s in snapshot["statuses"]) == [(2001, "Okay", WAR_ID, RED_ID),
+                                                         (2002, "Okay", WAR_ID, RED_ID)]
+        # A new call carries the current war.
+        r = await post_call(server.port, RED, 2001, caller_id=1001, caller_name="Ann")
+        assert r.status == 201 and r.json()["call"]["war_id"] == WAR_ID, r
+        assert (await stream.next()).event == "target_call"
+        # Hospitalised: the stream shows the status, then the call ended by the poll.
+        hospitalise(torn, 2001)
+        status, uncall = await stream.take(2)
+        assert (status.event, status.json["target_id"], status.json["state"]) == (
+            "target_status", 2001, "Hospital")
+        assert status.json["until"] == torn.players[2001].until
+        assert status.json["description"] == "In hospital for 10 mins"
+        assert uncall.event == "target_uncall"
+        assert (uncall.json["target_id"], uncall.json["uncall_reason"],
+                uncall.json["uncalled_by"]) == (2001, "hospitalized", None)
+        # Back to Okay: the status changes, nobody is called again.
+        set_okay(torn, 2001)
+        ev = await stream.next()
+        assert (ev.event, ev.json["state"]) == ("target_status", "Okay")
+        await members_asked(torn, 2)
+        await stream.assert_quiet()
+        assert await conn.fetchval("SELECT count(*) FROM target_calls WHERE uncalled_at IS NULL") == 0
+        # A call on a target already in hospital stays...
+        hospitalise(torn, 2002)
+        assert (await stream.next()).json["state"] == "Hospital"
+        assert (await post_call(server.port, RED, 2002, caller_id=1001, caller_name="Ann")).status == 201
+        assert (await stream.next()).event == "target_call"
+        await members_asked(torn, 2)
+        await stream.assert_quiet()
+        # ...until the target is hit again (its hospital time moves later).
+        hospitalise(torn, 2002, minutes=30)
+        status, uncall = await stream.take(2)
+        assert (status.json["target_id"], uncall.event, uncall.json["uncall_reason"]) == (
+            2002, "target_uncall", "hospitalized")
+        # Jailed: its call ends with reason "jailed".
+        assert (await post_call(server.port, RED, 2001, caller_id=1001, caller_name="Ann")).status == 201
+        assert (await stream.next()).event == "target_call"
+        player = torn.players[2001]
+        player.state, player.until, player.description = "Jail", int(time.time()) + 600, "In jail"
+        status, uncall = await stream.take(2)
+        assert (status.json["state"], uncall.json["uncall_reason"]) == ("Jail", "jailed")
+        # Travel only shows in the status: the call stays.
+        set_okay(torn, 2002)
+        assert (await stream.next()).json["state"] == "Okay"
+        assert (await post_call(server.port, RED, 2002, caller_id=1001, caller_name="Ann")).status == 201
+        assert (await stream.next()).event == "target_call"
+        player = torn.players[2002]
+        player.state, player.until, player.description = "Traveling", None, "Traveling to Mexico"
+        assert (await stream.next()).json["state"] == "Traveling"
+        await members_asked(torn, 2)
+        await stream.assert_quiet()
+        # The war ends: its remaining calls end with it.
+        torn.factions[RED_ID].ranked_war = ranked_war(end=int(time.time()) - 1, winner=RED_ID)
+        ev = await stream.next()
+        assert (ev.event, ev.json["target_id"], ev.json["uncall_reason"]) == (
+            "target_uncall", 2002, "war_ended")
+        await server.await_log(f"torn poll: faction {RED_ID}: no war")
+        # The long-poll and a replay carry statuses like any event.
+        events = (await http(server.port, "GET", "/calls?since=0", bearer(RED))).json()["events"]
+        assert "target_status" in {e["event"] for e in events}
+        async with SseClient(server.port, headers={**bearer(RED), "Last-Event-ID": "0"}) as replay:
+            assert (await replay.next()).event == "target_status"
+        health = await poll_health(server)
+        assert health["role"] == "polling" and health["factions"][str(RED_ID)]["last_success"]
+        metrics = (await http(server.port, "GET", "/metrics")).body
+        assert metric_value(metrics, "torn_poll_holder") == 1
+        assert b'torncat_torn_requests_total{key="env:1"}' in metrics
+        assert_no_key(war, server.log, metrics, json.dumps(health))
+        assert await conn.fetchval("SELECT count(*) FROM target_call_events WHERE "
+                                   "data::text LIKE '%' || $1 || '%'", war) == 0
+    finally:
+        await stream.close()
+
+
+async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is_killed(
+        poll_server, war, torn):
+    servers = [poll_server(TORN_API_KEYS=f"{RED_ID}:{war}") for _ in range(2)]
+    holder = next(s for s in servers if "this process polls" in s.log) if any(
+        "this process polls" in s.log for s in servers) else None
+    if holder is None:
+        await asyncio.wait_for(asyncio.wait(
+            [asyncio.ensure_future(s.await_log("this process polls")) for s in servers],
+            return_when=asyncio.FIRST_COMPLETED), STEP_TIMEOUT)
+        holder = next(s for s in servers if "this process polls" in s.log)
+    other = servers[1 - servers.index(holder)]
+    await polled(holder, rounds=5)
+    assert (await poll_health(other))["role"] == "standby"
+    # One poller: Torn saw one /faction/wars per round of the holder's (one may be in flight).
+    before = await polled(holder)
+    wars = torn.count("/faction/wars")
+    after = await polled(holder)
+    assert before <= wars <= after + 1, (before, wars, after)
+    assert "this process polls" not in other.log
+    holder.stop(signal.SIGKILL)
+    await other.await_log("torn poll: this process polls")
+    counted = torn.count("/faction/wars")
+    await polled(other, rounds=2)
+    assert torn.count("/faction/wars") > counted
+    assert_no_key(war, other.log, holder.log)
+
+
+async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_server, war, torn, conn):
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", TORN_TIMEOUT_SECONDS="0.5")
+    await polled(server)
+    stream = await SseClient(server.port, headers=bearer(RED)).connect()
+    try:
+        await stream.next()
+        for n, (knob, value, normal) in enumerate((("error_code", 17, None),
+                                                   ("http_status", 502, None),
+                                                   ("latency", 1.0, 0.0))):
+            target = 2001 + n % 2
+            assert (await post_call(server.port, RED, target, caller_id=1001,
+                                    caller_name="Ann")).status == 201
+            assert (await stream.next()).event == "target_call"
+            mark = server.mark()
+            setattr(torn, knob, value)
+            await server.await_log("Torn's API failed .*backing off", start=mark)
+            hospitalise(torn, target)  # while Torn cannot tell us
+            await wait_until(lambda: _failures(server, 2), what="two failed polls")
+            await stream.assert_quiet()
+            assert await conn.fetchval(
+                "SELECT count(*) FROM target_calls WHERE uncalled_at IS NULL") == 1
+            setattr(torn, knob, normal)
+            await server.await_log("Torn's API answers again", start=mark)
+            # Nothing was lost: the change made during the outage is seen now.
+            status, uncall = await stream.take(2)
+            assert (status.json["target_id"], status.json["state"]) == (target, "Hospital")
+            assert (uncall.json["target_id"], uncall.json["uncall_reason"]) == (
+                target, "hospitalized")
+            set_okay(torn, target)
+            assert (await stream.next()).json["state"] == "Okay"
+        errors = (await poll_health(server))["torn_errors"]
+        assert errors["17"] >= 2 and errors["timeout"] >= 4, errors
+        assert server.log.count("backing off") == 3  # once per outage, not once per poll
+        assert_no_key(war, server.log)
+    finally:
+        await stream.close()
+
+
+async def _failures(server, n: int) -> bool:
+    info = (await poll_health(server))["factions"].get(str(RED_ID), {})
+    return info.get("failures", 0) >= n
+
+
+async def test_no_key_is_used_beyond_its_budget_and_bad_keys_are_disabled_once(poll_server, war, torn):
+    second = torn.add_key(1001)
+    paused = torn.add_player(1002, "Bob", RED_ID, status=18)
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{paused},{RED_ID}:{war},{RED_ID}:{second}",
+                         TORN_KEY_BUDGET="4", POLL_SECONDS="0.2")
+    await server.await_log(r"key env:1 of faction \d+ disabled: Torn error 18")
+
+    async def spent() -> bool:
+        keys = (await poll_health(server))["keys"]
+        return keys["env:2"]["requests_last_minute"] == keys["env:3"]["requests_last_minute"] == 4
+
+    await wait_until(spent, what="both keys at their budget")
+    # Nothing more is asked for the rest of the minute (ten polling intervals prove it).
+    while not torn.arrivals.empty():
+        torn.arrivals.get_nowait()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(torn.arrivals.get(), 2.0)
+    assert torn.requests[(war, "/faction/wars")] + torn.requests[(war, "/faction/{id}/members")] == 4
+    assert sum(n for (k, _), n in torn.requests.items() if k == second) == 4
+    assert sum(n for (k, _), n in torn.requests.items() if k == paused) == 1
+    assert server.log.count("disabled: Torn error") == 1
+    health = await poll_health(server)
+    assert health["keys"]["env:1"]["disabled"] and health["torn_errors"] == {"18": 1}
+    metrics = (await http(server.port, "GET", "/metrics")).body
+    assert b'torncat_torn_key_requests_last_minute{key="env:2"} 4' in metrics
+    assert_no_key(war, server.log, metrics, json.dumps(health))
+    assert_no_key(second, server.log, metrics)
+    assert_no_key(paused, server.log, metrics)
+
+
+async def test_a_lent_key_must_be_public_and_then_feeds_the_poll(poll_server, war, torn, db, conn):
+    server = poll_server()  # no operator key: nothing to poll with
+    full = torn.add_player(1003, "Cy", RED_ID, level=4)
+    r = await http(server.port, "POST", "/auth/torn", {}, {"key": full, "lend": True})
+    assert r.status == 403, r
+    assert "only keys with Public access" in r.json()["error"]
+    assert r.json()["create_key_url"] == t.PUBLIC_KEY_URL
+    assert "type=1" in t.PUBLIC_KEY_URL
+    assert_no_key(full, r.body)
+    assert await conn.fetchval("SELECT count(*) FROM torncat_torn_keys") == 0
+    assert await conn.fetchval("SELECT count(*) FROM torncat_tokens") == 0
+    assert (await http(server.port, "POST", "/auth/torn", {}, {"key": war, "lend": "yes"})).status == 400
+    assert torn.count("/faction/wars") == 0
+    r = await http(server.port, "POST", "/auth/torn", {}, {"key": war, "lend": True})
+    assert r.status == 200 and r.json()["lent"] is True, r
+    assert_no_key(war, r.body)
+    row = await conn.fetchrow("SELECT * FROM torncat_torn_keys")
+    assert (row["faction_id"], row["source"], row["player_id"]) == (RED_ID, "lent", 1001)
+    await polled(server)
+    assert torn.requests[(war, "/faction/wars")] >= 1
+    listing = await asyncio.to_thread(run_cli, "torn-key", "list", DATABASE_URL=db)
+    assert listing.returncode == 0 and "lent by Ann [1001]" in listing.stdout, listing
+    assert_no_key(war, listing.stdout, listing.stderr, server.log)
+
+
+async def test_torn_key_cli_reads_the_key_from_stdin_and_never_shows_it(db, conn, war):
+    run = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "torncat_sse.py"), "torn-key", "add",
+                         "--faction", str(RED_ID)], input=war + "\n", capture_output=True,
+        text=True, timeout=30, env={**os.environ, "DATABASE_URL": db})
+    assert run.returncode == 0 and "stored for faction" in run.stderr, run
+    again = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "torncat_sse.py"), "torn-key", "add",
+                         "--faction", str(RED_ID)], input=war + "\n", capture_output=True,
+        text=True, timeout=30, env={**os.environ, "DATABASE_URL": db})
+    assert again.returncode == 0 and "already stored" in again.stderr, again
+    bad = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(HERE / "torncat_sse.py"), "torn-key", "add",
+                         "--faction", str(RED_ID)], input="not a key\n", capture_output=True,
+        text=True, timeout=30, env={**os.environ, "DATABASE_URL": db})
+    assert bad.returncode == 2 and "not a Torn API key" in bad.stderr
+    listing = await asyncio.to_thread(run_cli, "torn-key", "list", DATABASE_URL=db)
+    assert listing.returncode == 0 and "operator" in listing.stdout, listing
+    for out in (run, again, bad, listing):
+        assert_no_key(war, out.stdout, out.stderr)
+    assert await conn.fetchval("SELECT count(*) FROM torncat_torn_keys") == 1
+    removed = await asyncio.to_thread(run_cli, "torn-key", "remove", "1", DATABASE_URL=db)
+    assert removed.returncode == 0
+    assert await conn.fetchval("SELECT count(*) FROM torncat_torn_keys") == 0
+
+
+async def test_the_poll_refuses_a_transaction_pooler_and_never_polls(pg, db, start_server, war, torn):
+    database = db.rsplit("/", 1)[1]
+    bouncer = PgBouncer(pg, "transaction")
+    try:
+        server = start_server(DATABASE_URL=bouncer.dsn(database), PROBE_TIMEOUT_SECONDS="1",
+                              TORN_API_URL=torn.base_url, TORN_API_KEYS=f"{RED_ID}:{war}",
+                              TORNCAT_TESTING="1", POLL_SECONDS=FAST_POLL)
+        await server.await_log("torn poll: DATABASE_URL does not give this process a session")
+        assert "session pooler (port 5432)" in server.log
+        assert (await poll_health(server))["role"] == "transaction pooler"
+        assert torn.count() == 0
+    finally:
+        bouncer.stop()
+
+
+async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war, torn):
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", REVERIFY_HOURS="0.0003")  # ~1 s
+    bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    stream = await SseClient(server.port, headers=bearer(bob)).connect()
+    try:
+        await stream.next()
+        await members_asked(torn, 1)
+        assert not stream.closed.is_set()
+        torn.leave_faction(1002)
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        await server.await_log(rf"Bob \[1002\] is no longer in faction {RED_ID}")
+        assert (await http(server.port, "GET", "/calls", bearer(bob))).status == 401
+        assert torn.requests[(war, "/faction/{id}/members")] >= 2
+    finally:
+        await stream.close()

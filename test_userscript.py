@@ -1625,3 +1625,42 @@ async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, tor
     assert not any(bob_key in r["url"] for r in requests)
     assert bob_key not in await storage_text(bob)
     await h.assert_clean(bob)
+
+
+# ---------------------------------------------------------------------------
+# Enemy statuses from the central Torn API poll (issue 14), against fake_torn.py
+# ---------------------------------------------------------------------------
+
+async def test_enemy_states_and_hospital_countdowns_show_and_a_cleared_caller_is_told(h, torn_api):
+    now = int(time.time())
+    enemy = 456
+    war = {"war_id": 77, "start": now - 60, "end": None, "target": 1000, "winner": None,
+           "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
+                        {"id": enemy, "name": "Theirs", "score": 0, "chain": 0}]}
+    torn_api.add_faction(FACTION, "Ours", war)
+    torn_api.add_faction(enemy, "Theirs", war)
+    for pid, name in ENEMIES.items():
+        torn_api.add_player(pid, name, enemy)
+    yuri = torn_api.players[2002]
+    yuri.state, yuri.until, yuri.description = "Hospital", now + 3600, "In hospital for 60 mins"
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                  POLL_SECONDS="0.3", TORNCAT_TESTING="1")
+    alice = await h.open(ALICE, "gm-stream")
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(
+        re.compile(r"^Hospital (59:[0-5]\d|1:00:00)$"))
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_attribute(
+        "title", "In hospital for 60 mins")
+    await expect(row_cell(alice, 2001).locator(".tc-state")).to_have_text("Okay")
+    # Alice calls Xena; the poll then sees Xena hospitalised: the call ends and Alice is told.
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    await expect(panel_call(alice, 2001).locator(".tc-state")).to_have_text("Okay")
+    xena = torn_api.players[2001]
+    xena.state, xena.until, xena.description = "Hospital", int(time.time()) + 125, "Hospitalized"
+    await expect(alice.locator("#torncat-toasts .tc-toast", has_text="your call")).to_have_text(
+        re.compile(r"^Xena.* is in hospital: your call is cleared$"))
+    await expect(panel_call(alice, 2001)).to_have_count(0)
+    await expect(row_cell(alice, 2001).locator(".tc-state")).to_have_text(re.compile(r"^Hospital 2:0[0-5]$"))
+    await expect(row_cell(alice, 2001).locator(".tc-call-btn")).to_be_visible()
+    await h.assert_clean(alice)

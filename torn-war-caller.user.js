@@ -122,6 +122,7 @@
   const TOAST_MS = 5000;
   const MAX_TOASTS = 3;
   const AGE_REFRESH_MS = 5000;
+  const COUNTDOWN_REFRESH_MS = 1000; // hospital countdowns tick by the second
   const NAME_MAX = 64;                    // the server refuses longer names
   // Sign-in with a Torn API key (POST /auth/torn): the key is sent once and never kept;
   // only the member token the server answers is stored. A Public key is enough; this
@@ -420,26 +421,37 @@
     return !!c && typeof c === 'object' && positiveInt(c.id) !== null && positiveInt(c.target_id) !== null;
   }
 
+  /** An enemy's status from the server's Torn API poll (a target_status event). */
+  function validStatus(s) {
+    return !!s && typeof s === 'object' && positiveInt(s.target_id) !== null && typeof s.state === 'string';
+  }
+
   class CallState {
     constructor(onChange) {
       this.calls = new Map();   // target_id -> active call
+      this.statuses = new Map(); // target_id -> the enemy's last status (the server's poll)
       this.lastEventId = null;  // null until a snapshot: events mean nothing before one
       this.onChange = onChange;
     }
 
     reset() {
       this.calls.clear();
+      this.statuses.clear();
       this.lastEventId = null;
       this.onChange({ kind: 'reset' });
     }
 
     /** Replace everything: the server's word on what is active as of event `id`. */
-    snapshot(calls, id) {
+    snapshot(calls, id, statuses) {
       const last = eventId(id);
       if (last === null) return false;
       this.calls.clear();
       for (const c of Array.isArray(calls) ? calls : []) {
         if (validCall(c) && !c.uncalled_at) this.calls.set(c.target_id, c);
+      }
+      this.statuses.clear();
+      for (const st of Array.isArray(statuses) ? statuses : []) {
+        if (validStatus(st)) this.statuses.set(st.target_id, st);
       }
       this.lastEventId = last;
       this.onChange({ kind: 'snapshot' });
@@ -450,6 +462,13 @@
     event(id, name, call) {
       const n = eventId(id);
       if (n === null || this.lastEventId === null || n <= this.lastEventId) return false;
+      if (name === 'target_status') {
+        if (!validStatus(call)) return false;
+        this.lastEventId = n;
+        this.statuses.set(call.target_id, call);
+        this.onChange({ kind: name, status: call, id: n });
+        return true;
+      }
       if ((name !== 'target_call' && name !== 'target_uncall') || !validCall(call)) return false;
       this.lastEventId = n;
       this.put(name, call);
@@ -624,8 +643,9 @@
       let data;
       try { data = JSON.parse(ev.data); } catch (e) { return; }
       if (ev.type === 'snapshot') {
-        this.sink.snapshot(data && data.calls, data && data.last_event_id !== undefined ? data.last_event_id : ev.id);
-      } else if (ev.type === 'target_call' || ev.type === 'target_uncall') {
+        this.sink.snapshot(data && data.calls, data && data.last_event_id !== undefined ? data.last_event_id : ev.id,
+          data && data.statuses);
+      } else if (ev.type === 'target_call' || ev.type === 'target_uncall' || ev.type === 'target_status') {
         this.sink.event(ev.id, ev.type, data);
       }
     }
@@ -773,7 +793,7 @@
       }
       a.hooks.push(() => source.close());
       const onMessage = (e) => this.dispatch(a, { type: e.type, data: e.data, id: e.lastEventId });
-      for (const type of ['snapshot', 'target_call', 'target_uncall']) source.addEventListener(type, onMessage);
+      for (const type of ['snapshot', 'target_call', 'target_uncall', 'target_status']) source.addEventListener(type, onMessage);
       source.onopen = () => this.proven(a);
       // We reconnect ourselves (with backoff and jitter, and ?last_event_id=) rather than let
       // the browser retry at a fixed interval. CLOSED means the connection was refused for
@@ -817,7 +837,7 @@
               this.sink.advance(j.last_event_id);
               news = j.events.length > 0;
             } else {
-              this.sink.snapshot(j.calls, j.last_event_id); // the first answer, or {"reset": true}
+              this.sink.snapshot(j.calls, j.last_event_id, j.statuses); // the first answer, or {"reset": true}
             }
             lp.errors = 0;
             this.isLive(LONG_POLL, (this.best === LONG_POLL ? '' : 'the stream did not work here; ')
@@ -868,9 +888,10 @@
 
   /** What the leader's link reports: applied here, relayed to the other tabs. */
   const sink = {
-    snapshot(calls, id) {
-      if (state.snapshot(calls, id)) {
-        post({ t: 'snapshot', calls: Array.from(state.calls.values()), last_event_id: state.lastEventId });
+    snapshot(calls, id, statuses) {
+      if (state.snapshot(calls, id, statuses)) {
+        post({ t: 'snapshot', calls: Array.from(state.calls.values()), last_event_id: state.lastEventId,
+          statuses: Array.from(state.statuses.values()) });
       }
     },
     event(id, name, call) {
@@ -955,18 +976,19 @@
         if (role === 'leader') {
           post({
             t: 'state', to: m.from, calls: Array.from(state.calls.values()),
+            statuses: Array.from(state.statuses.values()),
             last_event_id: state.lastEventId, status: linkStatus,
           });
         }
         break;
       case 'state':
         if (m.to === tabId && role !== 'leader') {
-          if (m.last_event_id !== null) state.snapshot(m.calls, m.last_event_id);
+          if (m.last_event_id !== null) state.snapshot(m.calls, m.last_event_id, m.statuses);
           showStatus(m.status);
         }
         break;
       case 'snapshot':
-        if (role !== 'leader') state.snapshot(m.calls, m.last_event_id);
+        if (role !== 'leader') state.snapshot(m.calls, m.last_event_id, m.statuses);
         break;
       case 'event':
         if (role !== 'leader') state.event(m.id, m.name, m.call);
@@ -1151,6 +1173,8 @@
 .tc-btn.tc-uncall, .tc-btn.tc-cancel { background: #5f3a3a; border-color: #7a4c4c; }
 .tc-btn:disabled { opacity: .5; cursor: default; }
 .tc-cell { display: inline-flex; align-items: center; gap: 4px; margin-left: 6px; vertical-align: middle; font-size: 11px; }
+.tc-state { margin-right: 4px; font-size: 11px; opacity: .85; white-space: nowrap; }
+.tc-state.tc-hospital, .tc-state.tc-jail { color: #e57373; opacity: 1; }
 .tc-cell .tc-badge { background: #7a3; color: #fff; border-radius: 3px; padding: 1px 5px; white-space: nowrap; max-width: 160px; overflow: hidden; text-overflow: ellipsis; }
 .tc-cell .tc-badge.tc-theirs { background: #a53; }
 #torncat-toasts {
@@ -1462,6 +1486,35 @@
     return Math.floor(s / 3600) + 'h' + String(Math.floor((s % 3600) / 60)).padStart(2, '0');
   }
 
+  /** "Hospital 4:59" (a countdown to Torn's status.until), or the state as Torn says it. */
+  function statusText(st) {
+    if (!st) return '';
+    const until = Number(st.until);
+    if ((st.state === 'Hospital' || st.state === 'Jail') && Number.isFinite(until) && until > 0) {
+      const left = Math.max(0, Math.round(until - Date.now() / 1000));
+      const hms = left >= 3600
+        ? Math.floor(left / 3600) + ':' + String(Math.floor((left % 3600) / 60)).padStart(2, '0')
+        : String(Math.floor(left / 60));
+      return st.state + ' ' + hms + ':' + String(left % 60).padStart(2, '0');
+    }
+    return st.state;
+  }
+
+  function statusSpan(st) {
+    if (!st) return null;
+    return h('span', {
+      class: 'tc-state tc-' + st.state.toLowerCase().replace(/[^a-z]/g, ''),
+      'data-until': st.until ? String(st.until) : '', 'data-state': st.state,
+      title: st.description || st.state, text: statusText(st),
+    });
+  }
+
+  function refreshCountdowns() {
+    for (const span of document.querySelectorAll('.tc-state[data-until]:not([data-until=""])')) {
+      span.textContent = statusText({ state: span.dataset.state, until: span.dataset.until });
+    }
+  }
+
   function renderCalls() {
     if (!ui.list) return;
     const calls = Array.from(state.calls.values())
@@ -1477,6 +1530,7 @@
       const mine = c.caller_id === settings.memberId;
       return h('li', { class: 'tc-call' + (mine ? ' tc-mine' : ''), 'data-target-id': c.target_id },
         h('a', { class: 'tc-target', href: '/profiles.php?XID=' + c.target_id, text: targetLabel(c) }),
+        statusSpan(state.statuses.get(c.target_id)),
         h('span', { class: 'tc-by', text: mine ? 'by you' : 'by ' + callerName(c) }),
         h('span', { class: 'tc-age', 'data-created': String(c.created_at || ''), text: age(c.created_at) }),
         mine ? actionButton('Uncall', 'tc-uncall', () => uncallTarget(c.target_id)) : null);
@@ -1517,17 +1571,21 @@
   function renderCell(cell, id, name) {
     const c = state.calls.get(id);
     const mine = !!c && c.caller_id === settings.memberId;
-    const key = c ? c.id + (mine ? ':mine' : ':' + callerName(c)) : 'free';
+    const st = state.statuses.get(id);
+    const key = (c ? c.id + (mine ? ':mine' : ':' + callerName(c)) : 'free')
+      + (st ? '|' + st.state + ':' + st.until : '');
     if (cellKeys.get(cell) === key) return;
     cellKeys.set(cell, key);
     if (!c) {
-      cell.replaceChildren(actionButton('Call', 'tc-call-btn', () => callTarget(id, name)));
+      cell.replaceChildren(...[statusSpan(st), actionButton('Call', 'tc-call-btn', () => callTarget(id, name))]
+        .filter(Boolean));
     } else if (mine) {
-      cell.replaceChildren(h('span', { class: 'tc-badge tc-mine', text: 'called by you' }),
-        actionButton('Uncall', 'tc-uncall', () => uncallTarget(id)));
+      cell.replaceChildren(...[statusSpan(st), h('span', { class: 'tc-badge tc-mine', text: 'called by you' }),
+        actionButton('Uncall', 'tc-uncall', () => uncallTarget(id))].filter(Boolean));
     } else {
       const by = 'called by ' + callerName(c);
-      cell.replaceChildren(h('span', { class: 'tc-badge tc-theirs', text: by, title: by }));
+      cell.replaceChildren(...[statusSpan(st), h('span', { class: 'tc-badge tc-theirs', text: by, title: by })]
+        .filter(Boolean));
     }
   }
 
@@ -1556,6 +1614,10 @@
     if (change.kind === 'target_call' && change.call.caller_id !== settings.memberId) {
       safe(toast, callerName(change.call) + ' called ' + targetLabel(change.call));
     }
+    // The server's poll ended our call: its target landed in hospital (or jail).
+    const why = change.kind === 'target_uncall' && change.call.caller_id === settings.memberId
+      && { hospitalized: 'in hospital', jailed: 'in jail' }[change.call.uncall_reason];
+    if (why) safe(toast, targetLabel(change.call) + ' is ' + why + ': your call is cleared');
   }
 
   // ---------------------------------------------------------------------------
@@ -1574,6 +1636,7 @@
       renderAll();
       watchRows();
       setInterval(() => safe(refreshAges), AGE_REFRESH_MS);
+      setInterval(() => safe(refreshCountdowns), COUNTDOWN_REFRESH_MS);
     }
     // Where the page makes the requests itself, its CSP may refuse them (Torn's connect-src
     // does): then say so once instead of retrying in vain.

@@ -97,9 +97,11 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import email.utils
 import enum
+import getpass
 import hashlib
 import hmac
 import itertools
@@ -267,6 +269,34 @@ def _http_url(value: str) -> str:
     return url
 
 
+POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
+TESTING_MIN_POLL_SECONDS = 0.2    # the lower bound when TORNCAT_TESTING=1 (tests only: a
+                                  # test of the poll should not wait 5 s per step)
+
+
+def _poll_seconds(value: str) -> float:
+    number = float(value)
+    low, high = POLL_SECONDS_RANGE
+    if os.environ.get("TORNCAT_TESTING") == "1":
+        low = TESTING_MIN_POLL_SECONDS
+    if not low <= number <= high:
+        raise ValueError(f"must be between {low:g} and {high:g} seconds")
+    return number
+
+
+def _torn_keys(value: str) -> tuple[tuple[int, str], ...]:
+    pairs = []
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        faction, colon, key = item.partition(":")
+        if not colon or not faction.strip().isdigit() or int(faction) < 1:
+            raise ValueError("expected <faction_id>:<Torn API key> pairs separated by commas")
+        if not TORN_KEY_RE.match(key.strip()):  # never echo the key: it is a secret
+            raise ValueError(f"the key for faction {int(faction)} is not a Torn API key "
+                             "(16 letters and digits)")
+        pairs.append((int(faction), key.strip()))
+    return tuple(pairs)
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -318,6 +348,15 @@ SETTINGS = (
             "Torn's API v2, asked who owns a key at sign-in (tests point it at fake_torn.py)"),
     Setting("TORN_TIMEOUT_SECONDS", "5", _positive_float,
             "seconds Torn's API has to answer a sign-in before it gets 503"),
+    Setting("TORN_API_KEYS", "", _torn_keys, "comma-separated <faction_id>:<key> pairs: "
+            "Public-access Torn API keys the central poll uses for that faction (more with "
+            "`torn-key add`, or lent by members at sign-in)", secret=True),
+    Setting("POLL_SECONDS", "7", _poll_seconds, "seconds between two polls of Torn's API per "
+            "faction with a key (5 to 10): its war, then the enemy's member statuses"),
+    Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
+            "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
+    Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
+            "own member list by the poll, which signs out members who left it"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -390,7 +429,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         else:
             parser.add_argument(flag, dest=s.name.lower(), metavar=s.name, default=default,
                                 type=convert, help=help_text)
-    commands = parser.add_subparsers(dest="command", metavar="token")
+    commands = parser.add_subparsers(dest="command", metavar="token|torn-key")
     token = commands.add_parser("token", help="manage faction tokens stored in the database "
                                 "(`token create --faction 123 --label main`, `token list`, "
                                 "`token revoke ID`)")
@@ -404,6 +443,16 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
                                        "of a signed-in player with --player")
     revoke.add_argument("id", type=_positive_int, nargs="?")
     revoke.add_argument("--player", type=_positive_int, help="a Torn player id")
+    torn_key = commands.add_parser("torn-key", help="Torn API keys for the central poll, "
+                                   "stored in the database (`torn-key add --faction 123` reads "
+                                   "the key from stdin or a prompt, `torn-key list`, "
+                                   "`torn-key remove ID`)")
+    key_commands = torn_key.add_subparsers(dest="key_command", required=True)
+    add = key_commands.add_parser("add", help="store a Public-access key for a faction's poll")
+    add.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    key_commands.add_parser("list", help="list the poll's keys (never the keys themselves)")
+    remove = key_commands.add_parser("remove", help="remove a key by id")
+    remove.add_argument("id", type=_positive_int)
     return parser.parse_args(argv, namespace=Config())
 
 
@@ -956,20 +1005,28 @@ def parse_body(req: Request, body: bytes, fields: dict) -> dict:
 
 
 class Event:
-    """One entry of the event log, encoded once for every client that gets it."""
+    """One entry of the event log, encoded once for every client that gets it.
 
-    __slots__ = ("id", "kind", "faction", "call_id", "active", "data", "frame", "ts")
+    `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
+    enemy's status change) carries a status and belongs to no call: `call_id` is None.
+    """
 
-    KINDS = ("target_call", "target_uncall")
+    __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
+                 "ts")
+
+    KINDS = ("target_call", "target_uncall", "target_status")
 
     def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
                  ts: float | None = None):
         if kind not in self.KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
-        if not isinstance(event_id, int) or not isinstance(call.get("id"), int):
-            raise ValueError("event_id and call id must be integers")
+        status = kind == "target_status"
+        if not isinstance(event_id, int) or not isinstance(
+                call.get("target_id" if status else "id"), int):
+            raise ValueError("event_id and call id (a status's target_id) must be integers")
         self.id, self.kind, self.faction = event_id, kind, faction
-        self.call_id = call["id"]
+        self.call_id = None if status else call["id"]
+        self.target_id = call.get("target_id")
         self.active = kind == "target_call"
         self.data = json_bytes(call)
         self.frame = sse_frame(event_id, kind, self.data)
@@ -1142,6 +1199,7 @@ class Hub:
         self.recent: collections.deque[Event] = collections.deque()
         self.active: dict[int, int | None] = {}               # call id -> faction
         self.by_faction: dict[int | None, dict[int, bytes]] = {}  # faction -> call id -> JSON
+        self.statuses: dict[int | None, dict[int, bytes]] = {}  # faction -> target -> JSON
         self.subscribers: dict[int | None, set[Client]] = {}
         self.waiting: set[Client] = set()    # streams opened before the first snapshot
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
@@ -1166,14 +1224,17 @@ class Hub:
     # -- state ---------------------------------------------------------------
 
     def load(self, calls: list[tuple[int, int | None, bytes]], last_event_id: int,
-             recent: list[Event]) -> None:
+             recent: list[Event], statuses: list[tuple[int | None, int, bytes]] = ()) -> None:
         """Replace all state from the database (start-up, or after events we needed were pruned)."""
         self.flush()
         self.active.clear()
         self.by_faction.clear()
+        self.statuses.clear()
         for call_id, faction, data in calls:
             self.active[call_id] = faction
             self.by_faction.setdefault(faction, {})[call_id] = data
+        for faction, target, data in statuses:
+            self.statuses.setdefault(faction, {})[target] = data
         self.last_event_id = last_event_id
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
@@ -1195,8 +1256,10 @@ class Hub:
         if ev.id <= self.last_event_id:
             return False
         self.last_event_id = ev.id
-        faction = self.active.pop(ev.call_id, _ABSENT)
-        if faction is not _ABSENT:
+        faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
+        if ev.call_id is None:  # target_status: the enemy's status replaces the one known
+            self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
+        elif faction is not _ABSENT:
             calls = self.by_faction[faction]
             del calls[ev.call_id]
             if not calls:
@@ -1227,9 +1290,15 @@ class Hub:
         if cached is None:
             if scope is None:
                 calls = [d for f in self.by_faction.values() for d in f.values()]
+                statuses = [d for f in self.statuses.values() for d in f.values()]
             else:
                 calls = list(self.by_faction.get(scope, {}).values())
-            data = b'{"calls":[%s],"last_event_id":%d}' % (b",".join(calls), self.last_event_id)
+                statuses = list(self.statuses.get(scope, {}).values())
+            # "statuses" only once the poll has seen one: the snapshot stays as it was without.
+            data = b'{"calls":[%s],%s"last_event_id":%d}' % (
+                b",".join(calls),
+                b'"statuses":[%s],' % b",".join(statuses) if statuses else b"",
+                self.last_event_id)
             cached = self._snapshots[scope] = (
                 data, sse_frame(self.last_event_id, "snapshot", data))
         return cached
@@ -1471,6 +1540,7 @@ class App:
         self.signin_budgets: dict[str, Grant] = {}  # client address -> sign-in token bucket
         self.member_budgets: dict[int, Grant] = {}  # player id -> write bucket of all their tokens
         self.listener = Listener(self)
+        self.poller = Poller(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
         self.pool_state = "unused"    # "ok" or "failing": how the last statement on it went
         self._sweep: asyncio.Task | None = None  # pinging the pool's idle connections
@@ -1681,9 +1751,9 @@ class App:
         if self.auth.db is None:
             raise HttpError(503, "not ready: the database has not been reached yet",
                             (("Retry-After", "5"),))
-        key = parse_body(req, x.body, SIGNIN_FIELDS)["key"]
+        f = parse_body(req, x.body, SIGNIN_FIELDS)
+        key = f.pop("key")
         who = await self.sign_ins.identity(key)
-        del key  # nothing below needs it
         if who.faction_id is None:
             raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
                             "shares calls within a faction")
@@ -1691,6 +1761,9 @@ class App:
                 who.faction_id not in self.auth.token_factions:
             raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
                             extra={"faction_id": who.faction_id})
+        if f["lend"]:
+            await self.lend(key, who)
+        del key  # nothing below needs it
         token = "tm_" + secrets.token_urlsafe(24)
         digest = token_digest(token)
         row = await self._db(ISSUE_MEMBER_TOKEN_SQL, who.faction_id, who.name, digest,
@@ -1700,10 +1773,29 @@ class App:
         log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
         expires = datetime.datetime.fromtimestamp(row["expires_at"], datetime.UTC)
         return json_response(200, {"token": token, "player_id": who.player_id, "name": who.name,
-                                   "faction_id": who.faction_id,
+                                   "faction_id": who.faction_id, "lent": bool(f["lend"]),
                                    "expires_at": expires.isoformat(timespec="seconds")
                                    .replace("+00:00", "Z")}, x.cors,
                              close=not req.keep_alive)
+
+    async def lend(self, key: str, who: TornIdentity) -> None:
+        """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
+        only a Public key, the poll reads nothing else (see "The Torn API poll")."""
+        try:
+            info = (await self.torn.get(key, "/key/info")).get("info")
+        except TornError as e:
+            raise torn_error_to_http(e.code) from None
+        access = info.get("access") if isinstance(info, dict) else None
+        level = access.get("level") if isinstance(access, dict) else None
+        if level != PUBLIC_ACCESS_LEVEL:
+            kind = access.get("type") if isinstance(access, dict) else None
+            raise HttpError(403, f"TornCat borrows only keys with Public access for the "
+                            f"faction's poll, and this one has {kind or 'other'} access: create "
+                            f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
+                            "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
+        await self._db(LEND_KEY_SQL, who.faction_id, key, who.player_id, who.name)
+        log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
+                 who.faction_id)
 
     async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> int:
         """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
@@ -1916,6 +2008,7 @@ class App:
         """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
         connection was lost, so the others may be dead too (a failover, a NAT that dropped
         its state). Dead ones are terminated before a write draws them."""
+        self.poller.check()
         if self.pool is not None and (self._sweep is None or self._sweep.done()):
             self._sweep = self.loop.create_task(self._sweep_pool())
 
@@ -1981,7 +2074,10 @@ class App:
                 await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
 
     def metrics(self) -> bytes:
-        pool = self.pool
+        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
+        return self._metrics(self.pool) + self.poller.metrics().encode()
+
+    def _metrics(self, pool) -> bytes:
         return render_metrics(self.stats, {
             "clients": ("Open event streams.", self.hub.stream_count),
             "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
@@ -2017,6 +2113,7 @@ class App:
                 "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
                 "terminated_connections": self.stats.db_terminations,
             },
+            "torn_poll": self.poller.health(),
         }
 
     # -- periodic work -----------------------------------------------------------
@@ -2099,6 +2196,10 @@ class App:
 LOAD_CALLS_SQL = """
     SELECT id, faction_id, target_call_json(t)::text AS data
     FROM target_calls t WHERE uncalled_at IS NULL ORDER BY id
+"""
+LOAD_STATUSES_SQL = """
+    SELECT faction_id, target_id, target_status_json(s)::text AS data
+    FROM torncat_target_status s ORDER BY faction_id, target_id
 """
 LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
@@ -2423,7 +2524,9 @@ class Listener:
                      for r in await conn.fetch(LOAD_CALLS_SQL)]
             recent = [_event_from_row(r) for r in await conn.fetch(
                 LOAD_RECENT_SQL, self.app.config.replay_events)]
-        self.hub.load(calls, last, recent)
+            statuses = [(r["faction_id"], r["target_id"], json_bytes(json.loads(r["data"])))
+                        for r in await conn.fetch(LOAD_STATUSES_SQL)]
+        self.hub.load(calls, last, recent, statuses)
         log.info("loaded %d active calls, last_event_id=%d", len(calls), last)
 
     def _on_probe(self, conn, pid, channel, payload: str) -> None:
@@ -2696,7 +2799,7 @@ def _key_field(value: object, name: str) -> str:
     return value.strip()
 
 
-SIGNIN_FIELDS = {"key": (_key_field, True)}
+SIGNIN_FIELDS = {"key": (_key_field, True), "lend": (_bool_field, False)}
 
 
 def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
@@ -2724,6 +2827,439 @@ REVOKE_DEPARTED_SQL = """
       AND NOT (player_id = ANY($2::bigint[]))
     RETURNING token_sha256, player_id, player_name
 """
+
+
+# ---------------------------------------------------------------------------
+# The Torn API poll
+# ---------------------------------------------------------------------------
+#
+# One process per deployment polls Torn's API, however many WORKERS and instances
+# run: the one holding a Postgres session advisory lock (POLL_LOCK) on a connection of
+# its own. Not a pooled connection: the pool resets a connection it takes back, and a
+# transaction-mode pooler hands each statement to any backend, so a session lock taken
+# there belongs to nobody in particular (and two processes could share the backend that
+# holds it). The poll connection therefore first checks that it has a session of its own
+# (a NOTIFY from another connection arrives only there: the Listener's self-test), and behind a
+# transaction pooler it says so in the log and never polls. The others wait, trying the
+# lock every POLL_LOCK_RETRY_SECONDS. The holder checks before each round that the lock is
+# still its own; when it dies, Postgres ends its session at once and frees the lock; when
+# its link to Postgres goes silent, the keepalives asked of Postgres on that connection
+# (POLL_SESSION_SQL) end the session within a few seconds. Either way another
+# process takes over within POLL_SECONDS and a few seconds.
+#
+# Every POLL_SECONDS, for each faction with a key: GET /faction/wars (FactionWarsResponse:
+# wars.ranked, a FactionRankedWar with war_id, start, end, winner and the two factions),
+# then, during a war, GET /faction/{opponent}/members (FactionMembersResponse: each
+# member's UserStatus: state, until, description). Both with `timestamp=<now>`: Torn
+# caches an answer ~30 s unless that parameter changes. Statuses that changed since the
+# last poll go to torncat_target_statuses (trigger.sql) in one statement, which appends
+# `target_status` events and ends the calls of targets hospitalised or jailed since; a war
+# that ended (or changed) ends its calls (torncat_set_war). Every REVERIFY_HOURS it reads
+# the faction's own member list and signs out members who left (App.revoke_departed).
+#
+# Keys come from TORN_API_KEYS and the torncat_torn_keys table (operators' and lent
+# ones). Each request takes the faction's least used key whose requests in the last
+# minute are under TORN_KEY_BUDGET; with none, the round waits. A key Torn calls
+# incorrect, inactive, paused or too weak (BAD_KEY_CODES) is disabled and logged once
+# by its reference ("env:1", "db:7"), never by its value. Torn down or slow backs the
+# faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
+# every call as it is.
+
+POLL_LOCK = 7402532               # advisory lock key: held by the one process that polls
+POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the lock this often
+POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
+POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
+POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
+KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
+                                  # as Torn counts its 100 a minute
+BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
+PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
+PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
+# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
+# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
+# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
+POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
+                    "set_config('tcp_keepalives_interval', '1', false), "
+                    "set_config('tcp_keepalives_count', '3', false)")
+HOLDS_POLL_LOCK_SQL = """
+    SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
+                   AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
+"""
+POLL_KEYS_SQL = """
+    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
+"""
+POLL_KNOWN_SQL = """
+    SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
+"""
+LEND_KEY_SQL = """
+    INSERT INTO torncat_torn_keys (faction_id, api_key, source, player_id, player_name)
+    VALUES ($1, $2, 'lent', $3, $4)
+    ON CONFLICT (api_key) DO UPDATE SET faction_id = excluded.faction_id, source = 'lent',
+        player_id = excluded.player_id, player_name = excluded.player_name,
+        disabled_at = NULL, disabled_reason = NULL
+    RETURNING id
+"""
+
+
+class PoolerDetected(Exception):
+    pass
+
+
+class OverBudget(Exception):
+    """Every key of the faction has used its TORN_KEY_BUDGET this minute."""
+
+
+@dataclass(eq=False)
+class PollKey:
+    ref: str                          # how logs and /metrics name it: "env:1", "db:7"
+    faction: int
+    key: str = dataclasses.field(repr=False)
+    db_id: int | None = None
+    uses: collections.deque = dataclasses.field(default_factory=collections.deque)
+    disabled: bool = False
+
+    def used(self, now: float) -> int:
+        """Requests in the last KEY_WINDOW_SECONDS."""
+        while self.uses and self.uses[0] <= now - KEY_WINDOW_SECONDS:
+            self.uses.popleft()
+        return len(self.uses)
+
+
+@dataclass
+class FactionPoll:
+    faction: int
+    war: tuple[int, int] | None = None   # (war_id, opponent) as last stored; None: none
+    war_known: bool = False              # whether `war` was stored this session
+    known: dict = dataclasses.field(default_factory=dict)  # target -> (state, until, desc, war)
+    last_success: float | None = None    # time.time() of the last complete poll
+    failures: int = 0                    # polls failed in a row (Torn down or slow)
+    polls: int = 0                       # polls completed this session
+    next_at: float = 0.0                 # loop time of the next poll
+    reverified_at: float = -math.inf     # loop time of the last member-list read
+
+
+def current_ranked_war(answer: dict, faction: int, now: int) -> tuple[int, int] | None:
+    """(war_id, opponent id) of FactionWarsResponse's ranked war, if it is on or coming."""
+    wars = answer.get("wars")
+    if not isinstance(wars, dict):
+        raise TornError(TORN_BAD_ANSWER, "no wars in the answer")
+    ranked = wars.get("ranked")
+    if ranked is None:
+        return None
+    if not isinstance(ranked, dict) or type(ranked.get("war_id")) is not int:
+        raise TornError(TORN_BAD_ANSWER, "unexpected ranked war")
+    end = ranked.get("end")
+    if ranked.get("winner") or (type(end) is int and 0 < end <= now):
+        return None  # over
+    others = [f.get("id") for f in ranked.get("factions") or () if isinstance(f, dict)]
+    others = [i for i in others if type(i) is int and i != faction]
+    if len(others) != 1:
+        raise TornError(TORN_BAD_ANSWER, "a ranked war without one opponent")
+    return ranked["war_id"], others[0]
+
+
+def member_statuses(answer: dict) -> list[dict]:
+    """The statuses of FactionMembersResponse, as torncat_target_statuses takes them."""
+    members = answer.get("members")
+    if not isinstance(members, list):
+        raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+    out = []
+    for m in members:
+        status = m.get("status") if isinstance(m, dict) else None
+        if type(m.get("id")) is not int or not isinstance(status, dict):
+            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+        until = status.get("until")
+        out.append({"target_id": m["id"], "target_name": str(m.get("name") or "")[:MAX_NAME_CHARS],
+                    "state": str(status.get("state") or "")[:MAX_NAME_CHARS],
+                    "until": until if type(until) is int and until > 0 else None,
+                    "description": str(status.get("description") or "")[:200]})
+    return out
+
+
+class Poller:
+    """The Torn API poll of this process: a standby until it holds POLL_LOCK."""
+
+    def __init__(self, app: App):
+        self.app, self.config = app, app.config
+        self.role = "starting"   # standby, polling, or "transaction pooler" (never polls)
+        self.conn: asyncpg.Connection | None = None
+        self.keys: dict[str, PollKey] = {
+            f"env:{n}": PollKey(f"env:{n}", faction, key)
+            for n, (faction, key) in enumerate(self.config.torn_api_keys, 1)}
+        self.factions: dict[int, FactionPoll] = {}
+        self.errors: collections.Counter = collections.Counter()    # Torn code -> count
+        self.requests: collections.Counter = collections.Counter()  # key ref -> count
+        self._db_lock = asyncio.Lock()  # asyncpg runs one operation at a time per connection
+        self._check: asyncio.Task | None = None  # a ping asked for by check()
+
+    async def run(self) -> None:
+        while True:
+            delay = POLL_LOCK_RETRY_SECONDS
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except PoolerDetected:
+                if self.role != "transaction pooler":
+                    log.error("torn poll: DATABASE_URL does not give this process a session of "
+                              "its own (a transaction-mode pooler? Supabase's port 6543): the "
+                              "poll's lock cannot be held there, so this process never polls "
+                              "Torn; use the session pooler (port 5432) or a direct connection")
+                self.role, delay = "transaction pooler", POLL_POOLER_RETRY_SECONDS
+            except Exception as e:
+                # A warning only when factions were being polled: a server without keys
+                # that loses its database has nothing to say about the poll.
+                level = logging.WARNING if self.role == "polling" and self.factions \
+                    else logging.DEBUG
+                log.log(level, "torn poll: stopped polling: %s", "a database operation "
+                        "missed its deadline" if isinstance(e, TimeoutError) else describe(e))
+            finally:
+                if self.conn is not None:
+                    self.conn.terminate()  # the session ends: Postgres frees the lock now
+                    self.conn = None
+                if self.role == "polling":
+                    self.role = "standby"
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _session(self) -> None:
+        conn = self.conn = await self.app.connect_db("poller")
+        await self._self_test(conn)
+        await self._query("execute", POLL_SESSION_SQL)
+        self.role = "standby"
+        while True:  # a standby: try the lock until the holder is gone
+            if await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", POLL_LOCK):
+                break
+            await asyncio.sleep(POLL_LOCK_RETRY_SECONDS * random.uniform(0.5, 1.0))
+        if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+            raise PoolerDetected  # granted, yet not to our backend
+        self.role = "polling"
+        log.info("torn poll: this process polls Torn's API (it holds the poll lock)")
+        self.factions.clear()
+        known = await self._query("fetch", POLL_KNOWN_SQL)
+        loop = self.app.loop
+        while True:
+            if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+                raise RuntimeError("the poll lock is no longer ours")
+            await self._load_keys(known)
+            known = ()
+            now = loop.time()
+            due = [fp for fp in self.factions.values() if fp.next_at <= now]
+            await asyncio.gather(*(self._poll(fp) for fp in due))
+            wake = min((fp.next_at for fp in self.factions.values()),
+                       default=now + self.config.poll_seconds)
+            await asyncio.sleep(min(max(0.0, wake - loop.time()), self.config.poll_seconds))
+
+    def check(self) -> None:
+        """Another link to the database died (App.check_pool): ping ours now rather than at
+        the next round, and close it if it does not answer, so that a frozen or cut link
+        does not hold the lock, or come back to life later, unnoticed."""
+        if self.conn is not None and (self._check is None or self._check.done()):
+            self._check = self.app.loop.create_task(self._ping(self.conn))
+
+    async def _ping(self, conn) -> None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT), self._db_lock:
+                await conn.execute("SELECT 1")
+        except Exception:  # no answer, or a broken link: the session ends at its next step
+            conn.terminate()
+
+    async def _self_test(self, conn) -> None:
+        """A NOTIFY from another connection arrives on a session of our own; behind a
+        transaction pooler, never (one sent on our own connection could come straight back:
+        see Listener._self_test)."""
+        channel = f"torncat_poll_{os.getpid()}_{secrets.token_hex(4)}"
+        got = self.app.loop.create_future()
+
+        def heard(*_args) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await conn.add_listener(channel, heard)
+        sender = await self.app.connect_db("poll self-test")
+        try:
+            async with asyncio.timeout(POLL_SELF_TEST_SECONDS):
+                await sender.execute(f"NOTIFY {channel}")
+                await got
+        except TimeoutError:
+            raise PoolerDetected from None
+        finally:
+            with contextlib.suppress(Exception):
+                await sender.close(timeout=PING_TIMEOUT)
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await conn.remove_listener(channel, heard)
+
+    async def _query(self, method: str, sql: str, *args):
+        """One statement on the poll's connection, within DB_TIMEOUT_SECONDS; a miss ends
+        the session (run() closes the connection), and with it the lock."""
+        async with self._db_lock, asyncio.timeout(self.config.db_timeout_seconds):
+            return await getattr(self.conn, method)(sql, *args)
+
+    async def _load_keys(self, known) -> None:
+        rows = await self._query("fetch", POLL_KEYS_SQL)
+        stored = {f"db:{r['id']}": r for r in rows}
+        for ref in [ref for ref, k in self.keys.items() if k.db_id is not None
+                    and ref not in stored]:
+            del self.keys[ref]  # removed from the table, or disabled there
+        for ref, r in stored.items():
+            if ref not in self.keys:
+                self.keys[ref] = PollKey(ref, r["faction_id"], r["api_key"], r["id"])
+        wanted = {k.faction for k in self.keys.values() if not k.disabled}
+        for faction in wanted - self.factions.keys():
+            self.factions[faction] = FactionPoll(faction)
+        for faction in self.factions.keys() - wanted:
+            del self.factions[faction]
+        for r in known:
+            fp = self.factions.get(r["faction_id"])
+            if fp is not None:
+                fp.known[r["target_id"]] = (r["state"], r["until"], r["description"], r["war_id"])
+
+    def _take_key(self, faction: int) -> PollKey:
+        now = self.app.loop.time()
+        budget = self.config.torn_key_budget
+        free = [k for k in self.keys.values()
+                if k.faction == faction and not k.disabled and k.used(now) < budget]
+        if not free:
+            raise OverBudget
+        key = min(free, key=lambda k: len(k.uses))
+        key.uses.append(now)
+        self.requests[key.ref] += 1
+        return key
+
+    async def _ask(self, fp: FactionPoll, path: str, members_of: int | None = None):
+        key = self._take_key(fp.faction)
+        try:
+            if members_of is not None:
+                return await self.app.torn.faction_member_ids(key.key, members_of)
+            return await self.app.torn.get(key.key, path)
+        except TornError as e:
+            self.errors["timeout" if e.code is None else str(e.code)] += 1
+            if e.code in BAD_KEY_CODES:
+                await self._disable(key, e)
+            raise
+
+    async def _disable(self, key: PollKey, e: TornError) -> None:
+        key.disabled = True
+        reason = f"Torn error {e.code} ({e})"
+        log.warning("torn poll: key %s of faction %d disabled: %s; it is not used again "
+                    "(add a new one: `torn-key add`, or a member lends one)",
+                    key.ref, key.faction, reason)
+        if key.db_id is not None:
+            await self._query("execute", "UPDATE torncat_torn_keys SET disabled_at = now(), "
+                              "disabled_reason = $2 WHERE id = $1", key.db_id, reason)
+
+    async def _poll(self, fp: FactionPoll) -> None:
+        loop = self.app.loop
+        poll_seconds = self.config.poll_seconds
+        now = int(time.time())
+        try:
+            war = current_ranked_war(
+                await self._ask(fp, f"/faction/wars?timestamp={now}"), fp.faction, now)
+            if war != fp.war or not fp.war_known:
+                ended = await self._query("fetchval", "SELECT torncat_set_war($1, $2, $3)",
+                                          fp.faction, *(war or (None, None)))
+                if war != fp.war:
+                    log.info("torn poll: faction %d: %s", fp.faction,
+                             f"war {war[0]} against faction {war[1]}" if war else "no war")
+                if ended:
+                    log.info("torn poll: faction %d: %d calls ended with their war",
+                             fp.faction, ended)
+                fp.war, fp.war_known = war, True
+            if war is not None:
+                await self._statuses(fp, war, now)
+            if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
+                members = await self._ask(fp, "", members_of=fp.faction)
+                try:
+                    await self.app.revoke_departed(fp.faction, members)
+                    fp.reverified_at = loop.time()
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    log.warning("torn poll: faction %d: could not sign out departed members "
+                                "(%s): next round", fp.faction, describe(e))
+        except OverBudget:
+            log.debug("torn poll: faction %d: every key used its budget this minute",
+                      fp.faction)
+            fp.next_at = loop.time() + poll_seconds
+            return
+        except TornError as e:
+            if e.code in BAD_KEY_CODES:
+                fp.next_at = loop.time()  # at once, with the next key
+                return
+            fp.failures += 1
+            if fp.failures == 1:
+                log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
+                            "calls stay as they are", fp.faction,
+                            "no answer" if e.code is None else f"error {e.code}: {e}")
+            backoff = min(poll_seconds * 2 ** min(fp.failures, 10), POLL_BACKOFF_MAX_SECONDS)
+            fp.next_at = loop.time() + backoff * random.uniform(0.5, 1.0)
+            return
+        if fp.failures:
+            log.info("torn poll: faction %d: Torn's API answers again (after %d failed polls)",
+                     fp.faction, fp.failures)
+        fp.failures = 0
+        fp.last_success = time.time()
+        fp.next_at = loop.time() + poll_seconds
+        fp.polls += 1
+
+    async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
+        war_id, opponent = war
+        statuses = member_statuses(await self._ask(
+            fp, f"/faction/{opponent}/members?timestamp={now}"))
+        changed = [s for s in statuses if fp.known.get(s["target_id"]) != (
+            s["state"], s["until"], s["description"], war_id)]
+        if not changed:
+            return  # a quiet war stays quiet on the wire
+        row = await self._query("fetchrow", "SELECT * FROM torncat_target_statuses($1, $2, "
+                                "$3::json)", fp.faction, war_id, json.dumps(changed))
+        for s in changed:
+            fp.known[s["target_id"]] = (s["state"], s["until"], s["description"], war_id)
+        if row["ended"]:
+            log.info("torn poll: faction %d: %d calls ended (target hospitalized or jailed)",
+                     fp.faction, row["ended"])
+
+    def health(self) -> dict:
+        now = self.app.loop.time()
+        return {
+            "role": self.role,
+            "factions": {str(fp.faction): {
+                "last_success": None if fp.last_success is None else
+                datetime.datetime.fromtimestamp(fp.last_success, datetime.UTC)
+                .isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "failures": fp.failures,
+                "polls": fp.polls,
+                "war_id": fp.war[0] if fp.war else None,
+                "opponent_id": fp.war[1] if fp.war else None,
+            } for fp in self.factions.values()},
+            "torn_errors": dict(self.errors),
+            "keys": {k.ref: {"faction_id": k.faction, "requests_last_minute": k.used(now),
+                             "disabled": k.disabled} for k in self.keys.values()},
+        }
+
+    def metrics(self) -> str:
+        now = self.app.loop.time()
+        lines = [
+            "# HELP torncat_torn_poll_holder 1 while this process holds the poll lock and polls.",
+            "# TYPE torncat_torn_poll_holder gauge",
+            f"torncat_torn_poll_holder {int(self.role == 'polling')}",
+            "# HELP torncat_torn_poll_last_success_seconds When each faction's last poll "
+            "succeeded (seconds since the epoch).",
+            "# TYPE torncat_torn_poll_last_success_seconds gauge",
+            *(f'torncat_torn_poll_last_success_seconds{{faction="{fp.faction}"}} '
+              f"{fp.last_success:.0f}" for fp in self.factions.values() if fp.last_success),
+            "# HELP torncat_torn_errors_total Torn API errors of the poll, by Torn error code.",
+            "# TYPE torncat_torn_errors_total counter",
+            *(f'torncat_torn_errors_total{{code="{code}"}} {n}'
+              for code, n in sorted(self.errors.items())),
+            "# HELP torncat_torn_requests_total Torn API requests of the poll, by key.",
+            "# TYPE torncat_torn_requests_total counter",
+            *(f'torncat_torn_requests_total{{key="{ref}"}} {n}'
+              for ref, n in sorted(self.requests.items())),
+            "# HELP torncat_torn_key_requests_last_minute Requests of the poll per key in the "
+            "last minute (at most TORN_KEY_BUDGET).",
+            "# TYPE torncat_torn_key_requests_last_minute gauge",
+            *(f'torncat_torn_key_requests_last_minute{{key="{k.ref}"}} {k.used(now)}'
+              for k in self.keys.values()),
+        ]
+        return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -2800,7 +3336,7 @@ async def serve(config: Config, dsn: str) -> None:
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
         app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop(), app.member_expiry_loop())]
+        app.prune_loop(), app.member_expiry_loop(), app.poller.run())]
     await stop.wait()
     server.close()
     await app.shutdown()
@@ -2868,6 +3404,63 @@ async def token_command(config: Config, dsn: str) -> int:
         await conn.close()
 
 
+def read_torn_key() -> str | None:
+    """A Torn API key from a prompt (terminal) or stdin's first line: never from argv,
+    which other users of the machine can read."""
+    text = (getpass.getpass("Torn API key (Public access): ") if sys.stdin.isatty()
+            else sys.stdin.readline()).strip()
+    return text if TORN_KEY_RE.match(text) else None
+
+
+async def torn_key_command(config: Config, dsn: str) -> int:
+    """`torn-key add|list|remove`: the Torn API keys of the central poll."""
+    key = None
+    if config.key_command == "add":
+        key = read_torn_key()
+        if key is None:
+            print("torncat_sse: that is not a Torn API key (16 letters and digits)",
+                  file=sys.stderr)
+            return 2
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
+                                 ssl=database_tls(config.database_ca_cert))
+    try:
+        if config.init_db:
+            await apply_schema(conn)
+        if config.key_command == "add":
+            row = await conn.fetchrow(
+                "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
+                "VALUES ($1, $2, 'operator') ON CONFLICT (api_key) DO UPDATE SET "
+                "faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL "
+                "RETURNING id, (xmax = 0) AS inserted", config.faction, key)
+            del key
+            print(f"key db:{row['id']} {'stored' if row['inserted'] else 'was already stored'} "
+                  f"for faction {config.faction}'s poll", file=sys.stderr)
+        elif config.key_command == "list":
+            rows = await conn.fetch("SELECT id, faction_id, source, player_id, player_name, "
+                                    "created_at, disabled_at, disabled_reason "
+                                    "FROM torncat_torn_keys ORDER BY id")
+            print(f"{'key':>8}  {'faction':>10}  {'source':8}  {'added (UTC)':19}  state")
+            for r in rows:
+                who = f" by {r['player_name']} [{r['player_id']}]" if r["player_id"] else ""
+                state = f"disabled: {r['disabled_reason']}" if r["disabled_at"] else "in use"
+                print(f"{'db:' + str(r['id']):>8}  {r['faction_id']:>10}  {r['source'] + who:8}"
+                      f"  {r['created_at']:%Y-%m-%d %H:%M:%S}  {state}")
+        else:
+            gone = await conn.fetchval("DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id",
+                                       config.id)
+            if gone is None:
+                print(f"torncat_sse: no key with id {config.id}", file=sys.stderr)
+                return 1
+            print(f"key db:{config.id} removed", file=sys.stderr)
+        return 0
+    except asyncpg.UndefinedTableError:
+        print("torncat_sse: the database has no torncat_torn_keys table: apply trigger.sql "
+              "(or add --init-db)", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+
+
 def access_summary(config: Config, asked: bool | None) -> str:
     """One start-up log line: who may read and write without a token, and why.
 
@@ -2890,7 +3483,7 @@ def access_summary(config: Config, asked: bool | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
-    if config.command == "token" and config.log_level == "INFO":
+    if config.command in ("token", "torn-key") and config.log_level == "INFO":
         config.log_level = "WARNING"  # keep the command's own output readable
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -2911,7 +3504,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
-    if config.command != "token":
+    if config.command is None:
         log.info("%s", access_summary(config, asked))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
@@ -2926,6 +3519,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     if config.command == "token":
         return runner(token_command(config, dsn))
+    if config.command == "torn-key":
+        return runner(torn_key_command(config, dsn))
     if config.workers > 1:
         return run_workers(config, lambda: runner(serve(config, dsn)))
     runner(serve(config, dsn))

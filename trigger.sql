@@ -18,6 +18,10 @@
 --   torncat_call, torncat_uncall, torncat_expire_calls
 --                       what the server's calls API runs: each decides in one
 --                       statement, so two racing callers cannot both win.
+--   torncat_target_status, torncat_wars, torncat_torn_keys
+--                       the central Torn API poll (issue 14): each enemy's last known
+--                       status per watching faction, each faction's current ranked war,
+--                       and the Torn API keys the poll uses (operator's and lent ones).
 --   torncat_tokens      tokens (SHA-256 digests only): faction tokens, managed with
 --                       `python torncat_sse.py token create|list|revoke`, and member
 --                       tokens, issued by POST /auth/torn to one verified player.
@@ -62,7 +66,8 @@ ALTER TABLE target_calls
     ADD COLUMN IF NOT EXISTS uncalled_at timestamptz,
     ADD COLUMN IF NOT EXISTS uncalled_by bigint,
     ADD COLUMN IF NOT EXISTS uncalled_by_name text,
-    ADD COLUMN IF NOT EXISTS uncall_reason text;  -- uncalled, forced, expired, deleted
+    ADD COLUMN IF NOT EXISTS uncall_reason text;  -- uncalled, forced, expired, deleted,
+                                                  -- hospitalized, jailed, war_ended
 
 -- One active caller per target and faction (calls without a faction count as one
 -- faction). The database decides, so racing callers cannot both win. A table that
@@ -96,6 +101,13 @@ CREATE TABLE IF NOT EXISTS target_call_events (
     data        json NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- The poll's `target_status` events (an enemy's status changed) share the log, so they
+-- are ordered with the calls and replayed the same way; they belong to no call.
+ALTER TABLE target_call_events ALTER COLUMN call_id DROP NOT NULL;
+ALTER TABLE target_call_events DROP CONSTRAINT IF EXISTS target_call_events_event_check;
+ALTER TABLE target_call_events ADD CONSTRAINT target_call_events_event_check
+    CHECK (event IN ('target_call', 'target_uncall', 'target_status'));
 
 CREATE INDEX IF NOT EXISTS target_call_events_created_at_idx
     ON target_call_events (created_at);
@@ -139,28 +151,37 @@ LANGUAGE sql STABLE AS $$
         'uncall_reason', c.uncall_reason)
 $$;
 
--- Append one event to the log and notify listeners. Call only from the trigger.
-CREATE OR REPLACE FUNCTION torncat_emit(kind text, c target_calls) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Append one event to the log and notify listeners: from the trigger, and from the
+-- poll's torncat_target_statuses below.
+CREATE OR REPLACE FUNCTION torncat_append(kind text, p_call bigint, p_faction bigint, body json)
+RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     TORNCAT_EVENT_LOCK constant bigint := 7402531;  -- see "Ordering" above
-    call_json json := target_call_json(c);
     new_id    bigint;
     payload   text;
 BEGIN
     PERFORM pg_advisory_xact_lock(TORNCAT_EVENT_LOCK);
     INSERT INTO target_call_events (event, call_id, faction_id, data)
-        VALUES (kind, c.id, c.faction_id, call_json)
+        VALUES (kind, p_call, p_faction, body)
         RETURNING event_id INTO new_id;
     -- ts: when the event was made (seconds since the epoch), for the server's lag metric.
-    payload := json_build_object('event_id', new_id, 'event', kind, 'faction_id', c.faction_id,
+    payload := json_build_object('event_id', new_id, 'event', kind, 'faction_id', p_faction,
                                  'ts', extract(epoch FROM clock_timestamp()),
-                                 'data', call_json)::text;
+                                 'data', body)::text;
     IF octet_length(payload) >= 8000 THEN
         payload := json_build_object('event_id', new_id, 'event', kind,
-                                     'faction_id', c.faction_id, 'truncated', true)::text;
+                                     'faction_id', p_faction, 'truncated', true)::text;
     END IF;
     PERFORM pg_notify('target_calls', payload);
+    RETURN new_id;
+END
+$$;
+
+-- Append one call event. Call only from the trigger.
+CREATE OR REPLACE FUNCTION torncat_emit(kind text, c target_calls) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM torncat_append(kind, c.id, c.faction_id, target_call_json(c));
 END
 $$;
 
@@ -227,9 +248,12 @@ DECLARE
 BEGIN
     FOR attempt IN 1..3 LOOP
         BEGIN
+            -- A call without a war belongs to the faction's current war, as the poll sees it.
             INSERT INTO target_calls (faction_id, war_id, target_id, target_name,
                                       caller_id, caller_name)
-                VALUES (p_faction, p_war, p_target, p_target_name, p_caller, p_caller_name)
+                VALUES (p_faction, coalesce(p_war, (SELECT w.war_id FROM torncat_wars w
+                                                     WHERE w.faction_id = p_faction)),
+                        p_target, p_target_name, p_caller, p_caller_name)
                 RETURNING * INTO c;
             RETURN QUERY SELECT 'called'::text,
                 currval(pg_get_serial_sequence('target_call_events', 'event_id')),
@@ -351,6 +375,151 @@ RETURNS bigint LANGUAGE sql AS $$
           AND event_id < (SELECT max(event_id) FROM target_call_events)
         RETURNING 1)
     SELECT count(*) FROM gone
+$$;
+
+-- ---------------------------------------------------------------------------
+-- The central Torn API poll (issue 14)
+-- ---------------------------------------------------------------------------
+
+-- Each faction's current ranked war as the poll last saw it (no row: none). New calls
+-- without a war_id take this one (torncat_call).
+CREATE TABLE IF NOT EXISTS torncat_wars (
+    faction_id   bigint PRIMARY KEY,
+    war_id       bigint NOT NULL,
+    opponent_id  bigint NOT NULL,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE torncat_wars ENABLE ROW LEVEL SECURITY;
+
+-- Each enemy's last known status, per watching faction: what the snapshot carries, and
+-- what a change is measured against.
+CREATE TABLE IF NOT EXISTS torncat_target_status (
+    faction_id   bigint NOT NULL,
+    target_id    bigint NOT NULL,
+    war_id       bigint,
+    target_name  text,
+    state        text NOT NULL,
+    until        bigint,          -- Torn's status.until (seconds since the epoch) or NULL
+    description  text NOT NULL DEFAULT '',
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (faction_id, target_id)
+);
+ALTER TABLE torncat_target_status ENABLE ROW LEVEL SECURITY;
+
+-- Torn API keys for the poll: the operator's (`torncat_sse.py torn-key add`) and those
+-- members lend at sign-in. Stored in clear because the poll must send them; RLS keeps
+-- Supabase's public roles out, and the server never logs or returns them.
+CREATE TABLE IF NOT EXISTS torncat_torn_keys (
+    id           bigserial PRIMARY KEY,
+    faction_id   bigint NOT NULL CHECK (faction_id > 0),
+    api_key      text NOT NULL UNIQUE CHECK (api_key ~ '^[A-Za-z0-9]{16}$'),
+    source       text NOT NULL CHECK (source IN ('operator', 'lent')),
+    player_id    bigint,
+    player_name  text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    disabled_at  timestamptz,
+    disabled_reason text
+);
+ALTER TABLE torncat_torn_keys ENABLE ROW LEVEL SECURITY;
+
+CREATE OR REPLACE FUNCTION target_status_json(s torncat_target_status) RETURNS json
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'target_id', s.target_id, 'faction_id', s.faction_id, 'war_id', s.war_id,
+        'target_name', s.target_name, 'state', s.state, 'until', s.until,
+        'description', s.description, 'updated_at', torncat_iso(s.updated_at))
+$$;
+
+-- End a faction's active call on a target for a reason of the poll's (uncalled_by NULL).
+-- Row locks make it exactly-once: a second poller's UPDATE re-checks `uncalled_at IS NULL`
+-- after the first commits and finds nothing (as torncat_expire_calls).
+CREATE OR REPLACE FUNCTION torncat_end_call(p_faction bigint, p_target bigint, p_reason text)
+RETURNS bigint LANGUAGE sql AS $$
+    WITH gone AS (
+        UPDATE target_calls SET uncalled_at = now(), uncall_reason = p_reason
+        WHERE coalesce(faction_id, 0) = coalesce(p_faction, 0) AND target_id = p_target
+          AND uncalled_at IS NULL
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+
+-- The poll saw the faction's war: p_war (NULL: no current war). Calls of any other war
+-- end with reason 'war_ended'; returns how many.
+CREATE OR REPLACE FUNCTION torncat_set_war(p_faction bigint, p_war bigint, p_opponent bigint)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    ended bigint;
+BEGIN
+    IF p_war IS NULL THEN
+        DELETE FROM torncat_wars WHERE faction_id = p_faction;
+    ELSE
+        INSERT INTO torncat_wars (faction_id, war_id, opponent_id) VALUES (p_faction, p_war, p_opponent)
+        ON CONFLICT (faction_id) DO UPDATE SET war_id = excluded.war_id,
+            opponent_id = excluded.opponent_id, updated_at = now()
+        WHERE (torncat_wars.war_id, torncat_wars.opponent_id)
+              IS DISTINCT FROM (excluded.war_id, excluded.opponent_id);
+    END IF;
+    WITH gone AS (
+        UPDATE target_calls SET uncalled_at = now(), uncall_reason = 'war_ended'
+        WHERE faction_id = p_faction AND uncalled_at IS NULL AND war_id IS NOT NULL
+          AND war_id IS DISTINCT FROM p_war
+        RETURNING 1)
+    SELECT count(*) INTO ended FROM gone;
+    RETURN ended;
+END
+$$;
+
+-- The poll read enemy statuses: p_statuses is a JSON array of {target_id, target_name,
+-- state, until, description}. Each that differs from the stored one is stored and appended
+-- as a `target_status` event; a call on a target that was hospitalised since (state turns
+-- Hospital, or its hospital `until` moves later: hit again) or jailed ends with reason
+-- 'hospitalized' or 'jailed'. A target first seen in hospital keeps its call: players
+-- call targets about to come out. Returns (statuses changed, calls ended).
+CREATE OR REPLACE FUNCTION torncat_target_statuses(p_faction bigint, p_war bigint,
+                                                   p_statuses json)
+RETURNS TABLE (changed bigint, ended bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    item   json;
+    prev   torncat_target_status;
+    seen   boolean;
+    cur    torncat_target_status;
+    n_changed bigint := 0;
+    n_ended   bigint := 0;
+BEGIN
+    FOR item IN SELECT * FROM json_array_elements(p_statuses) LOOP
+        cur.faction_id := p_faction;
+        cur.target_id := (item->>'target_id')::bigint;
+        cur.war_id := p_war;
+        cur.target_name := item->>'target_name';
+        cur.state := coalesce(item->>'state', '');
+        cur.until := nullif((item->>'until')::bigint, 0);
+        cur.description := coalesce(item->>'description', '');
+        cur.updated_at := now();
+        SELECT * INTO prev FROM torncat_target_status s
+            WHERE s.faction_id = p_faction AND s.target_id = cur.target_id FOR UPDATE;
+        seen := FOUND;
+        IF seen AND (prev.state, prev.until, prev.description, prev.war_id)
+                     IS NOT DISTINCT FROM (cur.state, cur.until, cur.description, cur.war_id) THEN
+            CONTINUE;  -- another poller wrote this very status first
+        END IF;
+        INSERT INTO torncat_target_status VALUES (cur.*)
+        ON CONFLICT (faction_id, target_id) DO UPDATE SET war_id = excluded.war_id,
+            target_name = excluded.target_name, state = excluded.state, until = excluded.until,
+            description = excluded.description, updated_at = excluded.updated_at;
+        PERFORM torncat_append('target_status', NULL, p_faction, target_status_json(cur));
+        n_changed := n_changed + 1;
+        IF seen THEN
+            IF cur.state = 'Hospital' AND (prev.state <> 'Hospital'
+                    OR coalesce(cur.until, 0) > coalesce(prev.until, 0)) THEN
+                n_ended := n_ended + torncat_end_call(p_faction, cur.target_id, 'hospitalized');
+            ELSIF cur.state = 'Jail' AND prev.state <> 'Jail' THEN
+                n_ended := n_ended + torncat_end_call(p_faction, cur.target_id, 'jailed');
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT n_changed, n_ended;
+END
 $$;
 
 COMMIT;
