@@ -2300,6 +2300,7 @@ class Listener:
         self._reader: asyncio.Task | None = None  # the one read of the log in flight
         self._lost: asyncio.Future | None = None
         self._tokens_task: asyncio.Task | None = None
+        self._tokens_stale = False  # the token table changed while it was being read
         self._probes: dict[str, asyncio.Future] = {}
         self._in_use = asyncio.Lock()  # asyncpg runs one operation at a time per connection
         self._schema_applied = False
@@ -2456,8 +2457,21 @@ class Listener:
                         "torncat_notifications_ignored_total)", what, stats.notifications_ignored)
 
     def _on_tokens_changed(self, conn, pid, channel, payload: str) -> None:
-        if conn is self.conn and (self._tokens_task is None or self._tokens_task.done()):
-            self._tokens_task = self.app.loop.create_task(self._in_background(self._load_tokens()))
+        if conn is not self.conn:
+            return
+        if self._tokens_task is None or self._tokens_task.done():
+            self._tokens_task = self.app.loop.create_task(
+                self._in_background(self._reload_tokens()))
+        else:
+            self._tokens_stale = True  # the read under way may have begun before this change
+
+    async def _reload_tokens(self) -> None:
+        """Read the token table again until no change was announced during a read."""
+        while True:
+            self._tokens_stale = False
+            await self._load_tokens()
+            if not self._tokens_stale:
+                return
 
     async def _load_tokens(self) -> None:
         """Read the token table; end the streams of tokens that are gone."""
