@@ -74,10 +74,17 @@ userscript managers whose streaming fails): answered at once when something
 is new after N, else held until the faction's next event or S seconds. A held
 request waits on its socket like a stream and is woken by the same broadcast.
 
+The Torn API poll. One process per deployment (a Postgres advisory lock) asks
+Torn's API every POLL_SECONDS for each faction with a key: its ranked war, and
+the enemy's member statuses. A change becomes a `target_status` event in the
+same log; a called target hospitalised or jailed after the call, or the war's
+end, uncalls the call (see "The Torn API poll" below).
+
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
-instances scale out, each LISTENing on its own (docs/operations.md, "Scaling"). TRUNCATE on
-target_calls is not seen until restart. /metrics is open, like /healthz.
+instances scale out, each LISTENing on its own (docs/operations.md, "Scaling").
+TRUNCATE on target_calls is not seen until restart. /metrics is open, like
+/healthz.
 
 Poke at it by hand:
 
