@@ -2513,7 +2513,36 @@ async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, con
     finally:
         await stream.close()
     r = await http(server.port, "GET", "/calls", bearer(token))
-    assert r.status == 401, r
+    assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["expired"],
+                                          "signed_out": "expired"}), r
+
+
+async def test_a_revoked_member_token_gets_401_saying_it_was_revoked(torn_server, torn, db):
+    server = torn_server()
+    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
+    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    since = (await http(server.port, "GET", "/calls", bearer(token))).json()["last_event_id"]
+    held = asyncio.create_task(http(server.port, "GET", f"/calls?since={since}&wait=25",
+                                    bearer(token)))
+    revoked = (401, {"error": t.MEMBER_TOKEN_ENDED["revoked"], "signed_out": "revoked"})
+    try:
+        await stream.next()
+        await wait_until(lambda: held_count(server.port, 1), what="a held long-poll")
+        done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001",
+                                       DATABASE_URL=db)
+        assert done.returncode == 0, done
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        r = await asyncio.wait_for(held, STEP_TIMEOUT)  # the held long-poll answers at once
+        assert (r.status, r.json()) == revoked, r
+    finally:
+        held.cancel()
+        await stream.close()
+    for method, path, body in (("GET", "/calls", None), ("GET", "/events", None),
+                               ("POST", "/calls", {"target_id": 20})):
+        r = await http(server.port, method, path, bearer(token), body)
+        assert (r.status, r.json()) == revoked, (method, path, r)
+    r = await http(server.port, "GET", "/calls", bearer("tm_" + "x" * 32))
+    assert r.json() == {"error": "missing or invalid token"}  # a token never issued: no reason
 
 
 async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, conn):
@@ -2539,7 +2568,9 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
             await app.pool.close()
             app.torn.close()
         await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
-        assert (await http(server.port, "GET", "/calls", bearer(bob))).status == 401
+        r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY
+        assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["left_faction"],
+                                              "signed_out": "left_faction"}), r
         assert (await http(server.port, "GET", "/calls", bearer(ann))).status == 200
         assert not streams[0].closed.is_set()
     finally:
@@ -3266,7 +3297,8 @@ async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war,
         torn.leave_faction(1002)
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
         await server.await_log(rf"Bob \[1002\] is no longer in faction {RED_ID}")
-        assert (await http(server.port, "GET", "/calls", bearer(bob))).status == 401
+        r = await http(server.port, "GET", "/calls", bearer(bob))  # dropped by this process
+        assert (r.status, r.json()["signed_out"]) == (401, "left_faction"), r
         assert torn.requests[(war, "/faction/{id}/members")] >= 2
     finally:
         await stream.close()

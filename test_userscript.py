@@ -65,6 +65,7 @@ from testkit import (
     make_tls_files,
     pg_execute,
     read_chunk,
+    run_cli,
     wait_until,
 )
 
@@ -1581,8 +1582,33 @@ async def test_a_member_signs_in_with_a_key_calls_in_their_name_and_signs_out(h,
     await expect(panel(alice).locator(".tc-who")).to_be_hidden()
     await expect(panel(alice)).to_have_attribute("data-status", "off")
     assert "tm_" not in await storage_text(alice)
-    h.errors.clear()  # the wrong key's refusal was reported on purpose
+    # Signed in again, then the operator revokes the token: the stream ends, the sign-in
+    # form comes back with the server's reason, and the token is dropped.
+    await settings.locator(".tc-f-key").fill(alice_key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(settings).to_be_hidden()
+    await expect(panel(alice)).to_have_attribute("data-transport", "stream")
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await revoke_member(h, ALICE)
+    await expect_signed_out(alice, "your sign-in was revoked by this server's operator")
+    h.errors.clear()  # the wrong key's refusal and the sign-out were reported on purpose
     await h.assert_clean(alice)
+
+
+async def revoke_member(h, member: Member) -> None:
+    done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", str(member.id),
+                                   DATABASE_URL=h.db)
+    assert done.returncode == 0, done
+
+
+async def expect_signed_out(page: Page, reason: str) -> None:
+    """The sign-in form is back, saying why, and no member token is kept."""
+    await expect(panel(page).locator(".tc-notice")).to_have_text(f"Signed out: {reason}: sign in "
+                                                                 "again with your Torn API key.")
+    await expect(panel(page).locator(".tc-settings .tc-f-key")).to_be_visible()
+    await expect(panel(page).locator(".tc-who")).to_be_hidden()
+    await expect(panel(page)).to_have_attribute("data-status", "off")
+    assert "tm_" not in await storage_text(page)
 
 
 async def test_an_expired_sign_in_leads_back_to_the_sign_in_form(h):
@@ -1624,6 +1650,10 @@ async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, tor
     assert any(r["url"].endswith("/auth/torn") for r in requests)
     assert not any(bob_key in r["url"] for r in requests)
     assert bob_key not in await storage_text(bob)
+    # Revoked while long-polling: the next answer is a 401 that signs Bob out, saying why.
+    await revoke_member(h, BOB)
+    await expect_signed_out(bob, "your sign-in was revoked by this server's operator")
+    h.errors.clear()  # the sign-out was reported on purpose
     await h.assert_clean(bob)
 
 

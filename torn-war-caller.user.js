@@ -678,6 +678,7 @@
       }
       if (this.poller) { this.probeLater(STREAM_PROBE_MS); return; }
       this.errors += 1;
+      if (status === 401 && settings.member) { this.memberRefused(null); return; }
       let delay;
       if (status === 401 || status === 403) {
         why = 'the server refused the token: check the settings';
@@ -846,6 +847,7 @@
             return;
           }
           if (pageOnly && cspBlocked) { this.blocked(); return; }
+          if (r.status === 401 && settings.member) { this.memberRefused(r); return; }
           lp.errors += 1;
           let delay = r.retryAfterMs ? r.retryAfterMs + Math.random() * 1000
             : jitter(Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** lp.errors));
@@ -856,6 +858,18 @@
         });
       };
       cycle();
+    }
+
+    /**
+     * The server refused the member token (it expired, the operator revoked it, or the
+     * player left the faction): sign out with the server's reason. A refused stream has no
+     * body to read (`responseType: "stream"`), so one complete request asks for the reason.
+     */
+    memberRefused(r) {
+      if (this.stopped) return;
+      this.stop();
+      const ask = r ? Promise.resolve(r) : request('GET', '/calls');
+      ask.then((answer) => { if (answer.status === 401) signedOutByServer(answer); else if (link === this) startLink(); });
     }
 
     stopLongPoll() {
@@ -1052,7 +1066,7 @@
       const holder = r.json && r.json.call;
       notice(targetLabel(holder || { target_id: targetId }, targetName) + ' is already called by '
         + (holder ? callerName(holder) : 'someone else'), 'error');
-    } else {
+    } else if (!signedOutByServer(r)) {
       notice('Call failed: ' + describe(r), 'error');
     }
   }
@@ -1067,7 +1081,7 @@
       notice('Only ' + callerName(r.json.call) + ' can uncall ' + targetLabel(r.json.call), 'error');
     } else if (r.status === 404) {
       notice('That target is not called any more.');
-    } else {
+    } else if (!signedOutByServer(r)) {
       notice('Uncall failed: ' + describe(r), 'error');
     }
   }
@@ -1403,6 +1417,26 @@
     showWho();
     notice('Signed out.', 'info');
     openSettings();
+  }
+
+  /**
+   * A 401 for the member token (expired, revoked, or no longer in the faction): the token
+   * is dropped and the sign-in form comes back with the server's reason. False for any
+   * other answer, or for a faction token (its 401 keeps pointing at the settings).
+   */
+  function signedOutByServer(r) {
+    if (!r || r.status !== 401 || !settings.member) return false;
+    const why = r.json && typeof r.json.error === 'string' && r.json.error ? r.json.error
+      : 'the server no longer accepts your sign-in';
+    save('token', '');
+    save('member', null);
+    save('configured', false);
+    applySettings();
+    post({ t: 'settings' });
+    showWho();
+    if (ui.settings) openSettings();
+    notice('Signed out: ' + why + '.', 'error');  // text, never HTML
+    return true;
   }
 
   /** TornPDA hands scripts the player's key: sign in with it, no setup at all. */

@@ -797,7 +797,7 @@ class Grant:
     """
 
     __slots__ = ("faction", "label", "allowance", "stamp", "player_id", "player_name",
-                 "expires_at")
+                 "expires_at", "ended")
 
     def __init__(self, faction: int | None, label: str, player_id: int | None = None,
                  player_name: str | None = None, expires_at: float | None = None):
@@ -805,6 +805,7 @@ class Grant:
         self.allowance: float | None = None  # writes left in the bucket
         self.stamp = 0.0
         self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
+        self.ended: str | None = None  # why the token stopped working (MEMBER_TOKEN_ENDED)
 
     def take_write(self, per_minute: int, now: float) -> float:
         """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
@@ -861,17 +862,25 @@ class Auth:
         # Member tokens this process issued that no read of the table has shown yet: a
         # read that began before their INSERT committed must not make them vanish.
         self.pending: dict[bytes, Grant] = {}
+        # Member tokens that ended (within the day the table read keeps them), and why: a
+        # key of MEMBER_TOKEN_ENDED. Their 401 says why, so the player is signed out with a
+        # reason rather than told that a token they never typed is "invalid".
+        self.ended: dict[bytes, str] = {}
 
     def set_db_tokens(self, rows: list[tuple]) -> set[Grant]:
         """Replace the database's tokens; returns those gone. A row is (digest, faction,
-        label, revoked), and for member tokens also (player_id, player_name, expires_at)."""
+        label, revoked), and for member tokens also (player_id, player_name, expires_at),
+        and why an ended one ended (a key of MEMBER_TOKEN_ENDED)."""
         old = self.db or {}
         new: dict[bytes, Grant] = {}
+        ended: dict[bytes, str] = {}
         for digest, faction, label, revoked, *member in rows:
             self.pending.pop(digest, None)
+            player_id, player_name, expires_at, *why = member or (None, None, None)
             if revoked:
+                if player_id is not None:
+                    ended[digest] = why[0] if why and why[0] in MEMBER_TOKEN_ENDED else "revoked"
                 continue
-            player_id, player_name, expires_at = member or (None, None, None)
             grant = old.get(digest)
             if grant is None or grant.faction != faction or grant.player_id != player_id:
                 grant = Grant(faction, label, player_id, player_name, expires_at)
@@ -879,11 +888,17 @@ class Auth:
             new[digest] = grant
         new.update(self.pending)
         self.db = new
+        self.ended = ended
         self._all = {**new, **self.env}
         self.required = not self.open_access or bool(self.env) or self.closed or bool(rows)
         self.token_factions = {g.faction for g in self._all.values()  # they may sign in
                                if g.faction is not None and g.player_id is None}
-        return {grant for digest, grant in old.items() if new.get(digest) is not grant}
+        gone = set()
+        for digest, grant in old.items():
+            if new.get(digest) is not grant:
+                grant.ended = ended.get(digest, "revoked")
+                gone.add(grant)
+        return gone
 
     def add_member(self, digest: bytes, grant: Grant) -> None:
         """A member token this process just stored: valid here at once, before any NOTIFY."""
@@ -892,38 +907,57 @@ class Auth:
         self._all[digest] = grant
         self.required = True
 
-    def drop(self, digests: list[bytes]) -> set[Grant]:
-        """Forget tokens revoked in the database by this process; returns their grants."""
+    def drop(self, digests: list[bytes], why: str = "revoked") -> set[Grant]:
+        """Forget tokens revoked in the database by this process (`why`: a key of
+        MEMBER_TOKEN_ENDED); returns their grants."""
         gone = set()
         for digest in digests:
             self.pending.pop(digest, None)
+            self.ended[digest] = why
             grant = (self.db or {}).pop(digest, None)
             if grant is not None and self._all.get(digest) is grant:
                 del self._all[digest]
+                grant.ended = why
                 gone.add(grant)
         return gone
 
     def expire(self, now: float) -> set[Grant]:
         """Forget member tokens past their expiry; returns their grants (to end streams)."""
         ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
-        return self.drop(list(ended))
+        return self.drop(list(ended), "expired")
 
     def grant(self, req: Request) -> Grant:
         """The grant for this request; HttpError 401 without a valid token."""
         token = presented_token(req)
         if token:
-            grant = self._all.get(token_digest(token))
+            digest = token_digest(token)
+            grant = self._all.get(digest)
             if grant is not None:
                 if grant.expires_at is not None and time.time() >= grant.expires_at:
-                    raise HttpError(401, "your sign-in has expired: sign in again with your "
-                                    "Torn API key", UNAUTHORIZED)
+                    raise HttpError(401, MEMBER_TOKEN_ENDED["expired"], UNAUTHORIZED,
+                                    {"signed_out": "expired"})
                 return grant
+            why = self.ended.get(digest)
+            if why is not None:
+                raise HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
         if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
                             (("Retry-After", "5"),))
         if self.required:
             raise HttpError(401, "missing or invalid token", UNAUTHORIZED)
         return OPEN
+
+
+# Why a member token ended, as its 401 says it (the userscript shows it on the sign-in
+# form): `expired` after MEMBER_TOKEN_DAYS, `revoked` by the operator (`token revoke`),
+# `left_faction` when the faction's member list no longer shows the player.
+MEMBER_TOKEN_ENDED = {
+    "expired": "your sign-in has expired: sign in again with your Torn API key",
+    "revoked": "your sign-in was revoked by this server's operator: sign in again with "
+               "your Torn API key",
+    "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
+                    "this faction",
+}
 
 
 MAX_NAME_CHARS = 64
@@ -1448,6 +1482,15 @@ class Hub:
             if not held:
                 del self.holding[client.scope]
 
+    def wake_grants(self, grants: set) -> None:
+        """Answer now the held long-polls of these grants (their tokens just ended)."""
+        now = self.loop.time()
+        for held in self.holding.values():
+            for client in held:
+                if client.grant in grants and client.wake is not None:
+                    client.wake.reschedule(now)
+                    client.wake = None
+
     def _wake(self, scopes) -> None:
         now = self.loop.time()
         for scope in scopes:
@@ -1811,7 +1854,7 @@ class App:
         async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
             rows = await conn.fetch(REVOKE_DEPARTED_SQL, faction_id, sorted(member_ids),
                                     timeout=QUERY_TIMEOUT)
-        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows])
+        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
         self.revoke(gone)
         for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
@@ -1869,6 +1912,14 @@ class App:
         finally:
             self.hub.release(client)
             client.phase = Phase.BUSY
+        if client.grant is not None and client.grant.ended:
+            # Its token ended while it waited (revoked, expired, left the faction): the
+            # answer a new request would get, so the player is signed out now, not later.
+            why = client.grant.ended if client.grant.player_id is not None else None
+            body = {"error": MEMBER_TOKEN_ENDED[why], "signed_out": why} if why \
+                else {"error": "missing or invalid token"}
+            return render_response(401, [*held.headers, *UNAUTHORIZED], json_bytes(body),
+                                   close=not keep_alive, head_only=held.head_only), keep_alive
         self.stats.polls += 1
         return render_response(200, held.headers, self.hub.poll(client.scope, held.since),
                                close=not keep_alive, head_only=held.head_only), keep_alive
@@ -1928,6 +1979,7 @@ class App:
         ended = [c for c in self.hub.all_streams() if c.grant in grants]
         for client in ended:
             self.hub.end(client, self.config.retry_ms)
+        self.hub.wake_grants(grants)  # their held long-polls answer 401 now (see `hold`)
         log.info("tokens revoked: %s; ended %d streams",
                  ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
 
@@ -2219,7 +2271,9 @@ LOAD_RECENT_SQL = """
 LOAD_TOKENS_SQL = """
     SELECT token_sha256, faction_id, label,
            revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
-           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at
+           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at,
+           CASE WHEN revoked_at IS NOT NULL THEN coalesce(revoked_reason, 'revoked')
+                WHEN expires_at <= now() THEN 'expired' END AS ended
     FROM torncat_tokens
     WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
 """
@@ -2493,7 +2547,7 @@ class Listener:
         before = None if auth.db is None else len(auth.db)
         revoked = auth.set_db_tokens(
             [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"],
-              r["player_id"], r["player_name"], r["expires_at"]) for r in rows])
+              r["player_id"], r["player_name"], r["expires_at"], r["ended"]) for r in rows])
         if len(auth.db) != before:
             log.info("tokens: %d active in the database, %d from the environment%s",
                      len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
@@ -2843,7 +2897,7 @@ ISSUE_MEMBER_TOKEN_SQL = """
     RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
 """
 REVOKE_DEPARTED_SQL = """
-    UPDATE torncat_tokens SET revoked_at = now()
+    UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
     WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
       AND NOT (player_id = ANY($2::bigint[]))
     RETURNING token_sha256, player_id, player_name

@@ -349,6 +349,10 @@ BEGIN
 END
 $$;
 
+-- Why a member token was revoked, for the 401 its player gets: NULL when the operator
+-- revoked it (`token revoke`), 'left_faction' when the poll found the player gone.
+ALTER TABLE torncat_tokens ADD COLUMN IF NOT EXISTS revoked_reason text;
+
 -- Cutting off the players who left a faction reads that faction's member tokens.
 CREATE INDEX IF NOT EXISTS torncat_tokens_members_idx
     ON torncat_tokens (faction_id, player_id) WHERE kind = 'member' AND revoked_at IS NULL;
