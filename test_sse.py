@@ -3185,6 +3185,60 @@ async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_se
         await stream.close()
 
 
+async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_and_a_key_is_refused(
+        poll_server, war, torn, conn):
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", POLL_SECONDS="0.2",
+                         FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
+    await polled(server)
+    red = await SseClient(server.port, headers=bearer(RED)).connect()
+    blue = await SseClient(server.port, headers=bearer(BLUE)).connect()
+    try:
+        first = await red.next()
+        assert "poll_health" not in first.json  # healthy: the snapshot is as it was
+        await blue.next()
+        torn.error_code = 17  # Torn's backend fails
+        stale = await red.next()  # the first event, and it says 3 polls failed: not before
+        assert stale.event == "poll_health", stale
+        assert stale.json["faction_id"] == RED_ID and stale.json["state"] == "stale"
+        assert stale.json["failures"] == t.POLL_STALE_ROUNDS and stale.json["error_code"] == 17
+        assert stale.json["reason"].startswith("error 17: ") and stale.json["since"]
+        await wait_until(lambda: _failures(server, t.POLL_STALE_ROUNDS + 1),
+                         what="more failed polls")
+        await red.assert_quiet()  # said once per outage, not once per poll
+        # A stream that comes now gets it in its snapshot, a poll since before it in a replay.
+        late = await SseClient(server.port, headers=bearer(RED)).connect()
+        try:
+            assert (await late.next()).json["poll_health"] == [stale.json]
+        finally:
+            await late.close()
+        r = await http(server.port, "GET", f"/calls?since={first.id}", bearer(RED))
+        assert [e["event"] for e in r.json()["events"]] == ["poll_health"]
+        torn.error_code = None
+        ok = await red.next()
+        assert (ok.event, ok.json["state"], ok.json["reason"], ok.json["failures"]) == (
+            "poll_health", "ok", None, 0)
+        # The faction's only key is refused: disabled, and its members are told once.
+        torn.keys[war].status = 2
+        refused = await red.next()
+        assert (refused.event, refused.json["state"], refused.json["error_code"]) == (
+            "poll_health", "key_refused", 2)
+        assert refused.json["reason"].startswith("error 2: ")
+        assert refused.json["disabled_keys"] == 1
+        await red.assert_quiet()
+        # The operator adds a key: the next poll succeeds, and the panels clear.
+        fresh = torn.add_key(1001)
+        await conn.execute("INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
+                           "VALUES ($1, $2, 'operator')", RED_ID, fresh)
+        assert (await red.next()).json["state"] == "ok"
+        await blue.assert_quiet()  # another faction never hears of it
+        assert await conn.fetchval("SELECT state FROM torncat_poll_health WHERE faction_id = $1",
+                                   RED_ID) == "ok"
+        assert_no_key(war, server.log, stale.data, refused.data)
+    finally:
+        await red.close()
+        await blue.close()
+
+
 async def _failures(server, n: int) -> bool:
     info = (await poll_health(server))["factions"].get(str(RED_ID), {})
     return info.get("failures", 0) >= n

@@ -1694,3 +1694,42 @@ async def test_enemy_states_and_hospital_countdowns_show_and_a_cleared_caller_is
     await expect(row_cell(alice, 2001).locator(".tc-state")).to_have_text(re.compile(r"^Hospital 2:0[0-5]$"))
     await expect(row_cell(alice, 2001).locator(".tc-call-btn")).to_be_visible()
     await h.assert_clean(alice)
+
+
+@pytest.mark.parametrize("transport", ["gm-stream", "gm-complete"])
+async def test_the_panel_says_when_enemy_statuses_are_stale_or_the_key_was_refused(h, torn_api,
+                                                                                 transport):
+    now = int(time.time())
+    enemy = 456
+    war = {"war_id": 78, "start": now - 60, "end": None, "target": 1000, "winner": None,
+           "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
+                        {"id": enemy, "name": "Theirs", "score": 0, "chain": 0}]}
+    torn_api.add_faction(FACTION, "Ours", war)
+    torn_api.add_faction(enemy, "Theirs", war)
+    for pid, name in ENEMIES.items():
+        torn_api.add_player(pid, name, enemy)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                  POLL_SECONDS="0.2", TORNCAT_TESTING="1")
+    alice = await h.open(ALICE, transport)
+    line = panel(alice).locator(".tc-poll-health")
+    await expect(row_cell(alice, 2001).locator(".tc-state")).to_have_text("Okay")  # polled
+    await expect(line).to_be_hidden()
+    torn_api.error_code = 17  # Torn's backend fails, poll after poll
+    await expect(line).to_have_text(re.compile(
+        r"^enemy status stale \(Torn API: error 17: Backend error occurred, please try again\) "
+        r"since \d\d:\d\d$"))
+    # A page opened now learns it from its snapshot.
+    bob = await h.open(BOB, transport)
+    await expect(panel(bob).locator(".tc-poll-health")).to_contain_text("enemy status stale")
+    torn_api.error_code = None
+    await expect(line).to_be_hidden()
+    torn_api.keys[key].status = 2  # the faction's only key is refused, and disabled
+    await expect(line).to_have_text("the faction's Torn API key was refused: error 2: Incorrect Key")
+    await expect(panel(bob).locator(".tc-poll-health")).to_have_text(
+        "the faction's Torn API key was refused: error 2: Incorrect Key")
+    fresh = torn_api.add_key(ALICE.id)  # the operator adds one: the poll works again
+    await pg_execute(h.db, "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
+                     "VALUES ($1, $2, 'operator')", FACTION, fresh)
+    await expect(line).to_be_hidden()
+    await h.assert_clean(alice, bob)

@@ -426,10 +426,21 @@
     return !!s && typeof s === 'object' && positiveInt(s.target_id) !== null && typeof s.state === 'string';
   }
 
+  /** The server's Torn API poll's health for the faction (a poll_health event). */
+  function validHealth(x) {
+    return !!x && typeof x === 'object' && typeof x.state === 'string';
+  }
+
+  /** The first unhealthy poll health of a list (a snapshot's `poll_health`), or null. */
+  function unhealthy(list) {
+    return (Array.isArray(list) ? list : []).find((x) => validHealth(x) && x.state !== 'ok') || null;
+  }
+
   class CallState {
     constructor(onChange) {
       this.calls = new Map();   // target_id -> active call
       this.statuses = new Map(); // target_id -> the enemy's last status (the server's poll)
+      this.health = null;        // the poll's health when it is not ok (stale, key refused)
       this.lastEventId = null;  // null until a snapshot: events mean nothing before one
       this.onChange = onChange;
     }
@@ -437,14 +448,16 @@
     reset() {
       this.calls.clear();
       this.statuses.clear();
+      this.health = null;
       this.lastEventId = null;
       this.onChange({ kind: 'reset' });
     }
 
     /** Replace everything: the server's word on what is active as of event `id`. */
-    snapshot(calls, id, statuses) {
+    snapshot(calls, id, statuses, health) {
       const last = eventId(id);
       if (last === null) return false;
+      this.health = unhealthy(health);
       this.calls.clear();
       for (const c of Array.isArray(calls) ? calls : []) {
         if (validCall(c) && !c.uncalled_at) this.calls.set(c.target_id, c);
@@ -462,6 +475,13 @@
     event(id, name, call) {
       const n = eventId(id);
       if (n === null || this.lastEventId === null || n <= this.lastEventId) return false;
+      if (name === 'poll_health') {
+        if (!validHealth(call)) return false;
+        this.lastEventId = n;
+        this.health = call.state === 'ok' ? null : call;
+        this.onChange({ kind: name, id: n });
+        return true;
+      }
       if (name === 'target_status') {
         if (!validStatus(call)) return false;
         this.lastEventId = n;
@@ -644,8 +664,9 @@
       try { data = JSON.parse(ev.data); } catch (e) { return; }
       if (ev.type === 'snapshot') {
         this.sink.snapshot(data && data.calls, data && data.last_event_id !== undefined ? data.last_event_id : ev.id,
-          data && data.statuses);
-      } else if (ev.type === 'target_call' || ev.type === 'target_uncall' || ev.type === 'target_status') {
+          data && data.statuses, data && data.poll_health);
+      } else if (ev.type === 'target_call' || ev.type === 'target_uncall' || ev.type === 'target_status'
+        || ev.type === 'poll_health') {
         this.sink.event(ev.id, ev.type, data);
       }
     }
@@ -838,7 +859,7 @@
               this.sink.advance(j.last_event_id);
               news = j.events.length > 0;
             } else {
-              this.sink.snapshot(j.calls, j.last_event_id, j.statuses); // the first answer, or {"reset": true}
+              this.sink.snapshot(j.calls, j.last_event_id, j.statuses, j.poll_health); // the first answer, or {"reset": true}
             }
             lp.errors = 0;
             this.isLive(LONG_POLL, (this.best === LONG_POLL ? '' : 'the stream did not work here; ')
@@ -902,10 +923,10 @@
 
   /** What the leader's link reports: applied here, relayed to the other tabs. */
   const sink = {
-    snapshot(calls, id, statuses) {
-      if (state.snapshot(calls, id, statuses)) {
+    snapshot(calls, id, statuses, health) {
+      if (state.snapshot(calls, id, statuses, health)) {
         post({ t: 'snapshot', calls: Array.from(state.calls.values()), last_event_id: state.lastEventId,
-          statuses: Array.from(state.statuses.values()) });
+          statuses: Array.from(state.statuses.values()), poll_health: state.health ? [state.health] : [] });
       }
     },
     event(id, name, call) {
@@ -990,19 +1011,19 @@
         if (role === 'leader') {
           post({
             t: 'state', to: m.from, calls: Array.from(state.calls.values()),
-            statuses: Array.from(state.statuses.values()),
+            statuses: Array.from(state.statuses.values()), poll_health: state.health ? [state.health] : [],
             last_event_id: state.lastEventId, status: linkStatus,
           });
         }
         break;
       case 'state':
         if (m.to === tabId && role !== 'leader') {
-          if (m.last_event_id !== null) state.snapshot(m.calls, m.last_event_id, m.statuses);
+          if (m.last_event_id !== null) state.snapshot(m.calls, m.last_event_id, m.statuses, m.poll_health);
           showStatus(m.status);
         }
         break;
       case 'snapshot':
-        if (role !== 'leader') state.snapshot(m.calls, m.last_event_id, m.statuses);
+        if (role !== 'leader') state.snapshot(m.calls, m.last_event_id, m.statuses, m.poll_health);
         break;
       case 'event':
         if (role !== 'leader') state.event(m.id, m.name, m.call);
@@ -1155,6 +1176,7 @@
 #torncat-panel .tc-notice { margin: 0 0 6px; color: #f99; overflow-wrap: anywhere; }
 #torncat-panel .tc-notice.tc-info { color: #9cf; }
 #torncat-panel .tc-notice:empty { display: none; }
+#torncat-panel .tc-poll-health { margin: 0 0 6px; color: #fc6; overflow-wrap: anywhere; }
 #torncat-panel ul.tc-list { list-style: none; margin: 0; padding: 0; }
 #torncat-panel li.tc-call {
   display: flex; align-items: center; gap: 6px; padding: 4px 0; border-bottom: 1px solid #2f2f2f;
@@ -1250,6 +1272,8 @@
       h('span', { class: 'tc-dot' }), h('span', { class: 'tc-title', text: 'TornCat' }), ui.status, ui.count,
       ui.gear, ui.toggle);
     ui.notice = h('p', { class: 'tc-notice', role: 'status' });
+    ui.pollHealth = h('p', { class: 'tc-poll-health' });
+    ui.pollHealth.hidden = true;
     ui.list = h('ul', { class: 'tc-list' });
     ui.callInput = h('input', {
       class: 'tc-call-input', type: 'text', inputmode: 'numeric', placeholder: 'Target id or profile link',
@@ -1267,7 +1291,7 @@
     });
     ui.settings = buildSettings();
     ui.who = h('p', { class: 'tc-who' });
-    ui.body = h('div', { class: 'tc-body' }, ui.notice, ui.who, ui.settings, ui.list, ui.form);
+    ui.body = h('div', { class: 'tc-body' }, ui.notice, ui.pollHealth, ui.who, ui.settings, ui.list, ui.form);
     ui.panel = h('div', { id: 'torncat-panel', 'data-status': 'connecting', 'data-role': role },
       ui.head, ui.body);
 
@@ -1626,7 +1650,30 @@
   function renderAll() {
     safe(renderCalls);
     safe(decorateRows);
+    safe(renderPollHealth);
     showStatus(linkStatus);
+  }
+
+  /** hh:mm of an ISO time, in the browser's time zone; '?' if it is not a time. */
+  function clock(iso) {
+    const d = new Date(typeof iso === 'string' ? iso : NaN);
+    if (!Number.isFinite(d.getTime())) return '?';
+    return String(d.getHours()).padStart(2, '0') + ':' + String(d.getMinutes()).padStart(2, '0');
+  }
+
+  /**
+   * The server's Torn API poll, when it is unwell: Torn down or slow for POLL_STALE_ROUNDS
+   * polls (the server counts them), or the faction's key refused. Cleared when it polls again.
+   */
+  function renderPollHealth() {
+    if (!ui.pollHealth) return;
+    const x = state.health;
+    const reason = x && typeof x.reason === 'string' && x.reason ? x.reason : 'no answer';
+    let text = '';
+    if (x && x.state === 'stale') text = 'enemy status stale (Torn API: ' + reason + ') since ' + clock(x.since);
+    else if (x && x.state === 'key_refused') text = "the faction's Torn API key was refused: " + reason;
+    ui.pollHealth.textContent = text;  // text, never HTML
+    ui.pollHealth.hidden = !text;
   }
 
   function watchRows() {
@@ -1645,6 +1692,7 @@
   function onStateChange(change) {
     safe(renderCalls);
     safe(decorateRows);
+    safe(renderPollHealth);
     if (change.kind === 'target_call' && change.call.caller_id !== settings.memberId) {
       safe(toast, callerName(change.call) + ' called ' + targetLabel(change.call));
     }

@@ -78,7 +78,10 @@ The Torn API poll. One process per deployment (a Postgres advisory lock) asks
 Torn's API every POLL_SECONDS for each faction with a key: its ranked war, and
 the enemy's member statuses. A change becomes a `target_status` event in the
 same log; a called target hospitalised or jailed after the call, or the war's
-end, uncalls the call (see "The Torn API poll" below).
+end, uncalls the call (see "The Torn API poll" below). The poll's own health
+(Torn down for POLL_STALE_ROUNDS polls, a key refused, well again) becomes a
+`poll_health` event of the faction when it changes, so every server's clients
+learn what only the poll's process knows.
 
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
@@ -1049,22 +1052,24 @@ class Event:
     """One entry of the event log, encoded once for every client that gets it.
 
     `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
-    enemy's status change) carries a status and belongs to no call: `call_id` is None.
+    enemy's status change) carries a status and belongs to no call: `call_id` is None;
+    `poll_health` (the poll's own health for a faction changed) neither call nor target.
     """
 
     __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
                  "ts")
 
-    KINDS = ("target_call", "target_uncall", "target_status")
+    KINDS = ("target_call", "target_uncall", "target_status", "poll_health")
 
     def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
                  ts: float | None = None):
         if kind not in self.KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
-        status = kind == "target_status"
-        if not isinstance(event_id, int) or not isinstance(
-                call.get("target_id" if status else "id"), int):
-            raise ValueError("event_id and call id (a status's target_id) must be integers")
+        status = kind in ("target_status", "poll_health")
+        if not isinstance(event_id, int) or not isinstance(call.get(
+                "faction_id" if kind == "poll_health" else "target_id" if status else "id"), int):
+            raise ValueError("event_id and call id (a status's target_id, a poll health's "
+                             "faction_id) must be integers")
         self.id, self.kind, self.faction = event_id, kind, faction
         self.call_id = None if status else call["id"]
         self.target_id = call.get("target_id")
@@ -1241,6 +1246,7 @@ class Hub:
         self.active: dict[int, int | None] = {}               # call id -> faction
         self.by_faction: dict[int | None, dict[int, bytes]] = {}  # faction -> call id -> JSON
         self.statuses: dict[int | None, dict[int, bytes]] = {}  # faction -> target -> JSON
+        self.health: dict[int | None, bytes] = {}  # faction -> its last poll_health (JSON)
         self.subscribers: dict[int | None, set[Client]] = {}
         self.waiting: set[Client] = set()    # streams opened before the first snapshot
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
@@ -1265,12 +1271,14 @@ class Hub:
     # -- state ---------------------------------------------------------------
 
     def load(self, calls: list[tuple[int, int | None, bytes]], last_event_id: int,
-             recent: list[Event], statuses: list[tuple[int | None, int, bytes]] = ()) -> None:
+             recent: list[Event], statuses: list[tuple[int | None, int, bytes]] = (),
+             health: list[tuple[int | None, bytes]] = ()) -> None:
         """Replace all state from the database (start-up, or after events we needed were pruned)."""
         self.flush()
         self.active.clear()
         self.by_faction.clear()
         self.statuses.clear()
+        self.health = dict(health)
         for call_id, faction, data in calls:
             self.active[call_id] = faction
             self.by_faction.setdefault(faction, {})[call_id] = data
@@ -1298,7 +1306,9 @@ class Hub:
             return False
         self.last_event_id = ev.id
         faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
-        if ev.call_id is None:  # target_status: the enemy's status replaces the one known
+        if ev.kind == "poll_health":  # the poll's health replaces the one known
+            self.health[ev.faction] = ev.data
+        elif ev.call_id is None:  # target_status: the enemy's status replaces the one known
             self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
         elif faction is not _ABSENT:
             calls = self.by_faction[faction]
@@ -1332,13 +1342,17 @@ class Hub:
             if scope is None:
                 calls = [d for f in self.by_faction.values() for d in f.values()]
                 statuses = [d for f in self.statuses.values() for d in f.values()]
+                health = list(self.health.values())
             else:
                 calls = list(self.by_faction.get(scope, {}).values())
                 statuses = list(self.statuses.get(scope, {}).values())
-            # "statuses" only once the poll has seen one: the snapshot stays as it was without.
-            data = b'{"calls":[%s],%s"last_event_id":%d}' % (
+                health = [self.health[scope]] if scope in self.health else []
+            # "statuses" only once the poll has seen one, "poll_health" once the poll was
+            # unhealthy: the snapshot stays as it was without.
+            data = b'{"calls":[%s],%s%s"last_event_id":%d}' % (
                 b",".join(calls),
                 b'"statuses":[%s],' % b",".join(statuses) if statuses else b"",
+                b'"poll_health":[%s],' % b",".join(health) if health else b"",
                 self.last_event_id)
             cached = self._snapshots[scope] = (
                 data, sse_frame(self.last_event_id, "snapshot", data))
@@ -2260,6 +2274,9 @@ LOAD_STATUSES_SQL = """
     SELECT faction_id, target_id, target_status_json(s)::text AS data
     FROM torncat_target_status s ORDER BY faction_id, target_id
 """
+LOAD_POLL_HEALTH_SQL = """
+    SELECT faction_id, poll_health_json(h)::text AS data FROM torncat_poll_health h
+"""
 LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
         SELECT * FROM target_call_events ORDER BY event_id DESC LIMIT $1) recent
@@ -2601,7 +2618,9 @@ class Listener:
                 LOAD_RECENT_SQL, self.app.config.replay_events)]
             statuses = [(r["faction_id"], r["target_id"], json_bytes(json.loads(r["data"])))
                         for r in await conn.fetch(LOAD_STATUSES_SQL)]
-        self.hub.load(calls, last, recent, statuses)
+            health = [(r["faction_id"], json_bytes(json.loads(r["data"])))
+                      for r in await conn.fetch(LOAD_POLL_HEALTH_SQL)]
+        self.hub.load(calls, last, recent, statuses, health)
         log.info("loaded %d active calls, last_event_id=%d", len(calls), last)
 
     def _on_probe(self, conn, pid, channel, payload: str) -> None:
@@ -2948,6 +2967,12 @@ POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this 
 KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
                                   # as Torn counts its 100 a minute
 BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
+# Polls of a faction failed in a row (Torn down or slow) before its members are told that
+# enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
+# three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
+POLL_STALE_ROUNDS = 3
+POLL_HEALTH_REASON_CHARS = 200    # Torn's error text, as the panel shows it, at most
+SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
 PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
 PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
 # Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
@@ -3011,6 +3036,8 @@ class FactionPoll:
     polls: int = 0                       # polls completed this session
     next_at: float = 0.0                 # loop time of the next poll
     reverified_at: float = -math.inf     # loop time of the last member-list read
+    failing_since: float | None = None   # time.time() of the first failure of this outage
+    health: tuple | None = None          # (state, reason) last stored; None: not this session
 
 
 def current_ranked_war(answer: dict, faction: int, now: int) -> tuple[int, int] | None:
@@ -3222,6 +3249,9 @@ class Poller:
         if key.db_id is not None:
             await self._query("execute", "UPDATE torncat_torn_keys SET disabled_at = now(), "
                               "disabled_reason = $2 WHERE id = $1", key.db_id, reason)
+        fp = self.factions.get(key.faction)
+        if fp is not None:  # its members' panels say so (until a poll succeeds again)
+            await self._health(fp, "key_refused", e)
 
     async def _poll(self, fp: FactionPoll) -> None:
         loop = self.app.loop
@@ -3261,6 +3291,10 @@ class Poller:
                 return
             fp.failures += 1
             if fp.failures == 1:
+                fp.failing_since = time.time()
+            if fp.failures >= POLL_STALE_ROUNDS:
+                await self._health(fp, "stale", e)
+            if fp.failures == 1:
                 log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
                             "calls stay as they are", fp.faction,
                             "no answer" if e.code is None else f"error {e.code}: {e}")
@@ -3274,6 +3308,24 @@ class Poller:
         fp.last_success = time.time()
         fp.next_at = loop.time() + poll_seconds
         fp.polls += 1
+        await self._health(fp, "ok")
+
+    async def _health(self, fp: FactionPoll, state: str, e: TornError | None = None) -> None:
+        """Tell the faction's members how the poll is (the `poll_health` event), when that
+        changed: the first time this session (the table says whether it changed), or when
+        its state or reason did."""
+        reason = None if e is None else ("no answer" if e.code is None else
+                                         f"error {e.code}: {e}")[:POLL_HEALTH_REASON_CHARS]
+        if fp.health == (state, reason):
+            return
+        def stamp(t: float | None) -> datetime.datetime | None:
+            return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC)
+        since = (fp.last_success or fp.failing_since) if state == "stale" else time.time()
+        disabled = sum(k.disabled for k in self.keys.values() if k.faction == fp.faction)
+        await self._query("fetchval", SET_POLL_HEALTH_SQL, fp.faction, state, reason,
+                          stamp(since), stamp(fp.last_success), fp.failures, disabled,
+                          None if e is None or e.code is None or e.code < 0 else e.code)
+        fp.health = (state, reason)
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
         war_id, opponent = war

@@ -18,10 +18,11 @@
 --   torncat_call, torncat_uncall, torncat_expire_calls
 --                       what the server's calls API runs: each decides in one
 --                       statement, so two racing callers cannot both win.
---   torncat_target_status, torncat_wars, torncat_torn_keys
+--   torncat_target_status, torncat_wars, torncat_torn_keys, torncat_poll_health
 --                       the central Torn API poll (issue 14): each enemy's last known
 --                       status per watching faction, each faction's current ranked war,
---                       and the Torn API keys the poll uses (operator's and lent ones).
+--                       the Torn API keys the poll uses (operator's and lent ones), and
+--                       the poll's health per faction (`poll_health` events).
 --   torncat_tokens      tokens (SHA-256 digests only): faction tokens, managed with
 --                       `python torncat_sse.py token create|list|revoke`, and member
 --                       tokens, issued by POST /auth/torn to one verified player.
@@ -107,7 +108,7 @@ CREATE TABLE IF NOT EXISTS target_call_events (
 ALTER TABLE target_call_events ALTER COLUMN call_id DROP NOT NULL;
 ALTER TABLE target_call_events DROP CONSTRAINT IF EXISTS target_call_events_event_check;
 ALTER TABLE target_call_events ADD CONSTRAINT target_call_events_event_check
-    CHECK (event IN ('target_call', 'target_uncall', 'target_status'));
+    CHECK (event IN ('target_call', 'target_uncall', 'target_status', 'poll_health'));
 
 CREATE INDEX IF NOT EXISTS target_call_events_created_at_idx
     ON target_call_events (created_at);
@@ -385,6 +386,24 @@ $$;
 -- The central Torn API poll (issue 14)
 -- ---------------------------------------------------------------------------
 
+-- The poll's own health per faction, as its members should see it: 'ok', 'stale' (Torn
+-- down or slow for POLL_STALE_ROUNDS polls in a row: statuses are as of `since`) or
+-- 'key_refused' (Torn refused a key of the faction, which is disabled). Only the process
+-- holding the poll lock knows it; written here, and appended to the event log as a
+-- `poll_health` event, only when it changes (torncat_set_poll_health).
+CREATE TABLE IF NOT EXISTS torncat_poll_health (
+    faction_id     bigint PRIMARY KEY,
+    state          text NOT NULL CHECK (state IN ('ok', 'stale', 'key_refused')),
+    reason         text,
+    since          timestamptz,    -- stale: the last successful poll (or the first failure)
+    last_success   timestamptz,
+    failures       integer NOT NULL DEFAULT 0,  -- polls failed in a row
+    disabled_keys  integer NOT NULL DEFAULT 0,
+    error_code     integer,        -- Torn's error code of the last failure; NULL: no answer
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE torncat_poll_health ENABLE ROW LEVEL SECURITY;
+
 -- Each faction's current ranked war as the poll last saw it (no row: none). New calls
 -- without a war_id take this one (torncat_call).
 CREATE TABLE IF NOT EXISTS torncat_wars (
@@ -523,6 +542,45 @@ BEGIN
         END IF;
     END LOOP;
     RETURN QUERY SELECT n_changed, n_ended;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION poll_health_json(h torncat_poll_health) RETURNS json
+LANGUAGE sql STABLE AS $$
+    SELECT json_build_object(
+        'faction_id', h.faction_id, 'state', h.state, 'reason', h.reason,
+        'since', torncat_iso(h.since), 'last_success', torncat_iso(h.last_success),
+        'failures', h.failures, 'disabled_keys', h.disabled_keys, 'error_code', h.error_code,
+        'updated_at', torncat_iso(h.updated_at))
+$$;
+
+-- The poll's health of a faction changed (as the poller sees it): store it, and append a
+-- `poll_health` event unless the stored state and reason are the same already (another
+-- poller, or this one before a restart, said it first). Returns whether it appended.
+CREATE OR REPLACE FUNCTION torncat_set_poll_health(p_faction bigint, p_state text,
+    p_reason text, p_since timestamptz, p_last_success timestamptz, p_failures integer,
+    p_disabled_keys integer, p_error_code integer)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    prev torncat_poll_health;
+    cur  torncat_poll_health;
+BEGIN
+    SELECT * INTO prev FROM torncat_poll_health WHERE faction_id = p_faction FOR UPDATE;
+    IF FOUND AND (prev.state, prev.reason) IS NOT DISTINCT FROM (p_state, p_reason) THEN
+        RETURN false;
+    END IF;
+    IF NOT FOUND AND p_state = 'ok' THEN
+        RETURN false;  -- never unhealthy: nothing to clear, and a quiet wire
+    END IF;
+    cur := ROW(p_faction, p_state, p_reason, p_since, p_last_success, p_failures,
+               p_disabled_keys, p_error_code, now());
+    INSERT INTO torncat_poll_health VALUES (cur.*)
+    ON CONFLICT (faction_id) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+        since = excluded.since, last_success = excluded.last_success,
+        failures = excluded.failures, disabled_keys = excluded.disabled_keys,
+        error_code = excluded.error_code, updated_at = excluded.updated_at;
+    PERFORM torncat_append('poll_health', NULL, p_faction, poll_health_json(cur));
+    RETURN true;
 END
 $$;
 
