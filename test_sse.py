@@ -433,6 +433,25 @@ def _event(eid, kind, faction, call_id):
     return t.Event(eid, kind, faction, {"id": call_id, "faction_id": faction})
 
 
+def test_hub_keeps_each_factions_last_poll_health_for_its_snapshot_only():
+    loop = asyncio.new_event_loop()
+    try:
+        hub = t.Hub(loop, replay_events=3, client_buffer=1000, stats=t.Stats())
+        hub.load([], 1, [], health=[(20, b'{"faction_id":20,"state":"ok"}')])
+        assert b'"poll_health":[{"faction_id":20,"state":"ok"}]' in hub.snapshot_frame(20)
+        assert b"poll_health" not in hub.snapshot_frame(10)  # never unwell: as it was
+        for eid, state in ((2, "stale"), (3, "ok")):
+            assert hub.apply(t.Event(eid, "poll_health", 10, {"faction_id": 10, "state": state}))
+            assert hub.snapshot(10)[0] == (b'{"calls":[],"poll_health":[{"faction_id":10,'
+                                           b'"state":"%s"}],"last_event_id":%d}' % (state.encode(), eid))
+        assert [e.kind for e in hub.events_after(1, 10)] == ["poll_health", "poll_health"]
+        assert hub.events_after(1, 20) == []
+        with pytest.raises(ValueError):
+            t.Event(4, "poll_health", 10, {"state": "ok"})  # no faction_id
+    finally:
+        loop.close()
+
+
 def test_hub_snapshot_replay_and_floor():
     loop = asyncio.new_event_loop()
     try:
