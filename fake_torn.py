@@ -126,6 +126,7 @@ class FakeTorn:
         self.keys: dict[str, Key] = {}
         self.factions: dict[int, Faction] = {}
         self.latency = 0.0
+        self.rate_limit = RATE_LIMIT  # requests per player per rolling minute
         self.hold: asyncio.Event | None = None
         self.arrivals: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.error_code: int | None = None
@@ -277,7 +278,7 @@ class FakeTorn:
         recent = self._recent.setdefault(who, collections.deque())
         while recent and recent[0] <= now - RATE_WINDOW:
             recent.popleft()
-        if len(recent) >= RATE_LIMIT:
+        if len(recent) >= self.rate_limit:
             return False
         recent.append(now)
         return True
