@@ -1661,16 +1661,22 @@ async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, tor
 # Enemy statuses from the central Torn API poll (issue 14), against fake_torn.py
 # ---------------------------------------------------------------------------
 
-async def test_enemy_states_and_hospital_countdowns_show_and_a_cleared_caller_is_told(h, torn_api):
-    now = int(time.time())
-    enemy = 456
-    war = {"war_id": 77, "start": now - 60, "end": None, "target": 1000, "winner": None,
+def at_war(torn_api, war_id: int) -> None:
+    """Our faction at war (a ranked war that started a minute ago) with faction 456,
+    whose members are ENEMIES."""
+    now, enemy = int(time.time()), 456
+    war = {"war_id": war_id, "start": now - 60, "end": None, "target": 1000, "winner": None,
            "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
                         {"id": enemy, "name": "Theirs", "score": 0, "chain": 0}]}
     torn_api.add_faction(FACTION, "Ours", war)
     torn_api.add_faction(enemy, "Theirs", war)
     for pid, name in ENEMIES.items():
         torn_api.add_player(pid, name, enemy)
+
+
+async def test_enemy_states_and_hospital_countdowns_show_and_a_cleared_caller_is_told(h, torn_api):
+    now = int(time.time())
+    at_war(torn_api, 77)
     yuri = torn_api.players[2002]
     yuri.state, yuri.until, yuri.description = "Hospital", now + 3600, "In hospital for 60 mins"
     key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
@@ -1699,15 +1705,7 @@ async def test_enemy_states_and_hospital_countdowns_show_and_a_cleared_caller_is
 @pytest.mark.parametrize("transport", ["gm-stream", "gm-complete"])
 async def test_the_panel_says_when_enemy_statuses_are_stale_or_the_key_was_refused(h, torn_api,
                                                                                  transport):
-    now = int(time.time())
-    enemy = 456
-    war = {"war_id": 78, "start": now - 60, "end": None, "target": 1000, "winner": None,
-           "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
-                        {"id": enemy, "name": "Theirs", "score": 0, "chain": 0}]}
-    torn_api.add_faction(FACTION, "Ours", war)
-    torn_api.add_faction(enemy, "Theirs", war)
-    for pid, name in ENEMIES.items():
-        torn_api.add_player(pid, name, enemy)
+    at_war(torn_api, 78)
     key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
     await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
                   POLL_SECONDS="0.2", TORNCAT_TESTING="1")

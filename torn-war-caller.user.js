@@ -1432,13 +1432,18 @@
     }
   }
 
-  function signOut() {
+  /** Drop the member token, here and in every tab. */
+  function forgetSignIn() {
     save('token', '');
     save('member', null);
     save('configured', false);
     applySettings();
     post({ t: 'settings' });
     showWho();
+  }
+
+  function signOut() {
+    forgetSignIn();
     notice('Signed out.', 'info');
     openSettings();
   }
@@ -1452,12 +1457,7 @@
     if (!r || r.status !== 401 || !settings.member) return false;
     const why = r.json && typeof r.json.error === 'string' && r.json.error ? r.json.error
       : 'the server no longer accepts your sign-in';
-    save('token', '');
-    save('member', null);
-    save('configured', false);
-    applySettings();
-    post({ t: 'settings' });
-    showWho();
+    forgetSignIn();
     if (ui.settings) openSettings();
     notice('Signed out: ' + why + '.', 'error');  // text, never HTML
     return true;
