@@ -1969,9 +1969,7 @@ async def test_sigterm_mid_burst_clients_move_to_the_other_server(own_pg, start_
 
 
 def server_fds_and_rss(pid: int) -> tuple[int, int]:
-    rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text()
-               .splitlines() if line.startswith("VmRSS:"))
-    return len(os.listdir(f"/proc/{pid}/fd")), rss
+    return len(os.listdir(f"/proc/{pid}/fd")), rss_bytes(pid)
 
 
 @pytest.mark.faults
