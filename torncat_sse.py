@@ -2344,6 +2344,43 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+async def notify_arrives(app: App, listen_on: asyncpg.Connection, role: str,
+                         timeout: float) -> bool:
+    """Whether a NOTIFY sent from a fresh connection reaches `listen_on` within `timeout`:
+    the check that `listen_on` is a session of our own, which LISTEN and session advisory
+    locks need.
+
+    From another connection: behind a transaction pooler a NOTIFY sent on our own client
+    connection can come straight back while real ones never would. A fresh one, not the
+    pool's: a pooled connection may be as frozen as one just given up, and the check must
+    only depend on the database accepting connections. The channel is our own hex, so the
+    NOTIFY needs no parameters or prepared statement, which poolers may not support.
+    """
+    channel = f"torncat_selftest_{os.getpid()}_{secrets.token_hex(4)}"
+    got = app.loop.create_future()
+
+    def heard(*_args) -> None:
+        if not got.done():
+            got.set_result(None)
+
+    async with asyncio.timeout(QUERY_TIMEOUT):
+        await listen_on.add_listener(channel, heard)
+    sender = await app.connect_db(role)
+    try:
+        async with asyncio.timeout(timeout):
+            await sender.execute(f"NOTIFY {channel}")
+            await got
+        arrived = True
+    except TimeoutError:
+        arrived = False
+    finally:
+        with contextlib.suppress(Exception):  # it terminates the connection if it fails
+            await sender.close(timeout=PING_TIMEOUT)
+    async with asyncio.timeout(QUERY_TIMEOUT):
+        await listen_on.remove_listener(channel, heard)
+    return arrived
+
+
 class ListenerState(enum.StrEnum):
     """Where the LISTEN connection is (shown in /healthz and the stats line)."""
 
@@ -2454,25 +2491,16 @@ class Listener:
                     f"{self.app.config.probe_timeout_seconds:g}s (half-open connection?)") from None
 
     async def _self_test(self) -> None:
-        """Send a NOTIFY from a fresh connection and wait for it here.
-
-        From another connection: behind a transaction pooler a NOTIFY sent on our own
-        client connection can come straight back while real ones never would. A fresh
-        one, not the pool's: a pooled connection may be as frozen as the one we just
-        gave up, and this test must only depend on the database accepting connections.
-        """
-        sender = await self.app.connect_db("self-test")
-        try:
-            await self.probe(sender)
-        except TimeoutError:
+        """A NOTIFY from another connection must arrive here (see notify_arrives)."""
+        async with self._in_use:
+            arrived = await notify_arrives(self.app, self.conn, "self-test",
+                                           self.app.config.probe_timeout_seconds)
+        if not arrived:
             raise SelfTestFailed(
                 "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
                 f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
-                "(port 5432) or a direct connection. Not reporting healthy.") from None
-        finally:
-            with contextlib.suppress(Exception):  # it terminates the connection if it fails
-                await sender.close(timeout=PING_TIMEOUT)
+                "(port 5432) or a direct connection. Not reporting healthy.")
 
     def _close(self) -> None:
         for task in (self._reader, self._tokens_task):
@@ -2628,24 +2656,17 @@ class Listener:
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def probe(self, sender=None) -> None:
-        """NOTIFY our probe channel and wait for it to arrive on the LISTEN connection.
-
-        Sent on the LISTEN connection itself (the periodic check: a half-open link
-        or a frozen backend never answers), or from `sender` (the start-up self-test).
-        The channel and nonce are our own hex, so a simple query needs no parameters
-        and no prepared statement, which transaction poolers may not support.
-        """
+    async def probe(self) -> None:
+        """NOTIFY our probe channel on the LISTEN connection and wait for it to come back:
+        a half-open link or a frozen backend never answers. The channel and nonce are our
+        own hex, so a simple query needs no parameters and no prepared statement, which
+        transaction poolers may not support."""
         nonce = secrets.token_hex(8)
         fut = self._probes[nonce] = self.app.loop.create_future()
-        notify = f"NOTIFY {self.probe_channel}, '{nonce}'"
         try:
             async with asyncio.timeout(self.app.config.probe_timeout_seconds):
-                if sender is None:
-                    async with self._in_use:
-                        await self.conn.execute(notify)
-                else:
-                    await sender.execute(notify)
+                async with self._in_use:
+                    await self.conn.execute(f"NOTIFY {self.probe_channel}, '{nonce}'")
                 await fut
         finally:
             self._probes.pop(nonce, None)
@@ -3166,30 +3187,10 @@ class Poller:
             conn.terminate()
 
     async def _self_test(self, conn) -> None:
-        """A NOTIFY from another connection arrives on a session of our own; behind a
-        transaction pooler, never (one sent on our own connection could come straight back:
-        see Listener._self_test)."""
-        channel = f"torncat_poll_{os.getpid()}_{secrets.token_hex(4)}"
-        got = self.app.loop.create_future()
-
-        def heard(*_args) -> None:
-            if not got.done():
-                got.set_result(None)
-
-        async with asyncio.timeout(QUERY_TIMEOUT):
-            await conn.add_listener(channel, heard)
-        sender = await self.app.connect_db("poll self-test")
-        try:
-            async with asyncio.timeout(POLL_SELF_TEST_SECONDS):
-                await sender.execute(f"NOTIFY {channel}")
-                await got
-        except TimeoutError:
-            raise PoolerDetected from None
-        finally:
-            with contextlib.suppress(Exception):
-                await sender.close(timeout=PING_TIMEOUT)
-        async with asyncio.timeout(QUERY_TIMEOUT):
-            await conn.remove_listener(channel, heard)
+        """Behind a transaction pooler the poll's lock cannot be held: see notify_arrives."""
+        async with self._db_lock:
+            if not await notify_arrives(self.app, conn, "poll self-test", POLL_SELF_TEST_SECONDS):
+                raise PoolerDetected
 
     async def _query(self, method: str, sql: str, *args):
         """One statement on the poll's connection, within DB_TIMEOUT_SECONDS; a miss ends
