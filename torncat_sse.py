@@ -3475,61 +3475,70 @@ async def serve(config: Config, dsn: str) -> None:
     log.info("stopped")
 
 
-async def token_command(config: Config, dsn: str) -> int:
-    """`token create|list|revoke`: manage the faction tokens kept in the database."""
+@contextlib.asynccontextmanager
+async def cli_connection(config: Config, dsn: str):
+    """The command line's connection: deadlines on connecting and on every statement, and
+    trigger.sql applied first with --init-db."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
         if config.init_db:
             await apply_schema(conn)
-        if config.token_command == "create":
-            token = "tc_" + secrets.token_urlsafe(24)
-            row = await conn.fetchrow(
-                "INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
-                "VALUES ($1, $2, $3) RETURNING id", config.faction, config.label,
-                token_digest(token))
-            print(f"token {row['id']} for faction {config.faction} ({config.label or 'no label'}); "
-                  "it is shown only this once:", file=sys.stderr)
-            print(token)
-        elif config.token_command == "list":
-            rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
-                                    "kind, player_id, expires_at, "
-                                    "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
-                                    "FROM torncat_tokens ORDER BY id")
-            print(f"{'id':>5}  {'faction':>10}  {'kind':7}  {'sha256':8}  {'created (UTC)':19}  "
-                  f"{'ends (UTC)':19}  label")
-            for r in rows:
-                ends, end = r["revoked_at"] or r["expires_at"], "revoked" if r["revoked_at"] else ""
-                ends = f"{ends:%Y-%m-%d %H:%M:%S}" if ends else "-"
-                label = r["label"] if r["kind"] == "faction" else f"{r['label']} [{r['player_id']}]"
-                print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['kind']:7}  {r['digest']:8}  "
-                      f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {ends:19}  {label} {end}".rstrip())
-        elif config.player is not None:
-            revoked = await conn.fetchval("WITH r AS (UPDATE torncat_tokens SET revoked_at = now() "
-                                          "WHERE kind = 'member' AND player_id = $1 AND "
-                                          "revoked_at IS NULL RETURNING 1) SELECT count(*) FROM r",
-                                          config.player)
-            print(f"revoked {revoked} member tokens of player {config.player}; servers close "
-                  "their streams now", file=sys.stderr)
-            return 0 if revoked else 1
-        elif config.id is None:
-            print("torncat_sse: token revoke needs a token id or --player", file=sys.stderr)
-            return 2
-        else:
-            revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
-                                          "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
-                                          config.id)
-            if revoked is None:
-                print(f"torncat_sse: no active token with id {config.id}", file=sys.stderr)
-                return 1
-            print(f"token {config.id} revoked; servers close its streams now", file=sys.stderr)
-        return 0
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def token_command(config: Config, dsn: str) -> int:
+    """`token create|list|revoke`: manage the faction tokens kept in the database."""
+    try:
+        async with cli_connection(config, dsn) as conn:
+            if config.token_command == "create":
+                token = "tc_" + secrets.token_urlsafe(24)
+                row = await conn.fetchrow(
+                    "INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+                    "VALUES ($1, $2, $3) RETURNING id", config.faction, config.label,
+                    token_digest(token))
+                print(f"token {row['id']} for faction {config.faction} ({config.label or 'no label'}); "
+                      "it is shown only this once:", file=sys.stderr)
+                print(token)
+            elif config.token_command == "list":
+                rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
+                                        "kind, player_id, expires_at, "
+                                        "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
+                                        "FROM torncat_tokens ORDER BY id")
+                print(f"{'id':>5}  {'faction':>10}  {'kind':7}  {'sha256':8}  {'created (UTC)':19}  "
+                      f"{'ends (UTC)':19}  label")
+                for r in rows:
+                    ends, end = r["revoked_at"] or r["expires_at"], "revoked" if r["revoked_at"] else ""
+                    ends = f"{ends:%Y-%m-%d %H:%M:%S}" if ends else "-"
+                    label = r["label"] if r["kind"] == "faction" else f"{r['label']} [{r['player_id']}]"
+                    print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['kind']:7}  {r['digest']:8}  "
+                          f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {ends:19}  {label} {end}".rstrip())
+            elif config.player is not None:
+                revoked = await conn.fetchval("WITH r AS (UPDATE torncat_tokens SET revoked_at = now() "
+                                              "WHERE kind = 'member' AND player_id = $1 AND "
+                                              "revoked_at IS NULL RETURNING 1) SELECT count(*) FROM r",
+                                              config.player)
+                print(f"revoked {revoked} member tokens of player {config.player}; servers close "
+                      "their streams now", file=sys.stderr)
+                return 0 if revoked else 1
+            elif config.id is None:
+                print("torncat_sse: token revoke needs a token id or --player", file=sys.stderr)
+                return 2
+            else:
+                revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
+                                              "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
+                                              config.id)
+                if revoked is None:
+                    print(f"torncat_sse: no active token with id {config.id}", file=sys.stderr)
+                    return 1
+                print(f"token {config.id} revoked; servers close its streams now", file=sys.stderr)
+            return 0
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
         print("torncat_sse: the database has no (current) torncat_tokens table: apply trigger.sql "
               "(or add --init-db)", file=sys.stderr)
         return 1
-    finally:
-        await conn.close()
 
 
 def read_torn_key() -> str | None:
@@ -3549,44 +3558,39 @@ async def torn_key_command(config: Config, dsn: str) -> int:
             print("torncat_sse: that is not a Torn API key (16 letters and digits)",
                   file=sys.stderr)
             return 2
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
-                                 ssl=database_tls(config.database_ca_cert))
     try:
-        if config.init_db:
-            await apply_schema(conn)
-        if config.key_command == "add":
-            row = await conn.fetchrow(
-                "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
-                "VALUES ($1, $2, 'operator') ON CONFLICT (api_key) DO UPDATE SET "
-                "faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL "
-                "RETURNING id, (xmax = 0) AS inserted", config.faction, key)
-            del key
-            print(f"key db:{row['id']} {'stored' if row['inserted'] else 'was already stored'} "
-                  f"for faction {config.faction}'s poll", file=sys.stderr)
-        elif config.key_command == "list":
-            rows = await conn.fetch("SELECT id, faction_id, source, player_id, player_name, "
-                                    "created_at, disabled_at, disabled_reason "
-                                    "FROM torncat_torn_keys ORDER BY id")
-            print(f"{'key':>8}  {'faction':>10}  {'source':8}  {'added (UTC)':19}  state")
-            for r in rows:
-                who = f" by {r['player_name']} [{r['player_id']}]" if r["player_id"] else ""
-                state = f"disabled: {r['disabled_reason']}" if r["disabled_at"] else "in use"
-                print(f"{'db:' + str(r['id']):>8}  {r['faction_id']:>10}  {r['source'] + who:8}"
-                      f"  {r['created_at']:%Y-%m-%d %H:%M:%S}  {state}")
-        else:
-            gone = await conn.fetchval("DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id",
-                                       config.id)
-            if gone is None:
-                print(f"torncat_sse: no key with id {config.id}", file=sys.stderr)
-                return 1
-            print(f"key db:{config.id} removed", file=sys.stderr)
-        return 0
+        async with cli_connection(config, dsn) as conn:
+            if config.key_command == "add":
+                row = await conn.fetchrow(
+                    "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
+                    "VALUES ($1, $2, 'operator') ON CONFLICT (api_key) DO UPDATE SET "
+                    "faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL "
+                    "RETURNING id, (xmax = 0) AS inserted", config.faction, key)
+                del key
+                print(f"key db:{row['id']} {'stored' if row['inserted'] else 'was already stored'} "
+                      f"for faction {config.faction}'s poll", file=sys.stderr)
+            elif config.key_command == "list":
+                rows = await conn.fetch("SELECT id, faction_id, source, player_id, player_name, "
+                                        "created_at, disabled_at, disabled_reason "
+                                        "FROM torncat_torn_keys ORDER BY id")
+                print(f"{'key':>8}  {'faction':>10}  {'source':8}  {'added (UTC)':19}  state")
+                for r in rows:
+                    who = f" by {r['player_name']} [{r['player_id']}]" if r["player_id"] else ""
+                    state = f"disabled: {r['disabled_reason']}" if r["disabled_at"] else "in use"
+                    print(f"{'db:' + str(r['id']):>8}  {r['faction_id']:>10}  {r['source'] + who:8}"
+                          f"  {r['created_at']:%Y-%m-%d %H:%M:%S}  {state}")
+            else:
+                gone = await conn.fetchval("DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id",
+                                           config.id)
+                if gone is None:
+                    print(f"torncat_sse: no key with id {config.id}", file=sys.stderr)
+                    return 1
+                print(f"key db:{config.id} removed", file=sys.stderr)
+            return 0
     except asyncpg.UndefinedTableError:
         print("torncat_sse: the database has no torncat_torn_keys table: apply trigger.sql "
               "(or add --init-db)", file=sys.stderr)
         return 1
-    finally:
-        await conn.close()
 
 
 def access_summary(config: Config, asked: bool | None) -> str:
