@@ -765,25 +765,43 @@ def render_head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def render_response(status: int, headers: list[tuple[str, str]], body: bytes = b"", *,
-                    close: bool = False, head_only: bool = False) -> bytes:
-    """A complete response with a Content-Length body."""
-    headers = [*headers, ("Content-Length", str(len(body)))]
-    if close:
-        headers.append(("Connection", "close"))
-    return render_head(status, headers) + (b"" if head_only else body)
-
-
 def json_bytes(obj: object) -> bytes:
     """Compact one-line JSON: SSE data must not contain raw line breaks, and JSON escapes them."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def json_response(status: int, obj: object, headers: list[tuple[str, str]] = (), *,
-                  close: bool = False, head_only: bool = False) -> bytes:
-    return render_response(status, [("Content-Type", "application/json"),
-                                     ("Cache-Control", "no-store"), *headers],
-                           json_bytes(obj), close=close, head_only=head_only)
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer with a Content-Length body, before `render` makes it bytes."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = "application/json"  # None: no body to type, nothing to cache
+    cors: bool = True  # False: its headers decide CORS themselves (a preflight), or none apply
+
+
+def json_reply(status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, json_bytes(obj), headers)
+
+
+def error_reply(e: HttpError) -> Reply:
+    return json_reply(e.status, {"error": e.message, **e.extra}, e.headers)
+
+
+def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
+           head_only: bool) -> bytes:
+    """The one place an answer becomes bytes: CORS (the request's `cors_headers`), the
+    connection's fate and HEAD (the same head, no body: RFC 9110 section 9.3.2)."""
+    headers = [] if reply.content_type is None else [
+        ("Content-Type", reply.content_type), ("Cache-Control", "no-store")]
+    headers.extend(reply.headers)
+    if reply.cors:
+        headers.extend(cors)
+    headers.append(("Content-Length", str(len(reply.body))))
+    if not keep_alive:
+        headers.append(("Connection", "close"))
+    return render_head(reply.status, headers) + (b"" if head_only else reply.body)
 
 
 def chunk(data: bytes) -> bytes:
@@ -824,20 +842,22 @@ def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str
     return headers
 
 
-def preflight(req: Request, allowed: tuple[str, ...]) -> bytes:
+def preflight(req: Request, allowed: tuple[str, ...]) -> Reply:
     """Answer an OPTIONS request, a CORS preflight when it carries an Origin."""
     origin = req.headers.get("origin")
     if origin is None:
-        return render_response(204, [("Allow", "GET, POST, DELETE, OPTIONS")])
+        return Reply(204, headers=(("Allow", "GET, POST, DELETE, OPTIONS"),), content_type=None,
+                     cors=False)
     if origin not in allowed:
-        return json_response(403, {"error": "origin not allowed"}, [("Vary", "Origin")])
-    return render_response(204, [
+        return Reply(403, json_bytes({"error": "origin not allowed"}), (("Vary", "Origin"),),
+                     cors=False)
+    return Reply(204, headers=(
         ("Access-Control-Allow-Origin", origin),
         ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
         ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
         ("Access-Control-Max-Age", "600"),
         ("Vary", "Origin"),
-    ])
+    ), content_type=None, cors=False)
 
 
 def presented_token(req: Request) -> str | None:
@@ -1613,18 +1633,23 @@ class Hub:
 # The HTTP side: one coroutine per connection
 # ---------------------------------------------------------------------------
 
-class HeldPoll:
-    """A long-poll with nothing new yet: all that its answer needs once it wakes.
+class Streaming:
+    """What the events route answers: the connection is now a stream that the hub writes
+    to, and handle() waits for its end."""
 
-    The poll route returns it instead of an answer; converse() then drops the
-    request and waits in App.hold, so a held long-poll keeps about what an idle
-    stream keeps, not a request's head, headers and route frames.
-    """
 
-    __slots__ = ("since", "wait", "headers", "head_only")
+STREAMING = Streaming()
 
-    def __init__(self, since: int, wait: int, headers: list[tuple[str, str]], head_only: bool):
-        self.since, self.wait, self.headers, self.head_only = since, wait, headers, head_only
+
+class Held:
+    """What GET /calls?wait= answers when nothing is new yet: all its answer needs once it
+    wakes. converse() then drops the request and waits in App.hold, so a held request keeps
+    about what an idle stream keeps, not a request's head, headers and route frames."""
+
+    __slots__ = ("since", "wait")
+
+    def __init__(self, since: int, wait: int):
+        self.since, self.wait = since, wait
 
 
 @dataclass(slots=True)
@@ -1635,11 +1660,16 @@ class Exchange:
     req: Request
     body: bytes
     cors: list[tuple[str, str]]
+    keep_alive: bool
     target: int | None = None      # the <target> of /calls/<target>
 
 
-Handler = Callable[[Exchange], Awaitable[bytes | HeldPoll | None]]
-CALL_PATH_RE = re.compile(r"^/calls/(\d{1,19})(/uncall)?$")
+Handler = Callable[[Exchange], Awaitable[Reply | Held | Streaming]]
+
+
+def route_pattern(template: str) -> re.Pattern:
+    """A route's path as a pattern: `<target>` stands for a Torn id."""
+    return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
 
 
 class App:
@@ -1668,8 +1698,8 @@ class App:
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
-        # path -> method -> handler; the methods in the order a 405 lists them.
-        self.routes: dict[str, dict[str, Handler]] = {
+        # Every route: path -> method -> handler, the methods in the order a 405 lists them.
+        routes: dict[str, dict[str, Handler]] = {
             "/events": {"GET": self.events},
             "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
             "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
@@ -1678,6 +1708,7 @@ class App:
             "/calls/<target>/uncall": {"POST": self.uncall},
             "/auth/torn": {"POST": self.sign_in},
         }
+        self.routes = [(route_pattern(path), methods) for path, methods in routes.items()]
 
     # -- a connection, from accept to close ------------------------------------------
 
@@ -1685,8 +1716,9 @@ class App:
         """asyncio.start_server's callback: one connection, from accept to close."""
         if self.stopping or len(self.connections) >= self.max_connections:
             self.stats.rejected += 1
-            writer.write(json_response(503, {"error": "server busy"},
-                                       [("Retry-After", self.retry_after)], close=True))
+            writer.write(render(json_reply(503, {"error": "server busy"},
+                                           (("Retry-After", self.retry_after),)),
+                                [], keep_alive=False, head_only=False))
             writer.close()
             return
         client = Client(writer)
@@ -1727,16 +1759,18 @@ class App:
                 return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
             req, body = got
             client.phase = Phase.BUSY
-            cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
-            response = await self.answer(Exchange(client, req, body, cors))
-            keep_alive = req.keep_alive
-            if isinstance(response, HeldPoll):
-                got = req = body = cors = None  # not kept for the seconds the long-poll waits
-                response, keep_alive = await self.hold(client, reader, requests, response,
-                                                       keep_alive)
-            elif response is None:
-                return  # a stream: handle() waits for its end
-            writer.write(response)
+            x = Exchange(client, req, body, cors_headers(req.headers.get("origin"),
+                                                         self.config.allowed_origins),
+                         req.keep_alive)
+            answer = await self.answer(x)
+            if answer is STREAMING:
+                return  # handle() waits for its end
+            cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
+            if isinstance(answer, Held):
+                got = req = body = x = None  # not kept for the seconds the request is held
+                answer, keep_alive = await self.hold(client, reader, requests, answer,
+                                                     keep_alive)
+            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
             if not keep_alive or self.stopping:
                 return
             if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
@@ -1777,7 +1811,7 @@ class App:
             log.debug("%s: %d %s", client.peer(), e.status, e.message)
         writer = client.writer
         client.phase = Phase.CLOSED
-        writer.write(json_response(e.status, {"error": e.message}, list(e.headers), close=True))
+        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
         if writer.can_write_eof():
             writer.write_eof()
         with contextlib.suppress(TimeoutError):
@@ -1785,7 +1819,7 @@ class App:
                 while await reader.read(READ_CHUNK):
                     pass
 
-    async def answer(self, x: Exchange) -> bytes | HeldPoll | None:
+    async def answer(self, x: Exchange) -> Reply | Held | Streaming:
         """Route one request. Every route's errors leave through here, and only here."""
         req = x.req
         if log.isEnabledFor(logging.DEBUG):
@@ -1793,26 +1827,29 @@ class App:
         try:
             if req.method == "OPTIONS":
                 return preflight(req, self.config.allowed_origins)
-            if m := CALL_PATH_RE.match(req.path):
-                methods = self.routes["/calls/<target>/uncall" if m.group(2) else "/calls/<target>"]
-                x.target = int(m.group(1))
-            elif (methods := self.routes.get(req.path)) is None:
-                raise HttpError(404, "no such endpoint")
+            methods = self.route(x)
             handler = methods.get(req.method)
             if handler is None:
                 raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
             return await handler(x)
         except HttpError as e:
-            return json_response(e.status, {"error": e.message, **e.extra}, [*e.headers, *x.cors],
-                                 close=not req.keep_alive)
+            return error_reply(e)
         except Exception:
             log.exception("error handling %s %s", req.method, redact(req.path))
-            req.keep_alive = False
-            return json_response(500, {"error": "internal error"}, x.cors, close=True)
+            x.keep_alive = False
+            return json_reply(500, {"error": "internal error"})
+
+    def route(self, x: Exchange) -> dict[str, Handler]:
+        """The methods of the route the path names; a `<target>` in it goes to `x.target`."""
+        for pattern, methods in self.routes:
+            if m := pattern.fullmatch(x.req.path):
+                x.target = int(m[1]) if pattern.groups else None
+                return methods
+        raise HttpError(404, "no such endpoint")
 
     # -- the routes ------------------------------------------------------------------
 
-    async def events(self, x: Exchange) -> None:
+    async def events(self, x: Exchange) -> Streaming:
         """GET /events: register a stream with the hub; handle() then waits for its end."""
         req, client = x.req, x.client
         if req.version != "HTTP/1.1":
@@ -1837,21 +1874,18 @@ class App:
             *x.cors,
         ])
         self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        return STREAMING
 
-    async def healthz(self, x: Exchange) -> bytes:
-        status, body = self.health()
-        return json_response(status, body, x.cors, head_only=x.req.method == "HEAD",
-                             close=not x.req.keep_alive)
+    async def healthz(self, x: Exchange) -> Reply:
+        return json_reply(*self.health())
 
-    async def metrics_page(self, x: Exchange) -> bytes:
-        return render_response(200, [
-            ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-            ("Cache-Control", "no-store")], self.metrics(),
-            head_only=x.req.method == "HEAD", close=not x.req.keep_alive)
+    async def metrics_page(self, x: Exchange) -> Reply:
+        return Reply(200, self.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8",
+                     cors=False)
 
     # -- signing in with a Torn API key ------------------------------------------------
 
-    async def sign_in(self, x: Exchange) -> bytes:
+    async def sign_in(self, x: Exchange) -> Reply:
         """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
         client" for what happens to the key)."""
         req = x.req
@@ -1891,11 +1925,10 @@ class App:
                                            row["expires_at"]))
         log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
         expires = datetime.datetime.fromtimestamp(row["expires_at"], datetime.UTC)
-        return json_response(200, {"token": token, "player_id": who.player_id, "name": who.name,
-                                   "faction_id": who.faction_id, "lent": bool(f["lend"]),
-                                   "expires_at": expires.isoformat(timespec="seconds")
-                                   .replace("+00:00", "Z")}, x.cors,
-                             close=not req.keep_alive)
+        return json_reply(200, {"token": token, "player_id": who.player_id, "name": who.name,
+                                "faction_id": who.faction_id, "lent": bool(f["lend"]),
+                                "expires_at": expires.isoformat(timespec="seconds")
+                                .replace("+00:00", "Z")})
 
     async def lend(self, key: str, who: TornIdentity) -> None:
         """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
@@ -1929,7 +1962,7 @@ class App:
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
         return len(rows)
 
-    async def poll(self, x: Exchange) -> bytes | HeldPoll:
+    async def poll(self, x: Exchange) -> Reply | Held:
         """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
 
         With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
@@ -1945,20 +1978,18 @@ class App:
         if since_text is not None and since is None:
             raise HttpError(400, "since must be an event id (a non-negative integer)")
         wait = parse_wait(req.query.get("wait"))
-        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *x.cors]
         if wait and since is not None and not self.stopping \
                 and not self.hub.has_news(grant.faction, since):
             if self.hub.client_count >= self.config.max_clients:
                 raise HttpError(503, "too many clients, retry later",
                                 (("Retry-After", self.retry_after),))
             x.client.grant = grant
-            return HeldPoll(since, wait, headers, req.method == "HEAD")
+            return Held(since, wait)
         self.stats.polls += 1
-        return render_response(200, headers, self.hub.poll(grant.faction, since),
-                               close=not req.keep_alive, head_only=req.method == "HEAD")
+        return Reply(200, self.hub.poll(grant.faction, since))
 
     async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
-                   held: HeldPoll, keep_alive: bool) -> tuple[bytes, bool]:
+                   held: Held, keep_alive: bool) -> tuple[Reply, bool]:
         """Hold a long-poll until its faction's next event, its wait, or shutdown; then
         its answer, and whether the connection stays open.
 
@@ -1987,13 +2018,11 @@ class App:
             why = client.grant.ended if client.grant.player_id is not None else None
             body = {"error": MEMBER_TOKEN_ENDED[why], "signed_out": why} if why \
                 else {"error": "missing or invalid token"}
-            return render_response(401, [*held.headers, *UNAUTHORIZED], json_bytes(body),
-                                   close=not keep_alive, head_only=held.head_only), keep_alive
+            return json_reply(401, body, UNAUTHORIZED), keep_alive
         self.stats.polls += 1
-        return render_response(200, held.headers, self.hub.poll(client.scope, held.since),
-                               close=not keep_alive, head_only=held.head_only), keep_alive
+        return Reply(200, self.hub.poll(client.scope, held.since)), keep_alive
 
-    async def make_call(self, x: Exchange) -> bytes:
+    async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
         grant = self.auth.grant(x.req)
         f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
@@ -2012,14 +2041,12 @@ class App:
         if row["status"] == "yours":
             # The caller holds it already: most likely a retry of a write whose answer was
             # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
-            return json_response(201, {"call": call, "event_id": None}, x.cors,
-                                 close=not x.req.keep_alive)
+            return json_reply(201, {"call": call, "event_id": None})
         self.stats.calls_made += 1
         await self._seen(row["event_id"])
-        return json_response(201, {"call": call, "event_id": row["event_id"]}, x.cors,
-                             close=not x.req.keep_alive)
+        return json_reply(201, {"call": call, "event_id": row["event_id"]})
 
-    async def uncall(self, x: Exchange) -> bytes:
+    async def uncall(self, x: Exchange) -> Reply:
         """DELETE /calls/<target> or POST /calls/<target>/uncall."""
         grant = self.auth.grant(x.req)
         target = _id_field(x.target, "target_id")
@@ -2038,8 +2065,7 @@ class App:
                             'it, unless the request says "force": true', extra={"call": call})
         self.stats.uncalls += 1
         await self._seen(row["event_id"])
-        return json_response(200, {"call": call, "event_id": row["event_id"]}, x.cors,
-                             close=not x.req.keep_alive)
+        return json_reply(200, {"call": call, "event_id": row["event_id"]})
 
     def revoke(self, grants: set[Grant]) -> None:
         """End the streams of tokens that were revoked."""
