@@ -232,9 +232,15 @@ POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again thi
 POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
 KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
                                   # as Torn counts its 100 a minute
+# Polls of a faction failed in a row (Torn down or slow) before its members are told that
+# enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
+# three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
+POLL_STALE_ROUNDS = 3
+POLL_HEALTH_REASON_CHARS = 200    # Torn's error text, as the panel shows it, at most
 STATUS_DESCRIPTION_CHARS = 200    # a member status's description ("In hospital for ...")
 
 ORIGIN_RE = re.compile(r"^https?://[a-z0-9.-]+(:\d{1,5})?$")
+
 
 def _bool(value: str) -> bool:
     lowered = value.strip().lower()
@@ -3051,11 +3057,6 @@ REVOKE_DEPARTED_SQL = """
 # every call as it is.
 
 BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
-# Polls of a faction failed in a row (Torn down or slow) before its members are told that
-# enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
-# three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
-POLL_STALE_ROUNDS = 3
-POLL_HEALTH_REASON_CHARS = 200    # Torn's error text, as the panel shows it, at most
 SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
 PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
 PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
