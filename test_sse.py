@@ -233,28 +233,28 @@ def _req(target: str, **headers: str) -> t.Request:
 
 def _status(auth: t.Auth, req: t.Request) -> int:
     with pytest.raises(t.HttpError) as e:
-        auth.grant(req)
+        auth.grant(req, time.time())
     assert "s3cret" not in e.value.message
     return e.value.status
 
 
 def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
     auth = t.Auth("s3cret-seed-token", ((5, "s3cret-faction-5-token"),))
-    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"))
+    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"), time.time())
     assert seed.faction is None  # the seed's token sees every faction
-    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token")) is seed
-    assert auth.grant(_req("/calls?token=s3cret-faction-5-token")).faction == 5
+    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token"), time.time()) is seed
+    assert auth.grant(_req("/calls?token=s3cret-faction-5-token"), time.time()).faction == 5
     assert _status(auth, _req("/events")) == 401
     assert _status(auth, _req("/events", Authorization="Basic czNjcmV0")) == 401
     # Not in the environment, and the table is not read yet: cannot say no, cannot say yes.
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503
     db_digest = t.token_digest("s3cret-db-token-xyz")
     assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()
-    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"))
+    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time())
     assert (db_grant.faction, db_grant.label) == (7, "main")
     assert _status(auth, _req("/events?token=s3cret-db-token-xy")) == 401
     assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()  # a reload keeps it
-    assert auth.grant(_req("/events?token=s3cret-db-token-xyz")) is db_grant
+    assert auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time()) is db_grant
     assert auth.set_db_tokens([(db_digest, 7, "main", True)]) == {db_grant}  # revoked
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
@@ -263,7 +263,7 @@ def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
     auth = t.Auth("", (), open_access=True)
     assert _status(auth, _req("/events")) == 503  # the table might hold tokens
     auth.set_db_tokens([])
-    assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
+    assert auth.grant(_req("/events"), time.time()) is t.OPEN and t.OPEN.faction is None
     auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", False)])
     assert _status(auth, _req("/events")) == 401
     # Revoking the last token must not open the server to everyone.
@@ -284,11 +284,11 @@ def test_auth_without_open_access_is_closed_whatever_the_table_holds():
 
 
 def test_write_budget_is_a_token_bucket():
-    grant = t.Grant(5, "x")
-    assert [grant.take_write(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
-    wait = grant.take_write(60, 100.0)
+    bucket = t.Grant(5, "x").writes
+    assert [bucket.take(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
+    wait = bucket.take(60, 100.0)
     assert wait == pytest.approx(1.0)
-    assert grant.take_write(60, 101.0) == 0.0  # one more a second later
+    assert bucket.take(60, 101.0) == 0.0  # one more a second later
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -2290,20 +2290,20 @@ def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
     assert auth.set_db_tokens([faction_row]) == set()
     mine = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
     auth.add_member(t.token_digest("tm_ann"), mine)
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
     # A read of the table that began before the INSERT committed does not drop it...
     assert auth.set_db_tokens([faction_row]) == set()
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
     # ...a read that shows it keeps the same grant, now settled...
     row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
     assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
     assert auth.db[t.token_digest("tm_ann")] is mine
     assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
-    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"))
+    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"), time.time())
     assert auth.set_db_tokens([row]) == {faction_grant}
     # ...and a token past its expiry is refused with the reason.
     with pytest.raises(t.HttpError, match="expired"):
-        auth.grant(_req("/events?token=tm_ann"))
+        auth.grant(_req("/events?token=tm_ann"), time.time())
     assert auth.expire(time.time() - 2) == set()
     assert auth.expire(time.time()) == {mine}
     assert _status(auth, _req("/events?token=tm_ann")) == 401

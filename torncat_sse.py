@@ -534,7 +534,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
 
 
 # ---------------------------------------------------------------------------
-# Pure encoding and parsing (no I/O, no awaits)
+# Wire format: HTTP/1.1, Server-Sent Events, CORS, JSON bodies (no I/O, no awaits)
 # ---------------------------------------------------------------------------
 
 REASONS = {
@@ -753,6 +753,12 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1REDACTED@", dsn)
 
 
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a log, without DSNs or stack traces."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 _date_cache: tuple[int, str] = (0, "")
 
 
@@ -810,6 +816,33 @@ def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
     return render_head(reply.status, headers) + (b"" if head_only else reply.body)
 
 
+def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Echo an allowed Origin exactly; never `*`. Vary on Origin either way."""
+    headers = [("Vary", "Origin")]
+    if origin is not None and origin in allowed:
+        headers.insert(0, ("Access-Control-Allow-Origin", origin))
+        headers.append(("Access-Control-Expose-Headers", "Retry-After"))
+    return headers
+
+
+def preflight(req: Request, allowed: tuple[str, ...]) -> Reply:
+    """Answer an OPTIONS request, a CORS preflight when it carries an Origin."""
+    origin = req.headers.get("origin")
+    if origin is None:
+        return Reply(204, headers=(("Allow", "GET, POST, DELETE, OPTIONS"),), content_type=None,
+                     cors=False)
+    if origin not in allowed:
+        return Reply(403, json_bytes({"error": "origin not allowed"}), (("Vary", "Origin"),),
+                     cors=False)
+    return Reply(204, headers=(
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+        ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
+        ("Access-Control-Max-Age", "600"),
+        ("Vary", "Origin"),
+    ), content_type=None, cors=False)
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body (RFC 9112 section 7.1). Empty data would end the body."""
     return b"%x\r\n%s\r\n" % (len(data), data)
@@ -839,31 +872,122 @@ def parse_event_id(value: str | None) -> int | None:
     return number if number < 2**63 else None
 
 
-def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Echo an allowed Origin exactly; never `*`. Vary on Origin either way."""
-    headers = [("Vary", "Origin")]
-    if origin is not None and origin in allowed:
-        headers.insert(0, ("Access-Control-Allow-Origin", origin))
-        headers.append(("Access-Control-Expose-Headers", "Retry-After"))
-    return headers
+class Event:
+    """One entry of the event log, encoded once for every client that gets it.
+
+    `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
+    enemy's status change) carries a status and belongs to no call: `call_id` is None;
+    `poll_health` (the poll's own health for a faction changed) neither call nor target.
+    """
+
+    __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
+                 "ts")
+
+    KINDS = ("target_call", "target_uncall", "target_status", "poll_health")
+
+    def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
+                 ts: float | None = None):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        status = kind in ("target_status", "poll_health")
+        if not isinstance(event_id, int) or not isinstance(call.get(
+                "faction_id" if kind == "poll_health" else "target_id" if status else "id"), int):
+            raise ValueError("event_id and call id (a status's target_id, a poll health's "
+                             "faction_id) must be integers")
+        self.id, self.kind, self.faction = event_id, kind, faction
+        self.call_id = None if status else call["id"]
+        self.target_id = call.get("target_id")
+        self.active = kind == "target_call"
+        self.data = json_bytes(call)
+        self.frame = sse_frame(event_id, kind, self.data)
+        self.ts = ts
 
 
-def preflight(req: Request, allowed: tuple[str, ...]) -> Reply:
-    """Answer an OPTIONS request, a CORS preflight when it carries an Origin."""
-    origin = req.headers.get("origin")
-    if origin is None:
-        return Reply(204, headers=(("Allow", "GET, POST, DELETE, OPTIONS"),), content_type=None,
-                     cors=False)
-    if origin not in allowed:
-        return Reply(403, json_bytes({"error": "origin not allowed"}), (("Vary", "Origin"),),
-                     cors=False)
-    return Reply(204, headers=(
-        ("Access-Control-Allow-Origin", origin),
-        ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-        ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
-        ("Access-Control-Max-Age", "600"),
-        ("Vary", "Origin"),
-    ), content_type=None, cors=False)
+def announced_event_id(payload: str) -> int:
+    """The event id a notification on CHANNEL announces; ValueError if it announces none.
+
+    Only a claim: the listener reads the event itself from the log (see Listener).
+    """
+    try:
+        msg = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    event_id = msg.get("event_id") if isinstance(msg, dict) else None
+    if type(event_id) is not int or not 0 < event_id < 2**63:  # a bigint, as in the log
+        raise ValueError("no event_id")
+    return event_id
+
+
+def _id_field(value: object, name: str) -> int:
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise HttpError(400, f"{name} must be a positive integer")
+    return value
+
+
+def _name_field(value: object, name: str) -> str | None:
+    if not isinstance(value, str):
+        raise HttpError(400, f"{name} must be a string")
+    value = value.strip()
+    if len(value) > MAX_NAME_CHARS:
+        raise HttpError(400, f"{name} must be at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(ch)[0] == "C" for ch in value):
+        raise HttpError(400, f"{name} must not contain control characters")
+    return value or None
+
+
+def _bool_field(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise HttpError(400, f"{name} must be true or false")
+    return value
+
+
+# Fields of the calls API: name -> (parser, required)
+CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
+               "caller_name": (_name_field, True), "target_name": (_name_field, False),
+               "war_id": (_id_field, False)}
+UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
+                 "force": (_bool_field, False)}
+# With a member token the token names the caller: the body need not (see `writer_of`).
+_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
+MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
+MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(req: Request, body: bytes, fields: dict) -> dict:
+    """A JSON object body checked against `fields`; HttpError says which field is wrong."""
+    if body:
+        content_type = req.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HttpError(415, "send a JSON body with Content-Type: application/json")
+        try:
+            obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+            raise HttpError(400, "the body nests too deeply") from None
+        if not isinstance(obj, dict):
+            raise HttpError(400, "the body must be a JSON object")
+    else:
+        obj = {}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise HttpError(400, f"unknown field {unknown[0]!r}")
+    out = {}
+    for name, (parse, required) in fields.items():
+        value = obj.get(name)
+        out[name] = None if value is None else parse(value, name)
+        if required and out[name] is None:
+            raise HttpError(400, f"{name} is required")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Access: tokens, grants, budgets, and what sign-in decides without Torn
+# ---------------------------------------------------------------------------
 
 
 def presented_token(req: Request) -> str | None:
@@ -879,26 +1003,18 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-class Grant:
-    """What one token allows: a faction (None: every faction), and its write budget.
+class Bucket:
+    """A rate limit: a token bucket that holds BURST_SECONDS of its rate (MIN_BURST at
+    least), refilled continuously."""
 
-    A member token (POST /auth/torn) also names its player, who is the caller of
-    every write made with it, and ends at `expires_at` (seconds since the epoch).
-    """
+    __slots__ = ("allowance", "stamp")
 
-    __slots__ = ("faction", "label", "allowance", "stamp", "player_id", "player_name",
-                 "expires_at", "ended")
+    def __init__(self):
+        self.allowance: float | None = None  # requests left; None: full, never used
+        self.stamp = 0.0                     # when it was last taken from
 
-    def __init__(self, faction: int | None, label: str, player_id: int | None = None,
-                 player_name: str | None = None, expires_at: float | None = None):
-        self.faction, self.label = faction, label
-        self.allowance: float | None = None  # writes left in the bucket
-        self.stamp = 0.0
-        self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
-        self.ended: str | None = None  # why the token stopped working (MEMBER_TOKEN_ENDED)
-
-    def take_write(self, per_minute: int, now: float) -> float:
-        """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
+    def take(self, per_minute: int, now: float) -> float:
+        """0 if a request may go ahead now (and it is counted), else seconds until one may."""
         burst = max(MIN_BURST, per_minute * BURST_SECONDS / 60)
         if self.allowance is None:
             self.allowance = burst
@@ -910,9 +1026,46 @@ class Grant:
         return (1 - self.allowance) * 60 / per_minute
 
 
+class Grant:
+    """What one token allows: a faction (None: every faction), and its write budget.
+
+    A member token (POST /auth/torn) also names its player, who is the caller of
+    every write made with it, and ends at `expires_at` (seconds since the epoch).
+    """
+
+    __slots__ = ("faction", "label", "writes", "player_id", "player_name", "expires_at", "ended")
+
+    def __init__(self, faction: int | None, label: str, player_id: int | None = None,
+                 player_name: str | None = None, expires_at: float | None = None):
+        self.faction, self.label = faction, label
+        self.writes = Bucket()  # a member's writes count on their player's (see Budgets)
+        self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
+        self.ended: str | None = None  # why the token stopped working (MEMBER_TOKEN_ENDED)
+
+
 OPEN = Grant(None, "open")  # OPEN_ACCESS and no token anywhere: everyone sees every faction
 
 UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
+
+
+# Why a member token ended, as its 401 says it (the userscript shows it on the sign-in
+# form): `expired` after MEMBER_TOKEN_DAYS, `revoked` by the operator (`token revoke`),
+# `left_faction` when the faction's member list no longer shows the player.
+MEMBER_TOKEN_ENDED = {
+    "expired": "your sign-in has expired: sign in again with your Torn API key",
+    "revoked": "your sign-in was revoked by this server's operator: sign in again with "
+               "your Torn API key",
+    "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
+                    "this faction",
+}
+
+
+def unauthorized(why: str | None = None) -> HttpError:
+    """The 401 of a request whose token does not open anything; `why` a member token
+    ended (a key of MEMBER_TOKEN_ENDED), said so that the player is signed out with a reason."""
+    if why is None:
+        return HttpError(401, "missing or invalid token", UNAUTHORIZED)
+    return HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
 
 
 class Auth:
@@ -1016,73 +1169,56 @@ class Auth:
         ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
         return self.drop(list(ended), "expired")
 
-    def grant(self, req: Request) -> Grant:
-        """The grant for this request; HttpError 401 without a valid token."""
+    def grant(self, req: Request, now: float) -> Grant:
+        """The grant for this request at `now` (seconds since the epoch); HttpError 401
+        without a valid token."""
         token = presented_token(req)
         if token:
             digest = token_digest(token)
             grant = self._all.get(digest)
             if grant is not None:
-                if grant.expires_at is not None and time.time() >= grant.expires_at:
-                    raise HttpError(401, MEMBER_TOKEN_ENDED["expired"], UNAUTHORIZED,
-                                    {"signed_out": "expired"})
+                if grant.expires_at is not None and now >= grant.expires_at:
+                    raise unauthorized("expired")
                 return grant
             why = self.ended.get(digest)
             if why is not None:
-                raise HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
+                raise unauthorized(why)
         if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
                             (("Retry-After", DB_RETRY_AFTER),))
         if self.required:
-            raise HttpError(401, "missing or invalid token", UNAUTHORIZED)
+            raise unauthorized()
         return OPEN
 
 
-# Why a member token ended, as its 401 says it (the userscript shows it on the sign-in
-# form): `expired` after MEMBER_TOKEN_DAYS, `revoked` by the operator (`token revoke`),
-# `left_faction` when the faction's member list no longer shows the player.
-MEMBER_TOKEN_ENDED = {
-    "expired": "your sign-in has expired: sign in again with your Torn API key",
-    "revoked": "your sign-in was revoked by this server's operator: sign in again with "
-               "your Torn API key",
-    "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
-                    "this faction",
-}
+class Budgets:
+    """How fast each may go: writes per token (a member's per player, across all their
+    tokens), sign-ins per client address. Each answers 429 with Retry-After when spent."""
 
+    def __init__(self, writes_per_minute: int, signins_per_minute: int):
+        self.writes_per_minute, self.signins_per_minute = writes_per_minute, signins_per_minute
+        self.members: dict[int, Bucket] = {}  # player id -> write bucket of all their tokens
+        self.addresses: dict[str, Bucket] = {}  # client address -> sign-in bucket
 
-def _id_field(value: object, name: str) -> int:
-    if type(value) is not int or not 0 < value <= MAX_ID:
-        raise HttpError(400, f"{name} must be a positive integer")
-    return value
+    def write(self, grant: Grant, now: float) -> None:
+        bucket = grant.writes if grant.player_id is None else \
+            self.members.setdefault(grant.player_id, Bucket())
+        wait = bucket.take(self.writes_per_minute, now)
+        if wait:
+            raise HttpError(429, "too many writes with this token, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
 
-
-def _name_field(value: object, name: str) -> str | None:
-    if not isinstance(value, str):
-        raise HttpError(400, f"{name} must be a string")
-    value = value.strip()
-    if len(value) > MAX_NAME_CHARS:
-        raise HttpError(400, f"{name} must be at most {MAX_NAME_CHARS} characters")
-    if any(unicodedata.category(ch)[0] == "C" for ch in value):
-        raise HttpError(400, f"{name} must not contain control characters")
-    return value or None
-
-
-def _bool_field(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise HttpError(400, f"{name} must be true or false")
-    return value
-
-
-# Fields of the calls API: name -> (parser, required)
-CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
-               "caller_name": (_name_field, True), "target_name": (_name_field, False),
-               "war_id": (_id_field, False)}
-UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
-                 "force": (_bool_field, False)}
-# With a member token the token names the caller: the body need not (see `writer_of`).
-_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
-MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
-MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
+    def sign_in(self, address: str, now: float) -> None:
+        bucket = self.addresses.get(address)
+        if bucket is None:
+            if len(self.addresses) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
+                idle = now - SIGNIN_IDLE_SECONDS
+                self.addresses = {a: b for a, b in self.addresses.items() if b.stamp > idle}
+            bucket = self.addresses[address] = Bucket()
+        wait = bucket.take(self.signins_per_minute, now)
+        if wait:
+            raise HttpError(429, "too many sign-ins from your address, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
 
 
 def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
@@ -1096,82 +1232,27 @@ def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
     return grant.player_id, grant.player_name
 
 
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+def _key_field(value: object, name: str) -> str:
+    # Never echo the value: it is a secret, and a wrong one is still someone's key.
+    if not isinstance(value, str) or not TORN_KEY_RE.match(value.strip()):
+        raise HttpError(400, f"{name} must be a Torn API key (16 letters and digits)")
+    return value.strip()
 
 
-def parse_body(req: Request, body: bytes, fields: dict) -> dict:
-    """A JSON object body checked against `fields`; HttpError says which field is wrong."""
-    if body:
-        content_type = req.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise HttpError(415, "send a JSON body with Content-Type: application/json")
-        try:
-            obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise HttpError(400, "the body is not valid UTF-8 JSON") from None
-        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
-            raise HttpError(400, "the body nests too deeply") from None
-        if not isinstance(obj, dict):
-            raise HttpError(400, "the body must be a JSON object")
-    else:
-        obj = {}
-    unknown = sorted(set(obj) - set(fields))
-    if unknown:
-        raise HttpError(400, f"unknown field {unknown[0]!r}")
-    out = {}
-    for name, (parse, required) in fields.items():
-        value = obj.get(name)
-        out[name] = None if value is None else parse(value, name)
-        if required and out[name] is None:
-            raise HttpError(400, f"{name} is required")
-    return out
+SIGNIN_FIELDS = {"key": (_key_field, True), "lend": (_bool_field, False)}
 
 
-class Event:
-    """One entry of the event log, encoded once for every client that gets it.
-
-    `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
-    enemy's status change) carries a status and belongs to no call: `call_id` is None;
-    `poll_health` (the poll's own health for a faction changed) neither call nor target.
-    """
-
-    __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
-                 "ts")
-
-    KINDS = ("target_call", "target_uncall", "target_status", "poll_health")
-
-    def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
-                 ts: float | None = None):
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        status = kind in ("target_status", "poll_health")
-        if not isinstance(event_id, int) or not isinstance(call.get(
-                "faction_id" if kind == "poll_health" else "target_id" if status else "id"), int):
-            raise ValueError("event_id and call id (a status's target_id, a poll health's "
-                             "faction_id) must be integers")
-        self.id, self.kind, self.faction = event_id, kind, faction
-        self.call_id = None if status else call["id"]
-        self.target_id = call.get("target_id")
-        self.active = kind == "target_call"
-        self.data = json_bytes(call)
-        self.frame = sse_frame(event_id, kind, self.data)
-        self.ts = ts
-
-
-def announced_event_id(payload: str) -> int:
-    """The event id a notification on CHANNEL announces; ValueError if it announces none.
-
-    Only a claim: the listener reads the event itself from the log (see Listener).
-    """
-    try:
-        msg = json.loads(payload)
-    except (ValueError, RecursionError):
-        raise ValueError("not JSON") from None
-    event_id = msg.get("event_id") if isinstance(msg, dict) else None
-    if type(event_id) is not int or not 0 < event_id < 2**63:  # a bigint, as in the log
-        raise ValueError("no event_id")
-    return event_id
+def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
+    """The address per-client limits count by. Each proxy appends the address it got the
+    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
+    right is the client's; entries left of it are the client's own say. On Render a request
+    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
+    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
+    if trusted_proxies:
+        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
+        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
+            return chain[-trusted_proxies]
+    return peer.rpartition(":")[0] or peer
 
 
 # ---------------------------------------------------------------------------
@@ -1639,6 +1720,7 @@ class Hub:
 # The HTTP side: one coroutine per connection
 # ---------------------------------------------------------------------------
 
+
 class Streaming:
     """What the events route answers: the connection is now a stream that the hub writes
     to, and handle() waits for its end."""
@@ -1692,8 +1774,7 @@ class App:
                          open_access=config.anonymous_access, factions=config.factions)
         self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
         self.sign_ins = SignIn(self.torn)
-        self.signin_budgets: dict[str, Grant] = {}  # client address -> sign-in token bucket
-        self.member_budgets: dict[int, Grant] = {}  # player id -> write bucket of all their tokens
+        self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
         self.listener = Listener(self)
         self.poller = Poller(self)
         self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
@@ -1860,7 +1941,7 @@ class App:
         req, client = x.req, x.client
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
-        client.grant = self.auth.grant(req)
+        client.grant = self.auth.grant(req, time.time())
         if self.stopping or self.hub.client_count >= self.config.max_clients:
             raise HttpError(503, "too many clients, retry later",
                             (("Retry-After", self.retry_after),))
@@ -1896,17 +1977,7 @@ class App:
         client" for what happens to the key)."""
         req = x.req
         address = client_address(x.client.peer(), req, self.config.trusted_proxies)
-        budget = self.signin_budgets.get(address)
-        if budget is None:
-            if len(self.signin_budgets) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
-                idle = self.loop.time() - SIGNIN_IDLE_SECONDS
-                self.signin_budgets = {a: b for a, b in self.signin_budgets.items()
-                                       if b.stamp > idle}
-            budget = self.signin_budgets[address] = Grant(None, "")
-        wait = budget.take_write(self.config.signins_per_minute, self.loop.time())
-        if wait:
-            raise HttpError(429, "too many sign-ins from your address, slow down",
-                            (("Retry-After", str(math.ceil(wait))),))
+        self.budgets.sign_in(address, self.loop.time())
         if self.auth.db is None:
             raise HttpError(503, "not ready: the database has not been reached yet",
                             (("Retry-After", DB_RETRY_AFTER),))
@@ -1975,7 +2046,7 @@ class App:
         until the faction's next event or S seconds, whichever comes first.
         """
         req = x.req
-        grant = self.auth.grant(req)
+        grant = self.auth.grant(req, time.time())
         if not self.hub.ready:
             raise HttpError(503, "not ready: the database has not been reached yet",
                             (("Retry-After", DB_RETRY_AFTER),))
@@ -2022,19 +2093,17 @@ class App:
             # Its token ended while it waited (revoked, expired, left the faction): the
             # answer a new request would get, so the player is signed out now, not later.
             why = client.grant.ended if client.grant.player_id is not None else None
-            body = {"error": MEMBER_TOKEN_ENDED[why], "signed_out": why} if why \
-                else {"error": "missing or invalid token"}
-            return json_reply(401, body, UNAUTHORIZED), keep_alive
+            return error_reply(unauthorized(why)), keep_alive
         self.stats.polls += 1
         return Reply(200, self.hub.poll(client.scope, held.since)), keep_alive
 
     async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
-        grant = self.auth.grant(x.req)
+        grant = self.auth.grant(x.req, time.time())
         f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
                        else MEMBER_CALL_FIELDS)
         caller_id, caller_name = writer_of(grant, f)
-        self._check_rate(grant)
+        self.budgets.write(grant, self.loop.time())
         row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
                              f["war_id"], f["target_id"], f["target_name"], caller_id,
                              caller_name)
@@ -2054,12 +2123,12 @@ class App:
 
     async def uncall(self, x: Exchange) -> Reply:
         """DELETE /calls/<target> or POST /calls/<target>/uncall."""
-        grant = self.auth.grant(x.req)
+        grant = self.auth.grant(x.req, time.time())
         target = _id_field(x.target, "target_id")
         f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
                        else MEMBER_UNCALL_FIELDS)
         by_id, by_name = writer_of(grant, f)
-        self._check_rate(grant)
+        self.budgets.write(grant, self.loop.time())
         row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
                              target, by_id, by_name, bool(f["force"]))
         if row["status"] == "not_called":
@@ -2085,15 +2154,6 @@ class App:
                  ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
 
     # -- the calls API's helpers ------------------------------------------------------
-
-    def _check_rate(self, grant: Grant) -> None:
-        # A member's writes count against the member (all their tokens), not the faction.
-        budget = grant if grant.player_id is None else \
-            self.member_budgets.setdefault(grant.player_id, Grant(grant.faction, ""))
-        wait = budget.take_write(self.config.writes_per_minute, self.loop.time())
-        if wait:
-            raise HttpError(429, "too many writes with this token, slow down",
-                            (("Retry-After", str(math.ceil(wait))),))
 
     async def _db(self, sql: str, *args, deadline: float | None = None) -> asyncpg.Record:
         """One statement on the pool, within a deadline (DB_TIMEOUT_SECONDS by default).
@@ -2423,12 +2483,6 @@ def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: flo
         option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
         if option is not None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a log, without DSNs or stack traces."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def notify_arrives(app: App, listen_on: asyncpg.Connection, role: str,
@@ -2983,29 +3037,6 @@ class SignIn:
         return result
 
 
-def _key_field(value: object, name: str) -> str:
-    # Never echo the value: it is a secret, and a wrong one is still someone's key.
-    if not isinstance(value, str) or not TORN_KEY_RE.match(value.strip()):
-        raise HttpError(400, f"{name} must be a Torn API key (16 letters and digits)")
-    return value.strip()
-
-
-SIGNIN_FIELDS = {"key": (_key_field, True), "lend": (_bool_field, False)}
-
-
-def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
-    """The address per-client limits count by. Each proxy appends the address it got the
-    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
-    right is the client's; entries left of it are the client's own say. On Render a request
-    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
-    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
-    if trusted_proxies:
-        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
-        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
-            return chain[-trusted_proxies]
-    return peer.rpartition(":")[0] or peer
-
-
 ISSUE_MEMBER_TOKEN_SQL = """
     INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
                                 expires_at)
@@ -3457,6 +3488,7 @@ class Poller:
 # ---------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------
+
 
 def database_tls(ca_cert: str) -> ssl.SSLContext | None:
     """TLS that verifies the database's certificate and host name against `ca_cert`.
