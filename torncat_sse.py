@@ -1266,8 +1266,8 @@ class Stats:
     """Counters for the log line and /metrics."""
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
-                 "snapshots", "replays", "polls", "listener_reconnects", "rejected",
-                 "calls_made", "calls_refused", "uncalls", "long_polls", "lag_counts", "lag_sum",
+                 "snapshots", "replays", "reads", "listener_reconnects", "rejected",
+                 "calls_made", "calls_refused", "uncalls", "holds", "lag_counts", "lag_sum",
                  "lag_count", "pool_timeouts", "listener_timeouts", "db_terminations", "log_reads",
                  "notifications_ignored")
 
@@ -1304,9 +1304,9 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
          stats.deliveries),
         ("snapshots_total", "Snapshots sent to streams.", stats.snapshots),
         ("replays_total", "Last-Event-ID replays sent to streams.", stats.replays),
-        ("polls_total", "GET /calls answered, long-polls included.", stats.polls),
+        ("polls_total", "GET /calls answered, long-polls included.", stats.reads),
         ("long_polls_total", "GET /calls?wait= requests held until an event or the deadline.",
-         stats.long_polls),
+         stats.holds),
         ("listener_reconnects_total", "Times the LISTEN connection was lost and remade.",
          stats.listener_reconnects),
         ("rejected_connections_total", "Connections refused because the server was full.",
@@ -1413,7 +1413,7 @@ class Hub:
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
-        self._polls: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> poll body
+        self._bodies: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> GET /calls body
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
@@ -1449,7 +1449,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
-        self._polls.clear()
+        self._bodies.clear()
         self._release_sent()
         if not self.ready:
             self.ready = True
@@ -1482,7 +1482,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
-        self._polls.clear()
+        self._bodies.clear()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -1522,7 +1522,7 @@ class Hub:
     def snapshot_frame(self, scope: int | None) -> bytes:
         return self.snapshot(scope)[1]
 
-    def poll(self, scope: int | None, since: int | None) -> bytes:
+    def calls_since(self, scope: int | None, since: int | None) -> bytes:
         """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
 
         Cached per (scope, since) until the next event: a faction's long-polls all
@@ -1532,13 +1532,13 @@ class Hub:
             return self.snapshot(scope)[0]
         if not self.can_replay(since):
             return b'{"reset":true,' + self.snapshot(scope)[0][1:]
-        body = self._polls.get((scope, since))
+        body = self._bodies.get((scope, since))
         if body is None:
-            if len(self._polls) >= CALLS_CACHE_ENTRIES:
-                self._polls.clear()
+            if len(self._bodies) >= CALLS_CACHE_ENTRIES:
+                self._bodies.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
-            body = self._polls[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
+            body = self._bodies[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
                 events, self.last_event_id)
         return body
 
@@ -1640,6 +1640,18 @@ class Hub:
 
     def all_streams(self) -> list[Client]:
         return [c for subs in self.subscribers.values() for c in subs] + list(self.waiting)
+
+    def end_grants(self, grants: set[Grant], retry_ms: int) -> None:
+        """End the streams of tokens that were revoked or expired; their held requests
+        answer now (with the 401 a new request would get)."""
+        if not grants:
+            return
+        ended = [c for c in self.all_streams() if c.grant in grants]
+        for client in ended:
+            self.end(client, retry_ms)
+        self.wake_grants(grants)
+        log.info("tokens revoked: %s; ended %d streams",
+                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
 
     # -- long-polls ------------------------------------------------------------------
 
@@ -1790,7 +1802,7 @@ class App:
             "/events": {"GET": self.events},
             "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
             "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
-            "/calls": {"GET": self.poll, "HEAD": self.poll, "POST": self.make_call},
+            "/calls": {"GET": self.read_calls, "HEAD": self.read_calls, "POST": self.make_call},
             "/calls/<target>": {"DELETE": self.uncall},
             "/calls/<target>/uncall": {"POST": self.uncall},
             "/auth/torn": {"POST": self.sign_in},
@@ -2034,12 +2046,12 @@ class App:
             rows = await conn.fetch(REVOKE_DEPARTED_SQL, faction_id, sorted(member_ids),
                                     timeout=QUERY_TIMEOUT)
         gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
-        self.revoke(gone)
+        self.hub.end_grants(gone, self.config.retry_ms)
         for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
         return len(rows)
 
-    async def poll(self, x: Exchange) -> Reply | Held:
+    async def read_calls(self, x: Exchange) -> Reply | Held:
         """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
 
         With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
@@ -2062,8 +2074,8 @@ class App:
                                 (("Retry-After", self.retry_after),))
             x.client.grant = grant
             return Held(since, wait)
-        self.stats.polls += 1
-        return Reply(200, self.hub.poll(grant.faction, since))
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(grant.faction, since))
 
     async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
                    held: Held, keep_alive: bool) -> tuple[Reply, bool]:
@@ -2074,7 +2086,7 @@ class App:
         client's socket (so a client that leaves is noticed at once), and the hub
         wakes it by moving its deadline to now. Nothing touches the database.
         """
-        self.stats.long_polls += 1
+        self.stats.holds += 1
         try:
             async with asyncio.timeout(held.wait) as deadline:
                 self.hub.hold(client, deadline)
@@ -2094,8 +2106,8 @@ class App:
             # answer a new request would get, so the player is signed out now, not later.
             why = client.grant.ended if client.grant.player_id is not None else None
             return error_reply(unauthorized(why)), keep_alive
-        self.stats.polls += 1
-        return Reply(200, self.hub.poll(client.scope, held.since)), keep_alive
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
 
     async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
@@ -2141,17 +2153,6 @@ class App:
         self.stats.uncalls += 1
         await self._seen(row["event_id"])
         return json_reply(200, {"call": call, "event_id": row["event_id"]})
-
-    def revoke(self, grants: set[Grant]) -> None:
-        """End the streams of tokens that were revoked."""
-        if not grants:
-            return
-        ended = [c for c in self.hub.all_streams() if c.grant in grants]
-        for client in ended:
-            self.hub.end(client, self.config.retry_ms)
-        self.hub.wake_grants(grants)  # their held long-polls answer 401 now (see `hold`)
-        log.info("tokens revoked: %s; ended %d streams",
-                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
 
     # -- the calls API's helpers ------------------------------------------------------
 
@@ -2347,7 +2348,7 @@ class App:
         """End the streams of member tokens that expired while streaming."""
         while True:
             await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
-            self.revoke(self.auth.expire(time.time()))
+            self.hub.end_grants(self.auth.expire(time.time()), self.config.retry_ms)
 
     async def stats_loop(self) -> None:
         """Seed step 6: log the number of active connections, once a minute."""
@@ -2737,7 +2738,7 @@ class Listener:
         if len(auth.db) != before:
             log.info("tokens: %d active in the database, %d from the environment%s",
                      len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
-        self.app.revoke(revoked)
+        self.hub.end_grants(revoked, self.app.config.retry_ms)
 
     async def _in_background(self, work) -> None:
         try:
