@@ -2575,14 +2575,14 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
         # What the central poll (issue 14) will do: read the member list, revoke the rest.
         config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
         app = t.App(config, db, asyncio.get_running_loop())
-        app.pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+        await app.db.open()
         try:
             members = await app.torn.faction_member_ids(ann_key, RED_ID)
             assert members == {1001}
             assert await app.revoke_departed(RED_ID, members) == 1
             assert await app.revoke_departed(RED_ID, members) == 0
         finally:
-            await app.pool.close()
+            await app.db.pool.close()
             app.torn.close()
         await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
         r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY

@@ -1767,6 +1767,18 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[Reply | Held | Streaming]]
 
 
+def unavailable(e: DatabaseUnavailable) -> HttpError:
+    """The 503 of a request the database could not answer: its body says whether the
+    statement may have run (`"outcome": "unknown"`: the calls API's writes are safe to send
+    again) or surely did not (`"not applied"`)."""
+    if e.sent:
+        return HttpError(503, "the database did not answer in time: the write may or may "
+                         "not have been made; it is safe to send it again",
+                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
+    return HttpError(503, "database unavailable, retry later",
+                     (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
+
+
 def route_pattern(template: str) -> re.Pattern:
     """A route's path as a pattern: `<target>` stands for a Torn id."""
     return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
@@ -1778,7 +1790,6 @@ class App:
     def __init__(self, config: Config, dsn: str, loop: asyncio.AbstractEventLoop):
         self.config = config
         self.dsn = dsn
-        self.db_tls = database_tls(config.database_ca_cert)
         self.loop = loop
         self.stats = Stats()
         self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
@@ -1787,11 +1798,10 @@ class App:
         self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
         self.sign_ins = SignIn(self.torn)
         self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
-        self.listener = Listener(self)
+        self.db = Database(dsn, config, self.stats)
+        self.listener = Listener(config, self.db, self.hub, self.auth, self.stats)
         self.poller = Poller(self)
-        self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
-        self.pool_state = "unused"    # "ok" or "failing": how the last statement on it went
-        self._sweep: asyncio.Task | None = None  # pinging the pool's idle connections
+        self.db.on_doubt.append(self.poller.check)
         self.connections: set[Client] = set()
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
@@ -1933,6 +1943,8 @@ class App:
             return await handler(x)
         except HttpError as e:
             return error_reply(e)
+        except DatabaseUnavailable as e:
+            return error_reply(unavailable(e))
         except Exception:
             log.exception("error handling %s %s", req.method, redact(req.path))
             x.keep_alive = False
@@ -2008,12 +2020,13 @@ class App:
         del key  # nothing below needs it
         token = "tm_" + secrets.token_urlsafe(24)
         digest = token_digest(token)
-        row = await self._db(ISSUE_MEMBER_TOKEN_SQL, who.faction_id, who.name, digest,
-                             who.player_id, who.name, self.config.member_token_days * 86400)
+        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
+                                                      who.player_id,
+                                                      self.config.member_token_days * 86400)
         self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
-                                           row["expires_at"]))
+                                           expires_at))
         log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
-        expires = datetime.datetime.fromtimestamp(row["expires_at"], datetime.UTC)
+        expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
         return json_reply(200, {"token": token, "player_id": who.player_id, "name": who.name,
                                 "faction_id": who.faction_id, "lent": bool(f["lend"]),
                                 "expires_at": expires.isoformat(timespec="seconds")
@@ -2034,7 +2047,7 @@ class App:
                             f"faction's poll, and this one has {kind or 'other'} access: create "
                             f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
                             "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
-        await self._db(LEND_KEY_SQL, who.faction_id, key, who.player_id, who.name)
+        await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
         log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
                  who.faction_id)
 
@@ -2042,9 +2055,7 @@ class App:
         """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
         faction's member list as Torn shows it now) and end their streams; returns how many.
         Other servers learn of it through the token table's NOTIFY."""
-        async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-            rows = await conn.fetch(REVOKE_DEPARTED_SQL, faction_id, sorted(member_ids),
-                                    timeout=QUERY_TIMEOUT)
+        rows = await self.db.revoke_departed(faction_id, member_ids)
         gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
         self.hub.end_grants(gone, self.config.retry_ms)
         for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
@@ -2116,22 +2127,20 @@ class App:
                        else MEMBER_CALL_FIELDS)
         caller_id, caller_name = writer_of(grant, f)
         self.budgets.write(grant, self.loop.time())
-        row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
-                             f["war_id"], f["target_id"], f["target_name"], caller_id,
-                             caller_name)
-        call = json.loads(row["call"])
-        if row["status"] == "taken":
+        outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
+                                                     f["target_name"], caller_id, caller_name)
+        if outcome is CallOutcome.TAKEN:
             self.stats.calls_refused += 1
             who = call["caller_name"] or f"player {call['caller_id']}"
             raise HttpError(409, f"target {f['target_id']} is already called by {who}",
                             extra={"call": call})
-        if row["status"] == "yours":
+        if outcome is CallOutcome.YOURS:
             # The caller holds it already: most likely a retry of a write whose answer was
             # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
             return json_reply(201, {"call": call, "event_id": None})
         self.stats.calls_made += 1
-        await self._seen(row["event_id"])
-        return json_reply(201, {"call": call, "event_id": row["event_id"]})
+        await self._seen(event_id)
+        return json_reply(201, {"call": call, "event_id": event_id})
 
     async def uncall(self, x: Exchange) -> Reply:
         """DELETE /calls/<target> or POST /calls/<target>/uncall."""
@@ -2141,151 +2150,19 @@ class App:
                        else MEMBER_UNCALL_FIELDS)
         by_id, by_name = writer_of(grant, f)
         self.budgets.write(grant, self.loop.time())
-        row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
-                             target, by_id, by_name, bool(f["force"]))
-        if row["status"] == "not_called":
+        outcome, call, event_id = await self.db.uncall(grant.faction, target, by_id, by_name,
+                                                       bool(f["force"]))
+        if outcome is CallOutcome.NOT_CALLED:
             raise HttpError(404, f"target {target} is not called")
-        call = json.loads(row["call"])
-        if row["status"] == "not_yours":
+        if outcome is CallOutcome.NOT_YOURS:
             who = call["caller_name"] or f"player {call['caller_id']}"
             raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
                             'it, unless the request says "force": true', extra={"call": call})
         self.stats.uncalls += 1
-        await self._seen(row["event_id"])
-        return json_reply(200, {"call": call, "event_id": row["event_id"]})
+        await self._seen(event_id)
+        return json_reply(200, {"call": call, "event_id": event_id})
 
     # -- the calls API's helpers ------------------------------------------------------
-
-    async def _db(self, sql: str, *args, deadline: float | None = None) -> asyncpg.Record:
-        """One statement on the pool, within a deadline (DB_TIMEOUT_SECONDS by default).
-
-        The deadline covers waiting for a connection, opening one and the statement. A
-        connection that misses it, or fails mid-statement, is terminated at once (a cancel
-        request would need an answer from the very backend that does not answer) and so never
-        handed out again: the pool opens a fresh one when it next needs one. The database
-        not answering is HttpError 503 with Retry-After, whose body says whether the statement
-        may have run (`"outcome": "unknown"`: the calls API's writes are safe to send again)
-        or surely did not (`"not applied"`).
-        """
-        deadline = deadline or self.config.db_timeout_seconds
-        conn, sent = None, False
-        try:
-            async with asyncio.timeout(deadline):
-                conn = await self.pool.acquire()
-                sent = True
-                row = await conn.fetchrow(sql, *args)
-        except (TimeoutError, *DB_UNAVAILABLE) as e:
-            self._unavailable(conn, e, deadline)
-            raise self._db_error(sent) from None
-        except asyncpg.PostgresError:
-            if conn is not None:
-                await self._release(conn)  # the statement failed, the connection is fine
-            raise
-        except BaseException:  # cancelled: we cannot know what the connection is doing
-            if conn is not None:
-                self._terminate(conn)
-            raise
-        self.pool_state = "ok"
-        await self._release(conn)
-        return row
-
-    def _unavailable(self, conn, e: BaseException, deadline: float) -> None:
-        timed_out = isinstance(e, TimeoutError)
-        if timed_out:
-            self.stats.pool_timeouts += 1
-        if conn is not None:
-            self._terminate(conn)
-        self.pool_state = "failing"
-        log.warning("database unavailable for a statement: %s",
-                    f"no answer within {deadline:g}s" if timed_out else describe(e))
-        self.check_pool()  # the connections this one came with may be as dead
-
-    @staticmethod
-    def _db_error(sent: bool) -> HttpError:
-        if sent:
-            return HttpError(503, "the database did not answer in time: the write may or may "
-                             "not have been made; it is safe to send it again",
-                             (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
-        return HttpError(503, "database unavailable, retry later",
-                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
-
-    def _terminate(self, conn) -> None:
-        """Close a pool connection now, without a word to its backend; the pool replaces it."""
-        if not conn.is_closed():
-            self.stats.db_terminations += 1
-        conn.terminate()  # returns it to the pool as a slot to reconnect (asyncpg's
-                          # PoolConnectionHolder._release_on_close)
-
-    async def _release(self, conn) -> None:
-        """Give a connection back; asyncpg resets it first, within PING_TIMEOUT, and
-        terminates it itself if the reset does not answer."""
-        try:
-            await self.pool.release(conn, timeout=PING_TIMEOUT)
-        except Exception as e:
-            self.stats.db_terminations += 1
-            log.warning("a pool connection was closed: its reset failed (%s)", describe(e))
-
-    def check_pool(self) -> None:
-        """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
-        connection was lost, so the others may be dead too (a failover, a NAT that dropped
-        its state). Dead ones are terminated before a write draws them."""
-        self.poller.check()
-        if self.pool is not None and (self._sweep is None or self._sweep.done()):
-            self._sweep = self.loop.create_task(self._sweep_pool())
-
-    async def _sweep_pool(self) -> None:
-        """Ping every connection waiting in the pool, all at once, within PING_TIMEOUT;
-        terminate those that miss it. Not through _db: a ping that cannot get a connection
-        (they are all busy) says nothing about the database."""
-        pool = self.pool
-        # Hold them all at once: the pool hands out the most recently used connection first,
-        # so one at a time would ping the same one again and again. Those it has not opened
-        # yet are opened, which tells whether the database takes connections.
-        waiting = pool.get_max_size() - pool.get_size() + pool.get_idle_size()
-
-        async def take():
-            with contextlib.suppress(Exception):  # no connection: the database is down
-                async with asyncio.timeout(PING_TIMEOUT):
-                    return await pool.acquire()
-            return None
-
-        async def ping(conn) -> bool:
-            try:
-                async with asyncio.timeout(PING_TIMEOUT):
-                    await conn.execute("SELECT 1")
-            except Exception as e:  # no answer, or a broken link: either way, not again
-                if isinstance(e, TimeoutError):
-                    self.stats.pool_timeouts += 1
-                self._terminate(conn)
-                return False
-            await self._release(conn)
-            return True
-
-        taken = [c for c in await asyncio.gather(*(take() for _ in range(max(1, waiting))))
-                 if c is not None]
-        answered = await asyncio.gather(*(ping(c) for c in taken))
-        if any(answered):
-            self.pool_state = "ok"
-        elif not taken:
-            self.pool_state = "failing"  # not even a new connection could be had
-        if not all(answered):
-            log.warning("pool check: %d of %d connections did not answer within %gs and were "
-                        "closed", answered.count(False), len(answered), PING_TIMEOUT)
-
-    async def connect_db(self, role: str) -> asyncpg.Connection:
-        """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
-        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.db_tls,
-                                     server_settings={"application_name": f"torncat-sse {role}"})
-        self.tune_socket(conn)
-        return conn
-
-    def tune_socket(self, conn) -> None:
-        tune_db_socket(conn, self.config.db_keepalive_seconds,
-                       self.config.db_user_timeout_seconds)
-
-    async def _init_pooled(self, conn) -> None:
-        """The pool's `init`: every connection it opens gets our TCP options."""
-        self.tune_socket(conn)
 
     async def _seen(self, event_id: int) -> None:
         """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
@@ -2296,9 +2173,7 @@ class App:
 
     def metrics(self) -> bytes:
         """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
-        return self._metrics(self.pool) + self.poller.metrics().encode()
-
-    def _metrics(self, pool) -> bytes:
+        pool_size, pool_idle = self.db.pool_connections()
         return render_metrics(self.stats, {
             "clients": ("Open event streams.", self.hub.stream_count),
             "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
@@ -2308,19 +2183,17 @@ class App:
             "last_event_id": ("The last event id applied.", self.hub.last_event_id),
             "active_calls": ("Active calls held in memory.", len(self.hub.active)),
             "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
-                           int(self.pool_state != "failing")),
-            "db_pool_connections": ("Open pool connections (LISTEN not included).",
-                                    pool.get_size() if pool else 0),
-            "db_pool_idle_connections": ("Pool connections waiting for a statement.",
-                                         pool.get_idle_size() if pool else 0),
-        })
+                           int(self.db.health is not PoolHealth.FAILING)),
+            "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
+            "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+        }) + self.poller.metrics().encode()
 
     def health(self) -> tuple[int, dict]:
         """200 while events flow (the LISTEN connection is live); the body tells the rest."""
         live = self.listener.state is ListenerState.LIVE
-        status = "unavailable" if not live else "degraded" if self.pool_state == "failing" \
-            else "ok"
-        pool = self.pool
+        failing = self.db.health is PoolHealth.FAILING
+        status = "unavailable" if not live else "degraded" if failing else "ok"
+        pool_size, pool_idle = self.db.pool_connections()
         return (200 if live else 503), {
             "status": status,
             "listener": self.listener.state.value,
@@ -2328,9 +2201,9 @@ class App:
             "long_polls": self.hub.held_count,
             "last_event_id": self.hub.last_event_id,
             "database": {
-                "pool": self.pool_state,
-                "pool_connections": pool.get_size() if pool else 0,
-                "pool_idle_connections": pool.get_idle_size() if pool else 0,
+                "pool": self.db.health.value,
+                "pool_connections": pool_size,
+                "pool_idle_connections": pool_idle,
                 "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
                 "terminated_connections": self.stats.db_terminations,
             },
@@ -2369,9 +2242,8 @@ class App:
             return
         while True:
             await asyncio.sleep(min(EXPIRY_CHECK_MAX_SECONDS, max(0.1, ttl / 10)))
-            with contextlib.suppress(HttpError):  # the database is down: try again later
-                expired = (await self._db("SELECT torncat_expire_calls(make_interval(secs => $1))",
-                                          ttl))[0]
+            with contextlib.suppress(DatabaseUnavailable):  # try again later
+                expired = await self.db.expire_calls(ttl)
                 if expired:
                     log.info("expired %d calls older than %ds", expired, ttl)
 
@@ -2382,9 +2254,8 @@ class App:
             return
         while True:
             await asyncio.sleep(PRUNE_EVERY_SECONDS)
-            with contextlib.suppress(HttpError):
-                pruned = (await self._db("SELECT prune_target_call_events(make_interval("
-                                         "hours => $1))", hours, deadline=PRUNE_TIMEOUT))[0]
+            with contextlib.suppress(DatabaseUnavailable):
+                pruned = await self.db.prune_events(hours)
                 log.info("pruned %d events older than %d hours", pruned, hours)
 
     # -- shutdown ------------------------------------------------------------------
@@ -2411,8 +2282,318 @@ class App:
 
 
 # ---------------------------------------------------------------------------
-# The Postgres listener
+# The database: the pool, every statement with its deadline, and the LISTEN connection
 # ---------------------------------------------------------------------------
+
+class DatabaseUnavailable(Exception):
+    """The database did not answer a statement within its deadline, or cannot be reached.
+
+    `sent`: the statement was handed to a connection, so it may have run (a write's
+    outcome is unknown); otherwise it surely did not. The HTTP side answers 503 with
+    Retry-After; background jobs try again later.
+    """
+
+    def __init__(self, sent: bool):
+        super().__init__("the database may have run the statement" if sent
+                         else "the statement did not reach the database")
+        self.sent = sent
+
+
+class PoolHealth(enum.Enum):
+    """How the last statement on the pool went (shown in /healthz and /metrics)."""
+
+    UNUSED = "unused"    # no statement yet
+    OK = "ok"
+    FAILING = "failing"  # a statement missed its deadline or found no database
+
+
+class CallOutcome(enum.StrEnum):
+    """What torncat_call and torncat_uncall (trigger.sql) decided, in one statement."""
+
+    CALLED = "called"          # the target is now the caller's
+    YOURS = "yours"            # the caller held it already (a retry): nothing new happened
+    TAKEN = "taken"            # another member holds it
+    UNCALLED = "uncalled"      # the call ended
+    NOT_YOURS = "not_yours"    # another member holds it, and the uncall was not forced
+    NOT_CALLED = "not_called"  # nobody holds it
+
+
+# Errors that say the database (or the way to it) is not there, rather than that a
+# statement was wrong: the server, a pooler or the network is down, restarting or full.
+DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+
+CALL_SQL = "SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)"
+UNCALL_SQL = "SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)"
+EXPIRE_CALLS_SQL = "SELECT torncat_expire_calls(make_interval(secs => $1))"
+PRUNE_EVENTS_SQL = "SELECT prune_target_call_events(make_interval(hours => $1))"
+ISSUE_MEMBER_TOKEN_SQL = """
+    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
+                                expires_at)
+    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
+"""
+REVOKE_DEPARTED_SQL = """
+    UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
+    WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
+      AND NOT (player_id = ANY($2::bigint[]))
+    RETURNING token_sha256, player_id, player_name
+"""
+LEND_KEY_SQL = """
+    INSERT INTO torncat_torn_keys (faction_id, api_key, source, player_id, player_name)
+    VALUES ($1, $2, 'lent', $3, $4)
+    ON CONFLICT (api_key) DO UPDATE SET faction_id = excluded.faction_id, source = 'lent',
+        player_id = excluded.player_id, player_name = excluded.player_name,
+        disabled_at = NULL, disabled_reason = NULL
+    RETURNING id
+"""
+
+
+def database_tls(ca_cert: str) -> ssl.SSLContext | None:
+    """TLS that verifies the database's certificate and host name against `ca_cert`.
+
+    None leaves TLS to the DSN (`sslmode=require` encrypts without verifying).
+    """
+    if not ca_cert:
+        return None
+    if ca_cert.lstrip().startswith("-----BEGIN"):
+        return ssl.create_default_context(cadata=ca_cert)
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+class Database:
+    """Postgres: the pool for writes and maintenance, connections of our own (LISTEN, the
+    Torn poll's lock, self-tests), and every statement on the pool with a deadline.
+
+    A statement's deadline (DB_TIMEOUT_SECONDS by default) covers waiting for a
+    connection, opening one and the statement. A connection that misses it, or fails
+    mid-statement, is terminated at once (a cancel request would need an answer from the
+    very backend that does not answer) and so never handed out again: the pool opens a
+    fresh one when it next needs one. The database not answering is DatabaseUnavailable,
+    which says whether the statement may have run.
+    """
+
+    def __init__(self, dsn: str, config: Config, stats: Stats):
+        self.dsn = dsn
+        self.tls = database_tls(config.database_ca_cert)
+        self.timeout = config.db_timeout_seconds
+        self.keepalive, self.user_timeout = config.db_keepalive_seconds, config.db_user_timeout_seconds
+        self.stats = stats
+        self.pool: asyncpg.Pool | None = None
+        self.health = PoolHealth.UNUSED
+        self.on_doubt: list[Callable[[], None]] = []  # told when a link died: ping yours
+        self._sweep: asyncio.Task | None = None  # pinging the pool's idle connections
+
+    async def open(self) -> None:
+        """Make the pool. min_size=0: no connection is opened before one is needed, so
+        start-up does not wait for (or fail on) a database that is not reachable yet."""
+        self.pool = await asyncpg.create_pool(
+            self.dsn, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, ssl=self.tls,
+            init=self._init_pooled, server_settings={"application_name": "torncat-sse api"})
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+    async def connect(self, role: str) -> asyncpg.Connection:
+        """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
+        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.tls,
+                                     server_settings={"application_name": f"torncat-sse {role}"})
+        tune_db_socket(conn, self.keepalive, self.user_timeout)
+        return conn
+
+    async def _init_pooled(self, conn) -> None:
+        """The pool's `init`: every connection it opens gets our TCP options."""
+        tune_db_socket(conn, self.keepalive, self.user_timeout)
+
+    # -- the statements ------------------------------------------------------------
+
+    async def call(self, faction: int | None, war_id: int | None, target_id: int,
+                   target_name: str | None, caller_id: int,
+                   caller_name: str | None) -> tuple[CallOutcome, dict, int | None]:
+        """Call a target: (what was decided, the call that holds it, its event id)."""
+        row = await self._run(lambda c: c.fetchrow(CALL_SQL, faction, war_id, target_id,
+                                                   target_name, caller_id, caller_name))
+        return CallOutcome(row["status"]), json.loads(row["call"]), row["event_id"]
+
+    async def uncall(self, faction: int | None, target_id: int, by_id: int,
+                     by_name: str | None, force: bool) -> tuple[CallOutcome, dict | None, int | None]:
+        """Uncall a target: (what was decided, the call, its event id)."""
+        row = await self._run(lambda c: c.fetchrow(UNCALL_SQL, faction, target_id, by_id,
+                                                   by_name, force))
+        call = None if row["call"] is None else json.loads(row["call"])
+        return CallOutcome(row["status"]), call, row["event_id"]
+
+    async def issue_member_token(self, faction_id: int, name: str, digest: bytes,
+                                 player_id: int, seconds: float) -> float:
+        """Store a member token's digest; returns when it expires (seconds since the epoch)."""
+        row = await self._run(lambda c: c.fetchrow(ISSUE_MEMBER_TOKEN_SQL, faction_id, name,
+                                                   digest, player_id, name, seconds))
+        return row["expires_at"]
+
+    async def lend_key(self, faction_id: int, key: str, player_id: int, name: str) -> None:
+        await self._run(lambda c: c.fetchrow(LEND_KEY_SQL, faction_id, key, player_id, name))
+
+    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> list:
+        """Revoke the member tokens of `faction_id` whose players are not in `member_ids`;
+        returns their (token_sha256, player_id, player_name) rows."""
+        return await self._run(lambda c: c.fetch(REVOKE_DEPARTED_SQL, faction_id,
+                                                 sorted(member_ids)), QUERY_TIMEOUT)
+
+    async def expire_calls(self, ttl: int) -> int:
+        """Uncall calls older than `ttl` seconds (trigger.sql); returns how many."""
+        return (await self._run(lambda c: c.fetchrow(EXPIRE_CALLS_SQL, ttl)))[0]
+
+    async def prune_events(self, hours: int) -> int:
+        """Delete events older than `hours` (trigger.sql keeps the newest); returns how many."""
+        return (await self._run(lambda c: c.fetchrow(PRUNE_EVENTS_SQL, hours), PRUNE_TIMEOUT))[0]
+
+    # -- deadlines ---------------------------------------------------------------------
+
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable],
+                   deadline: float | None = None):
+        """One statement on a pool connection, within `deadline` (DB_TIMEOUT_SECONDS by
+        default); DatabaseUnavailable if the database does not answer in time."""
+        deadline = deadline or self.timeout
+        conn, sent = None, False
+        try:
+            async with asyncio.timeout(deadline):
+                conn = await self.pool.acquire()
+                sent = True
+                result = await statement(conn)
+        except (TimeoutError, *DB_UNAVAILABLE) as e:
+            self._unavailable(conn, e, deadline)
+            raise DatabaseUnavailable(sent) from None
+        except asyncpg.PostgresError:
+            if conn is not None:
+                await self._release(conn)  # the statement failed, the connection is fine
+            raise
+        except BaseException:  # cancelled: we cannot know what the connection is doing
+            if conn is not None:
+                self._terminate(conn)
+            raise
+        self.health = PoolHealth.OK
+        await self._release(conn)
+        return result
+
+    def _unavailable(self, conn, e: BaseException, deadline: float) -> None:
+        timed_out = isinstance(e, TimeoutError)
+        if timed_out:
+            self.stats.pool_timeouts += 1
+        if conn is not None:
+            self._terminate(conn)
+        self.health = PoolHealth.FAILING
+        log.warning("database unavailable for a statement: %s",
+                    f"no answer within {deadline:g}s" if timed_out else describe(e))
+        self.check()  # the connections this one came with may be as dead
+
+    def _terminate(self, conn) -> None:
+        """Close a pool connection now, without a word to its backend; the pool replaces it."""
+        if not conn.is_closed():
+            self.stats.db_terminations += 1
+        conn.terminate()  # returns it to the pool as a slot to reconnect (asyncpg's
+                          # PoolConnectionHolder._release_on_close)
+
+    async def _release(self, conn) -> None:
+        """Give a connection back; asyncpg resets it first, within PING_TIMEOUT, and
+        terminates it itself if the reset does not answer."""
+        try:
+            await self.pool.release(conn, timeout=PING_TIMEOUT)
+        except Exception as e:
+            self.stats.db_terminations += 1
+            log.warning("a pool connection was closed: its reset failed (%s)", describe(e))
+
+    def check(self) -> None:
+        """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
+        connection was lost, so the others may be dead too (a failover, a NAT that dropped
+        its state). Dead ones are terminated before a write draws them. Links of our own
+        are told too (`on_doubt`)."""
+        for doubt in self.on_doubt:
+            doubt()
+        if self.pool is not None and (self._sweep is None or self._sweep.done()):
+            self._sweep = asyncio.get_running_loop().create_task(self._sweep_pool())
+
+    async def _sweep_pool(self) -> None:
+        """Ping every connection waiting in the pool, all at once, within PING_TIMEOUT;
+        terminate those that miss it. Not through _run: a ping that cannot get a connection
+        (they are all busy) says nothing about the database."""
+        pool = self.pool
+        # Hold them all at once: the pool hands out the most recently used connection first,
+        # so one at a time would ping the same one again and again. Those it has not opened
+        # yet are opened, which tells whether the database takes connections.
+        waiting = pool.get_max_size() - pool.get_size() + pool.get_idle_size()
+
+        async def take():
+            with contextlib.suppress(Exception):  # no connection: the database is down
+                async with asyncio.timeout(PING_TIMEOUT):
+                    return await pool.acquire()
+            return None
+
+        async def ping(conn) -> bool:
+            try:
+                async with asyncio.timeout(PING_TIMEOUT):
+                    await conn.execute("SELECT 1")
+            except Exception as e:  # no answer, or a broken link: either way, not again
+                if isinstance(e, TimeoutError):
+                    self.stats.pool_timeouts += 1
+                self._terminate(conn)
+                return False
+            await self._release(conn)
+            return True
+
+        taken = [c for c in await asyncio.gather(*(take() for _ in range(max(1, waiting))))
+                 if c is not None]
+        answered = await asyncio.gather(*(ping(c) for c in taken))
+        if any(answered):
+            self.health = PoolHealth.OK
+        elif not taken:
+            self.health = PoolHealth.FAILING  # not even a new connection could be had
+        if not all(answered):
+            log.warning("pool check: %d of %d connections did not answer within %gs and were "
+                        "closed", answered.count(False), len(answered), PING_TIMEOUT)
+
+    def pool_connections(self) -> tuple[int, int]:
+        """(open, idle) connections of the pool."""
+        pool = self.pool
+        return (pool.get_size(), pool.get_idle_size()) if pool else (0, 0)
+
+    async def notify_arrives(self, listen_on: asyncpg.Connection, role: str,
+                             timeout: float) -> bool:
+        """Whether a NOTIFY sent from a fresh connection reaches `listen_on` within `timeout`:
+        the check that `listen_on` is a session of our own, which LISTEN and session
+        advisory locks need.
+
+        From another connection: behind a transaction pooler a NOTIFY sent on our own client
+        connection can come straight back while real ones never would. A fresh one, not the
+        pool's: a pooled connection may be as frozen as one just given up, and the check must
+        only depend on the database accepting connections. The channel is our own hex, so the
+        NOTIFY needs no parameters or prepared statement, which poolers may not support.
+        """
+        channel = f"torncat_selftest_{os.getpid()}_{secrets.token_hex(4)}"
+        got = asyncio.get_running_loop().create_future()
+
+        def heard(*_args) -> None:
+            if not got.done():
+                got.set_result(None)
+
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await listen_on.add_listener(channel, heard)
+        sender = await self.connect(role)
+        try:
+            async with asyncio.timeout(timeout):
+                await sender.execute(f"NOTIFY {channel}")
+                await got
+            arrived = True
+        except TimeoutError:
+            arrived = False
+        finally:
+            with contextlib.suppress(Exception):  # it terminates the connection if it fails
+                await sender.close(timeout=PING_TIMEOUT)
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await listen_on.remove_listener(channel, heard)
+        return arrived
+
+
 
 LOAD_CALLS_SQL = """
     SELECT id, faction_id, target_call_json(t)::text AS data
@@ -2455,12 +2636,6 @@ def _event_from_row(row) -> Event:
                  row.get("ts"))
 
 
-# Errors that say the database (or the way to it) is not there, rather than that a
-# statement was wrong: the server, a pooler or the network is down, restarting or full.
-DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                  asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
-
-
 def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
     """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
 
@@ -2486,43 +2661,6 @@ def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: flo
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-async def notify_arrives(app: App, listen_on: asyncpg.Connection, role: str,
-                         timeout: float) -> bool:
-    """Whether a NOTIFY sent from a fresh connection reaches `listen_on` within `timeout`:
-    the check that `listen_on` is a session of our own, which LISTEN and session advisory
-    locks need.
-
-    From another connection: behind a transaction pooler a NOTIFY sent on our own client
-    connection can come straight back while real ones never would. A fresh one, not the
-    pool's: a pooled connection may be as frozen as one just given up, and the check must
-    only depend on the database accepting connections. The channel is our own hex, so the
-    NOTIFY needs no parameters or prepared statement, which poolers may not support.
-    """
-    channel = f"torncat_selftest_{os.getpid()}_{secrets.token_hex(4)}"
-    got = app.loop.create_future()
-
-    def heard(*_args) -> None:
-        if not got.done():
-            got.set_result(None)
-
-    async with asyncio.timeout(QUERY_TIMEOUT):
-        await listen_on.add_listener(channel, heard)
-    sender = await app.connect_db(role)
-    try:
-        async with asyncio.timeout(timeout):
-            await sender.execute(f"NOTIFY {channel}")
-            await got
-        arrived = True
-    except TimeoutError:
-        arrived = False
-    finally:
-        with contextlib.suppress(Exception):  # it terminates the connection if it fails
-            await sender.close(timeout=PING_TIMEOUT)
-    async with asyncio.timeout(QUERY_TIMEOUT):
-        await listen_on.remove_listener(channel, heard)
-    return arrived
-
-
 class ListenerState(enum.StrEnum):
     """Where the LISTEN connection is (shown in /healthz and the stats line)."""
 
@@ -2546,10 +2684,10 @@ class Listener:
     forged or garbled one is counted and logged, and changes nothing.
     """
 
-    def __init__(self, app: App):
-        self.app = app
-        self.hub = app.hub
+    def __init__(self, config: Config, db: Database, hub: Hub, auth: Auth, stats: Stats):
+        self.config, self.db, self.hub, self.auth, self.stats = config, db, hub, auth, stats
         self.state = ListenerState.STARTING
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.conn: asyncpg.Connection | None = None
         # The doorbell: notifications that rang since the last read of the log began.
         self._rang = False           # at least one did: the log must be read again
@@ -2566,6 +2704,7 @@ class Listener:
 
     async def run(self) -> None:
         """Connect, catch up, go live; on any failure, back off and do it again."""
+        self.loop = asyncio.get_running_loop()
         delay = BACKOFF_MIN
         while True:
             try:
@@ -2577,33 +2716,33 @@ class Listener:
                 log.error("%s", e)
             except Exception as e:
                 if isinstance(e, TimeoutError):  # a deadline on this connection was missed
-                    self.app.stats.listener_timeouts += 1
+                    self.stats.listener_timeouts += 1
                     reason = "a query on the LISTEN connection missed its deadline"
                 else:
                     reason = describe(e)
                 log.warning("postgres listener: %s; reconnecting in %.1fs", reason, delay)
                 if self.conn is not None:  # a link that worked died: whatever froze or cut it
-                    self.app.check_pool()  # may have hit the pool's links too
+                    self.db.check()  # may have hit the pool's links too
             finally:
                 if self.state is ListenerState.LIVE:
                     delay = BACKOFF_MIN  # it worked for a while: start the backoff over
                 self._close()
             if self.state is not ListenerState.SELF_TEST_FAILED:
                 self.state = ListenerState.DOWN
-            self.app.stats.listener_reconnects += 1
+            self.stats.listener_reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             # Never longer than a probe interval: once the database takes connections again,
             # we are live within PROBE_INTERVAL_SECONDS and a connection's set-up.
-            delay = min(delay * 2, BACKOFF_MAX, self.app.config.probe_interval_seconds)
+            delay = min(delay * 2, BACKOFF_MAX, self.config.probe_interval_seconds)
 
     async def _session(self) -> None:
-        conn = await self.app.connect_db("listener")
+        conn = await self.db.connect("listener")
         self.conn = conn
-        self._lost = self.app.loop.create_future()
+        self._lost = self.loop.create_future()
         conn.add_termination_listener(self._on_terminated)
         self.state = ListenerState.CATCHING_UP
         self._rang, self._claims = False, []
-        if self.app.config.applies_schema and not self._schema_applied:
+        if self.config.applies_schema and not self._schema_applied:
             async with self._in_use, asyncio.timeout(SCHEMA_TIMEOUT):
                 await apply_schema(conn)
             self._schema_applied = True
@@ -2616,9 +2755,9 @@ class Listener:
         await self._catch_up()
         self.state = ListenerState.LIVE  # no await since the last read: no doorbell is missed
         log.info("postgres listener live (last_event_id=%d)", self.hub.last_event_id)
-        if self.app.pool_state == "failing":
-            self.app.check_pool()  # the database is back: so is the pool, or /healthz says not
-        interval = self.app.config.probe_interval_seconds
+        if self.db.health is PoolHealth.FAILING:
+            self.db.check()  # the database is back: so is the pool, or /healthz says not
+        interval = self.config.probe_interval_seconds
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._lost), interval)
@@ -2627,20 +2766,20 @@ class Listener:
             try:
                 await self.probe()
             except TimeoutError:
-                self.app.stats.listener_timeouts += 1
+                self.stats.listener_timeouts += 1
                 raise ConnectionError(
                     "no answer to a probe within "
-                    f"{self.app.config.probe_timeout_seconds:g}s (half-open connection?)") from None
+                    f"{self.config.probe_timeout_seconds:g}s (half-open connection?)") from None
 
     async def _self_test(self) -> None:
-        """A NOTIFY from another connection must arrive here (see notify_arrives)."""
+        """A NOTIFY from another connection must arrive here (see Database.notify_arrives)."""
         async with self._in_use:
-            arrived = await notify_arrives(self.app, self.conn, "self-test",
-                                           self.app.config.probe_timeout_seconds)
+            arrived = await self.db.notify_arrives(self.conn, "self-test",
+                                                   self.config.probe_timeout_seconds)
         if not arrived:
             raise SelfTestFailed(
                 "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
-                f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
+                f"within {self.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
                 "(port 5432) or a direct connection. Not reporting healthy.")
 
@@ -2651,7 +2790,7 @@ class Listener:
         self._reader = self._tokens_task = None
         if self.conn is not None:
             if not self.conn.is_closed():
-                self.app.stats.db_terminations += 1
+                self.stats.db_terminations += 1
             self.conn.terminate()  # at once: a frozen backend would never answer a goodbye
             self.conn = None
         for fut in self._probes.values():
@@ -2673,7 +2812,7 @@ class Listener:
             return
         self._rang = True
         if self.state is ListenerState.LIVE and (self._reader is None or self._reader.done()):
-            self._reader = self.app.loop.create_task(self._in_background(self._answer_doorbell()))
+            self._reader = self.loop.create_task(self._in_background(self._answer_doorbell()))
         # else: a read is in flight (or we are catching up), and it reads again when done
 
     async def _answer_doorbell(self) -> None:
@@ -2683,7 +2822,7 @@ class Listener:
             if max(claims, default=0) <= self.hub.last_event_id:
                 continue  # each event they announce came with an earlier read (ids commit
                           # in order, so nothing unannounced can be read yet either)
-            self.app.stats.log_reads += 1
+            self.stats.log_reads += 1
             await self._read_log()
             # Commit order is id order, and a notification is delivered only once its
             # transaction is visible (PostgreSQL's async.c checks the listener's snapshot),
@@ -2696,9 +2835,9 @@ class Listener:
 
     def _ignore(self, count: int, what: str) -> None:
         """Count ignored notifications; say so in the log at most every BAD_NOTIFY_LOG_SECONDS."""
-        stats = self.app.stats
+        stats = self.stats
         stats.notifications_ignored += count
-        now = self.app.loop.time()
+        now = self.loop.time()
         if now - self._ignored_logged_at >= BAD_NOTIFY_LOG_SECONDS:
             self._ignored_logged_at = now
             log.warning("ignoring %s; nothing was applied from it (ignored so far: %d, "
@@ -2708,7 +2847,7 @@ class Listener:
         if conn is not self.conn:
             return
         if self._tokens_task is None or self._tokens_task.done():
-            self._tokens_task = self.app.loop.create_task(
+            self._tokens_task = self.loop.create_task(
                 self._in_background(self._reload_tokens()))
         else:
             self._tokens_stale = True  # the read under way may have begun before this change
@@ -2730,7 +2869,7 @@ class Listener:
             log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
                         "database tokens")
             rows = []
-        auth = self.app.auth
+        auth = self.auth
         before = None if auth.db is None else len(auth.db)
         revoked = auth.set_db_tokens(
             [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"],
@@ -2738,14 +2877,14 @@ class Listener:
         if len(auth.db) != before:
             log.info("tokens: %d active in the database, %d from the environment%s",
                      len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
-        self.hub.end_grants(revoked, self.app.config.retry_ms)
+        self.hub.end_grants(revoked, self.config.retry_ms)
 
     async def _in_background(self, work) -> None:
         try:
             await work
         except Exception as e:
             if isinstance(e, TimeoutError):
-                self.app.stats.listener_timeouts += 1
+                self.stats.listener_timeouts += 1
             if self._lost is not None and not self._lost.done():
                 self._lost.set_result(e)
 
@@ -2785,7 +2924,7 @@ class Listener:
             calls = [(r["id"], r["faction_id"], json_bytes(json.loads(r["data"])))
                      for r in await conn.fetch(LOAD_CALLS_SQL)]
             recent = [_event_from_row(r) for r in await conn.fetch(
-                LOAD_RECENT_SQL, self.app.config.replay_events)]
+                LOAD_RECENT_SQL, self.config.replay_events)]
             statuses = [(r["faction_id"], r["target_id"], json_bytes(json.loads(r["data"])))
                         for r in await conn.fetch(LOAD_STATUSES_SQL)]
             health = [(r["faction_id"], json_bytes(json.loads(r["data"])))
@@ -2804,9 +2943,9 @@ class Listener:
         own hex, so a simple query needs no parameters and no prepared statement, which
         transaction poolers may not support."""
         nonce = secrets.token_hex(8)
-        fut = self._probes[nonce] = self.app.loop.create_future()
+        fut = self._probes[nonce] = self.loop.create_future()
         try:
-            async with asyncio.timeout(self.app.config.probe_timeout_seconds):
+            async with asyncio.timeout(self.config.probe_timeout_seconds):
                 async with self._in_use:
                     await self.conn.execute(f"NOTIFY {self.probe_channel}, '{nonce}'")
                 await fut
@@ -3038,20 +3177,6 @@ class SignIn:
         return result
 
 
-ISSUE_MEMBER_TOKEN_SQL = """
-    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
-                                expires_at)
-    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
-"""
-REVOKE_DEPARTED_SQL = """
-    UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
-    WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
-      AND NOT (player_id = ANY($2::bigint[]))
-    RETURNING token_sha256, player_id, player_name
-"""
-
-
 # ---------------------------------------------------------------------------
 # The Torn API poll
 # ---------------------------------------------------------------------------
@@ -3108,16 +3233,6 @@ POLL_KEYS_SQL = """
 POLL_KNOWN_SQL = """
     SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
 """
-LEND_KEY_SQL = """
-    INSERT INTO torncat_torn_keys (faction_id, api_key, source, player_id, player_name)
-    VALUES ($1, $2, 'lent', $3, $4)
-    ON CONFLICT (api_key) DO UPDATE SET faction_id = excluded.faction_id, source = 'lent',
-        player_id = excluded.player_id, player_name = excluded.player_name,
-        disabled_at = NULL, disabled_reason = NULL
-    RETURNING id
-"""
-
-
 class PoolerDetected(Exception):
     pass
 
@@ -3241,7 +3356,7 @@ class Poller:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:
-        conn = self.conn = await self.app.connect_db("poller")
+        conn = self.conn = await self.app.db.connect("poller")
         await self._self_test(conn)
         await self._query("execute", POLL_SESSION_SQL)
         self.role = "standby"
@@ -3285,7 +3400,7 @@ class Poller:
     async def _self_test(self, conn) -> None:
         """Behind a transaction pooler the poll's lock cannot be held: see notify_arrives."""
         async with self._db_lock:
-            if not await notify_arrives(self.app, conn, "poll self-test", POLL_SELF_TEST_SECONDS):
+            if not await self.app.db.notify_arrives(conn, "poll self-test", POLL_SELF_TEST_SECONDS):
                 raise PoolerDetected
 
     async def _query(self, method: str, sql: str, *args):
@@ -3491,18 +3606,6 @@ class Poller:
 # ---------------------------------------------------------------------------
 
 
-def database_tls(ca_cert: str) -> ssl.SSLContext | None:
-    """TLS that verifies the database's certificate and host name against `ca_cert`.
-
-    None leaves TLS to the DSN (`sslmode=require` encrypts without verifying).
-    """
-    if not ca_cert:
-        return None
-    if ca_cert.lstrip().startswith("-----BEGIN"):
-        return ssl.create_default_context(cadata=ca_cert)
-    return ssl.create_default_context(cafile=ca_cert)
-
-
 def raise_fd_limit(wanted: int) -> int:
     """Raise our soft open-files limit towards the hard one; returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -3546,13 +3649,7 @@ async def serve(config: Config, dsn: str) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # min_size=0: no connection is opened before one is needed, so start-up does not
-    # wait for (or fail on) a database that is not reachable yet.
-    # Every statement on it has a deadline (App._db), which also bounds connecting.
-    app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
-                                         timeout=CONNECT_TIMEOUT, ssl=app.db_tls,
-                                         init=app._init_pooled,
-                                         server_settings={"application_name": "torncat-sse api"})
+    await app.db.open()
     # The StreamReader's limit is the head limit: a reader never buffers much more than
     # twice that before it stops reading from the socket.
     server = await asyncio.start_server(app.handle, config.host, config.port, limit=MAX_HEAD_BYTES,
@@ -3568,7 +3665,7 @@ async def serve(config: Config, dsn: str) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    app.pool.terminate()
+    app.db.close()
     log.info("stopped")
 
 
