@@ -2579,8 +2579,8 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
         try:
             members = await app.torn.faction_member_ids(ann_key, RED_ID)
             assert members == {1001}
-            assert await app.revoke_departed(RED_ID, members) == 1
-            assert await app.revoke_departed(RED_ID, members) == 0
+            assert await app.sign_ins.sign_out_departed(RED_ID, members) == 1
+            assert await app.sign_ins.sign_out_departed(RED_ID, members) == 0
         finally:
             await app.db.pool.close()
             app.torn.close()

@@ -1796,12 +1796,12 @@ class App:
         self.auth = Auth(config.secret_token, config.faction_tokens,
                          open_access=config.anonymous_access, factions=config.factions)
         self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
-        self.sign_ins = SignIn(self.torn)
         self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
         self.db = Database(dsn, config, self.stats)
         self.listener = Listener(config, self.db, self.hub, self.auth, self.stats)
-        self.poller = Poller(self)
-        self.db.on_doubt.append(self.poller.check)
+        self.sign_ins = SignIn(config, self.torn, self.db, self.auth, self.hub)
+        self.torn_poll = TornPoll(config, self.db, self.torn, self.sign_ins.sign_out_departed)
+        self.db.on_doubt.append(self.torn_poll.check)
         self.connections: set[Client] = set()
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
@@ -2006,61 +2006,8 @@ class App:
             raise HttpError(503, "not ready: the database has not been reached yet",
                             (("Retry-After", DB_RETRY_AFTER),))
         f = parse_body(req, x.body, SIGNIN_FIELDS)
-        key = f.pop("key")
-        who = await self.sign_ins.identity(key)
-        if who.faction_id is None:
-            raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
-                            "shares calls within a faction")
-        if who.faction_id not in self.config.factions and \
-                who.faction_id not in self.auth.token_factions:
-            raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
-                            extra={"faction_id": who.faction_id})
-        if f["lend"]:
-            await self.lend(key, who)
-        del key  # nothing below needs it
-        token = "tm_" + secrets.token_urlsafe(24)
-        digest = token_digest(token)
-        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
-                                                      who.player_id,
-                                                      self.config.member_token_days * 86400)
-        self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
-                                           expires_at))
-        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
-        expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
-        return json_reply(200, {"token": token, "player_id": who.player_id, "name": who.name,
-                                "faction_id": who.faction_id, "lent": bool(f["lend"]),
-                                "expires_at": expires.isoformat(timespec="seconds")
-                                .replace("+00:00", "Z")})
-
-    async def lend(self, key: str, who: TornIdentity) -> None:
-        """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
-        only a Public key, the poll reads nothing else (see "The Torn API poll")."""
-        try:
-            info = (await self.torn.get(key, "/key/info")).get("info")
-        except TornError as e:
-            raise torn_error_to_http(e.code) from None
-        access = info.get("access") if isinstance(info, dict) else None
-        level = access.get("level") if isinstance(access, dict) else None
-        if level != PUBLIC_ACCESS_LEVEL:
-            kind = access.get("type") if isinstance(access, dict) else None
-            raise HttpError(403, f"TornCat borrows only keys with Public access for the "
-                            f"faction's poll, and this one has {kind or 'other'} access: create "
-                            f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
-                            "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
-        await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
-        log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
-                 who.faction_id)
-
-    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> int:
-        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
-        faction's member list as Torn shows it now) and end their streams; returns how many.
-        Other servers learn of it through the token table's NOTIFY."""
-        rows = await self.db.revoke_departed(faction_id, member_ids)
-        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
-        self.hub.end_grants(gone, self.config.retry_ms)
-        for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
-            log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
-        return len(rows)
+        # The key is handed on, not kept here: SignIn drops it once Torn has been asked.
+        return json_reply(200, await self.sign_ins.sign_in(f.pop("key"), bool(f["lend"])))
 
     async def read_calls(self, x: Exchange) -> Reply | Held:
         """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
@@ -2186,7 +2133,7 @@ class App:
                            int(self.db.health is not PoolHealth.FAILING)),
             "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
             "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
-        }) + self.poller.metrics().encode()
+        }) + self.torn_poll.metrics().encode()
 
     def health(self) -> tuple[int, dict]:
         """200 while events flow (the LISTEN connection is live); the body tells the rest."""
@@ -2207,7 +2154,7 @@ class App:
                 "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
                 "terminated_connections": self.stats.db_terminations,
             },
-            "torn_poll": self.poller.health(),
+            "torn_poll": self.torn_poll.health(),
         }
 
     # -- periodic work -----------------------------------------------------------
@@ -2973,6 +2920,93 @@ async def apply_schema(conn) -> None:
     log.info("applied trigger.sql")
 
 
+# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
+# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
+# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
+POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
+                    "set_config('tcp_keepalives_interval', '1', false), "
+                    "set_config('tcp_keepalives_count', '3', false)")
+HOLDS_POLL_LOCK_SQL = """
+    SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
+                   AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
+"""
+POLL_KEYS_SQL = """
+    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
+"""
+POLL_KNOWN_SQL = """
+    SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
+"""
+SELECT_POLL_LOCK_SQL = "SELECT pg_try_advisory_lock($1)"
+DISABLE_KEY_SQL = "UPDATE torncat_torn_keys SET disabled_at = now(), disabled_reason = $2 WHERE id = $1"
+SET_WAR_SQL = "SELECT torncat_set_war($1, $2, $3)"
+SET_STATUSES_SQL = "SELECT * FROM torncat_target_statuses($1, $2, $3::json)"
+SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
+
+
+class PollSession:
+    """The Torn API poll's connection of its own: the session that holds POLL_LOCK (see
+    "The Torn API poll"), and the poll's statements, one at a time, each within
+    DB_TIMEOUT_SECONDS. A miss raises TimeoutError, which ends the session (the poll
+    terminates the connection), and with it the lock."""
+
+    def __init__(self, db: Database, conn: asyncpg.Connection):
+        self.db, self.conn = db, conn
+        self._in_use = asyncio.Lock()  # asyncpg runs one operation at a time per connection
+
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable]):
+        async with self._in_use, asyncio.timeout(self.db.timeout):
+            return await statement(self.conn)
+
+    def terminate(self) -> None:
+        self.conn.terminate()
+
+    async def self_test(self) -> bool:
+        """Behind a transaction pooler the poll's lock cannot be held: see
+        Database.notify_arrives."""
+        async with self._in_use:
+            return await self.db.notify_arrives(self.conn, "poll self-test",
+                                                POLL_SELF_TEST_SECONDS)
+
+    async def ping(self) -> None:
+        """Close the connection unless it answers within PING_TIMEOUT."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT), self._in_use:
+                await self.conn.execute("SELECT 1")
+        except Exception:  # no answer, or a broken link: the session ends at its next step
+            self.conn.terminate()
+
+    async def configure(self) -> None:
+        await self._run(lambda c: c.execute(POLL_SESSION_SQL))
+
+    async def try_lock(self) -> bool:
+        return await self._run(lambda c: c.fetchval(SELECT_POLL_LOCK_SQL, POLL_LOCK))
+
+    async def holds_lock(self) -> bool:
+        return await self._run(lambda c: c.fetchval(HOLDS_POLL_LOCK_SQL, POLL_LOCK))
+
+    async def known_statuses(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_KNOWN_SQL))
+
+    async def keys(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_KEYS_SQL))
+
+    async def disable_key(self, db_id: int, reason: str) -> None:
+        await self._run(lambda c: c.execute(DISABLE_KEY_SQL, db_id, reason))
+
+    async def set_war(self, faction: int, war: tuple[int, int] | None) -> int:
+        """Store the faction's current war (None: none); returns the calls that ended."""
+        return await self._run(lambda c: c.fetchval(SET_WAR_SQL, faction, *(war or (None, None))))
+
+    async def set_statuses(self, faction: int, war_id: int, changed_json: str) -> int:
+        """Store changed enemy statuses; returns the calls that ended with them."""
+        row = await self._run(lambda c: c.fetchrow(SET_STATUSES_SQL, faction, war_id,
+                                                   changed_json))
+        return row["ended"]
+
+    async def set_health(self, faction: int, *fields) -> None:
+        await self._run(lambda c: c.fetchval(SET_POLL_HEALTH_SQL, faction, *fields))
+
+
 # ---------------------------------------------------------------------------
 # The Torn API client, and signing in with a Torn API key
 # ---------------------------------------------------------------------------
@@ -3019,6 +3053,9 @@ TORN_ERRORS: dict[int | None, tuple[int, str, int | None]] = {
     TORN_NO_ANSWER: (503, "Torn's API did not answer in time: try again shortly", 10),
 }
 TORN_TRANSIENT = (0, 12, 15, 24)  # unknown, key read, temporary errors, closed temporarily
+BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
+PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
+PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
 
 
 def torn_error_to_http(code: int | None) -> HttpError:
@@ -3127,15 +3164,16 @@ class TornClient:
 
 
 class SignIn:
-    """Who owns a key, asking Torn once per key however many sign-ins ask at once.
+    """Signing in with a Torn API key, and signing out members Torn no longer lists.
 
-    Answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
+    Who owns a key is asked of Torn once per key however many sign-ins ask at once:
+    answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
     are cached by HMAC of the key; a sign-in while Torn is being asked about the same
     key waits for that answer instead of asking again.
     """
 
-    def __init__(self, torn: TornClient):
-        self.torn = torn
+    def __init__(self, config: Config, torn: TornClient, db: Database, auth: Auth, hub: Hub):
+        self.config, self.torn, self.db, self.auth, self.hub = config, torn, db, auth, hub
         self._secret = secrets.token_bytes(32)
         self._cache: dict[bytes, tuple[float, TornIdentity | HttpError]] = {}
         self._asking: dict[bytes, asyncio.Task] = {}
@@ -3176,6 +3214,63 @@ class SignIn:
             self._cache[digest] = (now + ttl, result)
         return result
 
+    async def sign_in(self, key: str, lend: bool) -> dict:
+        """A member token for the key's owner, if their faction is on this server; with
+        `lend`, the key also feeds the faction's poll. Returns the answer's JSON."""
+        who = await self.identity(key)
+        if who.faction_id is None:
+            raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
+                            "shares calls within a faction")
+        if who.faction_id not in self.config.factions and \
+                who.faction_id not in self.auth.token_factions:
+            raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
+                            extra={"faction_id": who.faction_id})
+        if lend:
+            await self.lend(key, who)
+        del key  # nothing below needs it
+        token = "tm_" + secrets.token_urlsafe(24)
+        digest = token_digest(token)
+        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
+                                                      who.player_id,
+                                                      self.config.member_token_days * 86400)
+        self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
+                                           expires_at))
+        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
+        expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
+        return {"token": token, "player_id": who.player_id, "name": who.name,
+                "faction_id": who.faction_id, "lent": lend,
+                "expires_at": expires.isoformat(timespec="seconds").replace("+00:00", "Z")}
+
+    async def lend(self, key: str, who: TornIdentity) -> None:
+        """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
+        only a Public key, the poll reads nothing else (see "The Torn API poll")."""
+        try:
+            info = (await self.torn.get(key, "/key/info")).get("info")
+        except TornError as e:
+            raise torn_error_to_http(e.code) from None
+        access = info.get("access") if isinstance(info, dict) else None
+        level = access.get("level") if isinstance(access, dict) else None
+        if level != PUBLIC_ACCESS_LEVEL:
+            kind = access.get("type") if isinstance(access, dict) else None
+            raise HttpError(403, f"TornCat borrows only keys with Public access for the "
+                            f"faction's poll, and this one has {kind or 'other'} access: create "
+                            f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
+                            "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
+        await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
+        log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
+                 who.faction_id)
+
+    async def sign_out_departed(self, faction_id: int, member_ids: set[int]) -> int:
+        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
+        faction's member list as Torn shows it now) and end their streams; returns how many.
+        Other servers learn of it through the token table's NOTIFY."""
+        rows = await self.db.revoke_departed(faction_id, member_ids)
+        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
+        self.hub.end_grants(gone, self.config.retry_ms)
+        for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
+            log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
+        return len(rows)
+
 
 # ---------------------------------------------------------------------------
 # The Torn API poll
@@ -3203,7 +3298,7 @@ class SignIn:
 # last poll go to torncat_target_statuses (trigger.sql) in one statement, which appends
 # `target_status` events and ends the calls of targets hospitalised or jailed since; a war
 # that ended (or changed) ends its calls (torncat_set_war). Every REVERIFY_HOURS it reads
-# the faction's own member list and signs out members who left (App.revoke_departed).
+# the faction's own member list and signs out members who left (SignIn.sign_out_departed).
 #
 # Keys come from TORN_API_KEYS and the torncat_torn_keys table (operators' and lent
 # ones). Each request takes the faction's least used key whose requests in the last
@@ -3213,26 +3308,6 @@ class SignIn:
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
 
-BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
-SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
-PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
-PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
-# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
-# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
-# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
-POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
-                    "set_config('tcp_keepalives_interval', '1', false), "
-                    "set_config('tcp_keepalives_count', '3', false)")
-HOLDS_POLL_LOCK_SQL = """
-    SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
-                   AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
-"""
-POLL_KEYS_SQL = """
-    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
-"""
-POLL_KNOWN_SQL = """
-    SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
-"""
 class PoolerDetected(Exception):
     pass
 
@@ -3310,20 +3385,41 @@ def member_statuses(answer: dict) -> list[dict]:
     return out
 
 
-class Poller:
-    """The Torn API poll of this process: a standby until it holds POLL_LOCK."""
+class PollRole(enum.Enum):
+    """Where this process stands in the Torn API poll (/healthz "torn_poll"."role")."""
 
-    def __init__(self, app: App):
-        self.app, self.config = app, app.config
-        self.role = "starting"   # standby, polling, or "transaction pooler" (never polls)
-        self.conn: asyncpg.Connection | None = None
+    STARTING = "starting"                  # not connected yet
+    STANDBY = "standby"                    # waiting for the poll's lock
+    POLLING = "polling"                    # holds the lock: this process polls Torn
+    POOLER = "transaction pooler"          # no session of its own: never polls
+
+
+class PollHealth(enum.Enum):
+    """A faction's poll as its members are told (the `poll_health` event's state)."""
+
+    OK = "ok"
+    STALE = "stale"              # Torn failed POLL_STALE_ROUNDS polls in a row
+    KEY_REFUSED = "key_refused"  # Torn refused a key of the faction (BAD_KEY_CODES)
+
+
+class TornPoll:
+    """The Torn API poll of this process: a standby until it holds POLL_LOCK.
+
+    It takes the settings, the database (a PollSession of its own), the Torn client, and
+    `sign_out` (SignIn.sign_out_departed) for members Torn no longer lists.
+    """
+
+    def __init__(self, config: Config, db: Database, torn: TornClient,
+                 sign_out: Callable[[int, set[int]], Awaitable[int]]):
+        self.config, self.db, self.torn, self.sign_out = config, db, torn, sign_out
+        self.role = PollRole.STARTING
+        self.session: PollSession | None = None
         self.keys: dict[str, PollKey] = {
             f"env:{n}": PollKey(f"env:{n}", faction, key)
             for n, (faction, key) in enumerate(self.config.torn_api_keys, 1)}
         self.factions: dict[int, FactionPoll] = {}
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
-        self._db_lock = asyncio.Lock()  # asyncpg runs one operation at a time per connection
         self._check: asyncio.Task | None = None  # a ping asked for by check()
 
     async def run(self) -> None:
@@ -3334,45 +3430,46 @@ class Poller:
             except asyncio.CancelledError:
                 raise
             except PoolerDetected:
-                if self.role != "transaction pooler":
+                if self.role is not PollRole.POOLER:
                     log.error("torn poll: DATABASE_URL does not give this process a session of "
                               "its own (a transaction-mode pooler? Supabase's port 6543): the "
                               "poll's lock cannot be held there, so this process never polls "
                               "Torn; use the session pooler (port 5432) or a direct connection")
-                self.role, delay = "transaction pooler", POLL_POOLER_RETRY_SECONDS
+                self.role, delay = PollRole.POOLER, POLL_POOLER_RETRY_SECONDS
             except Exception as e:
                 # A warning only when factions were being polled: a server without keys
                 # that loses its database has nothing to say about the poll.
-                level = logging.WARNING if self.role == "polling" and self.factions \
+                level = logging.WARNING if self.role is PollRole.POLLING and self.factions \
                     else logging.DEBUG
                 log.log(level, "torn poll: stopped polling: %s", "a database operation "
                         "missed its deadline" if isinstance(e, TimeoutError) else describe(e))
             finally:
-                if self.conn is not None:
-                    self.conn.terminate()  # the session ends: Postgres frees the lock now
-                    self.conn = None
-                if self.role == "polling":
-                    self.role = "standby"
+                if self.session is not None:
+                    self.session.terminate()  # the session ends: Postgres frees the lock now
+                    self.session = None
+                if self.role is PollRole.POLLING:
+                    self.role = PollRole.STANDBY
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:
-        conn = self.conn = await self.app.db.connect("poller")
-        await self._self_test(conn)
-        await self._query("execute", POLL_SESSION_SQL)
-        self.role = "standby"
+        session = self.session = PollSession(self.db, await self.db.connect("poller"))
+        if not await session.self_test():
+            raise PoolerDetected
+        await session.configure()
+        self.role = PollRole.STANDBY
         while True:  # a standby: try the lock until the holder is gone
-            if await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", POLL_LOCK):
+            if await session.try_lock():
                 break
             await asyncio.sleep(POLL_LOCK_RETRY_SECONDS * random.uniform(0.5, 1.0))
-        if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+        if not await session.holds_lock():
             raise PoolerDetected  # granted, yet not to our backend
-        self.role = "polling"
+        self.role = PollRole.POLLING
         log.info("torn poll: this process polls Torn's API (it holds the poll lock)")
         self.factions.clear()
-        known = await self._query("fetch", POLL_KNOWN_SQL)
-        loop = self.app.loop
+        known = await session.known_statuses()
+        loop = asyncio.get_running_loop()
         while True:
-            if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+            if not await session.holds_lock():
                 raise RuntimeError("the poll lock is no longer ours")
             await self._load_keys(known)
             known = ()
@@ -3384,33 +3481,14 @@ class Poller:
             await asyncio.sleep(min(max(0.0, wake - loop.time()), self.config.poll_seconds))
 
     def check(self) -> None:
-        """Another link to the database died (App.check_pool): ping ours now rather than at
+        """Another link to the database died (Database.check): ping ours now rather than at
         the next round, and close it if it does not answer, so that a frozen or cut link
         does not hold the lock, or come back to life later, unnoticed."""
-        if self.conn is not None and (self._check is None or self._check.done()):
-            self._check = self.app.loop.create_task(self._ping(self.conn))
-
-    async def _ping(self, conn) -> None:
-        try:
-            async with asyncio.timeout(PING_TIMEOUT), self._db_lock:
-                await conn.execute("SELECT 1")
-        except Exception:  # no answer, or a broken link: the session ends at its next step
-            conn.terminate()
-
-    async def _self_test(self, conn) -> None:
-        """Behind a transaction pooler the poll's lock cannot be held: see notify_arrives."""
-        async with self._db_lock:
-            if not await self.app.db.notify_arrives(conn, "poll self-test", POLL_SELF_TEST_SECONDS):
-                raise PoolerDetected
-
-    async def _query(self, method: str, sql: str, *args):
-        """One statement on the poll's connection, within DB_TIMEOUT_SECONDS; a miss ends
-        the session (run() closes the connection), and with it the lock."""
-        async with self._db_lock, asyncio.timeout(self.config.db_timeout_seconds):
-            return await getattr(self.conn, method)(sql, *args)
+        if self.session is not None and (self._check is None or self._check.done()):
+            self._check = asyncio.get_running_loop().create_task(self.session.ping())
 
     async def _load_keys(self, known) -> None:
-        rows = await self._query("fetch", POLL_KEYS_SQL)
+        rows = await self.session.keys()
         stored = {f"db:{r['id']}": r for r in rows}
         for ref in [ref for ref, k in self.keys.items() if k.db_id is not None
                     and ref not in stored]:
@@ -3429,7 +3507,7 @@ class Poller:
                 fp.known[r["target_id"]] = (r["state"], r["until"], r["description"], r["war_id"])
 
     def _take_key(self, faction: int) -> PollKey:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         budget = self.config.torn_key_budget
         free = [k for k in self.keys.values()
                 if k.faction == faction and not k.disabled and k.used(now) < budget]
@@ -3444,8 +3522,8 @@ class Poller:
         key = self._take_key(fp.faction)
         try:
             if members_of is not None:
-                return await self.app.torn.faction_member_ids(key.key, members_of)
-            return await self.app.torn.get(key.key, path)
+                return await self.torn.faction_member_ids(key.key, members_of)
+            return await self.torn.get(key.key, path)
         except TornError as e:
             self.errors["timeout" if e.code is None else str(e.code)] += 1
             if e.code in BAD_KEY_CODES:
@@ -3459,22 +3537,20 @@ class Poller:
                     "(add a new one: `torn-key add`, or a member lends one)",
                     key.ref, key.faction, reason)
         if key.db_id is not None:
-            await self._query("execute", "UPDATE torncat_torn_keys SET disabled_at = now(), "
-                              "disabled_reason = $2 WHERE id = $1", key.db_id, reason)
+            await self.session.disable_key(key.db_id, reason)
         fp = self.factions.get(key.faction)
         if fp is not None:  # its members' panels say so (until a poll succeeds again)
-            await self._health(fp, "key_refused", e)
+            await self._health(fp, PollHealth.KEY_REFUSED, e)
 
     async def _poll(self, fp: FactionPoll) -> None:
-        loop = self.app.loop
+        loop = asyncio.get_running_loop()
         poll_seconds = self.config.poll_seconds
         now = int(time.time())
         try:
             war = current_ranked_war(
                 await self._ask(fp, f"/faction/wars?timestamp={now}"), fp.faction, now)
             if war != fp.war or not fp.war_known:
-                ended = await self._query("fetchval", "SELECT torncat_set_war($1, $2, $3)",
-                                          fp.faction, *(war or (None, None)))
+                ended = await self.session.set_war(fp.faction, war)
                 if war != fp.war:
                     log.info("torn poll: faction %d: %s", fp.faction,
                              f"war {war[0]} against faction {war[1]}" if war else "no war")
@@ -3487,9 +3563,9 @@ class Poller:
             if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
                 members = await self._ask(fp, "", members_of=fp.faction)
                 try:
-                    await self.app.revoke_departed(fp.faction, members)
+                    await self.sign_out(fp.faction, members)
                     fp.reverified_at = loop.time()
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except (DatabaseUnavailable, asyncpg.PostgresError) as e:
                     log.warning("torn poll: faction %d: could not sign out departed members "
                                 "(%s): next round", fp.faction, describe(e))
         except OverBudget:
@@ -3505,7 +3581,7 @@ class Poller:
             if fp.failures == 1:
                 fp.failing_since = time.time()
             if fp.failures >= POLL_STALE_ROUNDS:
-                await self._health(fp, "stale", e)
+                await self._health(fp, PollHealth.STALE, e)
             if fp.failures == 1:
                 log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
                             "calls stay as they are", fp.faction,
@@ -3520,9 +3596,9 @@ class Poller:
         fp.last_success = time.time()
         fp.next_at = loop.time() + poll_seconds
         fp.polls += 1
-        await self._health(fp, "ok")
+        await self._health(fp, PollHealth.OK)
 
-    async def _health(self, fp: FactionPoll, state: str, e: TornError | None = None) -> None:
+    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None) -> None:
         """Tell the faction's members how the poll is (the `poll_health` event), when that
         changed: the first time this session (the table says whether it changed), or when
         its state or reason did."""
@@ -3532,11 +3608,11 @@ class Poller:
             return
         def stamp(t: float | None) -> datetime.datetime | None:
             return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC)
-        since = (fp.last_success or fp.failing_since) if state == "stale" else time.time()
+        since = (fp.last_success or fp.failing_since) if state is PollHealth.STALE else time.time()
         disabled = sum(k.disabled for k in self.keys.values() if k.faction == fp.faction)
-        await self._query("fetchval", SET_POLL_HEALTH_SQL, fp.faction, state, reason,
-                          stamp(since), stamp(fp.last_success), fp.failures, disabled,
-                          None if e is None or e.code is None or e.code < 0 else e.code)
+        await self.session.set_health(fp.faction, state.value, reason, stamp(since),
+                                      stamp(fp.last_success), fp.failures, disabled,
+                                      None if e is None or e.code is None or e.code < 0 else e.code)
         fp.health = (state, reason)
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
@@ -3547,18 +3623,17 @@ class Poller:
             s["state"], s["until"], s["description"], war_id)]
         if not changed:
             return  # a quiet war stays quiet on the wire
-        row = await self._query("fetchrow", "SELECT * FROM torncat_target_statuses($1, $2, "
-                                "$3::json)", fp.faction, war_id, json.dumps(changed))
+        ended = await self.session.set_statuses(fp.faction, war_id, json.dumps(changed))
         for s in changed:
             fp.known[s["target_id"]] = (s["state"], s["until"], s["description"], war_id)
-        if row["ended"]:
+        if ended:
             log.info("torn poll: faction %d: %d calls ended (target hospitalized or jailed)",
-                     fp.faction, row["ended"])
+                     fp.faction, ended)
 
     def health(self) -> dict:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         return {
-            "role": self.role,
+            "role": self.role.value,
             "factions": {str(fp.faction): {
                 "last_success": None if fp.last_success is None else
                 datetime.datetime.fromtimestamp(fp.last_success, datetime.UTC)
@@ -3574,11 +3649,11 @@ class Poller:
         }
 
     def metrics(self) -> str:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         lines = [
             "# HELP torncat_torn_poll_holder 1 while this process holds the poll lock and polls.",
             "# TYPE torncat_torn_poll_holder gauge",
-            f"torncat_torn_poll_holder {int(self.role == 'polling')}",
+            f"torncat_torn_poll_holder {int(self.role is PollRole.POLLING)}",
             "# HELP torncat_torn_poll_last_success_seconds When each faction's last poll "
             "succeeded (seconds since the epoch).",
             "# TYPE torncat_torn_poll_last_success_seconds gauge",
@@ -3658,7 +3733,7 @@ async def serve(config: Config, dsn: str) -> None:
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
         app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop(), app.member_expiry_loop(), app.poller.run())]
+        app.prune_loop(), app.member_expiry_loop(), app.torn_poll.run())]
     await stop.wait()
     server.close()
     await app.shutdown()
