@@ -2574,16 +2574,21 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
         torn.leave_faction(1002)
         # What the central poll (issue 14) will do: read the member list, revoke the rest.
         config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
-        app = t.App(config, db, asyncio.get_running_loop())
-        await app.db.open()
+        stats = t.Stats()
+        hub = t.Hub(asyncio.get_running_loop(), config.replay_events, config.client_buffer_bytes,
+                    stats)
+        auth = t.Auth("", (), factions=config.factions)
+        database, torn_api = t.Database(db, config, stats), t.TornClient(torn.base_url, 5.0)
+        sign_ins = t.SignIn(config, torn_api, database, auth, hub)
+        await database.open()
         try:
-            members = await app.torn.faction_member_ids(ann_key, RED_ID)
+            members = await torn_api.faction_member_ids(ann_key, RED_ID)
             assert members == {1001}
-            assert await app.sign_ins.sign_out_departed(RED_ID, members) == 1
-            assert await app.sign_ins.sign_out_departed(RED_ID, members) == 0
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 1
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 0
         finally:
-            await app.db.pool.close()
-            app.torn.close()
+            await database.pool.close()
+            torn_api.close()
         await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
         r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY
         assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["left_faction"],

@@ -1729,508 +1729,9 @@ class Hub:
 
 
 # ---------------------------------------------------------------------------
-# The HTTP side: one coroutine per connection
-# ---------------------------------------------------------------------------
-
-
-class Streaming:
-    """What the events route answers: the connection is now a stream that the hub writes
-    to, and handle() waits for its end."""
-
-
-STREAMING = Streaming()
-
-
-class Held:
-    """What GET /calls?wait= answers when nothing is new yet: all its answer needs once it
-    wakes. converse() then drops the request and waits in App.hold, so a held request keeps
-    about what an idle stream keeps, not a request's head, headers and route frames."""
-
-    __slots__ = ("since", "wait")
-
-    def __init__(self, since: int, wait: int):
-        self.since, self.wait = since, wait
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request being answered: what a route handler gets."""
-
-    client: Client
-    req: Request
-    body: bytes
-    cors: list[tuple[str, str]]
-    keep_alive: bool
-    target: int | None = None      # the <target> of /calls/<target>
-
-
-Handler = Callable[[Exchange], Awaitable[Reply | Held | Streaming]]
-
-
-def unavailable(e: DatabaseUnavailable) -> HttpError:
-    """The 503 of a request the database could not answer: its body says whether the
-    statement may have run (`"outcome": "unknown"`: the calls API's writes are safe to send
-    again) or surely did not (`"not applied"`)."""
-    if e.sent:
-        return HttpError(503, "the database did not answer in time: the write may or may "
-                         "not have been made; it is safe to send it again",
-                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
-    return HttpError(503, "database unavailable, retry later",
-                     (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
-
-
-def route_pattern(template: str) -> re.Pattern:
-    """A route's path as a pattern: `<target>` stands for a Torn id."""
-    return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
-
-
-class App:
-    """The routes, and the pieces that outlive a connection."""
-
-    def __init__(self, config: Config, dsn: str, loop: asyncio.AbstractEventLoop):
-        self.config = config
-        self.dsn = dsn
-        self.loop = loop
-        self.stats = Stats()
-        self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens,
-                         open_access=config.anonymous_access, factions=config.factions)
-        self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
-        self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
-        self.db = Database(dsn, config, self.stats)
-        self.listener = Listener(config, self.db, self.hub, self.auth, self.stats)
-        self.sign_ins = SignIn(config, self.torn, self.db, self.auth, self.hub)
-        self.torn_poll = TornPoll(config, self.db, self.torn, self.sign_ins.sign_out_departed)
-        self.db.on_doubt.append(self.torn_poll.check)
-        self.connections: set[Client] = set()
-        self.max_connections = config.max_clients + REQUEST_SLOTS
-        self.retry_after = str(max(1, round(config.retry_ms / 1000)))
-        self.stopping = False
-        self.drained = asyncio.Event()  # set when the last connection closes while stopping
-        # Every route: path -> method -> handler, the methods in the order a 405 lists them.
-        routes: dict[str, dict[str, Handler]] = {
-            "/events": {"GET": self.events},
-            "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
-            "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
-            "/calls": {"GET": self.read_calls, "HEAD": self.read_calls, "POST": self.make_call},
-            "/calls/<target>": {"DELETE": self.uncall},
-            "/calls/<target>/uncall": {"POST": self.uncall},
-            "/auth/torn": {"POST": self.sign_in},
-        }
-        self.routes = [(route_pattern(path), methods) for path, methods in routes.items()]
-
-    # -- a connection, from accept to close ------------------------------------------
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """asyncio.start_server's callback: one connection, from accept to close."""
-        if self.stopping or len(self.connections) >= self.max_connections:
-            self.stats.rejected += 1
-            writer.write(render(json_reply(503, {"error": "server busy"},
-                                           (("Retry-After", self.retry_after),)),
-                                [], keep_alive=False, head_only=False))
-            writer.close()
-            return
-        client = Client(writer)
-        self.connections.add(client)
-        try:
-            await self.converse(client, reader)
-            if client.phase is Phase.STREAM:
-                # For the hours a stream lasts only this frame waits: the request that opened
-                # it and the frames that answered it are gone (about 2.8 KB a stream less).
-                while await reader.read(READ_CHUNK):
-                    pass  # what a stream's client sends is ignored; EOF ends it
-        except OSError:   # ConnectionResetError, BrokenPipeError...: the client went away
-            pass
-        except Exception:
-            log.exception("connection from %s failed", client.peer())
-        finally:
-            self.hub.unsubscribe(client)
-            self.hub.release(client)
-            client.phase = Phase.CLOSED
-            self.connections.discard(client)
-            if not writer.is_closing():
-                writer.close()
-            if self.stopping and not self.connections:
-                self.drained.set()
-
-    async def converse(self, client: Client, reader: asyncio.StreamReader) -> None:
-        """Read a request, route it, answer it; again while the connection is kept alive."""
-        writer = client.writer
-        requests = RequestReader()
-        while True:
-            client.phase = Phase.READING
-            try:
-                got = await self.read_request(reader, requests)
-            except HttpError as e:
-                await self.refuse(client, reader, e)
-                return
-            if got is None:
-                return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
-            req, body = got
-            client.phase = Phase.BUSY
-            x = Exchange(client, req, body, cors_headers(req.headers.get("origin"),
-                                                         self.config.allowed_origins),
-                         req.keep_alive)
-            answer = await self.answer(x)
-            if answer is STREAMING:
-                return  # handle() waits for its end
-            cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
-            if isinstance(answer, Held):
-                got = req = body = x = None  # not kept for the seconds the request is held
-                answer, keep_alive = await self.hold(client, reader, requests, answer,
-                                                     keep_alive)
-            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
-            if not keep_alive or self.stopping:
-                return
-            if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
-                # A client that pipelines requests and does not read the answers: answer
-                # (and read) nothing more until it catches up; close it if it never does.
-                try:
-                    async with asyncio.timeout(SLOW_READER_SECONDS):
-                        await writer.drain()
-                except TimeoutError:
-                    log.debug("%s: closed, %d response bytes unread", client.peer(),
-                              writer.transport.get_write_buffer_size())
-                    writer.transport.abort()
-                    return
-
-    async def read_request(self, reader: asyncio.StreamReader,
-                           requests: RequestReader) -> tuple[Request, bytes] | None:
-        """The next request, or None when the client closed or stayed idle; HttpError for a
-        bad one. The whole request must arrive within REQUEST_TIMEOUT_SECONDS."""
-        deadline = self.loop.time() + self.config.request_timeout_seconds
-        while (got := requests.next_request()) is None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                if requests.started:
-                    raise HttpError(408, "request not received in time") from None
-                return None  # an idle keep-alive connection: nothing to answer
-            if not data:
-                return None
-            requests.feed(data)
-        return got
-
-    async def refuse(self, client: Client, reader: asyncio.StreamReader, e: HttpError) -> None:
-        """Answer a request we could not read, then linger: its framing is lost, so we close,
-        but only after draining the client's input for a moment, or its kernel would turn
-        our answer into a reset (RFC 9112 section 9.6)."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %d %s", client.peer(), e.status, e.message)
-        writer = client.writer
-        client.phase = Phase.CLOSED
-        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
-        if writer.can_write_eof():
-            writer.write_eof()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LINGER_SECONDS):
-                while await reader.read(READ_CHUNK):
-                    pass
-
-    async def answer(self, x: Exchange) -> Reply | Held | Streaming:
-        """Route one request. Every route's errors leave through here, and only here."""
-        req = x.req
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s", x.client.peer(), req.method, redact(req.target))
-        try:
-            if req.method == "OPTIONS":
-                return preflight(req, self.config.allowed_origins)
-            methods = self.route(x)
-            handler = methods.get(req.method)
-            if handler is None:
-                raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
-            return await handler(x)
-        except HttpError as e:
-            return error_reply(e)
-        except DatabaseUnavailable as e:
-            return error_reply(unavailable(e))
-        except Exception:
-            log.exception("error handling %s %s", req.method, redact(req.path))
-            x.keep_alive = False
-            return json_reply(500, {"error": "internal error"})
-
-    def route(self, x: Exchange) -> dict[str, Handler]:
-        """The methods of the route the path names; a `<target>` in it goes to `x.target`."""
-        for pattern, methods in self.routes:
-            if m := pattern.fullmatch(x.req.path):
-                x.target = int(m[1]) if pattern.groups else None
-                return methods
-        raise HttpError(404, "no such endpoint")
-
-    # -- the routes ------------------------------------------------------------------
-
-    async def events(self, x: Exchange) -> Streaming:
-        """GET /events: register a stream with the hub; handle() then waits for its end."""
-        req, client = x.req, x.client
-        if req.version != "HTTP/1.1":
-            raise HttpError(505, "the event stream needs HTTP/1.1")
-        client.grant = self.auth.grant(req, time.time())
-        if self.stopping or self.hub.client_count >= self.config.max_clients:
-            raise HttpError(503, "too many clients, retry later",
-                            (("Retry-After", self.retry_after),))
-        client.cursor = parse_event_id(req.headers.get("last-event-id",
-                                                       req.query.get("last_event_id")))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
-                      "all" if client.scope is None else client.scope, client.cursor)
-        sock = client.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
-        head = render_head(200, [
-            ("Content-Type", "text/event-stream"),
-            ("Cache-Control", "no-cache"),
-            ("X-Accel-Buffering", "no"),
-            ("Transfer-Encoding", "chunked"),
-            *x.cors,
-        ])
-        self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
-        return STREAMING
-
-    async def healthz(self, x: Exchange) -> Reply:
-        return json_reply(*self.health())
-
-    async def metrics_page(self, x: Exchange) -> Reply:
-        return Reply(200, self.metrics(), content_type="text/plain; version=0.0.4; charset=utf-8",
-                     cors=False)
-
-    # -- signing in with a Torn API key ------------------------------------------------
-
-    async def sign_in(self, x: Exchange) -> Reply:
-        """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
-        client" for what happens to the key)."""
-        req = x.req
-        address = client_address(x.client.peer(), req, self.config.trusted_proxies)
-        self.budgets.sign_in(address, self.loop.time())
-        if self.auth.db is None:
-            raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", DB_RETRY_AFTER),))
-        f = parse_body(req, x.body, SIGNIN_FIELDS)
-        # The key is handed on, not kept here: SignIn drops it once Torn has been asked.
-        return json_reply(200, await self.sign_ins.sign_in(f.pop("key"), bool(f["lend"])))
-
-    async def read_calls(self, x: Exchange) -> Reply | Held:
-        """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
-
-        With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
-        until the faction's next event or S seconds, whichever comes first.
-        """
-        req = x.req
-        grant = self.auth.grant(req, time.time())
-        if not self.hub.ready:
-            raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", DB_RETRY_AFTER),))
-        since_text = req.query.get("since")
-        since = parse_event_id(since_text)
-        if since_text is not None and since is None:
-            raise HttpError(400, "since must be an event id (a non-negative integer)")
-        wait = parse_wait(req.query.get("wait"))
-        if wait and since is not None and not self.stopping \
-                and not self.hub.has_news(grant.faction, since):
-            if self.hub.client_count >= self.config.max_clients:
-                raise HttpError(503, "too many clients, retry later",
-                                (("Retry-After", self.retry_after),))
-            x.client.grant = grant
-            return Held(since, wait)
-        self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(grant.faction, since))
-
-    async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
-                   held: Held, keep_alive: bool) -> tuple[Reply, bool]:
-        """Hold a long-poll until its faction's next event, its wait, or shutdown; then
-        its answer, and whether the connection stays open.
-
-        It costs about what an idle stream costs: this coroutine waits on the
-        client's socket (so a client that leaves is noticed at once), and the hub
-        wakes it by moving its deadline to now. Nothing touches the database.
-        """
-        self.stats.holds += 1
-        try:
-            async with asyncio.timeout(held.wait) as deadline:
-                self.hub.hold(client, deadline)
-                while data := await reader.read(READ_CHUNK):
-                    requests.feed(data)  # the client's next request, pipelined: kept
-                    if requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
-                        break  # more than a request's worth: answer now
-                else:
-                    keep_alive = False  # the client closed its side: answer, then close
-        except TimeoutError:
-            pass  # an event, the deadline or shutdown: answer with what there is
-        finally:
-            self.hub.release(client)
-            client.phase = Phase.BUSY
-        if client.grant is not None and client.grant.ended:
-            # Its token ended while it waited (revoked, expired, left the faction): the
-            # answer a new request would get, so the player is signed out now, not later.
-            why = client.grant.ended if client.grant.player_id is not None else None
-            return error_reply(unauthorized(why)), keep_alive
-        self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
-
-    async def make_call(self, x: Exchange) -> Reply:
-        """POST /calls: call a target for the token's faction."""
-        grant = self.auth.grant(x.req, time.time())
-        f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
-                       else MEMBER_CALL_FIELDS)
-        caller_id, caller_name = writer_of(grant, f)
-        self.budgets.write(grant, self.loop.time())
-        outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
-                                                     f["target_name"], caller_id, caller_name)
-        if outcome is CallOutcome.TAKEN:
-            self.stats.calls_refused += 1
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
-                            extra={"call": call})
-        if outcome is CallOutcome.YOURS:
-            # The caller holds it already: most likely a retry of a write whose answer was
-            # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
-            return json_reply(201, {"call": call, "event_id": None})
-        self.stats.calls_made += 1
-        await self._seen(event_id)
-        return json_reply(201, {"call": call, "event_id": event_id})
-
-    async def uncall(self, x: Exchange) -> Reply:
-        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
-        grant = self.auth.grant(x.req, time.time())
-        target = _id_field(x.target, "target_id")
-        f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
-                       else MEMBER_UNCALL_FIELDS)
-        by_id, by_name = writer_of(grant, f)
-        self.budgets.write(grant, self.loop.time())
-        outcome, call, event_id = await self.db.uncall(grant.faction, target, by_id, by_name,
-                                                       bool(f["force"]))
-        if outcome is CallOutcome.NOT_CALLED:
-            raise HttpError(404, f"target {target} is not called")
-        if outcome is CallOutcome.NOT_YOURS:
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
-                            'it, unless the request says "force": true', extra={"call": call})
-        self.stats.uncalls += 1
-        await self._seen(event_id)
-        return json_reply(200, {"call": call, "event_id": event_id})
-
-    # -- the calls API's helpers ------------------------------------------------------
-
-    async def _seen(self, event_id: int) -> None:
-        """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
-        fut = self.hub.sent(event_id)
-        if fut is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
-
-    def metrics(self) -> bytes:
-        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
-        pool_size, pool_idle = self.db.pool_connections()
-        return render_metrics(self.stats, {
-            "clients": ("Open event streams.", self.hub.stream_count),
-            "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
-            "connections": ("Open TCP connections, streams included.", len(self.connections)),
-            "listener_up": ("1 while the LISTEN connection is live.",
-                            int(self.listener.state is ListenerState.LIVE)),
-            "last_event_id": ("The last event id applied.", self.hub.last_event_id),
-            "active_calls": ("Active calls held in memory.", len(self.hub.active)),
-            "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
-                           int(self.db.health is not PoolHealth.FAILING)),
-            "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
-            "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
-        }) + self.torn_poll.metrics().encode()
-
-    def health(self) -> tuple[int, dict]:
-        """200 while events flow (the LISTEN connection is live); the body tells the rest."""
-        live = self.listener.state is ListenerState.LIVE
-        failing = self.db.health is PoolHealth.FAILING
-        status = "unavailable" if not live else "degraded" if failing else "ok"
-        pool_size, pool_idle = self.db.pool_connections()
-        return (200 if live else 503), {
-            "status": status,
-            "listener": self.listener.state.value,
-            "clients": self.hub.stream_count,
-            "long_polls": self.hub.held_count,
-            "last_event_id": self.hub.last_event_id,
-            "database": {
-                "pool": self.db.health.value,
-                "pool_connections": pool_size,
-                "pool_idle_connections": pool_idle,
-                "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
-                "terminated_connections": self.stats.db_terminations,
-            },
-            "torn_poll": self.torn_poll.health(),
-        }
-
-    # -- periodic work -----------------------------------------------------------
-
-    async def keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.keepalive_seconds)
-            self.hub.keepalive()
-
-    async def member_expiry_loop(self) -> None:
-        """End the streams of member tokens that expired while streaming."""
-        while True:
-            await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
-            self.hub.end_grants(self.auth.expire(time.time()), self.config.retry_ms)
-
-    async def stats_loop(self) -> None:
-        """Seed step 6: log the number of active connections, once a minute."""
-        seen = {name: 0 for name in ("connects", "disconnects", "evictions", "events")}
-        while True:
-            await asyncio.sleep(self.config.stats_log_seconds)
-            deltas = {name: getattr(self.stats, name) - seen[name] for name in seen}
-            seen = {name: getattr(self.stats, name) for name in seen}
-            log.info("clients=%d connects=+%d disconnects=+%d evictions=+%d events=+%d "
-                     "last_event_id=%d listener=%s", self.hub.client_count,
-                     deltas["connects"], deltas["disconnects"], deltas["evictions"],
-                     deltas["events"], self.hub.last_event_id, self.listener.state)
-
-    async def expiry_loop(self) -> None:
-        """Uncall calls older than CALL_TTL_SECONDS (exactly once, whatever the instances)."""
-        ttl = self.config.call_ttl_seconds
-        if not ttl:
-            return
-        while True:
-            await asyncio.sleep(min(EXPIRY_CHECK_MAX_SECONDS, max(0.1, ttl / 10)))
-            with contextlib.suppress(DatabaseUnavailable):  # try again later
-                expired = await self.db.expire_calls(ttl)
-                if expired:
-                    log.info("expired %d calls older than %ds", expired, ttl)
-
-    async def prune_loop(self) -> None:
-        """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
-        hours = self.config.event_retention_hours
-        if not hours:
-            return
-        while True:
-            await asyncio.sleep(PRUNE_EVERY_SECONDS)
-            with contextlib.suppress(DatabaseUnavailable):
-                pruned = await self.db.prune_events(hours)
-                log.info("pruned %d events older than %d hours", pruned, hours)
-
-    # -- shutdown ------------------------------------------------------------------
-
-    async def shutdown(self) -> None:
-        """End every stream with a jittered retry:, so clients come back spread out; answer
-        held long-polls at once; let requests in flight finish, then close what is left."""
-        self.stopping = True
-        window_ms = int(self.config.reconnect_spread_seconds * 1000)
-        streams = self.hub.all_streams()
-        for client in streams:
-            self.hub.end(client, random.randint(min(1000, window_ms), window_ms))
-        self.hub.wake_all()
-        for client in list(self.connections):
-            if client.phase is Phase.READING:
-                client.writer.close()
-        log.info("shutting down: ended %d streams", len(streams))
-        if self.connections:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
-        for client in list(self.connections):
-            client.writer.transport.abort()
-        self.torn.close()
-
-
-# ---------------------------------------------------------------------------
 # The database: the pool, every statement with its deadline, and the LISTEN connection
 # ---------------------------------------------------------------------------
+
 
 class DatabaseUnavailable(Exception):
     """The database did not answer a statement within its deadline, or cannot be reached.
@@ -2295,6 +1796,36 @@ LEND_KEY_SQL = """
     RETURNING id
 """
 
+# The command line's statements (`token ...`, `torn-key ...`).
+CREATE_TOKEN_SQL = """
+    INSERT INTO torncat_tokens (faction_id, label, token_sha256) VALUES ($1, $2, $3) RETURNING id
+"""
+LIST_TOKENS_SQL = """
+    SELECT id, faction_id, label, created_at, revoked_at, kind, player_id, expires_at,
+           encode(substr(token_sha256, 1, 4), 'hex') AS digest
+    FROM torncat_tokens ORDER BY id
+"""
+REVOKE_PLAYER_SQL = """
+    WITH r AS (UPDATE torncat_tokens SET revoked_at = now()
+               WHERE kind = 'member' AND player_id = $1 AND revoked_at IS NULL RETURNING 1)
+    SELECT count(*) FROM r
+"""
+REVOKE_TOKEN_SQL = """
+    UPDATE torncat_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id
+"""
+ADD_TORN_KEY_SQL = """
+    INSERT INTO torncat_torn_keys (faction_id, api_key, source) VALUES ($1, $2, 'operator')
+    ON CONFLICT (api_key) DO UPDATE SET
+        faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL
+    RETURNING id, (xmax = 0) AS inserted
+"""
+LIST_TORN_KEYS_SQL = """
+    SELECT id, faction_id, source, player_id, player_name, created_at, disabled_at,
+           disabled_reason
+    FROM torncat_torn_keys ORDER BY id
+"""
+REMOVE_TORN_KEY_SQL = "DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id"
+
 
 def database_tls(ca_cert: str) -> ssl.SSLContext | None:
     """TLS that verifies the database's certificate and host name against `ca_cert`.
@@ -2306,6 +1837,61 @@ def database_tls(ca_cert: str) -> ssl.SSLContext | None:
     if ca_cert.lstrip().startswith("-----BEGIN"):
         return ssl.create_default_context(cadata=ca_cert)
     return ssl.create_default_context(cafile=ca_cert)
+
+
+def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
+    """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
+
+    They find a link that died silently (a NAT or a pooler that dropped its state, a host
+    that vanished) without our sending anything, or when what we send is never
+    acknowledged; a backend that is merely frozen still has a kernel that answers, which
+    the deadlines and the probe catch. asyncpg has no option for this (`server_settings`
+    sets the backend's GUCs, i.e. the server's end of the socket), and a pool's `init`
+    runs after the connection is made, TLS included, so we set them on the transport's
+    socket, which asyncio and uvloop expose as `get_extra_info("socket")`, TLS or not.
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket (host=/run/postgresql): nothing in between to die
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    seconds = max(1, round(keepalive))
+    for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds),
+                        ("TCP_KEEPCNT", DB_KEEPALIVE_PROBES),
+                        ("TCP_USER_TIMEOUT", max(1, round(user_timeout * 1000)))):
+        option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+async def apply_schema(conn) -> None:
+    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
+    def show_warning(_conn, message) -> None:
+        if isinstance(message, asyncpg.PostgresWarning):
+            log.warning("trigger.sql: %s", message)
+
+    conn.add_log_listener(show_warning)
+    await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
+    try:
+        await conn.execute(TRIGGER_SQL_PATH.read_text())
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+        conn.remove_log_listener(show_warning)
+    log.info("applied trigger.sql")
+
+
+@contextlib.asynccontextmanager
+async def cli_connection(config: Config, dsn: str):
+    """The command line's connection: deadlines on connecting and on every statement, and
+    trigger.sql applied first with --init-db."""
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
+                                 ssl=database_tls(config.database_ca_cert))
+    try:
+        if config.applies_schema:
+            await apply_schema(conn)
+        yield conn
+    finally:
+        await conn.close()
 
 
 class Database:
@@ -2541,6 +2127,7 @@ class Database:
         return arrived
 
 
+# -- The LISTEN connection --------------------------------------------------
 
 LOAD_CALLS_SQL = """
     SELECT id, faction_id, target_call_json(t)::text AS data
@@ -2583,31 +2170,6 @@ def _event_from_row(row) -> Event:
                  row.get("ts"))
 
 
-def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
-    """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
-
-    They find a link that died silently (a NAT or a pooler that dropped its state, a host
-    that vanished) without our sending anything, or when what we send is never
-    acknowledged; a backend that is merely frozen still has a kernel that answers, which
-    the deadlines and the probe catch. asyncpg has no option for this (`server_settings`
-    sets the backend's GUCs, i.e. the server's end of the socket), and a pool's `init`
-    runs after the connection is made, TLS included, so we set them on the transport's
-    socket, which asyncio and uvloop expose as `get_extra_info("socket")`, TLS or not.
-    """
-    transport = getattr(conn, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return  # a Unix socket (host=/run/postgresql): nothing in between to die
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    seconds = max(1, round(keepalive))
-    for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds),
-                        ("TCP_KEEPCNT", DB_KEEPALIVE_PROBES),
-                        ("TCP_USER_TIMEOUT", max(1, round(user_timeout * 1000)))):
-        option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
 class ListenerState(enum.StrEnum):
     """Where the LISTEN connection is (shown in /healthz and the stats line)."""
 
@@ -2616,6 +2178,10 @@ class ListenerState(enum.StrEnum):
     LIVE = "live"                          # events flow; probed every PROBE_INTERVAL_SECONDS
     DOWN = "down"                          # lost: reconnecting after a backoff
     SELF_TEST_FAILED = "self-test failed"  # connected, but LISTEN does not deliver
+
+
+class SelfTestFailed(Exception):
+    pass
 
 
 class Listener:
@@ -2900,25 +2466,7 @@ class Listener:
             self._probes.pop(nonce, None)
 
 
-class SelfTestFailed(Exception):
-    pass
-
-
-async def apply_schema(conn) -> None:
-    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
-    def show_warning(_conn, message) -> None:
-        if isinstance(message, asyncpg.PostgresWarning):
-            log.warning("trigger.sql: %s", message)
-
-    conn.add_log_listener(show_warning)
-    await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
-    try:
-        await conn.execute(TRIGGER_SQL_PATH.read_text())
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
-        conn.remove_log_listener(show_warning)
-    log.info("applied trigger.sql")
-
+# -- The Torn API poll's connection ------------------------------------------
 
 # Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
 # holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
@@ -3008,7 +2556,7 @@ class PollSession:
 
 
 # ---------------------------------------------------------------------------
-# The Torn API client, and signing in with a Torn API key
+# Torn's API: the client, signing in with a Torn API key, and the central poll
 # ---------------------------------------------------------------------------
 #
 # POST /auth/torn {"key": "<Torn API key>"} asks Torn's API v2 who owns the key
@@ -3272,9 +2820,7 @@ class SignIn:
         return len(rows)
 
 
-# ---------------------------------------------------------------------------
-# The Torn API poll
-# ---------------------------------------------------------------------------
+# -- The Torn API poll ----------------------------------------------------------
 #
 # One process per deployment polls Torn's API, however many WORKERS and instances
 # run: the one holding a Postgres session advisory lock (POLL_LOCK) on a connection of
@@ -3307,6 +2853,7 @@ class SignIn:
 # by its reference ("env:1", "db:7"), never by its value. Torn down or slow backs the
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
+
 
 class PoolerDetected(Exception):
     pass
@@ -3677,7 +3224,463 @@ class TornPoll:
 
 
 # ---------------------------------------------------------------------------
-# main()
+# The HTTP side: connections and routes
+# ---------------------------------------------------------------------------
+
+
+class Streaming:
+    """What the events route answers: the connection is now a stream that the hub writes
+    to, and handle() waits for its end."""
+
+
+STREAMING = Streaming()
+
+
+class Held:
+    """What GET /calls?wait= answers when nothing is new yet: all its answer needs once it
+    wakes. converse() then drops the request and waits in App.hold, so a held request keeps
+    about what an idle stream keeps, not a request's head, headers and route frames."""
+
+    __slots__ = ("since", "wait")
+
+    def __init__(self, since: int, wait: int):
+        self.since, self.wait = since, wait
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request being answered: what a route handler gets."""
+
+    client: Client
+    req: Request
+    body: bytes
+    cors: list[tuple[str, str]]
+    keep_alive: bool
+    target: int | None = None      # the <target> of /calls/<target>
+
+
+Handler = Callable[[Exchange], Awaitable[Reply | Held | Streaming]]
+
+
+def unavailable(e: DatabaseUnavailable) -> HttpError:
+    """The 503 of a request the database could not answer: its body says whether the
+    statement may have run (`"outcome": "unknown"`: the calls API's writes are safe to send
+    again) or surely did not (`"not applied"`)."""
+    if e.sent:
+        return HttpError(503, "the database did not answer in time: the write may or may "
+                         "not have been made; it is safe to send it again",
+                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
+    return HttpError(503, "database unavailable, retry later",
+                     (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
+
+
+def route_pattern(template: str) -> re.Pattern:
+    """A route's path as a pattern: `<target>` stands for a Torn id."""
+    return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
+
+
+class Status:
+    """What /healthz and /metrics say: the hub, the LISTEN connection, the pool, the Torn
+    API poll."""
+
+    def __init__(self, stats: Stats, hub: Hub, listener: Listener, db: Database,
+                 torn_poll: TornPoll):
+        self.stats, self.hub, self.listener, self.db, self.torn_poll = \
+            stats, hub, listener, db, torn_poll
+
+    def health(self) -> tuple[int, dict]:
+        """200 while events flow (the LISTEN connection is live); the body tells the rest."""
+        live = self.listener.state is ListenerState.LIVE
+        failing = self.db.health is PoolHealth.FAILING
+        status = "unavailable" if not live else "degraded" if failing else "ok"
+        pool_size, pool_idle = self.db.pool_connections()
+        return (200 if live else 503), {
+            "status": status,
+            "listener": self.listener.state.value,
+            "clients": self.hub.stream_count,
+            "long_polls": self.hub.held_count,
+            "last_event_id": self.hub.last_event_id,
+            "database": {
+                "pool": self.db.health.value,
+                "pool_connections": pool_size,
+                "pool_idle_connections": pool_idle,
+                "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
+                "terminated_connections": self.stats.db_terminations,
+            },
+            "torn_poll": self.torn_poll.health(),
+        }
+
+    def metrics(self, connections: int) -> bytes:
+        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
+        pool_size, pool_idle = self.db.pool_connections()
+        return render_metrics(self.stats, {
+            "clients": ("Open event streams.", self.hub.stream_count),
+            "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
+            "connections": ("Open TCP connections, streams included.", connections),
+            "listener_up": ("1 while the LISTEN connection is live.",
+                            int(self.listener.state is ListenerState.LIVE)),
+            "last_event_id": ("The last event id applied.", self.hub.last_event_id),
+            "active_calls": ("Active calls held in memory.", len(self.hub.active)),
+            "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
+                           int(self.db.health is not PoolHealth.FAILING)),
+            "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
+            "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+        }) + self.torn_poll.metrics().encode()
+
+
+class App:
+    """The HTTP side: connections, from accept to close, and the routes.
+
+    It is handed the parts it answers from: the hub, access, the database (for the calls
+    API's writes), sign-in, and what /healthz and /metrics say.
+    """
+
+    def __init__(self, config: Config, hub: Hub, auth: Auth, db: Database, sign_ins: SignIn,
+                 status: Status, stats: Stats):
+        self.config, self.hub, self.auth, self.db = config, hub, auth, db
+        self.sign_ins, self.status, self.stats = sign_ins, status, stats
+        self.loop = hub.loop
+        self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
+        self.connections: set[Client] = set()
+        self.max_connections = config.max_clients + REQUEST_SLOTS
+        self.retry_after = str(max(1, round(config.retry_ms / 1000)))
+        self.stopping = False
+        self.drained = asyncio.Event()  # set when the last connection closes while stopping
+        # Every route: path -> method -> handler, the methods in the order a 405 lists them.
+        routes: dict[str, dict[str, Handler]] = {
+            "/events": {"GET": self.events},
+            "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
+            "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
+            "/calls": {"GET": self.read_calls, "HEAD": self.read_calls, "POST": self.make_call},
+            "/calls/<target>": {"DELETE": self.uncall},
+            "/calls/<target>/uncall": {"POST": self.uncall},
+            "/auth/torn": {"POST": self.sign_in},
+        }
+        self.routes = [(route_pattern(path), methods) for path, methods in routes.items()]
+
+    # -- a connection, from accept to close ------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server's callback: one connection, from accept to close."""
+        if self.stopping or len(self.connections) >= self.max_connections:
+            self.stats.rejected += 1
+            writer.write(render(json_reply(503, {"error": "server busy"},
+                                           (("Retry-After", self.retry_after),)),
+                                [], keep_alive=False, head_only=False))
+            writer.close()
+            return
+        client = Client(writer)
+        self.connections.add(client)
+        try:
+            await self.converse(client, reader)
+            if client.phase is Phase.STREAM:
+                # For the hours a stream lasts only this frame waits: the request that opened
+                # it and the frames that answered it are gone (about 2.8 KB a stream less).
+                while await reader.read(READ_CHUNK):
+                    pass  # what a stream's client sends is ignored; EOF ends it
+        except OSError:   # ConnectionResetError, BrokenPipeError...: the client went away
+            pass
+        except Exception:
+            log.exception("connection from %s failed", client.peer())
+        finally:
+            self.hub.unsubscribe(client)
+            self.hub.release(client)
+            client.phase = Phase.CLOSED
+            self.connections.discard(client)
+            if not writer.is_closing():
+                writer.close()
+            if self.stopping and not self.connections:
+                self.drained.set()
+
+    async def converse(self, client: Client, reader: asyncio.StreamReader) -> None:
+        """Read a request, route it, answer it; again while the connection is kept alive."""
+        writer = client.writer
+        requests = RequestReader()
+        while True:
+            client.phase = Phase.READING
+            try:
+                got = await self.read_request(reader, requests)
+            except HttpError as e:
+                await self.refuse(client, reader, e)
+                return
+            if got is None:
+                return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
+            req, body = got
+            client.phase = Phase.BUSY
+            x = Exchange(client, req, body, cors_headers(req.headers.get("origin"),
+                                                         self.config.allowed_origins),
+                         req.keep_alive)
+            answer = await self.answer(x)
+            if answer is STREAMING:
+                return  # handle() waits for its end
+            cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
+            if isinstance(answer, Held):
+                got = req = body = x = None  # not kept for the seconds the request is held
+                answer, keep_alive = await self.hold(client, reader, requests, answer,
+                                                     keep_alive)
+            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
+            if not keep_alive or self.stopping:
+                return
+            if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
+                # A client that pipelines requests and does not read the answers: answer
+                # (and read) nothing more until it catches up; close it if it never does.
+                try:
+                    async with asyncio.timeout(SLOW_READER_SECONDS):
+                        await writer.drain()
+                except TimeoutError:
+                    log.debug("%s: closed, %d response bytes unread", client.peer(),
+                              writer.transport.get_write_buffer_size())
+                    writer.transport.abort()
+                    return
+
+    async def read_request(self, reader: asyncio.StreamReader,
+                           requests: RequestReader) -> tuple[Request, bytes] | None:
+        """The next request, or None when the client closed or stayed idle; HttpError for a
+        bad one. The whole request must arrive within REQUEST_TIMEOUT_SECONDS."""
+        deadline = self.loop.time() + self.config.request_timeout_seconds
+        while (got := requests.next_request()) is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                if requests.started:
+                    raise HttpError(408, "request not received in time") from None
+                return None  # an idle keep-alive connection: nothing to answer
+            if not data:
+                return None
+            requests.feed(data)
+        return got
+
+    async def refuse(self, client: Client, reader: asyncio.StreamReader, e: HttpError) -> None:
+        """Answer a request we could not read, then linger: its framing is lost, so we close,
+        but only after draining the client's input for a moment, or its kernel would turn
+        our answer into a reset (RFC 9112 section 9.6)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d %s", client.peer(), e.status, e.message)
+        writer = client.writer
+        client.phase = Phase.CLOSED
+        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await reader.read(READ_CHUNK):
+                    pass
+
+    async def answer(self, x: Exchange) -> Reply | Held | Streaming:
+        """Route one request. Every route's errors leave through here, and only here."""
+        req = x.req
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s", x.client.peer(), req.method, redact(req.target))
+        try:
+            if req.method == "OPTIONS":
+                return preflight(req, self.config.allowed_origins)
+            methods = self.route(x)
+            handler = methods.get(req.method)
+            if handler is None:
+                raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
+            return await handler(x)
+        except HttpError as e:
+            return error_reply(e)
+        except DatabaseUnavailable as e:
+            return error_reply(unavailable(e))
+        except Exception:
+            log.exception("error handling %s %s", req.method, redact(req.path))
+            x.keep_alive = False
+            return json_reply(500, {"error": "internal error"})
+
+    def route(self, x: Exchange) -> dict[str, Handler]:
+        """The methods of the route the path names; a `<target>` in it goes to `x.target`."""
+        for pattern, methods in self.routes:
+            if m := pattern.fullmatch(x.req.path):
+                x.target = int(m[1]) if pattern.groups else None
+                return methods
+        raise HttpError(404, "no such endpoint")
+
+    # -- the routes ------------------------------------------------------------------
+
+    async def events(self, x: Exchange) -> Streaming:
+        """GET /events: register a stream with the hub; handle() then waits for its end."""
+        req, client = x.req, x.client
+        if req.version != "HTTP/1.1":
+            raise HttpError(505, "the event stream needs HTTP/1.1")
+        client.grant = self.auth.grant(req, time.time())
+        if self.stopping or self.hub.client_count >= self.config.max_clients:
+            raise HttpError(503, "too many clients, retry later",
+                            (("Retry-After", self.retry_after),))
+        client.cursor = parse_event_id(req.headers.get("last-event-id",
+                                                       req.query.get("last_event_id")))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
+                      "all" if client.scope is None else client.scope, client.cursor)
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
+        head = render_head(200, [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            ("Transfer-Encoding", "chunked"),
+            *x.cors,
+        ])
+        self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        return STREAMING
+
+    async def healthz(self, x: Exchange) -> Reply:
+        return json_reply(*self.status.health())
+
+    async def metrics_page(self, x: Exchange) -> Reply:
+        return Reply(200, self.status.metrics(len(self.connections)),
+                     content_type="text/plain; version=0.0.4; charset=utf-8", cors=False)
+
+    # -- signing in with a Torn API key ------------------------------------------------
+
+    async def sign_in(self, x: Exchange) -> Reply:
+        """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
+        client" for what happens to the key)."""
+        req = x.req
+        address = client_address(x.client.peer(), req, self.config.trusted_proxies)
+        self.budgets.sign_in(address, self.loop.time())
+        if self.auth.db is None:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", DB_RETRY_AFTER),))
+        f = parse_body(req, x.body, SIGNIN_FIELDS)
+        # The key is handed on, not kept here: SignIn drops it once Torn has been asked.
+        return json_reply(200, await self.sign_ins.sign_in(f.pop("key"), bool(f["lend"])))
+
+    async def read_calls(self, x: Exchange) -> Reply | Held:
+        """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
+
+        With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
+        until the faction's next event or S seconds, whichever comes first.
+        """
+        req = x.req
+        grant = self.auth.grant(req, time.time())
+        if not self.hub.ready:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", DB_RETRY_AFTER),))
+        since_text = req.query.get("since")
+        since = parse_event_id(since_text)
+        if since_text is not None and since is None:
+            raise HttpError(400, "since must be an event id (a non-negative integer)")
+        wait = parse_wait(req.query.get("wait"))
+        if wait and since is not None and not self.stopping \
+                and not self.hub.has_news(grant.faction, since):
+            if self.hub.client_count >= self.config.max_clients:
+                raise HttpError(503, "too many clients, retry later",
+                                (("Retry-After", self.retry_after),))
+            x.client.grant = grant
+            return Held(since, wait)
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(grant.faction, since))
+
+    async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
+                   held: Held, keep_alive: bool) -> tuple[Reply, bool]:
+        """Hold a long-poll until its faction's next event, its wait, or shutdown; then
+        its answer, and whether the connection stays open.
+
+        It costs about what an idle stream costs: this coroutine waits on the
+        client's socket (so a client that leaves is noticed at once), and the hub
+        wakes it by moving its deadline to now. Nothing touches the database.
+        """
+        self.stats.holds += 1
+        try:
+            async with asyncio.timeout(held.wait) as deadline:
+                self.hub.hold(client, deadline)
+                while data := await reader.read(READ_CHUNK):
+                    requests.feed(data)  # the client's next request, pipelined: kept
+                    if requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
+                        break  # more than a request's worth: answer now
+                else:
+                    keep_alive = False  # the client closed its side: answer, then close
+        except TimeoutError:
+            pass  # an event, the deadline or shutdown: answer with what there is
+        finally:
+            self.hub.release(client)
+            client.phase = Phase.BUSY
+        if client.grant is not None and client.grant.ended:
+            # Its token ended while it waited (revoked, expired, left the faction): the
+            # answer a new request would get, so the player is signed out now, not later.
+            why = client.grant.ended if client.grant.player_id is not None else None
+            return error_reply(unauthorized(why)), keep_alive
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
+
+    async def make_call(self, x: Exchange) -> Reply:
+        """POST /calls: call a target for the token's faction."""
+        grant = self.auth.grant(x.req, time.time())
+        f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
+                       else MEMBER_CALL_FIELDS)
+        caller_id, caller_name = writer_of(grant, f)
+        self.budgets.write(grant, self.loop.time())
+        outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
+                                                     f["target_name"], caller_id, caller_name)
+        if outcome is CallOutcome.TAKEN:
+            self.stats.calls_refused += 1
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
+                            extra={"call": call})
+        if outcome is CallOutcome.YOURS:
+            # The caller holds it already: most likely a retry of a write whose answer was
+            # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
+            return json_reply(201, {"call": call, "event_id": None})
+        self.stats.calls_made += 1
+        await self._seen(event_id)
+        return json_reply(201, {"call": call, "event_id": event_id})
+
+    async def uncall(self, x: Exchange) -> Reply:
+        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
+        grant = self.auth.grant(x.req, time.time())
+        target = _id_field(x.target, "target_id")
+        f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
+                       else MEMBER_UNCALL_FIELDS)
+        by_id, by_name = writer_of(grant, f)
+        self.budgets.write(grant, self.loop.time())
+        outcome, call, event_id = await self.db.uncall(grant.faction, target, by_id, by_name,
+                                                       bool(f["force"]))
+        if outcome is CallOutcome.NOT_CALLED:
+            raise HttpError(404, f"target {target} is not called")
+        if outcome is CallOutcome.NOT_YOURS:
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
+                            'it, unless the request says "force": true', extra={"call": call})
+        self.stats.uncalls += 1
+        await self._seen(event_id)
+        return json_reply(200, {"call": call, "event_id": event_id})
+
+    # -- the calls API's helpers ------------------------------------------------------
+
+    async def _seen(self, event_id: int) -> None:
+        """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
+        fut = self.hub.sent(event_id)
+        if fut is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """End every stream with a jittered retry:, so clients come back spread out; answer
+        held long-polls at once; let requests in flight finish, then close what is left."""
+        self.stopping = True
+        window_ms = int(self.config.reconnect_spread_seconds * 1000)
+        streams = self.hub.all_streams()
+        for client in streams:
+            self.hub.end(client, random.randint(min(1000, window_ms), window_ms))
+        self.hub.wake_all()
+        for client in list(self.connections):
+            if client.phase is Phase.READING:
+                client.writer.close()
+        log.info("shutting down: ended %d streams", len(streams))
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
+        for client in list(self.connections):
+            client.writer.transport.abort()
+
+
+# ---------------------------------------------------------------------------
+# main(): one server process, its background jobs, and the command line
 # ---------------------------------------------------------------------------
 
 
@@ -3717,14 +3720,75 @@ def start_embedded_postgres(data_dir: str) -> str:
     return dsn
 
 
+async def keep_streams_alive(hub: Hub, seconds: float) -> None:
+    """A keep-alive comment to every stream every KEEPALIVE_SECONDS."""
+    while True:
+        await asyncio.sleep(seconds)
+        hub.keepalive()
+
+
+async def end_expired_members(hub: Hub, auth: Auth, retry_ms: int) -> None:
+    """End the streams of member tokens that expired while streaming."""
+    while True:
+        await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
+        hub.end_grants(auth.expire(time.time()), retry_ms)
+
+
+async def log_stats(stats: Stats, hub: Hub, listener: Listener, seconds: float) -> None:
+    """Seed step 6: log the number of active connections, once a minute."""
+    seen = {name: 0 for name in ("connects", "disconnects", "evictions", "events")}
+    while True:
+        await asyncio.sleep(seconds)
+        deltas = {name: getattr(stats, name) - seen[name] for name in seen}
+        seen = {name: getattr(stats, name) for name in seen}
+        log.info("clients=%d connects=+%d disconnects=+%d evictions=+%d events=+%d "
+                 "last_event_id=%d listener=%s", hub.client_count,
+                 deltas["connects"], deltas["disconnects"], deltas["evictions"],
+                 deltas["events"], hub.last_event_id, listener.state)
+
+
+async def expire_calls(db: Database, ttl: int) -> None:
+    """Uncall calls older than CALL_TTL_SECONDS (exactly once, whatever the instances)."""
+    if not ttl:
+        return
+    while True:
+        await asyncio.sleep(min(EXPIRY_CHECK_MAX_SECONDS, max(0.1, ttl / 10)))
+        with contextlib.suppress(DatabaseUnavailable):  # try again later
+            expired = await db.expire_calls(ttl)
+            if expired:
+                log.info("expired %d calls older than %ds", expired, ttl)
+
+
+async def prune_events(db: Database, hours: int) -> None:
+    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
+    if not hours:
+        return
+    while True:
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)
+        with contextlib.suppress(DatabaseUnavailable):
+            pruned = await db.prune_events(hours)
+            log.info("pruned %d events older than %d hours", pruned, hours)
+
+
 async def serve(config: Config, dsn: str) -> None:
-    """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT."""
+    """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT. Each part is
+    handed only the parts it uses."""
     loop = asyncio.get_running_loop()
-    app = App(config, dsn, loop)
+    stats = Stats()
+    hub = Hub(loop, config.replay_events, config.client_buffer_bytes, stats)
+    auth = Auth(config.secret_token, config.faction_tokens,
+                open_access=config.anonymous_access, factions=config.factions)
+    db = Database(dsn, config, stats)
+    listener = Listener(config, db, hub, auth, stats)
+    torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
+    sign_ins = SignIn(config, torn, db, auth, hub)
+    torn_poll = TornPoll(config, db, torn, sign_ins.sign_out_departed)
+    db.on_doubt.append(torn_poll.check)
+    app = App(config, hub, auth, db, sign_ins, Status(stats, hub, listener, db, torn_poll), stats)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await app.db.open()
+    await db.open()
     # The StreamReader's limit is the head limit: a reader never buffers much more than
     # twice that before it stops reading from the socket.
     server = await asyncio.start_server(app.handle, config.host, config.port, limit=MAX_HEAD_BYTES,
@@ -3732,30 +3796,19 @@ async def serve(config: Config, dsn: str) -> None:
     host, port = server.sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
-        app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop(), app.member_expiry_loop(), app.torn_poll.run())]
+        listener.run(), keep_streams_alive(hub, config.keepalive_seconds),
+        log_stats(stats, hub, listener, config.stats_log_seconds),
+        expire_calls(db, config.call_ttl_seconds), prune_events(db, config.event_retention_hours),
+        end_expired_members(hub, auth, config.retry_ms), torn_poll.run())]
     await stop.wait()
     server.close()
     await app.shutdown()
+    torn.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    app.db.close()
+    db.close()
     log.info("stopped")
-
-
-@contextlib.asynccontextmanager
-async def cli_connection(config: Config, dsn: str):
-    """The command line's connection: deadlines on connecting and on every statement, and
-    trigger.sql applied first with --init-db."""
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
-                                 ssl=database_tls(config.database_ca_cert))
-    try:
-        if config.applies_schema:
-            await apply_schema(conn)
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def token_command(config: Config, dsn: str) -> int:
@@ -3764,18 +3817,13 @@ async def token_command(config: Config, dsn: str) -> int:
         async with cli_connection(config, dsn) as conn:
             if config.token_command == "create":
                 token = "tc_" + secrets.token_urlsafe(24)
-                row = await conn.fetchrow(
-                    "INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
-                    "VALUES ($1, $2, $3) RETURNING id", config.faction, config.label,
-                    token_digest(token))
+                row = await conn.fetchrow(CREATE_TOKEN_SQL, config.faction, config.label,
+                                          token_digest(token))
                 print(f"token {row['id']} for faction {config.faction} ({config.label or 'no label'}); "
                       "it is shown only this once:", file=sys.stderr)
                 print(token)
             elif config.token_command == "list":
-                rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
-                                        "kind, player_id, expires_at, "
-                                        "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
-                                        "FROM torncat_tokens ORDER BY id")
+                rows = await conn.fetch(LIST_TOKENS_SQL)
                 print(f"{'id':>5}  {'faction':>10}  {'kind':7}  {'sha256':8}  {'created (UTC)':19}  "
                       f"{'ends (UTC)':19}  label")
                 for r in rows:
@@ -3785,10 +3833,7 @@ async def token_command(config: Config, dsn: str) -> int:
                     print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['kind']:7}  {r['digest']:8}  "
                           f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {ends:19}  {label} {end}".rstrip())
             elif config.player is not None:
-                revoked = await conn.fetchval("WITH r AS (UPDATE torncat_tokens SET revoked_at = now() "
-                                              "WHERE kind = 'member' AND player_id = $1 AND "
-                                              "revoked_at IS NULL RETURNING 1) SELECT count(*) FROM r",
-                                              config.player)
+                revoked = await conn.fetchval(REVOKE_PLAYER_SQL, config.player)
                 print(f"revoked {revoked} member tokens of player {config.player}; servers close "
                       "their streams now", file=sys.stderr)
                 return 0 if revoked else 1
@@ -3796,9 +3841,7 @@ async def token_command(config: Config, dsn: str) -> int:
                 print("torncat_sse: token revoke needs a token id or --player", file=sys.stderr)
                 return 2
             else:
-                revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
-                                              "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
-                                              config.id)
+                revoked = await conn.fetchval(REVOKE_TOKEN_SQL, config.id)
                 if revoked is None:
                     print(f"torncat_sse: no active token with id {config.id}", file=sys.stderr)
                     return 1
@@ -3830,18 +3873,12 @@ async def torn_key_command(config: Config, dsn: str) -> int:
     try:
         async with cli_connection(config, dsn) as conn:
             if config.key_command == "add":
-                row = await conn.fetchrow(
-                    "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
-                    "VALUES ($1, $2, 'operator') ON CONFLICT (api_key) DO UPDATE SET "
-                    "faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL "
-                    "RETURNING id, (xmax = 0) AS inserted", config.faction, key)
+                row = await conn.fetchrow(ADD_TORN_KEY_SQL, config.faction, key)
                 del key
                 print(f"key db:{row['id']} {'stored' if row['inserted'] else 'was already stored'} "
                       f"for faction {config.faction}'s poll", file=sys.stderr)
             elif config.key_command == "list":
-                rows = await conn.fetch("SELECT id, faction_id, source, player_id, player_name, "
-                                        "created_at, disabled_at, disabled_reason "
-                                        "FROM torncat_torn_keys ORDER BY id")
+                rows = await conn.fetch(LIST_TORN_KEYS_SQL)
                 print(f"{'key':>8}  {'faction':>10}  {'source':8}  {'added (UTC)':19}  state")
                 for r in rows:
                     who = f" by {r['player_name']} [{r['player_id']}]" if r["player_id"] else ""
@@ -3849,8 +3886,7 @@ async def torn_key_command(config: Config, dsn: str) -> int:
                     print(f"{'db:' + str(r['id']):>8}  {r['faction_id']:>10}  {r['source'] + who:8}"
                           f"  {r['created_at']:%Y-%m-%d %H:%M:%S}  {state}")
             else:
-                gone = await conn.fetchval("DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id",
-                                           config.id)
+                gone = await conn.fetchval(REMOVE_TORN_KEY_SQL, config.id)
                 if gone is None:
                     print(f"torncat_sse: no key with id {config.id}", file=sys.stderr)
                     return 1
