@@ -8,6 +8,7 @@ never on sleeps; "nothing arrived" is proved with a short timeout.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import datetime
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import symtable
 import sys
 import time
 from pathlib import Path
@@ -2032,6 +2034,180 @@ async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything
     for c in honest:
         await c.close()
     assert "Traceback" not in server.log
+
+
+# ---------------------------------------------------------------------------
+# The server file's layout: each section uses only what is above it
+# ---------------------------------------------------------------------------
+#
+# What counts. A section starts at a banner: a line of dashes, `# <title>`, a line of
+# dashes (everything above the first banner is the prologue: imports, `log`, paths). A
+# module-level name is one bound by a top-level statement (def, class, assignment,
+# import); it belongs to the section of its first binding. A use is every read of such a
+# name anywhere in the file, as Python resolves it (`symtable`): in a function body, a
+# default, a decorator, a base class or an annotation; a parameter, a local, a class
+# attribute or a comprehension variable of the same name is not a use. A back arrow is a
+# use in a section above the one that defines the name.
+
+SECTION_BANNER = re.compile(r"^# -{20,}\n# (.+)\n# -{20,}$", re.MULTILINE)
+SERVER_SECTIONS = ("Settings", "Wire format", "Access", "The hub", "The database", "Torn",
+                   "The HTTP side", "main()")
+
+
+def file_sections(src: str) -> list[tuple[int, str]]:
+    """(first line, title) of each section, the prologue first."""
+    return [(1, "prologue"), *((src.count("\n", 0, m.start()) + 1, m.group(1))
+                               for m in SECTION_BANNER.finditer(src))]
+
+
+def module_definitions(tree: ast.Module) -> dict[str, int]:
+    """Each module-level name, and the line of its first top-level binding."""
+    defs: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.asname or a.name.partition(".")[0] for a in node.names]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defs.setdefault(name, node.lineno)
+    return defs
+
+
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+          ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def module_name_uses(src: str, tree: ast.Module, defs: dict[str, int]) -> list[tuple[str, int]]:
+    """(name, line) of every read of a module-level name (see "What counts" above)."""
+    tables = {}  # (line, name) of a scope -> its symbol table
+
+    def index(table):
+        for child in table.get_children():
+            tables.setdefault((child.get_lineno(), child.get_name()), child)
+            index(child)
+
+    top = symtable.symtable(src, "torncat_sse.py", "exec")
+    index(top)
+
+    def reads_module(name: str, table) -> bool:
+        if name not in defs:
+            return False
+        if table.get_type() == "module":
+            return True
+        try:
+            symbol = table.lookup(name)
+        except KeyError:
+            return True
+        return symbol.is_global() or not (symbol.is_local() or symbol.is_free())
+
+    uses = []
+
+    def visit(node, table):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if reads_module(node.id, table):
+                uses.append((node.id, node.lineno))
+            return
+        if not isinstance(node, SCOPES):
+            for child in ast.iter_child_nodes(node):
+                visit(child, table)
+            return
+        # What a scope evaluates where it is defined, then what it evaluates inside.
+        if isinstance(node, ast.ClassDef):
+            outside = [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+            inside, name = node.body, node.name
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            outside = [*args.defaults, *filter(None, args.kw_defaults)]
+            if isinstance(node, ast.Lambda):
+                inside, name = [node.body], "lambda"
+            else:
+                every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+                outside += [*node.decorator_list, *filter(None, [node.returns]),
+                            *(a.annotation for a in every if a is not None and a.annotation)]
+                inside, name = node.body, node.name
+        else:  # a comprehension: its first iterable is evaluated outside
+            outside = [node.generators[0].iter]
+            inside = [*(part for g in node.generators for part in (g.target, *g.ifs)),
+                      *(g.iter for g in node.generators[1:]),
+                      *([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt])]
+            name = {ast.ListComp: "listcomp", ast.SetComp: "setcomp", ast.DictComp: "dictcomp",
+                    ast.GeneratorExp: "genexpr"}[type(node)]
+        for part in outside:
+            visit(part, table)
+        for part in inside:
+            visit(part, tables[node.lineno, name])
+
+    visit(tree, top)
+    return uses
+
+
+def back_arrows(src: str) -> list[str]:
+    """Every use of a module-level name in a section above the one that defines it."""
+    tree = ast.parse(src)
+    sections = file_sections(src)
+
+    def section(line: int) -> int:
+        return max(i for i, (start, _) in enumerate(sections) if start <= line)
+
+    defs = module_definitions(tree)
+    arrows = {f"line {line} ({sections[section(line)][1]}) uses {name}, defined in "
+              f"{sections[section(defs[name])][1]}"
+              for name, line in module_name_uses(src, tree, defs)
+              if section(line) < section(defs[name])}
+    return sorted(arrows)
+
+
+def test_each_section_of_the_server_uses_only_what_is_above_it():
+    src = (HERE / "torncat_sse.py").read_text()
+    titles = [title for _, title in file_sections(src)[1:]]
+    assert len(titles) == len(SERVER_SECTIONS), titles
+    for title, start in zip(titles, SERVER_SECTIONS, strict=True):
+        assert title.startswith(start), (title, start)
+    assert back_arrows(src) == []
+
+
+# A file with every case "What counts" names, and two back arrows (lines 11 and 12).
+BACK_ARROW_PROBE = '''\
+import os
+# ------------------------------
+# First
+# ------------------------------
+A = 1
+def f(B=None):
+    return A + B, os.sep
+def g():
+    return [A for C in range(3)], lambda C: C
+def h():
+    return C
+def i(x: C) -> None: ...
+class K:
+    C = 2
+    y = C
+# ------------------------------
+# Second
+# ------------------------------
+B = 2
+C = 3
+def k():
+    return [C for C in range(3)] + [A, B, K]
+'''
+
+
+def test_the_section_check_finds_a_back_arrow_and_only_that():
+    assert back_arrows(BACK_ARROW_PROBE) == ["line 11 (First) uses C, defined in Second",
+                                             "line 12 (First) uses C, defined in Second"]
+    # The server with one arrow drawn back up the file: access reaching down into the hub.
+    src = (HERE / "torncat_sse.py").read_text()
+    line = "        self.writes = Bucket()"
+    assert src.count(line) == 1
+    arrows = back_arrows(src.replace(line, line + "; Hub"))
+    assert len(arrows) == 1 and "(Access" in arrows[0] and "uses Hub, defined in The hub" \
+        in arrows[0], arrows
 
 
 # ---------------------------------------------------------------------------
