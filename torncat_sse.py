@@ -47,8 +47,8 @@ and resumes where it was, while everyone else keeps receiving.
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
 snapshots, replays and polls carry that faction's calls only. A member can also
-sign in with their own Torn API key (`POST /auth/torn`, see "The Torn API client"
-below) for a member token: their faction's calls, every write in their name. The
+sign in with their own Torn API key (`POST /auth/torn`, see "Torn's API" below)
+for a member token: their faction's calls, every write in their name. The
 seed's SECRET_TOKEN sees every faction. No token at all gets 401, unless the
 operator asked for open access (OPEN_ACCESS, on by default only with the embedded
 development database) and no token exists yet: then it sees every faction.
@@ -59,10 +59,11 @@ memory.
 
 Connections. `asyncio.start_server` hands each connection to one coroutine,
 `App.handle`: read a request (the sans-I/O RequestReader frames it), route it
-through a table, answer it, and again while the client keeps the connection
-alive. A stream registers the connection with the hub and then handle() only
-waits for the client to leave (EOF), with the request that opened it freed, so
-every stream is unregistered the moment it ends. An idle stream costs ~5.1 KB
+through a table, answer it (a route returns a Reply, and `render` alone adds CORS,
+keep-alive and HEAD), and again while the client keeps the connection alive. A
+stream registers the connection with the hub and then handle() only waits for the
+client to leave (EOF), with the request that opened it freed, so every stream is
+unregistered the moment it ends. An idle stream costs ~5.1 KB
 (bench_sse.py --compare). Other shapes (bench_sse.py --shapes): ~3.6 KB when the
 handler returns and the hub alone keeps the writer, but then a client that
 leaves is noticed only by a later write; ~1-3 KB handing the transport to a
@@ -88,6 +89,15 @@ per flush (~150,000 deliveries a second per core here); WORKERS=N or more
 instances scale out, each LISTENing on its own (docs/operations.md, "Scaling").
 TRUNCATE on target_calls is not seen until restart. /metrics is open, like
 /healthz.
+
+Reading order. Each section below uses only what is above it (test_sse.py checks):
+settings and every limit; the wire format (HTTP/1.1, SSE, CORS, JSON bodies: pure);
+access (tokens, grants, budgets); the hub; the database (Database owns the pool,
+every statement and its deadline, and raises DatabaseUnavailable; the LISTEN
+connection; the poll's own connection); Torn's API (the client, sign-in, the poll);
+the HTTP side (App: connections and routes); main() and the command line, which
+wire the parts, each handed only the parts it uses. "Poll" is the Torn API poll's
+word; the long-poll's names say hold, held and read.
 
 Poke at it by hand:
 
@@ -872,6 +882,15 @@ def parse_event_id(value: str | None) -> int | None:
     return number if number < 2**63 else None
 
 
+class EventKind(enum.StrEnum):
+    """The `event` of an entry of the log, and of its SSE frame (trigger.sql writes them)."""
+
+    CALL = "target_call"
+    UNCALL = "target_uncall"
+    STATUS = "target_status"    # the Torn API poll saw an enemy's status change
+    POLL_HEALTH = "poll_health"  # the Torn API poll's own health for a faction changed
+
+
 class Event:
     """One entry of the event log, encoded once for every client that gets it.
 
@@ -883,21 +902,22 @@ class Event:
     __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
                  "ts")
 
-    KINDS = ("target_call", "target_uncall", "target_status", "poll_health")
-
     def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
                  ts: float | None = None):
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        status = kind in ("target_status", "poll_health")
-        if not isinstance(event_id, int) or not isinstance(call.get(
-                "faction_id" if kind == "poll_health" else "target_id" if status else "id"), int):
+        try:
+            kind = EventKind(kind)
+        except ValueError:
+            raise ValueError(f"unknown event kind {kind!r}") from None
+        of_call = kind in (EventKind.CALL, EventKind.UNCALL)
+        id_field = "id" if of_call else "faction_id" if kind is EventKind.POLL_HEALTH \
+            else "target_id"
+        if not isinstance(event_id, int) or not isinstance(call.get(id_field), int):
             raise ValueError("event_id and call id (a status's target_id, a poll health's "
                              "faction_id) must be integers")
         self.id, self.kind, self.faction = event_id, kind, faction
-        self.call_id = None if status else call["id"]
+        self.call_id = call["id"] if of_call else None
         self.target_id = call.get("target_id")
-        self.active = kind == "target_call"
+        self.active = kind is EventKind.CALL
         self.data = json_bytes(call)
         self.frame = sse_frame(event_id, kind, self.data)
         self.ts = ts
@@ -1467,7 +1487,7 @@ class Hub:
             return False
         self.last_event_id = ev.id
         faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
-        if ev.kind == "poll_health":  # the poll's health replaces the one known
+        if ev.kind is EventKind.POLL_HEALTH:  # the poll's health replaces the one known
             self.health[ev.faction] = ev.data
         elif ev.call_id is None:  # target_status: the enemy's status replaces the one known
             self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
