@@ -44,7 +44,9 @@ from testkit import (
     pg_execute,
     read_response_head,
     run_cli,
+    sse_clients,
     wait_until,
+    wait_until_sync,
 )
 
 # ---------------------------------------------------------------------------
@@ -598,16 +600,15 @@ async def call(conn, caller_id: int, target_id: int, **columns) -> int:
 
 async def applied(server, event_id: int) -> None:
     """Wait until the server has read `event_id` from the log (it reads on each NOTIFY)."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < event_id:
-        assert time.monotonic() < deadline, f"event {event_id} not applied in time"
-        await asyncio.sleep(0.02)
+    async def read() -> bool:
+        return (await http(server.port, "GET", "/healthz")).json()["last_event_id"] >= event_id
+
+    await wait_until(read, what=f"event {event_id} applied")
 
 
 async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         h = client.response_headers
         assert h["content-type"] == "text/event-stream"
         assert h["cache-control"] == "no-cache"
@@ -627,16 +628,11 @@ async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_serve
                         "war_id": None, "caller_name": None, "target_name": None,
                         "uncalled_at": None, "uncalled_by": None, "uncalled_by_name": None,
                         "uncall_reason": None}
-    finally:
-        await client.close()
 
 
 async def test_two_clients_receive_identical_ordered_streams(live_server, conn):
     server = live_server()
-    a, b = SseClient(server.port), SseClient(server.port)
-    await a.connect()
-    await b.connect()
-    try:
+    async with SseClient(server.port) as a, SseClient(server.port) as b:
         await a.next()
         await b.next()
         for i in range(40):
@@ -646,9 +642,6 @@ async def test_two_clients_receive_identical_ordered_streams(live_server, conn):
         assert [e.int_id for e in got_a] == list(range(1, 41))
         assert [e.json["target_id"] for e in got_a] == [1000 + i for i in range(40)]
         await a.assert_quiet()
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
@@ -658,8 +651,7 @@ async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
     await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", gone)
     await conn.execute("DELETE FROM target_calls WHERE id = $1", deleted)
     server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         snap = await client.next()
         assert snap.event == "snapshot" and snap.id == "5"
         calls = snap.json["calls"]
@@ -669,14 +661,11 @@ async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
                                          "caller_name", "target_name", "uncalled_at")} == {
             "caller_id": 1, "target_id": 10, "faction_id": 5, "war_id": 7,
             "caller_name": "Ann", "target_name": "Bob", "uncalled_at": None}
-    finally:
-        await client.close()
 
 
 async def test_uncall_by_update_and_by_delete(live_server, conn):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         first, second = await call(conn, 1, 10), await call(conn, 2, 20)
         await client.take(2)
@@ -691,29 +680,23 @@ async def test_uncall_by_update_and_by_delete(live_server, conn):
         await conn.execute("UPDATE target_calls SET caller_name = 'x' WHERE id = $1", first)
         await conn.execute("DELETE FROM target_calls WHERE id = $1", first)
         await client.assert_quiet()
-        fresh = await SseClient(server.port).connect()
-        assert (await fresh.next()).json["calls"] == []
-        await fresh.close()
-    finally:
-        await client.close()
+        async with SseClient(server.port) as fresh:
+            assert (await fresh.next()).json["calls"] == []
 
 
 async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    await client.next()
-    for i in range(5):
-        await call(conn, i, 100 + i)
-    seen = await client.take(5)
-    await client.close()
+    async with SseClient(server.port) as client:
+        await client.next()
+        for i in range(5):
+            await call(conn, i, 100 + i)
+        seen = await client.take(5)
     for i in range(5, 10):
         await call(conn, i, 100 + i)
     missed = [6, 7, 8, 9, 10]
     for target, how in ((998, {"headers": {"Last-Event-ID": seen[-1].id}}),
                         (999, {"path": f"/events?last_event_id={seen[-1].id}"})):
-        again = SseClient(server.port, **how)
-        await again.connect()
-        try:
+        async with SseClient(server.port, **how) as again:
             replayed = await again.take(len(missed))
             assert [e.int_id for e in replayed] == missed
             assert [e.json["target_id"] for e in replayed][:5] == [105, 106, 107, 108, 109]
@@ -722,8 +705,6 @@ async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
             live = await again.next()
             assert live.event == "target_call" and live.json["target_id"] == target
             missed.append(live.int_id)
-        finally:
-            await again.close()
 
 
 async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_server, conn):
@@ -732,18 +713,13 @@ async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_serve
         await call(conn, i, 100 + i)
     await applied(server, 6)
     for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
-        client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
-        try:
+        async with SseClient(server.port, headers={"Last-Event-ID": last_id}) as client:
             ev = await client.next()
             assert (ev.event, ev.id) == ("snapshot", "6"), last_id
             assert len(ev.json["calls"]) == 6
-        finally:
-            await client.close()
-    client = await SseClient(server.port, headers={"Last-Event-ID": "3"}).connect()
-    try:  # the oldest id that can still be replayed
+    async with SseClient(server.port, headers={"Last-Event-ID": "3"}) as client:
+        # the oldest id that can still be replayed
         assert [e.int_id for e in await client.take(3)] == [4, 5, 6]
-    finally:
-        await client.close()
 
 
 async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server, db):
@@ -768,9 +744,7 @@ async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server,
         ids: list[int] = []
         last = "0"  # the log is empty: "after 0" is everything
         while len(ids) < writers * per_writer:
-            client = SseClient(server.port, headers={"Last-Event-ID": last})
-            await client.connect()
-            try:
+            async with SseClient(server.port, headers={"Last-Event-ID": last}) as client:
                 for _ in range(random.randint(1, 15)):
                     ev = await client.next()
                     assert ev.event != "snapshot", "a resuming client was sent a snapshot"
@@ -778,8 +752,6 @@ async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server,
                     last = ev.id
                     if len(ids) == writers * per_writer:
                         break
-            finally:
-                await client.close()
         return ids
 
     hoppers = [asyncio.create_task(hopping_client()) for _ in range(3)]
@@ -805,11 +777,8 @@ async def test_token_required_refused_accepted_and_never_logged(live_server, con
         assert r.headers["www-authenticate"].startswith("Bearer")
     for client in (SseClient(server.port, headers={"Authorization": f"Bearer {secret}"}),
                    SseClient(server.port, path=f"/events?token={secret}")):
-        await client.connect()
-        try:
+        async with client:
             await client.next()
-        finally:
-            await client.close()
     r = await http(server.port, "GET", "/healthz")  # health needs no token and shows none
     assert r.status == 200 and secret not in r.body.decode()
     await server.await_log(r"GET /events\?token=REDACTED")
@@ -819,17 +788,11 @@ async def test_token_required_refused_accepted_and_never_logged(live_server, con
 
 async def test_cors_allowed_refused_and_preflight(live_server):
     server = live_server(ALLOWED_ORIGINS="https://www.torn.com,https://torn.example")
-    ok = await SseClient(server.port, headers={"Origin": "https://torn.example"}).connect()
-    try:
+    async with SseClient(server.port, headers={"Origin": "https://torn.example"}) as ok:
         assert ok.response_headers["access-control-allow-origin"] == "https://torn.example"
         assert ok.response_headers["vary"] == "Origin"
-    finally:
-        await ok.close()
-    refused = await SseClient(server.port, headers={"Origin": "https://evil.example"}).connect()
-    try:
+    async with SseClient(server.port, headers={"Origin": "https://evil.example"}) as refused:
         assert "access-control-allow-origin" not in refused.response_headers
-    finally:
-        await refused.close()
     pre = await http(server.port, "OPTIONS", "/events", {
         "Origin": "https://www.torn.com", "Access-Control-Request-Method": "GET",
         "Access-Control-Request-Headers": "authorization, last-event-id"})
@@ -923,19 +886,15 @@ async def test_hostile_request_heads(live_server):
 
 async def test_max_clients_gets_503_with_retry_after(live_server):
     server = live_server(MAX_CLIENTS="2")
-    clients = [await SseClient(server.port).connect() for _ in range(2)]
-    try:
+    async with sse_clients(SseClient(server.port), SseClient(server.port)) as clients:
         r = await http(server.port, "GET", "/events")
         assert r.status == 503 and r.headers["retry-after"] == "10"
         assert r.json() == {"error": "too many clients, retry later"}
         mark = server.mark()
         await clients[0].close()
         await server.await_log("stream closed", start=mark)
-        again = await SseClient(server.port).connect()  # the freed slot is reused
-        await again.close()
-    finally:
-        for c in clients:
-            await c.close()
+        async with SseClient(server.port):  # the freed slot is reused
+            pass
 
 
 async def test_keepalive_comments_arrive(live_server):
@@ -956,10 +915,8 @@ async def test_the_client_count_is_logged_periodically(live_server):
 
 async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
     server = live_server(CLIENT_BUFFER_BYTES="65536")
-    good = await SseClient(server.port).connect()
-    stuck = SseClient(server.port, rcvbuf=4096, read=False)
-    await stuck.connect()
-    try:
+    async with SseClient(server.port) as good, \
+            SseClient(server.port, rcvbuf=4096, read=False):  # it never reads
         await good.next()
         mark = server.mark()
         name = "n" * 3000
@@ -971,16 +928,12 @@ async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(
         assert [e.int_id for e in got] == list(range(1, total + 1))
         r = await http(server.port, "GET", "/healthz")
         assert r.json()["clients"] == 1
-    finally:
-        await good.close()
-        await stuck.close()
 
 
 async def test_big_events_go_through_the_log_not_notify(live_server, conn):
     """Events over NOTIFY's 8000 bytes are read from the log, in order, while probes keep running."""
     server = live_server(PROBE_INTERVAL_SECONDS="0.02")
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         for i in range(30):
             # 12 KB of UTF-8 in every other event
@@ -991,14 +944,11 @@ async def test_big_events_go_through_the_log_not_notify(live_server, conn):
         sizes = await conn.fetch("SELECT octet_length(data::text) AS n FROM target_call_events")
         assert sum(r["n"] > 8000 for r in sizes) == 15
         assert "WARNING" not in server.log and "ERROR" not in server.log
-    finally:
-        await client.close()
 
 
 async def test_listen_connection_killed_during_inserts_loses_nothing(live_server, conn, db):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         await client.next()
         total = 120
 
@@ -1024,25 +974,22 @@ async def test_listen_connection_killed_during_inserts_loses_nothing(live_server
         assert [e.int_id for e in got] == list(range(1, total + 1))
         await client.assert_quiet()
         assert "reconnecting" in server.log
-    finally:
-        await client.close()
 
 
 async def test_sigterm_ends_streams_with_a_jittered_retry_and_exits(live_server):
     server = live_server(RECONNECT_SPREAD_SECONDS="4")
-    clients = [await SseClient(server.port).connect() for _ in range(5)]
-    for c in clients:
-        await c.next()
-    started = time.monotonic()
-    code = await asyncio.to_thread(server.stop, signal.SIGTERM)
-    elapsed = time.monotonic() - started
-    assert code == 0, server.log_tail()
-    assert elapsed < 10
-    for c in clients:
-        await asyncio.wait_for(c.closed.wait(), STEP_TIMEOUT)
-        assert c.ended_cleanly
-        assert 1000 <= c.retry <= 4000
-        await c.close()
+    async with sse_clients(*(SseClient(server.port) for _ in range(5))) as clients:
+        for c in clients:
+            await c.next()
+        started = time.monotonic()
+        code = await asyncio.to_thread(server.stop, signal.SIGTERM)
+        elapsed = time.monotonic() - started
+        assert code == 0, server.log_tail()
+        assert elapsed < 10
+        for c in clients:
+            await asyncio.wait_for(c.closed.wait(), STEP_TIMEOUT)
+            assert c.ended_cleanly
+            assert 1000 <= c.retry <= 4000
     assert "stopped" in server.log
 
 
@@ -1054,12 +1001,9 @@ async def test_health_is_503_while_the_database_is_unreachable_and_streams_wait(
     r = await http(server.port, "GET", "/healthz")
     assert r.status == 503 and r.json()["listener"] == "down"
     # A token from the environment can be checked: the stream is accepted and waits.
-    client = await SseClient(server.port, headers={"Authorization": f"Bearer {token}"}).connect()
-    try:
+    async with SseClient(server.port, headers={"Authorization": f"Bearer {token}"}) as client:
         await client.assert_quiet()
         assert client.retry == 10000
-    finally:
-        await client.close()
     # A token that may be in the database cannot be checked yet: 503, not a guess.
     r = await http(server.port, "GET", "/events", {"Authorization": "Bearer maybe-in-the-table-0"})
     assert r.status == 503 and r.headers["retry-after"] == "5"
@@ -1076,11 +1020,10 @@ async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server)
         await server.await_log("postgres listener live")
         assert "applied trigger.sql" in server.log
         c = await asyncpg.connect(pg.dsn(name))
-        client = await SseClient(server.port).connect()
-        await client.next()
-        await call(c, 5, 6)
-        assert (await client.next()).json["target_id"] == 6
-        await client.close()
+        async with SseClient(server.port) as client:
+            await client.next()
+            await call(c, 5, 6)
+            assert (await client.next()).json["target_id"] == 6
         await c.close()
     finally:
         await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
@@ -1095,15 +1038,14 @@ def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_ser
     dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
 
     async def check():
-        client = await SseClient(server.port).connect()
-        c = await asyncpg.connect(dsn)
-        try:
-            await client.next()
-            await call(c, 1, 2)
-            assert (await client.next()).json["target_id"] == 2
-        finally:
-            await c.close()
-            await client.close()
+        async with SseClient(server.port) as client:
+            c = await asyncpg.connect(dsn)
+            try:
+                await client.next()
+                await call(c, 1, 2)
+                assert (await client.next()).json["target_id"] == 2
+            finally:
+                await c.close()
 
     asyncio.run(check())
     assert server.stop(signal.SIGINT) == 0
@@ -1156,12 +1098,10 @@ async def table_state(conn) -> tuple:
 
 async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
     port = factions.port
-    red1, red2 = SseClient(port, headers=bearer(RED)), SseClient(port, headers=bearer(RED))
-    blue = SseClient(port, headers=bearer(BLUE))
-    for c in (red1, red2, blue):
-        await c.connect()
-        assert (await c.next()).json == {"calls": [], "last_event_id": 0}
-    try:
+    async with sse_clients(SseClient(port, headers=bearer(RED)), SseClient(port, headers=bearer(RED)),
+                           SseClient(port, headers=bearer(BLUE))) as (red1, red2, blue):
+        for c in (red1, red2, blue):
+            assert (await c.next()).json == {"calls": [], "last_event_id": 0}
         r = await post_call(port, RED, 5001, caller_id=7, caller_name=" Ann ", target_name="Zed",
                             war_id=42)
         assert r.status == 201, r
@@ -1181,13 +1121,11 @@ async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
         assert (await blue.next()).json["caller_name"] == "Bo"
         await red1.assert_quiet()
         # Snapshots, replays and polls are filtered the same way.
-        late_blue = await SseClient(port, headers=bearer(BLUE)).connect()
-        assert [c["caller_name"] for c in (await late_blue.next()).json["calls"]] == ["Bo"]
-        await late_blue.close()
-        resumed = await SseClient(port, headers={**bearer(BLUE), "Last-Event-ID": "0"}).connect()
-        assert [e.int_id for e in await resumed.take(1)] == [2]
-        await resumed.assert_quiet()
-        await resumed.close()
+        async with SseClient(port, headers=bearer(BLUE)) as late_blue:
+            assert [c["caller_name"] for c in (await late_blue.next()).json["calls"]] == ["Bo"]
+        async with SseClient(port, headers={**bearer(BLUE), "Last-Event-ID": "0"}) as resumed:
+            assert [e.int_id for e in await resumed.take(1)] == [2]
+            await resumed.assert_quiet()
         poll = (await http(port, "GET", "/calls", bearer(BLUE))).json()
         assert [c["caller_name"] for c in poll["calls"]] == ["Bo"] and poll["last_event_id"] == 2
         since = (await http(port, "GET", "/calls?since=0", bearer(RED))).json()
@@ -1201,9 +1139,6 @@ async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
         rows = await conn.fetch("SELECT faction_id, target_id FROM target_calls "
                                 "WHERE uncalled_at IS NULL ORDER BY id")
         assert [tuple(r) for r in rows] == [(RED_ID, 5001), (BLUE_ID, 5001), (RED_ID, 5002)]
-    finally:
-        for c in (red1, red2, blue):
-            await c.close()
 
 
 async def test_racing_callers_exactly_one_wins(factions, conn):
@@ -1222,8 +1157,7 @@ async def test_racing_callers_exactly_one_wins(factions, conn):
 
 async def test_uncall_by_the_caller_refused_for_others_forced_with_force(factions, conn):
     port = factions.port
-    stream = await SseClient(port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(port, headers=bearer(RED)) as stream:
         await stream.next()
         assert (await post_call(port, RED, 10, caller_id=1, caller_name="Ann")).status == 201
         assert (await post_call(port, RED, 20, caller_id=1, caller_name="Ann")).status == 201
@@ -1253,15 +1187,12 @@ async def test_uncall_by_the_caller_refused_for_others_forced_with_force(faction
         assert r.status == 404 and r.json() == {"error": "target 20 is not called"}
         # Called again after an uncall: a new call.
         assert (await post_call(port, RED, 20, caller_id=3, caller_name="Cy")).status == 201
-    finally:
-        await stream.close()
 
 
 async def test_calls_expire_once_even_with_two_servers(live_server, conn):
     env = {"FACTION_TOKENS": f"{RED_ID}:{RED}", "CALL_TTL_SECONDS": "1"}
     first, second = live_server(**env), live_server(**env)
-    stream = await SseClient(first.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(first.port, headers=bearer(RED)) as stream:
         await stream.next()
         assert (await post_call(second.port, RED, 31)).status == 201
         called, expired = await stream.take(2)
@@ -1272,8 +1203,6 @@ async def test_calls_expire_once_even_with_two_servers(live_server, conn):
         uncalls = await conn.fetchval("SELECT count(*) FROM target_call_events "
                                       "WHERE event = 'target_uncall'")
         assert uncalls == 1
-    finally:
-        await stream.close()
     logs = [server.log for server in (first, second) if server.stop() == 0]
     assert sum(log.count("expired 1 calls older than 1s") for log in logs) == 1
 
@@ -1372,8 +1301,7 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
     assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
 
     server = live_server()
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         await stream.next()
         r = await post_call(server.port, token, 70)
         assert r.status == 201 and r.json()["call"]["faction_id"] == 333
@@ -1387,8 +1315,6 @@ async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_s
         assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
         again = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
         assert again.returncode == 1 and "no active token with id 1" in again.stderr
-    finally:
-        await stream.close()
     server.stop()
     assert token not in server.log
 
@@ -1589,8 +1515,7 @@ async def all_event_ids(dsn: str) -> list[int]:
 
 async def test_metrics_in_prometheus_format_without_secrets(live_server, conn):
     server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
         await stream.next()
         assert (await post_call(server.port, RED, 1)).status == 201
         assert (await post_call(server.port, RED, 1, caller_id=2)).status == 409
@@ -1613,8 +1538,6 @@ async def test_metrics_in_prometheus_format_without_secrets(live_server, conn):
         assert values['torncat_broadcast_lag_seconds_bucket{le="+Inf"}'] == 2
         assert "# TYPE torncat_broadcast_lag_seconds histogram" in text
         assert "# TYPE torncat_evictions_total counter" in text
-    finally:
-        await stream.close()
 
 
 class PgBouncer:
@@ -1634,13 +1557,13 @@ class PgBouncer:
         user = "embedded_postgres" if os.geteuid() == 0 else None  # it refuses to run as root
         self.proc = subprocess.Popen(["pgbouncer", str(self.dir / "pgbouncer.ini")], user=user,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while True:
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, "pgbouncer exited"
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            assert time.monotonic() < deadline and self.proc.poll() is None, "pgbouncer did not start"
-            time.sleep(0.05)
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until_sync(listening, what="pgbouncer listening")
 
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -1678,8 +1601,7 @@ async def test_two_workers_share_the_port_and_both_deliver(live_server, conn):
     server = live_server(WORKERS="2")
     await server.await_log(r"\[w1\] postgres listener live")
     await server.await_log(r"\[w0\] postgres listener live")
-    clients = [await SseClient(server.port).connect() for _ in range(16)]
-    try:
+    async with sse_clients(*(SseClient(server.port) for _ in range(16))) as clients:
         for c in clients:
             await c.next()
         workers = {m.group(1) for m in re.finditer(r"\[(w\d)\] \S+: stream opened", server.log)}
@@ -1688,32 +1610,25 @@ async def test_two_workers_share_the_port_and_both_deliver(live_server, conn):
             await call(conn, i, i)
         for c in clients:
             assert await drain(c, 5) == [1, 2, 3, 4, 5]
-    finally:
-        for c in clients:
-            await c.close()
     assert server.stop() == 0
     assert server.log.count("stopped") == 2
 
 
 async def test_two_instances_both_deliver_and_a_client_can_move(live_server, conn, db):
     a, b = live_server(), live_server()
-    on_a, on_b = await SseClient(a.port).connect(), await SseClient(b.port).connect()
-    await on_a.next()
-    await on_b.next()
-    for i in range(10):
-        await call(conn, i, i)
-    assert await drain(on_a, 10) == list(range(1, 11))
-    assert await drain(on_b, 10) == list(range(1, 11))
-    await on_a.close()  # the client leaves A after event 10 ...
-    for i in range(10, 20):
-        await call(conn, i, i)
-    moved = await SseClient(b.port, headers={"Last-Event-ID": "10"}).connect()  # ... and joins B
-    try:
-        assert await drain(moved, 20) == list(range(11, 21))
-        await moved.assert_quiet()
-    finally:
-        await moved.close()
-        await on_b.close()
+    async with SseClient(a.port) as on_a, SseClient(b.port) as on_b:
+        await on_a.next()
+        await on_b.next()
+        for i in range(10):
+            await call(conn, i, i)
+        assert await drain(on_a, 10) == list(range(1, 11))
+        assert await drain(on_b, 10) == list(range(1, 11))
+        await on_a.close()  # the client leaves A after event 10 ...
+        for i in range(10, 20):
+            await call(conn, i, i)
+        async with SseClient(b.port, headers={"Last-Event-ID": "10"}) as moved:  # ... and joins B
+            assert await drain(moved, 20) == list(range(11, 21))
+            await moved.assert_quiet()
 
 
 @pytest.fixture
@@ -1770,10 +1685,9 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
     for i in range(20):
         await call(conn, i, i)
     await applied(server, 20)
-    seeded = await SseClient(server.port).connect()
-    while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY still on its way
-        pass
-    await seeded.close()
+    async with SseClient(server.port) as seeded:
+        while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY on its way
+            pass
 
     async def server_backends():  # state_change moves whenever a backend runs a statement
         rows = await conn.fetch("SELECT pid, state_change FROM pg_stat_activity "
@@ -1783,14 +1697,12 @@ async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
     before = await server_backends()
     clients = [SseClient(server.port, headers={"Last-Event-ID": "10"} if i % 2 else {})
                for i in range(200)]
-    await asyncio.gather(*(c.connect() for c in clients))
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # all at once, closed whatever happens
+        await asyncio.gather(*(stack.enter_async_context(c) for c in clients))
         for i, c in enumerate(clients):
             first = await c.next()
             assert (first.event, first.id) == (("target_call", "11") if i % 2 else ("snapshot", "20"))
         assert await server_backends() == before
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
 
 
 def test_help_lists_every_setting():
@@ -1833,24 +1745,29 @@ FAST_PROBES = {"PROBE_INTERVAL_SECONDS": "0.3", "PROBE_TIMEOUT_SECONDS": "0.5"}
 async def insert_through_faults(dsn: str, targets, during=None) -> None:
     """Insert one call per target, reconnecting through failures; runs `during` mid-way."""
     conn = None
-    deadline = time.monotonic() + 60
+
+    async def inserted(target: int) -> bool:
+        nonlocal conn
+        try:
+            if conn is None or conn.is_closed():
+                conn = await asyncpg.connect(dsn, timeout=2)
+            await conn.execute("INSERT INTO target_calls (caller_id, target_id) "
+                               "VALUES (1, $1)", target)
+        except asyncpg.UniqueViolationError:
+            return True  # it did commit before the crash
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            # Unknown outcome when the server died mid-statement: the event log says.
+            conn = None
+            return False
+        return True
+
+    deadline = time.monotonic() + 60  # for them all
     for i, target in enumerate(targets):
         if during is not None and i == len(targets) // 3:
             await during()
-        while True:
-            assert time.monotonic() < deadline, "could not insert for 60 s"
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await asyncpg.connect(dsn, timeout=2)
-                await conn.execute("INSERT INTO target_calls (caller_id, target_id) "
-                                   "VALUES (1, $1)", target)
-                break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                # Unknown outcome when the server died mid-statement: the event log says.
-                conn = None
-                await asyncio.sleep(0.05)
-            except asyncpg.UniqueViolationError:
-                break  # it did commit before the crash
+        await wait_until(lambda target=target: inserted(target),
+                         timeout=max(0.0, deadline - time.monotonic()),
+                         what=f"every insert within 60 s (target {target})")
     if conn is not None:
         await conn.close()
 
@@ -1859,24 +1776,20 @@ async def insert_through_faults(dsn: str, targets, during=None) -> None:
 async def test_postgres_killed_hard_mid_burst_loses_nothing(own_pg, start_server):
     server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
     await server.await_log("postgres listener live")
-    clients = [await SseClient(server.port).connect() for _ in range(3)]
-    for c in clients:
-        await c.next()
 
     async def crash_and_restart():
         await asyncio.to_thread(own_pg.kill)
         await asyncio.to_thread(own_pg.start)
 
-    try:
+    async with sse_clients(*(SseClient(server.port) for _ in range(3))) as clients:
+        for c in clients:
+            await c.next()
         await insert_through_faults(own_pg.dsn(), range(1, 151), during=crash_and_restart)
         expected = await all_event_ids(own_pg.dsn())
         assert 140 <= len(expected) <= 150
         for c in clients:
             assert await drain(c, expected[-1]) == expected  # in order, once, none missing
         assert "reconnecting" in server.log
-    finally:
-        for c in clients:
-            await c.close()
 
 
 @pytest.mark.faults
@@ -1887,8 +1800,7 @@ async def test_postgres_unreachable_at_start_up_then_appears(start_server):
                               FACTION_TOKENS=f"{RED_ID}:{RED}")
         await server.await_log("reconnecting")
         assert (await http(server.port, "GET", "/healthz")).status == 503
-        stream = await SseClient(server.port, headers=bearer(RED)).connect()
-        try:
+        async with SseClient(server.port, headers=bearer(RED)) as stream:
             await stream.assert_quiet()  # open, waiting
             await asyncio.to_thread(cluster.start)
             await server.await_log("postgres listener live", timeout=60)
@@ -1896,8 +1808,6 @@ async def test_postgres_unreachable_at_start_up_then_appears(start_server):
             assert (await stream.next()).event == "snapshot"
             assert (await post_call(server.port, RED, 5)).status == 201
             assert (await stream.next()).json["target_id"] == 5
-        finally:
-            await stream.close()
     finally:
         cluster.destroy()
 
@@ -1906,27 +1816,26 @@ async def test_postgres_unreachable_at_start_up_then_appears(start_server):
 async def test_a_frozen_listen_backend_is_detected_and_nothing_is_lost(own_pg, start_server):
     server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
     await server.await_log("postgres listener live")
-    client = await SseClient(server.port).connect()
-    await client.next()
-    admin = await asyncpg.connect(own_pg.dsn())
-    frozen = await admin.fetchval("SELECT pid FROM pg_stat_activity "
-                                  "WHERE application_name = 'torncat-sse listener'")
-    mark = server.mark()
+    async with SseClient(server.port) as client:
+        await client.next()
+        admin = await asyncpg.connect(own_pg.dsn())
+        frozen = await admin.fetchval("SELECT pid FROM pg_stat_activity "
+                                      "WHERE application_name = 'torncat-sse listener'")
+        mark = server.mark()
 
-    async def freeze():
-        os.kill(frozen, signal.SIGSTOP)  # a half-open link: nothing arrives, nothing errors
+        async def freeze():
+            os.kill(frozen, signal.SIGSTOP)  # a half-open link: nothing arrives, nothing errors
 
-    try:
-        await insert_through_faults(own_pg.dsn(), range(1, 61), during=freeze)
-        await server.await_log(r"no answer to a probe within .*half-open", start=mark)
-        await server.await_log("postgres listener live", start=mark)
-        expected = await all_event_ids(own_pg.dsn())
-        assert len(expected) == 60
-        assert await drain(client, 60) == expected
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-        await admin.close()
-        await client.close()
+        try:
+            await insert_through_faults(own_pg.dsn(), range(1, 61), during=freeze)
+            await server.await_log(r"no answer to a probe within .*half-open", start=mark)
+            await server.await_log("postgres listener live", start=mark)
+            expected = await all_event_ids(own_pg.dsn())
+            assert len(expected) == 60
+            assert await drain(client, 60) == expected
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+            await admin.close()
 
 
 @pytest.mark.faults
@@ -1938,24 +1847,27 @@ async def test_sigterm_mid_burst_clients_move_to_the_other_server(own_pg, start_
 
     async def run(client_no: int) -> list[int]:
         ids: list[int] = []
-        client = await SseClient(a.port).connect()
-        assert (await client.next()).event == "snapshot"
-        while not ids or ids[-1] < 90:
-            get = asyncio.ensure_future(client.next())
-            closed = asyncio.ensure_future(client.closed.wait())
-            done, _ = await asyncio.wait({get, closed}, timeout=STEP_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if get in done:
-                closed.cancel()
-                ids.append(get.result().int_id)
-                continue
-            get.cancel()
-            assert closed in done and client.ended_cleanly and client.retry <= 1000
-            await client.close()
+        client = SseClient(a.port)
+        while True:
+            async with client:
+                if not ids:
+                    assert (await client.next()).event == "snapshot"
+                while not ids or ids[-1] < 90:
+                    get = asyncio.ensure_future(client.next())
+                    closed = asyncio.ensure_future(client.closed.wait())
+                    done, _ = await asyncio.wait({get, closed}, timeout=STEP_TIMEOUT,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if get in done:
+                        closed.cancel()
+                        ids.append(get.result().int_id)
+                        continue
+                    get.cancel()
+                    assert closed in done and client.ended_cleanly and client.retry <= 1000
+                    break
+                else:
+                    return ids
             await asyncio.sleep(client.retry / 1000)  # as EventSource would
-            client = await SseClient(b.port, headers={"Last-Event-ID": str(ids[-1])}).connect()
-        await client.close()
-        return ids
+            client = SseClient(b.port, headers={"Last-Event-ID": str(ids[-1])})
 
     runners = [asyncio.create_task(run(n)) for n in range(5)]
 
@@ -1978,61 +1890,56 @@ def server_fds_and_rss(pid: int) -> tuple[int, int]:
 async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything(live_server, conn):
     server = live_server(REQUEST_TIMEOUT_SECONDS="1")
     port, pid = server.port, server.proc.pid
-    honest = [await SseClient(server.port).connect() for _ in range(2)]
-    for c in honest:
-        await c.next()
-    for _ in range(5):  # warm up the code paths the attack will use, for a fair baseline
-        await http_raw(port, b"GARBAGE\r\n\r\n")
-    base_fds, base_rss = server_fds_and_rss(pid)
-    rng = random.Random(7)
+    async with sse_clients(SseClient(server.port), SseClient(server.port)) as honest:
+        for c in honest:
+            await c.next()
+        for _ in range(5):  # warm up the code paths the attack will use, for a fair baseline
+            await http_raw(port, b"GARBAGE\r\n\r\n")
+        base_fds, base_rss = server_fds_and_rss(pid)
+        rng = random.Random(7)
 
-    async def send(data: bytes, hold: bool = False) -> None:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return
-        try:
-            writer.write(data)
-            await writer.drain()
-            await asyncio.wait_for(reader.read(), 5 if hold else STEP_TIMEOUT)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
+        async def send(data: bytes, hold: bool = False) -> None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return
+            try:
+                writer.write(data)
+                await writer.drain()
+                await asyncio.wait_for(reader.read(), 5 if hold else STEP_TIMEOUT)
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                writer.close()
 
-    attacks = []
-    attacks += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) + b"\r\n\r\n"
-                for _ in range(1500)]                                          # junk, non-UTF-8
-    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"] * 200
-    attacks += [b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n"] * 200
-    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + b"9" * 10000 + b"\r\n\r\n"] * 100
-    attacks += [b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"] * 100
-    slow = [b"GET /events HTTP/1.1\r\nHo"] * 300                               # slow loris
-    sem = asyncio.Semaphore(200)
+        attacks = []
+        attacks += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) + b"\r\n\r\n"
+                    for _ in range(1500)]                                          # junk, non-UTF-8
+        attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"] * 200
+        attacks += [b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n"] * 200
+        attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + b"9" * 10000 + b"\r\n\r\n"] * 100
+        attacks += [b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"] * 100
+        slow = [b"GET /events HTTP/1.1\r\nHo"] * 300                               # slow loris
+        sem = asyncio.Semaphore(200)
 
-    async def limited(data: bytes, hold: bool = False) -> None:
-        async with sem:
-            await send(data, hold)
+        async def limited(data: bytes, hold: bool = False) -> None:
+            async with sem:
+                await send(data, hold)
 
-    async def insert_during():
-        for i in range(50):
-            await call(conn, i, i)
+        async def insert_during():
+            for i in range(50):
+                await call(conn, i, i)
 
-    await asyncio.gather(insert_during(), *(limited(a) for a in attacks),
-                         *(send(s, hold=True) for s in slow))
-    for c in honest:
-        assert await drain(c, 50) == list(range(1, 51))
-    deadline = time.monotonic() + 20
-    while True:  # the server lets go of every hostile connection (the slow ones time out)
-        fds, rss = server_fds_and_rss(pid)
-        if fds <= base_fds + 2 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert fds <= base_fds + 2, (base_fds, fds)
-    assert rss - base_rss < 16 * 1024 * 1024, (base_rss, rss)
-    assert (await http(port, "GET", "/healthz")).json()["clients"] == 2
-    for c in honest:
-        await c.close()
+        await asyncio.gather(insert_during(), *(limited(a) for a in attacks),
+                             *(send(s, hold=True) for s in slow))
+        for c in honest:
+            assert await drain(c, 50) == list(range(1, 51))
+        # The server lets go of every hostile connection (the slow ones time out).
+        await wait_until(lambda: server_fds_and_rss(pid)[0] <= base_fds + 2, timeout=20,
+                         what=f"the server back to {base_fds} + 2 open files")
+        _, rss = server_fds_and_rss(pid)
+        assert rss - base_rss < 16 * 1024 * 1024, (base_rss, rss)
+        assert (await http(port, "GET", "/healthz")).json()["clients"] == 2
     assert "Traceback" not in server.log
 
 
@@ -2277,13 +2184,12 @@ async def test_a_real_database_without_open_access_stays_closed_whatever_the_tok
             r = await http(port, method, path, body=body)
             assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
 
-    async def token_table(sql: str) -> SseClient:
+    async def token_table(sql: str) -> None:
         """Change the table while a stream holds the token; its end proves the reload."""
-        client = await SseClient(server.port, headers=bearer(token)).connect()
-        assert (await client.next()).event == "snapshot"
-        await conn.execute(sql)
-        await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
-        await client.close()
+        async with SseClient(server.port, headers=bearer(token)) as client:
+            assert (await client.next()).event == "snapshot"
+            await conn.execute(sql)
+            await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
 
     await assert_closed(server.port)  # an empty table at start-up
     insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
@@ -2340,12 +2246,11 @@ async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_ser
         # The server, connected as the owner, keeps reading and writing the calls.
         server = start_server(DATABASE_URL=owner_dsn, FACTION_TOKENS=f"{RED_ID}:{RED}")
         server.wait_for_log("postgres listener live")
-        client = await SseClient(server.port, headers=bearer(RED)).connect()
-        assert (await client.next()).event == "snapshot"
-        assert (await post_call(server.port, RED, 77)).status == 201
-        await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
-        assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
-        await client.close()
+        async with SseClient(server.port, headers=bearer(RED)) as client:
+            assert (await client.next()).event == "snapshot"
+            assert (await post_call(server.port, RED, 77)).status == 201
+            await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
+            assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
         await owner.execute("INSERT INTO torncat_tokens (faction_id, token_sha256) "
                             "VALUES (1, '\\x00')")
 
@@ -2399,9 +2304,8 @@ async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_s
     assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
     assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
     # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
-    client = await SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}").connect()
-    assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
-    await client.close()
+    async with SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}") as client:
+        assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
     # A percent-encoded parameter name is still a token, and still redacted from the log.
     mark = server.mark()
     r = await http(port, "GET", f"/calls?%74oken={RED}")
@@ -2537,8 +2441,7 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
         "member", RED_ID, 1001, "Ann")
     assert bytes(stored["token_sha256"]) == t.token_digest(token)
     # The token streams and polls its faction's calls, and its writes are Ann's.
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         assert (await stream.next()).event == "snapshot"
         r = await http(server.port, "POST", "/calls", bearer(token), {"target_id": 5001})
         assert r.status == 201, r
@@ -2547,22 +2450,17 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
         assert (await stream.next()).json == call
         poll = (await http(server.port, "GET", "/calls", bearer(token))).json()
         assert [c["target_id"] for c in poll["calls"]] == [5001]
-    finally:
-        await stream.close()
     # A faction with a faction token may sign in too.
     r = await sign_in(server.port, zed_key)
     assert r.status == 200 and r.json()["faction_id"] == BLUE_ID
     listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
     assert listing.returncode == 0, listing.stderr
     assert re.search(r"member .*Ann \[1001\]", listing.stdout), listing.stdout
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         await stream.next()
         revoked = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001", DATABASE_URL=db)
         assert revoked.returncode == 0 and "revoked 1 member tokens" in revoked.stderr
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-    finally:
-        await stream.close()
     assert (await http(server.port, "GET", "/calls", bearer(token))).status == 401
 
 
@@ -2696,15 +2594,12 @@ async def test_members_write_in_their_own_name_and_have_their_own_budget(torn_se
 async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, conn):
     server = torn_server()
     token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         await stream.next()
         await conn.execute("UPDATE torncat_tokens SET expires_at = now() - interval '1 second' "
                            "WHERE player_id = 1001")
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
         assert stream.ended_cleanly
-    finally:
-        await stream.close()
     r = await http(server.port, "GET", "/calls", bearer(token))
     assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["expired"],
                                           "signed_out": "expired"}), r
@@ -2713,23 +2608,22 @@ async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, con
 async def test_a_revoked_member_token_gets_401_saying_it_was_revoked(torn_server, torn, db):
     server = torn_server()
     token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    since = (await http(server.port, "GET", "/calls", bearer(token))).json()["last_event_id"]
-    held = asyncio.create_task(http(server.port, "GET", f"/calls?since={since}&wait=25",
-                                    bearer(token)))
     revoked = (401, {"error": t.MEMBER_TOKEN_ENDED["revoked"], "signed_out": "revoked"})
-    try:
-        await stream.next()
-        await wait_until(lambda: held_count(server.port, 1), what="a held long-poll")
-        done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001",
-                                       DATABASE_URL=db)
-        assert done.returncode == 0, done
-        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-        r = await asyncio.wait_for(held, STEP_TIMEOUT)  # the held long-poll answers at once
-        assert (r.status, r.json()) == revoked, r
-    finally:
-        held.cancel()
-        await stream.close()
+    async with SseClient(server.port, headers=bearer(token)) as stream:
+        since = (await http(server.port, "GET", "/calls", bearer(token))).json()["last_event_id"]
+        held = asyncio.create_task(http(server.port, "GET", f"/calls?since={since}&wait=25",
+                                        bearer(token)))
+        try:
+            await stream.next()
+            await wait_until(lambda: held_count(server.port, 1), what="a held long-poll")
+            done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001",
+                                           DATABASE_URL=db)
+            assert done.returncode == 0, done
+            await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+            r = await asyncio.wait_for(held, STEP_TIMEOUT)  # the held long-poll answers at once
+            assert (r.status, r.json()) == revoked, r
+        finally:
+            held.cancel()
     for method, path, body in (("GET", "/calls", None), ("GET", "/events", None),
                                ("POST", "/calls", {"target_id": 20})):
         r = await http(server.port, method, path, bearer(token), body)
@@ -2743,12 +2637,12 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
     ann_key = torn.add_player(1001, "Ann", RED_ID)
     ann = (await sign_in(server.port, ann_key)).json()["token"]
     bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
-    streams = [await SseClient(server.port, headers=bearer(tok)).connect() for tok in (ann, bob)]
-    try:
+    async with sse_clients(*(SseClient(server.port, headers=bearer(tok))
+                             for tok in (ann, bob))) as streams:
         for s_ in streams:
             await s_.next()
         torn.leave_faction(1002)
-        # What the central poll (issue 14) will do: read the member list, revoke the rest.
+        # What the central poll does: read the member list, revoke the rest.
         config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
         stats = t.Stats()
         hub = t.Hub(asyncio.get_running_loop(), config.replay_events, config.client_buffer_bytes,
@@ -2771,9 +2665,6 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
                                               "signed_out": "left_faction"}), r
         assert (await http(server.port, "GET", "/calls", bearer(ann))).status == 200
         assert not streams[0].closed.is_set()
-    finally:
-        for s_ in streams:
-            await s_.close()
 
 
 async def test_the_key_never_reaches_logs_errors_or_the_database(torn_server, torn, pg, db):
@@ -2934,10 +2825,11 @@ def process_state(pid: int) -> str:
 
 async def wait_gone(admin, pids: list[int]) -> None:
     """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids):
-        assert time.monotonic() < deadline, "frozen backends still there after the resume"
-        await asyncio.sleep(0.05)
+    async def gone() -> bool:
+        return not await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
+
+    await wait_until(gone, what="the frozen backends gone after the resume")
 
 
 @pytest.mark.faults
@@ -2955,10 +2847,13 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
     admin = await asyncpg.connect(own_pg.dsn())
     clients: list[SseClient] = []
     frozen: list[int] = []
-    try:
+    async with contextlib.AsyncExitStack() as cleanup:  # streams, then admin, then the server
+        cleanup.callback(server.stop)
+        cleanup.push_async_callback(admin.close)
         await each_worker_logs(server, "postgres listener live", 0, workers)
         for _ in range(2 * workers + 1):
-            clients.append(await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect())
+            clients.append(await cleanup.enter_async_context(
+                SseClient(server.port, headers=bearer(ADMIN_TOKEN))))
             assert (await clients[-1].next()).event == "snapshot"
         # Several writes at once, so that each pool holds several connections to freeze.
         warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
@@ -2978,12 +2873,9 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
                 await admin.execute("SELECT pg_advisory_lock($1)", EVENT_LOCK)
                 busy = asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2100 + i,
                                                   caller_id=6) for i in range(workers)))
-                deadline = time.monotonic() + STEP_TIMEOUT
-                while not await admin.fetchval(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
-                        "objid = $1 AND NOT granted", EVENT_LOCK):
-                    assert time.monotonic() < deadline, "no write reached the database"
-                    await asyncio.sleep(0.01)
+                await wait_until(lambda: admin.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                    "objid = $1 AND NOT granted", EVENT_LOCK), what="a write in the database")
             frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
             assert len(frozen) > workers  # the listeners and the pools' connections
             if proxy:
@@ -3052,13 +2944,8 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
               f"{len(answers)} writes answered 503 within {write_seconds:.2f}s; listener live "
               f"again {recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
               f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
-    finally:
-        for c in clients:
-            await c.close()
-        await admin.close()
-        server.stop()
-        if proxy:
-            await proxy.close()
+    if proxy:
+        await proxy.close()
 
 
 def metric_value(metrics: bytes, name: str) -> int:
@@ -3069,49 +2956,48 @@ def metric_value(metrics: bytes, name: str) -> int:
 @pytest.mark.faults
 async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live_server, conn, db):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    assert (await client.next()).event == "snapshot"
-    real = await call(conn, 1, 10, faction_id=200)
-    assert (await client.next()).int_id == 1
-    role = f"torncat_nobody_{os.getpid()}"
-    await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
-    nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
-    try:
-        forged = [
-            {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
-             "data": {"id": 99, "caller_id": 6, "target_id": 66}},
-            {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
-             "data": {"id": real, "caller_id": 1, "target_id": 10,
-                      "uncalled_at": "2026-11-24T18:41:07.123Z"}},
-            {"event_id": 1001, "event": "target_call", "faction_id": [1],
-             "data": {"id": 98, "caller_id": 5, "target_id": 55}},
-        ]
-        for payload in [*map(json.dumps, forged), "garbage {"]:
-            await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
-        await call(conn, 2, 11, faction_id=200)
-        ev = await client.next()
-        assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
-        await client.assert_quiet()
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while metric_value((await http(server.port, "GET", "/metrics")).body,
-                            "notifications_ignored_total") < 4:
-            assert time.monotonic() < deadline, server.log_tail()
-            await asyncio.sleep(0.02)
-        health = (await http(server.port, "GET", "/healthz")).json()
-        assert (health["status"], health["last_event_id"]) == ("ok", 2)
-        fresh = await SseClient(server.port).connect()
-        snapshot = (await fresh.next()).json
-        await fresh.close()
-        assert snapshot["last_event_id"] == 2
-        assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
-        assert metric_value((await http(server.port, "GET", "/metrics")).body,
-                            "notifications_ignored_total") == 4
-        assert server.log.count("ignoring") == 1  # once, not once per notification
-        assert "Traceback" not in server.log
-    finally:
-        await nobody.close()
-        await conn.execute(f"DROP ROLE {role}")
-        await client.close()
+    async with SseClient(server.port) as client:
+        assert (await client.next()).event == "snapshot"
+        real = await call(conn, 1, 10, faction_id=200)
+        assert (await client.next()).int_id == 1
+        role = f"torncat_nobody_{os.getpid()}"
+        await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
+        nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
+        try:
+            forged = [
+                {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
+                 "data": {"id": 99, "caller_id": 6, "target_id": 66}},
+                {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
+                 "data": {"id": real, "caller_id": 1, "target_id": 10,
+                          "uncalled_at": "2026-11-24T18:41:07.123Z"}},
+                {"event_id": 1001, "event": "target_call", "faction_id": [1],
+                 "data": {"id": 98, "caller_id": 5, "target_id": 55}},
+            ]
+            for payload in [*map(json.dumps, forged), "garbage {"]:
+                await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
+            await call(conn, 2, 11, faction_id=200)
+            ev = await client.next()
+            assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
+            await client.assert_quiet()
+
+            async def four_ignored() -> bool:
+                return metric_value((await http(server.port, "GET", "/metrics")).body,
+                                    "notifications_ignored_total") >= 4
+
+            await wait_until(four_ignored, what="4 notifications ignored")
+            health = (await http(server.port, "GET", "/healthz")).json()
+            assert (health["status"], health["last_event_id"]) == ("ok", 2)
+            async with SseClient(server.port) as fresh:
+                snapshot = (await fresh.next()).json
+            assert snapshot["last_event_id"] == 2
+            assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
+            assert metric_value((await http(server.port, "GET", "/metrics")).body,
+                                "notifications_ignored_total") == 4
+            assert server.log.count("ignoring") == 1  # once, not once per notification
+            assert "Traceback" not in server.log
+        finally:
+            await nobody.close()
+            await conn.execute(f"DROP ROLE {role}")
 
 
 @pytest.mark.faults
@@ -3141,8 +3027,7 @@ async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_serv
 @pytest.mark.faults
 async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn):
     server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
+    async with SseClient(server.port) as client:
         assert (await client.next()).event == "snapshot"
         before = metric_value((await http(server.port, "GET", "/metrics")).body, "log_reads_total")
         async with conn.transaction():  # 300 NOTIFYs, delivered on commit
@@ -3152,8 +3037,6 @@ async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn
         reads = metric_value((await http(server.port, "GET", "/metrics")).body,
                              "log_reads_total") - before
         assert reads == 1  # not one per event: the first read has them all
-    finally:
-        await client.close()
 
 
 # ---------------------------------------------------------------------------
@@ -3205,13 +3088,11 @@ async def poll_health(server) -> dict:
 
 async def polled(server, faction: int = RED_ID, rounds: int = 1) -> int:
     """Wait until `server` has completed `rounds` polls of `faction`; returns its count."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while True:
+    async def done() -> int:
         info = (await poll_health(server))["factions"].get(str(faction), {})
-        if info.get("polls", 0) >= rounds:
-            return info["polls"]
-        assert time.monotonic() < deadline, server.log_tail()
-        await asyncio.sleep(0.05)
+        return info["polls"] if info.get("polls", 0) >= rounds else 0
+
+    return await wait_until(done, what=f"{rounds} polls of faction {faction}")
 
 
 async def members_asked(torn, times: int) -> None:
@@ -3246,8 +3127,7 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}")
     await server.await_log("torn poll: this process polls")
     await polled(server)
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
         snapshot = (await stream.next()).json
         assert snapshot["calls"] == []
         assert sorted((s["target_id"], s["state"], s["war_id"], s["faction_id"])
@@ -3322,8 +3202,6 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
         assert_no_key(war, server.log, metrics, json.dumps(health))
         assert await conn.fetchval("SELECT count(*) FROM target_call_events WHERE "
                                    "data::text LIKE '%' || $1 || '%'", war) == 0
-    finally:
-        await stream.close()
 
 
 async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is_killed(
@@ -3356,8 +3234,7 @@ async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is
 async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_server, war, torn, conn):
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", TORN_TIMEOUT_SECONDS="0.5")
     await polled(server)
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
         await stream.next()
         for n, (knob, value, normal) in enumerate((("error_code", 17, None),
                                                    ("http_status", 502, None),
@@ -3387,8 +3264,6 @@ async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_se
         assert errors["17"] >= 2 and errors["timeout"] >= 4, errors
         assert server.log.count("backing off") == 3  # once per outage, not once per poll
         assert_no_key(war, server.log)
-    finally:
-        await stream.close()
 
 
 async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_and_a_key_is_refused(
@@ -3396,9 +3271,8 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", POLL_SECONDS="0.2",
                          FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
     await polled(server)
-    red = await SseClient(server.port, headers=bearer(RED)).connect()
-    blue = await SseClient(server.port, headers=bearer(BLUE)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as red, \
+            SseClient(server.port, headers=bearer(BLUE)) as blue:
         first = await red.next()
         assert "poll_health" not in first.json  # healthy: the snapshot is as it was
         await blue.next()
@@ -3412,11 +3286,8 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
                          what="more failed polls")
         await red.assert_quiet()  # said once per outage, not once per poll
         # A stream that comes now gets it in its snapshot, a poll since before it in a replay.
-        late = await SseClient(server.port, headers=bearer(RED)).connect()
-        try:
+        async with SseClient(server.port, headers=bearer(RED)) as late:
             assert (await late.next()).json["poll_health"] == [stale.json]
-        finally:
-            await late.close()
         r = await http(server.port, "GET", f"/calls?since={first.id}", bearer(RED))
         assert [e["event"] for e in r.json()["events"]] == ["poll_health"]
         torn.error_code = None
@@ -3440,9 +3311,6 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
         assert await conn.fetchval("SELECT state FROM torncat_poll_health WHERE faction_id = $1",
                                    RED_ID) == "ok"
         assert_no_key(war, server.log, stale.data, refused.data)
-    finally:
-        await red.close()
-        await blue.close()
 
 
 async def _failures(server, n: int) -> bool:
@@ -3549,8 +3417,7 @@ async def test_the_poll_refuses_a_transaction_pooler_and_never_polls(pg, db, sta
 async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war, torn):
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", REVERIFY_HOURS="0.0003")  # ~1 s
     bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(bob)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(bob)) as stream:
         await stream.next()
         await members_asked(torn, 1)
         assert not stream.closed.is_set()
@@ -3560,5 +3427,3 @@ async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war,
         r = await http(server.port, "GET", "/calls", bearer(bob))  # dropped by this process
         assert (r.status, r.json()["signed_out"]) == (401, "left_faction"), r
         assert torn.requests[(war, "/faction/{id}/members")] >= 2
-    finally:
-        await stream.close()
