@@ -63,12 +63,12 @@ through a table, answer it (a route returns a Reply, and `render` alone adds COR
 keep-alive and HEAD), and again while the client keeps the connection alive. A
 stream registers the connection with the hub and then handle() only waits for the
 client to leave (EOF), with the request that opened it freed, so every stream is
-unregistered the moment it ends. An idle stream costs ~5.1 KB
-(bench_sse.py --compare). Other shapes (bench_sse.py --shapes): ~3.6 KB when the
-handler returns and the hub alone keeps the writer, but then a client that
-leaves is noticed only by a later write; ~1-3 KB handing the transport to a
-small protocol object, and ~1.3 KB for a bare protocol (the old server), neither
-of which is the design card's StreamWriter shape.
+unregistered the moment it ends. An idle stream costs ~5.1 KB (bench_sse.py
+--compare). Other shapes (docs/benchmark.md, "Connection shapes"): ~3.6 KB when
+the handler returns and the hub alone keeps the writer, but then a client that
+leaves is noticed only by a later write; ~1-3 KB handing the transport to a small
+protocol object, and ~1.3 KB for a bare protocol (the old server), neither of
+which is the design card's StreamWriter shape.
 
 Long-poll. `GET /calls?since=N&wait=S`, for clients that cannot stream (TornPDA,
 userscript managers whose streaming fails): answered at once when something
