@@ -811,8 +811,7 @@ def error_reply(e: HttpError) -> Reply:
     return json_reply(e.status, {"error": e.message, **e.extra}, e.headers)
 
 
-def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
-           head_only: bool) -> bytes:
+def render(reply: Reply, cors: list[tuple[str, str]], *, close: bool, head_only: bool) -> bytes:
     """The one place an answer becomes bytes: CORS (the request's `cors_headers`), the
     connection's fate and HEAD (the same head, no body: RFC 9110 section 9.3.2)."""
     headers = [] if reply.content_type is None else [
@@ -821,7 +820,7 @@ def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
     if reply.cors:
         headers.extend(cors)
     headers.append(("Content-Length", str(len(reply.body))))
-    if not keep_alive:
+    if close:
         headers.append(("Connection", "close"))
     return render_head(reply.status, headers) + (b"" if head_only else reply.body)
 
@@ -3386,7 +3385,7 @@ class App:
             self.stats.rejected += 1
             writer.write(render(json_reply(503, {"error": "server busy"},
                                            (("Retry-After", self.retry_after),)),
-                                [], keep_alive=False, head_only=False))
+                                [], close=True, head_only=False))
             writer.close()
             return
         client = Client(writer)
@@ -3438,7 +3437,7 @@ class App:
                 got = req = body = x = None  # not kept for the seconds the request is held
                 answer, keep_alive = await self.hold(client, reader, requests, answer,
                                                      keep_alive)
-            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
+            writer.write(render(answer, cors, close=not keep_alive, head_only=head_only))
             if not keep_alive or self.stopping:
                 return
             if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
@@ -3479,7 +3478,7 @@ class App:
             log.debug("%s: %d %s", client.peer(), e.status, e.message)
         writer = client.writer
         client.phase = Phase.CLOSED
-        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
+        writer.write(render(error_reply(e), [], close=True, head_only=False))
         if writer.can_write_eof():
             writer.write_eof()
         with contextlib.suppress(TimeoutError):
