@@ -1409,7 +1409,7 @@ class ScriptCat(OnTorn):
 
     @property
     def name(self) -> str:
-        return "scriptcat"
+        return "scriptcat-real"
 
     async def remembered(self, page: Page) -> dict | None:
         return None
