@@ -2180,3 +2180,55 @@ async def test_calls_list_yours_then_hittable_then_by_hospital_time_with_attack_
     await expect(panel_call(alice, 2004).locator(".tc-attack")).to_have_attribute(
         "href", "/page.php?sid=attack&user2ID=2004")
     await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# A war from start to end, and the next one
+# ---------------------------------------------------------------------------
+
+def next_war(torn_api, war_id: int) -> None:
+    """Our faction and the enemy (456) in a new ranked war, begun a minute ago."""
+    war = {"war_id": war_id, "start": int(time.time()) - 60, "end": None, "target": 1000, "winner": None,
+           "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
+                        {"id": 456, "name": "Theirs", "score": 0, "chain": 0}]}
+    torn_api.factions[FACTION].ranked_war = torn_api.factions[456].ranked_war = war
+
+
+async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_one_brings_them_back(
+        h, torn_api):
+    at_war(torn_api, 82)
+    yuri = torn_api.players[2002]
+    yuri.state, yuri.until, yuri.description = "Hospital", int(time.time()) + 600, "In hospital"
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    server = await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                           POLL_SECONDS="0.3", TORNCAT_TESTING="1")
+    alice = await h.open(ALICE, "scriptcat")
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await api_call(server.port, BOB, 2003, "Zed")
+    await expect(panel(alice).locator("li.tc-call")).to_have_count(2)
+
+    # Torn says the war is over: the server's poll ends its calls, and the panel says so.
+    torn_api.factions[FACTION].ranked_war["end"] = int(time.time()) - 1
+    await expect(panel(alice).locator(".tc-notice")).to_have_text("War over: 2 calls cleared")
+    await expect(panel(alice).locator("li.tc-call")).to_have_count(0)
+    rows = alice.locator(".enemy-faction")
+    await expect(rows.locator(".tc-call-btn")).to_have_count(0)  # nothing to call
+    await expect(rows.locator(".tc-state")).to_have_count(0)     # no countdown of a war that is over
+    await expect(panel(alice).locator(".tc-form")).to_be_hidden()
+    # A reload brings back neither a Call nor a stale countdown.
+    await alice.reload()
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(rows.locator(".tc-cell")).to_have_count(len(ENEMIES))
+    await expect(rows.locator(".tc-call-btn")).to_have_count(0)
+    await expect(rows.locator(".tc-state")).to_have_count(0)
+    await expect(panel(alice).locator(".tc-empty")).to_have_text("No war on: no calls")
+
+    # The next war: Call buttons and statuses are back.
+    next_war(torn_api, 83)
+    await expect(rows.locator(".tc-call-btn")).to_have_count(len(ENEMIES))
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
+    await expect(panel(alice).locator(".tc-form")).to_be_visible()
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    await h.assert_clean(alice)

@@ -485,6 +485,8 @@
       this.health = null;        // the poll's health when it is not ok (stale, key refused)
       this.war = null;           // null: unknown (no Torn poll for us); {war_id} at war; {war_id: null} none
       this.warCleared = 0;       // calls ended with the last war, as their events came
+      this.endedWar = null;      // the war this browser saw end (remembered): for a server that
+                                 // says nothing of wars, its statuses are stale
       this.lastEventId = null;   // null until a snapshot: events mean nothing before one
       this.onChange = onChange;
     }
@@ -527,6 +529,12 @@
       this.statuses.clear();
       for (const st of Array.isArray(statuses) ? statuses : []) {
         if (validStatus(st)) this.learn(st);
+      }
+      // A server that says nothing of wars, whose statuses are all of the war this browser saw
+      // end: that war is over still (its countdowns are stale).
+      const wars = new Set(Array.from(this.statuses.values(), (st) => positiveInt(st.war_id)));
+      if (!this.war && this.endedWar && wars.size === 1 && wars.has(this.endedWar)) {
+        this.war = { war_id: null, ended_war_id: this.endedWar, calls_ended: 0 };
       }
       this.lastEventId = last;
       this.onChange({ kind: 'snapshot' });
@@ -584,9 +592,11 @@
       this.war = war;
       if (war.war_id === null) {
         this.statuses.clear(); // its countdowns are over with it
+        if (war.ended_war_id) this.endedWar = war.ended_war_id;
         if (war.calls_ended > this.warCleared) this.warCleared = war.calls_ended;
       } else if (!before || before.war_id !== war.war_id) {
         this.warCleared = 0;
+        this.endedWar = null;
       }
     }
 
@@ -1613,7 +1623,7 @@
 #torncat-panel table.tc-tos td { color: #ddd; }
 #torncat-panel details.tc-advanced { margin: 0 0 6px; color: #bbb; }
 #torncat-panel details.tc-advanced summary { cursor: pointer; margin: 0 0 6px; }
-#torncat-panel .tc-settings [hidden] { display: none; }
+#torncat-panel [hidden] { display: none !important; }
 .tc-btn {
   background: #3a5f3a; color: #fff; border: 1px solid #4c7a4c; border-radius: 4px; cursor: pointer;
   padding: 3px 8px; font-size: 11px; line-height: 1.3; min-height: 24px; margin: 0; flex: none;
@@ -2118,8 +2128,13 @@
     // The war: over (the poll's word, or its calls ended), or on again.
     const warEnded = (change.kind === 'war' && change.war.war_id === null)
       || (change.kind === 'target_uncall' && change.call.uncall_reason === 'war_ended');
-    if (warEnded) notice(warOverText(), 'info', 'war');
-    else if (state.war && state.war.war_id !== null) clearNotice('war');
+    if (warEnded) {
+      notice(warOverText(), 'info', 'war');
+      if (state.war.ended_war_id && role === 'leader') save('warEnded', state.war.ended_war_id);
+    } else if (state.war && state.war.war_id !== null) {
+      clearNotice('war');
+      if (role === 'leader' && load('warEnded', null) !== null) save('warEnded', null);
+    }
   }
 
   // ---------------------------------------------------------------------------
@@ -2131,6 +2146,7 @@
     window.__torncatLoaded = VERSION;
     settings = readSettings();
     state = new CallState((change) => safe(onStateChange, change));
+    state.endedWar = positiveInt(load('warEnded', null));
     injectStyle();
     if (onFactionPage() || attackTarget()) {
       buildPanel();
