@@ -2232,3 +2232,35 @@ async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_
     await row_cell(alice, 2001).locator(".tc-call-btn").click()
     await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
     await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# Installed from the server's own link
+# ---------------------------------------------------------------------------
+
+def version_of(script: str) -> str:
+    return re.search(r"^// @version +(\S+)$", script, re.MULTILINE)[1]
+
+
+async def test_a_player_installs_from_the_servers_link_and_it_connects_there_at_once(h, torn_api):
+    server = await h.start(TORN_API_URL=torn_api.base_url)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    r = await http(server.port, "GET", "/torn-war-caller.user.js")
+    assert r.status == 200, r
+    assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+    served = r.body.decode()
+    metadata = served.split("// ==/UserScript==")[0]
+    link = f"{h.base}/torn-war-caller.user.js"
+    # The manager may reach this server, and keeps the script current from here.
+    assert re.findall(r"^// @connect +(\S+)$", metadata, re.MULTILINE) == ["127.0.0.1"]
+    assert f"// @updateURL    {link}\n" in metadata and f"// @downloadURL  {link}\n" in metadata
+    assert version_of(served) == version_of(USERSCRIPT)
+    # What a player installed from there runs with this server filled in: only the key to type.
+    h.site.csp = TORN_CSP
+    page = await h.page(await h.context("scriptcat", configured=False, script=served), ALICE)
+    settings = panel(page).locator(".tc-settings")
+    await expect(settings.locator(".tc-f-server")).to_have_value(h.base)
+    await settings.locator(".tc-f-key").fill(key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+    await h.assert_clean(page)
