@@ -1903,7 +1903,7 @@ async def test_the_panel_says_when_enemy_statuses_are_stale_or_the_key_was_refus
 
 # The userscript's STALL_KEEPALIVES: a live stream silent this many keep-alive intervals is dead.
 STALL_KEEPALIVES = 2.5
-SERVER_KEEPALIVE_SECONDS = 20.0  # the server's KEEPALIVE_SECONDS default (torncat_sse.py)
+SERVER_KEEPALIVE_SECONDS = 10.0  # the server's KEEPALIVE_SECONDS default (torncat_sse.py)
 TOS_ROWS = ["Data Storage", "Data Sharing", "Purpose of Use", "Key Storage & Sharing", "Key Access Level"]
 
 
