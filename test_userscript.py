@@ -459,9 +459,8 @@ class Manager:
 
     def document(self, source, doc: str) -> None:
         """A new document in a tab (a reload, a link followed): the requests of the one before
-        end with it, as a manager's do (they belong to the document's content script; not
-        measured). The page's own `pagehide` cannot tell us: a binding called while a
-        document unloads never arrives."""
+        end with it, as a manager's do (ScriptCat: RM-7). The page's own `pagehide` cannot
+        tell us: a binding called while a document unloads never arrives."""
         page = source["page"]
         for upstream_id, upstream in list(self.upstreams.items()):
             if upstream.page is page and upstream.doc != doc:
@@ -506,8 +505,17 @@ class Manager:
 #       `responseText` stays undefined until the request completes (:29-30). ScriptCat drops
 #       an onreadystatechange whose readyState and status did not change (its gm_xhr.ts),
 #       so 3 fires once.
-#     - a refused answer's body goes into the stream like any other (ScriptCat's gm_xhr.ts;
-#       not measured); a refused connection: onerror, then onloadend (the same; not measured).
+#   Measured again in a local build of ScriptCat 1.5.0-beta.2 (docs/testing.md, "What the
+#   real-manager pass measured", RM below):
+#     - onreadystatechange 1 comes before onloadstart without a `responseType`, and never
+#       with `responseType: "stream"` (RM-1).
+#     - a refused answer's body goes into the stream like any other, then readyState 4,
+#       onload, onloadend (RM-2); a refused connection: onloadstart (with a stream), then
+#       onerror (readyState 4, status 0), onloadend (RM-3).
+#     - cancelling the handed-over stream ends the script's read but not the request: the
+#       manager goes on receiving, and onprogress goes on firing (RM-4).
+#     - abort(): onabort (readyState 0, status 0), then onloadend; without an onabort
+#       handler, neither fires (RM-5). A `timeout` ends with ontimeout, then onloadend (RM-6).
 #   "violentmonkey": Violentmonkey 2.47 (MV2) in Firefox ESR, managers/README.md:35-53.
 #     - `responseType: "stream"` is unknown and falls back to text (:38-39): `response` is a
 #       string holding only the latest chunk, never a ReadableStream, and `responseText`
@@ -521,8 +529,9 @@ class Manager:
 #   "no-loadstart": reported from the field, not measured (../shared/USERS.md, a public
 #     war tool's ADR): with `responseType: "stream"`, nothing reaches the script until the
 #     request ends. Otherwise as "scriptcat".
-# In all of them `timeout` ends a request with ontimeout and onloadend, and abort() with
-# onabort (the GM API as both managers document it; not measured).
+# In all of them `timeout` ends a request with ontimeout and onloadend (RM-6; Violentmonkey
+# as its API documents it, not measured), and abort() with onabort then onloadend (RM-5;
+# Violentmonkey: not measured).
 GM_SHIM = """
 (() => {
   const MODE = %s;
@@ -583,9 +592,10 @@ GM_SHIM = """
       await Promise.resolve(); // handlers run after GM_xmlhttpRequest has returned
       if (aborted) return;
       if (!silent) {
+        // ScriptCat: readyState 1 before onloadstart without a responseType, none with a stream (RM-1).
+        if (MODE !== 'violentmonkey' && !scStream) changed(1);
         r.readyState = 1;
         fire('onloadstart');
-        if (MODE !== 'violentmonkey') changed(1);
       }
       let head;
       try {
@@ -616,7 +626,13 @@ GM_SHIM = """
         if (aborted) return;
         if (piece === null) break;
         text += piece;
-        if (scStream) controller.enqueue(encoder.encode(piece));
+        if (scStream) {
+          try {
+            controller.enqueue(encoder.encode(piece));
+          } catch (e) {
+            // the script cancelled the stream: the request goes on all the same (RM-4)
+          }
+        }
         if (silent) continue;
         if (MODE === 'violentmonkey') {
           r.response = piece;
@@ -640,7 +656,10 @@ GM_SHIM = """
       aborted = true;
       end();
       window.__tcAbort(id !== null ? id : key);
+      if (typeof d.onabort !== 'function') return;  // then nothing fires at all (RM-5)
+      Object.assign(r, { readyState: 0, status: 0 });
       fire('onabort');
+      Promise.resolve().then(() => fire('onloadend'));
     } };
   }
   window.GM_xmlhttpRequest = GM_xmlhttpRequest;
@@ -777,7 +796,8 @@ class Harness:
         self.dialogs: list[str] = []
 
     async def start(self, **env):
-        """The real server (in a thread: starting it blocks until it listens)."""
+        """The real server (in a thread: starting it blocks until it listens). `script`: the
+        server file to run, another copy of it (testkit.ServerProcess)."""
         env = {"DATABASE_URL": self.db, "FACTION_TOKENS": f"{FACTION}:{TOKEN}",
                "ALLOWED_ORIGINS": self.site.origin, "RETRY_MS": "1000",
                "RECONNECT_SPREAD_SECONDS": "1", **env}
@@ -1430,7 +1450,9 @@ class ScriptCat(OnTorn):
             "serviceworker", timeout=STEP_MS)
         self.id = urllib.parse.urlsplit(worker.url).hostname
 
-    async def start(self) -> ScriptCat:
+    async def start(self, install_from: str | None = None) -> ScriptCat:
+        """Launch it, and install the userscript from `install_from` (the test site's copy,
+        with one more @connect line, when None)."""
         self.torn.csp = self.h.site.csp
         await self.torn.start()
         await self._launch()
@@ -1446,7 +1468,7 @@ class ScriptCat(OnTorn):
         await self._launch()
         self.context.on("page", lambda page: self._track(self._confirm(page)))
         await self.context.add_init_script(script=WATCH)
-        await self.install(f"{self.torn.origin}/torn-war-caller.user.js")
+        await self.install(install_from or f"{self.torn.origin}/torn-war-caller.user.js")
         return self
 
     def _track(self, coro) -> None:
@@ -1485,7 +1507,7 @@ class ScriptCat(OnTorn):
 async def on_torn(request, h, tmp_path):
     """The war page at https://www.torn.com under Torn's CSP, in the ScriptCat-like or the
     Violentmonkey-like stand-in, or (TORNCAT_REAL_MANAGER) the real ScriptCat. Call `start()`
-    after `h.start()`."""
+    before or after `h.start()` (it needs only the war page's site)."""
     h.site.csp = TORN_CSP
     if request.param == "scriptcat-real":
         extension = Path(REAL_MANAGER)
@@ -2195,14 +2217,19 @@ def next_war(torn_api, war_id: int) -> None:
 
 
 async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_one_brings_them_back(
-        h, torn_api):
+        h, on_torn, torn_api):
     at_war(torn_api, 82)
     yuri = torn_api.players[2002]
     yuri.state, yuri.until, yuri.description = "Hospital", int(time.time()) + 600, "In hospital"
     key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    # The browser first: a real ScriptCat takes ~15 s to start, and a poll running meanwhile
+    # would spend the key's budget (TORN_KEY_BUDGET, and Torn's 100 a minute: fake_torn.py).
+    await on_torn.start()
     server = await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
-                           POLL_SECONDS="0.3", TORNCAT_TESTING="1")
-    alice = await h.open(ALICE, "scriptcat")
+                           POLL_SECONDS="0.3", TORN_KEY_BUDGET="100", TORNCAT_TESTING="1")
+    alice = await on_torn.tab(ALICE)
+    await fill_in_settings(alice, h.base, TOKEN)
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
     await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
     await row_cell(alice, 2001).locator(".tc-call-btn").click()
     await api_call(server.port, BOB, 2003, "Zed")
@@ -2231,6 +2258,7 @@ async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_
     await expect(panel(alice).locator(".tc-form")).to_be_visible()
     await row_cell(alice, 2001).locator(".tc-call-btn").click()
     await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    assert on_torn.csp_reports == [], on_torn.csp_reports
     await h.assert_clean(alice)
 
 
@@ -2264,3 +2292,80 @@ async def test_a_player_installs_from_the_servers_link_and_it_connects_there_at_
     await settings.locator(".tc-sign-in").click()
     await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
     await h.assert_clean(page)
+
+
+def a_newer_version(script: str) -> str:
+    """The same userscript with a higher @version (and VERSION, which its settings show)."""
+    old = version_of(script)
+    major, minor, patch = (int(n) for n in old.split("."))
+    new = f"{major}.{minor}.{patch + 1}"
+    out = script.replace(f"// @version      {old}\n", f"// @version      {new}\n").replace(
+        f"const VERSION = '{old}';", f"const VERSION = '{new}';")
+    assert version_of(out) == new and f"const VERSION = '{new}';" in out
+    return out
+
+
+if REAL_MANAGER:  # the real-manager pass only (docs/testing.md): collected only then
+    async def test_in_the_real_scriptcat_it_installs_from_the_servers_link_and_is_offered_a_newer_version(
+            h, torn_api, tmp_path):
+        """ScriptCat installs the script from GET /torn-war-caller.user.js of a running
+        server; after a deploy that serves a higher @version at the same address, its
+        "Check Update" (the script list's, ScriptService.requestCheckUpdate: fetch the
+        @updateURL, compare the versions) offers the update, and the updated script runs."""
+        h.site.csp = TORN_CSP
+        port = free_port()
+        env = {"PORT": str(port), "TORN_API_URL": torn_api.base_url}
+        server = await h.start(**env)
+        key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+        link = f"{h.base}/torn-war-caller.user.js"
+        scriptcat = ScriptCat(h, Path(REAL_MANAGER), tmp_path / "profile", make_tls_files(tmp_path, None))
+        try:
+            await scriptcat.start(install_from=link)
+            page = await scriptcat.tab(ALICE)
+            settings = panel(page).locator(".tc-settings")
+            await expect(settings.locator(".tc-f-server")).to_have_value(h.base)  # filled in
+            await settings.locator(".tc-f-key").fill(key)
+            await settings.locator(".tc-sign-in").click()
+            await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+            await panel(page).locator(".tc-gear").click()
+            await expect(settings.locator(".tc-version")).to_have_text(f"v{version_of(USERSCRIPT)}")
+
+            # A deploy of a newer version: the same address serves a higher @version.
+            newer = a_newer_version(USERSCRIPT)
+            deployed = tmp_path / "deploy"
+            deployed.mkdir()
+            shutil.copy(HERE / "torncat_sse.py", deployed / "torncat_sse.py")
+            (deployed / "torn-war-caller.user.js").write_text(newer)
+            await asyncio.to_thread(server.stop, signal.SIGTERM)
+            await h.start(script=deployed / "torncat_sse.py", **env)
+            r = await http(port, "GET", "/torn-war-caller.user.js")
+            assert version_of(r.body.decode()) == version_of(newer)
+
+            # ScriptCat's own "Check Update" on its script list: the update is offered.
+            options = await scriptcat.context.new_page()
+            await options.goto(f"chrome-extension://{scriptcat.id}/src/options.html")
+            await expect(options.get_by_text("TornCat War Caller")).to_be_visible()
+            await options.get_by_role("button", name="Maybe later").click()  # its welcome tour
+            asked = time.time()
+            async with scriptcat.context.expect_page(
+                    lambda p: "/src/install.html?uuid=" in p.url) as offered:
+                await options.get_by_label("Check Update").first.click()
+            await expect(options.get_by_text("New Version Available")).to_be_visible()
+            update = await offered.value
+            record_timing("scriptcat-real install from the server", "check_update_to_offered_s",
+                          round(time.time() - asked, 3))
+            await expect(update.get_by_text(version_of(newer)).first).to_be_visible()
+            await expect(update.get_by_test_id("install-primary")).to_have_text("Update Script")
+            await update.get_by_test_id("install-primary").click()
+            with contextlib.suppress(PlaywrightTimeoutError, PlaywrightError):
+                await update.wait_for_event("close", timeout=STEP_MS)
+
+            # The updated script runs, still signed in, live at once.
+            await page.reload()
+            await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+            await panel(page).locator(".tc-gear").click()
+            await expect(settings.locator(".tc-version")).to_have_text(f"v{version_of(newer)}")
+            assert scriptcat.csp_reports == [], scriptcat.csp_reports
+            await h.assert_clean(page)
+        finally:
+            await scriptcat.close()
