@@ -528,9 +528,10 @@ TORNCAT_TABLES = ("target_call_events", "torncat_tokens", "torncat_poll_health",
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 
-async def assert_locked_down(w: World) -> None:
+async def assert_locked_down(w: World, target_calls: bool = False) -> None:
     """Every object TornCat made: RLS on (tables), no privilege for PUBLIC, anon, authenticated."""
-    tables = TORNCAT_TABLES + (("target_calls",) if w.shape.fresh else ())
+    target_calls = target_calls or w.shape.fresh
+    tables = TORNCAT_TABLES + (("target_calls",) if target_calls else ())
     for table in tables:
         assert await w.owner.fetchval(
             "SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass", table), table
@@ -996,3 +997,97 @@ async def old_tool(x: World, targets: list[int], seed: int) -> None:
             await x.old_target_status(RED, t, rng.choice(["Okay", "Hospital"]))
         else:
             await x.old_delete(RED, t)
+
+
+# --------------------------------------------------------------------------
+# Leftovers, wars set by hand, TRUNCATE, and an earlier TornCat upgraded
+# --------------------------------------------------------------------------
+
+@shapes(OLD_SHAPES)
+async def test_closing_leftovers_writes_what_the_old_tool_reads_and_nothing_else(world):
+    w = world
+    await w.apply()
+    follower = await Follower(w).start()
+    stale = await w.owner.fetch("SELECT id FROM torncat_leftovers ORDER BY id")
+    shown = await w.holders()
+    before = {r[0]: r for r in await original_rows(w)}
+    assert await w.owner.fetchval("SELECT torncat_close_leftovers()") == len(stale) > 0
+    after = {r[0]: r for r in await original_rows(w)}
+    assert {i for i, r in before.items() if after.get(i) != r} == {r["id"] for r in stale}
+    if w.shape.status:  # as the old tool's own automatic uncall writes it
+        assert {r["status"] for r in await w.owner.fetch(
+            "SELECT status FROM target_calls WHERE id = ANY($1::bigint[])", [r["id"] for r in stale])} \
+            == {"uncalled"}
+    else:  # no status, others use the table: a DELETE, the only uncall they can see
+        assert not set(after) & {r["id"] for r in stale}
+    assert await follower.catch_up() == []  # history: nothing was shown, nothing to say
+    assert await w.holders() == shown
+    assert await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers") == 0
+
+
+@shapes([s for s in OLD_SHAPES if s.name in ("A", "B")])
+async def test_the_operator_sets_and_clears_a_factions_war(world):
+    w = world
+    await w.apply()
+    follower = await Follower(w).start()
+    # `war set`: RED is at war 31004 (say the wars table is wrong): its calls of 31005
+    # end on the stream, and the leftovers of 31004 become today's calls.
+    await w.owner.fetchval("SELECT torncat_set_war($1, 31004, 8104, 'operator')", RED)
+    events = await follower.catch_up()
+    # (Rows without a faction stay of today while any faction's war is theirs: the
+    # wars table still has RED's enemy at 31005.)
+    assert {e["event"] for e in events} == (
+        {"target_call", "target_uncall"} if w.shape.faction else {"target_call"})
+    assert {json.loads(e["data"])["war_id"] for e in events if e["event"] == "target_call"} == {31004}
+    # The wars table no longer speaks for RED...
+    assert await w.owner.fetchval("SELECT torncat_sync_wars()") == 0
+    assert await w.owner.fetchval("SELECT source FROM torncat_wars WHERE faction_id = $1",
+                                  RED) == "operator"
+    # ...until `war clear`: back to what it says, and to the calls shown at first.
+    await w.owner.fetchval("SELECT torncat_clear_war($1)", RED)
+    await follower.catch_up()
+    assert follower.view() == await w.holders()
+    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
+
+
+@shapes([s for s in SHAPES if s.name in ("fresh", "D")])
+async def test_truncate_ends_every_call_on_the_stream(world):
+    w = world
+    await w.apply()
+    assert (await w.api_call(RED, 810598, caller=900108))["status"] == "called"
+    follower = await Follower(w).start()
+    shown = len(await w.holders())
+    await w.owner.execute("TRUNCATE target_calls" + (" CASCADE" if w.shape.old_tool else ""))
+    events = await follower.catch_up()
+    assert len(events) == shown and {json.loads(e["data"])["uncall_reason"] for e in events} == {
+        "deleted"}
+    assert await w.holders() == {}
+
+
+async def test_an_earlier_torncat_database_upgrades_in_place(supa):
+    """The previous trigger.sql (main before issue 17), with calls made under it: the new
+    one applies, keeps them, shows the active ones, and counts them as TornCat's."""
+    old_sql = (await asyncio.to_thread(
+        subprocess.run, ["git", "show", "7c1149f:trigger.sql"], cwd=HERE, check=True,
+        capture_output=True, text=True)).stdout
+    name = f"m{os.getpid()}_upgrade"
+    await pg_execute(supa.dsn(), f"CREATE DATABASE {name}")
+    await pg_execute(supa.dsn(name), SUPABASE_DB)
+    w = World(supa, SHAPES[0], name)
+    await w.open()
+    try:
+        await w.owner.execute(old_sql)
+        for target in (1, 2, 3):
+            await w.owner.execute("SELECT * FROM torncat_call(5, NULL, $1, 'x', 7, 'Ann')", target)
+        await w.owner.execute("UPDATE target_calls SET uncalled_at = now() WHERE target_id = 3")
+        events = await w.last_event_id()
+        await w.apply()
+        await w.apply()
+        assert await w.holders() == {(5, 1): 7, (5, 2): 7}
+        assert await w.last_event_id() == events
+        assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE torncat_made") == 3
+        await assert_locked_down(w, target_calls=True)
+        assert await w.owner.fetchval("SELECT torncat_expire_calls(interval '0 s')") == 2
+    finally:
+        await w.close()
+        await pg_execute(supa.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -1191,6 +1191,15 @@ BEGIN
     WHERE rolname IN ('anon', 'authenticated');
     grantees := 'PUBLIC' || coalesce(', ' || grantees, '');
 
+    -- target_calls counts as TornCat's when this file created it, or when row level
+    -- security is on with no policy (an earlier version of this file did that): no role
+    -- but its owner and BYPASSRLS roles can use its rows anyway, and TRUNCATE, TRIGGER and
+    -- REFERENCES are not governed by RLS.
+    IF current_setting('torncat.created_target_calls', true) IS DISTINCT FROM 'yes'
+            AND (SELECT relrowsecurity FROM pg_class WHERE oid = 'target_calls'::regclass)
+            AND NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = 'target_calls'::regclass) THEN
+        PERFORM set_config('torncat.created_target_calls', 'yes', true);
+    END IF;
     FOREACH obj IN ARRAY ARRAY['target_call_events', 'torncat_tokens', 'torncat_poll_health',
             'torncat_wars', 'torncat_target_status', 'torncat_torn_keys', 'torncat_holders']
             || CASE WHEN current_setting('torncat.created_target_calls', true) = 'yes'
