@@ -1091,3 +1091,13 @@ async def test_an_earlier_torncat_database_upgrades_in_place(supa):
     finally:
         await w.close()
         await pg_execute(supa.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "A"])
+async def test_a_call_the_table_cannot_hold_is_refused_by_name(world):
+    """faction_id is NOT NULL in shape A: a call without a faction (SECRET_TOKEN) says so."""
+    w = world
+    await w.apply()
+    r = await w.api_call(None, 810596, caller=900110)
+    assert (r["status"], json.loads(r["call"])) == ("refused", {"column": "faction_id"})
+    assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE target_id = 810596") == 0
