@@ -1101,3 +1101,17 @@ async def test_a_call_the_table_cannot_hold_is_refused_by_name(world):
     r = await w.api_call(None, 810596, caller=900110)
     assert (r["status"], json.loads(r["call"])) == ("refused", {"column": "faction_id"})
     assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE target_id = 810596") == 0
+
+
+@shapes([SHAPES[0]])
+async def test_a_war_that_ends_ends_torncats_calls_made_before_it_was_known(world):
+    """(Issue 19's rule, kept here:) a call made with no war known belongs to the war that
+    was on; when that war ends, the call ends with it."""
+    w = world
+    await w.apply()
+    await w.api_call(RED, 1, caller=7)                 # no war known: war_id NULL
+    await w.owner.fetchval("SELECT torncat_set_war($1, 555, 8, 'torn_poll')", RED)
+    assert await w.holders() == {(RED, 1): 7}          # the war began: still its call
+    assert await w.owner.fetchval("SELECT torncat_set_war($1, NULL, NULL)", RED) == 1
+    assert await w.holders() == {}
+    assert await w.owner.fetchval("SELECT uncall_reason FROM target_calls") == "war_ended"

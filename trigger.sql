@@ -811,19 +811,25 @@ $$;
 
 -- A faction's current war is p_war (NULL: none), as the Torn poll (or, with p_source
 -- 'operator', the operator) says. TornCat's own calls of other wars end with reason
--- 'war_ended'; other rows of other wars stop being live, untouched. Returns how many
--- shown calls ended.
+-- 'war_ended', and so, once the war known before has ended, do TornCat's calls made
+-- before it was known (war_id NULL): a call belongs to the war it was made in. Other
+-- programs' rows of other wars stop being live, untouched. Returns how many shown calls
+-- ended.
 CREATE OR REPLACE FUNCTION torncat_set_war(p_faction bigint, p_war bigint, p_opponent bigint,
                                            p_source text DEFAULT 'torn_poll')
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
+    had      bigint;  -- the war known before (NULL: none, or not known)
     written  bigint;
     ended    bigint;
 BEGIN
+    -- (No lock here: torncat_wars is written under the event lock, below.)
+    SELECT w.war_id INTO had FROM torncat_wars w WHERE w.faction_id = p_faction;
     written := torncat_end_rows(ARRAY(
         SELECT c.id FROM torncat_calls c
         WHERE c.faction_id = p_faction AND c.active AND c.torncat_made
-          AND c.war_id IS NOT NULL AND c.war_id IS DISTINCT FROM p_war), 'war_ended', NULL, NULL);
+          AND CASE WHEN c.war_id IS NULL THEN had IS NOT NULL AND had IS DISTINCT FROM p_war
+                   ELSE c.war_id IS DISTINCT FROM p_war END), 'war_ended', NULL, NULL);
     PERFORM torncat_lock();
     INSERT INTO torncat_wars (faction_id, war_id, opponent_id, source)
         VALUES (p_faction, p_war, p_opponent, p_source)
