@@ -71,7 +71,18 @@ import subprocess
 import asyncpg
 import pytest
 
-from testkit import DEBIAN_PG_BIN, HERE, TRIGGER_SQL, PgCluster, pg_execute
+from testkit import (
+    DEBIAN_PG_BIN,
+    HERE,
+    STEP_TIMEOUT,
+    TRIGGER_SQL,
+    PgCluster,
+    SseClient,
+    http,
+    pg_execute,
+    run_cli,
+)
+from torncat_sse import migrate_report
 
 RED, BLUE = 9001, 9002                  # the two factions that use the old tool
 STRANGER = 9555                         # a faction nobody knows the war of
@@ -882,7 +893,6 @@ async def test_trigger_sql_on_the_embedded_postgres_twice(pg):
 
 @shapes()
 async def test_migrate_check_reports_what_trigger_sql_will_do_and_changes_nothing(world):
-    from migrate_draft import migrate_report
     w = world
     before = await original_rows(w)
     objects = "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
@@ -1115,3 +1125,257 @@ async def test_a_war_that_ends_ends_torncats_calls_made_before_it_was_known(worl
     assert await w.owner.fetchval("SELECT torncat_set_war($1, NULL, NULL)", RED) == 1
     assert await w.holders() == {}
     assert await w.owner.fetchval("SELECT uncall_reason FROM target_calls") == "war_ended"
+
+
+# --------------------------------------------------------------------------
+# The server on each shape: the stream, GET /calls and the old tool agree
+# --------------------------------------------------------------------------
+
+TOKENS = {RED: "red-old-tool-faction-0123456789", BLUE: "blue-old-tool-faction-0123456789",
+          STRANGER: "stranger-faction-token-0123456789"}
+EVERY_FACTION = "secret-token-for-every-faction-0123456789"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def serve(w: World, start_server, **env):
+    """The server on this database, connected as its owner, trigger.sql applied already."""
+    server = start_server(DATABASE_URL=w.dsn(), SECRET_TOKEN=EVERY_FACTION,
+                          FACTION_TOKENS=",".join(f"{f}:{t}" for f, t in TOKENS.items()), **env)
+    server.wait_for_log("postgres listener live")
+    return server
+
+
+class StreamView:
+    """One client's state from a real stream: the snapshot, then each event by call id."""
+
+    def __init__(self, port: int, token: str):
+        self.client = SseClient(port, headers=bearer(token))
+        self.calls: dict[int, tuple[tuple[int, int], int]] = {}
+        self.last = 0
+
+    async def __aenter__(self) -> StreamView:
+        await self.client.connect()
+        snap = await self.client.next()
+        assert snap.event == "snapshot"
+        self._load(snap.json["calls"])
+        self.last = snap.json["last_event_id"]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+
+    def _load(self, calls: list[dict]) -> None:
+        self.calls = {c["id"]: ((c["faction_id"] or 0, c["target_id"]), c["caller_id"])
+                      for c in calls}
+
+    async def until(self, event_id: int) -> list:
+        """Every event up to `event_id` (the log's last), applied."""
+        seen = []
+        while self.last < event_id:
+            ev = await self.client.next()
+            if ev.event in ("target_call", "target_uncall"):
+                self.calls.pop(ev.json["id"], None)
+                if ev.event == "target_call":
+                    self.calls[ev.json["id"]] = ((ev.json["faction_id"] or 0, ev.json["target_id"]),
+                                                 ev.json["caller_id"])
+                seen.append(ev)
+            self.last = ev.int_id
+        return seen
+
+    def view(self) -> dict[tuple[int, int], int]:
+        shown = dict(self.calls.values())
+        assert len(shown) == len(self.calls), f"a target shown twice: {self.calls}"
+        return shown
+
+
+async def served_agree(w: World, port: int, stream: StreamView, scope: int | None) -> dict:
+    """After the last write: the stream, GET /calls, the snapshot's source and the old tool
+    show the same calls (scope: a faction, or None for every faction)."""
+    seen = await stream.until(await w.last_event_id())
+    token = EVERY_FACTION if scope is None else TOKENS[scope]
+    r = await http(port, "GET", "/calls", bearer(token))
+    assert r.status == 200, r
+    polled = {(c["faction_id"] or 0, c["target_id"]): c["caller_id"] for c in r.json()["calls"]}
+    holders = {k: v for k, v in (await w.holders()).items() if scope is None or k[0] == scope}
+    assert stream.view() == polled == holders, (stream.view(), polled, holders)
+    old = {k: v for k, v in (await w.old_view()).items()
+           if scope is None or not w.shape.faction or k[0] == scope}
+    assert old == by_target(w, holders), (old, holders)
+    return seen
+
+
+@shapes(OLD_SHAPES)
+async def test_the_server_shows_what_the_old_tool_shows_through_every_write(world, start_server):
+    """Every write path of the old tool (as anon) interleaved with the API's calls and
+    uncalls, through the real server: after each step the stream, GET /calls and the old
+    tool's view (its 'active' rows of the faction's current war) agree."""
+    w = world
+    s = w.shape
+    await w.apply()
+    server = serve(w, start_server)
+    port = server.port
+    scope = RED if s.faction else None  # where rows have no faction, only every-faction tokens see them
+    red = TOKENS[RED]
+    t1, t2, t3, t4 = 810590, 810591, 810592, 810593
+
+    async def post(target: int, caller: int, token: str = red, **extra):
+        return await http(port, "POST", "/calls", bearer(token),
+                          {"target_id": target, "caller_id": caller,
+                           "caller_name": f"Caller {caller}", **extra})
+
+    async def delete(target: int, caller: int, token: str = red, **extra):
+        return await http(port, "DELETE", f"/calls/{target}", bearer(token),
+                          {"caller_id": caller, **extra})
+
+    async with StreamView(port, EVERY_FACTION if scope is None else red) as stream:
+        assert len(stream.calls) == (10 if s.faction else 15)
+        await served_agree(w, port, stream, scope)
+        # The old tool calls t1; TornCat refuses it to another member, and a retry by the
+        # holder changes nothing.
+        await w.old_call(RED, t1, caller=900101)
+        (ev,) = await served_agree(w, port, stream, scope)
+        assert (ev.event, ev.json["target_id"], ev.json["caller_id"]) == ("target_call", t1, 900101)
+        r = await post(t1, 900102)
+        assert (r.status, r.json()["error"]) == (409, f"target {t1} is already called by "
+                                                      "Caller 900101"), r
+        r = await post(t1, 900101)
+        assert (r.status, r.json()["event_id"]) == (201, None), r
+        assert await served_agree(w, port, stream, scope) == []
+        # TornCat calls t2; its retry adds no row; the old tool's own second caller waits.
+        r = await post(t2, 900102)
+        assert r.status == 201 and r.json()["event_id"] is not None, r
+        await served_agree(w, port, stream, scope)
+        assert (await post(t2, 900102)).status == 201
+        await w.old_call(RED, t2, caller=900103)
+        assert await served_agree(w, port, stream, scope) == []
+        assert len([x for x in await w.old_read(RED) if x["target_id"] == t2]) == 2
+        if s.target_status:  # the relay rewrites target_status: not a call
+            await w.old_target_status(RED, t2, "Hospital")
+            assert await served_agree(w, port, stream, scope) == []
+        # TornCat's caller uncalls t2: the waiting second caller is shown.
+        r = await delete(t2, 900102)
+        assert r.status == 200 and r.json()["call"]["uncall_reason"] == "uncalled", r
+        uncall, call = await served_agree(w, port, stream, scope)
+        assert (uncall.event, uncall.int_id, call.event, call.json["caller_id"]) == (
+            "target_uncall", r.json()["event_id"], "target_call", 900103)
+        if s.status:  # the old tool's manual uncall
+            await w.old_cancel(RED, t1)
+            (ev,) = await served_agree(w, port, stream, scope)
+            assert (ev.event, ev.json["uncall_reason"]) == ("target_uncall", "cancelled")
+        if s.status and s.uncalled_at:  # and its automatic one
+            await w.old_auto_uncall(RED, t2)
+            (ev,) = await served_agree(w, port, stream, scope)
+            assert (ev.event, ev.json["uncall_reason"]) == ("target_uncall", "uncalled")
+        # TornCat calls t3; the old tool deletes it (hospital): an uncall, "deleted".
+        assert (await post(t3, 900104)).status == 201
+        await served_agree(w, port, stream, scope)
+        await w.old_delete(RED, t3)
+        (ev,) = await served_agree(w, port, stream, scope)
+        assert (ev.event, ev.json["uncall_reason"]) == ("target_uncall", "deleted")
+        # Wars: not RED's current one (409), and one the wars table does not know (422),
+        # each naming the war; nothing written.
+        r = await post(t4, 900105, war_id=31004)
+        assert (r.status, r.json()["error"]) == (
+            409, f"war 31004 is not faction {RED}'s current war (31005)"), r
+        r = await post(t4, 900105, token=TOKENS[STRANGER], war_id=424242)
+        assert (r.status, r.json()["error"]) == (422, "war 424242 is not in the wars table"), r
+        assert await served_agree(w, port, stream, scope) == []
+    assert server.problems() == [], server.problems()
+
+
+@shapes([s for s in OLD_SHAPES if s.name in ("A", "B")])
+async def test_a_war_the_old_tool_ends_ends_its_calls_on_the_stream(world, start_server):
+    w = world
+    await w.apply()
+    server = serve(w, start_server, WARS_SYNC_SECONDS="1")
+    async with StreamView(server.port, EVERY_FACTION) as stream:
+        before = len(stream.calls)
+        if w.shape.wars == "by_war_id":
+            await w.as_anon("UPDATE wars SET is_active = false, updated_at = now() "
+                            "WHERE war_id = $1", CURRENT[RED])
+        else:
+            await w.as_anon("UPDATE wars SET ended_at = now() WHERE id = $1", CURRENT[RED])
+        ended = [await stream.client.next(timeout=STEP_TIMEOUT) for _ in range(10)]
+        assert {(e.event, e.json["war_id"], e.json["uncall_reason"]) for e in ended} == {
+            ("target_uncall", CURRENT[RED], "war_ended")}
+        assert len(stream.calls) == before
+        await server.await_log(r"wars table: the current war of \d+ factions changed")
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "A"])
+async def test_init_db_logs_trigger_sqls_own_error_and_stops(world, start_server):
+    """A failing trigger.sql: the server logs the statement's own error (not "current
+    transaction is aborted"), and exits instead of trying the same thing forever."""
+    w = world
+    server = start_server(DATABASE_URL=w.dsn("intruder"), INIT_DB="1")
+    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 1
+    log = server.log
+    assert ("CRITICAL trigger.sql failed, so nothing of it was applied: RaiseError: trigger.sql "
+            "must run as the owner of target_calls (postgres), not as intruder; HINT: On "
+            "Supabase: the postgres role") in log, log
+    assert "current transaction is aborted" not in log
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "D"])
+async def test_init_db_applies_it_as_the_owner_and_logs_the_notice(world, start_server):
+    w = world
+    server = start_server(DATABASE_URL=w.dsn(), INIT_DB="1", SECRET_TOKEN=EVERY_FACTION)
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO trigger.sql: row level security stays OFF on target_calls: anon, "
+                     r"authenticated may use it", server.log), server.log
+    r = await http(server.port, "GET", "/calls", bearer(EVERY_FACTION))
+    assert len(r.json()["calls"]) == 15
+
+
+# --------------------------------------------------------------------------
+# The command line: migrate and war
+# --------------------------------------------------------------------------
+
+@shapes([s for s in SHAPES if s.name in ("fresh", "A", "C")])
+async def test_migrate_check_on_the_command_line_changes_nothing(world):
+    w = world
+    before = await original_rows(w)
+    r = await asyncio.to_thread(run_cli, "migrate", "--check", DATABASE_URL=w.dsn(), INIT_DB="1")
+    assert r.returncode == 0, r.stderr
+    print(f"\n--- python torncat_sse.py migrate --check, shape {w.shape.name} ---\n{r.stdout}")
+    assert await original_rows(w) == before
+    assert await w.owner.fetchval("SELECT to_regclass('torncat_holders')") is None  # even with INIT_DB
+    if w.shape.fresh:
+        assert r.stdout.startswith("target_calls: none here")
+    else:
+        assert "calls shown after trigger.sql: 15" in r.stdout
+    # Closing leftovers needs trigger.sql; it asks first, or takes --yes.
+    r = await asyncio.to_thread(run_cli, "migrate", "--close-leftovers", DATABASE_URL=w.dsn())
+    assert r.returncode == 1 and "apply trigger.sql first" in r.stderr
+    if w.shape.fresh:
+        return
+    await w.apply()
+    r = await asyncio.to_thread(run_cli, "migrate", "--close-leftovers", DATABASE_URL=w.dsn())
+    assert r.returncode == 2 and "add --yes" in r.stderr, r
+    stale = await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers")
+    assert f"still active in wars that are not current: {stale} rows" in r.stdout
+    r = await asyncio.to_thread(run_cli, "migrate", "--close-leftovers", "--yes",
+                                DATABASE_URL=w.dsn())
+    assert r.returncode == 0 and f"closed {stale} rows" in r.stderr, r
+    assert await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers") == 0
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "D"])
+async def test_war_set_list_clear_on_the_command_line(world):
+    w = world
+    await w.apply()
+
+    def cli(*args: str):
+        return run_cli("war", *args, DATABASE_URL=w.dsn())
+
+    r = await asyncio.to_thread(cli, "set", "--faction", str(RED), "--war", "31004", "--opponent", "8104")
+    assert r.returncode == 0 and f"faction {RED}: war 31004;" in r.stderr, r
+    r = await asyncio.to_thread(cli, "list")
+    assert re.search(rf"^ +{RED} +31004 +8104 +\d+ .* operator$", r.stdout, re.MULTILINE), r.stdout
+    assert re.search(rf"^ +{BLUE} +32003 +8203 +5 .* wars_table$", r.stdout, re.MULTILINE), r.stdout
+    r = await asyncio.to_thread(cli, "clear", "--faction", str(RED))
+    assert r.returncode == 0, r
+    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))

@@ -1,8 +1,9 @@
 """TornCat SSE: who calls which target, pushed to a whole faction in milliseconds.
 
 A Postgres trigger (trigger.sql) appends every change of `target_calls` to an
-event log and NOTIFYs channel `target_calls`. This server LISTENs on one
-dedicated connection, keeps the active calls and the recent events in memory,
+event log and NOTIFYs channel `torncat_events` (channel `target_calls` keeps the
+seed's own payload for whoever listens there). This server LISTENs on one
+dedicated connection, keeps the live calls and the recent events in memory,
 and fans each event out to every connected browser over Server-Sent Events
 (WHATWG HTML, "Server-sent events"). It is one file of raw asyncio: no web
 framework, HTTP/1.1 parsed and written by hand (RFC 9110, RFC 9112).
@@ -87,8 +88,10 @@ learn what only the poll's process knows.
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
 instances scale out, each LISTENing on its own (docs/operations.md, "Scaling").
-TRUNCATE on target_calls is not seen until restart. /metrics is open, like
-/healthz.
+The calls shown are the old tool's truth where `target_calls` is its table (see
+trigger.sql: one live row per faction and target, of its faction's current war), and
+`torncat_sse.py migrate --check` says beforehand what trigger.sql will find there.
+/metrics is open, like /healthz.
 
 Reading order. Each section below uses only what is above it (test_sse.py checks):
 settings and every limit; the wire format (HTTP/1.1, SSE, CORS, JSON bodies: pure);
@@ -217,7 +220,8 @@ DB_KEEPALIVE_PROBES = 3        # unanswered TCP keepalive probes before the kern
 BAD_NOTIFY_LOG_SECONDS = 60.0  # at most one log line this often about ignored notifications:
                                # any database role may NOTIFY, so they must not flood the log
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
-CHANNEL = "target_calls"       # the seed's NOTIFY channel
+CHANNEL = "torncat_events"     # trigger.sql's doorbell (channel target_calls keeps the seed's
+                               # payload, on inserts only, for other listeners)
 TOKENS_CHANNEL = "torncat_tokens"  # NOTIFYed by trigger.sql when the token table changes
 SCHEMA_LOCK = 7402530          # advisory lock key: one process at a time applies trigger.sql
 POLL_LOCK = 7402532            # advisory lock key: held by the one process that polls Torn
@@ -449,7 +453,11 @@ SETTINGS = (
     Setting("EVENT_RETENTION_HOURS", "72", _non_negative_int,
             "events older than this are pruned from the log hourly (0 = never)"),
     Setting("CALL_TTL_SECONDS", "900", _non_negative_int,
-            "an active call older than this is uncalled with reason \"expired\" (0 = never)"),
+            "an active call made through the API older than this is uncalled with reason "
+            "\"expired\" (0 = never); other programs' rows are never expired"),
+    Setting("WARS_SYNC_SECONDS", "30", _non_negative_int,
+            "seconds between two reads of the old tool's wars table for each faction's "
+            "current war (0 = never)"),
     Setting("WRITES_PER_MINUTE", "300", _positive_int,
             "calls and uncalls per minute per token (bursts of a sixth of that); more get 429"),
     Setting("INIT_DB", "0", _bool, "apply trigger.sql to DATABASE_URL at start-up"),
@@ -516,7 +524,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         else:
             parser.add_argument(flag, dest=s.name.lower(), metavar=s.name, default=default,
                                 type=convert, help=help_text)
-    commands = parser.add_subparsers(dest="command", metavar="token|torn-key")
+    commands = parser.add_subparsers(dest="command", metavar="token|torn-key|migrate|war")
     token = commands.add_parser("token", help="manage faction tokens stored in the database "
                                 "(`token create --faction 123 --label main`, `token list`, "
                                 "`token revoke ID`)")
@@ -540,6 +548,28 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
     key_commands.add_parser("list", help="list the poll's keys (never the keys themselves)")
     remove = key_commands.add_parser("remove", help="remove a key by id")
     remove.add_argument("id", type=_positive_int)
+    migrate = commands.add_parser("migrate", help="a database the old tool uses: `migrate "
+                                  "--check` says what trigger.sql will find and do there, "
+                                  "changing nothing; `migrate --close-leftovers` ends the rows "
+                                  "left active in wars that are over (docs/operations.md)")
+    what = migrate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", action="store_true", help="report, in a read-only transaction")
+    what.add_argument("--close-leftovers", action="store_true",
+                      help="end the rows still active in wars that are not current, as the "
+                      "old tool ends a call (after trigger.sql)")
+    migrate.add_argument("--yes", action="store_true", help="do not ask before closing them")
+    war = commands.add_parser("war", help="each faction's current war, where the Torn API poll "
+                              "does not say it (`war set --faction 123 --war 456`, `war clear "
+                              "--faction 123`, `war list`)")
+    war_commands = war.add_subparsers(dest="war_command", required=True)
+    war_set = war_commands.add_parser("set", help="the faction's current war, by the operator")
+    war_set.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    war_set.add_argument("--war", type=_positive_int, help="Torn's ranked war id (none: at no war)")
+    war_set.add_argument("--opponent", type=_positive_int, help="the enemy faction's id")
+    war_clear = war_commands.add_parser("clear", help="forget what the operator said: the wars "
+                                        "table, or nothing, speaks again")
+    war_clear.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    war_commands.add_parser("list", help="each faction's current war, and who said so")
     return parser.parse_args(argv, namespace=Config())
 
 
@@ -551,7 +581,8 @@ REASONS = {
     200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 409: "Conflict", 411: "Length Required",
-    413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
@@ -1784,6 +1815,9 @@ class CallOutcome(enum.StrEnum):
     UNCALLED = "uncalled"      # the call ended
     NOT_YOURS = "not_yours"    # another member holds it, and the uncall was not forced
     NOT_CALLED = "not_called"  # nobody holds it
+    NOT_CURRENT_WAR = "not_current_war"  # the call names a war that is not the faction's
+    UNKNOWN_WAR = "unknown_war"  # the wars table target_calls references has no such war
+    REFUSED = "refused"        # the table requires a column the call cannot fill
 
 
 # Errors that say the database (or the way to it) is not there, rather than that a
@@ -1794,6 +1828,7 @@ DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceErr
 CALL_SQL = "SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)"
 UNCALL_SQL = "SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)"
 EXPIRE_CALLS_SQL = "SELECT torncat_expire_calls(make_interval(secs => $1))"
+SYNC_WARS_SQL = "SELECT torncat_sync_wars()"
 PRUNE_EVENTS_SQL = "SELECT prune_target_call_events(make_interval(hours => $1))"
 ISSUE_MEMBER_TOKEN_SQL = """
     INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
@@ -1845,6 +1880,97 @@ LIST_TORN_KEYS_SQL = """
     FROM torncat_torn_keys ORDER BY id
 """
 REMOVE_TORN_KEY_SQL = "DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id"
+# (`war ...`, `migrate --close-leftovers`)
+OPERATOR_SET_WAR_SQL = "SELECT torncat_set_war($1, $2, $3, 'operator')"
+CLEAR_WAR_SQL = "SELECT torncat_clear_war($1)"
+LIST_WARS_SQL = """
+    SELECT w.faction_id, w.war_id, w.opponent_id, w.source, w.updated_at,
+           (SELECT count(*) FROM torncat_holders h WHERE h.faction_key = w.faction_id) AS shown
+    FROM torncat_wars w ORDER BY w.faction_id
+"""
+CLOSE_LEFTOVERS_SQL = "SELECT torncat_close_leftovers()"
+COUNT_LEFTOVERS_SQL = "SELECT count(*) FROM torncat_leftovers"
+# (`migrate --check`, read only: the catalog, read as trigger.sql's DO block "The shape"
+# reads it, then the rows. Where the columns differ from one database to another, a
+# statement is a template: its {names} are filled with the SQL expressions TableShape
+# builds from the catalog, as trigger.sql builds its view torncat_calls; never with a value.)
+EXISTS_SQL = "SELECT to_regclass($1) IS NOT NULL"
+CALLS_TABLE_SQL = """
+    SELECT pg_get_userbyid(c.relowner) AS owner, c.relrowsecurity AS rls,
+           pg_has_role(current_user, c.relowner, 'MEMBER') AS may_alter, current_user AS me
+    FROM pg_class c WHERE c.oid = 'target_calls'::regclass
+"""
+COUNT_CALL_ROWS_SQL = "SELECT count(*) FROM target_calls"
+COLUMNS_SQL = """
+    SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+    WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+"""
+# The table and column that target_calls.war_id references (the old tool's wars).
+WARS_REFERENCE_SQL = """
+    SELECT k.confrelid::regclass::text AS wars_table, a.attname AS wars_key
+    FROM pg_constraint k
+    JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = k.confkey[1]
+    WHERE k.conrelid = 'target_calls'::regclass AND k.contype = 'f' AND cardinality(k.conkey) = 1
+      AND k.conkey[1] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'target_calls'::regclass
+                         AND attname = 'war_id' AND NOT attisdropped)
+    LIMIT 1
+"""
+# Per faction, the wars its wars table calls current ({sides}: one SELECT per side a row names).
+WARS_TABLE_CURRENT_SQL = """
+    SELECT s.faction_id, array_agg(s.war_id ORDER BY s.war_id) FILTER (WHERE s.is_current)
+               AS current
+    FROM ({sides}) s WHERE s.faction_id IS NOT NULL GROUP BY s.faction_id
+"""
+# What an earlier trigger.sql, or this one, knows of each faction's war ({source}: the
+# column, or 'torn_poll' where an earlier torncat_wars has none).
+TORNCAT_WARS_SQL = "SELECT faction_id, war_id, {source} AS source FROM torncat_wars"
+# Every row of target_calls as trigger.sql's view torncat_calls will see it: whether it is
+# active and whether it is of today ($1, $2: each faction and its current war, NULL at
+# peace; a faction not named counts every war). A statement follows it that reads `x`.
+CALL_ROWS_SQL = """
+    WITH cw AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS cw(faction_id, war_id)),
+    r AS (SELECT t.id::bigint AS id, {faction} AS faction_id, {war} AS war_id,
+                 t.target_id::bigint AS target_id, t.caller_id::bigint AS caller_id,
+                 ({created})::timestamptz AS created_at, {active} AS active
+          FROM target_calls t),
+    x AS (SELECT r.*, r.war_id IS NULL OR CASE
+              WHEN r.faction_id IS NOT NULL THEN coalesce(
+                  (SELECT cw.war_id IS NOT DISTINCT FROM r.war_id FROM cw
+                   WHERE cw.faction_id = r.faction_id), true)
+              ELSE NOT EXISTS (SELECT 1 FROM cw)
+                   OR EXISTS (SELECT 1 FROM cw WHERE cw.war_id = r.war_id)
+              END AS today
+          FROM r)
+"""
+SHOWN_PER_FACTION_SQL = CALL_ROWS_SQL + """
+    SELECT coalesce(faction_id, 0) AS faction, count(DISTINCT target_id) AS shown
+    FROM x WHERE active AND today GROUP BY 1 ORDER BY 1
+"""
+LEFTOVER_ROWS_SQL = CALL_ROWS_SQL + """
+    SELECT * FROM x WHERE active AND NOT today ORDER BY created_at NULLS FIRST, id
+"""
+HELD_TWICE_SQL = CALL_ROWS_SQL + """
+    SELECT coalesce(faction_id, 0) AS faction, war_id, target_id, bool_and(today) AS today,
+           array_agg(id ORDER BY created_at, id) AS ids,
+           array_agg(caller_id ORDER BY created_at, id) AS callers
+    FROM x WHERE active GROUP BY 1, 2, 3 HAVING count(*) > 1 ORDER BY 4 DESC, 1, 2, 3
+"""
+COUNT_WITHOUT_FACTION_SQL = "SELECT count(*) FROM target_calls t WHERE {faction} IS NULL"
+COUNT_TORNCAT_ACTIVE_SQL = "SELECT count(*) FROM target_calls t WHERE t.torncat_made AND {active}"
+# Who else may use target_calls, and whether row level security would stop them.
+CALLS_GRANTEES_SQL = """
+    SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE r.rolname END AS role,
+           coalesce(r.rolbypassrls OR r.rolsuper, false) AS bypass,
+           string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) AS what
+    FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+    LEFT JOIN pg_roles r ON r.oid = a.grantee
+    WHERE c.oid = 'target_calls'::regclass AND a.grantee <> c.relowner
+    GROUP BY 1, 2 ORDER BY 1
+"""
+CALLS_TRIGGERS_SQL = """
+    SELECT tgname FROM pg_trigger WHERE tgrelid = 'target_calls'::regclass AND NOT tgisinternal
+    ORDER BY 1
+"""
 
 
 def database_tls(ca_cert: str) -> ssl.SSLContext | None:
@@ -1884,30 +2010,55 @@ def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: flo
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-async def apply_schema(conn) -> None:
-    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
-    def show_warning(_conn, message) -> None:
-        if isinstance(message, asyncpg.PostgresWarning):
-            log.warning("trigger.sql: %s", message)
+class SchemaFailed(Exception):
+    """trigger.sql stopped on an error of its own (not a lost connection): it is one
+    transaction, so nothing of it was applied. The message is that error, with its DETAIL,
+    HINT and where it happened."""
 
-    conn.add_log_listener(show_warning)
+
+def schema_error(e: asyncpg.PostgresError) -> str:
+    parts = [f"{type(e).__name__}: {' '.join(str(e.message).split())}"]
+    for label, text in (("DETAIL", e.detail), ("HINT", e.hint), ("WHERE", e.context)):
+        if text:
+            parts.append(f"{label}: {' '.join(text.split())}")
+    return "; ".join(parts)
+
+
+async def apply_schema(conn) -> None:
+    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races); its
+    warnings and notices go to the log. SchemaFailed if it fails on an error of its own."""
+    def show(_conn, message) -> None:
+        warning = isinstance(message, asyncpg.PostgresWarning)
+        log.log(logging.WARNING if warning else logging.INFO, "trigger.sql: %s",
+                " ".join(str(message.message).split()))
+
+    conn.add_log_listener(show)
     await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
     try:
         await conn.execute(TRIGGER_SQL_PATH.read_text())
+    except asyncpg.PostgresError as e:
+        if isinstance(e, DB_UNAVAILABLE):
+            raise
+        # The file's own transaction is aborted: end it, or every later statement on this
+        # connection (the unlock below included) says only that.
+        with contextlib.suppress(*DB_UNAVAILABLE, asyncpg.PostgresError):
+            await conn.execute("ROLLBACK")
+        raise SchemaFailed(schema_error(e)) from None
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
-        conn.remove_log_listener(show_warning)
+        with contextlib.suppress(*DB_UNAVAILABLE):
+            await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+        conn.remove_log_listener(show)
     log.info("applied trigger.sql")
 
 
 @contextlib.asynccontextmanager
-async def cli_connection(config: Config, dsn: str):
+async def cli_connection(config: Config, dsn: str, schema: bool = True):
     """The command line's connection: deadlines on connecting and on every statement, and
-    trigger.sql applied first with --init-db."""
+    trigger.sql applied first with --init-db (unless `schema` is false: migrate --check)."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
-        if config.applies_schema:
+        if schema and config.applies_schema:
             await apply_schema(conn)
         yield conn
     finally:
@@ -1996,6 +2147,11 @@ class Database:
     async def expire_calls(self, ttl: int) -> int:
         """Uncall calls older than `ttl` seconds (trigger.sql); returns how many."""
         return (await self._run(lambda c: c.fetchrow(EXPIRE_CALLS_SQL, ttl)))[0]
+
+    async def sync_wars(self) -> int:
+        """Read the old tool's wars table for current wars (trigger.sql); returns how many
+        factions changed."""
+        return (await self._run(lambda c: c.fetchrow(SYNC_WARS_SQL), QUERY_TIMEOUT))[0]
 
     async def prune_events(self, hours: int) -> int:
         """Delete events older than `hours` (trigger.sql keeps the newest); returns how many."""
@@ -2149,9 +2305,11 @@ class Database:
 
 # -- The LISTEN connection --------------------------------------------------
 
+# The calls clients are shown: one per faction and target (trigger.sql, "One caller per
+# target"), exactly as they were shown.
 LOAD_CALLS_SQL = """
-    SELECT id, faction_id, target_call_json(t)::text AS data
-    FROM target_calls t WHERE uncalled_at IS NULL ORDER BY id
+    SELECT call_id AS id, nullif(faction_key, 0) AS faction_id, data::text AS data
+    FROM torncat_holders ORDER BY call_id
 """
 LOAD_STATUSES_SQL = """
     SELECT faction_id, target_id, target_status_json(s)::text AS data
@@ -2243,6 +2401,11 @@ class Listener:
             try:
                 await self._session()
             except asyncio.CancelledError:
+                raise
+            except SchemaFailed as e:
+                log.critical("trigger.sql failed, so nothing of it was applied: %s. Applying it "
+                             "again cannot help: fix that (`psql -v ON_ERROR_STOP=1 -f "
+                             "trigger.sql` shows the line) and start the server again", e)
                 raise
             except SelfTestFailed as e:
                 self.state = ListenerState.SELF_TEST_FAILED
@@ -3640,6 +3803,14 @@ class App:
             who = call["caller_name"] or f"player {call['caller_id']}"
             raise HttpError(409, f"target {f['target_id']} is already called by {who}",
                             extra={"call": call})
+        if outcome is CallOutcome.NOT_CURRENT_WAR:  # the call would be history at once
+            raise HttpError(409, f"war {call['war_id']} is not faction {grant.faction}'s "
+                            f"current war ({call['current_war_id'] or 'none'})")
+        if outcome is CallOutcome.UNKNOWN_WAR:  # target_calls' foreign key to the wars table
+            raise HttpError(422, f"war {call['war_id']} is not in the wars table")
+        if outcome is CallOutcome.REFUSED:  # e.g. a NOT NULL faction_id, and a call without one
+            raise HttpError(422, f"this database requires {call['column']} on every call, "
+                            "which this call does not have")
         if outcome is CallOutcome.YOURS:
             # The caller holds it already: most likely a retry of a write whose answer was
             # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
@@ -3779,6 +3950,19 @@ async def expire_calls(db: Database, ttl: int) -> None:
                 log.info("expired %d calls older than %ds", expired, ttl)
 
 
+async def sync_wars(db: Database, seconds: int) -> None:
+    """Every WARS_SYNC_SECONDS: follow the old tool's wars table, so a war it ends ends its
+    calls on the stream (trigger.sql, "Today's war")."""
+    if not seconds:
+        return
+    while True:
+        await asyncio.sleep(seconds)
+        with contextlib.suppress(DatabaseUnavailable):  # try again later
+            changed = await db.sync_wars()
+            if changed:
+                log.info("wars table: the current war of %d factions changed", changed)
+
+
 async def prune_events(db: Database, hours: int) -> None:
     """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
     if not hours:
@@ -3819,8 +4003,11 @@ async def serve(config: Config, dsn: str) -> None:
         listener.run(), keep_streams_alive(hub, config.keepalive_seconds),
         log_stats(stats, hub, listener, config.stats_log_seconds),
         expire_calls(db, config.call_ttl_seconds), prune_events(db, config.event_retention_hours),
+        sync_wars(db, config.wars_sync_seconds),
         end_expired_members(hub, auth, config.retry_ms), torn_poll.run())]
-    await stop.wait()
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([stopping, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     server.close()
     await app.shutdown()
     torn.close()
@@ -3829,6 +4016,8 @@ async def serve(config: Config, dsn: str) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     db.close()
     log.info("stopped")
+    if tasks[0].done() and not tasks[0].cancelled() and tasks[0].exception() is not None:
+        raise SystemExit(1)  # trigger.sql failed: logged by the listener
 
 
 async def token_command(config: Config, dsn: str) -> int:
@@ -3918,6 +4107,272 @@ async def torn_key_command(config: Config, dsn: str) -> int:
         return 1
 
 
+# What trigger.sql will find (`migrate --check`). The catalog is read as trigger.sql's DO
+# block "The shape" reads it, and TableShape builds the same SQL expressions from it
+# (test_migration.py checks, on every shape, that the report matches what trigger.sql then
+# does), so the report can say what the rows will be before trigger.sql has made its view.
+CREATION = ("created_at", "called_at")  # the creation time's names, the first preferred
+ADDED_COLUMNS = ("faction_id", "war_id", "caller_name", "target_name", "uncalled_at",
+                 "uncalled_by", "uncalled_by_name", "uncall_reason", "torncat_made")
+MIGRATE_EXAMPLES = 3  # rows shown per finding
+# Each side a wars row names, with its opponent (the same pairs trigger.sql reads).
+WAR_SIDES = (("faction_id", "enemy_faction_id"), ("faction_a_id", "faction_b_id"),
+             ("faction_b_id", "faction_a_id"), ("attacker_faction_id", "defender_faction_id"),
+             ("defender_faction_id", "attacker_faction_id"))
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class TableShape:
+    """What the catalog says of target_calls (`cols`: name -> type; empty: there is none)
+    and of the wars table its war_id references (`wars`: (table, key column))."""
+
+    def __init__(self, cols: dict[str, str], wars: tuple[str, str] | None,
+                 wars_cols: dict[str, str]):
+        self.cols, self.wars = cols, wars
+        self.created = [c for c in CREATION if c in cols]
+        active = (["t.status::text = 'active'"] if "status" in cols else []) + (
+            ["t.uncalled_at IS NULL"] if "uncalled_at" in cols else [])
+        # The SQL expressions the statements' {names} are filled with.
+        self.sql = {
+            "created": (f"coalesce({', '.join('t.' + c for c in self.created)})"
+                        if self.created else "NULL::timestamptz"),
+            "active": f"coalesce({' AND '.join(active) or 'true'}, false)",
+            "faction": "t.faction_id::bigint" if "faction_id" in cols else "NULL::bigint",
+            "war": "t.war_id::bigint" if "war_id" in cols else "NULL::bigint",
+        }
+        flags = (["w.is_active IS TRUE"] if "is_active" in wars_cols else []) + (
+            ["w.ended_at IS NULL"] if "ended_at" in wars_cols else [])
+        self.wars_flags = " AND ".join(flags)
+        sides = [side for side, _ in WAR_SIDES if side in wars_cols]
+        self.wars_sides = None  # one SELECT per side, or None: no wars table says which is current
+        if wars and flags and sides:
+            table, key = wars
+            self.wars_sides = " UNION ALL ".join(
+                f"SELECT w.{quote_ident(side)}::bigint AS faction_id, "
+                f"w.{quote_ident(key)}::bigint AS war_id, ({self.wars_flags}) AS is_current "
+                f"FROM {table} w" for side in sides)
+
+    def statement(self, template: str) -> str:
+        return template.format(**self.sql)
+
+    def describe(self) -> str:
+        if not self.cols:
+            return "target_calls: none here: trigger.sql creates it (the seed's columns and TornCat's)"
+        parts = [f"creation time {' and '.join(self.created) or 'none (trigger.sql adds created_at)'}"]
+        parts += [f"{c} {'yes' if c in self.cols else 'no'}"
+                  for c in ("status", "uncalled_at", "faction_id", "target_status")]
+        if self.wars:
+            parts.append(f"war_id -> {self.wars[0]}({self.wars[1]})")
+        else:
+            parts.append("war_id " + ("without a foreign key" if "war_id" in self.cols else "no"))
+        return "shape: " + "; ".join(parts)
+
+
+async def columns(conn, table: str) -> dict[str, str]:
+    return {r["attname"]: r["type"] for r in await conn.fetch(COLUMNS_SQL, table)}
+
+
+async def read_shape(conn) -> TableShape:
+    if not await conn.fetchval(EXISTS_SQL, "target_calls"):
+        return TableShape({}, None, {})
+    wars = await conn.fetchrow(WARS_REFERENCE_SQL)
+    wars = None if wars is None else (wars["wars_table"], wars["wars_key"])
+    return TableShape(await columns(conn, "target_calls"), wars,
+                      await columns(conn, wars[0]) if wars else {})
+
+
+async def current_wars(conn, shape: TableShape) -> tuple[dict[int, int | None], dict[int, str], list[str]]:
+    """Each faction's current war as trigger.sql will know it: (faction -> war, or None at
+    peace; faction -> who says so; the factions the wars table gives two current wars)."""
+    wars: dict[int, int | None] = {}
+    source: dict[int, str] = {}
+    ambiguous: list[str] = []
+    if shape.wars_sides:
+        for r in await conn.fetch(WARS_TABLE_CURRENT_SQL.format(sides=shape.wars_sides)):
+            current = r["current"] or []
+            if len(current) > 1:
+                ambiguous.append(f"faction {r['faction_id']}: wars {', '.join(map(str, current))}")
+                continue
+            wars[r["faction_id"]] = current[0] if current else None
+            source[r["faction_id"]] = f"{shape.wars[0]} table"
+    if await conn.fetchval(EXISTS_SQL, "torncat_wars"):  # trigger.sql ran here before
+        known = "source" if "source" in await columns(conn, "torncat_wars") else "'torn_poll'"
+        for r in await conn.fetch(TORNCAT_WARS_SQL.format(source=known)):
+            if r["source"] != "wars_table":
+                wars[r["faction_id"]] = r["war_id"]
+                source[r["faction_id"]] = {"torn_poll": "the Torn API poll",
+                                           "operator": "`war set`"}.get(r["source"], r["source"])
+    return wars, source, ambiguous
+
+
+def _faction(faction: int) -> str:
+    return "no faction" if faction == 0 else f"faction {faction}"
+
+
+def _row(r) -> str:
+    when = f", {r['created_at']:%Y-%m-%d %H:%M}" if r["created_at"] else ""
+    return (f"id {r['id']} ({_faction(r['faction_id'] or 0)}, war {r['war_id']}, "
+            f"target {r['target_id']}, caller {r['caller_id']}{when})")
+
+
+async def migrate_report(conn) -> list[str]:
+    """What trigger.sql will do to this database, read in a read-only transaction."""
+    lines: list[str] = []
+    async with conn.transaction(readonly=True):
+        shape = await read_shape(conn)
+        lines.append(shape.describe())
+        if not shape.cols:
+            return lines
+        t = await conn.fetchrow(CALLS_TABLE_SQL)
+        users = await conn.fetch(CALLS_GRANTEES_SQL)  # roles other than the owner
+        locked = [u for u in users if not u["bypass"]]  # those row level security would stop
+        lines.append(f"rows: {await conn.fetchval(COUNT_CALL_ROWS_SQL)}; owner {t['owner']}: " + (
+            f"you connect as {t['me']}, who may apply trigger.sql" if t["may_alter"] else
+            f"you connect as {t['me']}, who may NOT alter it: apply trigger.sql as {t['owner']}"))
+        add = [c for c in ADDED_COLUMNS if c not in shape.cols]
+        if not shape.created:
+            add.append("created_at")
+        lines.append("columns trigger.sql adds (nullable, no default: no row is rewritten): "
+                     + (", ".join(add) or "none"))
+        if await conn.fetchval(EXISTS_SQL, "torncat_holders"):
+            lines.append("trigger.sql (this version) was applied here already; what follows is "
+                         "what it sees now")
+        if shape.wars:
+            how = (f"while {shape.wars_flags.replace('w.', '')}" if shape.wars_flags else
+                   "never (it has no is_active or ended_at column): use `war set`")
+            lines.append(f"wars: table {shape.wars[0]} says a war is current {how}")
+        wars, source, ambiguous = await current_wars(conn, shape)
+        lines += [f"  faction {f}: war {wars[f]} (from {source[f]})"
+                  for f in sorted(f for f in wars if wars[f] is not None)]
+        peace = sorted(f for f in wars if wars[f] is None)
+        if peace:
+            lines.append(f"  {len(peace)} more factions at no war: "
+                         + ", ".join(map(str, peace[:10])) + (" ..." if len(peace) > 10 else ""))
+        if not wars and not ambiguous:
+            lines.append("  no faction's current war is known: every call of every war counts "
+                         "until the Torn API poll or `war set` says which war is current")
+        lines += [f"  {a}: two current wars in the wars table, so its war is NOT known and every "
+                  "war's calls count: `torncat_sse.py war set` fixes it" for a in ambiguous]
+        today = (list(wars), list(wars.values()))
+
+        shown = await conn.fetch(shape.statement(SHOWN_PER_FACTION_SQL), *today)
+        lines.append(f"calls shown after trigger.sql: {sum(r['shown'] for r in shown)}" + (
+            " (" + ", ".join(f"{_faction(r['faction'])}: {r['shown']}" for r in shown) + ")"
+            if shown else ""))
+        stale = await conn.fetch(shape.statement(LEFTOVER_ROWS_SQL), *today)
+        # How trigger.sql's torncat_end_rows ends a row here (its DO block "The shape").
+        ending = ("status 'uncalled' and uncalled_at" if "status" in shape.cols else
+                  "DELETE (with no status column, the only uncall their programs see)" if locked
+                  else "uncalled_at")
+        per_war = collections.Counter(r["war_id"] for r in stale)
+        lines.append(f"still active in wars that are not current: {len(stale)} rows" + (
+            f" over {len(per_war)} wars (" + ", ".join(f"war {w}: {n}" for w, n in per_war.items())
+            + "); history to TornCat, left as they are; `migrate --close-leftovers` (after "
+            f"trigger.sql) ends them as the old tool would: {ending}" if stale else ""))
+        lines += [f"  e.g. {_row(r)}" for r in stale[:MIGRATE_EXAMPLES]]
+        twice = await conn.fetch(shape.statement(HELD_TWICE_SQL), *today)
+        now = sum(r["today"] for r in twice)
+        lines.append(f"targets held twice or more: {len(twice)} ({now} in current wars, "
+                     f"{len(twice) - now} in wars that are not)" + (
+                         "; TornCat shows the earliest live row of each, the others wait in line "
+                         "and take over when it ends" if twice else ""))
+        lines += [f"  e.g. {_faction(r['faction'])}, war {r['war_id']}, target {r['target_id']}: "
+                  "rows " + ", ".join(f"{i} (caller {c})"
+                                      for i, c in zip(r["ids"], r["callers"], strict=True))
+                  for r in twice[:MIGRATE_EXAMPLES]]
+        orphans = await conn.fetchval(shape.statement(COUNT_WITHOUT_FACTION_SQL))
+        lines.append(f"rows without a faction: {orphans}" + (
+            "; TornCat shows their calls only to SECRET_TOKEN and open access (every "
+            "faction), never to faction or member tokens" if orphans else ""))
+        if "torncat_made" in shape.cols:
+            mine = await conn.fetchval(shape.statement(COUNT_TORNCAT_ACTIVE_SQL))
+            lines.append(f"CALL_TTL_SECONDS expiry: ends only calls TornCat made ({mine} active now)")
+        else:
+            lines.append("CALL_TTL_SECONDS expiry: ends only calls TornCat makes: none of these rows")
+
+        if t["rls"]:
+            lines.append("row level security on target_calls: ON already; trigger.sql leaves it on")
+        elif locked:
+            lines.append("row level security on target_calls: off, and trigger.sql leaves it off: "
+                         "it would lock out " + "; ".join(f"{u['role']} ({u['what']})" for u in locked))
+        else:
+            lines.append("row level security on target_calls: off; no other role uses the table, "
+                         "so trigger.sql turns it on")
+        lines += [f"  {u['role']} bypasses it ({u['what']})" for u in users if u["bypass"]]
+        triggers = [r["tgname"] for r in await conn.fetch(CALLS_TRIGGERS_SQL)]
+        lines.append("triggers on target_calls: " + (", ".join(triggers) or "none") +
+                     "; trigger.sql (re)creates trg_notify_target_call (the seed's payload on "
+                     "channel target_calls, inserts only) and adds trg_torncat_target_calls and "
+                     "trg_torncat_target_calls_truncate")
+    return lines
+
+
+async def migrate_command(config: Config, dsn: str) -> int:
+    """`migrate --check`: what trigger.sql will find and do (read only); `migrate
+    --close-leftovers`: the same report of leftovers, then, once confirmed, end them."""
+    async with cli_connection(config, dsn, schema=not config.check) as conn:
+        report = await migrate_report(conn)
+        if config.check:
+            print("\n".join(report))
+            return 0
+        if not await conn.fetchval(EXISTS_SQL, "torncat_leftovers"):
+            print("torncat_sse: apply trigger.sql first (`psql -v ON_ERROR_STOP=1 "
+                  "\"$DATABASE_URL\" -f trigger.sql`, or add --init-db)", file=sys.stderr)
+            return 1
+        print("\n".join(line for line in report
+                        if line.startswith(("still active", "  e.g. id"))))
+        count = await conn.fetchval(COUNT_LEFTOVERS_SQL)
+        if not count:
+            return 0
+        if not config.yes:
+            if not sys.stdin.isatty():
+                print("torncat_sse: add --yes to close them without a terminal", file=sys.stderr)
+                return 2
+            answer = await asyncio.to_thread(input, f"end these {count} rows as said above "
+                                             "(reason war_ended)? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                return 1
+        closed = await conn.fetchval(CLOSE_LEFTOVERS_SQL)
+        print(f"closed {closed} rows left active in wars that are not current", file=sys.stderr)
+        return 0
+
+
+async def war_command(config: Config, dsn: str) -> int:
+    """`war set|clear|list`: each faction's current war, where the Torn API poll is silent."""
+    try:
+        async with cli_connection(config, dsn) as conn:
+            if config.war_command == "set":
+                ended = await conn.fetchval(OPERATOR_SET_WAR_SQL, config.faction, config.war, config.opponent)
+                print(f"faction {config.faction}: " + (f"war {config.war}" if config.war
+                                                      else "no war")
+                      + f"; {ended} calls of other wars are no longer shown", file=sys.stderr)
+            elif config.war_command == "clear":
+                ended = await conn.fetchval(CLEAR_WAR_SQL, config.faction)
+                print(f"faction {config.faction}: its war is the wars table's again, or not "
+                      f"known; {ended} calls are no longer shown", file=sys.stderr)
+            else:
+                print(f"{'faction':>10}  {'war':>8}  {'opponent':>10}  {'shown':>5}  "
+                      f"{'since (UTC)':19}  from")
+                for r in await conn.fetch(LIST_WARS_SQL):
+                    print(f"{r['faction_id']:>10}  {r['war_id'] or '-':>8}  "
+                          f"{r['opponent_id'] or '-':>10}  {r['shown']:>5}  "
+                          f"{r['updated_at']:%Y-%m-%d %H:%M:%S}  {r['source']}")
+            return 0
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError):
+        print("torncat_sse: the database has no (current) torncat_wars: apply trigger.sql "
+              "(or add --init-db)", file=sys.stderr)
+        return 1
+
+
+def command(config: Config, dsn: str) -> Awaitable[int]:
+    """The command line's command, ready to run."""
+    return {"token": token_command, "torn-key": torn_key_command, "migrate": migrate_command,
+            "war": war_command}[config.command](config, dsn)
+
+
 def access_summary(config: Config) -> str:
     """One start-up log line: who may read and write without a token, and why."""
     env_tokens = bool(config.secret_token) + len(config.faction_tokens)
@@ -3965,10 +4420,13 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    if config.command == "token":
-        return runner(token_command(config, dsn))
-    if config.command == "torn-key":
-        return runner(torn_key_command(config, dsn))
+    try:
+        if config.command is not None:
+            return runner(command(config, dsn))
+    except SchemaFailed as e:  # --init-db, and trigger.sql failed
+        print(f"torncat_sse: trigger.sql failed, so nothing of it was applied: {e}",
+              file=sys.stderr)
+        return 1
     if config.workers > 1:
         return run_workers(config, lambda config: runner(serve(config, dsn)))
     runner(serve(config, dsn))
