@@ -1306,17 +1306,22 @@ async def test_a_war_the_old_tool_ends_ends_its_calls_on_the_stream(world, start
 
 
 @shapes([s for s in OLD_SHAPES if s.name == "A"])
-async def test_init_db_logs_trigger_sqls_own_error_and_stops(world, start_server):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_init_db_logs_trigger_sqls_own_error_and_stops(world, start_server, workers):
     """A failing trigger.sql: the server logs the statement's own error (not "current
-    transaction is aborted"), and exits instead of trying the same thing forever."""
+    transaction is aborted"), and exits instead of trying the same thing forever (with
+    WORKERS, the parent stops every worker rather than starting them again)."""
     w = world
-    server = start_server(DATABASE_URL=w.dsn("intruder"), INIT_DB="1")
+    server = start_server(DATABASE_URL=w.dsn("intruder"), INIT_DB="1", WORKERS=str(workers))
     assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 1
     log = server.log
-    assert ("CRITICAL trigger.sql failed, so nothing of it was applied: RaiseError: trigger.sql "
-            "must run as the owner of target_calls (postgres), not as intruder; HINT: On "
-            "Supabase: the postgres role") in log, log
+    assert re.search(r"CRITICAL (\[w\d\] )?trigger.sql failed, so nothing of it was applied: "
+                     r"RaiseError: trigger.sql must run as the owner of target_calls \(postgres\), "
+                     r"not as intruder; HINT: On Supabase: the postgres role", log), log
     assert "current transaction is aborted" not in log
+    if workers > 1:
+        assert "cannot start (see above): stopping every worker" in log
+        assert "starting it again" not in log and "Traceback" not in log
 
 
 @shapes([s for s in OLD_SHAPES if s.name == "D"])

@@ -4016,8 +4016,8 @@ async def serve(config: Config, dsn: str) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     db.close()
     log.info("stopped")
-    if tasks[0].done() and not tasks[0].cancelled() and tasks[0].exception() is not None:
-        raise SystemExit(1)  # trigger.sql failed: logged by the listener
+    if tasks[0].done() and not tasks[0].cancelled():
+        tasks[0].result()  # the listener gave up: SchemaFailed (it logged why)
 
 
 async def token_command(config: Config, dsn: str) -> int:
@@ -4420,29 +4420,36 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    try:
-        if config.command is not None:
+    if config.command is not None:
+        try:
             return runner(command(config, dsn))
-    except SchemaFailed as e:  # --init-db, and trigger.sql failed
-        print(f"torncat_sse: trigger.sql failed, so nothing of it was applied: {e}",
-              file=sys.stderr)
-        return 1
+        except SchemaFailed as e:  # --init-db, and trigger.sql failed
+            print(f"torncat_sse: trigger.sql failed, so nothing of it was applied: {e}",
+                  file=sys.stderr)
+            return 1
     if config.workers > 1:
         return run_workers(config, lambda config: runner(serve(config, dsn)))
-    runner(serve(config, dsn))
+    try:
+        runner(serve(config, dsn))
+    except SchemaFailed:  # INIT_DB, and trigger.sql failed: the listener logged it
+        return 1
     return 0
+
+
+WORKER_GAVE_UP = 3  # a worker's exit status: starting it again cannot help
 
 
 def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     """WORKERS=N: fork N servers on one port (SO_REUSEPORT spreads connections across
-    them) and keep them running: one that dies is started again; SIGTERM stops all."""
+    them) and keep them running: one that dies is started again, except where starting
+    again cannot help (trigger.sql failed), which stops all; so does SIGTERM."""
     if config.port == 0:  # pick the port once, so that every worker shares it
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind((config.host, 0))
             config = config.replace(port=probe.getsockname()[1])
     children: dict[int, int] = {}  # pid -> worker number
-    stopping = False
+    stopping = gave_up = False
 
     def start(number: int) -> None:
         pid = os.fork()
@@ -4455,6 +4462,8 @@ def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
             code = 0
             try:
                 serve_forever(config)
+            except SchemaFailed:  # logged by the listener
+                code = WORKER_GAVE_UP
             except BaseException:
                 log.exception("worker %d failed", number)
                 code = 1
@@ -4477,11 +4486,17 @@ def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     while children:
         pid, status = os.wait()
         number = children.pop(pid, None)
-        if number is not None and not stopping:
+        if number is None or stopping:
+            continue
+        if os.waitstatus_to_exitcode(status) == WORKER_GAVE_UP:
+            log.critical("worker %d cannot start (see above): stopping every worker", number)
+            gave_up = True
+            stop(signal.SIGTERM, None)
+        else:
             log.error("worker %d exited (status %d): starting it again", number, status)
             time.sleep(1)
             start(number)
-    return 0
+    return 1 if gave_up else 0
 
 
 if __name__ == "__main__":
