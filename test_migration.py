@@ -81,6 +81,7 @@ from testkit import (
     http,
     pg_execute,
     run_cli,
+    wait_until,
 )
 from torncat_sse import migrate_report
 
@@ -522,6 +523,24 @@ class Follower:
         return shown
 
 
+TOKENS = {RED: "red-old-tool-faction-0123456789", BLUE: "blue-old-tool-faction-0123456789",
+          STRANGER: "stranger-faction-token-0123456789"}
+
+EVERY_FACTION = "secret-token-for-every-faction-0123456789"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def serve(w: World, start_server, **env):
+    """The server on this database, connected as its owner, trigger.sql applied already."""
+    server = start_server(DATABASE_URL=w.dsn(), SECRET_TOKEN=EVERY_FACTION,
+                          FACTION_TOKENS=",".join(f"{f}:{t}" for f, t in TOKENS.items()), **env)
+    server.wait_for_log("postgres listener live")
+    return server
+
+
 # --------------------------------------------------------------------------
 # trigger.sql applies everywhere, loudly, and changes nothing the old tool owns
 # --------------------------------------------------------------------------
@@ -536,6 +555,7 @@ async def original_rows(w: World) -> list[tuple]:
 
 TORNCAT_TABLES = ("target_call_events", "torncat_tokens", "torncat_poll_health", "torncat_wars",
                   "torncat_target_status", "torncat_torn_keys", "torncat_holders")
+
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 
 
@@ -619,6 +639,90 @@ async def test_a_failure_stops_with_its_own_error(world):
                                     stop=False)
     assert loose.returncode == 0 and "ERROR:" in loose.stderr
     assert await w.owner.fetchval("SELECT to_regclass('torncat_holders')") is None
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "A"])
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_init_db_logs_trigger_sqls_own_error_and_stops(world, start_server, workers):
+    """A failing trigger.sql: the server logs the statement's own error (not "current
+    transaction is aborted"), and exits instead of trying the same thing forever (with
+    WORKERS, the parent stops every worker rather than starting them again)."""
+    w = world
+    server = start_server(DATABASE_URL=w.dsn("intruder"), INIT_DB="1", WORKERS=str(workers))
+    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 1
+    log = server.log
+    assert re.search(r"CRITICAL (\[w\d\] )?trigger.sql failed, so nothing of it was applied: "
+                     r"RaiseError: trigger.sql must run as the owner of target_calls \(postgres\), "
+                     r"not as intruder; HINT: On Supabase: the postgres role", log), log
+    assert "current transaction is aborted" not in log
+    if workers > 1:
+        assert "cannot start (see above): stopping every worker" in log
+        assert "starting it again" not in log and "Traceback" not in log
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "D"])
+async def test_init_db_applies_it_as_the_owner_and_logs_the_notice(world, start_server):
+    w = world
+    server = start_server(DATABASE_URL=w.dsn(), INIT_DB="1", SECRET_TOKEN=EVERY_FACTION)
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO trigger.sql: row level security stays OFF on target_calls: anon, "
+                     r"authenticated may use it", server.log), server.log
+    r = await http(server.port, "GET", "/calls", bearer(EVERY_FACTION))
+    assert len(r.json()["calls"]) == 15
+
+
+# Run once with the session's own PostgreSQL too (the embedded one the server tests use).
+async def test_trigger_sql_on_the_embedded_postgres_twice(pg):
+    name = f"mig_embedded_{os.getpid()}"
+    await pg_execute(pg.dsn(), f"CREATE DATABASE {name}")
+    try:
+        for _ in range(2):
+            await pg_execute(pg.dsn(name), TRIGGER_SQL)
+    finally:
+        await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+PREVIOUS_TRIGGER_SQL = "7c1149f"  # the last commit whose trigger.sql knew only the seed's table
+
+
+def previous_trigger_sql() -> str:
+    """That trigger.sql, from git history. A full clone (what CI makes) has it; a shallow
+    one does not, and then the test fails, saying so: it never skips."""
+    r = subprocess.run(["git", "show", f"{PREVIOUS_TRIGGER_SQL}:trigger.sql"], cwd=HERE,
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        pytest.fail(f"the upgrade test reads trigger.sql at commit {PREVIOUS_TRIGGER_SQL} from "
+                    f"git history, which this checkout lacks (a shallow clone? clone the "
+                    f"repository in full): git says {r.stderr.strip()!r}", pytrace=False)
+    return r.stdout
+
+
+async def test_an_earlier_torncat_database_upgrades_in_place(supa):
+    """The previous trigger.sql (before it knew the old tool's shapes), with calls made
+    under it: the new one applies, keeps them, shows the active ones, and counts them as
+    TornCat's."""
+    old_sql = await asyncio.to_thread(previous_trigger_sql)
+    name = f"m{os.getpid()}_upgrade"
+    await pg_execute(supa.dsn(), f"CREATE DATABASE {name}")
+    await pg_execute(supa.dsn(name), SUPABASE_DB)
+    w = World(supa, SHAPES[0], name)
+    await w.open()
+    try:
+        await w.owner.execute(old_sql)
+        for target in (1, 2, 3):
+            await w.owner.execute("SELECT * FROM torncat_call(5, NULL, $1, 'x', 7, 'Ann')", target)
+        await w.owner.execute("UPDATE target_calls SET uncalled_at = now() WHERE target_id = 3")
+        events = await w.last_event_id()
+        await w.apply()
+        await w.apply()
+        assert await w.holders() == {(5, 1): 7, (5, 2): 7}
+        assert await w.last_event_id() == events
+        assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE torncat_made") == 3
+        await assert_locked_down(w, target_calls=True)
+        assert await w.owner.fetchval("SELECT torncat_expire_calls(interval '0 s')") == 2
+    finally:
+        await w.close()
+        await pg_execute(supa.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # --------------------------------------------------------------------------
@@ -762,392 +866,6 @@ async def test_old_tool_writes_and_api_calls_show_the_same_calls(world):
     await agree(w, follower)
 
 
-@shapes(OLD_SHAPES)
-async def test_anon_still_does_what_the_relay_does_and_nothing_of_torncats(world):
-    w = world
-    s = w.shape
-    await w.apply()
-    before = len(await w.old_read(RED))
-    call_id = await w.old_call(RED, 810599, caller=900109)
-    assert len(await w.old_read(RED)) == before + 1
-    if s.target_status:
-        await w.old_target_status(RED, 810599, "Hospital")
-    if s.status:
-        await w.old_cancel(RED, 810599)
-    await w.as_anon("DELETE FROM target_calls WHERE id = $1", call_id)
-    assert len(await w.old_read(RED)) == before
-    # ...and nothing of TornCat's: not the log, the holders, the keys, nor a function.
-    for sql in ("SELECT * FROM target_call_events", "TRUNCATE torncat_torn_keys",
-                "SELECT * FROM torncat_holders", "SELECT * FROM torncat_calls",
-                "SELECT torncat_call(1, NULL, 2, 'x', 3, 'y')",
-                "SELECT torncat_append('target_call', 1, 1, '{}')",
-                "INSERT INTO torncat_tokens (faction_id, token_sha256) VALUES (1, '\\x00')"):
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await w.as_anon(sql)
-
-
-# --------------------------------------------------------------------------
-# Defaults that must not rewrite history
-# --------------------------------------------------------------------------
-
-@shapes(OLD_SHAPES)
-async def test_expiry_and_war_ends_write_only_torncats_own_calls(world):
-    w = world
-    await w.apply()
-    mine = await w.api_call(RED, 810595, caller=900106)
-    before = await original_rows(w)
-    assert await w.owner.fetchval("SELECT torncat_expire_calls(interval '0 s')") == 1
-    after = {r[0]: r for r in await original_rows(w)}
-    changed = {r[0] for r in before if after.get(r[0]) != r}
-    assert changed == {json.loads(mine["call"])["id"]}  # ended; in B (no status): deleted
-    assert len(after) == len(before) - (not w.shape.status)
-    # The Torn poll sees RED at a new war: RED's calls of 31005 stop being shown (a
-    # war_ended uncall each), and no row of the old tool is written.
-    follower = await Follower(w).start()
-    shown = len([k for k in await w.holders() if k[0] == w.shape.key(RED)])
-    before = await original_rows(w)
-    ended = await w.owner.fetchval("SELECT torncat_set_war($1, 31006, 8106)", RED)
-    assert await original_rows(w) == before
-    events = await follower.catch_up()
-    if w.shape.faction:
-        assert ended == shown == len(events) == 10
-        assert {json.loads(e["data"])["uncall_reason"] for e in events} == {"war_ended"}
-    else:  # rows without a faction: still some faction's current war (BLUE's, RED's old)
-        assert ended == 0 or all(json.loads(e["data"])["war_id"] == 31005 for e in events)
-
-
-@shapes([s for s in OLD_SHAPES if s.wars == "by_war_id"] + [
-    s for s in OLD_SHAPES if s.name == "D"])
-async def test_the_old_tools_war_end_ends_its_calls_on_the_stream(world):
-    w = world
-    await w.apply()
-    follower = await Follower(w).start()
-    if w.shape.wars == "by_war_id":
-        await w.as_anon("UPDATE wars SET is_active = false WHERE war_id = $1", CURRENT[RED])
-    else:
-        await w.as_anon("UPDATE wars SET ended_at = now() WHERE id = $1", CURRENT[RED])
-    assert await follower.catch_up() == []  # the server syncs every WARS_SYNC_SECONDS
-    assert await w.owner.fetchval("SELECT torncat_sync_wars()") >= 1
-    events = await follower.catch_up()
-    assert len(events) == 10
-    assert {(e["event"], json.loads(e["data"])["uncall_reason"]) for e in events} == {
-        ("target_uncall", "war_ended")}
-    assert {k for k in await w.holders()} == {k for k in expected_live(w.shape, history(w.shape))
-                                             if k[1] // 100 == 8203}
-
-
-# --------------------------------------------------------------------------
-# Channel target_calls keeps the seed's payload
-# --------------------------------------------------------------------------
-
-SEED_PAYLOAD = re.compile(r'^\{"id" : \d+, "caller_id" : \d+, "target_id" : \d+, '
-                          r'"created_at" : "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"\}$')
-
-
-@shapes([s for s in SHAPES if s.seed_trigger or s.name == "A"])
-async def test_channel_target_calls_keeps_the_seeds_payload_on_inserts_only(world):
-    w = world
-    heard: asyncio.Queue[str] = asyncio.Queue()
-    listener = await asyncpg.connect(w.dsn())
-    await listener.add_listener("target_calls", lambda *a: heard.put_nowait(a[3]))
-    try:
-        async def insert() -> str:
-            if w.shape.old_tool:
-                await w.old_call(RED, 810597, caller=900107)
-            else:
-                await w.owner.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 2)")
-            return await asyncio.wait_for(heard.get(), 5)
-
-        seeds = await insert() if w.shape.seed_trigger else None
-        await w.apply()
-        ours = await insert()
-        assert SEED_PAYLOAD.match(ours), ours
-        if seeds is not None:  # the seed's own function said the same, byte for byte
-            assert SEED_PAYLOAD.match(seeds)
-            assert json.loads(ours)["created_at"][:13] == json.loads(seeds)["created_at"][:13]
-            assert json.loads(ours).keys() == json.loads(seeds).keys()
-        # Updates and deletes are not new calls there.
-        await (w.as_anon if w.shape.old_tool else w.owner.execute)(
-            "DELETE FROM target_calls WHERE target_id IN (810597, 2)")
-        await w.owner.execute("SELECT pg_notify('target_calls', 'marker')")
-        assert await asyncio.wait_for(heard.get(), 5) == "marker"
-    finally:
-        with contextlib.suppress(Exception):
-            await listener.close()
-
-
-# Run once with the session's own PostgreSQL too (the embedded one the server tests use).
-async def test_trigger_sql_on_the_embedded_postgres_twice(pg):
-    name = f"mig_embedded_{os.getpid()}"
-    await pg_execute(pg.dsn(), f"CREATE DATABASE {name}")
-    try:
-        for _ in range(2):
-            await pg_execute(pg.dsn(name), TRIGGER_SQL)
-    finally:
-        await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-# --------------------------------------------------------------------------
-# migrate --check: look before you leap
-# --------------------------------------------------------------------------
-
-@shapes()
-async def test_migrate_check_reports_what_trigger_sql_will_do_and_changes_nothing(world):
-    w = world
-    before = await original_rows(w)
-    objects = "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-    tables = await w.owner.fetchval(objects)
-    report = await migrate_report(w.owner)
-    print(f"\n--- migrate --check on shape {w.shape.name} ---\n" + "\n".join(report))
-    assert await original_rows(w) == before
-    assert await w.owner.fetchval(objects) == tables
-    text = "\n".join(report)
-    if w.shape.fresh:
-        assert report == ["target_calls: none here: trigger.sql creates it (the seed's columns "
-                          "and TornCat's)"]
-        return
-    await w.apply()
-    shown = int(re.search(r"^calls shown after trigger.sql: (\d+)", text, re.MULTILINE).group(1))
-    assert shown == len(await w.holders())
-    stale = int(re.search(r"^still active in wars that are not current: (\d+) rows", text,
-                          re.MULTILINE).group(1))
-    assert stale == await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers")
-    rows = history(w.shape)
-    assert stale == sum(r.live_by_row and r.war is not None and CURRENT.get(r.faction) != r.war
-                        for r in rows)
-    if w.shape.old_tool:
-        assert stale > 20 and "targets held twice or more: 0 " not in text
-        assert "row level security on target_calls: off, and trigger.sql leaves it off: it would " \
-               "lock out anon (" in text
-        assert ("rows without a faction: 0" in text) == w.shape.faction
-    # And again on the migrated database: the same findings.
-    again = await migrate_report(w.owner)
-    assert [line for line in again if line.startswith(("calls shown", "still active"))] == [
-        line for line in report if line.startswith(("calls shown", "still active"))]
-
-
-# --------------------------------------------------------------------------
-# Under concurrency: one caller, no deadlock with the old tool's writes
-# --------------------------------------------------------------------------
-
-@shapes([s for s in OLD_SHAPES if s.name in ("A", "C")])
-async def test_racing_writers_keep_one_caller_and_never_deadlock(world):
-    """The old tool's writes (as anon), TornCat's calls and uncalls, the poll's status
-    round and the expiry, all at once on the same few targets: no statement fails (no
-    deadlock: everything takes target_calls, its rows, then the event lock), every
-    target is shown with one caller, and the stream, the snapshot and the old tool agree."""
-    w = world
-    await w.apply()
-    follower = await Follower(w).start()
-    targets = [810580 + i for i in range(4)]
-    errors: list[BaseException] = []
-
-    async def api(caller: int) -> None:
-        conn = await asyncpg.connect(w.dsn())
-        rng = random.Random(caller)
-        try:
-            for _ in range(40):
-                t = rng.choice(targets)
-                if rng.random() < 0.6:
-                    await conn.fetchrow("SELECT * FROM torncat_call($1, NULL, $2, 'x', $3, 'y')",
-                                        RED, t, caller)
-                else:
-                    await conn.fetchrow("SELECT * FROM torncat_uncall($1, $2, $3, 'y', $4)",
-                                        RED, t, caller, rng.random() < 0.3)
-        finally:
-            await conn.close()
-
-    async def poll_and_expiry() -> None:
-        conn = await asyncpg.connect(w.dsn())
-        try:
-            for i in range(30):
-                statuses = [{"target_id": t, "target_name": "x", "state":
-                             "Hospital" if (i + t) % 3 == 0 else "Okay", "until": i, "description": ""}
-                            for t in targets]
-                await conn.fetch("SELECT * FROM torncat_target_statuses($1, $2, $3::json)", RED,
-                                 CURRENT[RED], json.dumps(statuses))
-                await conn.fetchval("SELECT torncat_expire_calls(interval '50 ms')")
-        finally:
-            await conn.close()
-
-    async def guarded(coro) -> None:
-        try:
-            await coro
-        except BaseException as e:
-            errors.append(f"{coro.__qualname__}: {e!r} {getattr(e, 'detail', '')} "
-                          f"{getattr(e, 'context', '')}")
-
-    # Each old-tool worker on a connection of its own, as PostgREST's pool would.
-    workers = [World(w.cluster, w.shape, w.name) for _ in range(3)]
-    for x in workers:
-        await x.open()
-    try:
-        await asyncio.wait_for(asyncio.gather(
-            *(guarded(old_tool(x, targets, seed)) for seed, x in enumerate(workers)),
-            guarded(api(900171)), guarded(api(900172)), guarded(poll_and_expiry())), 120)
-    finally:
-        for x in workers:
-            await x.close()
-    assert errors == [], "\n".join(errors)
-    await agree(w, follower)
-
-
-async def old_tool(x: World, targets: list[int], seed: int) -> None:
-    """The old tool's writes in a random order: calls, manual uncalls, status rewrites and
-    the hospital DELETE, each on one target as its programs make them."""
-    rng = random.Random(seed)
-    for _ in range(40):
-        t = rng.choice(targets)
-        op = rng.choice(["call", "cancel", "status", "delete"])
-        if op == "call":
-            await x.old_call(RED, t, caller=900150 + seed)
-        elif op == "cancel" and x.shape.status:
-            await x.old_cancel(RED, t)
-        elif op == "status" and x.shape.target_status:
-            await x.old_target_status(RED, t, rng.choice(["Okay", "Hospital"]))
-        else:
-            await x.old_delete(RED, t)
-
-
-# --------------------------------------------------------------------------
-# Leftovers, wars set by hand, TRUNCATE, and an earlier TornCat upgraded
-# --------------------------------------------------------------------------
-
-@shapes(OLD_SHAPES)
-async def test_closing_leftovers_writes_what_the_old_tool_reads_and_nothing_else(world):
-    w = world
-    await w.apply()
-    follower = await Follower(w).start()
-    stale = await w.owner.fetch("SELECT id FROM torncat_leftovers ORDER BY id")
-    shown = await w.holders()
-    before = {r[0]: r for r in await original_rows(w)}
-    assert await w.owner.fetchval("SELECT torncat_close_leftovers()") == len(stale) > 0
-    after = {r[0]: r for r in await original_rows(w)}
-    assert {i for i, r in before.items() if after.get(i) != r} == {r["id"] for r in stale}
-    if w.shape.status:  # as the old tool's own automatic uncall writes it
-        assert {r["status"] for r in await w.owner.fetch(
-            "SELECT status FROM target_calls WHERE id = ANY($1::bigint[])", [r["id"] for r in stale])} \
-            == {"uncalled"}
-    else:  # no status, others use the table: a DELETE, the only uncall they can see
-        assert not set(after) & {r["id"] for r in stale}
-    assert await follower.catch_up() == []  # history: nothing was shown, nothing to say
-    assert await w.holders() == shown
-    assert await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers") == 0
-
-
-@shapes([s for s in OLD_SHAPES if s.name in ("A", "B")])
-async def test_the_operator_sets_and_clears_a_factions_war(world):
-    w = world
-    await w.apply()
-    follower = await Follower(w).start()
-    # `war set`: RED is at war 31004 (say the wars table is wrong): its calls of 31005
-    # end on the stream, and the leftovers of 31004 become today's calls.
-    await w.owner.fetchval("SELECT torncat_set_war($1, 31004, 8104, 'operator')", RED)
-    events = await follower.catch_up()
-    # (Rows without a faction stay of today while any faction's war is theirs: the
-    # wars table still has RED's enemy at 31005.)
-    assert {e["event"] for e in events} == (
-        {"target_call", "target_uncall"} if w.shape.faction else {"target_call"})
-    assert {json.loads(e["data"])["war_id"] for e in events if e["event"] == "target_call"} == {31004}
-    # The wars table no longer speaks for RED...
-    assert await w.owner.fetchval("SELECT torncat_sync_wars()") == 0
-    assert await w.owner.fetchval("SELECT source FROM torncat_wars WHERE faction_id = $1",
-                                  RED) == "operator"
-    # ...until `war clear`: back to what it says, and to the calls shown at first.
-    await w.owner.fetchval("SELECT torncat_clear_war($1)", RED)
-    await follower.catch_up()
-    assert follower.view() == await w.holders()
-    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
-
-
-@shapes([s for s in SHAPES if s.name in ("fresh", "D")])
-async def test_truncate_ends_every_call_on_the_stream(world):
-    w = world
-    await w.apply()
-    assert (await w.api_call(RED, 810598, caller=900108))["status"] == "called"
-    follower = await Follower(w).start()
-    shown = len(await w.holders())
-    await w.owner.execute("TRUNCATE target_calls" + (" CASCADE" if w.shape.old_tool else ""))
-    events = await follower.catch_up()
-    assert len(events) == shown and {json.loads(e["data"])["uncall_reason"] for e in events} == {
-        "deleted"}
-    assert await w.holders() == {}
-
-
-async def test_an_earlier_torncat_database_upgrades_in_place(supa):
-    """The previous trigger.sql (main before issue 17), with calls made under it: the new
-    one applies, keeps them, shows the active ones, and counts them as TornCat's."""
-    old_sql = (await asyncio.to_thread(
-        subprocess.run, ["git", "show", "7c1149f:trigger.sql"], cwd=HERE, check=True,
-        capture_output=True, text=True)).stdout
-    name = f"m{os.getpid()}_upgrade"
-    await pg_execute(supa.dsn(), f"CREATE DATABASE {name}")
-    await pg_execute(supa.dsn(name), SUPABASE_DB)
-    w = World(supa, SHAPES[0], name)
-    await w.open()
-    try:
-        await w.owner.execute(old_sql)
-        for target in (1, 2, 3):
-            await w.owner.execute("SELECT * FROM torncat_call(5, NULL, $1, 'x', 7, 'Ann')", target)
-        await w.owner.execute("UPDATE target_calls SET uncalled_at = now() WHERE target_id = 3")
-        events = await w.last_event_id()
-        await w.apply()
-        await w.apply()
-        assert await w.holders() == {(5, 1): 7, (5, 2): 7}
-        assert await w.last_event_id() == events
-        assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE torncat_made") == 3
-        await assert_locked_down(w, target_calls=True)
-        assert await w.owner.fetchval("SELECT torncat_expire_calls(interval '0 s')") == 2
-    finally:
-        await w.close()
-        await pg_execute(supa.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@shapes([s for s in OLD_SHAPES if s.name == "A"])
-async def test_a_call_the_table_cannot_hold_is_refused_by_name(world):
-    """faction_id is NOT NULL in shape A: a call without a faction (SECRET_TOKEN) says so."""
-    w = world
-    await w.apply()
-    r = await w.api_call(None, 810596, caller=900110)
-    assert (r["status"], json.loads(r["call"])) == ("refused", {"column": "faction_id"})
-    assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE target_id = 810596") == 0
-
-
-@shapes([SHAPES[0]])
-async def test_a_war_that_ends_ends_torncats_calls_made_before_it_was_known(world):
-    """(Issue 19's rule, kept here:) a call made with no war known belongs to the war that
-    was on; when that war ends, the call ends with it."""
-    w = world
-    await w.apply()
-    await w.api_call(RED, 1, caller=7)                 # no war known: war_id NULL
-    await w.owner.fetchval("SELECT torncat_set_war($1, 555, 8, 'torn_poll')", RED)
-    assert await w.holders() == {(RED, 1): 7}          # the war began: still its call
-    assert await w.owner.fetchval("SELECT torncat_set_war($1, NULL, NULL)", RED) == 1
-    assert await w.holders() == {}
-    assert await w.owner.fetchval("SELECT uncall_reason FROM target_calls") == "war_ended"
-
-
-# --------------------------------------------------------------------------
-# The server on each shape: the stream, GET /calls and the old tool agree
-# --------------------------------------------------------------------------
-
-TOKENS = {RED: "red-old-tool-faction-0123456789", BLUE: "blue-old-tool-faction-0123456789",
-          STRANGER: "stranger-faction-token-0123456789"}
-EVERY_FACTION = "secret-token-for-every-faction-0123456789"
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def serve(w: World, start_server, **env):
-    """The server on this database, connected as its owner, trigger.sql applied already."""
-    server = start_server(DATABASE_URL=w.dsn(), SECRET_TOKEN=EVERY_FACTION,
-                          FACTION_TOKENS=",".join(f"{f}:{t}" for f, t in TOKENS.items()), **env)
-    server.wait_for_log("postgres listener live")
-    return server
-
-
 class StreamView:
     """One client's state from a real stream: the snapshot, then each event by call id."""
 
@@ -1286,58 +1004,280 @@ async def test_the_server_shows_what_the_old_tool_shows_through_every_write(worl
     assert server.problems() == [], server.problems()
 
 
+@shapes(OLD_SHAPES)
+async def test_anon_still_does_what_the_relay_does_and_nothing_of_torncats(world):
+    w = world
+    s = w.shape
+    await w.apply()
+    before = len(await w.old_read(RED))
+    call_id = await w.old_call(RED, 810599, caller=900109)
+    assert len(await w.old_read(RED)) == before + 1
+    if s.target_status:
+        await w.old_target_status(RED, 810599, "Hospital")
+    if s.status:
+        await w.old_cancel(RED, 810599)
+    await w.as_anon("DELETE FROM target_calls WHERE id = $1", call_id)
+    assert len(await w.old_read(RED)) == before
+    # ...and nothing of TornCat's: not the log, the holders, the keys, nor a function.
+    for sql in ("SELECT * FROM target_call_events", "TRUNCATE torncat_torn_keys",
+                "SELECT * FROM torncat_holders", "SELECT * FROM torncat_calls",
+                "SELECT torncat_call(1, NULL, 2, 'x', 3, 'y')",
+                "SELECT torncat_append('target_call', 1, 1, '{}')",
+                "INSERT INTO torncat_tokens (faction_id, token_sha256) VALUES (1, '\\x00')"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await w.as_anon(sql)
+
+
+@shapes([s for s in OLD_SHAPES if s.name == "A"])
+async def test_a_call_the_table_cannot_hold_is_refused_by_name(world, start_server):
+    """faction_id is NOT NULL in shape A: a call without a faction (SECRET_TOKEN) says
+    so, in SQL and over HTTP (422, not 500), and writes nothing."""
+    w = world
+    await w.apply()
+    r = await w.api_call(None, 810596, caller=900110)
+    assert (r["status"], json.loads(r["call"])) == ("refused", {"column": "faction_id"})
+    server = serve(w, start_server)
+    r = await http(server.port, "POST", "/calls", bearer(EVERY_FACTION),
+                   {"target_id": 810596, "caller_id": 900110, "caller_name": "Cy"})
+    assert (r.status, r.json()["error"]) == (
+        422, "this database requires faction_id on every call, which this call does not have"), r
+    assert await w.owner.fetchval("SELECT count(*) FROM target_calls WHERE target_id = 810596") == 0
+    assert server.problems() == [], server.problems()
+
+
+@shapes([s for s in SHAPES if s.name in ("fresh", "D")])
+async def test_truncate_ends_every_call_on_the_stream(world):
+    w = world
+    await w.apply()
+    assert (await w.api_call(RED, 810598, caller=900108))["status"] == "called"
+    follower = await Follower(w).start()
+    shown = len(await w.holders())
+    await w.owner.execute("TRUNCATE target_calls" + (" CASCADE" if w.shape.old_tool else ""))
+    events = await follower.catch_up()
+    assert len(events) == shown and {json.loads(e["data"])["uncall_reason"] for e in events} == {
+        "deleted"}
+    assert await w.holders() == {}
+
+
+# --------------------------------------------------------------------------
+# Defaults that must not rewrite history
+# --------------------------------------------------------------------------
+
+@shapes(OLD_SHAPES)
+async def test_expiry_and_war_ends_write_only_torncats_own_calls(world):
+    w = world
+    await w.apply()
+    mine = await w.api_call(RED, 810595, caller=900106)
+    before = await original_rows(w)
+    assert await w.owner.fetchval("SELECT torncat_expire_calls(interval '0 s')") == 1
+    after = {r[0]: r for r in await original_rows(w)}
+    changed = {r[0] for r in before if after.get(r[0]) != r}
+    assert changed == {json.loads(mine["call"])["id"]}  # ended; in B (no status): deleted
+    assert len(after) == len(before) - (not w.shape.status)
+    # The Torn poll sees RED at a new war: RED's calls of 31005 stop being shown (a
+    # war_ended uncall each), and no row of the old tool is written.
+    follower = await Follower(w).start()
+    shown = len([k for k in await w.holders() if k[0] == w.shape.key(RED)])
+    before = await original_rows(w)
+    ended = await w.owner.fetchval("SELECT torncat_set_war($1, 31006, 8106)", RED)
+    assert await original_rows(w) == before
+    events = await follower.catch_up()
+    if w.shape.faction:
+        assert ended == shown == len(events) == 10
+        assert {json.loads(e["data"])["uncall_reason"] for e in events} == {"war_ended"}
+    else:  # rows without a faction: still some faction's current war (BLUE's, RED's old)
+        assert ended == 0 or all(json.loads(e["data"])["war_id"] == 31005 for e in events)
+
+
+# --------------------------------------------------------------------------
+# Each faction's current war: the wars table, the operator, the poll
+# --------------------------------------------------------------------------
+
+@shapes([s for s in OLD_SHAPES if s.wars == "by_war_id"] + [
+    s for s in OLD_SHAPES if s.name == "D"])
+async def test_a_war_the_old_tool_ends_ends_its_calls_once_the_wars_table_is_read(world):
+    w = world
+    await w.apply()
+    follower = await Follower(w).start()
+    if w.shape.wars == "by_war_id":
+        await w.as_anon("UPDATE wars SET is_active = false WHERE war_id = $1", CURRENT[RED])
+    else:
+        await w.as_anon("UPDATE wars SET ended_at = now() WHERE id = $1", CURRENT[RED])
+    assert await follower.catch_up() == []  # the server syncs every WARS_SYNC_SECONDS
+    assert await w.owner.fetchval("SELECT torncat_sync_wars()") >= 1
+    events = await follower.catch_up()
+    assert len(events) == 10
+    assert {(e["event"], json.loads(e["data"])["uncall_reason"]) for e in events} == {
+        ("target_uncall", "war_ended")}
+    assert {k for k in await w.holders()} == {k for k in expected_live(w.shape, history(w.shape))
+                                             if k[1] // 100 == 8203}
+
+
 @shapes([s for s in OLD_SHAPES if s.name in ("A", "B")])
-async def test_a_war_the_old_tool_ends_ends_its_calls_on_the_stream(world, start_server):
+async def test_the_server_reads_the_wars_table_every_wars_sync_seconds(world, start_server):
+    """The old tool ends RED's war in its wars table; nothing else happens. Within
+    WARS_SYNC_SECONDS the server has read it: RED's ten calls end on the stream, in
+    GET /calls and in the snapshot's source alike."""
     w = world
     await w.apply()
     server = serve(w, start_server, WARS_SYNC_SECONDS="1")
     async with StreamView(server.port, EVERY_FACTION) as stream:
-        before = len(stream.calls)
+        before, last = len(stream.calls), await w.last_event_id()
         if w.shape.wars == "by_war_id":
             await w.as_anon("UPDATE wars SET is_active = false, updated_at = now() "
                             "WHERE war_id = $1", CURRENT[RED])
         else:
             await w.as_anon("UPDATE wars SET ended_at = now() WHERE id = $1", CURRENT[RED])
-        ended = [await stream.client.next(timeout=STEP_TIMEOUT) for _ in range(10)]
-        assert {(e.event, e.json["war_id"], e.json["uncall_reason"]) for e in ended} == {
-            ("target_uncall", CURRENT[RED], "war_ended")}
-        assert len(stream.calls) == before
+
+        async def logged() -> bool:
+            return await w.last_event_id() >= last + 10
+
+        await wait_until(logged, what="the war's calls ended by the server's read of the wars table")
+        ended = await stream.until(await w.last_event_id())
+        assert len(ended) == 10 and {(e.event, e.json["war_id"], e.json["uncall_reason"])
+                                     for e in ended} == {("target_uncall", CURRENT[RED], "war_ended")}
+        r = await http(server.port, "GET", "/calls", bearer(EVERY_FACTION))
+        polled = {(c["faction_id"] or 0, c["target_id"]): c["caller_id"] for c in r.json()["calls"]}
+        assert stream.view() == polled == await w.holders()
+        assert len(stream.calls) == before - 10
         await server.await_log(r"wars table: the current war of \d+ factions changed")
 
 
-@shapes([s for s in OLD_SHAPES if s.name == "A"])
-@pytest.mark.parametrize("workers", [1, 2])
-async def test_init_db_logs_trigger_sqls_own_error_and_stops(world, start_server, workers):
-    """A failing trigger.sql: the server logs the statement's own error (not "current
-    transaction is aborted"), and exits instead of trying the same thing forever (with
-    WORKERS, the parent stops every worker rather than starting them again)."""
+@shapes([s for s in OLD_SHAPES if s.name in ("A", "B")])
+async def test_the_operator_sets_and_clears_a_factions_war(world):
     w = world
-    server = start_server(DATABASE_URL=w.dsn("intruder"), INIT_DB="1", WORKERS=str(workers))
-    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 1
-    log = server.log
-    assert re.search(r"CRITICAL (\[w\d\] )?trigger.sql failed, so nothing of it was applied: "
-                     r"RaiseError: trigger.sql must run as the owner of target_calls \(postgres\), "
-                     r"not as intruder; HINT: On Supabase: the postgres role", log), log
-    assert "current transaction is aborted" not in log
-    if workers > 1:
-        assert "cannot start (see above): stopping every worker" in log
-        assert "starting it again" not in log and "Traceback" not in log
+    await w.apply()
+    follower = await Follower(w).start()
+    # `war set`: RED is at war 31004 (say the wars table is wrong): its calls of 31005
+    # end on the stream, and the leftovers of 31004 become today's calls.
+    await w.owner.fetchval("SELECT torncat_set_war($1, 31004, 8104, 'operator')", RED)
+    events = await follower.catch_up()
+    # (Rows without a faction stay of today while any faction's war is theirs: the
+    # wars table still has RED's enemy at 31005.)
+    assert {e["event"] for e in events} == (
+        {"target_call", "target_uncall"} if w.shape.faction else {"target_call"})
+    assert {json.loads(e["data"])["war_id"] for e in events if e["event"] == "target_call"} == {31004}
+    # The wars table no longer speaks for RED...
+    assert await w.owner.fetchval("SELECT torncat_sync_wars()") == 0
+    assert await w.owner.fetchval("SELECT source FROM torncat_wars WHERE faction_id = $1",
+                                  RED) == "operator"
+    # ...until `war clear`: back to what it says, and to the calls shown at first.
+    await w.owner.fetchval("SELECT torncat_clear_war($1)", RED)
+    await follower.catch_up()
+    assert follower.view() == await w.holders()
+    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
 
 
 @shapes([s for s in OLD_SHAPES if s.name == "D"])
-async def test_init_db_applies_it_as_the_owner_and_logs_the_notice(world, start_server):
+async def test_war_set_list_clear_on_the_command_line(world):
     w = world
-    server = start_server(DATABASE_URL=w.dsn(), INIT_DB="1", SECRET_TOKEN=EVERY_FACTION)
-    server.wait_for_log("postgres listener live")
-    assert re.search(r"INFO trigger.sql: row level security stays OFF on target_calls: anon, "
-                     r"authenticated may use it", server.log), server.log
-    r = await http(server.port, "GET", "/calls", bearer(EVERY_FACTION))
-    assert len(r.json()["calls"]) == 15
+    await w.apply()
+
+    def cli(*args: str):
+        return run_cli("war", *args, DATABASE_URL=w.dsn())
+
+    r = await asyncio.to_thread(cli, "set", "--faction", str(RED), "--war", "31004", "--opponent", "8104")
+    assert r.returncode == 0 and f"faction {RED}: war 31004;" in r.stderr, r
+    r = await asyncio.to_thread(cli, "list")
+    assert re.search(rf"^ +{RED} +31004 +8104 +\d+ .* operator$", r.stdout, re.MULTILINE), r.stdout
+    assert re.search(rf"^ +{BLUE} +32003 +8203 +5 .* wars_table$", r.stdout, re.MULTILINE), r.stdout
+    r = await asyncio.to_thread(cli, "clear", "--faction", str(RED))
+    assert r.returncode == 0, r
+    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
+
+
+@shapes([SHAPES[0]])
+async def test_a_war_that_ends_ends_torncats_calls_made_before_it_was_known(world):
+    """A call made with no war known belongs to the war that was on; when that war ends,
+    the call ends with it."""
+    w = world
+    await w.apply()
+    await w.api_call(RED, 1, caller=7)                 # no war known: war_id NULL
+    await w.owner.fetchval("SELECT torncat_set_war($1, 555, 8, 'torn_poll')", RED)
+    assert await w.holders() == {(RED, 1): 7}          # the war began: still its call
+    assert await w.owner.fetchval("SELECT torncat_set_war($1, NULL, NULL)", RED) == 1
+    assert await w.holders() == {}
+    assert await w.owner.fetchval("SELECT uncall_reason FROM target_calls") == "war_ended"
 
 
 # --------------------------------------------------------------------------
-# The command line: migrate and war
+# Channel target_calls keeps the seed's payload
 # --------------------------------------------------------------------------
+
+SEED_PAYLOAD = re.compile(r'^\{"id" : \d+, "caller_id" : \d+, "target_id" : \d+, '
+                          r'"created_at" : "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"\}$')
+
+
+@shapes([s for s in SHAPES if s.seed_trigger or s.name == "A"])
+async def test_channel_target_calls_keeps_the_seeds_payload_on_inserts_only(world):
+    w = world
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(w.dsn())
+    await listener.add_listener("target_calls", lambda *a: heard.put_nowait(a[3]))
+    try:
+        async def insert() -> str:
+            if w.shape.old_tool:
+                await w.old_call(RED, 810597, caller=900107)
+            else:
+                await w.owner.execute("INSERT INTO target_calls (caller_id, target_id) VALUES (1, 2)")
+            return await asyncio.wait_for(heard.get(), 5)
+
+        seeds = await insert() if w.shape.seed_trigger else None
+        await w.apply()
+        ours = await insert()
+        assert SEED_PAYLOAD.match(ours), ours
+        if seeds is not None:  # the seed's own function said the same, byte for byte
+            assert SEED_PAYLOAD.match(seeds)
+            assert json.loads(ours)["created_at"][:13] == json.loads(seeds)["created_at"][:13]
+            assert json.loads(ours).keys() == json.loads(seeds).keys()
+        # Updates and deletes are not new calls there.
+        await (w.as_anon if w.shape.old_tool else w.owner.execute)(
+            "DELETE FROM target_calls WHERE target_id IN (810597, 2)")
+        await w.owner.execute("SELECT pg_notify('target_calls', 'marker')")
+        assert await asyncio.wait_for(heard.get(), 5) == "marker"
+    finally:
+        with contextlib.suppress(Exception):
+            await listener.close()
+
+
+# --------------------------------------------------------------------------
+# migrate --check: look before you leap; migrate --close-leftovers
+# --------------------------------------------------------------------------
+
+@shapes()
+async def test_migrate_check_reports_what_trigger_sql_will_do_and_changes_nothing(world):
+    w = world
+    before = await original_rows(w)
+    objects = "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+    tables = await w.owner.fetchval(objects)
+    report = await migrate_report(w.owner)
+    print(f"\n--- migrate --check on shape {w.shape.name} ---\n" + "\n".join(report))
+    assert await original_rows(w) == before
+    assert await w.owner.fetchval(objects) == tables
+    text = "\n".join(report)
+    if w.shape.fresh:
+        assert report == ["target_calls: none here: trigger.sql creates it (the seed's columns "
+                          "and TornCat's)"]
+        return
+    await w.apply()
+    shown = int(re.search(r"^calls shown after trigger.sql: (\d+)", text, re.MULTILINE).group(1))
+    assert shown == len(await w.holders())
+    stale = int(re.search(r"^still active in wars that are not current: (\d+) rows", text,
+                          re.MULTILINE).group(1))
+    assert stale == await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers")
+    rows = history(w.shape)
+    assert stale == sum(r.live_by_row and r.war is not None and CURRENT.get(r.faction) != r.war
+                        for r in rows)
+    if w.shape.old_tool:
+        assert stale > 20 and "targets held twice or more: 0 " not in text
+        assert "row level security on target_calls: off, and trigger.sql leaves it off: it would " \
+               "lock out anon (" in text
+        assert ("rows without a faction: 0" in text) == w.shape.faction
+    # And again on the migrated database: the same findings.
+    again = await migrate_report(w.owner)
+    assert [line for line in again if line.startswith(("calls shown", "still active"))] == [
+        line for line in report if line.startswith(("calls shown", "still active"))]
+
 
 @shapes([s for s in SHAPES if s.name in ("fresh", "A", "C")])
 async def test_migrate_check_on_the_command_line_changes_nothing(world):
@@ -1368,19 +1308,106 @@ async def test_migrate_check_on_the_command_line_changes_nothing(world):
     assert await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers") == 0
 
 
-@shapes([s for s in OLD_SHAPES if s.name == "D"])
-async def test_war_set_list_clear_on_the_command_line(world):
+@shapes(OLD_SHAPES)
+async def test_closing_leftovers_writes_what_the_old_tool_reads_and_nothing_else(world):
     w = world
     await w.apply()
+    follower = await Follower(w).start()
+    stale = await w.owner.fetch("SELECT id FROM torncat_leftovers ORDER BY id")
+    shown = await w.holders()
+    before = {r[0]: r for r in await original_rows(w)}
+    assert await w.owner.fetchval("SELECT torncat_close_leftovers()") == len(stale) > 0
+    after = {r[0]: r for r in await original_rows(w)}
+    assert {i for i, r in before.items() if after.get(i) != r} == {r["id"] for r in stale}
+    if w.shape.status:  # as the old tool's own automatic uncall writes it
+        assert {r["status"] for r in await w.owner.fetch(
+            "SELECT status FROM target_calls WHERE id = ANY($1::bigint[])", [r["id"] for r in stale])} \
+            == {"uncalled"}
+    else:  # no status, others use the table: a DELETE, the only uncall they can see
+        assert not set(after) & {r["id"] for r in stale}
+    assert await follower.catch_up() == []  # history: nothing was shown, nothing to say
+    assert await w.holders() == shown
+    assert await w.owner.fetchval("SELECT count(*) FROM torncat_leftovers") == 0
 
-    def cli(*args: str):
-        return run_cli("war", *args, DATABASE_URL=w.dsn())
 
-    r = await asyncio.to_thread(cli, "set", "--faction", str(RED), "--war", "31004", "--opponent", "8104")
-    assert r.returncode == 0 and f"faction {RED}: war 31004;" in r.stderr, r
-    r = await asyncio.to_thread(cli, "list")
-    assert re.search(rf"^ +{RED} +31004 +8104 +\d+ .* operator$", r.stdout, re.MULTILINE), r.stdout
-    assert re.search(rf"^ +{BLUE} +32003 +8203 +5 .* wars_table$", r.stdout, re.MULTILINE), r.stdout
-    r = await asyncio.to_thread(cli, "clear", "--faction", str(RED))
-    assert r.returncode == 0, r
-    assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
+# --------------------------------------------------------------------------
+# Under concurrency: one caller, no deadlock with the old tool's writes
+# --------------------------------------------------------------------------
+
+@shapes([s for s in OLD_SHAPES if s.name in ("A", "C")])
+async def test_racing_writers_keep_one_caller_and_never_deadlock(world):
+    """The old tool's writes (as anon), TornCat's calls and uncalls, the poll's status
+    round and the expiry, all at once on the same few targets: no statement fails (no
+    deadlock: everything takes target_calls, its rows, then the event lock), every
+    target is shown with one caller, and the stream, the snapshot and the old tool agree."""
+    w = world
+    await w.apply()
+    follower = await Follower(w).start()
+    targets = [810580 + i for i in range(4)]
+    errors: list[BaseException] = []
+
+    async def api(caller: int) -> None:
+        conn = await asyncpg.connect(w.dsn())
+        rng = random.Random(caller)
+        try:
+            for _ in range(40):
+                t = rng.choice(targets)
+                if rng.random() < 0.6:
+                    await conn.fetchrow("SELECT * FROM torncat_call($1, NULL, $2, 'x', $3, 'y')",
+                                        RED, t, caller)
+                else:
+                    await conn.fetchrow("SELECT * FROM torncat_uncall($1, $2, $3, 'y', $4)",
+                                        RED, t, caller, rng.random() < 0.3)
+        finally:
+            await conn.close()
+
+    async def poll_and_expiry() -> None:
+        conn = await asyncpg.connect(w.dsn())
+        try:
+            for i in range(30):
+                statuses = [{"target_id": t, "target_name": "x", "state":
+                             "Hospital" if (i + t) % 3 == 0 else "Okay", "until": i, "description": ""}
+                            for t in targets]
+                await conn.fetch("SELECT * FROM torncat_target_statuses($1, $2, $3::json)", RED,
+                                 CURRENT[RED], json.dumps(statuses))
+                await conn.fetchval("SELECT torncat_expire_calls(interval '50 ms')")
+        finally:
+            await conn.close()
+
+    async def guarded(coro) -> None:
+        try:
+            await coro
+        except BaseException as e:
+            errors.append(f"{coro.__qualname__}: {e!r} {getattr(e, 'detail', '')} "
+                          f"{getattr(e, 'context', '')}")
+
+    # Each old-tool worker on a connection of its own, as PostgREST's pool would.
+    workers = [World(w.cluster, w.shape, w.name) for _ in range(3)]
+    for x in workers:
+        await x.open()
+    try:
+        await asyncio.wait_for(asyncio.gather(
+            *(guarded(old_tool(x, targets, seed)) for seed, x in enumerate(workers)),
+            guarded(api(900171)), guarded(api(900172)), guarded(poll_and_expiry())), 120)
+    finally:
+        for x in workers:
+            await x.close()
+    assert errors == [], "\n".join(errors)
+    await agree(w, follower)
+
+
+async def old_tool(x: World, targets: list[int], seed: int) -> None:
+    """The old tool's writes in a random order: calls, manual uncalls, status rewrites and
+    the hospital DELETE, each on one target as its programs make them."""
+    rng = random.Random(seed)
+    for _ in range(40):
+        t = rng.choice(targets)
+        op = rng.choice(["call", "cancel", "status", "delete"])
+        if op == "call":
+            await x.old_call(RED, t, caller=900150 + seed)
+        elif op == "cancel" and x.shape.status:
+            await x.old_cancel(RED, t)
+        elif op == "status" and x.shape.target_status:
+            await x.old_target_status(RED, t, rng.choice(["Okay", "Hospital"]))
+        else:
+            await x.old_delete(RED, t)
