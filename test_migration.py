@@ -189,9 +189,24 @@ def shape_ddl(s: Shape) -> str:
     return ";\n".join(parts)
 
 
-# The seed document's own trigger (step 1), as the seed's users installed it.
-SEED_TRIGGER = (HERE.parent / "shared" / "seed" / "torncat-migration-sse.md").read_text() \
-    .split("```sql\n", 1)[1].split("```", 1)[0]
+# The seed document's own trigger (its step 1), as the seed's users installed it
+# (torn-cat-SSE sql/create_sse_trigger.sql installs the same). Written out here as the
+# seed gives it (two lines wrapped), so that a clone of this repository alone runs these
+# tests: ../shared is not part of it.
+SEED_TRIGGER = """\
+CREATE OR REPLACE FUNCTION notify_target_call() RETURNS trigger AS $$
+DECLARE payload json;
+BEGIN
+  payload := json_build_object('id', NEW.id,'caller_id', NEW.caller_id,'target_id', NEW.target_id,
+    'created_at', to_char(NEW.created_at, 'YYYY-MM-DD"T"HH24:MI:SSZ'));
+  PERFORM pg_notify('target_calls', payload::text);
+  RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS trg_notify_target_call ON target_calls;
+CREATE TRIGGER trg_notify_target_call AFTER INSERT ON target_calls
+  FOR EACH ROW EXECUTE FUNCTION notify_target_call();
+"""
 
 
 @dataclasses.dataclass
