@@ -2045,7 +2045,10 @@ async def apply_schema(conn) -> None:
             await conn.execute("ROLLBACK")
         raise SchemaFailed(schema_error(e)) from None
     finally:
-        with contextlib.suppress(*DB_UNAVAILABLE):
+        # Best effort, never masking why we are here (an error, or a cancellation at
+        # shutdown that left the file's transaction aborted): a session lock also ends
+        # with its connection, which the caller closes.
+        with contextlib.suppress(*DB_UNAVAILABLE, asyncpg.PostgresError):
             await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
         conn.remove_log_listener(show)
     log.info("applied trigger.sql")
