@@ -1787,11 +1787,12 @@ async def revoke_member(h, member: Member) -> None:
     assert done.returncode == 0, done
 
 
-async def expect_signed_out(page: Page, reason: str) -> None:
-    """The sign-in form is back, saying why, and no member token is kept."""
+async def expect_signed_out(page: Page, reason: str, sign_in: str = ".tc-f-key") -> None:
+    """The sign-in form is back (its key field, or `sign_in`), saying why, and no member
+    token is kept."""
     await expect(panel(page).locator(".tc-notice")).to_have_text(f"Signed out: {reason}: sign in "
                                                                  "again with your Torn API key.")
-    await expect(panel(page).locator(".tc-settings .tc-f-key")).to_be_visible()
+    await expect(panel(page).locator(f".tc-settings {sign_in}")).to_be_visible()
     await expect(panel(page).locator(".tc-who")).to_be_hidden()
     await expect(panel(page)).to_have_attribute("data-status", "off")
     assert "tm_" not in await storage_text(page)
@@ -1810,7 +1811,11 @@ async def test_an_expired_sign_in_leads_back_to_the_sign_in_form(h):
     h.errors.clear()
 
 
-async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, torn_api):
+async def test_tornpda_shows_torns_key_table_and_signs_in_with_its_key_only_after_the_tap(h, torn_api):
+    """TornPDA fills the player's key into the script. Torn's rule (../shared/USERS.md): a
+    tool that takes a key shows its key usage table before the key is used. So the first
+    run shows the table and one button; the key goes to the server only after the tap, and
+    the consent is remembered (for this server) until the player signs out."""
     server = await h.start(TORN_API_URL=torn_api.base_url)
     bob_key = torn_api.add_player(BOB.id, BOB.name, FACTION)
     h.site.csp = STRICT_CSP
@@ -1824,6 +1829,28 @@ async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, tor
     seed = SEED % (json.dumps(""), json.dumps({"server": h.base}))
     await context.add_init_script(script="\n".join((WATCH, DOCUMENT, seed, PDA_SHIM, script)))
     bob = await h.page(context, BOB)
+
+    # First run: Torn's table, then one button; nothing typed, nothing sent yet.
+    settings = panel(bob).locator(".tc-settings")
+    button = settings.locator(".tc-pda-sign-in")
+    await expect(button).to_have_text("Sign in with my TornPDA key")
+    table = settings.locator("table.tc-tos")
+    await expect(table.locator("th")).to_have_text(TOS_ROWS)
+    await expect(table.locator("td").last).to_have_text("Public Only")
+    assert await table.evaluate("(t) => !!(t.compareDocumentPosition(document.querySelector("
+                                "'.tc-pda-sign-in')) & Node.DOCUMENT_POSITION_FOLLOWING)")
+    await expect(settings.locator(".tc-f-key")).to_have_count(0)  # no key to type: TornPDA has it
+    await expect(panel(bob).locator(".tc-status")).to_have_text("not signed in")
+    await expect(bob.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
+    # Everything the script does on its own at start-up is over once a reload has run it
+    # again: still no sign-in.
+    await bob.reload()
+    await expect(panel(bob).locator(".tc-settings .tc-pda-sign-in")).to_be_visible()
+    assert torn_api.requests == {}
+    assert not await _signed_in_here(bob)
+
+    # The tap: signed in, live by long-poll, calling in Bob's name.
+    await panel(bob).locator(".tc-pda-sign-in").tap()
     await expect(panel(bob).locator(".tc-who")).to_have_text("Signed in as Bob [1002]")
     await expect(panel(bob)).to_have_attribute("data-status", "live")
     await expect(panel(bob)).to_have_attribute("data-transport", "long-poll")
@@ -1836,11 +1863,31 @@ async def test_tornpda_signs_in_with_the_key_it_injects_without_any_setup(h, tor
     assert any(r["url"].endswith("/auth/torn") for r in requests)
     assert not any(bob_key in r["url"] for r in requests)
     assert bob_key not in await storage_text(bob)
+
     # Revoked while long-polling: the next answer is a 401 that signs Bob out, saying why.
+    # The consent stays: the next page load signs in again with TornPDA's key, untouched.
     await revoke_member(h, BOB)
-    await expect_signed_out(bob, "your sign-in was revoked by this server's operator")
+    await expect_signed_out(bob, "your sign-in was revoked by this server's operator", ".tc-pda-sign-in")
+    await bob.reload()
+    await expect(panel(bob).locator(".tc-who")).to_have_text("Signed in as Bob [1002]")
+    await expect(panel(bob)).to_have_attribute("data-status", "live")
+    assert await _signed_in_here(bob)
+
+    # Signing out withdraws it: after a reload, the table and the button again, nothing sent.
+    await panel(bob).locator(".tc-gear").click()
+    await settings.locator(".tc-sign-out").click()
+    await expect(settings.locator(".tc-pda-sign-in")).to_be_visible()
+    await bob.reload()
+    await expect(panel(bob).locator(".tc-settings .tc-pda-sign-in")).to_be_visible()
+    await expect(panel(bob).locator(".tc-status")).to_have_text("not signed in")
+    assert not await _signed_in_here(bob)
     h.errors.clear()  # the sign-out was reported on purpose
     await h.assert_clean(bob)
+
+
+async def _signed_in_here(page: Page) -> bool:
+    """Whether this document sent a sign-in (POST /auth/torn) through TornPDA."""
+    return any(r["url"].endswith("/auth/torn") for r in await page.evaluate("window.__pdaRequests"))
 
 
 # ---------------------------------------------------------------------------

@@ -270,6 +270,13 @@
 
   /** TornPDA's copy of the player's key, when TornPDA filled it in. */
   function pdaKey() { return KEY_RE.test(PDA_KEY) ? PDA_KEY : null; }
+  /**
+   * The player pressed "Sign in with my TornPDA key" for this server, after Torn's key usage
+   * table: only then may the script send TornPDA's key, and it may again (an expired
+   * sign-in) without asking. Remembered per server: the table is about what that server
+   * does. Signing out withdraws it.
+   */
+  function pdaConsented() { return !!pdaKey() && load('pdaConsent', '') === settings.server; }
 
   function readSettings() {
     const s = {
@@ -1489,6 +1496,7 @@
   }
 
   function signOut() {
+    save('pdaConsent', '');  // on TornPDA: no sign-in with its key until the button again
     forgetSignIn();
     notice('Signed out.', 'info');
     openSettings();
@@ -1521,11 +1529,30 @@
     return true;
   }
 
-  /** TornPDA hands scripts the player's key: sign in with it, no setup at all. */
+  /**
+   * TornPDA hands scripts the player's key. Torn asks every tool that takes a key to show
+   * its key usage table first, so the key is sent only once the player has read it and
+   * pressed "Sign in with my TornPDA key" (signInWithPdaKey); after that, on each page
+   * load where no one is signed in, without asking again.
+   */
   async function signInOnPda() {
     const key = pdaKey();
-    if (!key || settings.member || (settings.token && settings.configured)) return;
+    if (!key || settings.member || (settings.token && settings.configured) || !pdaConsented()) return;
     if (await signIn(key) && ui.settings) closeSettings();
+  }
+
+  /** The button under the key usage table on TornPDA: consent, then sign in. */
+  async function signInWithPdaKey() {
+    const key = pdaKey();
+    if (!key) return;
+    const server = normaliseServer(ui.fServer.value || DEFAULT_SERVER);
+    if (!server) { notice('The server URL must start with https:// (or http://).', 'error', 'sign-in'); return; }
+    if (server !== settings.server) {
+      save('server', server);
+      settings = readSettings();
+    }
+    save('pdaConsent', server);
+    if (await signIn(key)) closeSettings();
   }
 
   // ---------------------------------------------------------------------------
@@ -1770,11 +1797,21 @@
     });
     const keyLink = h('a', { class: 'tc-key-link', href: KEY_LINK, target: '_blank', rel: 'noopener noreferrer',
       text: 'Create a Public key' });
-    ui.signInBox = h('div', { class: 'tc-sign-in-box' },
-      h('p', { class: 'tc-lead', text: 'Sign in with your Torn API key' }),
-      keyUsageTable(),
-      field('Your Torn API key (Public access is enough)', ui.fKey),
-      h('div', { class: 'tc-row' }, keyLink, signInButton));
+    if (pdaKey()) {
+      // TornPDA has the key: the table, then one button; no key to type.
+      const pdaButton = h('button', { type: 'button', class: 'tc-btn tc-pda-sign-in', text: 'Sign in with my TornPDA key' });
+      pdaButton.addEventListener('click', () => safe(signInWithPdaKey));
+      ui.signInBox = h('div', { class: 'tc-sign-in-box' },
+        h('p', { class: 'tc-lead', text: 'Sign in with the API key TornPDA gives this script' }),
+        keyUsageTable(),
+        h('div', { class: 'tc-row' }, pdaButton));
+    } else {
+      ui.signInBox = h('div', { class: 'tc-sign-in-box' },
+        h('p', { class: 'tc-lead', text: 'Sign in with your Torn API key' }),
+        keyUsageTable(),
+        field('Your Torn API key (Public access is enough)', ui.fKey),
+        h('div', { class: 'tc-row' }, keyLink, signInButton));
+    }
     ui.signedInAs = h('span', { class: 'tc-signed-in-as' });
     const signOutButton = h('button', { type: 'button', class: 'tc-btn tc-sign-out', text: 'Sign out' });
     signOutButton.addEventListener('click', () => safe(signOut));
