@@ -1928,13 +1928,39 @@ def process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-async def wait_gone(admin, pids: list[int]) -> None:
-    """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
-    async def gone() -> bool:
-        return not await admin.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
+def established_ports(remote_port: int) -> set[int]:
+    """Local ports of this machine's TCP links to `remote_port` that are still established
+    (/proc/net/tcp: state 01), i.e. links whose client has not closed them."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, remote, state = line.split()[1:4]
+                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
 
-    await wait_until(gone, what="the frozen backends gone after the resume")
+
+async def wait_gone(admin, pids: list[int], pg_port: int) -> None:
+    """Wait until every one of these backends that the server let go of is gone: it finishes
+    what it had (a write whose outcome was unknown may commit now), sees EOF and exits. One
+    whose link the server still holds (a pool connection no statement drew while it was
+    frozen) wakes up idle and healthy, and may stay."""
+    sql = ("SELECT pid, application_name, state, client_port, query FROM pg_stat_activity "
+           "WHERE pid = ANY($1)")
+
+    async def released() -> list:
+        held = established_ports(pg_port)
+        return [r for r in await admin.fetch(sql, pids) if r["client_port"] not in held]
+
+    async def all_gone() -> bool:
+        return not await released()
+
+    try:
+        await wait_until(all_gone, what="the released backends gone")
+    except AssertionError:
+        raise AssertionError("backends the server let go of are still there after the "
+                             f"resume: {await released()}") from None
 
 
 @pytest.mark.faults
@@ -2025,7 +2051,7 @@ async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault,
             for pid in frozen:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-        await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+        await wait_gone(admin, frozen, own_pg.port)  # an unknown write may commit now
         if busy is not None:  # they committed, but their answers were lost: 503, unknown
             caught = await busy
             assert [(r.status, r.json()["outcome"]) for r in caught] == \
