@@ -467,12 +467,16 @@ RETURNS bigint LANGUAGE sql AS $$
 $$;
 
 -- The poll saw the faction's war: p_war (NULL: no current war). Calls of any other war
--- end with reason 'war_ended'; returns how many.
+-- end with reason 'war_ended', and so, once the war stored here has ended (none now, or
+-- another), do calls made before the poll knew of it (war_id NULL): a call belongs to the
+-- war it was made in, whatever the poll knew then. Returns how many ended.
 CREATE OR REPLACE FUNCTION torncat_set_war(p_faction bigint, p_war bigint, p_opponent bigint)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     ended bigint;
+    had   bigint;  -- the war stored before this call (NULL: none)
 BEGIN
+    SELECT w.war_id INTO had FROM torncat_wars w WHERE w.faction_id = p_faction FOR UPDATE;
     IF p_war IS NULL THEN
         DELETE FROM torncat_wars WHERE faction_id = p_faction;
     ELSE
@@ -484,8 +488,9 @@ BEGIN
     END IF;
     WITH gone AS (
         UPDATE target_calls SET uncalled_at = now(), uncall_reason = 'war_ended'
-        WHERE faction_id = p_faction AND uncalled_at IS NULL AND war_id IS NOT NULL
-          AND war_id IS DISTINCT FROM p_war
+        WHERE faction_id = p_faction AND uncalled_at IS NULL
+          AND CASE WHEN war_id IS NULL THEN had IS DISTINCT FROM p_war AND had IS NOT NULL
+                   ELSE war_id IS DISTINCT FROM p_war END
         RETURNING 1)
     SELECT count(*) INTO ended FROM gone;
     RETURN ended;
