@@ -34,6 +34,7 @@ Knobs (attributes, set by a test at any time):
   http_status    answer every request with this bare HTTP status (a proxy's 502 page)
   requests       Counter of (key, path) -> requests received, for cost assertions
   arrivals       an asyncio.Queue that gets (key, path) as each request arrives
+  answered       Counter of (path, faction) -> answers about that faction (None: none)
   drip_seconds   seconds between two bytes of a "drip" answer (see HOSTILE)
 
 Hostile answers: `misbehave(mode, route=..., faction=..., times=...)` makes the matching
@@ -266,6 +267,7 @@ class FakeTorn:
         self.error_code: int | None = None
         self.http_status: int | None = None
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.answered: collections.Counter[tuple[str, int | None]] = collections.Counter()
         self.drip_seconds = DRIP_SECONDS
         self.misbehaviours: list[Misbehaviour] = []
         self._recent: dict[object, collections.deque[float]] = {}
@@ -376,6 +378,7 @@ class FakeTorn:
         """HTTP status, body (JSON, or bytes sent as they are) and whether to drip it, for
         one request head: the right answer, or the hostile one a misbehaviour asks for."""
         status, body, route, about = await self._right_answer(head)
+        self.answered[(route, about)] += 1
         for m in list(self.misbehaviours):
             if (m.route is None or m.route == route) and (m.faction is None
                                                           or m.faction == about):
