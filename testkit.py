@@ -61,6 +61,16 @@ async def wait_until(predicate, timeout: float = STEP_TIMEOUT, what: str = "cond
         await asyncio.sleep(POLL_SECONDS)
 
 
+def wait_until_sync(predicate, timeout: float = STEP_TIMEOUT, what: str = "condition"):
+    """wait_until for code outside the event loop (a fixture starting a process)."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(POLL_SECONDS)
+    return result
+
+
 # --------------------------------------------------------------------------
 # PostgreSQL
 # --------------------------------------------------------------------------
@@ -551,6 +561,7 @@ class SseClient:
         await self.close()
 
     async def close(self) -> None:
+        """Idempotent: a client closed by hand inside `async with` is closed once more, harmlessly."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -561,3 +572,11 @@ class SseClient:
                 await self.writer.wait_closed()
         if self.sock:
             self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def sse_clients(*clients: SseClient):
+    """`async with sse_clients(a, b) as (a, b):` connects each in turn (expecting 200) and
+    closes every one that connected on the way out, whatever happened."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(c) for c in clients]
