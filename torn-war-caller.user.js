@@ -753,6 +753,16 @@
         }, () => this.streamEnded(a, { why: 'the stream broke' }));
         pump();
       };
+      // The request is over (onload, onloadend, readyState 4, onerror, ontimeout). ScriptCat
+      // never closes or errors the ReadableStream it handed over (managers/README.md): these
+      // callbacks are the only sign that the server closed or died. What is already queued
+      // in the stream is read first (the server's last `retry:` comes just before the end).
+      const over = (r, why) => {
+        if (a.ended || refused(r)) return;
+        if (!a.status && !(r && r.status)) { this.streamEnded(a, { why: 'cannot reach the server' }); return; }
+        if (!reading) { this.streamEnded(a, { why: 'the stream did not stream', silent: true }); return; }
+        setTimeout(() => this.streamEnded(a, { why, clean: true, silent: !a.proven }), 0);
+      };
 
       let handle = null;
       try {
@@ -763,7 +773,7 @@
           nocache: true,
           responseType: 'stream',
           onloadstart: read,
-          onreadystatechange: read,
+          onreadystatechange: (r) => { read(r); if (r && r.readyState === 4) over(r, 'the server closed the stream'); },
           onprogress: (r) => {
             read(r);
             // Bytes are arriving but there is no stream to read them from: this manager
@@ -774,12 +784,10 @@
               this.longPoll();
             }
           },
-          onload: (r) => {
-            read(r);
-            // The whole body at once: this manager buffered the stream instead of streaming it.
-            if (!reading && !refused(r)) this.streamEnded(a, { why: 'the stream did not stream', silent: true });
-          },
-          onerror: (r) => { if (!refused(r)) this.streamEnded(a, { why: 'cannot reach the server' }); },
+          // The whole body at once, without a stream to read: this manager buffered it.
+          onload: (r) => { read(r); over(r, 'the server closed the stream'); },
+          onloadend: (r) => over(r, 'the server closed the stream'),
+          onerror: (r) => over(r, 'the stream broke'),
           ontimeout: () => this.streamEnded(a, { why: 'the request timed out' }),
           onabort: () => this.streamEnded(a, { why: 'the request was aborted' }),
         });
