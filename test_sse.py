@@ -8,6 +8,7 @@ never on sleeps; "nothing arrived" is proved with a short timeout.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import datetime
@@ -19,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import symtable
 import sys
 import time
 from pathlib import Path
@@ -233,28 +235,28 @@ def _req(target: str, **headers: str) -> t.Request:
 
 def _status(auth: t.Auth, req: t.Request) -> int:
     with pytest.raises(t.HttpError) as e:
-        auth.grant(req)
+        auth.grant(req, time.time())
     assert "s3cret" not in e.value.message
     return e.value.status
 
 
 def test_auth_grants_by_token_and_never_guesses_before_the_table_is_read():
     auth = t.Auth("s3cret-seed-token", ((5, "s3cret-faction-5-token"),))
-    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"))
+    seed = auth.grant(_req("/events", Authorization="Bearer s3cret-seed-token"), time.time())
     assert seed.faction is None  # the seed's token sees every faction
-    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token")) is seed
-    assert auth.grant(_req("/calls?token=s3cret-faction-5-token")).faction == 5
+    assert auth.grant(_req("/events", Authorization="bearer s3cret-seed-token"), time.time()) is seed
+    assert auth.grant(_req("/calls?token=s3cret-faction-5-token"), time.time()).faction == 5
     assert _status(auth, _req("/events")) == 401
     assert _status(auth, _req("/events", Authorization="Basic czNjcmV0")) == 401
     # Not in the environment, and the table is not read yet: cannot say no, cannot say yes.
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 503
     db_digest = t.token_digest("s3cret-db-token-xyz")
     assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()
-    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"))
+    db_grant = auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time())
     assert (db_grant.faction, db_grant.label) == (7, "main")
     assert _status(auth, _req("/events?token=s3cret-db-token-xy")) == 401
     assert auth.set_db_tokens([(db_digest, 7, "main", False)]) == set()  # a reload keeps it
-    assert auth.grant(_req("/events?token=s3cret-db-token-xyz")) is db_grant
+    assert auth.grant(_req("/events?token=s3cret-db-token-xyz"), time.time()) is db_grant
     assert auth.set_db_tokens([(db_digest, 7, "main", True)]) == {db_grant}  # revoked
     assert _status(auth, _req("/events?token=s3cret-db-token-xyz")) == 401
 
@@ -263,7 +265,7 @@ def test_auth_is_open_only_when_asked_and_no_token_exists_anywhere():
     auth = t.Auth("", (), open_access=True)
     assert _status(auth, _req("/events")) == 503  # the table might hold tokens
     auth.set_db_tokens([])
-    assert auth.grant(_req("/events")) is t.OPEN and t.OPEN.faction is None
+    assert auth.grant(_req("/events"), time.time()) is t.OPEN and t.OPEN.faction is None
     auth.set_db_tokens([(t.token_digest("s3cret-db-token-xyz"), 7, "", False)])
     assert _status(auth, _req("/events")) == 401
     # Revoking the last token must not open the server to everyone.
@@ -284,11 +286,11 @@ def test_auth_without_open_access_is_closed_whatever_the_table_holds():
 
 
 def test_write_budget_is_a_token_bucket():
-    grant = t.Grant(5, "x")
-    assert [grant.take_write(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
-    wait = grant.take_write(60, 100.0)
+    bucket = t.Grant(5, "x").writes
+    assert [bucket.take(60, 100.0) for _ in range(10)] == [0.0] * 10  # a burst of ten
+    wait = bucket.take(60, 100.0)
     assert wait == pytest.approx(1.0)
-    assert grant.take_write(60, 101.0) == 0.0  # one more a second later
+    assert bucket.take(60, 101.0) == 0.0  # one more a second later
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -2035,6 +2037,180 @@ async def test_hostile_traffic_leaves_no_trace_and_honest_clients_get_everything
 
 
 # ---------------------------------------------------------------------------
+# The server file's layout: each section uses only what is above it
+# ---------------------------------------------------------------------------
+#
+# What counts. A section starts at a banner: a line of dashes, `# <title>`, a line of
+# dashes (everything above the first banner is the prologue: imports, `log`, paths). A
+# module-level name is one bound by a top-level statement (def, class, assignment,
+# import); it belongs to the section of its first binding. A use is every read of such a
+# name anywhere in the file, as Python resolves it (`symtable`): in a function body, a
+# default, a decorator, a base class or an annotation; a parameter, a local, a class
+# attribute or a comprehension variable of the same name is not a use. A back arrow is a
+# use in a section above the one that defines the name.
+
+SECTION_BANNER = re.compile(r"^# -{20,}\n# (.+)\n# -{20,}$", re.MULTILINE)
+SERVER_SECTIONS = ("Settings", "Wire format", "Access", "The hub", "The database", "Torn",
+                   "The HTTP side", "main()")
+
+
+def file_sections(src: str) -> list[tuple[int, str]]:
+    """(first line, title) of each section, the prologue first."""
+    return [(1, "prologue"), *((src.count("\n", 0, m.start()) + 1, m.group(1))
+                               for m in SECTION_BANNER.finditer(src))]
+
+
+def module_definitions(tree: ast.Module) -> dict[str, int]:
+    """Each module-level name, and the line of its first top-level binding."""
+    defs: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.asname or a.name.partition(".")[0] for a in node.names]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defs.setdefault(name, node.lineno)
+    return defs
+
+
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp,
+          ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def module_name_uses(src: str, tree: ast.Module, defs: dict[str, int]) -> list[tuple[str, int]]:
+    """(name, line) of every read of a module-level name (see "What counts" above)."""
+    tables = {}  # (line, name) of a scope -> its symbol table
+
+    def index(table):
+        for child in table.get_children():
+            tables.setdefault((child.get_lineno(), child.get_name()), child)
+            index(child)
+
+    top = symtable.symtable(src, "torncat_sse.py", "exec")
+    index(top)
+
+    def reads_module(name: str, table) -> bool:
+        if name not in defs:
+            return False
+        if table.get_type() == "module":
+            return True
+        try:
+            symbol = table.lookup(name)
+        except KeyError:
+            return True
+        return symbol.is_global() or not (symbol.is_local() or symbol.is_free())
+
+    uses = []
+
+    def visit(node, table):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            if reads_module(node.id, table):
+                uses.append((node.id, node.lineno))
+            return
+        if not isinstance(node, SCOPES):
+            for child in ast.iter_child_nodes(node):
+                visit(child, table)
+            return
+        # What a scope evaluates where it is defined, then what it evaluates inside.
+        if isinstance(node, ast.ClassDef):
+            outside = [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]
+            inside, name = node.body, node.name
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            outside = [*args.defaults, *filter(None, args.kw_defaults)]
+            if isinstance(node, ast.Lambda):
+                inside, name = [node.body], "lambda"
+            else:
+                every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+                outside += [*node.decorator_list, *filter(None, [node.returns]),
+                            *(a.annotation for a in every if a is not None and a.annotation)]
+                inside, name = node.body, node.name
+        else:  # a comprehension: its first iterable is evaluated outside
+            outside = [node.generators[0].iter]
+            inside = [*(part for g in node.generators for part in (g.target, *g.ifs)),
+                      *(g.iter for g in node.generators[1:]),
+                      *([node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt])]
+            name = {ast.ListComp: "listcomp", ast.SetComp: "setcomp", ast.DictComp: "dictcomp",
+                    ast.GeneratorExp: "genexpr"}[type(node)]
+        for part in outside:
+            visit(part, table)
+        for part in inside:
+            visit(part, tables[node.lineno, name])
+
+    visit(tree, top)
+    return uses
+
+
+def back_arrows(src: str) -> list[str]:
+    """Every use of a module-level name in a section above the one that defines it."""
+    tree = ast.parse(src)
+    sections = file_sections(src)
+
+    def section(line: int) -> int:
+        return max(i for i, (start, _) in enumerate(sections) if start <= line)
+
+    defs = module_definitions(tree)
+    arrows = {f"line {line} ({sections[section(line)][1]}) uses {name}, defined in "
+              f"{sections[section(defs[name])][1]}"
+              for name, line in module_name_uses(src, tree, defs)
+              if section(line) < section(defs[name])}
+    return sorted(arrows)
+
+
+def test_each_section_of_the_server_uses_only_what_is_above_it():
+    src = (HERE / "torncat_sse.py").read_text()
+    titles = [title for _, title in file_sections(src)[1:]]
+    assert len(titles) == len(SERVER_SECTIONS), titles
+    for title, start in zip(titles, SERVER_SECTIONS, strict=True):
+        assert title.startswith(start), (title, start)
+    assert back_arrows(src) == []
+
+
+# A file with every case "What counts" names, and two back arrows (lines 11 and 12).
+BACK_ARROW_PROBE = '''\
+import os
+# ------------------------------
+# First
+# ------------------------------
+A = 1
+def f(B=None):
+    return A + B, os.sep
+def g():
+    return [A for C in range(3)], lambda C: C
+def h():
+    return C
+def i(x: C) -> None: ...
+class K:
+    C = 2
+    y = C
+# ------------------------------
+# Second
+# ------------------------------
+B = 2
+C = 3
+def k():
+    return [C for C in range(3)] + [A, B, K]
+'''
+
+
+def test_the_section_check_finds_a_back_arrow_and_only_that():
+    assert back_arrows(BACK_ARROW_PROBE) == ["line 11 (First) uses C, defined in Second",
+                                             "line 12 (First) uses C, defined in Second"]
+    # The server with one arrow drawn back up the file: access reaching down into the hub.
+    src = (HERE / "torncat_sse.py").read_text()
+    line = "        self.writes = Bucket()"
+    assert src.count(line) == 1
+    arrows = back_arrows(src.replace(line, line + "; Hub"))
+    assert len(arrows) == 1 and "(Access" in arrows[0] and "uses Hub, defined in The hub" \
+        in arrows[0], arrows
+
+
+# ---------------------------------------------------------------------------
 # The docs
 # ---------------------------------------------------------------------------
 
@@ -2290,20 +2466,20 @@ def test_member_tokens_issued_here_survive_a_stale_read_and_expire():
     assert auth.set_db_tokens([faction_row]) == set()
     mine = t.Grant(111, "Ann", 1001, "Ann", time.time() + 60)
     auth.add_member(t.token_digest("tm_ann"), mine)
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
     # A read of the table that began before the INSERT committed does not drop it...
     assert auth.set_db_tokens([faction_row]) == set()
-    assert auth.grant(_req("/events?token=tm_ann")) is mine
+    assert auth.grant(_req("/events?token=tm_ann"), time.time()) is mine
     # ...a read that shows it keeps the same grant, now settled...
     row = (t.token_digest("tm_ann"), 111, "Ann", False, 1001, "Ann", time.time() - 1)
     assert auth.set_db_tokens([faction_row, row]) == set() and not auth.pending
     assert auth.db[t.token_digest("tm_ann")] is mine
     assert auth.token_factions == {111}  # from the faction token: a member token is no faction's
-    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"))
+    faction_grant = auth.grant(_req("/x?token=faction-token-of-111"), time.time())
     assert auth.set_db_tokens([row]) == {faction_grant}
     # ...and a token past its expiry is refused with the reason.
     with pytest.raises(t.HttpError, match="expired"):
-        auth.grant(_req("/events?token=tm_ann"))
+        auth.grant(_req("/events?token=tm_ann"), time.time())
     assert auth.expire(time.time() - 2) == set()
     assert auth.expire(time.time()) == {mine}
     assert _status(auth, _req("/events?token=tm_ann")) == 401
@@ -2574,16 +2750,21 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
         torn.leave_faction(1002)
         # What the central poll (issue 14) will do: read the member list, revoke the rest.
         config = t.parse_settings([], {"TORN_API_URL": torn.base_url, "FACTIONS": str(RED_ID)})
-        app = t.App(config, db, asyncio.get_running_loop())
-        app.pool = await asyncpg.create_pool(db, min_size=1, max_size=1)
+        stats = t.Stats()
+        hub = t.Hub(asyncio.get_running_loop(), config.replay_events, config.client_buffer_bytes,
+                    stats)
+        auth = t.Auth("", (), factions=config.factions)
+        database, torn_api = t.Database(db, config, stats), t.TornClient(torn.base_url, 5.0)
+        sign_ins = t.SignIn(config, torn_api, database, auth, hub)
+        await database.open()
         try:
-            members = await app.torn.faction_member_ids(ann_key, RED_ID)
+            members = await torn_api.faction_member_ids(ann_key, RED_ID)
             assert members == {1001}
-            assert await app.revoke_departed(RED_ID, members) == 1
-            assert await app.revoke_departed(RED_ID, members) == 0
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 1
+            assert await sign_ins.sign_out_departed(RED_ID, members) == 0
         finally:
-            await app.pool.close()
-            app.torn.close()
+            await database.pool.close()
+            torn_api.close()
         await asyncio.wait_for(streams[1].closed.wait(), STEP_TIMEOUT)
         r = await http(server.port, "GET", "/calls", bearer(bob))  # told by the NOTIFY
         assert (r.status, r.json()) == (401, {"error": t.MEMBER_TOKEN_ENDED["left_faction"],

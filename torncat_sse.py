@@ -47,8 +47,8 @@ and resumes where it was, while everyone else keeps receiving.
 Factions. A token belongs to one faction (FACTION_TOKENS, or the token table
 managed by `python torncat_sse.py token create|list|revoke`); its streams,
 snapshots, replays and polls carry that faction's calls only. A member can also
-sign in with their own Torn API key (`POST /auth/torn`, see "The Torn API client"
-below) for a member token: their faction's calls, every write in their name. The
+sign in with their own Torn API key (`POST /auth/torn`, see "Torn's API" below)
+for a member token: their faction's calls, every write in their name. The
 seed's SECRET_TOKEN sees every faction. No token at all gets 401, unless the
 operator asked for open access (OPEN_ACCESS, on by default only with the embedded
 development database) and no token exists yet: then it sees every faction.
@@ -59,10 +59,11 @@ memory.
 
 Connections. `asyncio.start_server` hands each connection to one coroutine,
 `App.handle`: read a request (the sans-I/O RequestReader frames it), route it
-through a table, answer it, and again while the client keeps the connection
-alive. A stream registers the connection with the hub and then handle() only
-waits for the client to leave (EOF), with the request that opened it freed, so
-every stream is unregistered the moment it ends. An idle stream costs ~5.1 KB
+through a table, answer it (a route returns a Reply, and `render` alone adds CORS,
+keep-alive and HEAD), and again while the client keeps the connection alive. A
+stream registers the connection with the hub and then handle() only waits for the
+client to leave (EOF), with the request that opened it freed, so every stream is
+unregistered the moment it ends. An idle stream costs ~5.1 KB
 (bench_sse.py --compare). Other shapes (bench_sse.py --shapes): ~3.6 KB when the
 handler returns and the hub alone keeps the writer, but then a client that
 leaves is noticed only by a later write; ~1-3 KB handing the transport to a
@@ -88,6 +89,15 @@ per flush (~150,000 deliveries a second per core here); WORKERS=N or more
 instances scale out, each LISTENing on its own (docs/operations.md, "Scaling").
 TRUNCATE on target_calls is not seen until restart. /metrics is open, like
 /healthz.
+
+Reading order. Each section below uses only what is above it (test_sse.py checks):
+settings and every limit; the wire format (HTTP/1.1, SSE, CORS, JSON bodies: pure);
+access (tokens, grants, budgets); the hub; the database (Database owns the pool,
+every statement and its deadline, and raises DatabaseUnavailable; the LISTEN
+connection; the poll's own connection); Torn's API (the client, sign-in, the poll);
+the HTTP side (App: connections and routes); main() and the command line, which
+wire the parts, each handed only the parts it uses. "Poll" is the Torn API poll's
+word; the long-poll's names say hold, held and read.
 
 Poke at it by hand:
 
@@ -149,12 +159,19 @@ TRIGGER_SQL_PATH = HERE / "trigger.sql"
 # Settings and limits
 # ---------------------------------------------------------------------------
 
-# Limits that are not worth a setting. Each says its unit and why.
+# Limits that are not worth a setting, every one of them. Each says its unit and why.
+
+# HTTP: requests and connections.
 MAX_HEAD_BYTES = 16 * 1024     # request line + headers. Precedents: node 16K, tomcat 8K, h11 16K.
 MAX_HEADERS = 100              # header fields per request
 MAX_QUERY_FIELDS = 20          # ?a=1&b=2... pairs; we use three at most
 MAX_BODY_BYTES = 4 * 1024      # JSON bodies of the calls API are a few hundred bytes
 MAX_EVENT_ID_DIGITS = 19       # a bigint; anything longer in Last-Event-ID is junk
+MAX_NAME_CHARS = 64            # a player's or target's name in a body (Torn's are at most 16)
+# Torn ids (players, factions, wars) are small integers, and the userscript reads them
+# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
+# a larger id would be rounded in the browser and match the wrong target.
+MAX_ID = 2**53 - 1
 STREAM_SNDBUF = 64 * 1024      # kernel send buffer per stream (Linux doubles it). Left alone,
                                # autotuning grows it to 4 MB: kernel memory per slow client, and
                                # megabytes hidden from CLIENT_BUFFER_BYTES. SSE needs little.
@@ -168,9 +185,21 @@ RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we 
 SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
 MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
 MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
-POLL_CACHE_ENTRIES = 1024      # cached poll answers per (faction, since), dropped on every event
+CALLS_CACHE_ENTRIES = 1024     # cached GET /calls answers per (faction, since), dropped on every event
 REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests
 FD_RESERVE = 64                # file descriptors kept for Postgres, logs and the listening socket
+WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
+SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
+
+# Access: tokens and budgets.
+MIN_TOKEN_CHARS = 16           # FACTION_TOKENS shorter than this are refused as guessable
+BURST_SECONDS = 10.0           # a budget's bucket holds this many seconds' worth of its rate...
+MIN_BURST = 5.0                # ...and at least this many requests
+SIGNIN_ADDRESSES_MAX = 10_000  # client addresses with a sign-in budget held at most
+SIGNIN_IDLE_SECONDS = 60.0     # a full table forgets addresses that signed in no later than this
+MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
+
+# The database.
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
 BACKOFF_MAX = 30.0             # seconds: longest reconnect delay to Postgres
 CONNECT_TIMEOUT = 10.0         # seconds for one Postgres connection attempt
@@ -180,20 +209,47 @@ QUERY_TIMEOUT = 30.0           # seconds for one read of the LISTEN connection (
 PING_TIMEOUT = 1.0             # seconds for `SELECT 1` (or a pool reset) on a connection we
                                # doubt; a live backend answers in one round trip
 PRUNE_TIMEOUT = 60.0           # seconds for the hourly DELETE of old events, which may be large
+PRUNE_EVERY_SECONDS = 3600.0   # events older than EVENT_RETENTION_HOURS are deleted this often
+EXPIRY_CHECK_MAX_SECONDS = 30.0  # calls past CALL_TTL_SECONDS are looked for at least this often
 SCHEMA_TIMEOUT = 120.0         # seconds to apply trigger.sql: it may build an index on a big table
-DB_RETRY_AFTER = "5"           # Retry-After (seconds) when the database cannot answer a write
+DB_RETRY_AFTER = "5"           # Retry-After (seconds) when the database cannot answer (yet)
 DB_KEEPALIVE_PROBES = 3        # unanswered TCP keepalive probes before the kernel drops a link
 BAD_NOTIFY_LOG_SECONDS = 60.0  # at most one log line this often about ignored notifications:
                                # any database role may NOTIFY, so they must not flood the log
-SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
 CHANNEL = "target_calls"       # the seed's NOTIFY channel
 TOKENS_CHANNEL = "torncat_tokens"  # NOTIFYed by trigger.sql when the token table changes
 SCHEMA_LOCK = 7402530          # advisory lock key: one process at a time applies trigger.sql
+POLL_LOCK = 7402532            # advisory lock key: held by the one process that polls Torn
+
+# Torn's API: sign-in, and the central poll.
+TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
+TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
+TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
+TORN_ERROR_TEXT_CHARS = 200      # Torn's error text, as logs and the panel show it, at most
+TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
+SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
+                                 # reloads costs one Torn request per player (Torn itself
+                                 # caches answers ~30 s, and a player's limit is 100/minute)
+SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
+SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
+POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
+TESTING_MIN_POLL_SECONDS = 0.2    # the lower bound when TORNCAT_TESTING=1 (tests only: a
+                                  # test of the poll should not wait 5 s per step)
+POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the poll's lock this often
+POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
+POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
+POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
+KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
+                                  # as Torn counts its 100 a minute
+# Polls of a faction failed in a row (Torn down or slow) before its members are told that
+# enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
+# three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
+POLL_STALE_ROUNDS = 3
+POLL_HEALTH_REASON_CHARS = 200    # Torn's error text, as the panel shows it, at most
+STATUS_DESCRIPTION_CHARS = 200    # a member status's description ("In hospital for ...")
+
 ORIGIN_RE = re.compile(r"^https?://[a-z0-9.-]+(:\d{1,5})?$")
-CALL_PATH_RE = re.compile(r"^/calls/(\d{1,19})(/uncall)?$")
-WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
-MIN_TOKEN_CHARS = 16           # FACTION_TOKENS shorter than this are refused as guessable
 
 
 def _bool(value: str) -> bool:
@@ -279,19 +335,13 @@ def _http_url(value: str) -> str:
     return url
 
 
-POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
-TESTING_MIN_POLL_SECONDS = 0.2    # the lower bound when TORNCAT_TESTING=1 (tests only: a
-                                  # test of the poll should not wait 5 s per step)
-
-
-def _poll_seconds(value: str) -> float:
-    number = float(value)
-    low, high = POLL_SECONDS_RANGE
-    if os.environ.get("TORNCAT_TESTING") == "1":
-        low = TESTING_MIN_POLL_SECONDS
-    if not low <= number <= high:
-        raise ValueError(f"must be between {low:g} and {high:g} seconds")
-    return number
+def _seconds_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        number = float(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds")
+        return number
+    return parse
 
 
 def _torn_keys(value: str) -> tuple[tuple[int, str], ...]:
@@ -321,6 +371,7 @@ class Setting:
     parse: Callable[[str], object]
     help: str
     secret: bool = False
+    testing_parse: Callable[[str], object] | None = None  # `parse` when TORNCAT_TESTING=1
 
 
 SETTINGS = (
@@ -361,8 +412,10 @@ SETTINGS = (
     Setting("TORN_API_KEYS", "", _torn_keys, "comma-separated <faction_id>:<key> pairs: "
             "Public-access Torn API keys the central poll uses for that faction (more with "
             "`torn-key add`, or lent by members at sign-in)", secret=True),
-    Setting("POLL_SECONDS", "7", _poll_seconds, "seconds between two polls of Torn's API per "
-            "faction with a key (5 to 10): its war, then the enemy's member statuses"),
+    Setting("POLL_SECONDS", "7", _seconds_between(*POLL_SECONDS_RANGE), "seconds between two "
+            "polls of Torn's API per faction with a key (5 to 10): its war, then the enemy's "
+            "member statuses",
+            testing_parse=_seconds_between(TESTING_MIN_POLL_SECONDS, POLL_SECONDS_RANGE[1])),
     Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
             "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
     Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
@@ -409,7 +462,29 @@ SETTINGS = (
 
 
 class Config(argparse.Namespace):
-    """Parsed settings: one attribute per SETTINGS entry, lower-case."""
+    """Parsed settings: one attribute per SETTINGS entry, lower-case, and what follows from
+    them. Never changed once parsed: `replace` makes a new one."""
+
+    @property
+    def anonymous_access(self) -> bool:
+        """Open access only where the operator asked for it; OPEN_ACCESS unset, only for the
+        embedded development database: a real database with an empty token table stays
+        closed."""
+        return not self.database_url if self.open_access is None else self.open_access
+
+    @property
+    def applies_schema(self) -> bool:
+        """Whether trigger.sql is applied at start-up: INIT_DB, or the embedded database."""
+        return self.init_db or not self.database_url
+
+    @property
+    def effective_log_level(self) -> str:
+        """The command line's own output stays readable: INFO lines only for the server."""
+        return "WARNING" if self.command is not None and self.log_level == "INFO" \
+            else self.log_level
+
+    def replace(self, **changes) -> Config:
+        return Config(**{**vars(self), **changes})
 
 
 def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
@@ -419,10 +494,12 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         description="TornCat SSE: real-time target calls over Server-Sent Events.",
         epilog="Each option can also be set by the environment variable shown in capitals. "
                "Prefer the environment for secrets: command lines are visible to other users.")
+    testing = environ.get("TORNCAT_TESTING") == "1"
     for s in SETTINGS:
         def convert(value: str, s: Setting = s) -> object:
+            parse = s.testing_parse if testing and s.testing_parse else s.parse
             try:
-                return s.parse(value)
+                return parse(value)
             except ValueError as e:
                 shown = "<hidden>" if s.secret else repr(value)
                 raise argparse.ArgumentTypeError(f"{s.name}={shown}: {e}") from None
@@ -467,7 +544,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
 
 
 # ---------------------------------------------------------------------------
-# Pure encoding and parsing (no I/O, no awaits)
+# Wire format: HTTP/1.1, Server-Sent Events, CORS, JSON bodies (no I/O, no awaits)
 # ---------------------------------------------------------------------------
 
 REASONS = {
@@ -686,6 +763,12 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1REDACTED@", dsn)
 
 
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a log, without DSNs or stack traces."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 _date_cache: tuple[int, str] = (0, "")
 
 
@@ -704,25 +787,70 @@ def render_head(status: int, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def render_response(status: int, headers: list[tuple[str, str]], body: bytes = b"", *,
-                    close: bool = False, head_only: bool = False) -> bytes:
-    """A complete response with a Content-Length body."""
-    headers = [*headers, ("Content-Length", str(len(body)))]
-    if close:
-        headers.append(("Connection", "close"))
-    return render_head(status, headers) + (b"" if head_only else body)
-
-
 def json_bytes(obj: object) -> bytes:
     """Compact one-line JSON: SSE data must not contain raw line breaks, and JSON escapes them."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def json_response(status: int, obj: object, headers: list[tuple[str, str]] = (), *,
-                  close: bool = False, head_only: bool = False) -> bytes:
-    return render_response(status, [("Content-Type", "application/json"),
-                                     ("Cache-Control", "no-store"), *headers],
-                           json_bytes(obj), close=close, head_only=head_only)
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer with a Content-Length body, before `render` makes it bytes."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = "application/json"  # None: no body to type, nothing to cache
+    cors: bool = True  # False: its headers decide CORS themselves (a preflight), or none apply
+
+
+def json_reply(status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, json_bytes(obj), headers)
+
+
+def error_reply(e: HttpError) -> Reply:
+    return json_reply(e.status, {"error": e.message, **e.extra}, e.headers)
+
+
+def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
+           head_only: bool) -> bytes:
+    """The one place an answer becomes bytes: CORS (the request's `cors_headers`), the
+    connection's fate and HEAD (the same head, no body: RFC 9110 section 9.3.2)."""
+    headers = [] if reply.content_type is None else [
+        ("Content-Type", reply.content_type), ("Cache-Control", "no-store")]
+    headers.extend(reply.headers)
+    if reply.cors:
+        headers.extend(cors)
+    headers.append(("Content-Length", str(len(reply.body))))
+    if not keep_alive:
+        headers.append(("Connection", "close"))
+    return render_head(reply.status, headers) + (b"" if head_only else reply.body)
+
+
+def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Echo an allowed Origin exactly; never `*`. Vary on Origin either way."""
+    headers = [("Vary", "Origin")]
+    if origin is not None and origin in allowed:
+        headers.insert(0, ("Access-Control-Allow-Origin", origin))
+        headers.append(("Access-Control-Expose-Headers", "Retry-After"))
+    return headers
+
+
+def preflight(req: Request, allowed: tuple[str, ...]) -> Reply:
+    """Answer an OPTIONS request, a CORS preflight when it carries an Origin."""
+    origin = req.headers.get("origin")
+    if origin is None:
+        return Reply(204, headers=(("Allow", "GET, POST, DELETE, OPTIONS"),), content_type=None,
+                     cors=False)
+    if origin not in allowed:
+        return Reply(403, json_bytes({"error": "origin not allowed"}), (("Vary", "Origin"),),
+                     cors=False)
+    return Reply(204, headers=(
+        ("Access-Control-Allow-Origin", origin),
+        ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
+        ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
+        ("Access-Control-Max-Age", "600"),
+        ("Vary", "Origin"),
+    ), content_type=None, cors=False)
 
 
 def chunk(data: bytes) -> bytes:
@@ -754,29 +882,132 @@ def parse_event_id(value: str | None) -> int | None:
     return number if number < 2**63 else None
 
 
-def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Echo an allowed Origin exactly; never `*`. Vary on Origin either way."""
-    headers = [("Vary", "Origin")]
-    if origin is not None and origin in allowed:
-        headers.insert(0, ("Access-Control-Allow-Origin", origin))
-        headers.append(("Access-Control-Expose-Headers", "Retry-After"))
-    return headers
+class EventKind(enum.StrEnum):
+    """The `event` of an entry of the log, and of its SSE frame (trigger.sql writes them)."""
+
+    CALL = "target_call"
+    UNCALL = "target_uncall"
+    STATUS = "target_status"    # the Torn API poll saw an enemy's status change
+    POLL_HEALTH = "poll_health"  # the Torn API poll's own health for a faction changed
 
 
-def preflight(req: Request, allowed: tuple[str, ...]) -> bytes:
-    """Answer an OPTIONS request, a CORS preflight when it carries an Origin."""
-    origin = req.headers.get("origin")
-    if origin is None:
-        return render_response(204, [("Allow", "GET, POST, DELETE, OPTIONS")])
-    if origin not in allowed:
-        return json_response(403, {"error": "origin not allowed"}, [("Vary", "Origin")])
-    return render_response(204, [
-        ("Access-Control-Allow-Origin", origin),
-        ("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
-        ("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID"),
-        ("Access-Control-Max-Age", "600"),
-        ("Vary", "Origin"),
-    ])
+class Event:
+    """One entry of the event log, encoded once for every client that gets it.
+
+    `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
+    enemy's status change) carries a status and belongs to no call: `call_id` is None;
+    `poll_health` (the poll's own health for a faction changed) neither call nor target.
+    """
+
+    __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
+                 "ts")
+
+    def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
+                 ts: float | None = None):
+        try:
+            kind = EventKind(kind)
+        except ValueError:
+            raise ValueError(f"unknown event kind {kind!r}") from None
+        of_call = kind in (EventKind.CALL, EventKind.UNCALL)
+        id_field = "id" if of_call else "faction_id" if kind is EventKind.POLL_HEALTH \
+            else "target_id"
+        if not isinstance(event_id, int) or not isinstance(call.get(id_field), int):
+            raise ValueError("event_id and call id (a status's target_id, a poll health's "
+                             "faction_id) must be integers")
+        self.id, self.kind, self.faction = event_id, kind, faction
+        self.call_id = call["id"] if of_call else None
+        self.target_id = call.get("target_id")
+        self.active = kind is EventKind.CALL
+        self.data = json_bytes(call)
+        self.frame = sse_frame(event_id, kind, self.data)
+        self.ts = ts
+
+
+def announced_event_id(payload: str) -> int:
+    """The event id a notification on CHANNEL announces; ValueError if it announces none.
+
+    Only a claim: the listener reads the event itself from the log (see Listener).
+    """
+    try:
+        msg = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ValueError("not JSON") from None
+    event_id = msg.get("event_id") if isinstance(msg, dict) else None
+    if type(event_id) is not int or not 0 < event_id < 2**63:  # a bigint, as in the log
+        raise ValueError("no event_id")
+    return event_id
+
+
+def _id_field(value: object, name: str) -> int:
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise HttpError(400, f"{name} must be a positive integer")
+    return value
+
+
+def _name_field(value: object, name: str) -> str | None:
+    if not isinstance(value, str):
+        raise HttpError(400, f"{name} must be a string")
+    value = value.strip()
+    if len(value) > MAX_NAME_CHARS:
+        raise HttpError(400, f"{name} must be at most {MAX_NAME_CHARS} characters")
+    if any(unicodedata.category(ch)[0] == "C" for ch in value):
+        raise HttpError(400, f"{name} must not contain control characters")
+    return value or None
+
+
+def _bool_field(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise HttpError(400, f"{name} must be true or false")
+    return value
+
+
+# Fields of the calls API: name -> (parser, required)
+CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
+               "caller_name": (_name_field, True), "target_name": (_name_field, False),
+               "war_id": (_id_field, False)}
+UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
+                 "force": (_bool_field, False)}
+# With a member token the token names the caller: the body need not (see `writer_of`).
+_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
+MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
+MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(req: Request, body: bytes, fields: dict) -> dict:
+    """A JSON object body checked against `fields`; HttpError says which field is wrong."""
+    if body:
+        content_type = req.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise HttpError(415, "send a JSON body with Content-Type: application/json")
+        try:
+            obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise HttpError(400, "the body is not valid UTF-8 JSON") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
+            raise HttpError(400, "the body nests too deeply") from None
+        if not isinstance(obj, dict):
+            raise HttpError(400, "the body must be a JSON object")
+    else:
+        obj = {}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise HttpError(400, f"unknown field {unknown[0]!r}")
+    out = {}
+    for name, (parse, required) in fields.items():
+        value = obj.get(name)
+        out[name] = None if value is None else parse(value, name)
+        if required and out[name] is None:
+            raise HttpError(400, f"{name} is required")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Access: tokens, grants, budgets, and what sign-in decides without Torn
+# ---------------------------------------------------------------------------
 
 
 def presented_token(req: Request) -> str | None:
@@ -792,27 +1023,19 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-class Grant:
-    """What one token allows: a faction (None: every faction), and its write budget.
+class Bucket:
+    """A rate limit: a token bucket that holds BURST_SECONDS of its rate (MIN_BURST at
+    least), refilled continuously."""
 
-    A member token (POST /auth/torn) also names its player, who is the caller of
-    every write made with it, and ends at `expires_at` (seconds since the epoch).
-    """
+    __slots__ = ("allowance", "stamp")
 
-    __slots__ = ("faction", "label", "allowance", "stamp", "player_id", "player_name",
-                 "expires_at", "ended")
+    def __init__(self):
+        self.allowance: float | None = None  # requests left; None: full, never used
+        self.stamp = 0.0                     # when it was last taken from
 
-    def __init__(self, faction: int | None, label: str, player_id: int | None = None,
-                 player_name: str | None = None, expires_at: float | None = None):
-        self.faction, self.label = faction, label
-        self.allowance: float | None = None  # writes left in the bucket
-        self.stamp = 0.0
-        self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
-        self.ended: str | None = None  # why the token stopped working (MEMBER_TOKEN_ENDED)
-
-    def take_write(self, per_minute: int, now: float) -> float:
-        """A token bucket: 0 if a write may go ahead now, else seconds until one may."""
-        burst = max(5.0, per_minute / 6)  # ten seconds' worth, at least five
+    def take(self, per_minute: int, now: float) -> float:
+        """0 if a request may go ahead now (and it is counted), else seconds until one may."""
+        burst = max(MIN_BURST, per_minute * BURST_SECONDS / 60)
         if self.allowance is None:
             self.allowance = burst
         self.allowance = min(burst, self.allowance + (now - self.stamp) * per_minute / 60)
@@ -823,9 +1046,46 @@ class Grant:
         return (1 - self.allowance) * 60 / per_minute
 
 
+class Grant:
+    """What one token allows: a faction (None: every faction), and its write budget.
+
+    A member token (POST /auth/torn) also names its player, who is the caller of
+    every write made with it, and ends at `expires_at` (seconds since the epoch).
+    """
+
+    __slots__ = ("faction", "label", "writes", "player_id", "player_name", "expires_at", "ended")
+
+    def __init__(self, faction: int | None, label: str, player_id: int | None = None,
+                 player_name: str | None = None, expires_at: float | None = None):
+        self.faction, self.label = faction, label
+        self.writes = Bucket()  # a member's writes count on their player's (see Budgets)
+        self.player_id, self.player_name, self.expires_at = player_id, player_name, expires_at
+        self.ended: str | None = None  # why the token stopped working (MEMBER_TOKEN_ENDED)
+
+
 OPEN = Grant(None, "open")  # OPEN_ACCESS and no token anywhere: everyone sees every faction
 
 UNAUTHORIZED = (("WWW-Authenticate", 'Bearer realm="torncat"'),)
+
+
+# Why a member token ended, as its 401 says it (the userscript shows it on the sign-in
+# form): `expired` after MEMBER_TOKEN_DAYS, `revoked` by the operator (`token revoke`),
+# `left_faction` when the faction's member list no longer shows the player.
+MEMBER_TOKEN_ENDED = {
+    "expired": "your sign-in has expired: sign in again with your Torn API key",
+    "revoked": "your sign-in was revoked by this server's operator: sign in again with "
+               "your Torn API key",
+    "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
+                    "this faction",
+}
+
+
+def unauthorized(why: str | None = None) -> HttpError:
+    """The 401 of a request whose token does not open anything; `why` a member token
+    ended (a key of MEMBER_TOKEN_ENDED), said so that the player is signed out with a reason."""
+    if why is None:
+        return HttpError(401, "missing or invalid token", UNAUTHORIZED)
+    return HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
 
 
 class Auth:
@@ -929,80 +1189,56 @@ class Auth:
         ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
         return self.drop(list(ended), "expired")
 
-    def grant(self, req: Request) -> Grant:
-        """The grant for this request; HttpError 401 without a valid token."""
+    def grant(self, req: Request, now: float) -> Grant:
+        """The grant for this request at `now` (seconds since the epoch); HttpError 401
+        without a valid token."""
         token = presented_token(req)
         if token:
             digest = token_digest(token)
             grant = self._all.get(digest)
             if grant is not None:
-                if grant.expires_at is not None and time.time() >= grant.expires_at:
-                    raise HttpError(401, MEMBER_TOKEN_ENDED["expired"], UNAUTHORIZED,
-                                    {"signed_out": "expired"})
+                if grant.expires_at is not None and now >= grant.expires_at:
+                    raise unauthorized("expired")
                 return grant
             why = self.ended.get(digest)
             if why is not None:
-                raise HttpError(401, MEMBER_TOKEN_ENDED[why], UNAUTHORIZED, {"signed_out": why})
+                raise unauthorized(why)
         if self.db is None and (token or not self.required):
             raise HttpError(503, "tokens are not loaded yet: the database has not been reached",
-                            (("Retry-After", "5"),))
+                            (("Retry-After", DB_RETRY_AFTER),))
         if self.required:
-            raise HttpError(401, "missing or invalid token", UNAUTHORIZED)
+            raise unauthorized()
         return OPEN
 
 
-# Why a member token ended, as its 401 says it (the userscript shows it on the sign-in
-# form): `expired` after MEMBER_TOKEN_DAYS, `revoked` by the operator (`token revoke`),
-# `left_faction` when the faction's member list no longer shows the player.
-MEMBER_TOKEN_ENDED = {
-    "expired": "your sign-in has expired: sign in again with your Torn API key",
-    "revoked": "your sign-in was revoked by this server's operator: sign in again with "
-               "your Torn API key",
-    "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
-                    "this faction",
-}
+class Budgets:
+    """How fast each may go: writes per token (a member's per player, across all their
+    tokens), sign-ins per client address. Each answers 429 with Retry-After when spent."""
 
+    def __init__(self, writes_per_minute: int, signins_per_minute: int):
+        self.writes_per_minute, self.signins_per_minute = writes_per_minute, signins_per_minute
+        self.members: dict[int, Bucket] = {}  # player id -> write bucket of all their tokens
+        self.addresses: dict[str, Bucket] = {}  # client address -> sign-in bucket
 
-MAX_NAME_CHARS = 64
-# Torn ids (players, factions, wars) are small integers, and the userscript reads them
-# as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
-# a larger id would be rounded in the browser and match the wrong target.
-MAX_ID = 2**53 - 1
+    def write(self, grant: Grant, now: float) -> None:
+        bucket = grant.writes if grant.player_id is None else \
+            self.members.setdefault(grant.player_id, Bucket())
+        wait = bucket.take(self.writes_per_minute, now)
+        if wait:
+            raise HttpError(429, "too many writes with this token, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
 
-
-def _id_field(value: object, name: str) -> int:
-    if type(value) is not int or not 0 < value <= MAX_ID:
-        raise HttpError(400, f"{name} must be a positive integer")
-    return value
-
-
-def _name_field(value: object, name: str) -> str | None:
-    if not isinstance(value, str):
-        raise HttpError(400, f"{name} must be a string")
-    value = value.strip()
-    if len(value) > MAX_NAME_CHARS:
-        raise HttpError(400, f"{name} must be at most {MAX_NAME_CHARS} characters")
-    if any(unicodedata.category(ch)[0] == "C" for ch in value):
-        raise HttpError(400, f"{name} must not contain control characters")
-    return value or None
-
-
-def _bool_field(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise HttpError(400, f"{name} must be true or false")
-    return value
-
-
-# Fields of the calls API: name -> (parser, required)
-CALL_FIELDS = {"target_id": (_id_field, True), "caller_id": (_id_field, True),
-               "caller_name": (_name_field, True), "target_name": (_name_field, False),
-               "war_id": (_id_field, False)}
-UNCALL_FIELDS = {"caller_id": (_id_field, True), "caller_name": (_name_field, False),
-                 "force": (_bool_field, False)}
-# With a member token the token names the caller: the body need not (see `writer_of`).
-_OPTIONAL_CALLER = {"caller_id": (_id_field, False), "caller_name": (_name_field, False)}
-MEMBER_CALL_FIELDS = {**CALL_FIELDS, **_OPTIONAL_CALLER}
-MEMBER_UNCALL_FIELDS = {**UNCALL_FIELDS, **_OPTIONAL_CALLER}
+    def sign_in(self, address: str, now: float) -> None:
+        bucket = self.addresses.get(address)
+        if bucket is None:
+            if len(self.addresses) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
+                idle = now - SIGNIN_IDLE_SECONDS
+                self.addresses = {a: b for a, b in self.addresses.items() if b.stamp > idle}
+            bucket = self.addresses[address] = Bucket()
+        wait = bucket.take(self.signins_per_minute, now)
+        if wait:
+            raise HttpError(429, "too many sign-ins from your address, slow down",
+                            (("Retry-After", str(math.ceil(wait))),))
 
 
 def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
@@ -1016,82 +1252,27 @@ def writer_of(grant: Grant, f: dict) -> tuple[int, str | None]:
     return grant.player_id, grant.player_name
 
 
-def _no_constants(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+def _key_field(value: object, name: str) -> str:
+    # Never echo the value: it is a secret, and a wrong one is still someone's key.
+    if not isinstance(value, str) or not TORN_KEY_RE.match(value.strip()):
+        raise HttpError(400, f"{name} must be a Torn API key (16 letters and digits)")
+    return value.strip()
 
 
-def parse_body(req: Request, body: bytes, fields: dict) -> dict:
-    """A JSON object body checked against `fields`; HttpError says which field is wrong."""
-    if body:
-        content_type = req.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if content_type != "application/json":
-            raise HttpError(415, "send a JSON body with Content-Type: application/json")
-        try:
-            obj = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
-        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise HttpError(400, "the body is not valid UTF-8 JSON") from None
-        except RecursionError:  # "[[[[..." deeper than the interpreter's recursion limit
-            raise HttpError(400, "the body nests too deeply") from None
-        if not isinstance(obj, dict):
-            raise HttpError(400, "the body must be a JSON object")
-    else:
-        obj = {}
-    unknown = sorted(set(obj) - set(fields))
-    if unknown:
-        raise HttpError(400, f"unknown field {unknown[0]!r}")
-    out = {}
-    for name, (parse, required) in fields.items():
-        value = obj.get(name)
-        out[name] = None if value is None else parse(value, name)
-        if required and out[name] is None:
-            raise HttpError(400, f"{name} is required")
-    return out
+SIGNIN_FIELDS = {"key": (_key_field, True), "lend": (_bool_field, False)}
 
 
-class Event:
-    """One entry of the event log, encoded once for every client that gets it.
-
-    `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
-    enemy's status change) carries a status and belongs to no call: `call_id` is None;
-    `poll_health` (the poll's own health for a faction changed) neither call nor target.
-    """
-
-    __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
-                 "ts")
-
-    KINDS = ("target_call", "target_uncall", "target_status", "poll_health")
-
-    def __init__(self, event_id: int, kind: str, faction: int | None, call: dict,
-                 ts: float | None = None):
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        status = kind in ("target_status", "poll_health")
-        if not isinstance(event_id, int) or not isinstance(call.get(
-                "faction_id" if kind == "poll_health" else "target_id" if status else "id"), int):
-            raise ValueError("event_id and call id (a status's target_id, a poll health's "
-                             "faction_id) must be integers")
-        self.id, self.kind, self.faction = event_id, kind, faction
-        self.call_id = None if status else call["id"]
-        self.target_id = call.get("target_id")
-        self.active = kind == "target_call"
-        self.data = json_bytes(call)
-        self.frame = sse_frame(event_id, kind, self.data)
-        self.ts = ts
-
-
-def announced_event_id(payload: str) -> int:
-    """The event id a notification on CHANNEL announces; ValueError if it announces none.
-
-    Only a claim: the listener reads the event itself from the log (see Listener).
-    """
-    try:
-        msg = json.loads(payload)
-    except (ValueError, RecursionError):
-        raise ValueError("not JSON") from None
-    event_id = msg.get("event_id") if isinstance(msg, dict) else None
-    if type(event_id) is not int or not 0 < event_id < 2**63:  # a bigint, as in the log
-        raise ValueError("no event_id")
-    return event_id
+def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
+    """The address per-client limits count by. Each proxy appends the address it got the
+    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
+    right is the client's; entries left of it are the client's own say. On Render a request
+    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
+    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
+    if trusted_proxies:
+        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
+        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
+            return chain[-trusted_proxies]
+    return peer.rpartition(":")[0] or peer
 
 
 # ---------------------------------------------------------------------------
@@ -1105,8 +1286,8 @@ class Stats:
     """Counters for the log line and /metrics."""
 
     __slots__ = ("connects", "disconnects", "evictions", "events", "deliveries",
-                 "snapshots", "replays", "polls", "listener_reconnects", "rejected",
-                 "calls_made", "calls_refused", "uncalls", "long_polls", "lag_counts", "lag_sum",
+                 "snapshots", "replays", "reads", "listener_reconnects", "rejected",
+                 "calls_made", "calls_refused", "uncalls", "holds", "lag_counts", "lag_sum",
                  "lag_count", "pool_timeouts", "listener_timeouts", "db_terminations", "log_reads",
                  "notifications_ignored")
 
@@ -1143,9 +1324,9 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
          stats.deliveries),
         ("snapshots_total", "Snapshots sent to streams.", stats.snapshots),
         ("replays_total", "Last-Event-ID replays sent to streams.", stats.replays),
-        ("polls_total", "GET /calls answered, long-polls included.", stats.polls),
+        ("polls_total", "GET /calls answered, long-polls included.", stats.reads),
         ("long_polls_total", "GET /calls?wait= requests held until an event or the deadline.",
-         stats.long_polls),
+         stats.holds),
         ("listener_reconnects_total", "Times the LISTEN connection was lost and remade.",
          stats.listener_reconnects),
         ("rejected_connections_total", "Connections refused because the server was full.",
@@ -1252,7 +1433,7 @@ class Hub:
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
-        self._polls: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> poll body
+        self._bodies: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> GET /calls body
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
@@ -1288,7 +1469,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
-        self._polls.clear()
+        self._bodies.clear()
         self._release_sent()
         if not self.ready:
             self.ready = True
@@ -1306,7 +1487,7 @@ class Hub:
             return False
         self.last_event_id = ev.id
         faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
-        if ev.kind == "poll_health":  # the poll's health replaces the one known
+        if ev.kind is EventKind.POLL_HEALTH:  # the poll's health replaces the one known
             self.health[ev.faction] = ev.data
         elif ev.call_id is None:  # target_status: the enemy's status replaces the one known
             self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
@@ -1321,7 +1502,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
-        self._polls.clear()
+        self._bodies.clear()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -1361,7 +1542,7 @@ class Hub:
     def snapshot_frame(self, scope: int | None) -> bytes:
         return self.snapshot(scope)[1]
 
-    def poll(self, scope: int | None, since: int | None) -> bytes:
+    def calls_since(self, scope: int | None, since: int | None) -> bytes:
         """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
 
         Cached per (scope, since) until the next event: a faction's long-polls all
@@ -1371,13 +1552,13 @@ class Hub:
             return self.snapshot(scope)[0]
         if not self.can_replay(since):
             return b'{"reset":true,' + self.snapshot(scope)[0][1:]
-        body = self._polls.get((scope, since))
+        body = self._bodies.get((scope, since))
         if body is None:
-            if len(self._polls) >= POLL_CACHE_ENTRIES:
-                self._polls.clear()
+            if len(self._bodies) >= CALLS_CACHE_ENTRIES:
+                self._bodies.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
-            body = self._polls[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
+            body = self._bodies[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
                 events, self.last_event_id)
         return body
 
@@ -1480,6 +1661,18 @@ class Hub:
     def all_streams(self) -> list[Client]:
         return [c for subs in self.subscribers.values() for c in subs] + list(self.waiting)
 
+    def end_grants(self, grants: set[Grant], retry_ms: int) -> None:
+        """End the streams of tokens that were revoked or expired; their held requests
+        answer now (with the 401 a new request would get)."""
+        if not grants:
+            return
+        ended = [c for c in self.all_streams() if c.grant in grants]
+        for client in ended:
+            self.end(client, retry_ms)
+        self.wake_grants(grants)
+        log.info("tokens revoked: %s; ended %d streams",
+                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
+
     # -- long-polls ------------------------------------------------------------------
 
     def hold(self, client: Client, wake: asyncio.Timeout) -> None:
@@ -1556,479 +1749,274 @@ class Hub:
 
 
 # ---------------------------------------------------------------------------
-# The HTTP side: one coroutine per connection
+# The database: the pool, every statement with its deadline, and the LISTEN connection
 # ---------------------------------------------------------------------------
 
-class HeldPoll:
-    """A long-poll with nothing new yet: all that its answer needs once it wakes.
 
-    The poll route returns it instead of an answer; converse() then drops the
-    request and waits in App.hold, so a held long-poll keeps about what an idle
-    stream keeps, not a request's head, headers and route frames.
+class DatabaseUnavailable(Exception):
+    """The database did not answer a statement within its deadline, or cannot be reached.
+
+    `sent`: the statement was handed to a connection, so it may have run (a write's
+    outcome is unknown); otherwise it surely did not. The HTTP side answers 503 with
+    Retry-After; background jobs try again later.
     """
 
-    __slots__ = ("since", "wait", "headers", "head_only")
-
-    def __init__(self, since: int, wait: int, headers: list[tuple[str, str]], head_only: bool):
-        self.since, self.wait, self.headers, self.head_only = since, wait, headers, head_only
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request being answered: what a route handler gets."""
-
-    client: Client
-    req: Request
-    body: bytes
-    cors: list[tuple[str, str]]
-    target: int | None = None      # the <target> of /calls/<target>
+    def __init__(self, sent: bool):
+        super().__init__("the database may have run the statement" if sent
+                         else "the statement did not reach the database")
+        self.sent = sent
 
 
-Handler = Callable[[Exchange], Awaitable[bytes | HeldPoll | None]]
+class PoolHealth(enum.Enum):
+    """How the last statement on the pool went (shown in /healthz and /metrics)."""
+
+    UNUSED = "unused"    # no statement yet
+    OK = "ok"
+    FAILING = "failing"  # a statement missed its deadline or found no database
 
 
-class App:
-    """The routes, and the pieces that outlive a connection."""
+class CallOutcome(enum.StrEnum):
+    """What torncat_call and torncat_uncall (trigger.sql) decided, in one statement."""
 
-    def __init__(self, config: Config, dsn: str, loop: asyncio.AbstractEventLoop):
-        self.config = config
+    CALLED = "called"          # the target is now the caller's
+    YOURS = "yours"            # the caller held it already (a retry): nothing new happened
+    TAKEN = "taken"            # another member holds it
+    UNCALLED = "uncalled"      # the call ended
+    NOT_YOURS = "not_yours"    # another member holds it, and the uncall was not forced
+    NOT_CALLED = "not_called"  # nobody holds it
+
+
+# Errors that say the database (or the way to it) is not there, rather than that a
+# statement was wrong: the server, a pooler or the network is down, restarting or full.
+DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+
+CALL_SQL = "SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)"
+UNCALL_SQL = "SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)"
+EXPIRE_CALLS_SQL = "SELECT torncat_expire_calls(make_interval(secs => $1))"
+PRUNE_EVENTS_SQL = "SELECT prune_target_call_events(make_interval(hours => $1))"
+ISSUE_MEMBER_TOKEN_SQL = """
+    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
+                                expires_at)
+    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
+"""
+REVOKE_DEPARTED_SQL = """
+    UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
+    WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
+      AND NOT (player_id = ANY($2::bigint[]))
+    RETURNING token_sha256, player_id, player_name
+"""
+LEND_KEY_SQL = """
+    INSERT INTO torncat_torn_keys (faction_id, api_key, source, player_id, player_name)
+    VALUES ($1, $2, 'lent', $3, $4)
+    ON CONFLICT (api_key) DO UPDATE SET faction_id = excluded.faction_id, source = 'lent',
+        player_id = excluded.player_id, player_name = excluded.player_name,
+        disabled_at = NULL, disabled_reason = NULL
+    RETURNING id
+"""
+
+# The command line's statements (`token ...`, `torn-key ...`).
+CREATE_TOKEN_SQL = """
+    INSERT INTO torncat_tokens (faction_id, label, token_sha256) VALUES ($1, $2, $3) RETURNING id
+"""
+LIST_TOKENS_SQL = """
+    SELECT id, faction_id, label, created_at, revoked_at, kind, player_id, expires_at,
+           encode(substr(token_sha256, 1, 4), 'hex') AS digest
+    FROM torncat_tokens ORDER BY id
+"""
+REVOKE_PLAYER_SQL = """
+    WITH r AS (UPDATE torncat_tokens SET revoked_at = now()
+               WHERE kind = 'member' AND player_id = $1 AND revoked_at IS NULL RETURNING 1)
+    SELECT count(*) FROM r
+"""
+REVOKE_TOKEN_SQL = """
+    UPDATE torncat_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id
+"""
+ADD_TORN_KEY_SQL = """
+    INSERT INTO torncat_torn_keys (faction_id, api_key, source) VALUES ($1, $2, 'operator')
+    ON CONFLICT (api_key) DO UPDATE SET
+        faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL
+    RETURNING id, (xmax = 0) AS inserted
+"""
+LIST_TORN_KEYS_SQL = """
+    SELECT id, faction_id, source, player_id, player_name, created_at, disabled_at,
+           disabled_reason
+    FROM torncat_torn_keys ORDER BY id
+"""
+REMOVE_TORN_KEY_SQL = "DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id"
+
+
+def database_tls(ca_cert: str) -> ssl.SSLContext | None:
+    """TLS that verifies the database's certificate and host name against `ca_cert`.
+
+    None leaves TLS to the DSN (`sslmode=require` encrypts without verifying).
+    """
+    if not ca_cert:
+        return None
+    if ca_cert.lstrip().startswith("-----BEGIN"):
+        return ssl.create_default_context(cadata=ca_cert)
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
+    """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
+
+    They find a link that died silently (a NAT or a pooler that dropped its state, a host
+    that vanished) without our sending anything, or when what we send is never
+    acknowledged; a backend that is merely frozen still has a kernel that answers, which
+    the deadlines and the probe catch. asyncpg has no option for this (`server_settings`
+    sets the backend's GUCs, i.e. the server's end of the socket), and a pool's `init`
+    runs after the connection is made, TLS included, so we set them on the transport's
+    socket, which asyncio and uvloop expose as `get_extra_info("socket")`, TLS or not.
+    """
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket (host=/run/postgresql): nothing in between to die
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    seconds = max(1, round(keepalive))
+    for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds),
+                        ("TCP_KEEPCNT", DB_KEEPALIVE_PROBES),
+                        ("TCP_USER_TIMEOUT", max(1, round(user_timeout * 1000)))):
+        option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+async def apply_schema(conn) -> None:
+    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
+    def show_warning(_conn, message) -> None:
+        if isinstance(message, asyncpg.PostgresWarning):
+            log.warning("trigger.sql: %s", message)
+
+    conn.add_log_listener(show_warning)
+    await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
+    try:
+        await conn.execute(TRIGGER_SQL_PATH.read_text())
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+        conn.remove_log_listener(show_warning)
+    log.info("applied trigger.sql")
+
+
+@contextlib.asynccontextmanager
+async def cli_connection(config: Config, dsn: str):
+    """The command line's connection: deadlines on connecting and on every statement, and
+    trigger.sql applied first with --init-db."""
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
+                                 ssl=database_tls(config.database_ca_cert))
+    try:
+        if config.applies_schema:
+            await apply_schema(conn)
+        yield conn
+    finally:
+        await conn.close()
+
+
+class Database:
+    """Postgres: the pool for writes and maintenance, connections of our own (LISTEN, the
+    Torn poll's lock, self-tests), and every statement on the pool with a deadline.
+
+    A statement's deadline (DB_TIMEOUT_SECONDS by default) covers waiting for a
+    connection, opening one and the statement. A connection that misses it, or fails
+    mid-statement, is terminated at once (a cancel request would need an answer from the
+    very backend that does not answer) and so never handed out again: the pool opens a
+    fresh one when it next needs one. The database not answering is DatabaseUnavailable,
+    which says whether the statement may have run.
+    """
+
+    def __init__(self, dsn: str, config: Config, stats: Stats):
         self.dsn = dsn
-        self.db_tls = database_tls(config.database_ca_cert)
-        self.loop = loop
-        self.stats = Stats()
-        self.hub = Hub(loop, config.replay_events, config.client_buffer_bytes, self.stats)
-        self.auth = Auth(config.secret_token, config.faction_tokens,
-                         open_access=config.open_access, factions=config.factions)
-        self.torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
-        self.sign_ins = SignIn(self.torn)
-        self.signin_budgets: dict[str, Grant] = {}  # client address -> sign-in token bucket
-        self.member_budgets: dict[int, Grant] = {}  # player id -> write bucket of all their tokens
-        self.listener = Listener(self)
-        self.poller = Poller(self)
-        self.pool: asyncpg.Pool | None = None  # writes and maintenance; LISTEN has its own
-        self.pool_state = "unused"    # "ok" or "failing": how the last statement on it went
+        self.tls = database_tls(config.database_ca_cert)
+        self.timeout = config.db_timeout_seconds
+        self.keepalive, self.user_timeout = config.db_keepalive_seconds, config.db_user_timeout_seconds
+        self.stats = stats
+        self.pool: asyncpg.Pool | None = None
+        self.health = PoolHealth.UNUSED
+        self.on_doubt: list[Callable[[], None]] = []  # told when a link died: ping yours
         self._sweep: asyncio.Task | None = None  # pinging the pool's idle connections
-        self.connections: set[Client] = set()
-        self.max_connections = config.max_clients + REQUEST_SLOTS
-        self.retry_after = str(max(1, round(config.retry_ms / 1000)))
-        self.stopping = False
-        self.drained = asyncio.Event()  # set when the last connection closes while stopping
-        # path -> method -> handler; the methods in the order a 405 lists them.
-        self.routes: dict[str, dict[str, Handler]] = {
-            "/events": {"GET": self.events},
-            "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
-            "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
-            "/calls": {"GET": self.poll, "HEAD": self.poll, "POST": self.make_call},
-            "/calls/<target>": {"DELETE": self.uncall},
-            "/calls/<target>/uncall": {"POST": self.uncall},
-            "/auth/torn": {"POST": self.sign_in},
-        }
 
-    # -- a connection, from accept to close ------------------------------------------
+    async def open(self) -> None:
+        """Make the pool. min_size=0: no connection is opened before one is needed, so
+        start-up does not wait for (or fail on) a database that is not reachable yet."""
+        self.pool = await asyncpg.create_pool(
+            self.dsn, min_size=0, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT, ssl=self.tls,
+            init=self._init_pooled, server_settings={"application_name": "torncat-sse api"})
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """asyncio.start_server's callback: one connection, from accept to close."""
-        if self.stopping or len(self.connections) >= self.max_connections:
-            self.stats.rejected += 1
-            writer.write(json_response(503, {"error": "server busy"},
-                                       [("Retry-After", self.retry_after)], close=True))
-            writer.close()
-            return
-        client = Client(writer)
-        self.connections.add(client)
-        try:
-            await self.converse(client, reader)
-            if client.phase is Phase.STREAM:
-                # For the hours a stream lasts only this frame waits: the request that opened
-                # it and the frames that answered it are gone (about 2.8 KB a stream less).
-                while await reader.read(READ_CHUNK):
-                    pass  # what a stream's client sends is ignored; EOF ends it
-        except OSError:   # ConnectionResetError, BrokenPipeError...: the client went away
-            pass
-        except Exception:
-            log.exception("connection from %s failed", client.peer())
-        finally:
-            self.hub.unsubscribe(client)
-            self.hub.release(client)
-            client.phase = Phase.CLOSED
-            self.connections.discard(client)
-            if not writer.is_closing():
-                writer.close()
-            if self.stopping and not self.connections:
-                self.drained.set()
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
 
-    async def converse(self, client: Client, reader: asyncio.StreamReader) -> None:
-        """Read a request, route it, answer it; again while the connection is kept alive."""
-        writer = client.writer
-        requests = RequestReader()
-        while True:
-            client.phase = Phase.READING
-            try:
-                got = await self.read_request(reader, requests)
-            except HttpError as e:
-                await self.refuse(client, reader, e)
-                return
-            if got is None:
-                return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
-            req, body = got
-            client.phase = Phase.BUSY
-            cors = cors_headers(req.headers.get("origin"), self.config.allowed_origins)
-            response = await self.answer(Exchange(client, req, body, cors))
-            keep_alive = req.keep_alive
-            if isinstance(response, HeldPoll):
-                got = req = body = cors = None  # not kept for the seconds the long-poll waits
-                response, keep_alive = await self.hold(client, reader, requests, response,
-                                                       keep_alive)
-            elif response is None:
-                return  # a stream: handle() waits for its end
-            writer.write(response)
-            if not keep_alive or self.stopping:
-                return
-            if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
-                # A client that pipelines requests and does not read the answers: answer
-                # (and read) nothing more until it catches up; close it if it never does.
-                try:
-                    async with asyncio.timeout(SLOW_READER_SECONDS):
-                        await writer.drain()
-                except TimeoutError:
-                    log.debug("%s: closed, %d response bytes unread", client.peer(),
-                              writer.transport.get_write_buffer_size())
-                    writer.transport.abort()
-                    return
+    async def connect(self, role: str) -> asyncpg.Connection:
+        """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
+        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.tls,
+                                     server_settings={"application_name": f"torncat-sse {role}"})
+        tune_db_socket(conn, self.keepalive, self.user_timeout)
+        return conn
 
-    async def read_request(self, reader: asyncio.StreamReader,
-                           requests: RequestReader) -> tuple[Request, bytes] | None:
-        """The next request, or None when the client closed or stayed idle; HttpError for a
-        bad one. The whole request must arrive within REQUEST_TIMEOUT_SECONDS."""
-        deadline = self.loop.time() + self.config.request_timeout_seconds
-        while (got := requests.next_request()) is None:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                if requests.started:
-                    raise HttpError(408, "request not received in time") from None
-                return None  # an idle keep-alive connection: nothing to answer
-            if not data:
-                return None
-            requests.feed(data)
-        return got
+    async def _init_pooled(self, conn) -> None:
+        """The pool's `init`: every connection it opens gets our TCP options."""
+        tune_db_socket(conn, self.keepalive, self.user_timeout)
 
-    async def refuse(self, client: Client, reader: asyncio.StreamReader, e: HttpError) -> None:
-        """Answer a request we could not read, then linger: its framing is lost, so we close,
-        but only after draining the client's input for a moment, or its kernel would turn
-        our answer into a reset (RFC 9112 section 9.6)."""
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: %d %s", client.peer(), e.status, e.message)
-        writer = client.writer
-        client.phase = Phase.CLOSED
-        writer.write(json_response(e.status, {"error": e.message}, list(e.headers), close=True))
-        if writer.can_write_eof():
-            writer.write_eof()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(LINGER_SECONDS):
-                while await reader.read(READ_CHUNK):
-                    pass
+    # -- the statements ------------------------------------------------------------
 
-    async def answer(self, x: Exchange) -> bytes | HeldPoll | None:
-        """Route one request. Every route's errors leave through here, and only here."""
-        req = x.req
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s", x.client.peer(), req.method, redact(req.target))
-        try:
-            if req.method == "OPTIONS":
-                return preflight(req, self.config.allowed_origins)
-            if m := CALL_PATH_RE.match(req.path):
-                methods = self.routes["/calls/<target>/uncall" if m.group(2) else "/calls/<target>"]
-                x.target = int(m.group(1))
-            elif (methods := self.routes.get(req.path)) is None:
-                raise HttpError(404, "no such endpoint")
-            handler = methods.get(req.method)
-            if handler is None:
-                raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
-            return await handler(x)
-        except HttpError as e:
-            return json_response(e.status, {"error": e.message, **e.extra}, [*e.headers, *x.cors],
-                                 close=not req.keep_alive)
-        except Exception:
-            log.exception("error handling %s %s", req.method, redact(req.path))
-            req.keep_alive = False
-            return json_response(500, {"error": "internal error"}, x.cors, close=True)
+    async def call(self, faction: int | None, war_id: int | None, target_id: int,
+                   target_name: str | None, caller_id: int,
+                   caller_name: str | None) -> tuple[CallOutcome, dict, int | None]:
+        """Call a target: (what was decided, the call that holds it, its event id)."""
+        row = await self._run(lambda c: c.fetchrow(CALL_SQL, faction, war_id, target_id,
+                                                   target_name, caller_id, caller_name))
+        return CallOutcome(row["status"]), json.loads(row["call"]), row["event_id"]
 
-    # -- the routes ------------------------------------------------------------------
+    async def uncall(self, faction: int | None, target_id: int, by_id: int,
+                     by_name: str | None, force: bool) -> tuple[CallOutcome, dict | None, int | None]:
+        """Uncall a target: (what was decided, the call, its event id)."""
+        row = await self._run(lambda c: c.fetchrow(UNCALL_SQL, faction, target_id, by_id,
+                                                   by_name, force))
+        call = None if row["call"] is None else json.loads(row["call"])
+        return CallOutcome(row["status"]), call, row["event_id"]
 
-    async def events(self, x: Exchange) -> None:
-        """GET /events: register a stream with the hub; handle() then waits for its end."""
-        req, client = x.req, x.client
-        if req.version != "HTTP/1.1":
-            raise HttpError(505, "the event stream needs HTTP/1.1")
-        client.grant = self.auth.grant(req)
-        if self.stopping or self.hub.client_count >= self.config.max_clients:
-            raise HttpError(503, "too many clients, retry later",
-                            (("Retry-After", self.retry_after),))
-        client.cursor = parse_event_id(req.headers.get("last-event-id",
-                                                       req.query.get("last_event_id")))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
-                      "all" if client.scope is None else client.scope, client.cursor)
-        sock = client.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
-        head = render_head(200, [
-            ("Content-Type", "text/event-stream"),
-            ("Cache-Control", "no-cache"),
-            ("X-Accel-Buffering", "no"),
-            ("Transfer-Encoding", "chunked"),
-            *x.cors,
-        ])
-        self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+    async def issue_member_token(self, faction_id: int, name: str, digest: bytes,
+                                 player_id: int, seconds: float) -> float:
+        """Store a member token's digest; returns when it expires (seconds since the epoch)."""
+        row = await self._run(lambda c: c.fetchrow(ISSUE_MEMBER_TOKEN_SQL, faction_id, name,
+                                                   digest, player_id, name, seconds))
+        return row["expires_at"]
 
-    async def healthz(self, x: Exchange) -> bytes:
-        status, body = self.health()
-        return json_response(status, body, x.cors, head_only=x.req.method == "HEAD",
-                             close=not x.req.keep_alive)
+    async def lend_key(self, faction_id: int, key: str, player_id: int, name: str) -> None:
+        await self._run(lambda c: c.fetchrow(LEND_KEY_SQL, faction_id, key, player_id, name))
 
-    async def metrics_page(self, x: Exchange) -> bytes:
-        return render_response(200, [
-            ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-            ("Cache-Control", "no-store")], self.metrics(),
-            head_only=x.req.method == "HEAD", close=not x.req.keep_alive)
+    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> list:
+        """Revoke the member tokens of `faction_id` whose players are not in `member_ids`;
+        returns their (token_sha256, player_id, player_name) rows."""
+        return await self._run(lambda c: c.fetch(REVOKE_DEPARTED_SQL, faction_id,
+                                                 sorted(member_ids)), QUERY_TIMEOUT)
 
-    # -- signing in with a Torn API key ------------------------------------------------
+    async def expire_calls(self, ttl: int) -> int:
+        """Uncall calls older than `ttl` seconds (trigger.sql); returns how many."""
+        return (await self._run(lambda c: c.fetchrow(EXPIRE_CALLS_SQL, ttl)))[0]
 
-    async def sign_in(self, x: Exchange) -> bytes:
-        """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
-        client" for what happens to the key)."""
-        req = x.req
-        address = client_address(x.client.peer(), req, self.config.trusted_proxies)
-        budget = self.signin_budgets.get(address)
-        if budget is None:
-            if len(self.signin_budgets) >= SIGNIN_ADDRESSES_MAX:  # forget idle addresses
-                idle = self.loop.time() - 60.0
-                self.signin_budgets = {a: b for a, b in self.signin_budgets.items()
-                                       if b.stamp > idle}
-            budget = self.signin_budgets[address] = Grant(None, "")
-        wait = budget.take_write(self.config.signins_per_minute, self.loop.time())
-        if wait:
-            raise HttpError(429, "too many sign-ins from your address, slow down",
-                            (("Retry-After", str(math.ceil(wait))),))
-        if self.auth.db is None:
-            raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", "5"),))
-        f = parse_body(req, x.body, SIGNIN_FIELDS)
-        key = f.pop("key")
-        who = await self.sign_ins.identity(key)
-        if who.faction_id is None:
-            raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
-                            "shares calls within a faction")
-        if who.faction_id not in self.config.factions and \
-                who.faction_id not in self.auth.token_factions:
-            raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
-                            extra={"faction_id": who.faction_id})
-        if f["lend"]:
-            await self.lend(key, who)
-        del key  # nothing below needs it
-        token = "tm_" + secrets.token_urlsafe(24)
-        digest = token_digest(token)
-        row = await self._db(ISSUE_MEMBER_TOKEN_SQL, who.faction_id, who.name, digest,
-                             who.player_id, who.name, self.config.member_token_days * 86400)
-        self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
-                                           row["expires_at"]))
-        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
-        expires = datetime.datetime.fromtimestamp(row["expires_at"], datetime.UTC)
-        return json_response(200, {"token": token, "player_id": who.player_id, "name": who.name,
-                                   "faction_id": who.faction_id, "lent": bool(f["lend"]),
-                                   "expires_at": expires.isoformat(timespec="seconds")
-                                   .replace("+00:00", "Z")}, x.cors,
-                             close=not req.keep_alive)
+    async def prune_events(self, hours: int) -> int:
+        """Delete events older than `hours` (trigger.sql keeps the newest); returns how many."""
+        return (await self._run(lambda c: c.fetchrow(PRUNE_EVENTS_SQL, hours), PRUNE_TIMEOUT))[0]
 
-    async def lend(self, key: str, who: TornIdentity) -> None:
-        """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
-        only a Public key, the poll reads nothing else (see "The Torn API poll")."""
-        try:
-            info = (await self.torn.get(key, "/key/info")).get("info")
-        except TornError as e:
-            raise torn_error_to_http(e.code) from None
-        access = info.get("access") if isinstance(info, dict) else None
-        level = access.get("level") if isinstance(access, dict) else None
-        if level != PUBLIC_ACCESS_LEVEL:
-            kind = access.get("type") if isinstance(access, dict) else None
-            raise HttpError(403, f"TornCat borrows only keys with Public access for the "
-                            f"faction's poll, and this one has {kind or 'other'} access: create "
-                            f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
-                            "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
-        await self._db(LEND_KEY_SQL, who.faction_id, key, who.player_id, who.name)
-        log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
-                 who.faction_id)
+    # -- deadlines ---------------------------------------------------------------------
 
-    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> int:
-        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
-        faction's member list as Torn shows it now) and end their streams; returns how many.
-        Other servers learn of it through the token table's NOTIFY."""
-        async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-            rows = await conn.fetch(REVOKE_DEPARTED_SQL, faction_id, sorted(member_ids),
-                                    timeout=QUERY_TIMEOUT)
-        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
-        self.revoke(gone)
-        for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
-            log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
-        return len(rows)
-
-    async def poll(self, x: Exchange) -> bytes | HeldPoll:
-        """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
-
-        With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
-        until the faction's next event or S seconds, whichever comes first.
-        """
-        req = x.req
-        grant = self.auth.grant(req)
-        if not self.hub.ready:
-            raise HttpError(503, "not ready: the database has not been reached yet",
-                            (("Retry-After", "5"),))
-        since_text = req.query.get("since")
-        since = parse_event_id(since_text)
-        if since_text is not None and since is None:
-            raise HttpError(400, "since must be an event id (a non-negative integer)")
-        wait = parse_wait(req.query.get("wait"))
-        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), *x.cors]
-        if wait and since is not None and not self.stopping \
-                and not self.hub.has_news(grant.faction, since):
-            if self.hub.client_count >= self.config.max_clients:
-                raise HttpError(503, "too many clients, retry later",
-                                (("Retry-After", self.retry_after),))
-            x.client.grant = grant
-            return HeldPoll(since, wait, headers, req.method == "HEAD")
-        self.stats.polls += 1
-        return render_response(200, headers, self.hub.poll(grant.faction, since),
-                               close=not req.keep_alive, head_only=req.method == "HEAD")
-
-    async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
-                   held: HeldPoll, keep_alive: bool) -> tuple[bytes, bool]:
-        """Hold a long-poll until its faction's next event, its wait, or shutdown; then
-        its answer, and whether the connection stays open.
-
-        It costs about what an idle stream costs: this coroutine waits on the
-        client's socket (so a client that leaves is noticed at once), and the hub
-        wakes it by moving its deadline to now. Nothing touches the database.
-        """
-        self.stats.long_polls += 1
-        try:
-            async with asyncio.timeout(held.wait) as deadline:
-                self.hub.hold(client, deadline)
-                while data := await reader.read(READ_CHUNK):
-                    requests.feed(data)  # the client's next request, pipelined: kept
-                    if requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
-                        break  # more than a request's worth: answer now
-                else:
-                    keep_alive = False  # the client closed its side: answer, then close
-        except TimeoutError:
-            pass  # an event, the deadline or shutdown: answer with what there is
-        finally:
-            self.hub.release(client)
-            client.phase = Phase.BUSY
-        if client.grant is not None and client.grant.ended:
-            # Its token ended while it waited (revoked, expired, left the faction): the
-            # answer a new request would get, so the player is signed out now, not later.
-            why = client.grant.ended if client.grant.player_id is not None else None
-            body = {"error": MEMBER_TOKEN_ENDED[why], "signed_out": why} if why \
-                else {"error": "missing or invalid token"}
-            return render_response(401, [*held.headers, *UNAUTHORIZED], json_bytes(body),
-                                   close=not keep_alive, head_only=held.head_only), keep_alive
-        self.stats.polls += 1
-        return render_response(200, held.headers, self.hub.poll(client.scope, held.since),
-                               close=not keep_alive, head_only=held.head_only), keep_alive
-
-    async def make_call(self, x: Exchange) -> bytes:
-        """POST /calls: call a target for the token's faction."""
-        grant = self.auth.grant(x.req)
-        f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
-                       else MEMBER_CALL_FIELDS)
-        caller_id, caller_name = writer_of(grant, f)
-        self._check_rate(grant)
-        row = await self._db("SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)", grant.faction,
-                             f["war_id"], f["target_id"], f["target_name"], caller_id,
-                             caller_name)
-        call = json.loads(row["call"])
-        if row["status"] == "taken":
-            self.stats.calls_refused += 1
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
-                            extra={"call": call})
-        if row["status"] == "yours":
-            # The caller holds it already: most likely a retry of a write whose answer was
-            # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
-            return json_response(201, {"call": call, "event_id": None}, x.cors,
-                                 close=not x.req.keep_alive)
-        self.stats.calls_made += 1
-        await self._seen(row["event_id"])
-        return json_response(201, {"call": call, "event_id": row["event_id"]}, x.cors,
-                             close=not x.req.keep_alive)
-
-    async def uncall(self, x: Exchange) -> bytes:
-        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
-        grant = self.auth.grant(x.req)
-        target = _id_field(x.target, "target_id")
-        f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
-                       else MEMBER_UNCALL_FIELDS)
-        by_id, by_name = writer_of(grant, f)
-        self._check_rate(grant)
-        row = await self._db("SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)", grant.faction,
-                             target, by_id, by_name, bool(f["force"]))
-        if row["status"] == "not_called":
-            raise HttpError(404, f"target {target} is not called")
-        call = json.loads(row["call"])
-        if row["status"] == "not_yours":
-            who = call["caller_name"] or f"player {call['caller_id']}"
-            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
-                            'it, unless the request says "force": true', extra={"call": call})
-        self.stats.uncalls += 1
-        await self._seen(row["event_id"])
-        return json_response(200, {"call": call, "event_id": row["event_id"]}, x.cors,
-                             close=not x.req.keep_alive)
-
-    def revoke(self, grants: set[Grant]) -> None:
-        """End the streams of tokens that were revoked."""
-        if not grants:
-            return
-        ended = [c for c in self.hub.all_streams() if c.grant in grants]
-        for client in ended:
-            self.hub.end(client, self.config.retry_ms)
-        self.hub.wake_grants(grants)  # their held long-polls answer 401 now (see `hold`)
-        log.info("tokens revoked: %s; ended %d streams",
-                 ", ".join(sorted(g.label or "(no label)" for g in grants)), len(ended))
-
-    # -- the calls API's helpers ------------------------------------------------------
-
-    def _check_rate(self, grant: Grant) -> None:
-        # A member's writes count against the member (all their tokens), not the faction.
-        budget = grant if grant.player_id is None else \
-            self.member_budgets.setdefault(grant.player_id, Grant(grant.faction, ""))
-        wait = budget.take_write(self.config.writes_per_minute, self.loop.time())
-        if wait:
-            raise HttpError(429, "too many writes with this token, slow down",
-                            (("Retry-After", str(math.ceil(wait))),))
-
-    async def _db(self, sql: str, *args, deadline: float | None = None) -> asyncpg.Record:
-        """One statement on the pool, within a deadline (DB_TIMEOUT_SECONDS by default).
-
-        The deadline covers waiting for a connection, opening one and the statement. A
-        connection that misses it, or fails mid-statement, is terminated at once (a cancel
-        request would need an answer from the very backend that does not answer) and so never
-        handed out again: the pool opens a fresh one when it next needs one. The database
-        not answering is HttpError 503 with Retry-After, whose body says whether the statement
-        may have run (`"outcome": "unknown"`: the calls API's writes are safe to send again)
-        or surely did not (`"not applied"`).
-        """
-        deadline = deadline or self.config.db_timeout_seconds
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable],
+                   deadline: float | None = None):
+        """One statement on a pool connection, within `deadline` (DB_TIMEOUT_SECONDS by
+        default); DatabaseUnavailable if the database does not answer in time."""
+        deadline = deadline or self.timeout
         conn, sent = None, False
         try:
             async with asyncio.timeout(deadline):
                 conn = await self.pool.acquire()
                 sent = True
-                row = await conn.fetchrow(sql, *args)
+                result = await statement(conn)
         except (TimeoutError, *DB_UNAVAILABLE) as e:
             self._unavailable(conn, e, deadline)
-            raise self._db_error(sent) from None
+            raise DatabaseUnavailable(sent) from None
         except asyncpg.PostgresError:
             if conn is not None:
                 await self._release(conn)  # the statement failed, the connection is fine
@@ -2037,9 +2025,9 @@ class App:
             if conn is not None:
                 self._terminate(conn)
             raise
-        self.pool_state = "ok"
+        self.health = PoolHealth.OK
         await self._release(conn)
-        return row
+        return result
 
     def _unavailable(self, conn, e: BaseException, deadline: float) -> None:
         timed_out = isinstance(e, TimeoutError)
@@ -2047,19 +2035,10 @@ class App:
             self.stats.pool_timeouts += 1
         if conn is not None:
             self._terminate(conn)
-        self.pool_state = "failing"
+        self.health = PoolHealth.FAILING
         log.warning("database unavailable for a statement: %s",
                     f"no answer within {deadline:g}s" if timed_out else describe(e))
-        self.check_pool()  # the connections this one came with may be as dead
-
-    @staticmethod
-    def _db_error(sent: bool) -> HttpError:
-        if sent:
-            return HttpError(503, "the database did not answer in time: the write may or may "
-                             "not have been made; it is safe to send it again",
-                             (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
-        return HttpError(503, "database unavailable, retry later",
-                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
+        self.check()  # the connections this one came with may be as dead
 
     def _terminate(self, conn) -> None:
         """Close a pool connection now, without a word to its backend; the pool replaces it."""
@@ -2077,17 +2056,19 @@ class App:
             self.stats.db_terminations += 1
             log.warning("a pool connection was closed: its reset failed (%s)", describe(e))
 
-    def check_pool(self) -> None:
+    def check(self) -> None:
         """Ping the pool's idle connections soon: one missed a deadline, or the LISTEN
         connection was lost, so the others may be dead too (a failover, a NAT that dropped
-        its state). Dead ones are terminated before a write draws them."""
-        self.poller.check()
+        its state). Dead ones are terminated before a write draws them. Links of our own
+        are told too (`on_doubt`)."""
+        for doubt in self.on_doubt:
+            doubt()
         if self.pool is not None and (self._sweep is None or self._sweep.done()):
-            self._sweep = self.loop.create_task(self._sweep_pool())
+            self._sweep = asyncio.get_running_loop().create_task(self._sweep_pool())
 
     async def _sweep_pool(self) -> None:
         """Ping every connection waiting in the pool, all at once, within PING_TIMEOUT;
-        terminate those that miss it. Not through _db: a ping that cannot get a connection
+        terminate those that miss it. Not through _run: a ping that cannot get a connection
         (they are all busy) says nothing about the database."""
         pool = self.pool
         # Hold them all at once: the pool hands out the most recently used connection first,
@@ -2117,154 +2098,56 @@ class App:
                  if c is not None]
         answered = await asyncio.gather(*(ping(c) for c in taken))
         if any(answered):
-            self.pool_state = "ok"
+            self.health = PoolHealth.OK
         elif not taken:
-            self.pool_state = "failing"  # not even a new connection could be had
+            self.health = PoolHealth.FAILING  # not even a new connection could be had
         if not all(answered):
             log.warning("pool check: %d of %d connections did not answer within %gs and were "
                         "closed", answered.count(False), len(answered), PING_TIMEOUT)
 
-    async def connect_db(self, role: str) -> asyncpg.Connection:
-        """A connection of our own (not from the pool), within CONNECT_TIMEOUT."""
-        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, ssl=self.db_tls,
-                                     server_settings={"application_name": f"torncat-sse {role}"})
-        self.tune_socket(conn)
-        return conn
-
-    def tune_socket(self, conn) -> None:
-        tune_db_socket(conn, self.config.db_keepalive_seconds,
-                       self.config.db_user_timeout_seconds)
-
-    async def _init_pooled(self, conn) -> None:
-        """The pool's `init`: every connection it opens gets our TCP options."""
-        self.tune_socket(conn)
-
-    async def _seen(self, event_id: int) -> None:
-        """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
-        fut = self.hub.sent(event_id)
-        if fut is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
-
-    def metrics(self) -> bytes:
-        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
-        return self._metrics(self.pool) + self.poller.metrics().encode()
-
-    def _metrics(self, pool) -> bytes:
-        return render_metrics(self.stats, {
-            "clients": ("Open event streams.", self.hub.stream_count),
-            "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
-            "connections": ("Open TCP connections, streams included.", len(self.connections)),
-            "listener_up": ("1 while the LISTEN connection is live.",
-                            int(self.listener.state is ListenerState.LIVE)),
-            "last_event_id": ("The last event id applied.", self.hub.last_event_id),
-            "active_calls": ("Active calls held in memory.", len(self.hub.active)),
-            "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
-                           int(self.pool_state != "failing")),
-            "db_pool_connections": ("Open pool connections (LISTEN not included).",
-                                    pool.get_size() if pool else 0),
-            "db_pool_idle_connections": ("Pool connections waiting for a statement.",
-                                         pool.get_idle_size() if pool else 0),
-        })
-
-    def health(self) -> tuple[int, dict]:
-        """200 while events flow (the LISTEN connection is live); the body tells the rest."""
-        live = self.listener.state is ListenerState.LIVE
-        status = "unavailable" if not live else "degraded" if self.pool_state == "failing" \
-            else "ok"
+    def pool_connections(self) -> tuple[int, int]:
+        """(open, idle) connections of the pool."""
         pool = self.pool
-        return (200 if live else 503), {
-            "status": status,
-            "listener": self.listener.state.value,
-            "clients": self.hub.stream_count,
-            "long_polls": self.hub.held_count,
-            "last_event_id": self.hub.last_event_id,
-            "database": {
-                "pool": self.pool_state,
-                "pool_connections": pool.get_size() if pool else 0,
-                "pool_idle_connections": pool.get_idle_size() if pool else 0,
-                "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
-                "terminated_connections": self.stats.db_terminations,
-            },
-            "torn_poll": self.poller.health(),
-        }
+        return (pool.get_size(), pool.get_idle_size()) if pool else (0, 0)
 
-    # -- periodic work -----------------------------------------------------------
+    async def notify_arrives(self, listen_on: asyncpg.Connection, role: str,
+                             timeout: float) -> bool:
+        """Whether a NOTIFY sent from a fresh connection reaches `listen_on` within `timeout`:
+        the check that `listen_on` is a session of our own, which LISTEN and session
+        advisory locks need.
 
-    async def keepalive_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.keepalive_seconds)
-            self.hub.keepalive()
+        From another connection: behind a transaction pooler a NOTIFY sent on our own client
+        connection can come straight back while real ones never would. A fresh one, not the
+        pool's: a pooled connection may be as frozen as one just given up, and the check must
+        only depend on the database accepting connections. The channel is our own hex, so the
+        NOTIFY needs no parameters or prepared statement, which poolers may not support.
+        """
+        channel = f"torncat_selftest_{os.getpid()}_{secrets.token_hex(4)}"
+        got = asyncio.get_running_loop().create_future()
 
-    async def member_expiry_loop(self) -> None:
-        """End the streams of member tokens that expired while streaming."""
-        while True:
-            await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
-            self.revoke(self.auth.expire(time.time()))
+        def heard(*_args) -> None:
+            if not got.done():
+                got.set_result(None)
 
-    async def stats_loop(self) -> None:
-        """Seed step 6: log the number of active connections, once a minute."""
-        seen = {name: 0 for name in ("connects", "disconnects", "evictions", "events")}
-        while True:
-            await asyncio.sleep(self.config.stats_log_seconds)
-            deltas = {name: getattr(self.stats, name) - seen[name] for name in seen}
-            seen = {name: getattr(self.stats, name) for name in seen}
-            log.info("clients=%d connects=+%d disconnects=+%d evictions=+%d events=+%d "
-                     "last_event_id=%d listener=%s", self.hub.client_count,
-                     deltas["connects"], deltas["disconnects"], deltas["evictions"],
-                     deltas["events"], self.hub.last_event_id, self.listener.state)
-
-    async def expiry_loop(self) -> None:
-        """Uncall calls older than CALL_TTL_SECONDS (exactly once, whatever the instances)."""
-        ttl = self.config.call_ttl_seconds
-        if not ttl:
-            return
-        while True:
-            await asyncio.sleep(min(30.0, max(0.1, ttl / 10)))
-            with contextlib.suppress(HttpError):  # the database is down: try again later
-                expired = (await self._db("SELECT torncat_expire_calls(make_interval(secs => $1))",
-                                          ttl))[0]
-                if expired:
-                    log.info("expired %d calls older than %ds", expired, ttl)
-
-    async def prune_loop(self) -> None:
-        """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
-        hours = self.config.event_retention_hours
-        if not hours:
-            return
-        while True:
-            await asyncio.sleep(3600)
-            with contextlib.suppress(HttpError):
-                pruned = (await self._db("SELECT prune_target_call_events(make_interval("
-                                         "hours => $1))", hours, deadline=PRUNE_TIMEOUT))[0]
-                log.info("pruned %d events older than %d hours", pruned, hours)
-
-    # -- shutdown ------------------------------------------------------------------
-
-    async def shutdown(self) -> None:
-        """End every stream with a jittered retry:, so clients come back spread out; answer
-        held long-polls at once; let requests in flight finish, then close what is left."""
-        self.stopping = True
-        window_ms = int(self.config.reconnect_spread_seconds * 1000)
-        streams = self.hub.all_streams()
-        for client in streams:
-            self.hub.end(client, random.randint(min(1000, window_ms), window_ms))
-        self.hub.wake_all()
-        for client in list(self.connections):
-            if client.phase is Phase.READING:
-                client.writer.close()
-        log.info("shutting down: ended %d streams", len(streams))
-        if self.connections:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
-        for client in list(self.connections):
-            client.writer.transport.abort()
-        self.torn.close()
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await listen_on.add_listener(channel, heard)
+        sender = await self.connect(role)
+        try:
+            async with asyncio.timeout(timeout):
+                await sender.execute(f"NOTIFY {channel}")
+                await got
+            arrived = True
+        except TimeoutError:
+            arrived = False
+        finally:
+            with contextlib.suppress(Exception):  # it terminates the connection if it fails
+                await sender.close(timeout=PING_TIMEOUT)
+        async with asyncio.timeout(QUERY_TIMEOUT):
+            await listen_on.remove_listener(channel, heard)
+        return arrived
 
 
-# ---------------------------------------------------------------------------
-# The Postgres listener
-# ---------------------------------------------------------------------------
+# -- The LISTEN connection --------------------------------------------------
 
 LOAD_CALLS_SQL = """
     SELECT id, faction_id, target_call_json(t)::text AS data
@@ -2307,80 +2190,6 @@ def _event_from_row(row) -> Event:
                  row.get("ts"))
 
 
-# Errors that say the database (or the way to it) is not there, rather than that a
-# statement was wrong: the server, a pooler or the network is down, restarting or full.
-DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                  asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
-
-
-def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: float) -> None:
-    """TCP keepalives and TCP_USER_TIMEOUT on a Postgres connection's socket.
-
-    They find a link that died silently (a NAT or a pooler that dropped its state, a host
-    that vanished) without our sending anything, or when what we send is never
-    acknowledged; a backend that is merely frozen still has a kernel that answers, which
-    the deadlines and the probe catch. asyncpg has no option for this (`server_settings`
-    sets the backend's GUCs, i.e. the server's end of the socket), and a pool's `init`
-    runs after the connection is made, TLS included, so we set them on the transport's
-    socket, which asyncio and uvloop expose as `get_extra_info("socket")`, TLS or not.
-    """
-    transport = getattr(conn, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return  # a Unix socket (host=/run/postgresql): nothing in between to die
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    seconds = max(1, round(keepalive))
-    for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", seconds),
-                        ("TCP_KEEPCNT", DB_KEEPALIVE_PROBES),
-                        ("TCP_USER_TIMEOUT", max(1, round(user_timeout * 1000)))):
-        option = getattr(socket, name, None)  # Linux has all four; macOS lacks the last
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a log, without DSNs or stack traces."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def notify_arrives(app: App, listen_on: asyncpg.Connection, role: str,
-                         timeout: float) -> bool:
-    """Whether a NOTIFY sent from a fresh connection reaches `listen_on` within `timeout`:
-    the check that `listen_on` is a session of our own, which LISTEN and session advisory
-    locks need.
-
-    From another connection: behind a transaction pooler a NOTIFY sent on our own client
-    connection can come straight back while real ones never would. A fresh one, not the
-    pool's: a pooled connection may be as frozen as one just given up, and the check must
-    only depend on the database accepting connections. The channel is our own hex, so the
-    NOTIFY needs no parameters or prepared statement, which poolers may not support.
-    """
-    channel = f"torncat_selftest_{os.getpid()}_{secrets.token_hex(4)}"
-    got = app.loop.create_future()
-
-    def heard(*_args) -> None:
-        if not got.done():
-            got.set_result(None)
-
-    async with asyncio.timeout(QUERY_TIMEOUT):
-        await listen_on.add_listener(channel, heard)
-    sender = await app.connect_db(role)
-    try:
-        async with asyncio.timeout(timeout):
-            await sender.execute(f"NOTIFY {channel}")
-            await got
-        arrived = True
-    except TimeoutError:
-        arrived = False
-    finally:
-        with contextlib.suppress(Exception):  # it terminates the connection if it fails
-            await sender.close(timeout=PING_TIMEOUT)
-    async with asyncio.timeout(QUERY_TIMEOUT):
-        await listen_on.remove_listener(channel, heard)
-    return arrived
-
-
 class ListenerState(enum.StrEnum):
     """Where the LISTEN connection is (shown in /healthz and the stats line)."""
 
@@ -2389,6 +2198,10 @@ class ListenerState(enum.StrEnum):
     LIVE = "live"                          # events flow; probed every PROBE_INTERVAL_SECONDS
     DOWN = "down"                          # lost: reconnecting after a backoff
     SELF_TEST_FAILED = "self-test failed"  # connected, but LISTEN does not deliver
+
+
+class SelfTestFailed(Exception):
+    pass
 
 
 class Listener:
@@ -2404,10 +2217,10 @@ class Listener:
     forged or garbled one is counted and logged, and changes nothing.
     """
 
-    def __init__(self, app: App):
-        self.app = app
-        self.hub = app.hub
+    def __init__(self, config: Config, db: Database, hub: Hub, auth: Auth, stats: Stats):
+        self.config, self.db, self.hub, self.auth, self.stats = config, db, hub, auth, stats
         self.state = ListenerState.STARTING
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self.conn: asyncpg.Connection | None = None
         # The doorbell: notifications that rang since the last read of the log began.
         self._rang = False           # at least one did: the log must be read again
@@ -2424,6 +2237,7 @@ class Listener:
 
     async def run(self) -> None:
         """Connect, catch up, go live; on any failure, back off and do it again."""
+        self.loop = asyncio.get_running_loop()
         delay = BACKOFF_MIN
         while True:
             try:
@@ -2435,33 +2249,33 @@ class Listener:
                 log.error("%s", e)
             except Exception as e:
                 if isinstance(e, TimeoutError):  # a deadline on this connection was missed
-                    self.app.stats.listener_timeouts += 1
+                    self.stats.listener_timeouts += 1
                     reason = "a query on the LISTEN connection missed its deadline"
                 else:
                     reason = describe(e)
                 log.warning("postgres listener: %s; reconnecting in %.1fs", reason, delay)
                 if self.conn is not None:  # a link that worked died: whatever froze or cut it
-                    self.app.check_pool()  # may have hit the pool's links too
+                    self.db.check()  # may have hit the pool's links too
             finally:
                 if self.state is ListenerState.LIVE:
                     delay = BACKOFF_MIN  # it worked for a while: start the backoff over
                 self._close()
             if self.state is not ListenerState.SELF_TEST_FAILED:
                 self.state = ListenerState.DOWN
-            self.app.stats.listener_reconnects += 1
+            self.stats.listener_reconnects += 1
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             # Never longer than a probe interval: once the database takes connections again,
             # we are live within PROBE_INTERVAL_SECONDS and a connection's set-up.
-            delay = min(delay * 2, BACKOFF_MAX, self.app.config.probe_interval_seconds)
+            delay = min(delay * 2, BACKOFF_MAX, self.config.probe_interval_seconds)
 
     async def _session(self) -> None:
-        conn = await self.app.connect_db("listener")
+        conn = await self.db.connect("listener")
         self.conn = conn
-        self._lost = self.app.loop.create_future()
+        self._lost = self.loop.create_future()
         conn.add_termination_listener(self._on_terminated)
         self.state = ListenerState.CATCHING_UP
         self._rang, self._claims = False, []
-        if self.app.config.init_db and not self._schema_applied:
+        if self.config.applies_schema and not self._schema_applied:
             async with self._in_use, asyncio.timeout(SCHEMA_TIMEOUT):
                 await apply_schema(conn)
             self._schema_applied = True
@@ -2474,9 +2288,9 @@ class Listener:
         await self._catch_up()
         self.state = ListenerState.LIVE  # no await since the last read: no doorbell is missed
         log.info("postgres listener live (last_event_id=%d)", self.hub.last_event_id)
-        if self.app.pool_state == "failing":
-            self.app.check_pool()  # the database is back: so is the pool, or /healthz says not
-        interval = self.app.config.probe_interval_seconds
+        if self.db.health is PoolHealth.FAILING:
+            self.db.check()  # the database is back: so is the pool, or /healthz says not
+        interval = self.config.probe_interval_seconds
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._lost), interval)
@@ -2485,20 +2299,20 @@ class Listener:
             try:
                 await self.probe()
             except TimeoutError:
-                self.app.stats.listener_timeouts += 1
+                self.stats.listener_timeouts += 1
                 raise ConnectionError(
                     "no answer to a probe within "
-                    f"{self.app.config.probe_timeout_seconds:g}s (half-open connection?)") from None
+                    f"{self.config.probe_timeout_seconds:g}s (half-open connection?)") from None
 
     async def _self_test(self) -> None:
-        """A NOTIFY from another connection must arrive here (see notify_arrives)."""
+        """A NOTIFY from another connection must arrive here (see Database.notify_arrives)."""
         async with self._in_use:
-            arrived = await notify_arrives(self.app, self.conn, "self-test",
-                                           self.app.config.probe_timeout_seconds)
+            arrived = await self.db.notify_arrives(self.conn, "self-test",
+                                                   self.config.probe_timeout_seconds)
         if not arrived:
             raise SelfTestFailed(
                 "LISTEN self-test failed: a NOTIFY sent from another connection did not arrive "
-                f"within {self.app.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
+                f"within {self.config.probe_timeout_seconds:g}s. Behind a transaction-mode "
                 "pooler (Supabase port 6543) LISTEN never fires: use the session pooler "
                 "(port 5432) or a direct connection. Not reporting healthy.")
 
@@ -2509,7 +2323,7 @@ class Listener:
         self._reader = self._tokens_task = None
         if self.conn is not None:
             if not self.conn.is_closed():
-                self.app.stats.db_terminations += 1
+                self.stats.db_terminations += 1
             self.conn.terminate()  # at once: a frozen backend would never answer a goodbye
             self.conn = None
         for fut in self._probes.values():
@@ -2531,7 +2345,7 @@ class Listener:
             return
         self._rang = True
         if self.state is ListenerState.LIVE and (self._reader is None or self._reader.done()):
-            self._reader = self.app.loop.create_task(self._in_background(self._answer_doorbell()))
+            self._reader = self.loop.create_task(self._in_background(self._answer_doorbell()))
         # else: a read is in flight (or we are catching up), and it reads again when done
 
     async def _answer_doorbell(self) -> None:
@@ -2541,7 +2355,7 @@ class Listener:
             if max(claims, default=0) <= self.hub.last_event_id:
                 continue  # each event they announce came with an earlier read (ids commit
                           # in order, so nothing unannounced can be read yet either)
-            self.app.stats.log_reads += 1
+            self.stats.log_reads += 1
             await self._read_log()
             # Commit order is id order, and a notification is delivered only once its
             # transaction is visible (PostgreSQL's async.c checks the listener's snapshot),
@@ -2554,9 +2368,9 @@ class Listener:
 
     def _ignore(self, count: int, what: str) -> None:
         """Count ignored notifications; say so in the log at most every BAD_NOTIFY_LOG_SECONDS."""
-        stats = self.app.stats
+        stats = self.stats
         stats.notifications_ignored += count
-        now = self.app.loop.time()
+        now = self.loop.time()
         if now - self._ignored_logged_at >= BAD_NOTIFY_LOG_SECONDS:
             self._ignored_logged_at = now
             log.warning("ignoring %s; nothing was applied from it (ignored so far: %d, "
@@ -2566,7 +2380,7 @@ class Listener:
         if conn is not self.conn:
             return
         if self._tokens_task is None or self._tokens_task.done():
-            self._tokens_task = self.app.loop.create_task(
+            self._tokens_task = self.loop.create_task(
                 self._in_background(self._reload_tokens()))
         else:
             self._tokens_stale = True  # the read under way may have begun before this change
@@ -2588,7 +2402,7 @@ class Listener:
             log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
                         "database tokens")
             rows = []
-        auth = self.app.auth
+        auth = self.auth
         before = None if auth.db is None else len(auth.db)
         revoked = auth.set_db_tokens(
             [(bytes(r["token_sha256"]), r["faction_id"], r["label"], r["revoked"],
@@ -2596,14 +2410,14 @@ class Listener:
         if len(auth.db) != before:
             log.info("tokens: %d active in the database, %d from the environment%s",
                      len(auth.db), len(auth.env), "" if auth.required else " (open: no token needed)")
-        self.app.revoke(revoked)
+        self.hub.end_grants(revoked, self.config.retry_ms)
 
     async def _in_background(self, work) -> None:
         try:
             await work
         except Exception as e:
             if isinstance(e, TimeoutError):
-                self.app.stats.listener_timeouts += 1
+                self.stats.listener_timeouts += 1
             if self._lost is not None and not self._lost.done():
                 self._lost.set_result(e)
 
@@ -2643,7 +2457,7 @@ class Listener:
             calls = [(r["id"], r["faction_id"], json_bytes(json.loads(r["data"])))
                      for r in await conn.fetch(LOAD_CALLS_SQL)]
             recent = [_event_from_row(r) for r in await conn.fetch(
-                LOAD_RECENT_SQL, self.app.config.replay_events)]
+                LOAD_RECENT_SQL, self.config.replay_events)]
             statuses = [(r["faction_id"], r["target_id"], json_bytes(json.loads(r["data"])))
                         for r in await conn.fetch(LOAD_STATUSES_SQL)]
             health = [(r["faction_id"], json_bytes(json.loads(r["data"])))
@@ -2662,9 +2476,9 @@ class Listener:
         own hex, so a simple query needs no parameters and no prepared statement, which
         transaction poolers may not support."""
         nonce = secrets.token_hex(8)
-        fut = self._probes[nonce] = self.app.loop.create_future()
+        fut = self._probes[nonce] = self.loop.create_future()
         try:
-            async with asyncio.timeout(self.app.config.probe_timeout_seconds):
+            async with asyncio.timeout(self.config.probe_timeout_seconds):
                 async with self._in_use:
                     await self.conn.execute(f"NOTIFY {self.probe_channel}, '{nonce}'")
                 await fut
@@ -2672,28 +2486,97 @@ class Listener:
             self._probes.pop(nonce, None)
 
 
-class SelfTestFailed(Exception):
-    pass
+# -- The Torn API poll's connection ------------------------------------------
+
+# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
+# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
+# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
+POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
+                    "set_config('tcp_keepalives_interval', '1', false), "
+                    "set_config('tcp_keepalives_count', '3', false)")
+HOLDS_POLL_LOCK_SQL = """
+    SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
+                   AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
+"""
+POLL_KEYS_SQL = """
+    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
+"""
+POLL_KNOWN_SQL = """
+    SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
+"""
+SELECT_POLL_LOCK_SQL = "SELECT pg_try_advisory_lock($1)"
+DISABLE_KEY_SQL = "UPDATE torncat_torn_keys SET disabled_at = now(), disabled_reason = $2 WHERE id = $1"
+SET_WAR_SQL = "SELECT torncat_set_war($1, $2, $3)"
+SET_STATUSES_SQL = "SELECT * FROM torncat_target_statuses($1, $2, $3::json)"
+SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
-async def apply_schema(conn) -> None:
-    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
-    def show_warning(_conn, message) -> None:
-        if isinstance(message, asyncpg.PostgresWarning):
-            log.warning("trigger.sql: %s", message)
+class PollSession:
+    """The Torn API poll's connection of its own: the session that holds POLL_LOCK (see
+    "The Torn API poll"), and the poll's statements, one at a time, each within
+    DB_TIMEOUT_SECONDS. A miss raises TimeoutError, which ends the session (the poll
+    terminates the connection), and with it the lock."""
 
-    conn.add_log_listener(show_warning)
-    await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
-    try:
-        await conn.execute(TRIGGER_SQL_PATH.read_text())
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
-        conn.remove_log_listener(show_warning)
-    log.info("applied trigger.sql")
+    def __init__(self, db: Database, conn: asyncpg.Connection):
+        self.db, self.conn = db, conn
+        self._in_use = asyncio.Lock()  # asyncpg runs one operation at a time per connection
+
+    async def _run(self, statement: Callable[[asyncpg.Connection], Awaitable]):
+        async with self._in_use, asyncio.timeout(self.db.timeout):
+            return await statement(self.conn)
+
+    def terminate(self) -> None:
+        self.conn.terminate()
+
+    async def self_test(self) -> bool:
+        """Behind a transaction pooler the poll's lock cannot be held: see
+        Database.notify_arrives."""
+        async with self._in_use:
+            return await self.db.notify_arrives(self.conn, "poll self-test",
+                                                POLL_SELF_TEST_SECONDS)
+
+    async def ping(self) -> None:
+        """Close the connection unless it answers within PING_TIMEOUT."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT), self._in_use:
+                await self.conn.execute("SELECT 1")
+        except Exception:  # no answer, or a broken link: the session ends at its next step
+            self.conn.terminate()
+
+    async def configure(self) -> None:
+        await self._run(lambda c: c.execute(POLL_SESSION_SQL))
+
+    async def try_lock(self) -> bool:
+        return await self._run(lambda c: c.fetchval(SELECT_POLL_LOCK_SQL, POLL_LOCK))
+
+    async def holds_lock(self) -> bool:
+        return await self._run(lambda c: c.fetchval(HOLDS_POLL_LOCK_SQL, POLL_LOCK))
+
+    async def known_statuses(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_KNOWN_SQL))
+
+    async def keys(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_KEYS_SQL))
+
+    async def disable_key(self, db_id: int, reason: str) -> None:
+        await self._run(lambda c: c.execute(DISABLE_KEY_SQL, db_id, reason))
+
+    async def set_war(self, faction: int, war: tuple[int, int] | None) -> int:
+        """Store the faction's current war (None: none); returns the calls that ended."""
+        return await self._run(lambda c: c.fetchval(SET_WAR_SQL, faction, *(war or (None, None))))
+
+    async def set_statuses(self, faction: int, war_id: int, changed_json: str) -> int:
+        """Store changed enemy statuses; returns the calls that ended with them."""
+        row = await self._run(lambda c: c.fetchrow(SET_STATUSES_SQL, faction, war_id,
+                                                   changed_json))
+        return row["ended"]
+
+    async def set_health(self, faction: int, *fields) -> None:
+        await self._run(lambda c: c.fetchval(SET_POLL_HEALTH_SQL, faction, *fields))
 
 
 # ---------------------------------------------------------------------------
-# The Torn API client, and signing in with a Torn API key
+# Torn's API: the client, signing in with a Torn API key, and the central poll
 # ---------------------------------------------------------------------------
 #
 # POST /auth/torn {"key": "<Torn API key>"} asks Torn's API v2 who owns the key
@@ -2713,17 +2596,6 @@ async def apply_schema(conn) -> None:
 # default executor, which resolves host names for Postgres connections: a hanging
 # Torn cannot starve those.
 
-TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
-TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
-TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
-SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
-                                 # reloads costs one Torn request per player (Torn itself
-                                 # caches answers ~30 s, and a player's limit is 100/minute)
-SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
-SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
-SIGNIN_ADDRESSES_MAX = 10_000    # client addresses with a sign-in budget held at most
-MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
-TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
 TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
 TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
 
@@ -2749,6 +2621,9 @@ TORN_ERRORS: dict[int | None, tuple[int, str, int | None]] = {
     TORN_NO_ANSWER: (503, "Torn's API did not answer in time: try again shortly", 10),
 }
 TORN_TRANSIENT = (0, 12, 15, 24)  # unknown, key read, temporary errors, closed temporarily
+BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
+PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
+PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
 
 
 def torn_error_to_http(code: int | None) -> HttpError:
@@ -2830,7 +2705,7 @@ class TornClient:
         if isinstance(error, dict):
             code = error.get("code")
             raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
-                            str(error.get("error", ""))[:200])
+                            str(error.get("error", ""))[:TORN_ERROR_TEXT_CHARS])
         return obj
 
     async def identity(self, key: str) -> TornIdentity:
@@ -2857,15 +2732,16 @@ class TornClient:
 
 
 class SignIn:
-    """Who owns a key, asking Torn once per key however many sign-ins ask at once.
+    """Signing in with a Torn API key, and signing out members Torn no longer lists.
 
-    Answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
+    Who owns a key is asked of Torn once per key however many sign-ins ask at once:
+    answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
     are cached by HMAC of the key; a sign-in while Torn is being asked about the same
     key waits for that answer instead of asking again.
     """
 
-    def __init__(self, torn: TornClient):
-        self.torn = torn
+    def __init__(self, config: Config, torn: TornClient, db: Database, auth: Auth, hub: Hub):
+        self.config, self.torn, self.db, self.auth, self.hub = config, torn, db, auth, hub
         self._secret = secrets.token_bytes(32)
         self._cache: dict[bytes, tuple[float, TornIdentity | HttpError]] = {}
         self._asking: dict[bytes, asyncio.Task] = {}
@@ -2906,47 +2782,65 @@ class SignIn:
             self._cache[digest] = (now + ttl, result)
         return result
 
+    async def sign_in(self, key: str, lend: bool) -> dict:
+        """A member token for the key's owner, if their faction is on this server; with
+        `lend`, the key also feeds the faction's poll. Returns the answer's JSON."""
+        who = await self.identity(key)
+        if who.faction_id is None:
+            raise HttpError(403, f"{who.name} [{who.player_id}] is not in a faction: TornCat "
+                            "shares calls within a faction")
+        if who.faction_id not in self.config.factions and \
+                who.faction_id not in self.auth.token_factions:
+            raise HttpError(403, f"your faction ({who.faction_id}) is not on this server",
+                            extra={"faction_id": who.faction_id})
+        if lend:
+            await self.lend(key, who)
+        del key  # nothing below needs it
+        token = "tm_" + secrets.token_urlsafe(24)
+        digest = token_digest(token)
+        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
+                                                      who.player_id,
+                                                      self.config.member_token_days * 86400)
+        self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
+                                           expires_at))
+        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
+        expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
+        return {"token": token, "player_id": who.player_id, "name": who.name,
+                "faction_id": who.faction_id, "lent": lend,
+                "expires_at": expires.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
-def _key_field(value: object, name: str) -> str:
-    # Never echo the value: it is a secret, and a wrong one is still someone's key.
-    if not isinstance(value, str) or not TORN_KEY_RE.match(value.strip()):
-        raise HttpError(400, f"{name} must be a Torn API key (16 letters and digits)")
-    return value.strip()
+    async def lend(self, key: str, who: TornIdentity) -> None:
+        """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
+        only a Public key, the poll reads nothing else (see "The Torn API poll")."""
+        try:
+            info = (await self.torn.get(key, "/key/info")).get("info")
+        except TornError as e:
+            raise torn_error_to_http(e.code) from None
+        access = info.get("access") if isinstance(info, dict) else None
+        level = access.get("level") if isinstance(access, dict) else None
+        if level != PUBLIC_ACCESS_LEVEL:
+            kind = access.get("type") if isinstance(access, dict) else None
+            raise HttpError(403, f"TornCat borrows only keys with Public access for the "
+                            f"faction's poll, and this one has {kind or 'other'} access: create "
+                            f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
+                            "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
+        await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
+        log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
+                 who.faction_id)
+
+    async def sign_out_departed(self, faction_id: int, member_ids: set[int]) -> int:
+        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
+        faction's member list as Torn shows it now) and end their streams; returns how many.
+        Other servers learn of it through the token table's NOTIFY."""
+        rows = await self.db.revoke_departed(faction_id, member_ids)
+        gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
+        self.hub.end_grants(gone, self.config.retry_ms)
+        for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
+            log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
+        return len(rows)
 
 
-SIGNIN_FIELDS = {"key": (_key_field, True), "lend": (_bool_field, False)}
-
-
-def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
-    """The address per-client limits count by. Each proxy appends the address it got the
-    request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
-    right is the client's; entries left of it are the client's own say. On Render a request
-    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
-    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
-    if trusted_proxies:
-        chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
-        if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
-            return chain[-trusted_proxies]
-    return peer.rpartition(":")[0] or peer
-
-
-ISSUE_MEMBER_TOKEN_SQL = """
-    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
-                                expires_at)
-    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
-"""
-REVOKE_DEPARTED_SQL = """
-    UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
-    WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
-      AND NOT (player_id = ANY($2::bigint[]))
-    RETURNING token_sha256, player_id, player_name
-"""
-
-
-# ---------------------------------------------------------------------------
-# The Torn API poll
-# ---------------------------------------------------------------------------
+# -- The Torn API poll ----------------------------------------------------------
 #
 # One process per deployment polls Torn's API, however many WORKERS and instances
 # run: the one holding a Postgres session advisory lock (POLL_LOCK) on a connection of
@@ -2970,7 +2864,7 @@ REVOKE_DEPARTED_SQL = """
 # last poll go to torncat_target_statuses (trigger.sql) in one statement, which appends
 # `target_status` events and ends the calls of targets hospitalised or jailed since; a war
 # that ended (or changed) ends its calls (torncat_set_war). Every REVERIFY_HOURS it reads
-# the faction's own member list and signs out members who left (App.revoke_departed).
+# the faction's own member list and signs out members who left (SignIn.sign_out_departed).
 #
 # Keys come from TORN_API_KEYS and the torncat_torn_keys table (operators' and lent
 # ones). Each request takes the faction's least used key whose requests in the last
@@ -2979,47 +2873,6 @@ REVOKE_DEPARTED_SQL = """
 # by its reference ("env:1", "db:7"), never by its value. Torn down or slow backs the
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
-
-POLL_LOCK = 7402532               # advisory lock key: held by the one process that polls
-POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the lock this often
-POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
-POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
-POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
-KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
-                                  # as Torn counts its 100 a minute
-BAD_KEY_CODES = frozenset({2, 13, 16, 18})  # incorrect, inactive owner, too weak, paused
-# Polls of a faction failed in a row (Torn down or slow) before its members are told that
-# enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
-# three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
-POLL_STALE_ROUNDS = 3
-POLL_HEALTH_REASON_CHARS = 200    # Torn's error text, as the panel shows it, at most
-SET_POLL_HEALTH_SQL = "SELECT torncat_set_poll_health($1, $2, $3, $4, $5, $6, $7, $8)"
-PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&title=TornCat&type=1"
-PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
-# Set in the poll's session (Postgres's own TCP keepalives on its side of the link): a
-# holder whose link went silent loses its session, and the lock, after ~3 + 3 x 1 s. SET
-# after connecting, not as startup parameters, which poolers such as PgBouncer refuse.
-POLL_SESSION_SQL = ("SELECT set_config('tcp_keepalives_idle', '3', false), "
-                    "set_config('tcp_keepalives_interval', '1', false), "
-                    "set_config('tcp_keepalives_count', '3', false)")
-HOLDS_POLL_LOCK_SQL = """
-    SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 0
-                   AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
-"""
-POLL_KEYS_SQL = """
-    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
-"""
-POLL_KNOWN_SQL = """
-    SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
-"""
-LEND_KEY_SQL = """
-    INSERT INTO torncat_torn_keys (faction_id, api_key, source, player_id, player_name)
-    VALUES ($1, $2, 'lent', $3, $4)
-    ON CONFLICT (api_key) DO UPDATE SET faction_id = excluded.faction_id, source = 'lent',
-        player_id = excluded.player_id, player_name = excluded.player_name,
-        disabled_at = NULL, disabled_reason = NULL
-    RETURNING id
-"""
 
 
 class PoolerDetected(Exception):
@@ -3095,24 +2948,45 @@ def member_statuses(answer: dict) -> list[dict]:
         out.append({"target_id": m["id"], "target_name": str(m.get("name") or "")[:MAX_NAME_CHARS],
                     "state": str(status.get("state") or "")[:MAX_NAME_CHARS],
                     "until": until if type(until) is int and until > 0 else None,
-                    "description": str(status.get("description") or "")[:200]})
+                    "description": str(status.get("description") or "")[:STATUS_DESCRIPTION_CHARS]})
     return out
 
 
-class Poller:
-    """The Torn API poll of this process: a standby until it holds POLL_LOCK."""
+class PollRole(enum.Enum):
+    """Where this process stands in the Torn API poll (/healthz "torn_poll"."role")."""
 
-    def __init__(self, app: App):
-        self.app, self.config = app, app.config
-        self.role = "starting"   # standby, polling, or "transaction pooler" (never polls)
-        self.conn: asyncpg.Connection | None = None
+    STARTING = "starting"                  # not connected yet
+    STANDBY = "standby"                    # waiting for the poll's lock
+    POLLING = "polling"                    # holds the lock: this process polls Torn
+    POOLER = "transaction pooler"          # no session of its own: never polls
+
+
+class PollHealth(enum.Enum):
+    """A faction's poll as its members are told (the `poll_health` event's state)."""
+
+    OK = "ok"
+    STALE = "stale"              # Torn failed POLL_STALE_ROUNDS polls in a row
+    KEY_REFUSED = "key_refused"  # Torn refused a key of the faction (BAD_KEY_CODES)
+
+
+class TornPoll:
+    """The Torn API poll of this process: a standby until it holds POLL_LOCK.
+
+    It takes the settings, the database (a PollSession of its own), the Torn client, and
+    `sign_out` (SignIn.sign_out_departed) for members Torn no longer lists.
+    """
+
+    def __init__(self, config: Config, db: Database, torn: TornClient,
+                 sign_out: Callable[[int, set[int]], Awaitable[int]]):
+        self.config, self.db, self.torn, self.sign_out = config, db, torn, sign_out
+        self.role = PollRole.STARTING
+        self.session: PollSession | None = None
         self.keys: dict[str, PollKey] = {
             f"env:{n}": PollKey(f"env:{n}", faction, key)
             for n, (faction, key) in enumerate(self.config.torn_api_keys, 1)}
         self.factions: dict[int, FactionPoll] = {}
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
-        self._db_lock = asyncio.Lock()  # asyncpg runs one operation at a time per connection
         self._check: asyncio.Task | None = None  # a ping asked for by check()
 
     async def run(self) -> None:
@@ -3123,45 +2997,46 @@ class Poller:
             except asyncio.CancelledError:
                 raise
             except PoolerDetected:
-                if self.role != "transaction pooler":
+                if self.role is not PollRole.POOLER:
                     log.error("torn poll: DATABASE_URL does not give this process a session of "
                               "its own (a transaction-mode pooler? Supabase's port 6543): the "
                               "poll's lock cannot be held there, so this process never polls "
                               "Torn; use the session pooler (port 5432) or a direct connection")
-                self.role, delay = "transaction pooler", POLL_POOLER_RETRY_SECONDS
+                self.role, delay = PollRole.POOLER, POLL_POOLER_RETRY_SECONDS
             except Exception as e:
                 # A warning only when factions were being polled: a server without keys
                 # that loses its database has nothing to say about the poll.
-                level = logging.WARNING if self.role == "polling" and self.factions \
+                level = logging.WARNING if self.role is PollRole.POLLING and self.factions \
                     else logging.DEBUG
                 log.log(level, "torn poll: stopped polling: %s", "a database operation "
                         "missed its deadline" if isinstance(e, TimeoutError) else describe(e))
             finally:
-                if self.conn is not None:
-                    self.conn.terminate()  # the session ends: Postgres frees the lock now
-                    self.conn = None
-                if self.role == "polling":
-                    self.role = "standby"
+                if self.session is not None:
+                    self.session.terminate()  # the session ends: Postgres frees the lock now
+                    self.session = None
+                if self.role is PollRole.POLLING:
+                    self.role = PollRole.STANDBY
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     async def _session(self) -> None:
-        conn = self.conn = await self.app.connect_db("poller")
-        await self._self_test(conn)
-        await self._query("execute", POLL_SESSION_SQL)
-        self.role = "standby"
+        session = self.session = PollSession(self.db, await self.db.connect("poller"))
+        if not await session.self_test():
+            raise PoolerDetected
+        await session.configure()
+        self.role = PollRole.STANDBY
         while True:  # a standby: try the lock until the holder is gone
-            if await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", POLL_LOCK):
+            if await session.try_lock():
                 break
             await asyncio.sleep(POLL_LOCK_RETRY_SECONDS * random.uniform(0.5, 1.0))
-        if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+        if not await session.holds_lock():
             raise PoolerDetected  # granted, yet not to our backend
-        self.role = "polling"
+        self.role = PollRole.POLLING
         log.info("torn poll: this process polls Torn's API (it holds the poll lock)")
         self.factions.clear()
-        known = await self._query("fetch", POLL_KNOWN_SQL)
-        loop = self.app.loop
+        known = await session.known_statuses()
+        loop = asyncio.get_running_loop()
         while True:
-            if not await self._query("fetchval", HOLDS_POLL_LOCK_SQL, POLL_LOCK):
+            if not await session.holds_lock():
                 raise RuntimeError("the poll lock is no longer ours")
             await self._load_keys(known)
             known = ()
@@ -3173,33 +3048,14 @@ class Poller:
             await asyncio.sleep(min(max(0.0, wake - loop.time()), self.config.poll_seconds))
 
     def check(self) -> None:
-        """Another link to the database died (App.check_pool): ping ours now rather than at
+        """Another link to the database died (Database.check): ping ours now rather than at
         the next round, and close it if it does not answer, so that a frozen or cut link
         does not hold the lock, or come back to life later, unnoticed."""
-        if self.conn is not None and (self._check is None or self._check.done()):
-            self._check = self.app.loop.create_task(self._ping(self.conn))
-
-    async def _ping(self, conn) -> None:
-        try:
-            async with asyncio.timeout(PING_TIMEOUT), self._db_lock:
-                await conn.execute("SELECT 1")
-        except Exception:  # no answer, or a broken link: the session ends at its next step
-            conn.terminate()
-
-    async def _self_test(self, conn) -> None:
-        """Behind a transaction pooler the poll's lock cannot be held: see notify_arrives."""
-        async with self._db_lock:
-            if not await notify_arrives(self.app, conn, "poll self-test", POLL_SELF_TEST_SECONDS):
-                raise PoolerDetected
-
-    async def _query(self, method: str, sql: str, *args):
-        """One statement on the poll's connection, within DB_TIMEOUT_SECONDS; a miss ends
-        the session (run() closes the connection), and with it the lock."""
-        async with self._db_lock, asyncio.timeout(self.config.db_timeout_seconds):
-            return await getattr(self.conn, method)(sql, *args)
+        if self.session is not None and (self._check is None or self._check.done()):
+            self._check = asyncio.get_running_loop().create_task(self.session.ping())
 
     async def _load_keys(self, known) -> None:
-        rows = await self._query("fetch", POLL_KEYS_SQL)
+        rows = await self.session.keys()
         stored = {f"db:{r['id']}": r for r in rows}
         for ref in [ref for ref, k in self.keys.items() if k.db_id is not None
                     and ref not in stored]:
@@ -3218,7 +3074,7 @@ class Poller:
                 fp.known[r["target_id"]] = (r["state"], r["until"], r["description"], r["war_id"])
 
     def _take_key(self, faction: int) -> PollKey:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         budget = self.config.torn_key_budget
         free = [k for k in self.keys.values()
                 if k.faction == faction and not k.disabled and k.used(now) < budget]
@@ -3233,8 +3089,8 @@ class Poller:
         key = self._take_key(fp.faction)
         try:
             if members_of is not None:
-                return await self.app.torn.faction_member_ids(key.key, members_of)
-            return await self.app.torn.get(key.key, path)
+                return await self.torn.faction_member_ids(key.key, members_of)
+            return await self.torn.get(key.key, path)
         except TornError as e:
             self.errors["timeout" if e.code is None else str(e.code)] += 1
             if e.code in BAD_KEY_CODES:
@@ -3248,22 +3104,20 @@ class Poller:
                     "(add a new one: `torn-key add`, or a member lends one)",
                     key.ref, key.faction, reason)
         if key.db_id is not None:
-            await self._query("execute", "UPDATE torncat_torn_keys SET disabled_at = now(), "
-                              "disabled_reason = $2 WHERE id = $1", key.db_id, reason)
+            await self.session.disable_key(key.db_id, reason)
         fp = self.factions.get(key.faction)
         if fp is not None:  # its members' panels say so (until a poll succeeds again)
-            await self._health(fp, "key_refused", e)
+            await self._health(fp, PollHealth.KEY_REFUSED, e)
 
     async def _poll(self, fp: FactionPoll) -> None:
-        loop = self.app.loop
+        loop = asyncio.get_running_loop()
         poll_seconds = self.config.poll_seconds
         now = int(time.time())
         try:
             war = current_ranked_war(
                 await self._ask(fp, f"/faction/wars?timestamp={now}"), fp.faction, now)
             if war != fp.war or not fp.war_known:
-                ended = await self._query("fetchval", "SELECT torncat_set_war($1, $2, $3)",
-                                          fp.faction, *(war or (None, None)))
+                ended = await self.session.set_war(fp.faction, war)
                 if war != fp.war:
                     log.info("torn poll: faction %d: %s", fp.faction,
                              f"war {war[0]} against faction {war[1]}" if war else "no war")
@@ -3276,9 +3130,9 @@ class Poller:
             if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
                 members = await self._ask(fp, "", members_of=fp.faction)
                 try:
-                    await self.app.revoke_departed(fp.faction, members)
+                    await self.sign_out(fp.faction, members)
                     fp.reverified_at = loop.time()
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                except (DatabaseUnavailable, asyncpg.PostgresError) as e:
                     log.warning("torn poll: faction %d: could not sign out departed members "
                                 "(%s): next round", fp.faction, describe(e))
         except OverBudget:
@@ -3294,7 +3148,7 @@ class Poller:
             if fp.failures == 1:
                 fp.failing_since = time.time()
             if fp.failures >= POLL_STALE_ROUNDS:
-                await self._health(fp, "stale", e)
+                await self._health(fp, PollHealth.STALE, e)
             if fp.failures == 1:
                 log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
                             "calls stay as they are", fp.faction,
@@ -3309,9 +3163,9 @@ class Poller:
         fp.last_success = time.time()
         fp.next_at = loop.time() + poll_seconds
         fp.polls += 1
-        await self._health(fp, "ok")
+        await self._health(fp, PollHealth.OK)
 
-    async def _health(self, fp: FactionPoll, state: str, e: TornError | None = None) -> None:
+    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None) -> None:
         """Tell the faction's members how the poll is (the `poll_health` event), when that
         changed: the first time this session (the table says whether it changed), or when
         its state or reason did."""
@@ -3321,11 +3175,11 @@ class Poller:
             return
         def stamp(t: float | None) -> datetime.datetime | None:
             return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC)
-        since = (fp.last_success or fp.failing_since) if state == "stale" else time.time()
+        since = (fp.last_success or fp.failing_since) if state is PollHealth.STALE else time.time()
         disabled = sum(k.disabled for k in self.keys.values() if k.faction == fp.faction)
-        await self._query("fetchval", SET_POLL_HEALTH_SQL, fp.faction, state, reason,
-                          stamp(since), stamp(fp.last_success), fp.failures, disabled,
-                          None if e is None or e.code is None or e.code < 0 else e.code)
+        await self.session.set_health(fp.faction, state.value, reason, stamp(since),
+                                      stamp(fp.last_success), fp.failures, disabled,
+                                      None if e is None or e.code is None or e.code < 0 else e.code)
         fp.health = (state, reason)
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
@@ -3336,18 +3190,17 @@ class Poller:
             s["state"], s["until"], s["description"], war_id)]
         if not changed:
             return  # a quiet war stays quiet on the wire
-        row = await self._query("fetchrow", "SELECT * FROM torncat_target_statuses($1, $2, "
-                                "$3::json)", fp.faction, war_id, json.dumps(changed))
+        ended = await self.session.set_statuses(fp.faction, war_id, json.dumps(changed))
         for s in changed:
             fp.known[s["target_id"]] = (s["state"], s["until"], s["description"], war_id)
-        if row["ended"]:
+        if ended:
             log.info("torn poll: faction %d: %d calls ended (target hospitalized or jailed)",
-                     fp.faction, row["ended"])
+                     fp.faction, ended)
 
     def health(self) -> dict:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         return {
-            "role": self.role,
+            "role": self.role.value,
             "factions": {str(fp.faction): {
                 "last_success": None if fp.last_success is None else
                 datetime.datetime.fromtimestamp(fp.last_success, datetime.UTC)
@@ -3363,11 +3216,11 @@ class Poller:
         }
 
     def metrics(self) -> str:
-        now = self.app.loop.time()
+        now = asyncio.get_running_loop().time()
         lines = [
             "# HELP torncat_torn_poll_holder 1 while this process holds the poll lock and polls.",
             "# TYPE torncat_torn_poll_holder gauge",
-            f"torncat_torn_poll_holder {int(self.role == 'polling')}",
+            f"torncat_torn_poll_holder {int(self.role is PollRole.POLLING)}",
             "# HELP torncat_torn_poll_last_success_seconds When each faction's last poll "
             "succeeded (seconds since the epoch).",
             "# TYPE torncat_torn_poll_last_success_seconds gauge",
@@ -3391,19 +3244,464 @@ class Poller:
 
 
 # ---------------------------------------------------------------------------
-# main()
+# The HTTP side: connections and routes
 # ---------------------------------------------------------------------------
 
-def database_tls(ca_cert: str) -> ssl.SSLContext | None:
-    """TLS that verifies the database's certificate and host name against `ca_cert`.
 
-    None leaves TLS to the DSN (`sslmode=require` encrypts without verifying).
+class Streaming:
+    """What the events route answers: the connection is now a stream that the hub writes
+    to, and handle() waits for its end."""
+
+
+STREAMING = Streaming()
+
+
+class Held:
+    """What GET /calls?wait= answers when nothing is new yet: all its answer needs once it
+    wakes. converse() then drops the request and waits in App.hold, so a held request keeps
+    about what an idle stream keeps, not a request's head, headers and route frames."""
+
+    __slots__ = ("since", "wait")
+
+    def __init__(self, since: int, wait: int):
+        self.since, self.wait = since, wait
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request being answered: what a route handler gets."""
+
+    client: Client
+    req: Request
+    body: bytes
+    cors: list[tuple[str, str]]
+    keep_alive: bool
+    target: int | None = None      # the <target> of /calls/<target>
+
+
+Handler = Callable[[Exchange], Awaitable[Reply | Held | Streaming]]
+
+
+def unavailable(e: DatabaseUnavailable) -> HttpError:
+    """The 503 of a request the database could not answer: its body says whether the
+    statement may have run (`"outcome": "unknown"`: the calls API's writes are safe to send
+    again) or surely did not (`"not applied"`)."""
+    if e.sent:
+        return HttpError(503, "the database did not answer in time: the write may or may "
+                         "not have been made; it is safe to send it again",
+                         (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "unknown"})
+    return HttpError(503, "database unavailable, retry later",
+                     (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
+
+
+def route_pattern(template: str) -> re.Pattern:
+    """A route's path as a pattern: `<target>` stands for a Torn id."""
+    return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
+
+
+class Status:
+    """What /healthz and /metrics say: the hub, the LISTEN connection, the pool, the Torn
+    API poll."""
+
+    def __init__(self, stats: Stats, hub: Hub, listener: Listener, db: Database,
+                 torn_poll: TornPoll):
+        self.stats, self.hub, self.listener, self.db, self.torn_poll = \
+            stats, hub, listener, db, torn_poll
+
+    def health(self) -> tuple[int, dict]:
+        """200 while events flow (the LISTEN connection is live); the body tells the rest."""
+        live = self.listener.state is ListenerState.LIVE
+        failing = self.db.health is PoolHealth.FAILING
+        status = "unavailable" if not live else "degraded" if failing else "ok"
+        pool_size, pool_idle = self.db.pool_connections()
+        return (200 if live else 503), {
+            "status": status,
+            "listener": self.listener.state.value,
+            "clients": self.hub.stream_count,
+            "long_polls": self.hub.held_count,
+            "last_event_id": self.hub.last_event_id,
+            "database": {
+                "pool": self.db.health.value,
+                "pool_connections": pool_size,
+                "pool_idle_connections": pool_idle,
+                "timeouts": self.stats.pool_timeouts + self.stats.listener_timeouts,
+                "terminated_connections": self.stats.db_terminations,
+            },
+            "torn_poll": self.torn_poll.health(),
+        }
+
+    def metrics(self, connections: int) -> bytes:
+        """/metrics: ours, then the Torn API poll's (labelled by faction, code and key)."""
+        pool_size, pool_idle = self.db.pool_connections()
+        return render_metrics(self.stats, {
+            "clients": ("Open event streams.", self.hub.stream_count),
+            "long_polls": ("Long-polls held waiting for an event.", self.hub.held_count),
+            "connections": ("Open TCP connections, streams included.", connections),
+            "listener_up": ("1 while the LISTEN connection is live.",
+                            int(self.listener.state is ListenerState.LIVE)),
+            "last_event_id": ("The last event id applied.", self.hub.last_event_id),
+            "active_calls": ("Active calls held in memory.", len(self.hub.active)),
+            "db_pool_up": ("0 while statements on the pool fail or miss their deadline.",
+                           int(self.db.health is not PoolHealth.FAILING)),
+            "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
+            "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+        }) + self.torn_poll.metrics().encode()
+
+
+class App:
+    """The HTTP side: connections, from accept to close, and the routes.
+
+    It is handed the parts it answers from: the hub, access, the database (for the calls
+    API's writes), sign-in, and what /healthz and /metrics say.
     """
-    if not ca_cert:
-        return None
-    if ca_cert.lstrip().startswith("-----BEGIN"):
-        return ssl.create_default_context(cadata=ca_cert)
-    return ssl.create_default_context(cafile=ca_cert)
+
+    def __init__(self, config: Config, hub: Hub, auth: Auth, db: Database, sign_ins: SignIn,
+                 status: Status, stats: Stats):
+        self.config, self.hub, self.auth, self.db = config, hub, auth, db
+        self.sign_ins, self.status, self.stats = sign_ins, status, stats
+        self.loop = hub.loop
+        self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
+        self.connections: set[Client] = set()
+        self.max_connections = config.max_clients + REQUEST_SLOTS
+        self.retry_after = str(max(1, round(config.retry_ms / 1000)))
+        self.stopping = False
+        self.drained = asyncio.Event()  # set when the last connection closes while stopping
+        # Every route: path -> method -> handler, the methods in the order a 405 lists them.
+        routes: dict[str, dict[str, Handler]] = {
+            "/events": {"GET": self.events},
+            "/healthz": {"GET": self.healthz, "HEAD": self.healthz},
+            "/metrics": {"GET": self.metrics_page, "HEAD": self.metrics_page},
+            "/calls": {"GET": self.read_calls, "HEAD": self.read_calls, "POST": self.make_call},
+            "/calls/<target>": {"DELETE": self.uncall},
+            "/calls/<target>/uncall": {"POST": self.uncall},
+            "/auth/torn": {"POST": self.sign_in},
+        }
+        self.routes = [(route_pattern(path), methods) for path, methods in routes.items()]
+
+    # -- a connection, from accept to close ------------------------------------------
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server's callback: one connection, from accept to close."""
+        if self.stopping or len(self.connections) >= self.max_connections:
+            self.stats.rejected += 1
+            writer.write(render(json_reply(503, {"error": "server busy"},
+                                           (("Retry-After", self.retry_after),)),
+                                [], keep_alive=False, head_only=False))
+            writer.close()
+            return
+        client = Client(writer)
+        self.connections.add(client)
+        try:
+            await self.converse(client, reader)
+            if client.phase is Phase.STREAM:
+                # For the hours a stream lasts only this frame waits: the request that opened
+                # it and the frames that answered it are gone (about 2.8 KB a stream less).
+                while await reader.read(READ_CHUNK):
+                    pass  # what a stream's client sends is ignored; EOF ends it
+        except OSError:   # ConnectionResetError, BrokenPipeError...: the client went away
+            pass
+        except Exception:
+            log.exception("connection from %s failed", client.peer())
+        finally:
+            self.hub.unsubscribe(client)
+            self.hub.release(client)
+            client.phase = Phase.CLOSED
+            self.connections.discard(client)
+            if not writer.is_closing():
+                writer.close()
+            if self.stopping and not self.connections:
+                self.drained.set()
+
+    async def converse(self, client: Client, reader: asyncio.StreamReader) -> None:
+        """Read a request, route it, answer it; again while the connection is kept alive."""
+        writer = client.writer
+        requests = RequestReader()
+        while True:
+            client.phase = Phase.READING
+            try:
+                got = await self.read_request(reader, requests)
+            except HttpError as e:
+                await self.refuse(client, reader, e)
+                return
+            if got is None:
+                return  # closed by the client, or idle past REQUEST_TIMEOUT_SECONDS
+            req, body = got
+            client.phase = Phase.BUSY
+            x = Exchange(client, req, body, cors_headers(req.headers.get("origin"),
+                                                         self.config.allowed_origins),
+                         req.keep_alive)
+            answer = await self.answer(x)
+            if answer is STREAMING:
+                return  # handle() waits for its end
+            cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
+            if isinstance(answer, Held):
+                got = req = body = x = None  # not kept for the seconds the request is held
+                answer, keep_alive = await self.hold(client, reader, requests, answer,
+                                                     keep_alive)
+            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
+            if not keep_alive or self.stopping:
+                return
+            if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
+                # A client that pipelines requests and does not read the answers: answer
+                # (and read) nothing more until it catches up; close it if it never does.
+                try:
+                    async with asyncio.timeout(SLOW_READER_SECONDS):
+                        await writer.drain()
+                except TimeoutError:
+                    log.debug("%s: closed, %d response bytes unread", client.peer(),
+                              writer.transport.get_write_buffer_size())
+                    writer.transport.abort()
+                    return
+
+    async def read_request(self, reader: asyncio.StreamReader,
+                           requests: RequestReader) -> tuple[Request, bytes] | None:
+        """The next request, or None when the client closed or stayed idle; HttpError for a
+        bad one. The whole request must arrive within REQUEST_TIMEOUT_SECONDS."""
+        deadline = self.loop.time() + self.config.request_timeout_seconds
+        while (got := requests.next_request()) is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                if requests.started:
+                    raise HttpError(408, "request not received in time") from None
+                return None  # an idle keep-alive connection: nothing to answer
+            if not data:
+                return None
+            requests.feed(data)
+        return got
+
+    async def refuse(self, client: Client, reader: asyncio.StreamReader, e: HttpError) -> None:
+        """Answer a request we could not read, then linger: its framing is lost, so we close,
+        but only after draining the client's input for a moment, or its kernel would turn
+        our answer into a reset (RFC 9112 section 9.6)."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d %s", client.peer(), e.status, e.message)
+        writer = client.writer
+        client.phase = Phase.CLOSED
+        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
+        if writer.can_write_eof():
+            writer.write_eof()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await reader.read(READ_CHUNK):
+                    pass
+
+    async def answer(self, x: Exchange) -> Reply | Held | Streaming:
+        """Route one request. Every route's errors leave through here, and only here."""
+        req = x.req
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s", x.client.peer(), req.method, redact(req.target))
+        try:
+            if req.method == "OPTIONS":
+                return preflight(req, self.config.allowed_origins)
+            methods = self.route(x)
+            handler = methods.get(req.method)
+            if handler is None:
+                raise HttpError(405, f"use {' or '.join(methods)}", (("Allow", ", ".join(methods)),))
+            return await handler(x)
+        except HttpError as e:
+            return error_reply(e)
+        except DatabaseUnavailable as e:
+            return error_reply(unavailable(e))
+        except Exception:
+            log.exception("error handling %s %s", req.method, redact(req.path))
+            x.keep_alive = False
+            return json_reply(500, {"error": "internal error"})
+
+    def route(self, x: Exchange) -> dict[str, Handler]:
+        """The methods of the route the path names; a `<target>` in it goes to `x.target`."""
+        for pattern, methods in self.routes:
+            if m := pattern.fullmatch(x.req.path):
+                x.target = int(m[1]) if pattern.groups else None
+                return methods
+        raise HttpError(404, "no such endpoint")
+
+    # -- the routes ------------------------------------------------------------------
+
+    async def events(self, x: Exchange) -> Streaming:
+        """GET /events: register a stream with the hub; handle() then waits for its end."""
+        req, client = x.req, x.client
+        if req.version != "HTTP/1.1":
+            raise HttpError(505, "the event stream needs HTTP/1.1")
+        client.grant = self.auth.grant(req, time.time())
+        if self.stopping or self.hub.client_count >= self.config.max_clients:
+            raise HttpError(503, "too many clients, retry later",
+                            (("Retry-After", self.retry_after),))
+        client.cursor = parse_event_id(req.headers.get("last-event-id",
+                                                       req.query.get("last_event_id")))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
+                      "all" if client.scope is None else client.scope, client.cursor)
+        sock = client.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
+        head = render_head(200, [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            ("Transfer-Encoding", "chunked"),
+            *x.cors,
+        ])
+        self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        return STREAMING
+
+    async def healthz(self, x: Exchange) -> Reply:
+        return json_reply(*self.status.health())
+
+    async def metrics_page(self, x: Exchange) -> Reply:
+        return Reply(200, self.status.metrics(len(self.connections)),
+                     content_type="text/plain; version=0.0.4; charset=utf-8", cors=False)
+
+    # -- signing in with a Torn API key ------------------------------------------------
+
+    async def sign_in(self, x: Exchange) -> Reply:
+        """POST /auth/torn {"key"}: a member token for the key's owner (see "The Torn API
+        client" for what happens to the key)."""
+        req = x.req
+        address = client_address(x.client.peer(), req, self.config.trusted_proxies)
+        self.budgets.sign_in(address, self.loop.time())
+        if self.auth.db is None:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", DB_RETRY_AFTER),))
+        f = parse_body(req, x.body, SIGNIN_FIELDS)
+        # The key is handed on, not kept here: SignIn drops it once Torn has been asked.
+        return json_reply(200, await self.sign_ins.sign_in(f.pop("key"), bool(f["lend"])))
+
+    async def read_calls(self, x: Exchange) -> Reply | Held:
+        """GET /calls[?since=N[&wait=S]]: from memory, for clients that cannot stream.
+
+        With `wait`, a long-poll: when nothing is new after N, held (see `hold`)
+        until the faction's next event or S seconds, whichever comes first.
+        """
+        req = x.req
+        grant = self.auth.grant(req, time.time())
+        if not self.hub.ready:
+            raise HttpError(503, "not ready: the database has not been reached yet",
+                            (("Retry-After", DB_RETRY_AFTER),))
+        since_text = req.query.get("since")
+        since = parse_event_id(since_text)
+        if since_text is not None and since is None:
+            raise HttpError(400, "since must be an event id (a non-negative integer)")
+        wait = parse_wait(req.query.get("wait"))
+        if wait and since is not None and not self.stopping \
+                and not self.hub.has_news(grant.faction, since):
+            if self.hub.client_count >= self.config.max_clients:
+                raise HttpError(503, "too many clients, retry later",
+                                (("Retry-After", self.retry_after),))
+            x.client.grant = grant
+            return Held(since, wait)
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(grant.faction, since))
+
+    async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
+                   held: Held, keep_alive: bool) -> tuple[Reply, bool]:
+        """Hold a long-poll until its faction's next event, its wait, or shutdown; then
+        its answer, and whether the connection stays open.
+
+        It costs about what an idle stream costs: this coroutine waits on the
+        client's socket (so a client that leaves is noticed at once), and the hub
+        wakes it by moving its deadline to now. Nothing touches the database.
+        """
+        self.stats.holds += 1
+        try:
+            async with asyncio.timeout(held.wait) as deadline:
+                self.hub.hold(client, deadline)
+                while data := await reader.read(READ_CHUNK):
+                    requests.feed(data)  # the client's next request, pipelined: kept
+                    if requests.buffered > MAX_HEAD_BYTES + MAX_BODY_BYTES:
+                        break  # more than a request's worth: answer now
+                else:
+                    keep_alive = False  # the client closed its side: answer, then close
+        except TimeoutError:
+            pass  # an event, the deadline or shutdown: answer with what there is
+        finally:
+            self.hub.release(client)
+            client.phase = Phase.BUSY
+        if client.grant is not None and client.grant.ended:
+            # Its token ended while it waited (revoked, expired, left the faction): the
+            # answer a new request would get, so the player is signed out now, not later.
+            why = client.grant.ended if client.grant.player_id is not None else None
+            return error_reply(unauthorized(why)), keep_alive
+        self.stats.reads += 1
+        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
+
+    async def make_call(self, x: Exchange) -> Reply:
+        """POST /calls: call a target for the token's faction."""
+        grant = self.auth.grant(x.req, time.time())
+        f = parse_body(x.req, x.body, CALL_FIELDS if grant.player_id is None
+                       else MEMBER_CALL_FIELDS)
+        caller_id, caller_name = writer_of(grant, f)
+        self.budgets.write(grant, self.loop.time())
+        outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
+                                                     f["target_name"], caller_id, caller_name)
+        if outcome is CallOutcome.TAKEN:
+            self.stats.calls_refused += 1
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(409, f"target {f['target_id']} is already called by {who}",
+                            extra={"call": call})
+        if outcome is CallOutcome.YOURS:
+            # The caller holds it already: most likely a retry of a write whose answer was
+            # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
+            return json_reply(201, {"call": call, "event_id": None})
+        self.stats.calls_made += 1
+        await self._seen(event_id)
+        return json_reply(201, {"call": call, "event_id": event_id})
+
+    async def uncall(self, x: Exchange) -> Reply:
+        """DELETE /calls/<target> or POST /calls/<target>/uncall."""
+        grant = self.auth.grant(x.req, time.time())
+        target = _id_field(x.target, "target_id")
+        f = parse_body(x.req, x.body, UNCALL_FIELDS if grant.player_id is None
+                       else MEMBER_UNCALL_FIELDS)
+        by_id, by_name = writer_of(grant, f)
+        self.budgets.write(grant, self.loop.time())
+        outcome, call, event_id = await self.db.uncall(grant.faction, target, by_id, by_name,
+                                                       bool(f["force"]))
+        if outcome is CallOutcome.NOT_CALLED:
+            raise HttpError(404, f"target {target} is not called")
+        if outcome is CallOutcome.NOT_YOURS:
+            who = call["caller_name"] or f"player {call['caller_id']}"
+            raise HttpError(403, f"target {target} is called by {who}: only they can uncall "
+                            'it, unless the request says "force": true', extra={"call": call})
+        self.stats.uncalls += 1
+        await self._seen(event_id)
+        return json_reply(200, {"call": call, "event_id": event_id})
+
+    # -- the calls API's helpers ------------------------------------------------------
+
+    async def _seen(self, event_id: int) -> None:
+        """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
+        fut = self.hub.sent(event_id)
+        if fut is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fut), WRITE_ACK_TIMEOUT)
+
+    # -- shutdown ------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """End every stream with a jittered retry:, so clients come back spread out; answer
+        held long-polls at once; let requests in flight finish, then close what is left."""
+        self.stopping = True
+        window_ms = int(self.config.reconnect_spread_seconds * 1000)
+        streams = self.hub.all_streams()
+        for client in streams:
+            self.hub.end(client, random.randint(min(1000, window_ms), window_ms))
+        self.hub.wake_all()
+        for client in list(self.connections):
+            if client.phase is Phase.READING:
+                client.writer.close()
+        log.info("shutting down: ended %d streams", len(streams))
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.drained.wait(), SHUTDOWN_GRACE)
+        for client in list(self.connections):
+            client.writer.transport.abort()
+
+
+# ---------------------------------------------------------------------------
+# main(): one server process, its background jobs, and the command line
+# ---------------------------------------------------------------------------
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -3442,20 +3740,75 @@ def start_embedded_postgres(data_dir: str) -> str:
     return dsn
 
 
+async def keep_streams_alive(hub: Hub, seconds: float) -> None:
+    """A keep-alive comment to every stream every KEEPALIVE_SECONDS."""
+    while True:
+        await asyncio.sleep(seconds)
+        hub.keepalive()
+
+
+async def end_expired_members(hub: Hub, auth: Auth, retry_ms: int) -> None:
+    """End the streams of member tokens that expired while streaming."""
+    while True:
+        await asyncio.sleep(MEMBER_EXPIRY_CHECK_SECONDS)
+        hub.end_grants(auth.expire(time.time()), retry_ms)
+
+
+async def log_stats(stats: Stats, hub: Hub, listener: Listener, seconds: float) -> None:
+    """Seed step 6: log the number of active connections, once a minute."""
+    seen = {name: 0 for name in ("connects", "disconnects", "evictions", "events")}
+    while True:
+        await asyncio.sleep(seconds)
+        deltas = {name: getattr(stats, name) - seen[name] for name in seen}
+        seen = {name: getattr(stats, name) for name in seen}
+        log.info("clients=%d connects=+%d disconnects=+%d evictions=+%d events=+%d "
+                 "last_event_id=%d listener=%s", hub.client_count,
+                 deltas["connects"], deltas["disconnects"], deltas["evictions"],
+                 deltas["events"], hub.last_event_id, listener.state)
+
+
+async def expire_calls(db: Database, ttl: int) -> None:
+    """Uncall calls older than CALL_TTL_SECONDS (exactly once, whatever the instances)."""
+    if not ttl:
+        return
+    while True:
+        await asyncio.sleep(min(EXPIRY_CHECK_MAX_SECONDS, max(0.1, ttl / 10)))
+        with contextlib.suppress(DatabaseUnavailable):  # try again later
+            expired = await db.expire_calls(ttl)
+            if expired:
+                log.info("expired %d calls older than %ds", expired, ttl)
+
+
+async def prune_events(db: Database, hours: int) -> None:
+    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
+    if not hours:
+        return
+    while True:
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)
+        with contextlib.suppress(DatabaseUnavailable):
+            pruned = await db.prune_events(hours)
+            log.info("pruned %d events older than %d hours", pruned, hours)
+
+
 async def serve(config: Config, dsn: str) -> None:
-    """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT."""
+    """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT. Each part is
+    handed only the parts it uses."""
     loop = asyncio.get_running_loop()
-    app = App(config, dsn, loop)
+    stats = Stats()
+    hub = Hub(loop, config.replay_events, config.client_buffer_bytes, stats)
+    auth = Auth(config.secret_token, config.faction_tokens,
+                open_access=config.anonymous_access, factions=config.factions)
+    db = Database(dsn, config, stats)
+    listener = Listener(config, db, hub, auth, stats)
+    torn = TornClient(config.torn_api_url, config.torn_timeout_seconds)
+    sign_ins = SignIn(config, torn, db, auth, hub)
+    torn_poll = TornPoll(config, db, torn, sign_ins.sign_out_departed)
+    db.on_doubt.append(torn_poll.check)
+    app = App(config, hub, auth, db, sign_ins, Status(stats, hub, listener, db, torn_poll), stats)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # min_size=0: no connection is opened before one is needed, so start-up does not
-    # wait for (or fail on) a database that is not reachable yet.
-    # Every statement on it has a deadline (App._db), which also bounds connecting.
-    app.pool = await asyncpg.create_pool(dsn, min_size=0, max_size=POOL_SIZE,
-                                         timeout=CONNECT_TIMEOUT, ssl=app.db_tls,
-                                         init=app._init_pooled,
-                                         server_settings={"application_name": "torncat-sse api"})
+    await db.open()
     # The StreamReader's limit is the head limit: a reader never buffers much more than
     # twice that before it stops reading from the socket.
     server = await asyncio.start_server(app.handle, config.host, config.port, limit=MAX_HEAD_BYTES,
@@ -3463,30 +3816,19 @@ async def serve(config: Config, dsn: str) -> None:
     host, port = server.sockets[0].getsockname()[:2]
     log.info("listening on http://%s:%d (max %d clients)", host, port, config.max_clients)
     tasks = [loop.create_task(coro) for coro in (
-        app.listener.run(), app.keepalive_loop(), app.stats_loop(), app.expiry_loop(),
-        app.prune_loop(), app.member_expiry_loop(), app.poller.run())]
+        listener.run(), keep_streams_alive(hub, config.keepalive_seconds),
+        log_stats(stats, hub, listener, config.stats_log_seconds),
+        expire_calls(db, config.call_ttl_seconds), prune_events(db, config.event_retention_hours),
+        end_expired_members(hub, auth, config.retry_ms), torn_poll.run())]
     await stop.wait()
     server.close()
     await app.shutdown()
+    torn.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    app.pool.terminate()
+    db.close()
     log.info("stopped")
-
-
-@contextlib.asynccontextmanager
-async def cli_connection(config: Config, dsn: str):
-    """The command line's connection: deadlines on connecting and on every statement, and
-    trigger.sql applied first with --init-db."""
-    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
-                                 ssl=database_tls(config.database_ca_cert))
-    try:
-        if config.init_db:
-            await apply_schema(conn)
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def token_command(config: Config, dsn: str) -> int:
@@ -3495,18 +3837,13 @@ async def token_command(config: Config, dsn: str) -> int:
         async with cli_connection(config, dsn) as conn:
             if config.token_command == "create":
                 token = "tc_" + secrets.token_urlsafe(24)
-                row = await conn.fetchrow(
-                    "INSERT INTO torncat_tokens (faction_id, label, token_sha256) "
-                    "VALUES ($1, $2, $3) RETURNING id", config.faction, config.label,
-                    token_digest(token))
+                row = await conn.fetchrow(CREATE_TOKEN_SQL, config.faction, config.label,
+                                          token_digest(token))
                 print(f"token {row['id']} for faction {config.faction} ({config.label or 'no label'}); "
                       "it is shown only this once:", file=sys.stderr)
                 print(token)
             elif config.token_command == "list":
-                rows = await conn.fetch("SELECT id, faction_id, label, created_at, revoked_at, "
-                                        "kind, player_id, expires_at, "
-                                        "encode(substr(token_sha256, 1, 4), 'hex') AS digest "
-                                        "FROM torncat_tokens ORDER BY id")
+                rows = await conn.fetch(LIST_TOKENS_SQL)
                 print(f"{'id':>5}  {'faction':>10}  {'kind':7}  {'sha256':8}  {'created (UTC)':19}  "
                       f"{'ends (UTC)':19}  label")
                 for r in rows:
@@ -3516,10 +3853,7 @@ async def token_command(config: Config, dsn: str) -> int:
                     print(f"{r['id']:>5}  {r['faction_id']:>10}  {r['kind']:7}  {r['digest']:8}  "
                           f"{r['created_at']:%Y-%m-%d %H:%M:%S}  {ends:19}  {label} {end}".rstrip())
             elif config.player is not None:
-                revoked = await conn.fetchval("WITH r AS (UPDATE torncat_tokens SET revoked_at = now() "
-                                              "WHERE kind = 'member' AND player_id = $1 AND "
-                                              "revoked_at IS NULL RETURNING 1) SELECT count(*) FROM r",
-                                              config.player)
+                revoked = await conn.fetchval(REVOKE_PLAYER_SQL, config.player)
                 print(f"revoked {revoked} member tokens of player {config.player}; servers close "
                       "their streams now", file=sys.stderr)
                 return 0 if revoked else 1
@@ -3527,9 +3861,7 @@ async def token_command(config: Config, dsn: str) -> int:
                 print("torncat_sse: token revoke needs a token id or --player", file=sys.stderr)
                 return 2
             else:
-                revoked = await conn.fetchval("UPDATE torncat_tokens SET revoked_at = now() "
-                                              "WHERE id = $1 AND revoked_at IS NULL RETURNING id",
-                                              config.id)
+                revoked = await conn.fetchval(REVOKE_TOKEN_SQL, config.id)
                 if revoked is None:
                     print(f"torncat_sse: no active token with id {config.id}", file=sys.stderr)
                     return 1
@@ -3561,18 +3893,12 @@ async def torn_key_command(config: Config, dsn: str) -> int:
     try:
         async with cli_connection(config, dsn) as conn:
             if config.key_command == "add":
-                row = await conn.fetchrow(
-                    "INSERT INTO torncat_torn_keys (faction_id, api_key, source) "
-                    "VALUES ($1, $2, 'operator') ON CONFLICT (api_key) DO UPDATE SET "
-                    "faction_id = excluded.faction_id, disabled_at = NULL, disabled_reason = NULL "
-                    "RETURNING id, (xmax = 0) AS inserted", config.faction, key)
+                row = await conn.fetchrow(ADD_TORN_KEY_SQL, config.faction, key)
                 del key
                 print(f"key db:{row['id']} {'stored' if row['inserted'] else 'was already stored'} "
                       f"for faction {config.faction}'s poll", file=sys.stderr)
             elif config.key_command == "list":
-                rows = await conn.fetch("SELECT id, faction_id, source, player_id, player_name, "
-                                        "created_at, disabled_at, disabled_reason "
-                                        "FROM torncat_torn_keys ORDER BY id")
+                rows = await conn.fetch(LIST_TORN_KEYS_SQL)
                 print(f"{'key':>8}  {'faction':>10}  {'source':8}  {'added (UTC)':19}  state")
                 for r in rows:
                     who = f" by {r['player_name']} [{r['player_id']}]" if r["player_id"] else ""
@@ -3580,8 +3906,7 @@ async def torn_key_command(config: Config, dsn: str) -> int:
                     print(f"{'db:' + str(r['id']):>8}  {r['faction_id']:>10}  {r['source'] + who:8}"
                           f"  {r['created_at']:%Y-%m-%d %H:%M:%S}  {state}")
             else:
-                gone = await conn.fetchval("DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id",
-                                           config.id)
+                gone = await conn.fetchval(REMOVE_TORN_KEY_SQL, config.id)
                 if gone is None:
                     print(f"torncat_sse: no key with id {config.id}", file=sys.stderr)
                     return 1
@@ -3593,18 +3918,16 @@ async def torn_key_command(config: Config, dsn: str) -> int:
         return 1
 
 
-def access_summary(config: Config, asked: bool | None) -> str:
-    """One start-up log line: who may read and write without a token, and why.
-
-    `asked` is OPEN_ACCESS as set (None: unset), `config.open_access` what it became."""
+def access_summary(config: Config) -> str:
+    """One start-up log line: who may read and write without a token, and why."""
     env_tokens = bool(config.secret_token) + len(config.faction_tokens)
-    why = (f"OPEN_ACCESS={int(asked)}" if asked is not None else
-           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.open_access
+    why = (f"OPEN_ACCESS={int(config.open_access)}" if config.open_access is not None else
+           "OPEN_ACCESS unset: " + ("on with the embedded database" if config.anonymous_access
                                     else "off with DATABASE_URL"))
     if env_tokens:
         return (f"access: a token is required ({env_tokens} from SECRET_TOKEN/FACTION_TOKENS, "
                 f"more from the torncat_tokens table); without one: 401 ({why})")
-    if config.open_access:
+    if config.anonymous_access:
         return (f"access: open while the torncat_tokens table holds no token: no token needed, "
                 f"everyone sees every faction ({why})")
     return (f"access: closed: streams, polls and writes without a token get 401 ({why}); no "
@@ -3615,9 +3938,7 @@ def access_summary(config: Config, asked: bool | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_settings(sys.argv[1:] if argv is None else argv, dict(os.environ))
-    if config.command in ("token", "torn-key") and config.log_level == "INFO":
-        config.log_level = "WARNING"  # keep the command's own output readable
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+    logging.basicConfig(level=config.effective_log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -3625,23 +3946,18 @@ def main(argv: list[str] | None = None) -> int:
         database_tls(config.database_ca_cert)
     except (OSError, ssl.SSLError) as e:
         sys.exit(f"torncat_sse: DATABASE_CA_CERT is not a usable CA certificate: {describe(e)}")
-    # Open access only where the operator asked for it; unset, only for the embedded
-    # development database: a real database with an empty token table stays closed.
-    asked = config.open_access
-    if asked is None:
-        config.open_access = not config.database_url
     if not config.database_url:
         dsn = start_embedded_postgres(config.embedded_pg_dir)
-        config.init_db = True
     else:
         dsn = config.database_url
         log.info("database: %s", redact_dsn(dsn))
     if config.command is None:
-        log.info("%s", access_summary(config, asked))
+        log.info("%s", access_summary(config))
     limit = raise_fd_limit(config.max_clients + REQUEST_SLOTS + FD_RESERVE)
     if config.max_clients + REQUEST_SLOTS + FD_RESERVE > limit:
-        config.max_clients = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
-        log.warning("open-file limit is %d: MAX_CLIENTS lowered to %d", limit, config.max_clients)
+        fitted = max(1, limit - REQUEST_SLOTS - FD_RESERVE)
+        log.warning("open-file limit is %d: MAX_CLIENTS lowered to %d", limit, fitted)
+        config = config.replace(max_clients=fitted)
     try:
         import uvloop
     except ImportError:
@@ -3654,19 +3970,19 @@ def main(argv: list[str] | None = None) -> int:
     if config.command == "torn-key":
         return runner(torn_key_command(config, dsn))
     if config.workers > 1:
-        return run_workers(config, lambda: runner(serve(config, dsn)))
+        return run_workers(config, lambda config: runner(serve(config, dsn)))
     runner(serve(config, dsn))
     return 0
 
 
-def run_workers(config: Config, serve_forever: Callable[[], None]) -> int:
+def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     """WORKERS=N: fork N servers on one port (SO_REUSEPORT spreads connections across
     them) and keep them running: one that dies is started again; SIGTERM stops all."""
     if config.port == 0:  # pick the port once, so that every worker shares it
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind((config.host, 0))
-            config.port = probe.getsockname()[1]
+            config = config.replace(port=probe.getsockname()[1])
     children: dict[int, int] = {}  # pid -> worker number
     stopping = False
 
@@ -3680,7 +3996,7 @@ def run_workers(config: Config, serve_forever: Callable[[], None]) -> int:
                     f"%(asctime)s %(levelname)s [w{number}] %(message)s"))
             code = 0
             try:
-                serve_forever()
+                serve_forever(config)
             except BaseException:
                 log.exception("worker %d failed", number)
                 code = 1
