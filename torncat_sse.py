@@ -185,7 +185,9 @@ RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we 
 SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
 MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
 MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
-CALLS_CACHE_ENTRIES = 1024     # cached GET /calls answers per (faction, since), dropped on every event
+CALLS_CACHE_BYTES = 1 << 20    # cached GET /calls answers per (faction, since), dropped on every
+                               # event: at most this many bytes (each answer is at most its
+                               # faction's snapshot: one `since` per faction's long-polls fits)
 REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests:
                                # idle, reading a request or being answered, all addresses together
 IDLE_GRACE_SECONDS = 1.0       # a connection idle this long may be closed for a newer one of its
@@ -466,6 +468,9 @@ SETTINGS = (
             "events older than this are pruned from the log hourly (0 = never)"),
     Setting("CALL_TTL_SECONDS", "900", _non_negative_int,
             "an active call older than this is uncalled with reason \"expired\" (0 = never)"),
+    Setting("CALLS_PER_FACTION", "200", _positive_int, "active calls per faction at most "
+            "through the API (a ranked war's enemy has at most 100 members); more get 429. "
+            "It bounds what every stream of the faction is sent first"),
     Setting("WRITES_PER_MINUTE", "300", _positive_int,
             "calls and uncalls per minute per token (bursts of a sixth of that); more get 429"),
     Setting("INIT_DB", "0", _bool, "apply trigger.sql to DATABASE_URL at start-up"),
@@ -1465,6 +1470,7 @@ class Hub:
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
         self._bodies: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> GET /calls body
+        self.bodies_bytes = 0  # their size, at most CALLS_CACHE_BYTES
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
@@ -1512,7 +1518,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
-        self._bodies.clear()
+        self._clear_bodies()
         self._release_sent()
         if not self.ready:
             self.ready = True
@@ -1545,7 +1551,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
-        self._bodies.clear()
+        self._clear_bodies()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -1586,24 +1592,34 @@ class Hub:
         return self.snapshot(scope)[1]
 
     def calls_since(self, scope: int | None, since: int | None) -> bytes:
-        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
+        """GET /calls: the snapshot, the events after `since`, or a reset (the snapshot) when
+        `since` is too old, or its events are more than a client may be sent at once
+        (CLIENT_BUFFER_BYTES) and the snapshot is shorter.
 
-        Cached per (scope, since) until the next event: a faction's long-polls all
-        ask with the same `since` when an event wakes them.
+        Cached per (scope, since) until the next event, CALLS_CACHE_BYTES at most: a
+        faction's long-polls all ask with the same `since` when an event wakes them.
         """
         if since is None:
             return self.snapshot(scope)[0]
+        reset = b'{"reset":true,' + self.snapshot(scope)[0][1:]
         if not self.can_replay(since):
-            return b'{"reset":true,' + self.snapshot(scope)[0][1:]
+            return reset
         body = self._bodies.get((scope, since))
         if body is None:
-            if len(self._bodies) >= CALLS_CACHE_ENTRIES:
-                self._bodies.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
-            body = self._bodies[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
-                events, self.last_event_id)
+            body = b'{"events":[%s],"last_event_id":%d}' % (events, self.last_event_id)
+            if len(body) > self.client_buffer and len(body) > len(reset):
+                return reset  # the snapshot says the same in fewer bytes
+            if self.bodies_bytes + len(body) > CALLS_CACHE_BYTES:
+                self._clear_bodies()
+            self._bodies[scope, since] = body
+            self.bodies_bytes += len(body)
         return body
+
+    def _clear_bodies(self) -> None:
+        self._bodies.clear()
+        self.bodies_bytes = 0
 
     def has_news(self, scope: int | None, since: int) -> bool:
         """Whether a poll with `since` would get something now: events, or a reset."""
@@ -1640,12 +1656,23 @@ class Hub:
         return cursor is not None and self.floor <= cursor <= self.last_event_id
 
     def initial_frames(self, scope: int | None, cursor: int | None) -> bytes:
-        """A replay of what `cursor` missed, or a snapshot when that is not possible."""
+        """A replay of what `cursor` missed, or a snapshot when that is not possible, or the
+        replay is more than CLIENT_BUFFER_BYTES and the snapshot shorter."""
         if self.can_replay(cursor):
-            self.stats.replays += 1
-            return b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            replay = b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            if len(replay) <= max(self.client_buffer, len(self.snapshot_frame(scope))):
+                self.stats.replays += 1
+                return replay
         self.stats.snapshots += 1
         return self.snapshot_frame(scope)
+
+    def first_bytes(self, scope: int | None, cursor: int | None) -> int:
+        """How many bytes a stream would be sent first (its replay or snapshot)."""
+        snapshot = len(self.snapshot_frame(scope))
+        if self.can_replay(cursor):
+            replay = sum(len(ev.frame) for ev in self.events_after(cursor, scope))
+            return replay if replay <= max(self.client_buffer, snapshot) else snapshot
+        return snapshot
 
     # -- streams -------------------------------------------------------------------
 
@@ -1666,11 +1693,17 @@ class Hub:
             client.writer.write(preamble)
             self.waiting.add(client)
             return
-        self.subscribers.setdefault(client.scope, set()).add(client)
         frames = self.initial_frames(client.scope, client.cursor)
+        if len(frames) > self.client_buffer:  # opened before the first load: see App.events
+            self.stats.refused_streams += 1
+            self.evict(client)
+            return
+        self.subscribers.setdefault(client.scope, set()).add(client)
         client.writer.write(preamble + chunk(frames) if frames else preamble)
-        # A big snapshot on a fresh connection is not a sign of a slow client.
-        client.cap = self.client_buffer + client.writer.transport.get_write_buffer_size()
+        # What it was sent first counts against its buffer like any event (it no longer
+        # raises the cap): a client that does not read falls CLIENT_BUFFER_BYTES behind no
+        # sooner for having been sent a big snapshot, and is held no more.
+        client.cap = self.client_buffer
 
     def unsubscribe(self, client: Client) -> None:
         """Forget a stream, whether it left, was evicted or ended; safe to call twice."""
@@ -3466,6 +3499,8 @@ class Status:
                            int(self.db.health is not PoolHealth.FAILING)),
             "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
             "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+            "calls_cache_bytes": ("Bytes of GET /calls answers cached (at most "
+                                  "CALLS_CACHE_BYTES).", self.hub.bodies_bytes),
         }) + self.torn_poll.metrics().encode()
 
 
@@ -3487,6 +3522,7 @@ class App:
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
+        self._too_big_logged_at = -math.inf
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
         # Every route: path -> method -> handler, the methods in the order a 405 lists them.
         routes: dict[str, dict[str, Handler]] = {
@@ -3656,6 +3692,8 @@ class App:
         self._room_for(client.grant)
         client.cursor = parse_event_id(req.headers.get("last-event-id",
                                                        req.query.get("last_event_id")))
+        if self.hub.ready:
+            self._fits(client.scope, self.hub.first_bytes(client.scope, client.cursor))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
                       "all" if client.scope is None else client.scope, client.cursor)
@@ -3717,7 +3755,9 @@ class App:
             x.client.grant = grant
             return Held(since, wait)
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(grant.faction, since))
+        body = self.hub.calls_since(grant.faction, since)
+        self._fits(grant.faction, len(body))
+        return Reply(200, body)
 
     async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
                    held: Held, keep_alive: bool) -> tuple[Reply, bool]:
@@ -3749,7 +3789,12 @@ class App:
             why = client.grant.ended if client.grant.player_id is not None else None
             return error_reply(unauthorized(why)), keep_alive
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
+        body = self.hub.calls_since(client.scope, held.since)
+        try:
+            self._fits(client.scope, len(body))
+        except HttpError as e:
+            return error_reply(e), keep_alive
+        return Reply(200, body), keep_alive
 
     async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
@@ -3758,6 +3803,11 @@ class App:
                        else MEMBER_CALL_FIELDS)
         caller_id, caller_name = writer_of(grant, f)
         self.budgets.write(grant, self.loop.time())
+        active = len(self.hub.by_faction.get(grant.faction, ()))
+        if active >= self.config.calls_per_faction:
+            raise HttpError(429, f"your faction has {active} active calls, the most this "
+                            "server keeps (CALLS_PER_FACTION): uncall some first",
+                            (("Retry-After", "60"),))
         outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
                                                      f["target_name"], caller_id, caller_name)
         if outcome is CallOutcome.TAKEN:
@@ -3794,6 +3844,25 @@ class App:
         return json_reply(200, {"call": call, "event_id": event_id})
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _fits(self, scope: int | None, size: int) -> None:
+        """What a client would be sent first (a snapshot, a replay, a GET /calls answer)
+        must fit in CLIENT_BUFFER_BYTES: every byte a client makes us hold counts there.
+        Calls made through the API cannot outgrow it (CALLS_PER_FACTION); rows another
+        program writes could: then the faction is refused, and the operator told why."""
+        if size <= self.config.client_buffer_bytes:
+            return
+        self.stats.refused_streams += 1
+        now = self.loop.time()
+        if now - self._too_big_logged_at >= BAD_NOTIFY_LOG_SECONDS:
+            self._too_big_logged_at = now
+            log.warning("%s's calls are %d bytes, more than CLIENT_BUFFER_BYTES (%d): its "
+                        "streams and reads are refused; end calls, or raise "
+                        "CLIENT_BUFFER_BYTES", "every faction" if scope is None
+                        else f"faction {scope}", size, self.config.client_buffer_bytes)
+        raise HttpError(503, "this faction's calls are more than this server sends a client "
+                        "at once (CLIENT_BUFFER_BYTES): its operator is told",
+                        (("Retry-After", "60"),))
 
     def _room_for(self, grant: Grant) -> None:
         """A stream or held long-poll of `grant` may start; HttpError when the server, the
