@@ -185,8 +185,15 @@ RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we 
 SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
 MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
 MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
-CALLS_CACHE_ENTRIES = 1024     # cached GET /calls answers per (faction, since), dropped on every event
-REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests
+CALLS_CACHE_BYTES = 1 << 20    # cached GET /calls answers per (faction, since), dropped on every
+                               # event: at most this many bytes (each answer is at most its
+                               # faction's snapshot: one `since` per faction's long-polls fits)
+REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests:
+                               # idle, reading a request or being answered, all addresses together
+IDLE_GRACE_SECONDS = 1.0       # a connection idle this long may be closed for a newer one of its
+                               # address (past CONNECTIONS_PER_ADDRESS) or of any (past
+                               # REQUEST_SLOTS); younger ones are a burst of honest clients, each
+                               # sending its request at once, and are kept
 FD_RESERVE = 64                # file descriptors kept for Postgres, logs and the listening socket
 WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
 SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
@@ -424,7 +431,18 @@ SETTINGS = (
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
             "unsent bytes a client may fall behind by before it is dropped"),
-    Setting("MAX_CLIENTS", "10000", _positive_int, "open streams per process; more get 503"),
+    Setting("MAX_CLIENTS", "10000", _positive_int, "open streams and held long-polls per "
+            "process; more get 503"),
+    Setting("MAX_CLIENTS_PER_TOKEN", "10", _positive_int, "streams and held long-polls per "
+            "member token (a player's tokens count together; a browser shares one stream across "
+            "its tabs); more get 429"),
+    Setting("MAX_CLIENTS_PER_FACTION", "500", _positive_int, "streams and held long-polls per "
+            "faction, whatever its tokens (a faction has at most 100 members); more get 503, so "
+            "that one faction cannot take every slot"),
+    Setting("CONNECTIONS_PER_ADDRESS", "64", _positive_int, "connections from one address "
+            "that are neither streams nor held long-polls (idle, or sending a request); past "
+            "it the address's oldest idle one is closed. Behind a proxy the address is the "
+            "proxy's"),
     Setting("WORKERS", "1", _positive_int, "server processes sharing the port (SO_REUSEPORT), "
             "each with its own LISTEN connection; one per core"),
     Setting("REPLAY_EVENTS", "10000", _non_negative_int,
@@ -450,6 +468,9 @@ SETTINGS = (
             "events older than this are pruned from the log hourly (0 = never)"),
     Setting("CALL_TTL_SECONDS", "900", _non_negative_int,
             "an active call older than this is uncalled with reason \"expired\" (0 = never)"),
+    Setting("CALLS_PER_FACTION", "200", _positive_int, "active calls per faction at most "
+            "through the API (a ranked war's enemy has at most 100 members); more get 429. "
+            "It bounds what every stream of the faction is sent first"),
     Setting("WRITES_PER_MINUTE", "300", _positive_int,
             "calls and uncalls per minute per token (bursts of a sixth of that); more get 429"),
     Setting("INIT_DB", "0", _bool, "apply trigger.sql to DATABASE_URL at start-up"),
@@ -1289,7 +1310,8 @@ class Stats:
                  "snapshots", "replays", "reads", "listener_reconnects", "rejected",
                  "calls_made", "calls_refused", "uncalls", "holds", "lag_counts", "lag_sum",
                  "lag_count", "pool_timeouts", "listener_timeouts", "db_terminations", "log_reads",
-                 "notifications_ignored")
+                 "notifications_ignored", "idle_closed", "refused_streams", "over_token",
+                 "over_faction")
 
     def __init__(self):
         for name in self.__slots__:
@@ -1331,6 +1353,10 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
          stats.listener_reconnects),
         ("rejected_connections_total", "Connections refused because the server was full.",
          stats.rejected),
+        ("idle_closed_total", "Idle connections closed for newer ones (past "
+         "CONNECTIONS_PER_ADDRESS or REQUEST_SLOTS).", stats.idle_closed),
+        ("refused_streams_total", "Streams and reads refused because what they would get "
+         "first (a snapshot, a replay) is more than CLIENT_BUFFER_BYTES.", stats.refused_streams),
         ("uncalls_total", "Uncalls made through the API.", stats.uncalls),
         ("db_terminated_connections_total", "Postgres connections closed at once because they "
          "missed a deadline or failed mid-statement.", stats.db_terminations),
@@ -1343,6 +1369,9 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
         metric(name, "counter", help_text, [("", value)])
     metric("calls_total", "counter", "Calls through the API, by result.",
            [('{result="made"}', stats.calls_made), ('{result="refused"}', stats.calls_refused)])
+    metric("slots_refused_total", "counter", "Streams and long-polls refused for their "
+           "token's or faction's share of the slots.",
+           [('{over="token"}', stats.over_token), ('{over="faction"}', stats.over_faction)])
     metric("db_timeouts_total", "counter", "Database operations that missed their deadline.",
            [('{connection="pool"}', stats.pool_timeouts),
             ('{connection="listener"}', stats.listener_timeouts)])
@@ -1378,15 +1407,18 @@ class Client:
     held long-poll's deadline, which the hub moves to now when an event comes).
     """
 
-    __slots__ = ("writer", "phase", "grant", "cursor", "cap", "wake")
+    __slots__ = ("writer", "phase", "grant", "cursor", "cap", "wake", "address", "idle_since")
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, now: float = 0.0):
         self.writer = writer
         self.phase = Phase.READING
         self.grant: Grant = OPEN
         self.cursor: int | None = None
         self.cap = 0
         self.wake: asyncio.Timeout | None = None
+        peer = writer.get_extra_info("peername")
+        self.address: str = peer[0] if peer else "?"  # the TCP peer: per-address bounds
+        self.idle_since = now  # loop time it began waiting for a request (Phase.READING)
 
     @property
     def scope(self) -> int | None:
@@ -1431,9 +1463,14 @@ class Hub:
         self.subscribers: dict[int | None, set[Client]] = {}
         self.waiting: set[Client] = set()    # streams opened before the first snapshot
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
+        # Streams and held long-polls per member (player id) and per faction: their shares
+        # of the slots (MAX_CLIENTS_PER_TOKEN, MAX_CLIENTS_PER_FACTION).
+        self.per_player: collections.Counter[int] = collections.Counter()
+        self.per_faction: collections.Counter[int] = collections.Counter()
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
         self._bodies: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> GET /calls body
+        self.bodies_bytes = 0  # their size, at most CALLS_CACHE_BYTES
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
@@ -1448,6 +1485,18 @@ class Hub:
     def client_count(self) -> int:
         """Streams and held long-polls: what MAX_CLIENTS bounds."""
         return self.stream_count + self.held_count
+
+    def _counted(self, client: Client, n: int) -> None:
+        """A stream or held long-poll starts (n=1) or ends (n=-1) in its shares."""
+        grant = client.grant
+        if grant.player_id is not None:
+            self.per_player[grant.player_id] += n
+            if self.per_player[grant.player_id] <= 0:
+                del self.per_player[grant.player_id]
+        if grant.faction is not None:
+            self.per_faction[grant.faction] += n
+            if self.per_faction[grant.faction] <= 0:
+                del self.per_faction[grant.faction]
 
     # -- state ---------------------------------------------------------------
 
@@ -1469,7 +1518,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
-        self._bodies.clear()
+        self._clear_bodies()
         self._release_sent()
         if not self.ready:
             self.ready = True
@@ -1502,7 +1551,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
-        self._bodies.clear()
+        self._clear_bodies()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -1543,24 +1592,34 @@ class Hub:
         return self.snapshot(scope)[1]
 
     def calls_since(self, scope: int | None, since: int | None) -> bytes:
-        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
+        """GET /calls: the snapshot, the events after `since`, or a reset (the snapshot) when
+        `since` is too old, or its events are more than a client may be sent at once
+        (CLIENT_BUFFER_BYTES) and the snapshot is shorter.
 
-        Cached per (scope, since) until the next event: a faction's long-polls all
-        ask with the same `since` when an event wakes them.
+        Cached per (scope, since) until the next event, CALLS_CACHE_BYTES at most: a
+        faction's long-polls all ask with the same `since` when an event wakes them.
         """
         if since is None:
             return self.snapshot(scope)[0]
+        reset = b'{"reset":true,' + self.snapshot(scope)[0][1:]
         if not self.can_replay(since):
-            return b'{"reset":true,' + self.snapshot(scope)[0][1:]
+            return reset
         body = self._bodies.get((scope, since))
         if body is None:
-            if len(self._bodies) >= CALLS_CACHE_ENTRIES:
-                self._bodies.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
-            body = self._bodies[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
-                events, self.last_event_id)
+            body = b'{"events":[%s],"last_event_id":%d}' % (events, self.last_event_id)
+            if len(body) > self.client_buffer and len(body) > len(reset):
+                return reset  # the snapshot says the same in fewer bytes
+            if self.bodies_bytes + len(body) > CALLS_CACHE_BYTES:
+                self._clear_bodies()
+            self._bodies[scope, since] = body
+            self.bodies_bytes += len(body)
         return body
+
+    def _clear_bodies(self) -> None:
+        self._bodies.clear()
+        self.bodies_bytes = 0
 
     def has_news(self, scope: int | None, since: int) -> bool:
         """Whether a poll with `since` would get something now: events, or a reset."""
@@ -1597,12 +1656,23 @@ class Hub:
         return cursor is not None and self.floor <= cursor <= self.last_event_id
 
     def initial_frames(self, scope: int | None, cursor: int | None) -> bytes:
-        """A replay of what `cursor` missed, or a snapshot when that is not possible."""
+        """A replay of what `cursor` missed, or a snapshot when that is not possible, or the
+        replay is more than CLIENT_BUFFER_BYTES and the snapshot shorter."""
         if self.can_replay(cursor):
-            self.stats.replays += 1
-            return b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            replay = b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            if len(replay) <= max(self.client_buffer, len(self.snapshot_frame(scope))):
+                self.stats.replays += 1
+                return replay
         self.stats.snapshots += 1
         return self.snapshot_frame(scope)
+
+    def first_bytes(self, scope: int | None, cursor: int | None) -> int:
+        """How many bytes a stream would be sent first (its replay or snapshot)."""
+        snapshot = len(self.snapshot_frame(scope))
+        if self.can_replay(cursor):
+            replay = sum(len(ev.frame) for ev in self.events_after(cursor, scope))
+            return replay if replay <= max(self.client_buffer, snapshot) else snapshot
+        return snapshot
 
     # -- streams -------------------------------------------------------------------
 
@@ -1610,6 +1680,7 @@ class Hub:
         """Register a stream whose HTTP head and retry: field are `preamble`."""
         self.stats.connects += 1
         client.phase = Phase.STREAM
+        self._counted(client, 1)
         if self._outbox:
             self.flush()  # so the snapshot below does not repeat queued events
         self._start(client, preamble)
@@ -1622,11 +1693,17 @@ class Hub:
             client.writer.write(preamble)
             self.waiting.add(client)
             return
-        self.subscribers.setdefault(client.scope, set()).add(client)
         frames = self.initial_frames(client.scope, client.cursor)
+        if len(frames) > self.client_buffer:  # opened before the first load: see App.events
+            self.stats.refused_streams += 1
+            self.evict(client)
+            return
+        self.subscribers.setdefault(client.scope, set()).add(client)
         client.writer.write(preamble + chunk(frames) if frames else preamble)
-        # A big snapshot on a fresh connection is not a sign of a slow client.
-        client.cap = self.client_buffer + client.writer.transport.get_write_buffer_size()
+        # What it was sent first counts against its buffer like any event (it no longer
+        # raises the cap): a client that does not read falls CLIENT_BUFFER_BYTES behind no
+        # sooner for having been sent a big snapshot, and is held no more.
+        client.cap = self.client_buffer
 
     def unsubscribe(self, client: Client) -> None:
         """Forget a stream, whether it left, was evicted or ended; safe to call twice."""
@@ -1634,6 +1711,7 @@ class Hub:
             return
         client.phase = Phase.CLOSED
         self.stats.disconnects += 1
+        self._counted(client, -1)
         self.waiting.discard(client)
         subs = self.subscribers.get(client.scope)
         if subs is not None:
@@ -1679,13 +1757,15 @@ class Hub:
         """Park a long-poll until its scope's next event (or `load`) moves `wake` to now."""
         client.phase, client.wake = Phase.HELD, wake
         self.holding.setdefault(client.scope, set()).add(client)
+        self._counted(client, 1)
 
     def release(self, client: Client) -> None:
         """Forget a held long-poll, woken or not; safe to call twice."""
         client.wake = None
         held = self.holding.get(client.scope)
-        if held is not None:
+        if held is not None and client in held:
             held.discard(client)
+            self._counted(client, -1)
             if not held:
                 del self.holding[client.scope]
 
@@ -1700,8 +1780,8 @@ class Hub:
 
     def _wake(self, scopes) -> None:
         now = self.loop.time()
-        for scope in scopes:
-            for client in self.holding.pop(scope, ()):
+        for scope in scopes:  # each leaves `holding` in release(), when its request answers
+            for client in self.holding.get(scope, ()):
                 if client.wake is not None:
                     client.wake.reschedule(now)
                     client.wake = None
@@ -3294,6 +3374,80 @@ def unavailable(e: DatabaseUnavailable) -> HttpError:
                      (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
 
 
+class RequestSlots:
+    """The connections that are neither streams nor held long-polls: idle between requests,
+    sending one, or being answered. They are REQUEST_SLOTS at most, CONNECTIONS_PER_ADDRESS
+    from one address. Past either bound the oldest idle one (of that address, or of the
+    address holding the most) is closed, so that a new request, /healthz included, always
+    gets in: idle connections cannot take a server's slots, nor one address everyone's.
+    One idle for less than IDLE_GRACE_SECONDS is kept (honest clients arriving together
+    from one address each send their request at once) and the bound is restored a moment
+    later; only a server out of file descriptors closes the youngest too.
+    """
+
+    def __init__(self, per_address: int, stats: Stats, loop: asyncio.AbstractEventLoop):
+        self.per_address, self.stats, self.loop = per_address, stats, loop
+        self.by_address: dict[str, dict[Client, None]] = {}  # oldest first
+        self.count = 0
+        self._over: set[str] = set()  # addresses found past per_address
+        self._retry: asyncio.TimerHandle | None = None
+
+    def admit(self, client: Client, full: bool) -> bool:
+        """Room for a new connection; False when the server is `full` and none is idle."""
+        if full and not self._close_idle(self._busiest(), 0.0, self.loop.time()):
+            return False
+        self.take(client)
+        if len(self.by_address[client.address]) > self.per_address:
+            self._over.add(client.address)
+        if self._over or self.count > REQUEST_SLOTS:
+            self.trim()
+        return True
+
+    def take(self, client: Client) -> None:
+        """`client` waits for (or sends, or is answered) a request; safe to call twice."""
+        conns = self.by_address.setdefault(client.address, {})
+        if client not in conns:
+            conns[client] = None
+            self.count += 1
+
+    def give_back(self, client: Client) -> None:
+        """`client` became a stream or a held long-poll, or closed; safe to call twice."""
+        conns = self.by_address.get(client.address)
+        if conns is not None and client in conns:
+            del conns[client]
+            self.count -= 1
+            if not conns:
+                del self.by_address[client.address]
+
+    def trim(self) -> None:
+        """Close idle connections past the bounds; again in a moment if some are too young."""
+        self._retry = None
+        now = self.loop.time()
+        for address in list(self._over):
+            conns = self.by_address.get(address, {})
+            while len(conns) > self.per_address and self._close_idle(conns, IDLE_GRACE_SECONDS, now):
+                pass
+            if len(conns) <= self.per_address:
+                self._over.discard(address)
+        while self.count > REQUEST_SLOTS and self._close_idle(self._busiest(), IDLE_GRACE_SECONDS, now):
+            pass
+        if (self._over or self.count > REQUEST_SLOTS) and self._retry is None:
+            self._retry = self.loop.call_later(IDLE_GRACE_SECONDS, self.trim)
+
+    def _busiest(self) -> dict[Client, None]:
+        return max(self.by_address.values(), key=len, default={})
+
+    def _close_idle(self, conns: dict[Client, None], grace: float, now: float) -> bool:
+        """Close the oldest of `conns` idle for `grace` seconds; False if there is none."""
+        for client in conns:
+            if client.phase is Phase.READING and now - client.idle_since >= grace:
+                self.give_back(client)
+                self.stats.idle_closed += 1
+                client.writer.transport.abort()  # its handler sees the end and cleans up
+                return True
+        return False
+
+
 def route_pattern(template: str) -> re.Pattern:
     """A route's path as a pattern: `<target>` stands for a Torn id."""
     return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
@@ -3345,6 +3499,8 @@ class Status:
                            int(self.db.health is not PoolHealth.FAILING)),
             "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
             "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+            "calls_cache_bytes": ("Bytes of GET /calls answers cached (at most "
+                                  "CALLS_CACHE_BYTES).", self.hub.bodies_bytes),
         }) + self.torn_poll.metrics().encode()
 
 
@@ -3362,9 +3518,11 @@ class App:
         self.loop = hub.loop
         self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
         self.connections: set[Client] = set()
+        self.slots = RequestSlots(config.connections_per_address, stats, self.loop)
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
+        self._too_big_logged_at = -math.inf
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
         # Every route: path -> method -> handler, the methods in the order a 405 lists them.
         routes: dict[str, dict[str, Handler]] = {
@@ -3382,14 +3540,15 @@ class App:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """asyncio.start_server's callback: one connection, from accept to close."""
-        if self.stopping or len(self.connections) >= self.max_connections:
+        client = Client(writer, self.loop.time())
+        full = len(self.connections) >= self.max_connections
+        if self.stopping or not self.slots.admit(client, full):
             self.stats.rejected += 1
             writer.write(render(json_reply(503, {"error": "server busy"},
                                            (("Retry-After", self.retry_after),)),
                                 [], keep_alive=False, head_only=False))
             writer.close()
             return
-        client = Client(writer)
         self.connections.add(client)
         try:
             await self.converse(client, reader)
@@ -3406,6 +3565,7 @@ class App:
             self.hub.unsubscribe(client)
             self.hub.release(client)
             client.phase = Phase.CLOSED
+            self.slots.give_back(client)
             self.connections.discard(client)
             if not writer.is_closing():
                 writer.close()
@@ -3417,7 +3577,8 @@ class App:
         writer = client.writer
         requests = RequestReader()
         while True:
-            client.phase = Phase.READING
+            client.phase, client.idle_since = Phase.READING, self.loop.time()
+            self.slots.take(client)
             try:
                 got = await self.read_request(reader, requests)
             except HttpError as e:
@@ -3436,6 +3597,7 @@ class App:
             cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
             if isinstance(answer, Held):
                 got = req = body = x = None  # not kept for the seconds the request is held
+                self.slots.give_back(client)
                 answer, keep_alive = await self.hold(client, reader, requests, answer,
                                                      keep_alive)
             writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
@@ -3479,6 +3641,8 @@ class App:
             log.debug("%s: %d %s", client.peer(), e.status, e.message)
         writer = client.writer
         client.phase = Phase.CLOSED
+        if writer.is_closing():
+            return  # closed meanwhile, for a newer connection (RequestSlots)
         writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
         if writer.can_write_eof():
             writer.write_eof()
@@ -3525,11 +3689,11 @@ class App:
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
         client.grant = self.auth.grant(req, time.time())
-        if self.stopping or self.hub.client_count >= self.config.max_clients:
-            raise HttpError(503, "too many clients, retry later",
-                            (("Retry-After", self.retry_after),))
+        self._room_for(client.grant)
         client.cursor = parse_event_id(req.headers.get("last-event-id",
                                                        req.query.get("last_event_id")))
+        if self.hub.ready:
+            self._fits(client.scope, self.hub.first_bytes(client.scope, client.cursor))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
                       "all" if client.scope is None else client.scope, client.cursor)
@@ -3544,6 +3708,7 @@ class App:
             *x.cors,
         ])
         self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        self.slots.give_back(client)
         return STREAMING
 
     async def healthz(self, x: Exchange) -> Reply:
@@ -3586,13 +3751,13 @@ class App:
         wait = parse_wait(req.query.get("wait"))
         if wait and since is not None and not self.stopping \
                 and not self.hub.has_news(grant.faction, since):
-            if self.hub.client_count >= self.config.max_clients:
-                raise HttpError(503, "too many clients, retry later",
-                                (("Retry-After", self.retry_after),))
+            self._room_for(grant)
             x.client.grant = grant
             return Held(since, wait)
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(grant.faction, since))
+        body = self.hub.calls_since(grant.faction, since)
+        self._fits(grant.faction, len(body))
+        return Reply(200, body)
 
     async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
                    held: Held, keep_alive: bool) -> tuple[Reply, bool]:
@@ -3624,7 +3789,12 @@ class App:
             why = client.grant.ended if client.grant.player_id is not None else None
             return error_reply(unauthorized(why)), keep_alive
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
+        body = self.hub.calls_since(client.scope, held.since)
+        try:
+            self._fits(client.scope, len(body))
+        except HttpError as e:
+            return error_reply(e), keep_alive
+        return Reply(200, body), keep_alive
 
     async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
@@ -3633,6 +3803,11 @@ class App:
                        else MEMBER_CALL_FIELDS)
         caller_id, caller_name = writer_of(grant, f)
         self.budgets.write(grant, self.loop.time())
+        active = len(self.hub.by_faction.get(grant.faction, ()))
+        if active >= self.config.calls_per_faction:
+            raise HttpError(429, f"your faction has {active} active calls, the most this "
+                            "server keeps (CALLS_PER_FACTION): uncall some first",
+                            (("Retry-After", "60"),))
         outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
                                                      f["target_name"], caller_id, caller_name)
         if outcome is CallOutcome.TAKEN:
@@ -3668,7 +3843,48 @@ class App:
         await self._seen(event_id)
         return json_reply(200, {"call": call, "event_id": event_id})
 
-    # -- the calls API's helpers ------------------------------------------------------
+    # -- helpers ----------------------------------------------------------------------
+
+    def _fits(self, scope: int | None, size: int) -> None:
+        """What a client would be sent first (a snapshot, a replay, a GET /calls answer)
+        must fit in CLIENT_BUFFER_BYTES: every byte a client makes us hold counts there.
+        Calls made through the API cannot outgrow it (CALLS_PER_FACTION); rows another
+        program writes could: then the faction is refused, and the operator told why."""
+        if size <= self.config.client_buffer_bytes:
+            return
+        self.stats.refused_streams += 1
+        now = self.loop.time()
+        if now - self._too_big_logged_at >= BAD_NOTIFY_LOG_SECONDS:
+            self._too_big_logged_at = now
+            log.warning("%s's calls are %d bytes, more than CLIENT_BUFFER_BYTES (%d): its "
+                        "streams and reads are refused; end calls, or raise "
+                        "CLIENT_BUFFER_BYTES", "every faction" if scope is None
+                        else f"faction {scope}", size, self.config.client_buffer_bytes)
+        raise HttpError(503, "this faction's calls are more than this server sends a client "
+                        "at once (CLIENT_BUFFER_BYTES): its operator is told",
+                        (("Retry-After", "60"),))
+
+    def _room_for(self, grant: Grant) -> None:
+        """A stream or held long-poll of `grant` may start; HttpError when the server, the
+        token's share (a member's tokens together) or the faction's share is full."""
+        config = self.config
+        if self.stopping or self.hub.client_count >= config.max_clients:
+            raise HttpError(503, "too many clients, retry later",
+                            (("Retry-After", self.retry_after),))
+        if grant.player_id is not None and \
+                self.hub.per_player[grant.player_id] >= config.max_clients_per_token:
+            self.stats.over_token += 1
+            raise HttpError(429, f"{config.max_clients_per_token} streams and long-polls are "
+                            "open with your sign-in already: close a tab or a device (a browser "
+                            "shares one stream across its tabs)",
+                            (("Retry-After", self.retry_after),))
+        if grant.faction is not None and \
+                self.hub.per_faction[grant.faction] >= config.max_clients_per_faction:
+            self.stats.over_faction += 1
+            raise HttpError(503, f"faction {grant.faction} has {config.max_clients_per_faction} "
+                            "streams and long-polls open, its share of this server: retry later",
+                            (("Retry-After", self.retry_after),))
+
 
     async def _seen(self, event_id: int) -> None:
         """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
