@@ -115,7 +115,6 @@ import argparse
 import asyncio
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -123,7 +122,9 @@ import email.utils
 import enum
 import getpass
 import hashlib
+import heapq
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -139,9 +140,7 @@ import ssl
 import sys
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -204,7 +203,8 @@ BURST_SECONDS = 10.0           # a budget's bucket holds this many seconds' wort
 MIN_BURST = 5.0                # ...and at least this many requests
 SIGNIN_ADDRESSES_MAX = 10_000  # client addresses with a sign-in budget held at most
 SIGNIN_IDLE_SECONDS = 60.0     # a full table forgets addresses that signed in no later than this
-MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
+MEMBER_EXPIRY_CHECK_SECONDS = 1.0  # how late a stream (or held long-poll) may outlive its
+                                   # member token
 
 # The database.
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
@@ -231,13 +231,19 @@ POLL_LOCK = 7402532            # advisory lock key: held by the one process that
 
 # Torn's API: sign-in, and the central poll.
 TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
-TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
+TORN_SIGNIN_REQUESTS = 16        # sign-ins' Torn requests in flight at once; more wait their
+                                 # turn, within their deadline. Separate from the poll's:
+TORN_POLL_REQUESTS = 8           # a slow Torn cannot make one starve the other
 TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
+TORN_MAX_HEAD_BYTES = 16 * 1024  # the status line and headers of Torn's answer
+TORN_DNS_SECONDS = 300.0         # Torn's address, looked up (one lookup at a time) this rarely
+MAX_FACTION_MEMBERS = 200        # a member list longer than this is not Torn's (100 at most)
 TORN_ERROR_TEXT_CHARS = 200      # Torn's error text, as logs and the panel show it, at most
 TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
-SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
-                                 # reloads costs one Torn request per player (Torn itself
-                                 # caches answers ~30 s, and a player's limit is 100/minute)
+SIGNIN_CACHE_SECONDS = 30.0      # who owns a key, remembered this long: a war-start storm of
+                                 # reloads costs one Torn request per player. Torn caches its
+                                 # answers ~30 s too; a player known to have left the faction
+                                 # since is asked about again at once
 SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
 SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
 POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
@@ -247,8 +253,8 @@ POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the poll's lock this often
 POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
 POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
 POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
-KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
-                                  # as Torn counts its 100 a minute
+KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts a player's requests (all their keys)
+                                  # in this rolling window, as Torn counts its 100 a minute
 # Polls of a faction failed in a row (Torn down or slow) before its members are told that
 # enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
 # three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
@@ -407,6 +413,8 @@ SETTINGS = (
             "may always sign in"),
     Setting("MEMBER_TOKEN_DAYS", "7", _positive_float,
             "days a member token from POST /auth/torn stays valid"),
+    Setting("MEMBER_TOKENS_PER_PLAYER", "5", _positive_int, "member tokens a player keeps "
+            "(one per device they sign in on); a new sign-in past it ends their oldest"),
     Setting("SIGNINS_PER_MINUTE", "20", _positive_int,
             "POST /auth/torn per minute per client address (bursts of five); more get 429"),
     Setting("TRUSTED_PROXIES", "0", _non_negative_int, "proxies in front of the server that "
@@ -426,7 +434,11 @@ SETTINGS = (
     Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
             "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
     Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
-            "own member list by the poll, which signs out members who left it"),
+            "own member list, which signs out members who left it: by the poll, and at a "
+            "member's sign-in (with their key) for a faction the poll has no key for"),
+    Setting("SIGNOUT_MAX_DROP", "3", _non_negative_int, "signed-in members one read of a "
+            "member list may sign out; a list missing more is logged and acted on only when "
+            "the next read agrees (an empty list, or one without the key's owner, never)"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
@@ -965,6 +977,18 @@ def _id_field(value: object, name: str) -> int:
     return value
 
 
+LINE_BREAKS = frozenset("\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` made safe to show and to log: control and format characters (NUL, escapes,
+    bidirectional overrides...) dropped, line breaks and runs of spaces made one space,
+    at most `limit` characters. What Torn says goes through here before any use."""
+    kept = "".join(" " if ch in LINE_BREAKS else ch for ch in text
+                   if ch in LINE_BREAKS or unicodedata.category(ch)[0] != "C")
+    return " ".join(kept.split())[:limit].rstrip()
+
+
 def _name_field(value: object, name: str) -> str | None:
     if not isinstance(value, str):
         raise HttpError(400, f"{name} must be a string")
@@ -1098,6 +1122,8 @@ MEMBER_TOKEN_ENDED = {
                "your Torn API key",
     "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
                     "this faction",
+    "replaced": "your sign-in has ended: you signed in on more devices than this server "
+                "keeps, and this one was the oldest; sign in again to use it here",
 }
 
 
@@ -1150,6 +1176,11 @@ class Auth:
         # key of MEMBER_TOKEN_ENDED. Their 401 says why, so the player is signed out with a
         # reason rather than told that a token they never typed is "invalid".
         self.ended: dict[bytes, str] = {}
+        # Players Torn no longer listed in a faction (player -> those factions), from the
+        # member tokens that ended so: a sign-in for one of them asks Torn afresh.
+        self.left: dict[int, set[int]] = {}
+        # Member tokens' expiries, soonest first: (expires_at, digest); `expire` pops them.
+        self._expiries: list[tuple[float, bytes]] = []
 
     def set_db_tokens(self, rows: list[tuple]) -> set[Grant]:
         """Replace the database's tokens; returns those gone. A row is (digest, faction,
@@ -1158,21 +1189,28 @@ class Auth:
         old = self.db or {}
         new: dict[bytes, Grant] = {}
         ended: dict[bytes, str] = {}
+        left: dict[int, set[int]] = {}
         for digest, faction, label, revoked, *member in rows:
             self.pending.pop(digest, None)
             player_id, player_name, expires_at, *why = member or (None, None, None)
             if revoked:
                 if player_id is not None:
                     ended[digest] = why[0] if why and why[0] in MEMBER_TOKEN_ENDED else "revoked"
+                    if ended[digest] == "left_faction":
+                        left.setdefault(player_id, set()).add(faction)
                 continue
             grant = old.get(digest)
-            if grant is None or grant.faction != faction or grant.player_id != player_id:
+            fresh = grant is None or grant.faction != faction or grant.player_id != player_id
+            if fresh:
                 grant = Grant(faction, label, player_id, player_name, expires_at)
+            if expires_at is not None and (fresh or grant.expires_at != expires_at):
+                heapq.heappush(self._expiries, (expires_at, digest))
             grant.expires_at = expires_at
             new[digest] = grant
         new.update(self.pending)
         self.db = new
         self.ended = ended
+        self.left = left
         self._all = {**new, **self.env}
         self.required = not self.open_access or bool(self.env) or self.closed or bool(rows)
         self.token_factions = {g.faction for g in self._all.values()  # they may sign in
@@ -1187,6 +1225,8 @@ class Auth:
     def add_member(self, digest: bytes, grant: Grant) -> None:
         """A member token this process just stored: valid here at once, before any NOTIFY."""
         self.pending[digest] = grant
+        if grant.expires_at is not None:
+            heapq.heappush(self._expiries, (grant.expires_at, digest))
         self.db = {**(self.db or {}), digest: grant}
         self._all[digest] = grant
         self.required = True
@@ -1203,12 +1243,29 @@ class Auth:
                 del self._all[digest]
                 grant.ended = why
                 gone.add(grant)
+                if why == "left_faction" and grant.player_id is not None:
+                    self.left.setdefault(grant.player_id, set()).add(grant.faction)
         return gone
 
     def expire(self, now: float) -> set[Grant]:
-        """Forget member tokens past their expiry; returns their grants (to end streams)."""
-        ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
-        return self.drop(list(ended), "expired")
+        """Forget member tokens past their expiry; returns their grants (to end streams).
+        Only those due are looked at: it runs every second."""
+        due = []
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, digest = heapq.heappop(self._expiries)
+            grant = self._all.get(digest)
+            if grant is not None and grant.expires_at == expires_at:  # else renewed, or gone
+                due.append(digest)
+        return self.drop(due, "expired")
+
+    def members_of(self, faction: int) -> set[int]:
+        """The players signed in to `faction` (with a valid member token)."""
+        return {g.player_id for g in self._all.values()
+                if g.player_id is not None and g.faction == faction}
+
+    def has_left(self, player_id: int, faction: int) -> bool:
+        """Whether Torn was seen not to list `player_id` in `faction` (within a day)."""
+        return faction in self.left.get(player_id, ())
 
     def grant(self, req: Request, now: float) -> Grant:
         """The grant for this request at `now` (seconds since the epoch); HttpError 401
@@ -1875,16 +1932,56 @@ CALL_SQL = "SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)"
 UNCALL_SQL = "SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)"
 EXPIRE_CALLS_SQL = "SELECT torncat_expire_calls(make_interval(secs => $1))"
 PRUNE_EVENTS_SQL = "SELECT prune_target_call_events(make_interval(hours => $1))"
+# A member token, in one statement with what it ends: the player's tokens of any other
+# faction (Torn lists them in this one now) and their oldest of this one past
+# MEMBER_TOKENS_PER_PLAYER ($7) with it. Returns the new expiry and the ended digests.
 ISSUE_MEMBER_TOKEN_SQL = """
-    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
-                                expires_at)
-    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
+    WITH moved AS (
+        UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
+        WHERE kind = 'member' AND player_id = $4 AND faction_id <> $1 AND revoked_at IS NULL
+        RETURNING token_sha256),
+    replaced AS (
+        UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'replaced'
+        WHERE id IN (SELECT id FROM torncat_tokens
+                     WHERE kind = 'member' AND player_id = $4 AND faction_id = $1
+                       AND revoked_at IS NULL AND expires_at > now()
+                     ORDER BY created_at DESC, id DESC OFFSET $7 - 1)
+        RETURNING token_sha256),
+    issued AS (
+        INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id,
+                                    player_name, expires_at)
+        VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+        RETURNING expires_at)
+    SELECT extract(epoch FROM (SELECT expires_at FROM issued))::float8 AS expires_at,
+           array(SELECT token_sha256 FROM moved) AS moved,
+           array(SELECT token_sha256 FROM replaced) AS replaced
 """
+# Every faction token, revoked ones included (once a token existed the server stays
+# closed), and the member tokens valid or ended within a day: an ended one ends its grant
+# (and tells Auth that a token it issued is settled), older ones are history.
+LOAD_TOKENS_SQL = """
+    SELECT token_sha256, faction_id, label,
+           revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
+           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at,
+           CASE WHEN revoked_at IS NOT NULL THEN coalesce(revoked_reason, 'revoked')
+                WHEN expires_at <= now() THEN 'expired' END AS ended
+    FROM torncat_tokens
+    WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
+"""
+# Member tokens ended more than a day ago are history the server no longer reads.
+PRUNE_TOKENS_SQL = """
+    WITH gone AS (
+        DELETE FROM torncat_tokens
+        WHERE kind = 'member' AND coalesce(revoked_at, expires_at) < now() - interval '1 day'
+        RETURNING 1)
+    SELECT count(*) FROM gone
+"""
+# Only tokens issued before the member list was read ($3): one issued meanwhile is of a
+# player Torn listed when they signed in.
 REVOKE_DEPARTED_SQL = """
     UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
     WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
-      AND NOT (player_id = ANY($2::bigint[]))
+      AND NOT (player_id = ANY($2::bigint[])) AND created_at < to_timestamp($3)
     RETURNING token_sha256, player_id, player_name
 """
 LEND_KEY_SQL = """
@@ -2058,24 +2155,39 @@ class Database:
         return CallOutcome(row["status"]), call, row["event_id"]
 
     async def issue_member_token(self, faction_id: int, name: str, digest: bytes,
-                                 player_id: int, seconds: float) -> float:
-        """Store a member token's digest; returns when it expires (seconds since the epoch)."""
+                                 player_id: int, seconds: float,
+                                 keep: int) -> tuple[float, list[bytes], list[bytes]]:
+        """Store a member token's digest, ending the player's tokens of other factions and
+        their oldest past `keep`; returns (when it expires, in seconds since the epoch,
+        those of other factions, those replaced)."""
         row = await self._run(lambda c: c.fetchrow(ISSUE_MEMBER_TOKEN_SQL, faction_id, name,
-                                                   digest, player_id, name, seconds))
-        return row["expires_at"]
+                                                   digest, player_id, name, seconds, keep))
+        return row["expires_at"], [bytes(d) for d in row["moved"]], \
+            [bytes(d) for d in row["replaced"]]
 
     async def lend_key(self, faction_id: int, key: str, player_id: int, name: str) -> None:
         await self._run(lambda c: c.fetchrow(LEND_KEY_SQL, faction_id, key, player_id, name))
 
-    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> list:
-        """Revoke the member tokens of `faction_id` whose players are not in `member_ids`;
-        returns their (token_sha256, player_id, player_name) rows."""
+    async def revoke_departed(self, faction_id: int, member_ids: set[int],
+                              read_at: float) -> list:
+        """Revoke the member tokens of `faction_id` issued before `read_at` (seconds since
+        the epoch) whose players are not in `member_ids`; returns their (token_sha256,
+        player_id, player_name) rows."""
         return await self._run(lambda c: c.fetch(REVOKE_DEPARTED_SQL, faction_id,
-                                                 sorted(member_ids)), QUERY_TIMEOUT)
+                                                 sorted(member_ids), read_at), QUERY_TIMEOUT)
 
     async def expire_calls(self, ttl: int) -> int:
         """Uncall calls older than `ttl` seconds (trigger.sql); returns how many."""
         return (await self._run(lambda c: c.fetchrow(EXPIRE_CALLS_SQL, ttl)))[0]
+
+    async def prune_tokens(self) -> int:
+        """Delete member tokens that ended more than a day ago; returns how many."""
+        return (await self._run(lambda c: c.fetchrow(PRUNE_TOKENS_SQL), PRUNE_TIMEOUT))[0]
+
+    async def load_tokens(self) -> list:
+        """Every token the server needs (LOAD_TOKENS_SQL): on the pool, never on the
+        LISTEN connection, so that events flow while it is read."""
+        return await self._run(lambda c: c.fetch(LOAD_TOKENS_SQL), QUERY_TIMEOUT)
 
     async def prune_events(self, hours: int) -> int:
         """Delete events older than `hours` (trigger.sql keeps the newest); returns how many."""
@@ -2244,18 +2356,6 @@ LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
         SELECT * FROM target_call_events ORDER BY event_id DESC LIMIT $1) recent
     ORDER BY event_id
-"""
-# Every faction token, revoked ones included (once a token existed the server stays
-# closed), and the member tokens valid or ended within a day: an ended one ends its grant
-# (and tells Auth that a token it issued is settled), older ones are history.
-LOAD_TOKENS_SQL = """
-    SELECT token_sha256, faction_id, label,
-           revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
-           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at,
-           CASE WHEN revoked_at IS NOT NULL THEN coalesce(revoked_reason, 'revoked')
-                WHEN expires_at <= now() THEN 'expired' END AS ended
-    FROM torncat_tokens
-    WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
 """
 # created_at is when the writing transaction began: for the lag metric.
 READ_LOG_SQL = """
@@ -2474,10 +2574,10 @@ class Listener:
                 return
 
     async def _load_tokens(self) -> None:
-        """Read the token table; end the streams of tokens that are gone."""
+        """Read the token table (on the pool: events keep flowing meanwhile); end the
+        streams of tokens that are gone."""
         try:
-            async with self._in_use, asyncio.timeout(QUERY_TIMEOUT):
-                rows = await self.conn.fetch(LOAD_TOKENS_SQL)
+            rows = await self.db.load_tokens()
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
             log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
                         "database tokens")
@@ -2579,8 +2679,10 @@ HOLDS_POLL_LOCK_SQL = """
                    AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
 """
 POLL_KEYS_SQL = """
-    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
+    SELECT id, faction_id, api_key, player_id FROM torncat_torn_keys WHERE disabled_at IS NULL
+    ORDER BY id
 """
+POLL_WARS_SQL = "SELECT faction_id, war_id, opponent_id FROM torncat_wars"
 POLL_KNOWN_SQL = """
     SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
 """
@@ -2635,6 +2737,9 @@ class PollSession:
     async def known_statuses(self) -> list:
         return await self._run(lambda c: c.fetch(POLL_KNOWN_SQL))
 
+    async def wars(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_WARS_SQL))
+
     async def keys(self) -> list:
         return await self._run(lambda c: c.fetch(POLL_KEYS_SQL))
 
@@ -2667,14 +2772,22 @@ class PollSession:
 # is never stored, logged or echoed, and no reference to it outlives the request
 # to Torn. What is cached is an HMAC of the key under a per-process secret.
 #
-# The client is urllib.request in a small thread pool of its own: the standard
-# library verifies TLS certificates and host names and decodes chunked answers, so
-# there is no hand-written HTTPS to get wrong and no dependency beyond the design
-# card's. A sign-in is rare (once per player per MEMBER_TOKEN_DAYS, and one Torn
-# request per key per SIGNIN_CACHE_SECONDS however many tabs ask), so a thread per
-# request in flight costs nothing that matters. The pool is separate from asyncio's
-# default executor, which resolves host names for Postgres connections: a hanging
-# Torn cannot starve those.
+# The client is asyncio's own: a connection per request (TLS by the standard library's
+# ssl, which verifies certificates and host names), HTTP/1.1 written and read here as the
+# server does it, and one deadline, TORN_TIMEOUT_SECONDS, for the whole request:
+# connecting, TLS, sending and every byte of the answer. A Torn that drips its answer a
+# byte at a time is given up at the deadline, and nothing of it stays behind (a thread
+# blocked in a read did, with urllib, whose timeout is per read). Sign-ins and the poll
+# each have their own number of requests in flight, so a slow Torn cannot make one
+# starve the other. Torn's address is looked up one lookup at a time and kept
+# TORN_DNS_SECONDS: asyncio's default executor, which also resolves Postgres's host
+# names, never fills with lookups of a hanging resolver.
+#
+# Nothing Torn answers is trusted. Every answer is checked against the shape Torn's
+# OpenAPI document gives it (torn_v2.json) before use: ids positive and at most MAX_ID,
+# names and texts printable and bounded (`printable`), lists no longer than Torn makes
+# them. An answer that is not what the document says is TORN_BAD_ANSWER with a reason:
+# a sign-in answers 502 saying so, and the poll fails that faction's round only.
 
 TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
 TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
@@ -2706,15 +2819,17 @@ PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&ti
 PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
 
 
-def torn_error_to_http(code: int | None) -> HttpError:
-    """The error a sign-in answers when Torn answered error `code` (None: no answer)."""
+def torn_error_to_http(code: int | None, reason: str = "") -> HttpError:
+    """The error a sign-in answers when Torn answered error `code` (None: no answer), or an
+    answer TornCat does not understand (TORN_BAD_ANSWER: 502, saying what was wrong)."""
     if code in TORN_ERRORS:
         status, message, retry = TORN_ERRORS[code]
     elif code in TORN_TRANSIENT:
         status, message, retry = 503, f"Torn's API had a temporary error (code {code})", 10
     else:
         status, retry = 502, None
-        message = ("Torn's API gave an answer TornCat does not understand" if code == TORN_BAD_ANSWER
+        message = (f"Torn's API gave an answer TornCat does not understand ({reason})"
+                   if code == TORN_BAD_ANSWER
                    else f"Torn's API refused the request (error code {code})")
     extra = {"torn_error_code": code} if code is not None and code >= 0 else {}
     if code == 16:
@@ -2730,13 +2845,6 @@ class TornError(Exception):
         self.code = code
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib would follow a redirect with our headers, the key included: never."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError for the 3xx
-
-
 @dataclass(frozen=True, slots=True)
 class TornIdentity:
     player_id: int
@@ -2744,71 +2852,173 @@ class TornIdentity:
     faction_id: int | None
 
 
+class TornUse(enum.Enum):
+    """Who asks Torn: each has its own requests in flight (TORN_SIGNIN_REQUESTS,
+    TORN_POLL_REQUESTS)."""
+
+    SIGN_IN = "sign-in"
+    POLL = "poll"
+
+
+def torn_id(value: object, what: str) -> int:
+    """An id from Torn (FactionId, UserId, war_id: integers): positive, at most MAX_ID."""
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not an id")
+    return value
+
+
+def torn_text(value: object, what: str, limit: int) -> str:
+    """A string from Torn, printable and at most `limit` characters."""
+    if not isinstance(value, str):
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not a string")
+    return printable(value, limit)
+
+
+def torn_object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not an object")
+    return value
+
+
+def parse_torn_answer(data: bytes) -> dict:
+    """Torn's JSON answer as an object; TornError for an error it names, or for what is
+    not a JSON object (too deep to read included)."""
+    if len(data) > TORN_MAX_ANSWER_BYTES:
+        raise TornError(TORN_BAD_ANSWER, "answer too large")
+    try:
+        obj = json.loads(data)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TornError(TORN_BAD_ANSWER, "answer is not JSON") from None
+    except RecursionError:
+        raise TornError(TORN_BAD_ANSWER, "answer nests too deeply") from None
+    obj = torn_object(obj, "the answer")
+    error = obj.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        text = error.get("error")
+        raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
+                        printable(text if isinstance(text, str) else "", TORN_ERROR_TEXT_CHARS))
+    return obj
+
+
+def member_list(answer: dict) -> list[dict]:
+    """FactionMembersResponse.members: FactionMember objects, at most MAX_FACTION_MEMBERS."""
+    members = answer.get("members")
+    if not isinstance(members, list):
+        raise TornError(TORN_BAD_ANSWER, "members is not a list")
+    if len(members) > MAX_FACTION_MEMBERS:
+        raise TornError(TORN_BAD_ANSWER, f"{len(members)} members, more than a faction has")
+    for n, m in enumerate(members):
+        torn_id(torn_object(m, f"members[{n}]").get("id"), f"members[{n}].id")
+    return members
+
+
 class TornClient:
-    """GET requests to Torn's API v2, each in a thread of our own pool, with a deadline."""
+    """GET requests to Torn's API v2, each within one deadline for the whole request."""
 
     def __init__(self, base_url: str, timeout: float):
-        self.base_url, self.timeout = base_url, timeout
-        self.executor = concurrent.futures.ThreadPoolExecutor(TORN_THREADS, "torn-api")
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        parts = urllib.parse.urlsplit(base_url)
+        self.host, self.prefix, self.timeout = parts.hostname, parts.path.rstrip("/"), timeout
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.in_flight = {TornUse.SIGN_IN: asyncio.Semaphore(TORN_SIGNIN_REQUESTS),
+                          TornUse.POLL: asyncio.Semaphore(TORN_POLL_REQUESTS)}
+        self._address: tuple[str, float] | None = None  # (Torn's address, when looked up)
+        self._looking_up = asyncio.Lock()
 
-    async def get(self, key: str, path: str) -> dict:
+    async def get(self, key: str, path: str, use: TornUse) -> dict:
         """Torn's JSON answer to GET <base><path>; TornError for an error or no answer."""
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self.executor, self._get, key, path)
         try:
-            # urllib's timeout bounds each socket operation; this bounds the whole request.
-            return await asyncio.wait_for(work, self.timeout)
+            async with asyncio.timeout(self.timeout), self.in_flight[use]:
+                data = await self._fetch(key, path)
         except TimeoutError:
             raise TornError(TORN_NO_ANSWER, f"no answer within {self.timeout:g}s") from None
+        return parse_torn_answer(data)
 
-    def _get(self, key: str, path: str) -> dict:
-        request = urllib.request.Request(self.base_url + path, headers={
-            "Authorization": f"ApiKey {key}", "Accept": "application/json",
-            "User-Agent": TORN_USER_AGENT})
+    async def _fetch(self, key: str, path: str) -> bytes:
         try:
-            with self._opener.open(request, timeout=self.timeout) as answer:
-                data = answer.read(TORN_MAX_ANSWER_BYTES + 1)
-        except urllib.error.HTTPError as e:  # Torn answers errors with 200: this is a proxy
-            raise TornError(TORN_NO_ANSWER, f"HTTP {e.code}") from None
-        except (OSError, ValueError) as e:   # URLError, timeouts, resets, TLS errors
+            reader, writer = await asyncio.open_connection(
+                await self._resolve(), self.port, ssl=self.tls, limit=TORN_MAX_HEAD_BYTES,
+                server_hostname=self.host if self.tls else None)
+        except (OSError, ValueError) as e:  # refused, unreachable, TLS errors
             raise TornError(TORN_NO_ANSWER, describe(e)) from None
-        if len(data) > TORN_MAX_ANSWER_BYTES:
-            raise TornError(TORN_BAD_ANSWER, "answer too large")
         try:
-            obj = json.loads(data)
+            writer.write(f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                         f"Authorization: ApiKey {key}\r\nAccept: application/json\r\n"
+                         f"User-Agent: {TORN_USER_AGENT}\r\nConnection: close\r\n\r\n".encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = head[0].split(" ", 2)
+            if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
+                # Torn answers its errors with 200: another status is a proxy's, or a redirect,
+                # which is never followed (it would carry the key elsewhere).
+                raise TornError(TORN_NO_ANSWER, f"HTTP {status[1] if len(status) > 1 else '?'}")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            return await self._read_body(reader, headers)
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            raise TornError(TORN_NO_ANSWER, describe(e)) from None
+        finally:
+            writer.transport.abort()  # Connection: close; and at once when given up
+
+    @staticmethod
+    async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        """The body by Content-Length, chunked (RFC 9112 section 7.1) or to the end; at most
+        one byte more than TORN_MAX_ANSWER_BYTES (parse_torn_answer refuses that)."""
+        limit = TORN_MAX_ANSWER_BYTES + 1
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                if size == 0 or len(body) + size > limit:
+                    return bytes(body) + (b"." * limit if size else b"")
+                body += await reader.readexactly(size)
+                await reader.readexactly(2)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            return b"." * limit if length > limit else await reader.readexactly(length)
+        return await reader.read(limit)
+
+    async def _resolve(self) -> str:
+        """Torn's address: an IP literal as it is, a name looked up once per TORN_DNS_SECONDS."""
+        try:
+            ipaddress.ip_address(self.host)
+            return self.host
         except ValueError:
-            raise TornError(TORN_BAD_ANSWER, "answer is not JSON") from None
-        if not isinstance(obj, dict):
-            raise TornError(TORN_BAD_ANSWER, "answer is not a JSON object")
-        error = obj.get("error")
-        if isinstance(error, dict):
-            code = error.get("code")
-            raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
-                            str(error.get("error", ""))[:TORN_ERROR_TEXT_CHARS])
-        return obj
+            pass
+        loop = asyncio.get_running_loop()
+        async with self._looking_up:
+            if self._address is None or loop.time() - self._address[1] > TORN_DNS_SECONDS:
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                self._address = (infos[0][4][0], loop.time())
+            return self._address[0]
 
     async def identity(self, key: str) -> TornIdentity:
         """Who owns `key`: /user/profile (UserProfileResponse) needs only Public access."""
-        profile = (await self.get(key, "/user/profile")).get("profile")
-        if not isinstance(profile, dict):
-            raise TornError(TORN_BAD_ANSWER, "no profile in the answer")
-        player, name, faction = profile.get("id"), profile.get("name"), profile.get("faction_id")
-        if type(player) is not int or player <= 0 or not isinstance(name, str) or not (
-                faction is None or type(faction) is int):
-            raise TornError(TORN_BAD_ANSWER, "unexpected profile fields")
-        return TornIdentity(player, name.strip()[:MAX_NAME_CHARS], faction or None)
+        profile = torn_object((await self.get(key, "/user/profile", TornUse.SIGN_IN))
+                              .get("profile"), "profile")
+        name = torn_text(profile.get("name"), "profile.name", MAX_NAME_CHARS)
+        if not name:
+            raise TornError(TORN_BAD_ANSWER, "profile.name is empty")
+        faction = profile.get("faction_id")
+        return TornIdentity(torn_id(profile.get("id"), "profile.id"), name,
+                            None if faction in (None, 0) else torn_id(faction, "profile.faction_id"))
 
-    async def faction_member_ids(self, key: str, faction_id: int) -> set[int]:
+    async def faction_member_ids(self, key: str, faction_id: int, use: TornUse) -> set[int]:
         """The ids in a faction's member list (FactionMembersResponse), for re-verification."""
-        members = (await self.get(key, f"/faction/{int(faction_id)}/members")).get("members")
-        if not isinstance(members, list) or not all(
-                isinstance(m, dict) and type(m.get("id")) is int for m in members):
-            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
-        return {m["id"] for m in members}
+        answer = await self.get(key, f"/faction/{int(faction_id)}/members?timestamp={int(time.time())}",
+                                use)
+        return {m["id"] for m in member_list(answer)}
+
+    async def key_owner(self, key: str) -> int | None:
+        """The player who owns `key` (KeyInfoResponse.info.user.id), if Torn says."""
+        info = (await self.get(key, "/key/info", TornUse.POLL)).get("info")
+        user = info.get("user") if isinstance(info, dict) else None
+        return torn_id(user.get("id"), "info.user.id") if isinstance(user, dict) else None
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        pass  # nothing outlives a request
 
 
 class SignIn:
@@ -2817,7 +3027,11 @@ class SignIn:
     Who owns a key is asked of Torn once per key however many sign-ins ask at once:
     answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
     are cached by HMAC of the key; a sign-in while Torn is being asked about the same
-    key waits for that answer instead of asking again.
+    key waits for that answer instead of asking again. A cached answer is not used for a
+    player since seen out of that faction: they are asked about again.
+
+    A sign-in also reads the faction's member list with the member's own key, once per
+    REVERIFY_HOURS per faction: a faction the poll has no key for is re-verified so.
     """
 
     def __init__(self, config: Config, torn: TornClient, db: Database, auth: Auth, hub: Hub):
@@ -2825,13 +3039,15 @@ class SignIn:
         self._secret = secrets.token_bytes(32)
         self._cache: dict[bytes, tuple[float, TornIdentity | HttpError]] = {}
         self._asking: dict[bytes, asyncio.Task] = {}
+        self._verified: dict[int, float] = {}  # faction -> loop time of its last read here
+        self._suspect: dict[int, set[int]] = {}  # faction -> members a read missed, too many
 
     async def identity(self, key: str) -> TornIdentity:
         """The key's owner; HttpError (the Torn error mapped) when Torn says no."""
         digest = hmac.digest(self._secret, key.encode(), "sha256")
         loop = asyncio.get_running_loop()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > loop.time():
+        if cached is not None and cached[0] > loop.time() and not self._left(cached[1]):
             result = cached[1]
         else:
             task = self._asking.get(digest)
@@ -2842,12 +3058,17 @@ class SignIn:
             raise HttpError(result.status, result.message, result.headers, result.extra)
         return result
 
+    def _left(self, known: TornIdentity | HttpError) -> bool:
+        """Whether a cached owner has since been seen out of the faction it names."""
+        return isinstance(known, TornIdentity) and known.faction_id is not None and \
+            self.auth.has_left(known.player_id, known.faction_id)
+
     async def _ask(self, digest: bytes, key: str) -> TornIdentity | HttpError:
         try:
             result: TornIdentity | HttpError = await self.torn.identity(key)
             ttl = SIGNIN_CACHE_SECONDS
         except TornError as e:
-            result = torn_error_to_http(e.code)
+            result = torn_error_to_http(e.code, str(e))
             ttl = SIGNIN_REFUSAL_CACHE_SECONDS if result.status in (401, 403) else 0.0
             if result.status >= 500:
                 log.warning("sign-in: Torn's API: %s (code %s)", e, e.code)
@@ -2875,15 +3096,19 @@ class SignIn:
                             extra={"faction_id": who.faction_id})
         if lend:
             await self.lend(key, who)
+        await self._reverify(key, who)
         del key  # nothing below needs it
         token = "tm_" + secrets.token_urlsafe(24)
         digest = token_digest(token)
-        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
-                                                      who.player_id,
-                                                      self.config.member_token_days * 86400)
+        expires_at, moved, replaced = await self.db.issue_member_token(
+            who.faction_id, who.name, digest, who.player_id,
+            self.config.member_token_days * 86400, self.config.member_tokens_per_player)
         self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
                                            expires_at))
-        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
+        self.hub.end_grants(self.auth.drop(moved, "left_faction")
+                            | self.auth.drop(replaced, "replaced"), self.config.retry_ms)
+        log.info("signed in: %s [%d] of faction %d%s", who.name, who.player_id, who.faction_id,
+                 "; signed out of their former faction" if moved else "")
         expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
         return {"token": token, "player_id": who.player_id, "name": who.name,
                 "faction_id": who.faction_id, "lent": lend,
@@ -2893,31 +3118,70 @@ class SignIn:
         """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
         only a Public key, the poll reads nothing else (see "The Torn API poll")."""
         try:
-            info = (await self.torn.get(key, "/key/info")).get("info")
+            info = (await self.torn.get(key, "/key/info", TornUse.SIGN_IN)).get("info")
         except TornError as e:
-            raise torn_error_to_http(e.code) from None
+            raise torn_error_to_http(e.code, str(e)) from None
         access = info.get("access") if isinstance(info, dict) else None
         level = access.get("level") if isinstance(access, dict) else None
         if level != PUBLIC_ACCESS_LEVEL:
             kind = access.get("type") if isinstance(access, dict) else None
+            kind = printable(kind, MAX_NAME_CHARS) if isinstance(kind, str) else "other"
             raise HttpError(403, f"TornCat borrows only keys with Public access for the "
-                            f"faction's poll, and this one has {kind or 'other'} access: create "
+                            f"faction's poll, and this one has {kind} access: create "
                             f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
                             "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
         await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
         log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
                  who.faction_id)
 
-    async def sign_out_departed(self, faction_id: int, member_ids: set[int]) -> int:
-        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
-        faction's member list as Torn shows it now) and end their streams; returns how many.
-        Other servers learn of it through the token table's NOTIFY."""
-        rows = await self.db.revoke_departed(faction_id, member_ids)
+    async def _reverify(self, key: str, who: TornIdentity) -> None:
+        """Read the faction's member list with the signing-in member's key, once per
+        REVERIFY_HOURS per faction, and sign out those it no longer lists."""
+        loop, faction = asyncio.get_running_loop(), who.faction_id
+        if loop.time() - self._verified.get(faction, -math.inf) < self.config.reverify_hours * 3600:
+            return
+        self._verified[faction] = loop.time()
+        read_at = time.time()
+        try:
+            members = await self.torn.faction_member_ids(key, faction, TornUse.SIGN_IN)
+            _, implausible = await self.sign_out_departed(faction, members, who.player_id,
+                                                          read_at)
+        except (TornError, DatabaseUnavailable) as e:
+            implausible = describe(e)
+        if implausible:
+            self._verified.pop(faction, None)  # the next sign-in reads it again
+
+    async def sign_out_departed(self, faction_id: int, member_ids: set[int], owner: int | None,
+                                read_at: float) -> tuple[int, str | None]:
+        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (its
+        member list as Torn showed it at `read_at`, read with a key of `owner`'s; tokens
+        issued since stay) and end their streams; returns how many, and why nobody was
+        signed out when the list is implausible: empty (a faction lists at least its
+        leader), without the key's owner, or missing more than SIGNOUT_MAX_DROP signed-in
+        members at once, unless the read before missed them too. Other servers learn of it
+        through the token table's NOTIFY."""
+        if not member_ids:
+            why = "it is empty"
+        elif owner is not None and owner not in member_ids:
+            why = f"it does not list the key's owner [{owner}]"
+        else:
+            why = None
+            gone = self.auth.members_of(faction_id) - member_ids
+            before = self._suspect.pop(faction_id, None)
+            if len(gone) > self.config.signout_max_drop and (before is None or not gone <= before):
+                self._suspect[faction_id] = gone
+                why = (f"{len(gone)} signed-in members are missing from it, more than "
+                       f"SIGNOUT_MAX_DROP ({self.config.signout_max_drop}): the next read decides")
+        if why:
+            log.warning("faction %d's member list looks implausible (%s): nobody signed out",
+                        faction_id, why)
+            return 0, why
+        rows = await self.db.revoke_departed(faction_id, member_ids, read_at)
         gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
         self.hub.end_grants(gone, self.config.retry_ms)
         for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
-        return len(rows)
+        return len(rows), None
 
 
 # -- The Torn API poll ----------------------------------------------------------
@@ -2936,20 +3200,31 @@ class SignIn:
 # (POLL_SESSION_SQL) end the session within a few seconds. Either way another
 # process takes over within POLL_SECONDS and a few seconds.
 #
-# Every POLL_SECONDS, for each faction with a key: GET /faction/wars (FactionWarsResponse:
-# wars.ranked, a FactionRankedWar with war_id, start, end, winner and the two factions),
-# then, during a war, GET /faction/{opponent}/members (FactionMembersResponse: each
-# member's UserStatus: state, until, description). Both with `timestamp=<now>`: Torn
-# caches an answer ~30 s unless that parameter changes. Statuses that changed since the
-# last poll go to torncat_target_statuses (trigger.sql) in one statement, which appends
-# `target_status` events and ends the calls of targets hospitalised or jailed since; a war
-# that ended (or changed) ends its calls (torncat_set_war). Every REVERIFY_HOURS it reads
-# the faction's own member list and signs out members who left (SignIn.sign_out_departed).
+# Every POLL_SECONDS, for each faction with a key: GET /faction/{id}/wars of that very
+# faction (FactionWarsResponse: wars.ranked, a FactionRankedWar with war_id, start, end,
+# winner and the two factions; not /faction/wars, which is the key owner's faction, who
+# may have moved), then, during a war, GET /faction/{opponent}/members
+# (FactionMembersResponse: each member's UserStatus: state, until, description). Both with
+# `timestamp=<now>`: Torn caches an answer ~30 s unless that parameter changes. Statuses
+# that changed since the last poll go to torncat_target_statuses (trigger.sql) in one
+# statement, which appends `target_status` events and ends the calls of targets
+# hospitalised or jailed since. A war ends, and its calls with it (torncat_set_war), when
+# Torn names its end or winner, or when two answers in a row show no war or another one:
+# one odd answer ends nothing. Every REVERIFY_HOURS it reads the faction's own member list
+# and signs out members who left (SignIn.sign_out_departed, which refuses implausible
+# lists).
+#
+# Each faction's round stands alone. An answer that is not what the document says (see
+# TornClient) fails that faction's round as Torn being down does: counted, backed off,
+# "stale" after POLL_STALE_ROUNDS; the other factions and the session go on.
 #
 # Keys come from TORN_API_KEYS and the torncat_torn_keys table (operators' and lent
-# ones). Each request takes the faction's least used key whose requests in the last
-# minute are under TORN_KEY_BUDGET; with none, the round waits. A key Torn calls
-# incorrect, inactive, paused or too weak (BAD_KEY_CODES) is disabled and logged once
+# ones). Torn allows a player 100 requests a minute across all their keys, so the budget,
+# TORN_KEY_BUDGET, is a player's: a lent key's owner is known, another key's is asked of
+# Torn once (GET /key/info, counted too), and a key whose owner Torn does not name counts
+# on its own. Each request takes the faction's least used key whose owner is under the
+# budget; with none, the round waits. A key Torn calls incorrect, inactive, paused or too
+# weak (BAD_KEY_CODES), or whose owner has left the faction, is disabled and logged once
 # by its reference ("env:1", "db:7"), never by its value. Torn down or slow backs the
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
@@ -2969,66 +3244,104 @@ class PollKey:
     faction: int
     key: str = dataclasses.field(repr=False)
     db_id: int | None = None
+    owner: int | None = None          # the player whose key it is, once known
+    owner_asked: bool = False         # GET /key/info was asked (once per session)
     uses: collections.deque = dataclasses.field(default_factory=collections.deque)
     disabled: bool = False
+    owner_missing: int = 0            # member lists in a row that did not list its owner
 
     def used(self, now: float) -> int:
-        """Requests in the last KEY_WINDOW_SECONDS."""
-        while self.uses and self.uses[0] <= now - KEY_WINDOW_SECONDS:
-            self.uses.popleft()
-        return len(self.uses)
+        """Requests with this key in the last KEY_WINDOW_SECONDS."""
+        return window(self.uses, now)
+
+    @property
+    def payer(self) -> object:
+        """Whose budget its requests count on: its owner's, or its own while unknown."""
+        return self.ref if self.owner is None else self.owner
+
+
+def window(uses: collections.deque, now: float) -> int:
+    """Requests in `uses` (their times) in the last KEY_WINDOW_SECONDS."""
+    while uses and uses[0] <= now - KEY_WINDOW_SECONDS:
+        uses.popleft()
+    return len(uses)
 
 
 @dataclass
 class FactionPoll:
     faction: int
     war: tuple[int, int] | None = None   # (war_id, opponent) as last stored; None: none
-    war_known: bool = False              # whether `war` was stored this session
+    seen: tuple | None = None            # a war (or none) Torn showed once instead of `war`
     known: dict = dataclasses.field(default_factory=dict)  # target -> (state, until, desc, war)
     last_success: float | None = None    # time.time() of the last complete poll
     failures: int = 0                    # polls failed in a row (Torn down or slow)
-    polls: int = 0                       # polls completed this session
+    polls: int = 0                       # polls completed
     next_at: float = 0.0                 # loop time of the next poll
     reverified_at: float = -math.inf     # loop time of the last member-list read
     failing_since: float | None = None   # time.time() of the first failure of this outage
     health: tuple | None = None          # (state, reason) last stored; None: not this session
 
 
-def current_ranked_war(answer: dict, faction: int, now: int) -> tuple[int, int] | None:
-    """(war_id, opponent id) of FactionWarsResponse's ranked war, if it is on or coming."""
-    wars = answer.get("wars")
-    if not isinstance(wars, dict):
-        raise TornError(TORN_BAD_ANSWER, "no wars in the answer")
+class WarSeen(enum.Enum):
+    """What one FactionWarsResponse says of the faction's ranked war."""
+
+    ON = "on"      # on, or coming: (war_id, opponent)
+    OVER = "over"  # Torn names its end or its winner
+    NONE = "none"  # `ranked` is null: no war, or Torn does not show it this time
+
+
+def ranked_war(answer: dict, faction: int, now: int) -> tuple[WarSeen, tuple[int, int] | None]:
+    """What FactionWarsResponse (GET /faction/{faction}/wars) says of the faction's ranked
+    war, checked against FactionRankedWar: (ON, (war_id, opponent)), (OVER, (war_id,
+    opponent)) or (NONE, None). TornError for an answer the document does not allow."""
+    wars = torn_object(answer.get("wars"), "wars")
     ranked = wars.get("ranked")
     if ranked is None:
-        return None
-    if not isinstance(ranked, dict) or type(ranked.get("war_id")) is not int:
-        raise TornError(TORN_BAD_ANSWER, "unexpected ranked war")
-    end = ranked.get("end")
-    if ranked.get("winner") or (type(end) is int and 0 < end <= now):
-        return None  # over
-    others = [f.get("id") for f in ranked.get("factions") or () if isinstance(f, dict)]
-    others = [i for i in others if type(i) is int and i != faction]
-    if len(others) != 1:
-        raise TornError(TORN_BAD_ANSWER, "a ranked war without one opponent")
-    return ranked["war_id"], others[0]
+        return WarSeen.NONE, None
+    ranked = torn_object(ranked, "wars.ranked")
+    war_id = torn_id(ranked.get("war_id"), "wars.ranked.war_id")
+    sides = ranked.get("factions")
+    if not isinstance(sides, list):
+        raise TornError(TORN_BAD_ANSWER, "wars.ranked.factions is not a list")
+    ids = [torn_id(torn_object(f, "a ranked war's faction").get("id"), "a ranked war's faction id")
+           for f in sides]
+    others = [i for i in ids if i != faction]
+    if faction not in ids or len(others) != 1:
+        raise TornError(TORN_BAD_ANSWER, "a ranked war not between this faction and one other")
+    end, winner = ranked.get("end"), ranked.get("winner")
+    for name, value in (("end", end), ("winner", winner)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise TornError(TORN_BAD_ANSWER, f"wars.ranked.{name} is not a time or an id")
+    over = bool(winner) or (end is not None and 0 < end <= now)
+    return (WarSeen.OVER if over else WarSeen.ON), (war_id, others[0])
+
+
+def torn_failure(e: TornError) -> str:
+    """How a failed request reads in logs and on the panel."""
+    if e.code is TORN_NO_ANSWER:
+        return "no answer"
+    if e.code == TORN_BAD_ANSWER:
+        return f"an answer off Torn's API document: {e}"
+    return f"error {e.code}: {e}"
 
 
 def member_statuses(answer: dict) -> list[dict]:
-    """The statuses of FactionMembersResponse, as torncat_target_statuses takes them."""
-    members = answer.get("members")
-    if not isinstance(members, list):
-        raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+    """The statuses of FactionMembersResponse (FactionMember, UserStatus), as
+    torncat_target_statuses takes them: every field checked, every text made printable."""
     out = []
-    for m in members:
-        status = m.get("status") if isinstance(m, dict) else None
-        if type(m.get("id")) is not int or not isinstance(status, dict):
-            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+    for n, m in enumerate(member_list(answer)):
+        status = torn_object(m.get("status"), f"members[{n}].status")
         until = status.get("until")
-        out.append({"target_id": m["id"], "target_name": str(m.get("name") or "")[:MAX_NAME_CHARS],
-                    "state": str(status.get("state") or "")[:MAX_NAME_CHARS],
-                    "until": until if type(until) is int and until > 0 else None,
-                    "description": str(status.get("description") or "")[:STATUS_DESCRIPTION_CHARS]})
+        if until is not None and (type(until) is not int or not 0 <= until <= MAX_ID):
+            raise TornError(TORN_BAD_ANSWER, f"members[{n}].status.until is not a time")
+        out.append({"target_id": m["id"],
+                    "target_name": torn_text(m.get("name"), f"members[{n}].name", MAX_NAME_CHARS),
+                    "state": torn_text(status.get("state"), f"members[{n}].status.state",
+                                       MAX_NAME_CHARS),
+                    "until": until or None,
+                    "description": torn_text(status.get("description"),
+                                             f"members[{n}].status.description",
+                                             STATUS_DESCRIPTION_CHARS)})
     return out
 
 
@@ -3057,7 +3370,8 @@ class TornPoll:
     """
 
     def __init__(self, config: Config, db: Database, torn: TornClient,
-                 sign_out: Callable[[int, set[int]], Awaitable[int]]):
+                 sign_out: Callable[[int, set[int], int | None, float],
+                                    Awaitable[tuple[int, str | None]]]):
         self.config, self.db, self.torn, self.sign_out = config, db, torn, sign_out
         self.role = PollRole.STARTING
         self.session: PollSession | None = None
@@ -3067,6 +3381,7 @@ class TornPoll:
         self.factions: dict[int, FactionPoll] = {}
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
+        self.spent: dict[object, collections.deque] = {}  # PollKey.payer -> request times
         self._check: asyncio.Task | None = None  # a ping asked for by check()
 
     async def run(self) -> None:
@@ -3112,14 +3427,22 @@ class TornPoll:
             raise PoolerDetected  # granted, yet not to our backend
         self.role = PollRole.POLLING
         log.info("torn poll: this process polls Torn's API (it holds the poll lock)")
-        self.factions.clear()
+        # What another session (or process) stored may have changed meanwhile: start from the
+        # table. The factions themselves (failures, backoff) carry over: a session that ends
+        # does not make an outage look new.
+        wars = {r["faction_id"]: (r["war_id"], r["opponent_id"]) for r in await session.wars()}
+        for fp in self.factions.values():
+            fp.war, fp.seen, fp.health = wars.get(fp.faction), None, None
+            fp.known.clear()
+        for key in self.keys.values():
+            key.owner_asked = key.owner is not None
         known = await session.known_statuses()
         loop = asyncio.get_running_loop()
         while True:
             if not await session.holds_lock():
                 raise RuntimeError("the poll lock is no longer ours")
-            await self._load_keys(known)
-            known = ()
+            await self._load_keys(known, wars)
+            known, wars = (), {}
             now = loop.time()
             due = [fp for fp in self.factions.values() if fp.next_at <= now]
             await asyncio.gather(*(self._poll(fp) for fp in due))
@@ -3134,7 +3457,7 @@ class TornPoll:
         if self.session is not None and (self._check is None or self._check.done()):
             self._check = asyncio.get_running_loop().create_task(self.session.ping())
 
-    async def _load_keys(self, known) -> None:
+    async def _load_keys(self, known, wars: dict) -> None:
         rows = await self.session.keys()
         stored = {f"db:{r['id']}": r for r in rows}
         for ref in [ref for ref, k in self.keys.items() if k.db_id is not None
@@ -3142,10 +3465,12 @@ class TornPoll:
             del self.keys[ref]  # removed from the table, or disabled there
         for ref, r in stored.items():
             if ref not in self.keys:
-                self.keys[ref] = PollKey(ref, r["faction_id"], r["api_key"], r["id"])
+                owner = r["player_id"]  # a lent key's: the player who lent it
+                self.keys[ref] = PollKey(ref, r["faction_id"], r["api_key"], r["id"], owner,
+                                         owner is not None)
         wanted = {k.faction for k in self.keys.values() if not k.disabled}
         for faction in wanted - self.factions.keys():
-            self.factions[faction] = FactionPoll(faction)
+            self.factions[faction] = FactionPoll(faction, wars.get(faction))
         for faction in self.factions.keys() - wanted:
             del self.factions[faction]
         for r in known:
@@ -3154,32 +3479,49 @@ class TornPoll:
                 fp.known[r["target_id"]] = (r["state"], r["until"], r["description"], r["war_id"])
 
     def _take_key(self, faction: int) -> PollKey:
+        """The faction's least used key whose owner is under TORN_KEY_BUDGET this minute,
+        with one request counted; OverBudget when there is none."""
         now = asyncio.get_running_loop().time()
         budget = self.config.torn_key_budget
-        free = [k for k in self.keys.values()
-                if k.faction == faction and not k.disabled and k.used(now) < budget]
+        spent = {k: window(self.spent.setdefault(k.payer, collections.deque()), now)
+                 for k in self.keys.values() if k.faction == faction and not k.disabled}
+        free = [k for k, n in spent.items() if n < budget]
         if not free:
             raise OverBudget
-        key = min(free, key=lambda k: len(k.uses))
+        key = min(free, key=lambda k: spent[k])
         key.uses.append(now)
+        self.spent[key.payer].append(now)
         self.requests[key.ref] += 1
         return key
 
-    async def _ask(self, fp: FactionPoll, path: str, members_of: int | None = None):
+    async def _ask(self, fp: FactionPoll, path: str) -> tuple[PollKey, dict]:
+        """A key of the faction's, and Torn's answer to GET `path` with it."""
         key = self._take_key(fp.faction)
         try:
-            if members_of is not None:
-                return await self.torn.faction_member_ids(key.key, members_of)
-            return await self.torn.get(key.key, path)
+            if not key.owner_asked:  # whose budget is it? Asked once, and counted
+                key.owner_asked = True
+                with contextlib.suppress(TornError):  # not named: it counts on its own
+                    self._owned(key, await self.torn.key_owner(key.key))
+                if key.owner is not None:
+                    key = self._take_key(fp.faction)
+            return key, await self.torn.get(key.key, path, TornUse.POLL)
         except TornError as e:
             self.errors["timeout" if e.code is None else str(e.code)] += 1
             if e.code in BAD_KEY_CODES:
-                await self._disable(key, e)
+                await self._disable(key, f"Torn error {e.code} ({e})", e)
             raise
 
-    async def _disable(self, key: PollKey, e: TornError) -> None:
+    def _owned(self, key: PollKey, owner: int | None) -> None:
+        """`key` is `owner`'s: its requests so far count on their budget from now on."""
+        if owner is None:
+            return
+        mine = self.spent.pop(key.ref, collections.deque())
+        key.owner = owner
+        theirs = self.spent.setdefault(owner, collections.deque())
+        self.spent[owner] = collections.deque(sorted([*theirs, *mine]))
+
+    async def _disable(self, key: PollKey, reason: str, e: TornError | None = None) -> None:
         key.disabled = True
-        reason = f"Torn error {e.code} ({e})"
         log.warning("torn poll: key %s of faction %d disabled: %s; it is not used again "
                     "(add a new one: `torn-key add`, or a member lends one)",
                     key.ref, key.faction, reason)
@@ -3187,70 +3529,115 @@ class TornPoll:
             await self.session.disable_key(key.db_id, reason)
         fp = self.factions.get(key.faction)
         if fp is not None:  # its members' panels say so (until a poll succeeds again)
-            await self._health(fp, PollHealth.KEY_REFUSED, e)
+            await self._health(fp, PollHealth.KEY_REFUSED, e, None if e else reason)
 
     async def _poll(self, fp: FactionPoll) -> None:
+        """One round of one faction. Whatever goes wrong in it (Torn, an answer off the
+        document) fails this faction's round only; a lost database link ends the session."""
         loop = asyncio.get_running_loop()
-        poll_seconds = self.config.poll_seconds
         now = int(time.time())
         try:
-            war = current_ranked_war(
-                await self._ask(fp, f"/faction/wars?timestamp={now}"), fp.faction, now)
-            if war != fp.war or not fp.war_known:
-                ended = await self.session.set_war(fp.faction, war)
-                if war != fp.war:
-                    log.info("torn poll: faction %d: %s", fp.faction,
-                             f"war {war[0]} against faction {war[1]}" if war else "no war")
-                if ended:
-                    log.info("torn poll: faction %d: %d calls ended with their war",
-                             fp.faction, ended)
-                fp.war, fp.war_known = war, True
+            _, answer = await self._ask(fp, f"/faction/{fp.faction}/wars?timestamp={now}")
+            war = await self._war(fp, *ranked_war(answer, fp.faction, now))
             if war is not None:
                 await self._statuses(fp, war, now)
             if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
-                members = await self._ask(fp, "", members_of=fp.faction)
-                try:
-                    await self.sign_out(fp.faction, members)
-                    fp.reverified_at = loop.time()
-                except (DatabaseUnavailable, asyncpg.PostgresError) as e:
-                    log.warning("torn poll: faction %d: could not sign out departed members "
-                                "(%s): next round", fp.faction, describe(e))
+                await self._reverify(fp)
         except OverBudget:
-            log.debug("torn poll: faction %d: every key used its budget this minute",
+            log.debug("torn poll: faction %d: every key's owner used their budget this minute",
                       fp.faction)
-            fp.next_at = loop.time() + poll_seconds
+            fp.next_at = loop.time() + self.config.poll_seconds
             return
         except TornError as e:
             if e.code in BAD_KEY_CODES:
                 fp.next_at = loop.time()  # at once, with the next key
                 return
-            fp.failures += 1
-            if fp.failures == 1:
-                fp.failing_since = time.time()
-            if fp.failures >= POLL_STALE_ROUNDS:
-                await self._health(fp, PollHealth.STALE, e)
-            if fp.failures == 1:
-                log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
-                            "calls stay as they are", fp.faction,
-                            "no answer" if e.code is None else f"error {e.code}: {e}")
-            backoff = min(poll_seconds * 2 ** min(fp.failures, 10), POLL_BACKOFF_MAX_SECONDS)
-            fp.next_at = loop.time() + backoff * random.uniform(0.5, 1.0)
+            await self._failed(fp, e)
+            return
+        except (TimeoutError, *DB_UNAVAILABLE):
+            raise  # the session's own link: run() starts another
+        except Exception as e:  # what no check foresaw: this faction's round, not the session
+            log.exception("torn poll: faction %d: round failed", fp.faction)
+            await self._failed(fp, TornError(TORN_BAD_ANSWER, describe(e)))
             return
         if fp.failures:
             log.info("torn poll: faction %d: Torn's API answers again (after %d failed polls)",
                      fp.faction, fp.failures)
         fp.failures = 0
         fp.last_success = time.time()
-        fp.next_at = loop.time() + poll_seconds
+        fp.next_at = loop.time() + self.config.poll_seconds
         fp.polls += 1
         await self._health(fp, PollHealth.OK)
 
-    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None) -> None:
+    async def _failed(self, fp: FactionPoll, e: TornError) -> None:
+        """A round that failed: counted, backed off, "stale" after POLL_STALE_ROUNDS."""
+        fp.failures += 1
+        if fp.failures == 1:
+            fp.failing_since = time.time()
+            log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; calls "
+                        "stay as they are", fp.faction, torn_failure(e))
+        if fp.failures >= POLL_STALE_ROUNDS:
+            await self._health(fp, PollHealth.STALE, e)
+        poll_seconds = self.config.poll_seconds
+        backoff = min(poll_seconds * 2 ** min(fp.failures, 10), POLL_BACKOFF_MAX_SECONDS)
+        fp.next_at = asyncio.get_running_loop().time() + backoff * random.uniform(0.5, 1.0)
+
+    async def _war(self, fp: FactionPoll, seen: WarSeen,
+                   war: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The faction's war after this answer. A war that starts is stored at once, and
+        one Torn names the end or winner of ends at once; one that is merely not shown (no
+        war, or another one) ends when the next answer agrees: one odd answer ends nothing.
+        Storing ends the calls of any other war (torncat_set_war)."""
+        now_war = None if seen is not WarSeen.ON else war
+        if now_war == fp.war:
+            fp.seen = None
+            return fp.war
+        ends_for_sure = fp.war is None or (seen is WarSeen.OVER and war == fp.war)
+        if not ends_for_sure and fp.seen != (now_war,):
+            fp.seen = (now_war,)  # once: the next answer decides
+            log.info("torn poll: faction %d: Torn shows %s instead of war %d: ended if the "
+                     "next answer agrees", fp.faction,
+                     f"war {now_war[0]}" if now_war else "no war", fp.war[0])
+            return fp.war
+        ended = await self.session.set_war(fp.faction, now_war)
+        log.info("torn poll: faction %d: %s", fp.faction, f"war {now_war[0]} against faction "
+                 f"{now_war[1]}" if now_war else "no war")
+        if ended:
+            log.info("torn poll: faction %d: %d calls ended with their war", fp.faction, ended)
+        fp.war, fp.seen = now_war, None
+        return now_war
+
+    async def _reverify(self, fp: FactionPoll) -> None:
+        """Read the faction's own member list and sign out who left it; an implausible list
+        is read again next round. A key whose owner two lists in a row do not show is
+        disabled: its owner has left the faction."""
+        read_at = time.time()
+        key, answer = await self._ask(fp, f"/faction/{fp.faction}/members?timestamp={int(read_at)}")
+        members = {m["id"] for m in member_list(answer)}
+        if members and key.owner is not None and key.owner not in members:
+            key.owner_missing += 1
+            if key.owner_missing >= 2:
+                await self._disable(key, f"its owner [{key.owner}] is no longer in faction "
+                                         f"{fp.faction}")
+                return
+        else:
+            key.owner_missing = 0
+        try:
+            _, implausible = await self.sign_out(fp.faction, members, key.owner, read_at)
+        except (DatabaseUnavailable, asyncpg.PostgresError) as e:
+            log.warning("torn poll: faction %d: could not sign out departed members (%s): "
+                        "next round", fp.faction, describe(e))
+            return
+        if not implausible:
+            fp.reverified_at = asyncio.get_running_loop().time()
+
+    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None,
+                      reason: str | None = None) -> None:
         """Tell the faction's members how the poll is (the `poll_health` event), when that
         changed: the first time this session (the table says whether it changed), or when
         its state or reason did."""
-        reason = None if e is None else ("no answer" if e.code is None else
-                                         f"error {e.code}: {e}")[:POLL_HEALTH_REASON_CHARS]
+        reason = (reason or (None if e is None else torn_failure(e)))
+        reason = reason and reason[:POLL_HEALTH_REASON_CHARS]
         if fp.health == (state, reason):
             return
         def stamp(t: float | None) -> datetime.datetime | None:
@@ -3264,8 +3651,8 @@ class TornPoll:
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
         war_id, opponent = war
-        statuses = member_statuses(await self._ask(
-            fp, f"/faction/{opponent}/members?timestamp={now}"))
+        _, answer = await self._ask(fp, f"/faction/{opponent}/members?timestamp={now}")
+        statuses = member_statuses(answer)
         changed = [s for s in statuses if fp.known.get(s["target_id"]) != (
             s["state"], s["until"], s["description"], war_id)]
         if not changed:
@@ -3995,15 +4382,18 @@ async def expire_calls(db: Database, ttl: int) -> None:
                 log.info("expired %d calls older than %ds", expired, ttl)
 
 
-async def prune_events(db: Database, hours: int) -> None:
-    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
-    if not hours:
-        return
+async def prune(db: Database, hours: int) -> None:
+    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql; 0: never),
+    and member tokens that ended more than a day ago (every server reads the rest)."""
     while True:
         await asyncio.sleep(PRUNE_EVERY_SECONDS)
         with contextlib.suppress(DatabaseUnavailable):
-            pruned = await db.prune_events(hours)
-            log.info("pruned %d events older than %d hours", pruned, hours)
+            if hours:
+                pruned = await db.prune_events(hours)
+                log.info("pruned %d events older than %d hours", pruned, hours)
+            tokens = await db.prune_tokens()
+            if tokens:
+                log.info("pruned %d member tokens that ended more than a day ago", tokens)
 
 
 async def serve(config: Config, dsn: str) -> None:
@@ -4034,7 +4424,7 @@ async def serve(config: Config, dsn: str) -> None:
     tasks = [loop.create_task(coro) for coro in (
         listener.run(), keep_streams_alive(hub, config.keepalive_seconds),
         log_stats(stats, hub, listener, config.stats_log_seconds),
-        expire_calls(db, config.call_ttl_seconds), prune_events(db, config.event_retention_hours),
+        expire_calls(db, config.call_ttl_seconds), prune(db, config.event_retention_hours),
         end_expired_members(hub, auth, config.retry_ms), torn_poll.run())]
     await stop.wait()
     server.close()
