@@ -661,6 +661,8 @@ def test_client_address_trusts_x_forwarded_for_only_as_far_as_told():
     assert t.client_address("10.0.0.1:5555", req, 2) == "1.2.3.4"  # Render: Cloudflare, its proxy
     assert t.client_address("10.0.0.1:5555", req, 4) == "10.0.0.1"  # a shorter chain: not ours
     assert t.client_address("[::1]:5555", _req("/auth/torn"), 2) == "[::1]"
+    # Straight from a public address (not through our proxies): the header is its own say.
+    assert t.client_address("93.184.216.34:5555", req, 2) == "93.184.216.34"
 
 
 def test_a_member_writes_only_in_their_own_name():

@@ -1344,13 +1344,26 @@ def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
     """The address per-client limits count by. Each proxy appends the address it got the
     request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
     right is the client's; entries left of it are the client's own say. On Render a request
-    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
-    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
-    if trusted_proxies:
+    passes Cloudflare, then Render's proxy, which connects from a private address:
+    "X-Forwarded-For: <client>, <Cloudflare edge>" (rohitpaulk.com/articles/render-rails-
+    remote-ip), so N = 2. The header is believed only from a private, loopback or
+    link-local peer (where our proxies are): a connection from a public address came
+    straight to us, and counts by that address, whatever it says."""
+    address = peer.rpartition(":")[0] or peer
+    if trusted_proxies and _behind_us(address):
         chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
         if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
             return chain[-trusted_proxies]
-    return peer.rpartition(":")[0] or peer
+    return address
+
+
+def _behind_us(address: str) -> bool:
+    """Whether `address` is private, loopback or link-local: one of our own proxies'."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local
 
 
 # ---------------------------------------------------------------------------
