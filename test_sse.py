@@ -745,7 +745,7 @@ async def test_sign_ins_are_limited_per_client_address(torn_server, torn):
     r = await sign_in(server.port, key, {"X-Forwarded-For": "198.51.100.1"})
     assert r.status == 429 and int(r.headers["retry-after"]) > 0, r
     assert await from_("198.51.100.2") == 200  # another player, another budget
-    assert torn.count() == 1
+    assert torn.count("/user/profile") == 1
 
 
 async def test_members_write_in_their_own_name_and_have_their_own_budget(torn_server, torn, conn):
@@ -2164,8 +2164,10 @@ async def test_sign_in_answers_a_member_token_that_streams_polls_and_writes(torn
     expires = datetime.datetime.fromisoformat(answer["expires_at"])
     days = (expires - datetime.datetime.now(datetime.UTC)).total_seconds() / 86400
     assert 6.99 < days <= 7
-    # Torn was asked once, with the key in the header (the fake counts by header or ?key=).
-    assert torn.requests == {(ann_key, "/user/profile"): 1}
+    # Torn was asked once who owns the key, with the key in the header (the fake counts by
+    # header or ?key=), and once for the faction's member list (re-verification, see
+    # SignIn: once per REVERIFY_HOURS per faction).
+    assert torn.requests == {(ann_key, "/user/profile"): 1, (ann_key, "/faction/{id}/members"): 1}
     stored = await conn.fetchrow("SELECT * FROM torncat_tokens")
     assert (stored["kind"], stored["faction_id"], stored["player_id"], stored["player_name"]) == (
         "member", RED_ID, 1001, "Ann")
@@ -2275,7 +2277,8 @@ async def test_a_sign_in_storm_costs_one_torn_request_per_player(torn_server, to
     assert [r.status for _, r in results] == [200] * 500, [r for _, r in results if r.status != 200][:3]
     assert all(r.json()["player_id"] == pid for pid, r in results)
     assert len({r.json()["token"] for _, r in results}) == 500
-    assert torn.count() <= 50, torn.count()
+    assert torn.count("/user/profile") <= 50, torn.count()
+    assert torn.count("/faction/{id}/members") == 1  # re-verified at the first sign-in only
     assert await conn.fetchval("SELECT count(*) FROM torncat_tokens WHERE kind = 'member'") == 500
 
 
@@ -2338,10 +2341,11 @@ async def test_members_who_left_the_faction_are_cut_off(torn_server, torn, db, c
         sign_ins = t.SignIn(config, torn_api, database, auth, hub)
         await database.open()
         try:
-            members = await torn_api.faction_member_ids(ann_key, RED_ID)
+            members = await torn_api.faction_member_ids(ann_key, RED_ID, t.TornUse.POLL)
             assert members == {1001}
-            assert await sign_ins.sign_out_departed(RED_ID, members) == 1
-            assert await sign_ins.sign_out_departed(RED_ID, members) == 0
+            read_at = time.time()
+            assert await sign_ins.sign_out_departed(RED_ID, members, 1001, read_at) == (1, None)
+            assert await sign_ins.sign_out_departed(RED_ID, members, 1001, read_at) == (0, None)
         finally:
             await database.pool.close()
             torn_api.close()
@@ -2529,17 +2533,17 @@ async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is
     other = servers[1 - servers.index(holder)]
     await polled(holder, rounds=5)
     assert (await poll_health(other))["role"] == "standby"
-    # One poller: Torn saw one /faction/wars per round of the holder's (one may be in flight).
+    # One poller: Torn saw one /faction/{id}/wars per round of the holder's (one may be in flight).
     before = await polled(holder)
-    wars = torn.count("/faction/wars")
+    wars = torn.count("/faction/{id}/wars")
     after = await polled(holder)
     assert before <= wars <= after + 1, (before, wars, after)
     assert "this process polls" not in other.log
     holder.stop(signal.SIGKILL)
     await other.await_log("torn poll: this process polls")
-    counted = torn.count("/faction/wars")
+    counted = torn.count("/faction/{id}/wars")
     await polled(other, rounds=2)
-    assert torn.count("/faction/wars") > counted
+    assert torn.count("/faction/{id}/wars") > counted
     assert_no_key(war, other.log, holder.log)
 
 
@@ -2630,34 +2634,38 @@ async def _failures(server, n: int) -> bool:
     return info.get("failures", 0) >= n
 
 
-async def test_no_key_is_used_beyond_its_budget_and_bad_keys_are_disabled_once(poll_server, war, torn):
-    second = torn.add_key(1001)
+async def test_a_players_keys_share_one_budget_and_bad_keys_are_disabled_once(poll_server, war,
+                                                                              torn):
+    """Torn allows a player 100 requests a minute across all their keys: TORN_KEY_BUDGET
+    counts a player's keys together (their owner asked once, GET /key/info, counted too)."""
+    second = torn.add_key(1001)  # Ann's second key
     paused = torn.add_player(1002, "Bob", RED_ID, status=18)
-    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{paused},{RED_ID}:{war},{RED_ID}:{second}",
-                         TORN_KEY_BUDGET="4", POLL_SECONDS="0.2")
+    cy = torn.add_player(1003, "Cy", RED_ID)
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{paused},{RED_ID}:{war},{RED_ID}:{second},"
+                                       f"{RED_ID}:{cy}", TORN_KEY_BUDGET="4", POLL_SECONDS="0.2")
     await server.await_log(r"key env:1 of faction \d+ disabled: Torn error 18")
 
-    async def spent() -> bool:
-        keys = (await poll_health(server))["keys"]
-        return keys["env:2"]["requests_last_minute"] == keys["env:3"]["requests_last_minute"] == 4
+    def spent(*keys: str) -> int:
+        return sum(n for (k, _), n in torn.requests.items() if k in keys)
 
-    await wait_until(spent, what="both keys at their budget")
+    await wait_until(lambda: spent(war, second) >= 4 and spent(cy) >= 4,
+                     what="Ann's and Cy's budgets used")
     # Nothing more is asked for the rest of the minute (ten polling intervals prove it).
     while not torn.arrivals.empty():
         torn.arrivals.get_nowait()
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(torn.arrivals.get(), 2.0)
-    assert torn.requests[(war, "/faction/wars")] + torn.requests[(war, "/faction/{id}/members")] == 4
-    assert sum(n for (k, _), n in torn.requests.items() if k == second) == 4
-    assert sum(n for (k, _), n in torn.requests.items() if k == paused) == 1
+    assert (spent(war, second), spent(cy), spent(paused)) == (4, 4, 1), torn.requests
+    assert torn.requests[(war, "/key/info")] == torn.requests[(second, "/key/info")] == 1
     assert server.log.count("disabled: Torn error") == 1
     health = await poll_health(server)
     assert health["keys"]["env:1"]["disabled"] and health["torn_errors"] == {"18": 1}
+    keys = health["keys"]
+    assert keys["env:2"]["requests_last_minute"] + keys["env:3"]["requests_last_minute"] == 4
     metrics = (await http(server.port, "GET", "/metrics")).body
-    assert b'torncat_torn_key_requests_last_minute{key="env:2"} 4' in metrics
-    assert_no_key(war, server.log, metrics, json.dumps(health))
-    assert_no_key(second, server.log, metrics)
-    assert_no_key(paused, server.log, metrics)
+    assert b'torncat_torn_key_requests_last_minute{key="env:4"} 4' in metrics
+    for key in (war, second, paused, cy):
+        assert_no_key(key, server.log, metrics, json.dumps(health))
 
 
 async def test_a_lent_key_must_be_public_and_then_feeds_the_poll(poll_server, war, torn, db, conn):
@@ -2672,14 +2680,14 @@ async def test_a_lent_key_must_be_public_and_then_feeds_the_poll(poll_server, wa
     assert await conn.fetchval("SELECT count(*) FROM torncat_torn_keys") == 0
     assert await conn.fetchval("SELECT count(*) FROM torncat_tokens") == 0
     assert (await http(server.port, "POST", "/auth/torn", {}, {"key": war, "lend": "yes"})).status == 400
-    assert torn.count("/faction/wars") == 0
+    assert torn.count("/faction/{id}/wars") == 0
     r = await http(server.port, "POST", "/auth/torn", {}, {"key": war, "lend": True})
     assert r.status == 200 and r.json()["lent"] is True, r
     assert_no_key(war, r.body)
     row = await conn.fetchrow("SELECT * FROM torncat_torn_keys")
     assert (row["faction_id"], row["source"], row["player_id"]) == (RED_ID, "lent", 1001)
     await polled(server)
-    assert torn.requests[(war, "/faction/wars")] >= 1
+    assert torn.requests[(war, "/faction/{id}/wars")] >= 1
     listing = await asyncio.to_thread(run_cli, "torn-key", "list", DATABASE_URL=db)
     assert listing.returncode == 0 and "lent by Ann [1001]" in listing.stdout, listing
     assert_no_key(war, listing.stdout, listing.stderr, server.log)

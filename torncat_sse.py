@@ -3513,8 +3513,12 @@ class TornPoll:
         try:
             if not key.owner_asked:  # whose budget is it? Asked once, and counted
                 key.owner_asked = True
-                with contextlib.suppress(TornError):  # not named: it counts on its own
+                try:
                     self._owned(key, await self.torn.key_owner(key.key))
+                except TornError as e:
+                    if e.code in BAD_KEY_CODES:
+                        raise
+                    # Not named (or no answer now): the key counts on its own.
                 if key.owner is not None:
                     key = self._take_key(fp.faction)
             return key, await self.torn.get(key.key, path, TornUse.POLL)
