@@ -419,11 +419,13 @@ SETTINGS = (
             "POST /auth/torn per minute per client address (bursts of five); more get 429"),
     Setting("TRUSTED_PROXIES", "0", _non_negative_int, "proxies in front of the server that "
             "append to X-Forwarded-For, whose entry that far from the right is then the client "
-            "address for per-client limits (Render: 2, Cloudflare then Render's proxy)"),
+            "address for per-client limits (Render: 2, Cloudflare then Render's proxy); "
+            "believed only from a private, loopback or link-local peer"),
     Setting("TORN_API_URL", "https://api.torn.com/v2", _http_url,
             "Torn's API v2, asked who owns a key at sign-in (tests point it at fake_torn.py)"),
     Setting("TORN_TIMEOUT_SECONDS", "5", _positive_float,
-            "seconds Torn's API has to answer a sign-in before it gets 503"),
+            "seconds one request to Torn's API may take in all (connecting, every byte of "
+            "the answer): a sign-in then gets 503, the poll counts a failed round"),
     Setting("TORN_API_KEYS", "", _torn_keys, "comma-separated <faction_id>:<key> pairs: "
             "Public-access Torn API keys the central poll uses for that faction (more with "
             "`torn-key add`, or lent by members at sign-in)", secret=True),
@@ -431,8 +433,9 @@ SETTINGS = (
             "polls of Torn's API per faction with a key (5 to 10): its war, then the enemy's "
             "member statuses",
             testing_parse=_seconds_between(TESTING_MIN_POLL_SECONDS, POLL_SECONDS_RANGE[1])),
-    Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
-            "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
+    Setting("TORN_KEY_BUDGET", "30", _positive_int, "the poll's Torn requests per minute at "
+            "most per player, all their keys together, as Torn counts its 100 (the rest stays "
+            "theirs); a key whose owner Torn does not name counts alone"),
     Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
             "own member list, which signs out members who left it: by the poll, and at a "
             "member's sign-in (with their key) for a faction the poll has no key for"),
