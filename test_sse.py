@@ -3121,9 +3121,9 @@ async def test_routes_methods_and_health(live_server):
     assert poll["factions"] == {} and poll["keys"] == {} and poll["torn_errors"] == {}
     assert {k: v for k, v in r.json().items() if k != "torn_poll"} == {
                         "status": "ok", "listener": "live", "clients": 0, "long_polls": 0,
-                        "last_event_id": 0,
-                        "database": {"pool": "unused", "pool_connections": 0,
-                                     "pool_idle_connections": 0, "timeouts": 0,
+                        "last_event_id": 0,  # the pool has read the tokens
+                        "database": {"pool": "ok", "pool_connections": 1,
+                                     "pool_idle_connections": 1, "timeouts": 0,
                                      "terminated_connections": 0}}
     assert (await http(server.port, "HEAD", "/healthz")).body == b""
     assert (await http(server.port, "GET", "/nope")).status == 404
