@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import symtable
 import sys
@@ -2224,6 +2225,60 @@ def test_torn_errors_map_to_clear_statuses():
         assert (e.status, words in e.message) == (status, True), (code, e.message)
         assert ("Retry-After" in dict(e.headers)) == (status == 503), code
     assert t.torn_error_to_http(16).extra == {"torn_error_code": 16, "access_needed": "Public Only"}
+
+
+async def test_the_torn_client_reads_every_framing_over_verified_tls_and_never_follows_a_redirect(
+        tmp_path):
+    """The client speaks HTTP/1.1 itself (one deadline for the whole request), so what
+    urllib did for it is checked here: Torn's answers come through Cloudflare chunked, or
+    delimited by the connection's end, in pieces; TLS verifies the certificate and the
+    host; a redirect is an error, never followed (it would carry the key elsewhere)."""
+    files = make_tls_files(tmp_path, None)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(files["server"], files["key"])
+    obj = {"profile": {"id": 1001, "name": "Ann", "faction_id": RED_ID}}
+    body = json.dumps(obj).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+    answers = {
+        "/v2/length": [head + b"Content-Length: %d\r\n\r\n" % len(body), *pieces],
+        "/v2/chunked": [head + b"Transfer-Encoding: chunked\r\n\r\n",
+                        *(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces), b"0\r\n\r\n"],
+        "/v2/closed": [head + b"Connection: close\r\n\r\n", *pieces],
+        "/v2/redirect": [b"HTTP/1.1 302 Found\r\nLocation: https://127.0.0.1:1/v2/length\r\n"
+                         b"Content-Length: 0\r\n\r\n"],
+    }
+    seen = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            request = await reader.readuntil(b"\r\n\r\n")
+            seen.append(request)
+            for piece in answers[request.split(b" ")[1].decode()]:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.005)  # each piece its own segment
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_tls)
+    key = "A1b2C3d4E5f6G7h8"
+    try:
+        client = t.TornClient(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v2", 5.0)
+        client.tls = ssl.create_default_context(cafile=files["ca"])
+        for path in ("/length", "/chunked", "/closed"):
+            assert await client.get(key, path, t.TornUse.SIGN_IN) == obj, path
+        assert all(b"\r\nAuthorization: ApiKey " + key.encode() + b"\r\n" in r and
+                   key.encode() not in r.split(b"\r\n")[0] for r in seen)
+        with pytest.raises(t.TornError, match="HTTP 302"):
+            await client.get(key, "/redirect", t.TornUse.SIGN_IN)
+        assert len(seen) == 4  # the redirect's target was never asked
+        client.tls = ssl.create_default_context(cafile=files["other-ca"])
+        with pytest.raises(t.TornError, match="CERTIFICATE_VERIFY_FAILED"):
+            await client.get(key, "/length", t.TornUse.SIGN_IN)
+        assert len(seen) == 4  # nothing was sent to a server that could not prove it is Torn
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_the_fake_torn_speaks_v2_shapes_errors_and_the_rate_limit(torn):

@@ -2994,7 +2994,10 @@ class TornClient:
         if "content-length" in headers:
             length = int(headers["content-length"])
             return b"." * limit if length > limit else await reader.readexactly(length)
-        return await reader.read(limit)
+        body = bytearray()  # delimited by the connection's end, however many pieces
+        while len(body) < limit and (piece := await reader.read(limit - len(body))):
+            body += piece
+        return bytes(body)
 
     async def _resolve(self) -> str:
         """Torn's address: an IP literal as it is, a name looked up once per TORN_DNS_SECONDS."""
