@@ -445,7 +445,9 @@ SETTINGS = (
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
-            "unsent bytes a client may fall behind by before it is dropped"),
+            "unsent bytes a client may fall behind by before it is dropped, what it is sent "
+            "first (its snapshot or replay) included: a faction whose snapshot alone is more "
+            "is refused (503)"),
     Setting("MAX_CLIENTS", "10000", _positive_int, "open streams and held long-polls per "
             "process; more get 503"),
     Setting("MAX_CLIENTS_PER_TOKEN", "10", _positive_int, "streams and held long-polls per "
