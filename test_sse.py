@@ -3119,8 +3119,10 @@ async def test_enemy_names_from_the_poll_are_printable(poll_server, war, torn):
 
 async def test_a_dripping_torn_starves_neither_sign_ins_nor_the_poll(poll_server, war, torn):
     """A Torn that drips a byte every 2 s held urllib's threads for 100 s and more: every
-    uncached sign-in answered 503, and the poll timed out."""
+    uncached sign-in answered 503, and the poll timed out. The drip is faster than the
+    timeout (as 2 s is than the default 5 s): a per-read timeout never fires."""
     server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", TORN_TIMEOUT_SECONDS="1")
+    torn.drip_seconds = 0.25
     await polled(server)
     keys = [torn.add_player(1100 + n, f"P{n}", RED_ID) for n in range(12)]
     torn.misbehave("drip", "/user/profile")  # every sign-in's answer, a byte every 2 s
