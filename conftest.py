@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 
-from testkit import TRIGGER_SQL, PgCluster, ServerProcess, pg_execute
+from testkit import SERVER_SCRIPT, TRIGGER_SQL, PgCluster, ServerProcess, pg_execute
 
 
 @pytest.fixture(scope="session")
@@ -57,12 +58,14 @@ def start_server():
 
     OPEN_ACCESS=1 unless a test says otherwise: most tests are about streams, not
     tokens, and run against a DATABASE_URL, where the server is closed by default.
-    A test of that default passes OPEN_ACCESS="" (unset)."""
+    A test of that default passes OPEN_ACCESS="" (unset). `script` runs another copy of
+    the server file (a deploy of another version: the userscript it serves is the one
+    beside it)."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, **env: str) -> ServerProcess:
+    def start(*args: str, script: Path = SERVER_SCRIPT, **env: str) -> ServerProcess:
         env.setdefault("OPEN_ACCESS", "1")
-        server = ServerProcess({k: str(v) for k, v in env.items()}, list(args))
+        server = ServerProcess({k: str(v) for k, v in env.items()}, list(args), script=script)
         started.append(server)
         return server
 

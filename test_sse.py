@@ -294,6 +294,18 @@ async def sign_in(port: int, key: str, headers: dict[str, str] | None = None):
 # Settings and limits
 # ---------------------------------------------------------------------------
 
+def test_public_url_setting_falls_back_to_renders_and_refuses_more_than_an_origin():
+    assert t.parse_settings([], {}).public_url == ""
+    render = {"RENDER_EXTERNAL_URL": "https://torncat-sse.onrender.com"}
+    assert t.parse_settings([], render).public_url == "https://torncat-sse.onrender.com"
+    assert t.parse_settings([], {**render, "PUBLIC_URL": "https://Calls.Example:8443/"}).public_url == \
+        "https://calls.example:8443"
+    for bad in ("ftp://x.example", "https://x.example/path", "https://x.example?a=1", "https://u@x.example",
+                "https://x.example'"):
+        with pytest.raises(ValueError):
+            t._public_url(bad)
+
+
 def test_faction_tokens_setting():
     config = t.parse_settings([], {"FACTION_TOKENS": "12:aaaaaaaaaaaaaaaa, 34:bbbbbbbbbbbbbbbbbb"})
     assert config.faction_tokens == ((12, "aaaaaaaaaaaaaaaa"), (34, "bbbbbbbbbbbbbbbbbb"))
@@ -308,7 +320,7 @@ def test_settings_from_environment_and_flags():
     assert config.allowed_origins == ("https://a.example", "https://b.example")
     defaults = t.parse_settings([], {})
     assert (defaults.host, defaults.port, defaults.retry_ms, defaults.keepalive_seconds) == (
-        "0.0.0.0", 3000, 10000, 20)
+        "0.0.0.0", 3000, 10000, 10)
     assert defaults.allowed_origins == ("https://www.torn.com",) and defaults.init_db is False
     assert t.parse_settings(["--init-db"], {}).init_db is True
 
@@ -359,6 +371,38 @@ def test_bad_settings_exit_2_with_one_clear_line():
 # ---------------------------------------------------------------------------
 # Wire format: HTTP/1.1, Server-Sent Events, CORS, JSON bodies
 # ---------------------------------------------------------------------------
+
+USERSCRIPT_TEXT = (HERE / "torn-war-caller.user.js").read_text()
+
+
+def test_the_served_userscript_names_this_server_and_keeps_the_rest():
+    served = t.userscript_for(USERSCRIPT_TEXT, "https://calls.example:8443").decode()
+    metadata, _, rest = served.partition("// ==/UserScript==")
+    link = "https://calls.example:8443/torn-war-caller.user.js"
+    assert re.findall(r"^// @connect +(\S+)$", metadata, re.MULTILINE) == ["calls.example"]
+    assert f"// @updateURL    {link}\n" in metadata and f"// @downloadURL  {link}\n" in metadata
+    assert "  const DEFAULT_SERVER = 'https://calls.example:8443';\n" in rest
+    # Nothing else changes: the same lines, one fewer @connect at most.
+    before = [line for line in USERSCRIPT_TEXT.split("\n") if not line.startswith(
+        ("// @connect", "// @updateURL", "// @downloadURL", "  const DEFAULT_SERVER"))]
+    after = [line for line in served.split("\n") if not line.startswith(
+        ("// @connect", "// @updateURL", "// @downloadURL", "  const DEFAULT_SERVER"))]
+    assert before == after
+
+
+@pytest.mark.parametrize(("headers", "proxies", "origin"), [
+    ({"host": "calls.example"}, 0, "http://calls.example"),
+    ({"host": "127.0.0.1:3000", "x-forwarded-proto": "https"}, 0, "http://127.0.0.1:3000"),
+    ({"host": "Calls.Example", "x-forwarded-proto": "http, https"}, 1, "https://calls.example"),
+    ({"host": "[::1]:80"}, 0, "http://[::1]:80"),
+    ({"host": "evil.example/x"}, 0, None),
+    ({"host": "a.example'"}, 0, None),
+    ({}, 0, None),
+])
+def test_request_origin_from_host_and_a_trusted_proxys_scheme(headers, proxies, origin):
+    req = t.Request("GET", "/", "/", {}, "HTTP/1.1", headers, 0, True)
+    assert t.request_origin(req, proxies) == origin
+
 
 def test_parse_request_head_reads_method_path_query_and_headers():
     req = t.parse_request_head(head(
@@ -3190,6 +3234,25 @@ async def test_routes_methods_and_health(live_server):
     assert r.status == 405 and r.headers["allow"] == "GET, HEAD"
     r = await http_raw(server.port, b"GET /events HTTP/1.0\r\n\r\n")
     assert r.status == 505
+
+
+async def test_the_userscript_is_served_pointed_at_this_server(live_server):
+    server = live_server()
+    r = await http(server.port, "GET", "/torn-war-caller.user.js")
+    assert r.status == 200 and r.headers["content-type"] == "text/javascript; charset=utf-8", r
+    assert r.body == t.userscript_for(USERSCRIPT_TEXT, f"http://127.0.0.1:{server.port}")
+    head = await http(server.port, "HEAD", "/torn-war-caller.user.js")
+    assert head.status == 200 and head.body == b"" and head.headers["content-length"] == str(len(r.body))
+    r = await http_raw(server.port, b"GET /torn-war-caller.user.js HTTP/1.1\r\nHost: bad/host\r\n\r\n")
+    assert r.status == 400 and "PUBLIC_URL" in r.json()["error"]
+    # Behind a proxy (Render's): the scheme it says; with PUBLIC_URL, that, whatever the Host.
+    proxied = live_server(TRUSTED_PROXIES="1")
+    r = await http(proxied.port, "GET", "/torn-war-caller.user.js",
+                   {"X-Forwarded-Proto": "https", "Host": "calls.example"})
+    assert b"// @updateURL    https://calls.example/torn-war-caller.user.js\n" in r.body
+    public = live_server(PUBLIC_URL="https://calls.example")
+    r = await http(public.port, "GET", "/torn-war-caller.user.js", {"Host": "other.example"})
+    assert r.body == t.userscript_for(USERSCRIPT_TEXT, "https://calls.example")
 
 
 async def test_keep_alive_and_pipelined_requests(live_server):

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import time
 import urllib.parse
@@ -308,9 +309,14 @@ class Upstream:
         self.done = False
         self.aborted = False
         self.doc: str | None = None  # the document that asked for it
+        self.path = ""
+        self.silenced: asyncio.Event | None = None  # set: a link that died without an end
 
     async def read(self) -> str | None:
         """The next piece of the body as text; None at its end."""
+        if self.silenced is not None:
+            await self.silenced.wait()  # nothing more, ever, until the page gives up on it
+            return None
         while not self.done:
             try:
                 if self.chunked:
@@ -338,6 +344,8 @@ class Upstream:
 
     def close(self) -> None:
         self.done = True
+        if self.silenced is not None:
+            self.silenced.set()
         self.writer.close()
 
 
@@ -408,7 +416,7 @@ class Manager:
             self.connecting.pop(writer, None)
         upstream_id = next(self.ids)
         self.upstreams[upstream_id] = upstream = Upstream(source["page"], reader, writer, response_headers)
-        upstream.doc = req.get("doc")
+        upstream.doc, upstream.path = req.get("doc"), url.path
         if self.cut_streams and url.path == "/events":
             upstream.close()
         return {"id": upstream_id, "status": status, "statusText": "",
@@ -442,11 +450,17 @@ class Manager:
         return {"status": head["status"], "statusText": "", "responseHeaders": head["headers"],
                 "responseText": text}
 
+    def silence_streams(self) -> None:
+        """Every open stream goes silent with no end (a half-open TCP link: the server's bytes
+        never arrive and nothing says so), until the page aborts it."""
+        for upstream in self.upstreams.values():
+            if upstream.path == "/events":
+                upstream.silenced = asyncio.Event()
+
     def document(self, source, doc: str) -> None:
         """A new document in a tab (a reload, a link followed): the requests of the one before
-        end with it, as a manager's do (they belong to the document's content script; not
-        measured). The page's own `pagehide` cannot tell us: a binding called while a
-        document unloads never arrives."""
+        end with it, as a manager's do (ScriptCat: RM-7). The page's own `pagehide` cannot
+        tell us: a binding called while a document unloads never arrives."""
         page = source["page"]
         for upstream_id, upstream in list(self.upstreams.items()):
             if upstream.page is page and upstream.doc != doc:
@@ -491,8 +505,17 @@ class Manager:
 #       `responseText` stays undefined until the request completes (:29-30). ScriptCat drops
 #       an onreadystatechange whose readyState and status did not change (its gm_xhr.ts),
 #       so 3 fires once.
-#     - a refused answer's body goes into the stream like any other (ScriptCat's gm_xhr.ts;
-#       not measured); a refused connection: onerror, then onloadend (the same; not measured).
+#   Measured again in a local build of ScriptCat 1.5.0-beta.2 (docs/testing.md, "What the
+#   real-manager pass measured", RM below):
+#     - onreadystatechange 1 comes before onloadstart without a `responseType`, and never
+#       with `responseType: "stream"` (RM-1).
+#     - a refused answer's body goes into the stream like any other, then readyState 4,
+#       onload, onloadend (RM-2); a refused connection: onloadstart (with a stream), then
+#       onerror (readyState 4, status 0), onloadend (RM-3).
+#     - cancelling the handed-over stream ends the script's read but not the request: the
+#       manager goes on receiving, and onprogress goes on firing (RM-4).
+#     - abort(): onabort (readyState 0, status 0), then onloadend; without an onabort
+#       handler, neither fires (RM-5). A `timeout` ends with ontimeout, then onloadend (RM-6).
 #   "violentmonkey": Violentmonkey 2.47 (MV2) in Firefox ESR, managers/README.md:35-53.
 #     - `responseType: "stream"` is unknown and falls back to text (:38-39): `response` is a
 #       string holding only the latest chunk, never a ReadableStream, and `responseText`
@@ -506,8 +529,9 @@ class Manager:
 #   "no-loadstart": reported from the field, not measured (../shared/USERS.md, a public
 #     war tool's ADR): with `responseType: "stream"`, nothing reaches the script until the
 #     request ends. Otherwise as "scriptcat".
-# In all of them `timeout` ends a request with ontimeout and onloadend, and abort() with
-# onabort (the GM API as both managers document it; not measured).
+# In all of them `timeout` ends a request with ontimeout and onloadend (RM-6; Violentmonkey
+# as its API documents it, not measured), and abort() with onabort then onloadend (RM-5;
+# Violentmonkey: not measured).
 GM_SHIM = """
 (() => {
   const MODE = %s;
@@ -568,9 +592,10 @@ GM_SHIM = """
       await Promise.resolve(); // handlers run after GM_xmlhttpRequest has returned
       if (aborted) return;
       if (!silent) {
+        // ScriptCat: readyState 1 before onloadstart without a responseType, none with a stream (RM-1).
+        if (MODE !== 'violentmonkey' && !scStream) changed(1);
         r.readyState = 1;
         fire('onloadstart');
-        if (MODE !== 'violentmonkey') changed(1);
       }
       let head;
       try {
@@ -601,7 +626,13 @@ GM_SHIM = """
         if (aborted) return;
         if (piece === null) break;
         text += piece;
-        if (scStream) controller.enqueue(encoder.encode(piece));
+        if (scStream) {
+          try {
+            controller.enqueue(encoder.encode(piece));
+          } catch (e) {
+            // the script cancelled the stream: the request goes on all the same (RM-4)
+          }
+        }
         if (silent) continue;
         if (MODE === 'violentmonkey') {
           r.response = piece;
@@ -625,7 +656,10 @@ GM_SHIM = """
       aborted = true;
       end();
       window.__tcAbort(id !== null ? id : key);
+      if (typeof d.onabort !== 'function') return;  // then nothing fires at all (RM-5)
+      Object.assign(r, { readyState: 0, status: 0 });
       fire('onabort');
+      Promise.resolve().then(() => fire('onloadend'));
     } };
   }
   window.GM_xmlhttpRequest = GM_xmlhttpRequest;
@@ -677,7 +711,8 @@ PDA_SHIM = """
 # first said "live", in ms since navigation started), CSP violations, dialogs.
 WATCH = """
 (() => {
-  window.__tc = { statuses: [], shown: [], violations: [], liveAt: null, liveBy: null };
+  // changes: [wall-clock ms, status, transport, the status line's title] of each change
+  window.__tc = { statuses: [], shown: [], changes: [], violations: [], liveAt: null, liveBy: null };
   document.addEventListener('securitypolicyviolation',
     (e) => window.__tc.violations.push(e.violatedDirective + ' ' + e.blockedURI));
   new MutationObserver((ms) => {
@@ -685,6 +720,9 @@ WATCH = """
       if (m.target.id !== 'torncat-panel') continue;
       window.__tc.statuses.push(m.target.dataset.status);
       window.__tc.shown.push(m.target.dataset.status + ' ' + m.target.dataset.transport);
+      const line = m.target.querySelector('.tc-status');
+      window.__tc.changes.push([performance.timeOrigin + performance.now(), m.target.dataset.status,
+                                m.target.dataset.transport, line ? line.title : '']);
       if (m.target.dataset.status === 'live' && window.__tc.liveAt === null) {
         window.__tc.liveAt = performance.now();
         window.__tc.liveBy = m.target.dataset.transport;
@@ -715,7 +753,7 @@ SEED = """
 # case -> (shim, storage prefix of the settings, the transport the panel shows once live)
 TRANSPORTS = {
     "scriptcat": (GM_SHIM % json.dumps("scriptcat"), "gmshim:", "stream"),
-    "violentmonkey": (GM_SHIM % json.dumps("violentmonkey"), "gmshim:", "long-poll"),
+    "violentmonkey": (GM_SHIM % json.dumps("violentmonkey"), "gmshim:", "stream"),  # from responseText
     "no-loadstart": (GM_SHIM % json.dumps("no-loadstart"), "gmshim:", "long-poll"),
     "eventsource": ("", "", "EventSource"),
     "pda": (PDA_SHIM, "", "long-poll"),
@@ -758,7 +796,8 @@ class Harness:
         self.dialogs: list[str] = []
 
     async def start(self, **env):
-        """The real server (in a thread: starting it blocks until it listens)."""
+        """The real server (in a thread: starting it blocks until it listens). `script`: the
+        server file to run, another copy of it (testkit.ServerProcess)."""
         env = {"DATABASE_URL": self.db, "FACTION_TOKENS": f"{FACTION}:{TOKEN}",
                "ALLOWED_ORIGINS": self.site.origin, "RETRY_MS": "1000",
                "RECONNECT_SPREAD_SECONDS": "1", **env}
@@ -986,7 +1025,7 @@ async def test_pages_reconnect_after_a_server_restart_and_miss_no_call(h, resume
     server = await h.start(PORT=str(port))
     h.site.csp = STRICT_CSP
     alice = await h.open(ALICE, "scriptcat")
-    bob = await h.open(BOB, "violentmonkey")  # long-polls: its manager cannot stream
+    bob = await h.open(BOB, "pda")  # long-polls: TornPDA cannot stream
     await expect(panel(alice)).to_have_attribute("data-transport", "stream")
     await expect(panel(bob)).to_have_attribute("data-transport", "long-poll")
     for page in (alice, bob):
@@ -1117,6 +1156,7 @@ async def test_tornpda_long_polls_with_unique_urls_and_stays_current(h):
     await expect(settings.locator(".tc-f-id")).to_have_value(str(BOB.id))
     await expect(settings.locator(".tc-f-name")).to_have_value(BOB.name)
     await settings.locator(".tc-f-server").fill(h.base + "/")
+    await settings.locator(".tc-advanced summary").click()  # the faction token is the advanced way
     await settings.locator(".tc-f-token").fill(TOKEN)
     await settings.locator(".tc-save").click()
     await expect(settings).to_be_hidden()
@@ -1239,6 +1279,11 @@ async def test_the_panel_moves_collapses_and_remembers(h):
 # Each way in, under Torn's CSP: how soon it is live, how soon a call shows
 # ---------------------------------------------------------------------------
 
+# The stream requests a first page load makes, by their responseType.
+STREAM_REQUESTS = {"scriptcat": ["stream"], "violentmonkey": ["stream", ""], "no-loadstart": ["stream"],
+                   "pda": [], "eventsource": []}
+
+
 @pytest.mark.parametrize("case", ["scriptcat", "no-loadstart", "violentmonkey", "pda", "eventsource"])
 async def test_each_way_in_goes_live_and_shows_calls_from_another_browser(h, case):
     """Measured, never asserted by time: artifacts/transports.json has the numbers."""
@@ -1248,9 +1293,12 @@ async def test_each_way_in_goes_live_and_shows_calls_from_another_browser(h, cas
     transport = TRANSPORTS[case][2]
     page = await h.open(ALICE, case)
     record_timing(case, "load_to_live_s", await seconds_to_live(page, transport))
-    if case in GM_CASES:  # the stream is always asked for, whatever the manager says it can do
+    # The stream is always asked for first, whatever the manager says it can do; where it
+    # hands over text instead (Violentmonkey), the growing responseText is read.
+    first_load = STREAM_REQUESTS[case]
+    if case in GM_CASES:
         streams = [r for r in await page.evaluate("window.__gmRequests") if r["url"].endswith("/events")]
-        assert len(streams) == 1 and streams[0]["responseType"] == "stream", streams
+        assert [r["responseType"] for r in streams] == first_load, streams
 
     # A reload starts with what this browser remembered (for a manager that cannot stream:
     # the long-poll at once, without waiting FIRST_BYTE_MS for a stream again).
@@ -1258,7 +1306,8 @@ async def test_each_way_in_goes_live_and_shows_calls_from_another_browser(h, cas
     record_timing(case, "reload_to_live_s", await seconds_to_live(page, transport))
     if case in GM_CASES:
         streams = [r for r in await page.evaluate("window.__gmRequests") if r["url"].endswith("/events")]
-        assert len(streams) == (1 if transport == "stream" else 0), streams
+        again = first_load[-1:] if transport == "stream" else []  # what was remembered
+        assert [r["responseType"] for r in streams] == again, streams
     await expect(panel(page).locator(".tc-empty")).to_have_text("No active calls")
 
     shown = [await seconds_to_show(page, server.port, member, target, name)
@@ -1303,7 +1352,7 @@ async def test_without_a_userscript_manager_under_torns_csp_it_says_so_and_stops
 # committed). Without it, the cases below run against the ScriptCat-like stand-in only, and
 # their real-manager variants are not collected.
 REAL_MANAGER = os.environ.get("TORNCAT_REAL_MANAGER", "")
-MANAGERS = ["scriptcat-like", *(["scriptcat-real"] if REAL_MANAGER else [])]
+MANAGERS = ["scriptcat", "violentmonkey", *(["scriptcat-real"] if REAL_MANAGER else [])]
 # As the userscript's header says to when running your own server: one more @connect line.
 USERSCRIPT_FOR_LOCALHOST = USERSCRIPT.replace(
     "// @connect      torncat-sse.onrender.com\n",
@@ -1313,19 +1362,30 @@ assert USERSCRIPT_FOR_LOCALHOST != USERSCRIPT
 
 class OnTorn:
     """A browser on the war page at https://www.torn.com, under Torn's CSP (a real header),
-    with the userscript in a manager: the ScriptCat-like stand-in, or the real ScriptCat.
-    Players fill in the settings themselves: nothing is seeded."""
+    with the userscript in a manager: a stand-in ("scriptcat", "violentmonkey"), or the real
+    ScriptCat. Players fill in the settings themselves: nothing is seeded."""
 
     real = False
 
-    def __init__(self, h: Harness):
+    def __init__(self, h: Harness, manager: str = "scriptcat"):
         self.h = h
+        self.manager = manager
         self.csp_reports: list[str] = []  # what Chromium logged as refused by a CSP
         self.context: BrowserContext | None = None
 
+    @property
+    def name(self) -> str:
+        return f"{self.manager}-like"
+
     async def start(self) -> OnTorn:
-        self.context = await self.h.context("scriptcat", configured=False, script=USERSCRIPT_FOR_LOCALHOST)
+        self.context = await self.h.context(self.manager, configured=False, script=USERSCRIPT_FOR_LOCALHOST)
         return self
+
+    async def remembered(self, page: Page) -> dict | None:
+        """What the script remembered about transports (a stand-in's storage; None in a real
+        manager, whose storage a test cannot read)."""
+        raw = await page.evaluate("localStorage.getItem('gmshim:torncat.transport')")
+        return json.loads(raw) if raw else None
 
     @property
     def site(self) -> TornSite:
@@ -1354,7 +1414,7 @@ class ScriptCat(OnTorn):
     real = True
 
     def __init__(self, h: Harness, extension: Path, profile: Path, tls: dict[str, Path]):
-        super().__init__(h)
+        super().__init__(h, "scriptcat")
         self.extension, self.profile = extension, profile
         site_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         site_tls.load_cert_chain(tls["server"], tls["key"])
@@ -1366,6 +1426,13 @@ class ScriptCat(OnTorn):
     @property
     def site(self) -> TornSite:
         return self.torn
+
+    @property
+    def name(self) -> str:
+        return "scriptcat-real"
+
+    async def remembered(self, page: Page) -> dict | None:
+        return None
 
     async def _launch(self) -> None:
         args = [
@@ -1383,7 +1450,9 @@ class ScriptCat(OnTorn):
             "serviceworker", timeout=STEP_MS)
         self.id = urllib.parse.urlsplit(worker.url).hostname
 
-    async def start(self) -> ScriptCat:
+    async def start(self, install_from: str | None = None) -> ScriptCat:
+        """Launch it, and install the userscript from `install_from` (the test site's copy,
+        with one more @connect line, when None)."""
         self.torn.csp = self.h.site.csp
         await self.torn.start()
         await self._launch()
@@ -1399,7 +1468,7 @@ class ScriptCat(OnTorn):
         await self._launch()
         self.context.on("page", lambda page: self._track(self._confirm(page)))
         await self.context.add_init_script(script=WATCH)
-        await self.install(f"{self.torn.origin}/torn-war-caller.user.js")
+        await self.install(install_from or f"{self.torn.origin}/torn-war-caller.user.js")
         return self
 
     def _track(self, coro) -> None:
@@ -1436,8 +1505,9 @@ class ScriptCat(OnTorn):
 
 @pytest_asyncio.fixture(params=MANAGERS, loop_scope="module")
 async def on_torn(request, h, tmp_path):
-    """The war page at https://www.torn.com under Torn's CSP, in the ScriptCat-like stand-in
-    or (TORNCAT_REAL_MANAGER) the real ScriptCat. Call `start()` after `h.start()`."""
+    """The war page at https://www.torn.com under Torn's CSP, in the ScriptCat-like or the
+    Violentmonkey-like stand-in, or (TORNCAT_REAL_MANAGER) the real ScriptCat. Call `start()`
+    before or after `h.start()` (it needs only the war page's site)."""
     h.site.csp = TORN_CSP
     if request.param == "scriptcat-real":
         extension = Path(REAL_MANAGER)
@@ -1445,7 +1515,7 @@ async def on_torn(request, h, tmp_path):
         browser = ScriptCat(h, extension, tmp_path / "profile", make_tls_files(tmp_path, None))
     else:
         h.site.served_as = TORN_ORIGIN
-        browser = OnTorn(h)
+        browser = OnTorn(h, request.param)
     yield browser
     await browser.close()
 
@@ -1455,6 +1525,7 @@ async def fill_in_settings(page: Page, server: str, token: str) -> None:
     settings = panel(page).locator(".tc-settings")
     await expect(settings).to_be_visible()
     await settings.locator(".tc-f-server").fill(server)
+    await settings.locator(".tc-advanced summary").click()  # the faction token is the advanced way
     await settings.locator(".tc-f-token").fill(token)
     await settings.locator(".tc-save").click()
 
@@ -1462,7 +1533,7 @@ async def fill_in_settings(page: Page, server: str, token: str) -> None:
 async def test_on_torn_it_streams_at_once_styled_and_one_stream_serves_every_tab(h, on_torn):
     server = await h.start()
     await on_torn.start()
-    case = "scriptcat" if on_torn.real else "scriptcat-like on torn"
+    case = on_torn.name
 
     # First run: the settings, filled in as a player would.
     first = await on_torn.tab(ALICE)
@@ -1488,6 +1559,8 @@ async def test_on_torn_it_streams_at_once_styled_and_one_stream_serves_every_tab
     opened = len(streams_opened(server))
     second = await on_torn.tab(ALICE)
     await expect(panel(second).locator(".tc-status")).to_have_text("live · stream (via another tab)")
+    status_line = panel(second).locator(".tc-status")
+    assert await status_line.evaluate("(e) => e.scrollWidth <= e.clientWidth")  # wraps, never cut off
     await expect(panel_call(second, 2002)).to_contain_text("Cy")
     await wait_until(lambda: _clients_are(server.port, 1), what="exactly one stream")
     assert len(streams_opened(server)) == opened
@@ -1613,11 +1686,16 @@ async def _asked(manager: Manager, path: str) -> bool:
 SPIN_WINDOW = 3.0  # seconds
 
 
+LONG_POLL_REMEMBERED = ("localStorage.setItem('gmshim:torncat.transport', "
+                        "JSON.stringify({ best: 'stream', works: 'long-poll', at: Date.now() }));")
+
+
 async def test_the_long_poll_never_spins_when_the_server_does_not_hold_or_is_gone(h):
     server = await h.start()
     h.site.csp = TORN_CSP
     h.manager.drop_wait = True  # every answer comes at once, empty or not, as before long-poll existed
-    alice = await h.open(ALICE, "violentmonkey")
+    # A manager whose stream never starts, and this browser remembers it: the long-poll at once.
+    alice = await h.open(ALICE, "no-loadstart", before=LONG_POLL_REMEMBERED)
     await expect(panel(alice).locator(".tc-status")).to_have_text("live · long-poll")
     await api_call(server.port, BOB, 2001, "Xena")
     await expect(panel_call(alice, 2001)).to_contain_text("Bob")
@@ -1839,3 +1917,455 @@ async def test_the_panel_says_when_enemy_statuses_are_stale_or_the_key_was_refus
                      "VALUES ($1, $2, 'operator')", FACTION, fresh)
     await expect(line).to_be_hidden()
     await h.assert_clean(alice, bob)
+
+
+# ---------------------------------------------------------------------------
+# Helpers of the flows players live through
+# ---------------------------------------------------------------------------
+
+# The userscript's STALL_KEEPALIVES: a live stream silent this many keep-alive intervals is dead.
+STALL_KEEPALIVES = 2.5
+SERVER_KEEPALIVE_SECONDS = 10.0  # the server's KEEPALIVE_SECONDS default (torncat_sse.py)
+TOS_ROWS = ["Data Storage", "Data Sharing", "Purpose of Use", "Key Storage & Sharing", "Key Access Level"]
+
+
+async def sign_in(page: Page, server: str, key: str) -> None:
+    """What a player does on first run: the server, then their Torn API key."""
+    settings = panel(page).locator(".tc-settings")
+    await expect(settings).to_be_visible()
+    await settings.locator(".tc-f-server").fill(server)
+    await settings.locator(".tc-f-key").fill(key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(settings).to_be_hidden()
+
+
+async def status_changes(page: Page) -> list[tuple[float, str, str, str]]:
+    """Every status the panel showed: (wall-clock seconds, status, transport, its title)."""
+    return [(t / 1000, status, transport, title)
+            for t, status, transport, title in await page.evaluate("window.__tc.changes")]
+
+
+async def left_live(page: Page, after: float) -> tuple[float, str]:
+    """When (wall clock) and why the panel first stopped saying "live" after `after`."""
+    for t, status, _, title in await status_changes(page):
+        if t >= after and status != "live":
+            return t, title
+    raise AssertionError(f"still live: {await status_changes(page)}")
+
+
+async def live_again(page: Page, after: float) -> float:
+    """When (wall clock) the panel said "live" again after `after`."""
+    await expect(panel(page)).to_have_attribute("data-status", "live")
+    return next(t for t, status, _, _ in await status_changes(page) if t >= after and status == "live")
+
+
+async def seconds_to_show_in(pages: list[Page], port: int, member: Member, target: int,
+                             name: str | None, timeout: float = STEP_TIMEOUT) -> list[float]:
+    """POST /calls as another browser would; seconds until each page shows the call."""
+    for page in pages:
+        await page.evaluate(SHOWN, target)
+    sent = time.time()
+    await api_call(port, member, target, name)
+    shown = [await asyncio.wait_for(page.evaluate("window.__tcShown"), timeout) for page in pages]
+    return [round(t / 1000 - sent, 3) for t in shown]
+
+
+def enemy_row(page: Page, target: int):
+    return page.locator(".enemy-faction li", has=page.locator(f'a[href="/profiles.php?XID={target}"]'))
+
+
+# ---------------------------------------------------------------------------
+# Across a deploy: never "live" when not, and back within the retry spread
+# ---------------------------------------------------------------------------
+
+# How long to wait for the pages after a restart: far beyond what the issue allows (the
+# retry spread + 2 s after SIGTERM, 30 s after SIGKILL). The times are recorded, not asserted.
+DEPLOY_WAIT = 45.0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+async def test_a_deploy_costs_at_most_the_retry_spread_and_the_panel_never_says_live_while_down(
+        h, on_torn, torn_api, sig):
+    """A Render deploy (SIGTERM) and a crash (SIGKILL) under a signed-in player with two tabs,
+    the server back within 2 s, another member calling 3 s later. With the production
+    RETRY_MS and RECONNECT_SPREAD_SECONDS (10 s each)."""
+    port = free_port()
+    env = {"PORT": str(port), "TORN_API_URL": torn_api.base_url, "RETRY_MS": "10000",
+           "RECONNECT_SPREAD_SECONDS": "10"}
+    server = await h.start(**env)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await on_torn.start()
+    leader = await on_torn.tab(ALICE)
+    await sign_in(leader, h.base, key)
+    await expect(panel(leader).locator(".tc-status")).to_have_text("live · stream")
+    follower = await on_torn.tab(ALICE)
+    await expect(panel(follower).locator(".tc-status")).to_have_text("live · stream (via another tab)")
+    tabs = [leader, follower]
+    await api_call(port, BOB, 2002, "Yuri")
+    for tab in tabs:
+        await expect(panel_call(tab, 2002)).to_contain_text("Bob")
+    case = f"deploy {sig} {on_torn.name}"
+
+    stopped = time.time()
+    await asyncio.to_thread(server.stop, getattr(signal, sig))
+    for tab in tabs:  # at once, from the request's end: never "live" while no server runs
+        await expect(panel(tab)).to_have_attribute("data-status", "reconnecting")
+    left = [await left_live(tab, stopped) for tab in tabs]
+    record_timing(case, "left_live_after_stop_s", [round(t - stopped, 3) for t, _ in left])
+    for t, why in left:
+        assert "the server closed the stream" in why, left  # its end, not the silence watchdog
+        assert t - stopped <= STALL_KEEPALIVES * SERVER_KEEPALIVE_SECONDS, left
+    # While no server runs, Bob's call ends, and a Call says it cannot be made, sending nothing.
+    await pg_execute(h.db, "UPDATE target_calls SET uncalled_at = now() WHERE target_id = 2002")
+    await row_cell(follower, 2003).locator(".tc-call-btn").click()
+    await expect(panel(follower).locator(".tc-notice")).to_contain_text("nothing was sent")
+
+    server = await h.start(**env)
+    listening = time.time()
+    record_timing(case, "restart_s", round(listening - stopped, 3))
+    await asyncio.sleep(3)  # the scenario: another member calls 3 s after the restart
+    shown = await seconds_to_show_in(tabs, port, CY, 2001, "Xena", timeout=DEPLOY_WAIT)
+    record_timing(case, "call_3s_after_restart_shown_s", shown)
+    record_timing(case, "live_after_restart_s", [round(await live_again(tab, listening) - listening, 3)
+                                                 for tab in tabs])
+    for tab in tabs:
+        await expect(panel_call(tab, 2002)).to_have_count(0)  # what ended meanwhile is gone
+        await expect(panel(tab).locator(".tc-status")).to_contain_text("live · stream")
+        await expect(panel(tab).locator(".tc-notice")).to_be_empty()  # its cause is gone
+    assert await active_calls(port) == {2001: "Cy"}  # the Call pressed while down was never sent
+    assert on_torn.csp_reports == [], on_torn.csp_reports
+    await h.assert_clean(*tabs)
+
+
+async def test_a_stream_that_goes_silent_without_an_end_is_given_up_after_the_keepalives(h):
+    """A half-open link: no byte and no end callback ever comes. The watchdog gives the
+    stream up after STALL_KEEPALIVES of the server's keep-alive intervals (1 s here, which
+    the script learns from the pings), and it resumes where it was."""
+    server = await h.start(KEEPALIVE_SECONDS="1")
+    alice = await h.open(ALICE, "scriptcat")
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+
+    async def learnt() -> bool:
+        memory = json.loads(await alice.evaluate("localStorage.getItem('gmshim:torncat.transport')") or "{}")
+        return memory.get("keepaliveMs", 0) <= 1500
+    await wait_until(learnt, what="the keep-alive interval learnt")
+    await api_call(server.port, BOB, 2001, "Xena")
+    await expect(panel_call(alice, 2001)).to_contain_text("Bob")
+    last_seen = (await healthz(server.port))["last_event_id"]
+    mark = server.mark()
+
+    silenced = time.time()
+    h.manager.silence_streams()
+    await expect(panel(alice)).to_have_attribute("data-status", "reconnecting")
+    t, why = await left_live(alice, silenced)
+    assert "the stream went silent" in why, why
+    record_timing("watchdog, keep-alive 1 s", "silent_to_reconnecting_s", round(t - silenced, 3))
+    await server.await_log(r"stream opened", start=mark)
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · stream")
+    opened = [line for line in server.lines[mark:] if "stream opened" in line]
+    assert opened and f"last_event_id={last_seen}" in opened[0], opened
+    await api_call(server.port, CY, 2002, "Yuri")
+    await expect(panel_call(alice, 2002)).to_contain_text("Cy")
+    await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# Auth is not transport; first run is one path
+# ---------------------------------------------------------------------------
+
+async def test_a_refused_token_is_said_once_and_a_correct_sign_in_goes_live_by_stream_at_once(
+        h, on_torn, torn_api):
+    await h.start(TORN_API_URL=torn_api.base_url)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await on_torn.start()
+    page = await on_torn.tab(ALICE)
+    await fill_in_settings(page, h.base, "not-the-faction-token")
+    await expect(panel(page)).to_have_attribute("data-status", "refused")
+    await expect(panel(page).locator(".tc-notice")).to_have_text(
+        "The server refused the faction token: missing or invalid token. Check the settings, or "
+        "sign in with your Torn API key.")
+    assert await page.get_by_text("missing or invalid token").count() == 1  # said once, not hidden
+    await expect(page.locator("#torncat-toasts .tc-toast")).to_have_count(0)
+    memory = await on_torn.remembered(page)
+    assert memory is None or memory.get("works") != "long-poll", memory  # a refusal is no transport's fault
+
+    clicked = time.time()
+    settings = panel(page).locator(".tc-settings")
+    await expect(settings.locator(".tc-f-key")).to_be_visible()
+    await settings.locator(".tc-f-key").fill(key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+    record_timing(f"refused then signed in {on_torn.name}", "sign_in_to_live_s",
+                  round(await live_again(page, clicked) - clicked, 3))
+    await expect(panel(page).locator(".tc-notice")).to_be_empty()
+    await page.reload()
+    await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+    h.errors.clear()  # the refusal was reported on purpose
+    await h.assert_clean(page)
+
+
+async def test_first_run_is_one_path_sign_in_with_a_key_after_torns_key_usage_table(h, on_torn, torn_api):
+    server = await h.start(TORN_API_URL=torn_api.base_url)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await on_torn.start()
+    page = await on_torn.tab(ALICE)
+    settings = panel(page).locator(".tc-settings")
+    await expect(settings).to_be_visible()
+    await expect(panel(page)).to_have_attribute("data-status", "off")
+    await expect(panel(page).locator(".tc-status")).to_have_text("not signed in")
+    # Torn's key usage table, before the key is typed; the faction token folded away.
+    table = settings.locator("table.tc-tos")
+    await expect(table.locator("th")).to_have_text(TOS_ROWS)
+    await expect(table.locator("td").last).to_have_text("Public Only")
+    assert await table.evaluate("(t) => !!(t.compareDocumentPosition(document.querySelector('.tc-f-key')) "
+                                "& Node.DOCUMENT_POSITION_FOLLOWING)")
+    await expect(settings.locator(".tc-f-key")).to_have_value("")
+    await expect(settings.locator(".tc-f-token")).to_be_hidden()
+    # No Call before sign-in: the rows offer none, and the panel's says what to do.
+    await expect(page.locator(".enemy-faction .tc-cell")).to_have_count(len(ENEMIES))
+    await expect(page.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
+    await panel(page).locator(".tc-call-input").fill("2001")
+    await panel(page).locator(".tc-form .tc-call-btn").click()
+    await expect(panel(page).locator(".tc-notice")).to_contain_text("Sign in first")
+    assert await active_calls(server.port) == {}
+
+    await sign_in(page, h.base, key)
+    await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+    await expect(panel(page).get_by_text("Signed in as Alice [1001]")).to_have_count(1)  # once
+    await expect(panel(page).locator(".tc-notice")).to_be_empty()
+    await row_cell(page, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(page, 2001).locator(".tc-by")).to_have_text("by you")
+    assert await active_calls(server.port) == {2001: "Alice"}
+    await h.assert_clean(page)
+
+
+# ---------------------------------------------------------------------------
+# Violentmonkey's stream from a growing responseText
+# ---------------------------------------------------------------------------
+
+async def test_violentmonkey_reads_the_stream_from_responsetext_and_starts_afresh_before_a_bound(h):
+    server = await h.start()
+    h.site.csp = TORN_CSP
+    bound = 3000  # characters, instead of TEXT_STREAM_MAX_CHARS, to cross it in a test
+    script = USERSCRIPT.replace("const TEXT_STREAM_MAX_CHARS = 1 << 20;",
+                                f"const TEXT_STREAM_MAX_CHARS = {bound};")
+    assert script != USERSCRIPT
+    alice = await h.page(await h.context("violentmonkey", script=script), ALICE)
+    await expect(panel(alice).locator(".tc-status")).to_have_text("live · stream")
+    mark = server.mark()
+    targets = [3000 + i for i in range(12)]  # ~350 bytes of SSE each: past the bound
+    for target in targets:
+        await api_call(server.port, BOB, target, f"T{target}")
+    for target in targets:
+        await expect(panel_call(alice, target)).to_contain_text("Bob")
+    opened = [line for line in server.lines[mark:] if "stream opened" in line]
+    assert opened and all("last_event_id=" in line for line in opened), opened
+    requests = [r for r in await alice.evaluate("window.__gmRequests") if r["url"].endswith("/events")]
+    assert {r["responseType"] for r in requests[1:]} == {""}, requests  # read from responseText
+    shown = await alice.evaluate("window.__tc.shown")
+    assert shown[shown.index("live stream"):] == ["live stream"], shown  # live all along
+    await wait_until(lambda: _clients_are(server.port, 1), what="one stream, the fresh one")
+    await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# Rows that help
+# ---------------------------------------------------------------------------
+
+async def test_calls_list_yours_then_hittable_then_by_hospital_time_with_attack_links_and_names(
+        h, torn_api):
+    now = int(time.time())
+    at_war(torn_api, 81)
+    torn_api.add_player(2004, "Wu", 456)  # an enemy not on this page: its name comes from the server
+    for target, until in ((2002, now + 3600), (2003, now + 120)):
+        p = torn_api.players[target]
+        p.state, p.until, p.description = "Hospital", until, "In hospital"
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    server = await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                           POLL_SECONDS="0.3", TORNCAT_TESTING="1")
+    alice = await h.open(ALICE, "scriptcat")
+    await expect(row_cell(alice, 2003).locator(".tc-state")).to_have_text(re.compile(r"^Hospital [12]:"))
+    row = enemy_row(alice, 2001)
+    before = (await row.bounding_box())["height"]
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(row_cell(alice, 2001)).to_contain_text("called by you")
+    assert (await row.bounding_box())["height"] == before  # the row keeps its height
+    await api_call(server.port, BOB, 2002, "Yuri")
+    await api_call(server.port, CY, 2003, "Zed")
+    await api_call(server.port, DEE, 2004)  # by id, without a name (as from elsewhere)
+    order = panel(alice).locator("li.tc-call")
+    await expect(order).to_have_count(4)
+    # Yours, then the Okay target, then hospital by time left (2 min before 60 min).
+    assert [await li.get_attribute("data-target-id") for li in await order.all()] == [
+        "2001", "2004", "2003", "2002"]
+    await expect(panel_call(alice, 2004).locator(".tc-target")).to_have_text("Wu")
+    await expect(panel_call(alice, 2004).locator(".tc-attack")).to_have_attribute(
+        "href", "/page.php?sid=attack&user2ID=2004")
+    await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# A war from start to end, and the next one
+# ---------------------------------------------------------------------------
+
+def next_war(torn_api, war_id: int) -> None:
+    """Our faction and the enemy (456) in a new ranked war, begun a minute ago."""
+    war = {"war_id": war_id, "start": int(time.time()) - 60, "end": None, "target": 1000, "winner": None,
+           "factions": [{"id": FACTION, "name": "Ours", "score": 0, "chain": 0},
+                        {"id": 456, "name": "Theirs", "score": 0, "chain": 0}]}
+    torn_api.factions[FACTION].ranked_war = torn_api.factions[456].ranked_war = war
+
+
+async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_one_brings_them_back(
+        h, on_torn, torn_api):
+    at_war(torn_api, 82)
+    yuri = torn_api.players[2002]
+    yuri.state, yuri.until, yuri.description = "Hospital", int(time.time()) + 600, "In hospital"
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    # The browser first: a real ScriptCat takes ~15 s to start, and a poll running meanwhile
+    # would spend the key's budget (TORN_KEY_BUDGET, and Torn's 100 a minute: fake_torn.py).
+    await on_torn.start()
+    server = await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                           POLL_SECONDS="0.3", TORN_KEY_BUDGET="100", TORNCAT_TESTING="1")
+    alice = await on_torn.tab(ALICE)
+    await fill_in_settings(alice, h.base, TOKEN)
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await api_call(server.port, BOB, 2003, "Zed")
+    await expect(panel(alice).locator("li.tc-call")).to_have_count(2)
+
+    # Torn says the war is over: the server's poll ends its calls, and the panel says so.
+    torn_api.factions[FACTION].ranked_war["end"] = int(time.time()) - 1
+    await expect(panel(alice).locator(".tc-notice")).to_have_text("War over: 2 calls cleared")
+    await expect(panel(alice).locator("li.tc-call")).to_have_count(0)
+    rows = alice.locator(".enemy-faction")
+    await expect(rows.locator(".tc-call-btn")).to_have_count(0)  # nothing to call
+    await expect(rows.locator(".tc-state")).to_have_count(0)     # no countdown of a war that is over
+    await expect(panel(alice).locator(".tc-form")).to_be_hidden()
+    # A reload brings back neither a Call nor a stale countdown.
+    await alice.reload()
+    await expect(panel(alice)).to_have_attribute("data-status", "live")
+    await expect(rows.locator(".tc-cell")).to_have_count(len(ENEMIES))
+    await expect(rows.locator(".tc-call-btn")).to_have_count(0)
+    await expect(rows.locator(".tc-state")).to_have_count(0)
+    await expect(panel(alice).locator(".tc-empty")).to_have_text("No war on: no calls")
+
+    # The next war: Call buttons and statuses are back.
+    next_war(torn_api, 83)
+    await expect(rows.locator(".tc-call-btn")).to_have_count(len(ENEMIES))
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
+    await expect(panel(alice).locator(".tc-form")).to_be_visible()
+    await row_cell(alice, 2001).locator(".tc-call-btn").click()
+    await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
+    assert on_torn.csp_reports == [], on_torn.csp_reports
+    await h.assert_clean(alice)
+
+
+# ---------------------------------------------------------------------------
+# Installed from the server's own link
+# ---------------------------------------------------------------------------
+
+def version_of(script: str) -> str:
+    return re.search(r"^// @version +(\S+)$", script, re.MULTILINE)[1]
+
+
+async def test_a_player_installs_from_the_servers_link_and_it_connects_there_at_once(h, torn_api):
+    server = await h.start(TORN_API_URL=torn_api.base_url)
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    r = await http(server.port, "GET", "/torn-war-caller.user.js")
+    assert r.status == 200, r
+    assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+    served = r.body.decode()
+    metadata = served.split("// ==/UserScript==")[0]
+    link = f"{h.base}/torn-war-caller.user.js"
+    # The manager may reach this server, and keeps the script current from here.
+    assert re.findall(r"^// @connect +(\S+)$", metadata, re.MULTILINE) == ["127.0.0.1"]
+    assert f"// @updateURL    {link}\n" in metadata and f"// @downloadURL  {link}\n" in metadata
+    assert version_of(served) == version_of(USERSCRIPT)
+    # What a player installed from there runs with this server filled in: only the key to type.
+    h.site.csp = TORN_CSP
+    page = await h.page(await h.context("scriptcat", configured=False, script=served), ALICE)
+    settings = panel(page).locator(".tc-settings")
+    await expect(settings.locator(".tc-f-server")).to_have_value(h.base)
+    await settings.locator(".tc-f-key").fill(key)
+    await settings.locator(".tc-sign-in").click()
+    await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+    await h.assert_clean(page)
+
+
+def a_newer_version(script: str) -> str:
+    """The same userscript with a higher @version (and VERSION, which its settings show)."""
+    old = version_of(script)
+    major, minor, patch = (int(n) for n in old.split("."))
+    new = f"{major}.{minor}.{patch + 1}"
+    out = script.replace(f"// @version      {old}\n", f"// @version      {new}\n").replace(
+        f"const VERSION = '{old}';", f"const VERSION = '{new}';")
+    assert version_of(out) == new and f"const VERSION = '{new}';" in out
+    return out
+
+
+if REAL_MANAGER:  # the real-manager pass only (docs/testing.md): collected only then
+    async def test_in_the_real_scriptcat_it_installs_from_the_servers_link_and_is_offered_a_newer_version(
+            h, torn_api, tmp_path):
+        """ScriptCat installs the script from GET /torn-war-caller.user.js of a running
+        server; after a deploy that serves a higher @version at the same address, its
+        "Check Update" (the script list's, ScriptService.requestCheckUpdate: fetch the
+        @updateURL, compare the versions) offers the update, and the updated script runs."""
+        h.site.csp = TORN_CSP
+        port = free_port()
+        env = {"PORT": str(port), "TORN_API_URL": torn_api.base_url}
+        server = await h.start(**env)
+        key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+        link = f"{h.base}/torn-war-caller.user.js"
+        scriptcat = ScriptCat(h, Path(REAL_MANAGER), tmp_path / "profile", make_tls_files(tmp_path, None))
+        try:
+            await scriptcat.start(install_from=link)
+            page = await scriptcat.tab(ALICE)
+            settings = panel(page).locator(".tc-settings")
+            await expect(settings.locator(".tc-f-server")).to_have_value(h.base)  # filled in
+            await settings.locator(".tc-f-key").fill(key)
+            await settings.locator(".tc-sign-in").click()
+            await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+            await panel(page).locator(".tc-gear").click()
+            await expect(settings.locator(".tc-version")).to_have_text(f"v{version_of(USERSCRIPT)}")
+
+            # A deploy of a newer version: the same address serves a higher @version.
+            newer = a_newer_version(USERSCRIPT)
+            deployed = tmp_path / "deploy"
+            deployed.mkdir()
+            shutil.copy(HERE / "torncat_sse.py", deployed / "torncat_sse.py")
+            (deployed / "torn-war-caller.user.js").write_text(newer)
+            await asyncio.to_thread(server.stop, signal.SIGTERM)
+            await h.start(script=deployed / "torncat_sse.py", **env)
+            r = await http(port, "GET", "/torn-war-caller.user.js")
+            assert version_of(r.body.decode()) == version_of(newer)
+
+            # ScriptCat's own "Check Update" on its script list: the update is offered.
+            options = await scriptcat.context.new_page()
+            await options.goto(f"chrome-extension://{scriptcat.id}/src/options.html")
+            await expect(options.get_by_text("TornCat War Caller")).to_be_visible()
+            await options.get_by_role("button", name="Maybe later").click()  # its welcome tour
+            asked = time.time()
+            async with scriptcat.context.expect_page(
+                    lambda p: "/src/install.html?uuid=" in p.url) as offered:
+                await options.get_by_label("Check Update").first.click()
+            await expect(options.get_by_text("New Version Available")).to_be_visible()
+            update = await offered.value
+            record_timing("scriptcat-real install from the server", "check_update_to_offered_s",
+                          round(time.time() - asked, 3))
+            await expect(update.get_by_text(version_of(newer)).first).to_be_visible()
+            await expect(update.get_by_test_id("install-primary")).to_have_text("Update Script")
+            await update.get_by_test_id("install-primary").click()
+            with contextlib.suppress(PlaywrightTimeoutError, PlaywrightError):
+                await update.wait_for_event("close", timeout=STEP_MS)
+
+            # The updated script runs, still signed in, live at once.
+            await page.reload()
+            await expect(panel(page).locator(".tc-status")).to_have_text("live · stream")
+            await panel(page).locator(".tc-gear").click()
+            await expect(settings.locator(".tc-version")).to_have_text(f"v{version_of(newer)}")
+            assert scriptcat.csp_reports == [], scriptcat.csp_reports
+            await h.assert_clean(page)
+        finally:
+            await scriptcat.close()

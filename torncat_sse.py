@@ -152,6 +152,7 @@ log = logging.getLogger("torncat")
 
 HERE = Path(__file__).resolve().parent
 TRIGGER_SQL_PATH = HERE / "trigger.sql"
+USERSCRIPT_FILE = HERE / "torn-war-caller.user.js"  # served, pointed at this server (App)
 
 
 # ---------------------------------------------------------------------------
@@ -167,6 +168,10 @@ MAX_QUERY_FIELDS = 20          # ?a=1&b=2... pairs; we use three at most
 MAX_BODY_BYTES = 4 * 1024      # JSON bodies of the calls API are a few hundred bytes
 MAX_EVENT_ID_DIGITS = 19       # a bigint; anything longer in Last-Event-ID is junk
 MAX_NAME_CHARS = 64            # a player's or target's name in a body (Torn's are at most 16)
+# A Host header (RFC 9110 section 7.2) this server will name itself by: a DNS name or an IP
+# address, and a port. Nothing else reaches the userscript it serves.
+HOST_RE = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                     r"[A-Za-z0-9])?(?::\d{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::\d{1,5})?")
 # Torn ids (players, factions, wars) are small integers, and the userscript reads them
 # as JavaScript numbers, exact only up to Number.MAX_SAFE_INTEGER (ECMA-262 21.1.2.6):
 # a larger id would be rounded in the browser and match the wrong target.
@@ -348,6 +353,18 @@ def _http_url(value: str) -> str:
     return url
 
 
+def _public_url(value: str) -> str:
+    url = value.strip().rstrip("/")
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path
+            or parts.query or parts.fragment or parts.username or parts.password
+            or not HOST_RE.fullmatch(parts.netloc)):
+        raise ValueError("expected this server's address, like https://torncat.example.com")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
 def _seconds_between(low: float, high: float) -> Callable[[str], float]:
     def parse(value: str) -> float:
         number = float(value)
@@ -385,6 +402,7 @@ class Setting:
     help: str
     secret: bool = False
     testing_parse: Callable[[str], object] | None = None  # `parse` when TORNCAT_TESTING=1
+    fallback: str | None = None  # another environment variable, read when this one is unset
 
 
 SETTINGS = (
@@ -398,6 +416,11 @@ SETTINGS = (
     Setting("PORT", "3000", _port, "TCP port to listen on (Render sets $PORT; 0 = any free port)"),
     Setting("ALLOWED_ORIGINS", "https://www.torn.com", _origins,
             "comma-separated origins allowed by CORS"),
+    Setting("PUBLIC_URL", "", _public_url, "this server's address as players reach it "
+            "(https://host[:port]): the userscript served at /torn-war-caller.user.js connects "
+            "and updates from here. Unset: $RENDER_EXTERNAL_URL (Render sets it), else each "
+            "request's Host (and X-Forwarded-Proto from TRUSTED_PROXIES)",
+            fallback="RENDER_EXTERNAL_URL"),
     Setting("SECRET_TOKEN", "", str, "one token for every faction, as in the seed: if set, "
             "/events and /calls need a token (Authorization: Bearer ... or ?token=...)",
             secret=True),
@@ -443,7 +466,8 @@ SETTINGS = (
             "member list may sign out; a list missing more is logged and acted on only when "
             "the next read agrees (an empty list, or one without the key's owner, never)"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
-    Setting("KEEPALIVE_SECONDS", "20", _positive_float, "seconds between keep-alive comments"),
+    Setting("KEEPALIVE_SECONDS", "10", _positive_float, "seconds between keep-alive comments "
+            "(the userscript gives a stream up after 2.5 of them in silence: a dead link)"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
             "unsent bytes a client may fall behind by before it is dropped, what it is sent "
             "first (its snapshot or replay) included: a faction whose snapshot alone is more "
@@ -545,7 +569,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         flag = "--" + s.name.lower().replace("_", "-")
         help_text = f"{s.help} (env {s.name}, default: {s.default or 'unset'})"
         try:
-            default = convert(environ.get(s.name, s.default))
+            default = convert(environ.get(s.name, environ.get(s.fallback or s.name, s.default)))
         except argparse.ArgumentTypeError as e:
             parser.error(str(e))
         if s.parse is _bool:
@@ -849,8 +873,7 @@ def error_reply(e: HttpError) -> Reply:
     return json_reply(e.status, {"error": e.message, **e.extra}, e.headers)
 
 
-def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
-           head_only: bool) -> bytes:
+def render(reply: Reply, cors: list[tuple[str, str]], *, close: bool, head_only: bool) -> bytes:
     """The one place an answer becomes bytes: CORS (the request's `cors_headers`), the
     connection's fate and HEAD (the same head, no body: RFC 9110 section 9.3.2)."""
     headers = [] if reply.content_type is None else [
@@ -859,9 +882,52 @@ def render(reply: Reply, cors: list[tuple[str, str]], *, keep_alive: bool,
     if reply.cors:
         headers.extend(cors)
     headers.append(("Content-Length", str(len(reply.body))))
-    if not keep_alive:
+    if close:
         headers.append(("Connection", "close"))
     return render_head(reply.status, headers) + (b"" if head_only else reply.body)
+
+
+USERSCRIPT_PATH = "/torn-war-caller.user.js"
+
+
+def request_origin(req: Request, trusted_proxies: int) -> str | None:
+    """This server's origin as the request names it (its Host, and the scheme the nearest
+    trusted proxy says in X-Forwarded-Proto); None for a Host that is not a host name."""
+    host = req.headers.get("host", "")
+    if not HOST_RE.fullmatch(host):
+        return None
+    scheme = "http"
+    if trusted_proxies:
+        proto = req.headers.get("x-forwarded-proto", "").split(",")[-1].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+    return f"{scheme}://{host.lower()}"
+
+
+def userscript_for(script: str, origin: str) -> bytes:
+    """The userscript as this server serves it: its default server is `origin`, and its
+    metadata lets the manager reach that host (one @connect) and keep the script current
+    from here (@updateURL, @downloadURL). The rest, @version included, as in the file."""
+    url = origin + USERSCRIPT_PATH
+    host = urllib.parse.urlsplit(origin).hostname
+    out, metadata, connect = [], False, False
+    for line in script.split("\n"):
+        if line.startswith("// ==UserScript=="):
+            metadata = True
+        elif line.startswith("// ==/UserScript=="):
+            metadata = False
+        elif metadata and line.startswith("// @connect "):
+            if connect:
+                continue
+            connect, line = True, f"// @connect      {host}"
+        elif metadata and line.startswith("// @updateURL "):
+            line = f"// @updateURL    {url}"
+        elif metadata and line.startswith("// @downloadURL "):
+            line = f"// @downloadURL  {url}"
+        elif line.startswith("  const DEFAULT_SERVER = "):
+            line = f"  const DEFAULT_SERVER = '{origin}';"
+        out.append(line)
+    return "\n".join(out).encode()
 
 
 def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -3920,13 +3986,15 @@ class App:
     """The HTTP side: connections, from accept to close, and the routes.
 
     It is handed the parts it answers from: the hub, access, the database (for the calls
-    API's writes), sign-in, and what /healthz and /metrics say.
+    API's writes), sign-in, what /healthz and /metrics say, and the userscript's text (None
+    when the file is not beside this one).
     """
 
     def __init__(self, config: Config, hub: Hub, auth: Auth, db: Database, sign_ins: SignIn,
-                 status: Status, stats: Stats):
+                 status: Status, stats: Stats, userscript: str | None = None):
         self.config, self.hub, self.auth, self.db = config, hub, auth, db
         self.sign_ins, self.status, self.stats = sign_ins, status, stats
+        self.userscript = userscript
         self.loop = hub.loop
         self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
         self.connections: set[Client] = set()
@@ -3945,6 +4013,7 @@ class App:
             "/calls/<target>": {"DELETE": self.uncall},
             "/calls/<target>/uncall": {"POST": self.uncall},
             "/auth/torn": {"POST": self.sign_in},
+            USERSCRIPT_PATH: {"GET": self.userscript_page, "HEAD": self.userscript_page},
         }
         self.routes = [(route_pattern(path), methods) for path, methods in routes.items()]
 
@@ -3958,7 +4027,7 @@ class App:
             self.stats.rejected += 1
             writer.write(render(json_reply(503, {"error": "server busy"},
                                            (("Retry-After", self.retry_after),)),
-                                [], keep_alive=False, head_only=False))
+                                [], close=True, head_only=False))
             writer.close()
             return
         self.connections.add(client)
@@ -4012,7 +4081,7 @@ class App:
                 self.slots.give_back(client)
                 answer, keep_alive = await self.hold(client, reader, requests, answer,
                                                      keep_alive)
-            writer.write(render(answer, cors, keep_alive=keep_alive, head_only=head_only))
+            writer.write(render(answer, cors, close=not keep_alive, head_only=head_only))
             if not keep_alive or self.stopping:
                 return
             if writer.transport.get_write_buffer_size() > RESPONSE_BUFFER_BYTES:
@@ -4055,7 +4124,7 @@ class App:
         client.phase = Phase.CLOSED
         if writer.is_closing():
             return  # closed meanwhile, for a newer connection (RequestSlots)
-        writer.write(render(error_reply(e), [], keep_alive=False, head_only=False))
+        writer.write(render(error_reply(e), [], close=True, head_only=False))
         if writer.can_write_eof():
             writer.write_eof()
         with contextlib.suppress(TimeoutError):
@@ -4125,6 +4194,17 @@ class App:
 
     async def healthz(self, x: Exchange) -> Reply:
         return json_reply(*self.status.health())
+
+    async def userscript_page(self, x: Exchange) -> Reply:
+        """GET /torn-war-caller.user.js: the userscript, pointed at this server, for a player
+        to install from one link and the manager to keep current."""
+        if self.userscript is None:
+            raise HttpError(404, "this server has no torn-war-caller.user.js beside it")
+        origin = self.config.public_url or request_origin(x.req, self.config.trusted_proxies)
+        if origin is None:
+            raise HttpError(400, "the Host header names no host: set PUBLIC_URL")
+        return Reply(200, userscript_for(self.userscript, origin),
+                     content_type="text/javascript; charset=utf-8", cors=False)
 
     async def metrics_page(self, x: Exchange) -> Reply:
         return Reply(200, self.status.metrics(len(self.connections)),
@@ -4421,6 +4501,15 @@ async def prune(db: Database, hours: int) -> None:
                 log.info("pruned %d member tokens that ended more than a day ago", tokens)
 
 
+def read_userscript() -> str | None:
+    """torn-war-caller.user.js beside this file, which GET /torn-war-caller.user.js serves."""
+    try:
+        return USERSCRIPT_FILE.read_text(encoding="utf-8")
+    except OSError as e:
+        log.warning("no userscript to serve at %s (%s)", USERSCRIPT_PATH, describe(e))
+        return None
+
+
 async def serve(config: Config, dsn: str) -> None:
     """One server process: accept, stream, LISTEN, until SIGTERM or SIGINT. Each part is
     handed only the parts it uses."""
@@ -4435,7 +4524,8 @@ async def serve(config: Config, dsn: str) -> None:
     sign_ins = SignIn(config, torn, db, auth, hub)
     torn_poll = TornPoll(config, db, torn, sign_ins.sign_out_departed)
     db.on_doubt.append(torn_poll.check)
-    app = App(config, hub, auth, db, sign_ins, Status(stats, hub, listener, db, torn_poll), stats)
+    app = App(config, hub, auth, db, sign_ins, Status(stats, hub, listener, db, torn_poll), stats,
+              read_userscript())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
