@@ -972,6 +972,11 @@ ALTER TABLE torncat_tokens ADD COLUMN IF NOT EXISTS revoked_reason text;
 CREATE INDEX IF NOT EXISTS torncat_tokens_members_idx
     ON torncat_tokens (faction_id, player_id) WHERE kind = 'member' AND revoked_at IS NULL;
 
+-- A player's valid member tokens: capped at each sign-in (MEMBER_TOKENS_PER_PLAYER, the
+-- oldest revoked), and revoked in every other faction once Torn shows the player in a new one.
+CREATE INDEX IF NOT EXISTS torncat_tokens_player_idx
+    ON torncat_tokens (player_id) WHERE kind = 'member' AND revoked_at IS NULL;
+
 CREATE OR REPLACE FUNCTION torncat_tokens_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
