@@ -1163,6 +1163,7 @@ async def test_the_operator_sets_and_clears_a_factions_war(world):
     w = world
     await w.apply()
     follower = await Follower(w).start()
+    start = follower.cursor
     # `war set`: RED is at war 31004 (say the wars table is wrong): its calls of 31005
     # end on the stream, and the leftovers of 31004 become today's calls.
     await w.owner.fetchval("SELECT torncat_set_war($1, 31004, 8104, 'operator')", RED)
@@ -1181,6 +1182,14 @@ async def test_the_operator_sets_and_clears_a_factions_war(world):
     await follower.catch_up()
     assert follower.view() == await w.holders()
     assert by_target(w, await w.holders()) == expected_live(w.shape, history(w.shape))
+    # Each change was a `war` event to RED's members, after the calls it ended: set (from
+    # the wars table's 31005), cleared (no one says), the wars table's again.
+    wars = [(e["faction_id"], json.loads(e["data"])) for e in await w.owner.fetch(
+        "SELECT faction_id, data::text AS data FROM target_call_events WHERE event = 'war' "
+        "AND event_id > $1 ORDER BY event_id", start)]
+    assert [(f, d["known"], d["war_id"], d["ended_war_id"], d["source"]) for f, d in wars] == [
+        (RED, True, 31004, 31005, "operator"), (RED, False, None, None, None),
+        (RED, True, 31005, None, "wars_table")]
 
 
 @shapes([s for s in OLD_SHAPES if s.name == "D"])

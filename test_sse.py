@@ -2723,7 +2723,8 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
         events = (await http(server.port, "GET", "/calls?since=0", bearer(RED))).json()["events"]
         assert "target_status" in {e["event"] for e in events}
         async with SseClient(server.port, headers={**bearer(RED), "Last-Event-ID": "0"}) as replay:
-            assert (await replay.next()).event == "target_status"
+            first = await replay.take(2)  # the war the poll found, then the statuses it read
+            assert [e.event for e in first] == ["war", "target_status"], first
         health = await poll_health(server)
         assert health["role"] == "polling" and health["factions"][str(RED_ID)]["last_success"]
         metrics = (await http(server.port, "GET", "/metrics")).body
@@ -2732,6 +2733,43 @@ async def test_the_poll_clears_calls_of_targets_hospitalised_or_jailed_and_at_wa
         assert_no_key(war, server.log, metrics, json.dumps(health))
         assert await conn.fetchval("SELECT count(*) FROM target_call_events WHERE "
                                    "data::text LIKE '%' || $1 || '%'", war) == 0
+
+
+async def test_members_are_told_when_the_war_starts_and_ends_even_with_no_call_left(
+        poll_server, war, torn):
+    """A `war` event each time the faction's current war changes, and the snapshot's (and
+    GET /calls') `war`: a war that ends with no call left to end still says so, a stream
+    opened after its end is told at once, and the next war is announced. (The panel's "War
+    over" and its Call buttons follow them.)"""
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}",
+                         FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
+    await polled(server)
+    async with SseClient(server.port, headers=bearer(RED)) as stream:
+        at_war = (await stream.next()).json["war"]
+        assert {k: at_war[k] for k in ("faction_id", "known", "war_id", "opponent_id", "source",
+                                       "ended_war_id")} == {
+            "faction_id": RED_ID, "known": True, "war_id": WAR_ID, "opponent_id": BLUE_ID,
+            "source": "torn_poll", "ended_war_id": None}
+        torn.factions[RED_ID].ranked_war = ranked_war(end=int(time.time()) - 1, winner=RED_ID)
+        ended = await stream.next()  # no call was on: the war event alone
+        assert ended.event == "war", ended
+        assert (ended.json["known"], ended.json["war_id"], ended.json["ended_war_id"]) == (
+            True, None, WAR_ID)
+    async with SseClient(server.port, headers=bearer(RED)) as late:
+        assert (await late.next()).json["war"]["war_id"] is None  # a reload after the end
+        body = (await http(server.port, "GET", "/calls", bearer(RED))).json()
+        assert (body["war"]["known"], body["war"]["war_id"]) == (True, None)
+        since = (await http(server.port, "GET", f"/calls?since={ended.int_id - 1}",
+                            bearer(RED))).json()
+        assert [e["event"] for e in since["events"]] == ["war"]
+        torn.factions[RED_ID].ranked_war = torn.factions[BLUE_ID].ranked_war = ranked_war(
+            war_id=WAR_ID + 1)
+        began = await late.next()
+        assert (began.event, began.json["war_id"], began.json["ended_war_id"]) == (
+            "war", WAR_ID + 1, None)
+    # Another faction's streams hear nothing of RED's war.
+    async with SseClient(server.port, headers=bearer(BLUE)) as other:
+        assert "war" not in (await other.next()).json
 
 
 async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is_killed(

@@ -1024,6 +1024,7 @@ class EventKind(enum.StrEnum):
     UNCALL = "target_uncall"
     STATUS = "target_status"    # the Torn API poll saw an enemy's status change
     POLL_HEALTH = "poll_health"  # the Torn API poll's own health for a faction changed
+    WAR = "war"                  # a faction's current war changed (began, ended, unknown)
 
 
 class Event:
@@ -1031,7 +1032,8 @@ class Event:
 
     `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
     enemy's status change) carries a status and belongs to no call: `call_id` is None;
-    `poll_health` (the poll's own health for a faction changed) neither call nor target.
+    `poll_health` (the poll's own health for a faction changed) and `war` (its current war
+    changed) neither call nor target.
     """
 
     __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
@@ -1044,11 +1046,11 @@ class Event:
         except ValueError:
             raise ValueError(f"unknown event kind {kind!r}") from None
         of_call = kind in (EventKind.CALL, EventKind.UNCALL)
-        id_field = "id" if of_call else "faction_id" if kind is EventKind.POLL_HEALTH \
-            else "target_id"
+        id_field = "id" if of_call else "faction_id" if kind in (EventKind.POLL_HEALTH,
+                                                                 EventKind.WAR) else "target_id"
         if not isinstance(event_id, int) or not isinstance(call.get(id_field), int):
             raise ValueError("event_id and call id (a status's target_id, a poll health's "
-                             "faction_id) must be integers")
+                             "or a war's faction_id) must be integers")
         self.id, self.kind, self.faction = event_id, kind, faction
         self.call_id = call["id"] if of_call else None
         self.target_id = call.get("target_id")
@@ -1632,6 +1634,7 @@ class Hub:
         self.by_faction: dict[int | None, dict[int, bytes]] = {}  # faction -> call id -> JSON
         self.statuses: dict[int | None, dict[int, bytes]] = {}  # faction -> target -> JSON
         self.health: dict[int | None, bytes] = {}  # faction -> its last poll_health (JSON)
+        self.wars: dict[int, bytes] = {}  # faction -> its current war (JSON), when known
         self.subscribers: dict[int | None, set[Client]] = {}
         self.waiting: set[Client] = set()    # streams opened before the first snapshot
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
@@ -1674,13 +1677,15 @@ class Hub:
 
     def load(self, calls: list[tuple[int, int | None, bytes]], last_event_id: int,
              recent: list[Event], statuses: list[tuple[int | None, int, bytes]] = (),
-             health: list[tuple[int | None, bytes]] = ()) -> None:
+             health: list[tuple[int | None, bytes]] = (),
+             wars: list[tuple[int, bytes]] = ()) -> None:
         """Replace all state from the database (start-up, or after events we needed were pruned)."""
         self.flush()
         self.active.clear()
         self.by_faction.clear()
         self.statuses.clear()
         self.health = dict(health)
+        self.wars = dict(wars)
         for call_id, faction, data in calls:
             self.active[call_id] = faction
             self.by_faction.setdefault(faction, {})[call_id] = data
@@ -1710,6 +1715,11 @@ class Hub:
         faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
         if ev.kind is EventKind.POLL_HEALTH:  # the poll's health replaces the one known
             self.health[ev.faction] = ev.data
+        elif ev.kind is EventKind.WAR:  # so does the war; a war no one knows is not kept
+            if json.loads(ev.data).get("known") is True:  # rare: parsing again costs nothing
+                self.wars[ev.faction] = ev.data
+            else:
+                self.wars.pop(ev.faction, None)
         elif ev.call_id is None:  # target_status: the enemy's status replaces the one known
             self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
         elif faction is not _ABSENT:
@@ -1745,17 +1755,20 @@ class Hub:
                 calls = [d for f in self.by_faction.values() for d in f.values()]
                 statuses = [d for f in self.statuses.values() for d in f.values()]
                 health = list(self.health.values())
+                war = b'"wars":[%s],' % b",".join(self.wars.values()) if self.wars else b""
             else:
                 calls = list(self.by_faction.get(scope, {}).values())
                 statuses = list(self.statuses.get(scope, {}).values())
                 health = [self.health[scope]] if scope in self.health else []
+                war = b'"war":%s,' % self.wars[scope] if scope in self.wars else b""
             # "statuses" only once the poll has seen one, "poll_health" once the poll was
-            # unhealthy: the snapshot stays as it was without.
-            data = b'{"calls":[%s],%s%s"last_event_id":%d}' % (
+            # unhealthy, "war" (every faction's: "wars") once someone said which war is
+            # current: the snapshot stays as it was without.
+            data = b'{"calls":[%s],%s%s%s"last_event_id":%d}' % (
                 b",".join(calls),
                 b'"statuses":[%s],' % b",".join(statuses) if statuses else b"",
                 b'"poll_health":[%s],' % b",".join(health) if health else b"",
-                self.last_event_id)
+                war, self.last_event_id)
             cached = self._snapshots[scope] = (
                 data, sse_frame(self.last_event_id, "snapshot", data))
         return cached
@@ -2597,6 +2610,9 @@ LOAD_STATUSES_SQL = """
 LOAD_POLL_HEALTH_SQL = """
     SELECT faction_id, poll_health_json(h)::text AS data FROM torncat_poll_health h
 """
+LOAD_WARS_SQL = """
+    SELECT faction_id, torncat_war_json(faction_id, w, NULL)::text AS data FROM torncat_wars w
+"""
 LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
         SELECT * FROM target_call_events ORDER BY event_id DESC LIMIT $1) recent
@@ -2892,7 +2908,9 @@ class Listener:
                         for r in await conn.fetch(LOAD_STATUSES_SQL)]
             health = [(r["faction_id"], json_bytes(json.loads(r["data"])))
                       for r in await conn.fetch(LOAD_POLL_HEALTH_SQL)]
-        self.hub.load(calls, last, recent, statuses, health)
+            wars = [(r["faction_id"], json_bytes(json.loads(r["data"])))
+                    for r in await conn.fetch(LOAD_WARS_SQL)]
+        self.hub.load(calls, last, recent, statuses, health, wars)
         log.info("loaded %d active calls, last_event_id=%d", len(calls), last)
 
     def _on_probe(self, conn, pid, channel, payload: str) -> None:

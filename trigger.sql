@@ -200,7 +200,7 @@ CREATE TABLE IF NOT EXISTS target_call_events (
 ALTER TABLE target_call_events ALTER COLUMN call_id DROP NOT NULL;
 ALTER TABLE target_call_events DROP CONSTRAINT IF EXISTS target_call_events_event_check;
 ALTER TABLE target_call_events ADD CONSTRAINT target_call_events_event_check
-    CHECK (event IN ('target_call', 'target_uncall', 'target_status', 'poll_health'));
+    CHECK (event IN ('target_call', 'target_uncall', 'target_status', 'poll_health', 'war'));
 CREATE INDEX IF NOT EXISTS target_call_events_created_at_idx
     ON target_call_events (created_at);
 
@@ -258,6 +258,46 @@ ALTER TABLE torncat_wars ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT '
 ALTER TABLE torncat_wars DROP CONSTRAINT IF EXISTS torncat_wars_source_check;
 ALTER TABLE torncat_wars ADD CONSTRAINT torncat_wars_source_check
     CHECK (source IN ('torn_poll', 'operator', 'wars_table'));
+
+-- A faction's current war as its members are told (the `war` event, and the snapshot's
+-- `war`): known false when no one says (no row); war_id null when it is at peace;
+-- ended_war_id, in an event, the war that ended with this change.
+CREATE OR REPLACE FUNCTION torncat_war_json(p_faction bigint, w torncat_wars, p_ended bigint)
+RETURNS json LANGUAGE sql STABLE AS $$
+    SELECT json_build_object('faction_id', p_faction, 'known', w.faction_id IS NOT NULL,
+        'war_id', w.war_id, 'opponent_id', w.opponent_id, 'source', w.source,
+        'ended_war_id', p_ended, 'updated_at', torncat_iso(coalesce(w.updated_at, now())))
+$$;
+
+-- Every change of a faction's war (the poll, the operator, the wars table) is a `war`
+-- event to its members, after the calls it ended: the panel says "War over" even when
+-- no call was left to end, and shows Call again when the next war starts.
+CREATE OR REPLACE FUNCTION torncat_wars_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    ended bigint;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        PERFORM torncat_append('war', NULL, OLD.faction_id,  -- no longer known; none ended
+                               torncat_war_json(OLD.faction_id, NULL, NULL));
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF (OLD.war_id, OLD.opponent_id) IS NOT DISTINCT FROM (NEW.war_id, NEW.opponent_id) THEN
+            RETURN NULL;  -- who says so changed, not the war
+        END IF;
+        IF OLD.war_id IS DISTINCT FROM NEW.war_id THEN
+            ended := OLD.war_id;
+        END IF;
+    END IF;
+    PERFORM torncat_append('war', NULL, NEW.faction_id,
+                           torncat_war_json(NEW.faction_id, NEW, ended));
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS trg_torncat_wars ON torncat_wars;
+CREATE TRIGGER trg_torncat_wars AFTER INSERT OR UPDATE OR DELETE ON torncat_wars
+    FOR EACH ROW EXECUTE FUNCTION torncat_wars_changed();
 
 -- Whether a call of faction p_faction in war p_war is of today (see "Today's war").
 CREATE OR REPLACE FUNCTION torncat_today(p_faction bigint, p_war bigint) RETURNS boolean
