@@ -1858,7 +1858,9 @@ async def test_tornpda_shows_torns_key_table_and_signs_in_with_its_key_only_afte
     await row_cell(bob, 2002).locator(".tc-call-btn").click()
     await expect(panel_call(bob, 2002).locator(".tc-by")).to_have_text("by you")
     assert await active_calls(server.port) == {2002: "Bob"}
-    assert torn_api.requests == {(bob_key, "/user/profile"): 1}
+    # Who Bob is, and (the faction has no poll key) whether his faction lists him.
+    assert torn_api.requests == {(bob_key, "/user/profile"): 1,
+                                 (bob_key, "/faction/{id}/members"): 1}
     requests = await bob.evaluate("window.__pdaRequests")
     assert any(r["url"].endswith("/auth/torn") for r in requests)
     assert not any(bob_key in r["url"] for r in requests)

@@ -277,6 +277,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     ended bigint;
 BEGIN
+    IF current_setting('torncat.quiet', true) IS NOT DISTINCT FROM 'yes' THEN
+        RETURN NULL;  -- the first run: what was there already is not news
+    END IF;
     IF TG_OP = 'DELETE' THEN
         PERFORM torncat_append('war', NULL, OLD.faction_id,  -- no longer known; none ended
                                torncat_war_json(OLD.faction_id, NULL, NULL));
