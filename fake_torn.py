@@ -9,7 +9,10 @@ Where the shapes come from (Torn's OpenAPI document, "Torn API" v2.0.2):
   - Manuito83/torn-pda `lib/models/api_v2/swagger/torn_v2.json` (commit 60b5c260, 2026-05):
     schemas FactionMembersResponse, FactionMember, UserStatus, UserLastAction,
     FactionWarsResponse, FactionWars, FactionRankedWar, FactionRankedWarParticipant,
-    ApiKeyAccessTypeEnum; paths /key/info, /faction/wars, /faction/{id}/members.
+    FactionId, UserId (both `integer`, `int32`), ApiKeyAccessTypeEnum; paths /key/info,
+    /faction/wars ("Get your faction's wars & pacts details": the key owner's faction),
+    /faction/{id}/wars ("Get a faction's wars & pacts details": any faction, Public
+    access, the same FactionWarsResponse), /faction/{id}/members.
   - Tornium/torngen_python_client (generated from the current document, commit 5678312,
     2026-08), `torngen/schema/`: KeyInfoResponse (which adds `info.user` {id, faction_id,
     company_id} and `access.log` to the torn-pda copy), UserBasicResponse/UserBasic,
@@ -31,6 +34,12 @@ Knobs (attributes, set by a test at any time):
   http_status    answer every request with this bare HTTP status (a proxy's 502 page)
   requests       Counter of (key, path) -> requests received, for cost assertions
   arrivals       an asyncio.Queue that gets (key, path) as each request arrives
+  answered       Counter of (path, faction) -> answers about that faction (None: none)
+  drip_seconds   seconds between two bytes of a "drip" answer (see HOSTILE)
+
+Hostile answers: `misbehave(mode, route=..., faction=..., times=...)` makes the matching
+requests get a broken answer instead of the right one, one mode per way of breaking it
+(HOSTILE lists them with the part of the document each breaks); `behave()` ends them.
 
 By hand:
 
@@ -45,6 +54,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import copy
 import json
 import random
 import string
@@ -78,7 +88,40 @@ ROUTES = {
     "/user/basic": ("user", "basic", PUBLIC),
     "/user/profile": ("user", "profile", PUBLIC),
     "/faction/wars": ("faction", "wars", PUBLIC),
+    "/faction/{id}/wars": ("faction", "wars", PUBLIC),
     "/faction/{id}/members": ("faction", "members", PUBLIC),
+}
+
+DEEP = 100_000  # nesting of the "deep_json" answer: far past CPython's recursion limit
+DRIP_SECONDS = 2.0  # a "drip" answer's pause between two bytes
+FORGED_LOG_LINE = "2026-01-01 00:00:00,000 WARNING torncat: forged by a player's name"
+
+# Ways to break an answer: mode -> what the v2 document says, and what the answer does
+# instead. Ids are `integer` `int32` there (FactionId, UserId, FactionRankedWar.war_id),
+# names `string`, FactionMembersResponse.members an array of FactionMember objects,
+# FactionRankedWar.factions an array of FactionRankedWarParticipant, FactionWars.ranked a
+# FactionRankedWar or null.
+HOSTILE = {
+    "member_not_object": "members[]: a FactionMember object; one is a string instead",
+    "member_id_string": "FactionMember.id: an integer; a string instead",
+    "status_not_object": "FactionMember.status: a UserStatus object; null instead",
+    "factions_not_array": "FactionRankedWar.factions: an array; the integer 2 instead",
+    "deep_json": f"any answer: JSON arrays nested {DEEP:,} deep (json.loads: RecursionError)",
+    "not_json": "any answer: an HTML page, as a proxy or Cloudflare sends",
+    "not_object": "any answer: a JSON array instead of the response object",
+    "id_past_bigint": "every id: 2**63 + id, past Postgres' bigint (and int32)",
+    "id_past_2_53": "every id: 2**53 + id, past JavaScript's exact integers (and int32)",
+    "id_zero": "every id: 0 (ids are positive)",
+    "war_id_negative": "FactionRankedWar.war_id: -1",
+    "name_nul": "every name: a NUL inside",
+    "name_newline": "every name: a newline and a forged log line after it",
+    "name_control": "every name: ANSI escapes and a right-to-left override",
+    "name_long": "every name: 10,000 characters",
+    "members_empty": "members: [] (a faction always lists at least its leader)",
+    "members_partial": "members: the first one only",
+    "members_many": "members: 1,000 (a Torn faction has at most 100)",
+    "ranked_null": "FactionWars.ranked: null (between wars: legal, but one answer is no end)",
+    "drip": "the right answer, one byte every drip_seconds (urllib's timeout is per read)",
 }
 PUBLIC_SELECTIONS = {"user": ["basic", "profile"], "faction": ["members", "wars"],
                      "key": ["info"]}
@@ -106,6 +149,14 @@ class Key:
 
 
 @dataclass
+class Misbehaviour:
+    mode: str                          # a key of HOSTILE
+    route: str | None = None           # a key of ROUTES; None: every route
+    faction: int | None = None         # only answers about this faction; None: any
+    times: int | None = None           # how many answers more; None: until behave()
+
+
+@dataclass
 class Faction:
     id: int
     name: str
@@ -115,6 +166,90 @@ class Faction:
 
 def error_body(code: int) -> dict:
     return {"error": {"code": code, "error": ERRORS.get(code, "Unknown error")}}
+
+
+def _names(obj: dict, change) -> None:
+    """Apply `change` to every player and faction name in an answer, in place."""
+    for member in obj.get("members") or ():
+        if isinstance(member, dict) and isinstance(member.get("name"), str):
+            member["name"] = change(member["name"])
+    profile = obj.get("profile")
+    if isinstance(profile, dict) and isinstance(profile.get("name"), str):
+        profile["name"] = change(profile["name"])
+    ranked = (obj.get("wars") or {}).get("ranked") if isinstance(obj.get("wars"), dict) else None
+    for faction in (ranked or {}).get("factions") or ():
+        if isinstance(faction, dict) and isinstance(faction.get("name"), str):
+            faction["name"] = change(faction["name"])
+
+
+def _ids(obj: dict, change) -> None:
+    """Apply `change` to every id (player, faction, war) in an answer, in place."""
+    for member in obj.get("members") or ():
+        if isinstance(member, dict) and isinstance(member.get("id"), int):
+            member["id"] = change(member["id"])
+    profile = obj.get("profile")
+    if isinstance(profile, dict):
+        for name in ("id", "faction_id"):
+            if isinstance(profile.get(name), int):
+                profile[name] = change(profile[name])
+    user = (obj.get("info") or {}).get("user") if isinstance(obj.get("info"), dict) else None
+    if isinstance(user, dict) and isinstance(user.get("id"), int):
+        user["id"] = change(user["id"])
+    ranked = (obj.get("wars") or {}).get("ranked") if isinstance(obj.get("wars"), dict) else None
+    if isinstance(ranked, dict):
+        ranked["war_id"] = change(ranked["war_id"])
+        for faction in ranked.get("factions") or ():
+            if isinstance(faction, dict) and isinstance(faction.get("id"), int):
+                faction["id"] = change(faction["id"])
+
+
+def tamper(mode: str, body: dict) -> dict | bytes:
+    """The answer `body` broken the way `mode` (a key of HOSTILE) says."""
+    if mode == "deep_json":
+        return b'{"deep":' + b"[" * DEEP + b"]" * DEEP + b"}"
+    if mode == "not_json":
+        return b"<html><body><h1>502 Bad Gateway</h1>cloudflare</body></html>"
+    if mode == "not_object":
+        return b"[]"
+    body = copy.deepcopy(body)
+    members = body.get("members")
+    ranked = (body.get("wars") or {}).get("ranked") if isinstance(body.get("wars"), dict) \
+        else None
+    if mode == "member_not_object" and members:
+        members.insert(len(members) // 2, "2001")
+    elif mode == "member_id_string" and members:
+        members[0]["id"] = str(members[0]["id"])
+    elif mode == "status_not_object" and members:
+        members[0]["status"] = None
+    elif mode == "factions_not_array" and ranked:
+        ranked["factions"] = 2
+    elif mode == "id_past_bigint":
+        _ids(body, lambda i: 2**63 + i)
+    elif mode == "id_past_2_53":
+        _ids(body, lambda i: 2**53 + i)
+    elif mode == "id_zero":
+        _ids(body, lambda i: 0)
+    elif mode == "war_id_negative" and ranked:
+        ranked["war_id"] = -1
+    elif mode == "name_nul":
+        _names(body, lambda n: n[:1] + "\x00" + n[1:])
+    elif mode == "name_newline":
+        _names(body, lambda n: f"{n}\n{FORGED_LOG_LINE}")
+    elif mode == "name_control":
+        _names(body, lambda n: f"\x1b[31m{n}\u202e\x07")
+    elif mode == "name_long":
+        _names(body, lambda n: n * (10_000 // len(n) + 1))
+    elif mode == "members_empty" and members is not None:
+        members.clear()
+    elif mode == "members_partial" and members:
+        del members[1:]
+    elif mode == "members_many" and members:
+        template = members[0]
+        members[:] = [{**template, "id": 5_000_000 + n, "name": f"Extra{n}"}
+                      for n in range(1_000)]
+    elif mode == "ranked_null" and isinstance(body.get("wars"), dict):
+        body["wars"]["ranked"] = None
+    return body
 
 
 class FakeTorn:
@@ -132,6 +267,9 @@ class FakeTorn:
         self.error_code: int | None = None
         self.http_status: int | None = None
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.answered: collections.Counter[tuple[str, int | None]] = collections.Counter()
+        self.drip_seconds = DRIP_SECONDS
+        self.misbehaviours: list[Misbehaviour] = []
         self._recent: dict[object, collections.deque[float]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -161,6 +299,27 @@ class FakeTorn:
         if player.faction_id is not None:
             self.factions[player.faction_id].members.remove(player_id)
         player.faction_id = None
+
+    def join_faction(self, player_id: int, faction_id: int) -> None:
+        """Move a player to another faction (leaving theirs), as Torn does."""
+        self.leave_faction(player_id)
+        self.factions.setdefault(faction_id, Faction(faction_id, f"Faction {faction_id}"))
+        self.factions[faction_id].members.append(player_id)
+        self.players[player_id].faction_id = faction_id
+
+    def misbehave(self, mode: str, route: str | None = None, faction: int | None = None,
+                  times: int | None = None) -> None:
+        """From now on, answer `route` (every route: None) about `faction` (any: None) the
+        hostile way `mode` (a key of HOSTILE), `times` times or until behave()."""
+        if mode not in HOSTILE:
+            raise ValueError(f"unknown mode {mode!r}: one of {', '.join(HOSTILE)}")
+        if route is not None and route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}: one of {', '.join(ROUTES)}")
+        self.misbehaviours.append(Misbehaviour(mode, route, faction, times))
+
+    def behave(self) -> None:
+        """Every answer right again."""
+        self.misbehaviours.clear()
 
     def count(self, path: str | None = None) -> int:
         """Requests received (to `path`, or to any path), every key included."""
@@ -195,13 +354,17 @@ class FakeTorn:
                 head = await reader.readuntil(b"\r\n\r\n")
             if len(head) > MAX_HEAD_BYTES:
                 return
-            status, body = await self.answer(head.decode("latin-1"))
-            data = json.dumps(body).encode()
+            status, body, drip = await self.answer(head.decode("latin-1"))
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             writer.write(f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
                          "Content-Type: application/json\r\n"
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
-                         + data)
+                         + (b"" if drip else data))
             await writer.drain()
+            for i in range(len(data) if drip else 0):  # a byte at a time, each well within
+                await asyncio.sleep(self.drip_seconds)  # any per-read timeout
+                writer.write(data[i:i + 1])
+                await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError,
                 TimeoutError):
             pass
@@ -211,8 +374,26 @@ class FakeTorn:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def answer(self, head: str) -> tuple[int, dict]:
-        """HTTP status and JSON body for one request head."""
+    async def answer(self, head: str) -> tuple[int, dict | bytes, bool]:
+        """HTTP status, body (JSON, or bytes sent as they are) and whether to drip it, for
+        one request head: the right answer, or the hostile one a misbehaviour asks for."""
+        status, body, route, about = await self._right_answer(head)
+        self.answered[(route, about)] += 1
+        for m in list(self.misbehaviours):
+            if (m.route is None or m.route == route) and (m.faction is None
+                                                          or m.faction == about):
+                if m.times is not None:
+                    m.times -= 1
+                    if m.times <= 0:
+                        self.misbehaviours.remove(m)
+                if m.mode == "drip":
+                    return status, body, True
+                return status, tamper(m.mode, body), False
+        return status, body, False
+
+    async def _right_answer(self, head: str) -> tuple[int, dict, str, int | None]:
+        """HTTP status and JSON body for one request head, its route, and the faction the
+        answer is about (None: none)."""
         lines = head.split("\r\n")
         method, target, _ = [*lines[0].split(" "), "", ""][:3]
         headers = {}
@@ -225,52 +406,62 @@ class FakeTorn:
         scheme, _, auth_key = headers.get("authorization", "").partition(" ")
         key = auth_key.strip() if scheme.lower() == "apikey" else query.get("key", "")
         route, faction_id = path, None
-        if path.startswith("/faction/") and path.endswith("/members") and path.count("/") == 3:
-            route, faction_id = "/faction/{id}/members", path.split("/")[2]
+        if path.startswith("/faction/") and path.count("/") == 3 and \
+                path.rsplit("/", 1)[1] in ("members", "wars"):
+            route, faction_id = f"/faction/{{id}}/{path.rsplit('/', 1)[1]}", path.split("/")[2]
         self.requests[(key, route)] += 1
         self.arrivals.put_nowait((key, route))
+        about = int(faction_id) if faction_id is not None and faction_id.isdigit() else None
+        owner = self.keys.get(key)
+        if about is None and owner is not None and owner.player_id in self.players:
+            about = self.players[owner.player_id].faction_id  # /faction/wars, /user/...
+
+        def reply(status: int, obj: dict) -> tuple[int, dict, str, int | None]:
+            return status, obj, route, about
+
         if self.hold is not None:
             await self.hold.wait()
         if self.latency:
             await asyncio.sleep(self.latency)
         if self.http_status is not None:
-            return self.http_status, {"message": "fake outage"}
+            return reply(self.http_status, {"message": "fake outage"})
         if self.error_code is not None:
-            return 200, error_body(self.error_code)
+            return reply(200, error_body(self.error_code))
         if method != "GET" or route not in ROUTES:
-            return 200, error_body(4)
+            return reply(200, error_body(4))
         if not key:
-            return 200, error_body(1)
-        owner = self.keys.get(key)
+            return reply(200, error_body(1))
         if not self._take(owner.player_id if owner else key):
-            return 200, error_body(5)
+            return reply(200, error_body(5))
         if owner is None:
-            return 200, error_body(2)
+            return reply(200, error_body(2))
         if owner.status is not None:
-            return 200, error_body(owner.status)
+            return reply(200, error_body(owner.status))
         category, selection, level = ROUTES[route]
         if level and owner.level == 0:  # level 0: "Available for any key" (/key/info)
             if selection not in (owner.selections or {}).get(category, []):
-                return 200, error_body(16)
+                return reply(200, error_body(16))
         elif owner.level < level:
-            return 200, error_body(16)
+            return reply(200, error_body(16))
         player = self.players[owner.player_id]
         if route == "/key/info":
-            return 200, self.key_info(owner, player)
+            return reply(200, self.key_info(owner, player))
         if route == "/user/basic":
-            return 200, {"profile": self.user_basic(player)}
+            return reply(200, {"profile": self.user_basic(player)})
         if route == "/user/profile":
-            return 200, {"profile": self.user_profile(player)}
-        if route == "/faction/wars":
+            return reply(200, {"profile": self.user_profile(player)})
+        if route == "/faction/wars":  # the key owner's faction
             faction = self.factions.get(player.faction_id)
             if faction is None:
-                return 200, error_body(7)
-            return 200, {"pacts": [], "wars": {"ranked": faction.ranked_war, "raids": [],
-                                                "territory": []}}
+                return reply(200, error_body(7))
+            return reply(200, self.faction_wars(faction))
         faction = self.factions.get(int(faction_id)) if faction_id.isdigit() else None
         if faction is None:
-            return 200, error_body(6)
-        return 200, {"members": [self.faction_member(self.players[m]) for m in faction.members]}
+            return reply(200, error_body(6))
+        if route == "/faction/{id}/wars":
+            return reply(200, self.faction_wars(faction))
+        return reply(200, {"members": [self.faction_member(self.players[m])
+                                       for m in faction.members]})
 
     def _take(self, who: object) -> bool:
         """One request against the rolling-minute limit; False when over it."""
@@ -284,6 +475,12 @@ class FakeTorn:
         return True
 
     # -- shapes -----------------------------------------------------------
+
+    @staticmethod
+    def faction_wars(faction: Faction) -> dict:
+        """FactionWarsResponse."""
+        return {"pacts": [], "wars": {"ranked": faction.ranked_war, "raids": [],
+                                      "territory": []}}
 
     @staticmethod
     def key_info(key: Key, player: Player) -> dict:

@@ -1858,7 +1858,9 @@ async def test_tornpda_shows_torns_key_table_and_signs_in_with_its_key_only_afte
     await row_cell(bob, 2002).locator(".tc-call-btn").click()
     await expect(panel_call(bob, 2002).locator(".tc-by")).to_have_text("by you")
     assert await active_calls(server.port) == {2002: "Bob"}
-    assert torn_api.requests == {(bob_key, "/user/profile"): 1}
+    # Who Bob is, and (the faction has no poll key) whether his faction lists him.
+    assert torn_api.requests == {(bob_key, "/user/profile"): 1,
+                                 (bob_key, "/faction/{id}/members"): 1}
     requests = await bob.evaluate("window.__pdaRequests")
     assert any(r["url"].endswith("/auth/torn") for r in requests)
     assert not any(bob_key in r["url"] for r in requests)
@@ -2307,6 +2309,42 @@ async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_
     await expect(panel_call(alice, 2001).locator(".tc-by")).to_have_text("by you")
     assert on_torn.csp_reports == [], on_torn.csp_reports
     await h.assert_clean(alice)
+
+
+async def test_a_war_that_ends_with_no_call_on_says_so_and_a_browser_opened_after_knows_it(
+        h, torn_api):
+    """The server's `war` event and its snapshot's `war`: no call has to end for the panel to
+    say the war is over; a browser that never saw the end (another device, a new member)
+    starts without Call or stale countdowns; the next war brings both back to each."""
+    at_war(torn_api, 84)
+    yuri = torn_api.players[2002]
+    yuri.state, yuri.until, yuri.description = "Hospital", int(time.time()) + 600, "In hospital"
+    key = torn_api.add_player(ALICE.id, ALICE.name, FACTION)
+    await h.start(TORN_API_URL=torn_api.base_url, TORN_API_KEYS=f"{FACTION}:{key}",
+                  POLL_SECONDS="0.3", TORN_KEY_BUDGET="100", TORNCAT_TESTING="1")
+    alice = await h.open(ALICE, "scriptcat")
+    await expect(alice.locator(".enemy-faction .tc-call-btn")).to_have_count(len(ENEMIES))
+    await expect(row_cell(alice, 2002).locator(".tc-state")).to_have_text(re.compile(r"^Hospital \d+:"))
+
+    torn_api.factions[FACTION].ranked_war["end"] = int(time.time()) - 1  # no call was on
+    await expect(panel(alice).locator(".tc-notice")).to_have_text("War over")
+    await expect(alice.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
+    await expect(alice.locator(".enemy-faction .tc-state")).to_have_count(0)
+    await expect(panel(alice).locator(".tc-form")).to_be_hidden()
+    bob = await h.open(BOB, "violentmonkey")  # nothing remembered: the snapshot alone says it
+    await expect(panel(bob)).to_have_attribute("data-status", "live")
+    await expect(bob.locator(".enemy-faction .tc-cell")).to_have_count(len(ENEMIES))
+    await expect(bob.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
+    await expect(bob.locator(".enemy-faction .tc-state")).to_have_count(0)
+    await expect(panel(bob).locator(".tc-empty")).to_have_text("No war on: no calls")
+
+    next_war(torn_api, 85)
+    for page in (alice, bob):
+        await expect(page.locator(".enemy-faction .tc-call-btn")).to_have_count(len(ENEMIES))
+        await expect(row_cell(page, 2002).locator(".tc-state")).to_have_text(
+            re.compile(r"^Hospital \d+:"))
+        await expect(panel(page).locator(".tc-notice")).to_have_text("")
+    await h.assert_clean(alice, bob)
 
 
 # ---------------------------------------------------------------------------

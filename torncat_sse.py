@@ -1,8 +1,9 @@
 """TornCat SSE: who calls which target, pushed to a whole faction in milliseconds.
 
 A Postgres trigger (trigger.sql) appends every change of `target_calls` to an
-event log and NOTIFYs channel `target_calls`. This server LISTENs on one
-dedicated connection, keeps the active calls and the recent events in memory,
+event log and NOTIFYs channel `torncat_events` (channel `target_calls` keeps the
+seed's own payload for whoever listens there). This server LISTENs on one
+dedicated connection, keeps the live calls and the recent events in memory,
 and fans each event out to every connected browser over Server-Sent Events
 (WHATWG HTML, "Server-sent events"). It is one file of raw asyncio: no web
 framework, HTTP/1.1 parsed and written by hand (RFC 9110, RFC 9112).
@@ -87,8 +88,10 @@ learn what only the poll's process knows.
 Known limits: one process is bounded by the broadcast, one write() per client
 per flush (~150,000 deliveries a second per core here); WORKERS=N or more
 instances scale out, each LISTENing on its own (docs/operations.md, "Scaling").
-TRUNCATE on target_calls is not seen until restart. /metrics is open, like
-/healthz.
+The calls shown are the old tool's truth where `target_calls` is its table (see
+trigger.sql: one live row per faction and target, of its faction's current war), and
+`torncat_sse.py migrate --check` says beforehand what trigger.sql will find there.
+/metrics is open, like /healthz.
 
 Reading order. Each section below uses only what is above it (test_sse.py checks):
 settings and every limit; the wire format (HTTP/1.1, SSE, CORS, JSON bodies: pure);
@@ -115,7 +118,6 @@ import argparse
 import asyncio
 import bisect
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -123,7 +125,9 @@ import email.utils
 import enum
 import getpass
 import hashlib
+import heapq
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -139,9 +143,7 @@ import ssl
 import sys
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -190,8 +192,15 @@ RESPONSE_BUFFER_BYTES = 64 * 1024  # unsent answers on one connection before we 
 SLOW_READER_SECONDS = 10.0     # how long a connection may sit over RESPONSE_BUFFER_BYTES: closed then
 MIN_WAIT_SECONDS = 1           # a long-poll's ?wait=: at least this...
 MAX_WAIT_SECONDS = 30          # ...and at most this: TornPDA's GM shim gives up after 30 s
-CALLS_CACHE_ENTRIES = 1024     # cached GET /calls answers per (faction, since), dropped on every event
-REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests
+CALLS_CACHE_BYTES = 1 << 20    # cached GET /calls answers per (faction, since), dropped on every
+                               # event: at most this many bytes (each answer is at most its
+                               # faction's snapshot: one `since` per faction's long-polls fits)
+REQUEST_SLOTS = 1024           # connections beyond MAX_CLIENTS allowed for non-stream requests:
+                               # idle, reading a request or being answered, all addresses together
+IDLE_GRACE_SECONDS = 1.0       # a connection idle this long may be closed for a newer one of its
+                               # address (past CONNECTIONS_PER_ADDRESS) or of any (past
+                               # REQUEST_SLOTS); younger ones are a burst of honest clients, each
+                               # sending its request at once, and are kept
 FD_RESERVE = 64                # file descriptors kept for Postgres, logs and the listening socket
 WRITE_ACK_TIMEOUT = 2.0        # seconds a write waits to see its own event go out
 SHUTDOWN_GRACE = 5.0           # seconds for streams to flush on SIGTERM before they are cut
@@ -202,7 +211,8 @@ BURST_SECONDS = 10.0           # a budget's bucket holds this many seconds' wort
 MIN_BURST = 5.0                # ...and at least this many requests
 SIGNIN_ADDRESSES_MAX = 10_000  # client addresses with a sign-in budget held at most
 SIGNIN_IDLE_SECONDS = 60.0     # a full table forgets addresses that signed in no later than this
-MEMBER_EXPIRY_CHECK_SECONDS = 60.0  # how late a stream may outlive its member token
+MEMBER_EXPIRY_CHECK_SECONDS = 1.0  # how late a stream (or held long-poll) may outlive its
+                                   # member token
 
 # The database.
 BACKOFF_MIN = 0.5              # seconds: first reconnect delay to Postgres
@@ -222,20 +232,27 @@ DB_KEEPALIVE_PROBES = 3        # unanswered TCP keepalive probes before the kern
 BAD_NOTIFY_LOG_SECONDS = 60.0  # at most one log line this often about ignored notifications:
                                # any database role may NOTIFY, so they must not flood the log
 POOL_SIZE = 4                  # Postgres connections for writes and maintenance (+1 for LISTEN)
-CHANNEL = "target_calls"       # the seed's NOTIFY channel
+CHANNEL = "torncat_events"     # trigger.sql's doorbell (channel target_calls keeps the seed's
+                               # payload, on inserts only, for other listeners)
 TOKENS_CHANNEL = "torncat_tokens"  # NOTIFYed by trigger.sql when the token table changes
 SCHEMA_LOCK = 7402530          # advisory lock key: one process at a time applies trigger.sql
 POLL_LOCK = 7402532            # advisory lock key: held by the one process that polls Torn
 
 # Torn's API: sign-in, and the central poll.
 TORN_KEY_RE = re.compile(r"^[A-Za-z0-9]{16}$")  # Torn API keys: 16 letters and digits
-TORN_THREADS = 8                 # Torn requests in flight at once; more wait their turn
+TORN_SIGNIN_REQUESTS = 16        # sign-ins' Torn requests in flight at once; more wait their
+                                 # turn, within their deadline. Separate from the poll's:
+TORN_POLL_REQUESTS = 8           # a slow Torn cannot make one starve the other
 TORN_MAX_ANSWER_BYTES = 1 << 20  # a faction's member list of 100 is ~60 KB; more is not Torn
+TORN_MAX_HEAD_BYTES = 16 * 1024  # the status line and headers of Torn's answer
+TORN_DNS_SECONDS = 300.0         # Torn's address, looked up (one lookup at a time) this rarely
+MAX_FACTION_MEMBERS = 200        # a member list longer than this is not Torn's (100 at most)
 TORN_ERROR_TEXT_CHARS = 200      # Torn's error text, as logs and the panel show it, at most
 TORN_USER_AGENT = "TornCat-SSE"  # Torn's OpenAPI notes: Cloudflare may block default agents
-SIGNIN_CACHE_SECONDS = 300.0     # who owns a key, remembered this long: a war-start storm of
-                                 # reloads costs one Torn request per player (Torn itself
-                                 # caches answers ~30 s, and a player's limit is 100/minute)
+SIGNIN_CACHE_SECONDS = 30.0      # who owns a key, remembered this long: a war-start storm of
+                                 # reloads costs one Torn request per player. Torn caches its
+                                 # answers ~30 s too; a player known to have left the faction
+                                 # since is asked about again at once
 SIGNIN_REFUSAL_CACHE_SECONDS = 60.0  # a wrong, inactive or too-weak key, remembered this long
 SIGNIN_CACHE_MAX = 10_000        # keys remembered at most (~200 bytes each)
 POLL_SECONDS_RANGE = (5.0, 10.0)  # issue 14: "every 5-10 s"; Torn caches answers ~30 s anyway
@@ -245,8 +262,8 @@ POLL_LOCK_RETRY_SECONDS = 2.0     # a standby tries the poll's lock this often
 POLL_SELF_TEST_SECONDS = 5.0      # a NOTIFY from another connection arrives within this
 POLL_POOLER_RETRY_SECONDS = 300.0  # behind a transaction pooler: look again this rarely
 POLL_BACKOFF_MAX_SECONDS = 300.0  # Torn down: a faction is asked at least this often
-KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts requests in this rolling window,
-                                  # as Torn counts its 100 a minute
+KEY_WINDOW_SECONDS = 60.0         # TORN_KEY_BUDGET counts a player's requests (all their keys)
+                                  # in this rolling window, as Torn counts its 100 a minute
 # Polls of a faction failed in a row (Torn down or slow) before its members are told that
 # enemy statuses are stale (a `poll_health` event): one miss is Torn's everyday hiccup,
 # three (21 s at the default POLL_SECONDS, longer with the backoff) is an outage.
@@ -423,15 +440,19 @@ SETTINGS = (
             "may always sign in"),
     Setting("MEMBER_TOKEN_DAYS", "7", _positive_float,
             "days a member token from POST /auth/torn stays valid"),
+    Setting("MEMBER_TOKENS_PER_PLAYER", "5", _positive_int, "member tokens a player keeps "
+            "(one per device they sign in on); a new sign-in past it ends their oldest"),
     Setting("SIGNINS_PER_MINUTE", "20", _positive_int,
             "POST /auth/torn per minute per client address (bursts of five); more get 429"),
     Setting("TRUSTED_PROXIES", "0", _non_negative_int, "proxies in front of the server that "
             "append to X-Forwarded-For, whose entry that far from the right is then the client "
-            "address for per-client limits (Render: 2, Cloudflare then Render's proxy)"),
+            "address for per-client limits (Render: 2, Cloudflare then Render's proxy); "
+            "believed only from a private, loopback or link-local peer"),
     Setting("TORN_API_URL", "https://api.torn.com/v2", _http_url,
             "Torn's API v2, asked who owns a key at sign-in (tests point it at fake_torn.py)"),
     Setting("TORN_TIMEOUT_SECONDS", "5", _positive_float,
-            "seconds Torn's API has to answer a sign-in before it gets 503"),
+            "seconds one request to Torn's API may take in all (connecting, every byte of "
+            "the answer): a sign-in then gets 503, the poll counts a failed round"),
     Setting("TORN_API_KEYS", "", _torn_keys, "comma-separated <faction_id>:<key> pairs: "
             "Public-access Torn API keys the central poll uses for that faction (more with "
             "`torn-key add`, or lent by members at sign-in)", secret=True),
@@ -439,16 +460,34 @@ SETTINGS = (
             "polls of Torn's API per faction with a key (5 to 10): its war, then the enemy's "
             "member statuses",
             testing_parse=_seconds_between(TESTING_MIN_POLL_SECONDS, POLL_SECONDS_RANGE[1])),
-    Setting("TORN_KEY_BUDGET", "30", _positive_int, "Torn requests per minute at most per key "
-            "(Torn allows 100 per player across all their keys: the rest stays theirs)"),
+    Setting("TORN_KEY_BUDGET", "30", _positive_int, "the poll's Torn requests per minute at "
+            "most per player, all their keys together, as Torn counts its 100 (the rest stays "
+            "theirs); a key whose owner Torn does not name counts alone"),
     Setting("REVERIFY_HOURS", "1", _positive_float, "hours between two reads of a faction's "
-            "own member list by the poll, which signs out members who left it"),
+            "own member list, which signs out members who left it: by the poll, and at a "
+            "member's sign-in (with their key) for a faction the poll has no key for"),
+    Setting("SIGNOUT_MAX_DROP", "3", _non_negative_int, "signed-in members one read of a "
+            "member list may sign out; a list missing more is logged and acted on only when "
+            "the next read agrees (an empty list, or one without the key's owner, never)"),
     Setting("RETRY_MS", "10000", _positive_int, "reconnect delay sent to clients (SSE retry:)"),
     Setting("KEEPALIVE_SECONDS", "10", _positive_float, "seconds between keep-alive comments "
             "(the userscript gives a stream up after 2.5 of them in silence: a dead link)"),
     Setting("CLIENT_BUFFER_BYTES", "262144", _positive_int,
-            "unsent bytes a client may fall behind by before it is dropped"),
-    Setting("MAX_CLIENTS", "10000", _positive_int, "open streams per process; more get 503"),
+            "unsent bytes a client may fall behind by before it is dropped, what it is sent "
+            "first (its snapshot or replay) included: a faction whose snapshot alone is more "
+            "is refused (503)"),
+    Setting("MAX_CLIENTS", "10000", _positive_int, "open streams and held long-polls per "
+            "process; more get 503"),
+    Setting("MAX_CLIENTS_PER_TOKEN", "10", _positive_int, "streams and held long-polls per "
+            "member token (a player's tokens count together; a browser shares one stream across "
+            "its tabs); more get 429"),
+    Setting("MAX_CLIENTS_PER_FACTION", "500", _positive_int, "streams and held long-polls per "
+            "faction, whatever its tokens (a faction has at most 100 members); more get 503, so "
+            "that one faction cannot take every slot"),
+    Setting("CONNECTIONS_PER_ADDRESS", "64", _positive_int, "connections from one address "
+            "that are neither streams nor held long-polls (idle, or sending a request); past "
+            "it the address's oldest idle one is closed. Behind a proxy the address is the "
+            "proxy's"),
     Setting("WORKERS", "1", _positive_int, "server processes sharing the port (SO_REUSEPORT), "
             "each with its own LISTEN connection; one per core"),
     Setting("REPLAY_EVENTS", "10000", _non_negative_int,
@@ -473,7 +512,14 @@ SETTINGS = (
     Setting("EVENT_RETENTION_HOURS", "72", _non_negative_int,
             "events older than this are pruned from the log hourly (0 = never)"),
     Setting("CALL_TTL_SECONDS", "900", _non_negative_int,
-            "an active call older than this is uncalled with reason \"expired\" (0 = never)"),
+            "an active call made through the API older than this is uncalled with reason "
+            "\"expired\" (0 = never); other programs' rows are never expired"),
+    Setting("CALLS_PER_FACTION", "200", _positive_int, "active calls per faction at most "
+            "through the API (a ranked war's enemy has at most 100 members); more get 429. "
+            "It bounds what every stream of the faction is sent first"),
+    Setting("WARS_SYNC_SECONDS", "30", _non_negative_int,
+            "seconds between two reads of the old tool's wars table for each faction's "
+            "current war (0 = never)"),
     Setting("WRITES_PER_MINUTE", "300", _positive_int,
             "calls and uncalls per minute per token (bursts of a sixth of that); more get 429"),
     Setting("INIT_DB", "0", _bool, "apply trigger.sql to DATABASE_URL at start-up"),
@@ -540,7 +586,7 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
         else:
             parser.add_argument(flag, dest=s.name.lower(), metavar=s.name, default=default,
                                 type=convert, help=help_text)
-    commands = parser.add_subparsers(dest="command", metavar="token|torn-key")
+    commands = parser.add_subparsers(dest="command", metavar="token|torn-key|migrate|war")
     token = commands.add_parser("token", help="manage faction tokens stored in the database "
                                 "(`token create --faction 123 --label main`, `token list`, "
                                 "`token revoke ID`)")
@@ -564,6 +610,28 @@ def parse_settings(argv: list[str], environ: dict[str, str]) -> Config:
     key_commands.add_parser("list", help="list the poll's keys (never the keys themselves)")
     remove = key_commands.add_parser("remove", help="remove a key by id")
     remove.add_argument("id", type=_positive_int)
+    migrate = commands.add_parser("migrate", help="a database the old tool uses: `migrate "
+                                  "--check` says what trigger.sql will find and do there, "
+                                  "changing nothing; `migrate --close-leftovers` ends the rows "
+                                  "left active in wars that are over (docs/operations.md)")
+    what = migrate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--check", action="store_true", help="report, in a read-only transaction")
+    what.add_argument("--close-leftovers", action="store_true",
+                      help="end the rows still active in wars that are not current, as the "
+                      "old tool ends a call (after trigger.sql)")
+    migrate.add_argument("--yes", action="store_true", help="do not ask before closing them")
+    war = commands.add_parser("war", help="each faction's current war, where the Torn API poll "
+                              "does not say it (`war set --faction 123 --war 456`, `war clear "
+                              "--faction 123`, `war list`)")
+    war_commands = war.add_subparsers(dest="war_command", required=True)
+    war_set = war_commands.add_parser("set", help="the faction's current war, by the operator")
+    war_set.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    war_set.add_argument("--war", type=_positive_int, help="Torn's ranked war id (none: at no war)")
+    war_set.add_argument("--opponent", type=_positive_int, help="the enemy faction's id")
+    war_clear = war_commands.add_parser("clear", help="forget what the operator said: the wars "
+                                        "table, or nothing, speaks again")
+    war_clear.add_argument("--faction", type=_positive_int, required=True, help="Torn faction id")
+    war_commands.add_parser("list", help="each faction's current war, and who said so")
     return parser.parse_args(argv, namespace=Config())
 
 
@@ -575,7 +643,8 @@ REASONS = {
     200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 409: "Conflict", 411: "Length Required",
-    413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+    413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
@@ -955,6 +1024,7 @@ class EventKind(enum.StrEnum):
     UNCALL = "target_uncall"
     STATUS = "target_status"    # the Torn API poll saw an enemy's status change
     POLL_HEALTH = "poll_health"  # the Torn API poll's own health for a faction changed
+    WAR = "war"                  # a faction's current war changed (began, ended, unknown)
 
 
 class Event:
@@ -962,7 +1032,8 @@ class Event:
 
     `target_call`/`target_uncall` carry a call; `target_status` (the Torn API poll saw an
     enemy's status change) carries a status and belongs to no call: `call_id` is None;
-    `poll_health` (the poll's own health for a faction changed) neither call nor target.
+    `poll_health` (the poll's own health for a faction changed) and `war` (its current war
+    changed) neither call nor target.
     """
 
     __slots__ = ("id", "kind", "faction", "call_id", "target_id", "active", "data", "frame",
@@ -975,11 +1046,11 @@ class Event:
         except ValueError:
             raise ValueError(f"unknown event kind {kind!r}") from None
         of_call = kind in (EventKind.CALL, EventKind.UNCALL)
-        id_field = "id" if of_call else "faction_id" if kind is EventKind.POLL_HEALTH \
-            else "target_id"
+        id_field = "id" if of_call else "faction_id" if kind in (EventKind.POLL_HEALTH,
+                                                                 EventKind.WAR) else "target_id"
         if not isinstance(event_id, int) or not isinstance(call.get(id_field), int):
             raise ValueError("event_id and call id (a status's target_id, a poll health's "
-                             "faction_id) must be integers")
+                             "or a war's faction_id) must be integers")
         self.id, self.kind, self.faction = event_id, kind, faction
         self.call_id = call["id"] if of_call else None
         self.target_id = call.get("target_id")
@@ -1008,6 +1079,18 @@ def _id_field(value: object, name: str) -> int:
     if type(value) is not int or not 0 < value <= MAX_ID:
         raise HttpError(400, f"{name} must be a positive integer")
     return value
+
+
+LINE_BREAKS = frozenset("\t\n\v\f\r\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def printable(text: str, limit: int) -> str:
+    """`text` made safe to show and to log: control and format characters (NUL, escapes,
+    bidirectional overrides...) dropped, line breaks and runs of spaces made one space,
+    at most `limit` characters. What Torn says goes through here before any use."""
+    kept = "".join(" " if ch in LINE_BREAKS else ch for ch in text
+                   if ch in LINE_BREAKS or unicodedata.category(ch)[0] != "C")
+    return " ".join(kept.split())[:limit].rstrip()
 
 
 def _name_field(value: object, name: str) -> str | None:
@@ -1143,6 +1226,8 @@ MEMBER_TOKEN_ENDED = {
                "your Torn API key",
     "left_faction": "your sign-in has ended: Torn no longer lists you as a member of "
                     "this faction",
+    "replaced": "your sign-in has ended: you signed in on more devices than this server "
+                "keeps, and this one was the oldest; sign in again to use it here",
 }
 
 
@@ -1195,6 +1280,11 @@ class Auth:
         # key of MEMBER_TOKEN_ENDED. Their 401 says why, so the player is signed out with a
         # reason rather than told that a token they never typed is "invalid".
         self.ended: dict[bytes, str] = {}
+        # Players Torn no longer listed in a faction (player -> those factions), from the
+        # member tokens that ended so: a sign-in for one of them asks Torn afresh.
+        self.left: dict[int, set[int]] = {}
+        # Member tokens' expiries, soonest first: (expires_at, digest); `expire` pops them.
+        self._expiries: list[tuple[float, bytes]] = []
 
     def set_db_tokens(self, rows: list[tuple]) -> set[Grant]:
         """Replace the database's tokens; returns those gone. A row is (digest, faction,
@@ -1203,21 +1293,28 @@ class Auth:
         old = self.db or {}
         new: dict[bytes, Grant] = {}
         ended: dict[bytes, str] = {}
+        left: dict[int, set[int]] = {}
         for digest, faction, label, revoked, *member in rows:
             self.pending.pop(digest, None)
             player_id, player_name, expires_at, *why = member or (None, None, None)
             if revoked:
                 if player_id is not None:
                     ended[digest] = why[0] if why and why[0] in MEMBER_TOKEN_ENDED else "revoked"
+                    if ended[digest] == "left_faction":
+                        left.setdefault(player_id, set()).add(faction)
                 continue
             grant = old.get(digest)
-            if grant is None or grant.faction != faction or grant.player_id != player_id:
+            fresh = grant is None or grant.faction != faction or grant.player_id != player_id
+            if fresh:
                 grant = Grant(faction, label, player_id, player_name, expires_at)
+            if expires_at is not None and (fresh or grant.expires_at != expires_at):
+                heapq.heappush(self._expiries, (expires_at, digest))
             grant.expires_at = expires_at
             new[digest] = grant
         new.update(self.pending)
         self.db = new
         self.ended = ended
+        self.left = left
         self._all = {**new, **self.env}
         self.required = not self.open_access or bool(self.env) or self.closed or bool(rows)
         self.token_factions = {g.faction for g in self._all.values()  # they may sign in
@@ -1232,6 +1329,8 @@ class Auth:
     def add_member(self, digest: bytes, grant: Grant) -> None:
         """A member token this process just stored: valid here at once, before any NOTIFY."""
         self.pending[digest] = grant
+        if grant.expires_at is not None:
+            heapq.heappush(self._expiries, (grant.expires_at, digest))
         self.db = {**(self.db or {}), digest: grant}
         self._all[digest] = grant
         self.required = True
@@ -1248,12 +1347,29 @@ class Auth:
                 del self._all[digest]
                 grant.ended = why
                 gone.add(grant)
+                if why == "left_faction" and grant.player_id is not None:
+                    self.left.setdefault(grant.player_id, set()).add(grant.faction)
         return gone
 
     def expire(self, now: float) -> set[Grant]:
-        """Forget member tokens past their expiry; returns their grants (to end streams)."""
-        ended = {d for d, g in self._all.items() if g.expires_at is not None and g.expires_at <= now}
-        return self.drop(list(ended), "expired")
+        """Forget member tokens past their expiry; returns their grants (to end streams).
+        Only those due are looked at: it runs every second."""
+        due = []
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, digest = heapq.heappop(self._expiries)
+            grant = self._all.get(digest)
+            if grant is not None and grant.expires_at == expires_at:  # else renewed, or gone
+                due.append(digest)
+        return self.drop(due, "expired")
+
+    def members_of(self, faction: int) -> set[int]:
+        """The players signed in to `faction` (with a valid member token)."""
+        return {g.player_id for g in self._all.values()
+                if g.player_id is not None and g.faction == faction}
+
+    def has_left(self, player_id: int, faction: int) -> bool:
+        """Whether Torn was seen not to list `player_id` in `faction` (within a day)."""
+        return faction in self.left.get(player_id, ())
 
     def grant(self, req: Request, now: float) -> Grant:
         """The grant for this request at `now` (seconds since the epoch); HttpError 401
@@ -1332,13 +1448,26 @@ def client_address(peer: str, req: Request, trusted_proxies: int) -> str:
     """The address per-client limits count by. Each proxy appends the address it got the
     request from to X-Forwarded-For, so behind N proxies of our own the N-th entry from the
     right is the client's; entries left of it are the client's own say. On Render a request
-    passes Cloudflare, then Render's proxy: "X-Forwarded-For: <client>, <Cloudflare edge>"
-    (rohitpaulk.com/articles/render-rails-remote-ip), so N = 2."""
-    if trusted_proxies:
+    passes Cloudflare, then Render's proxy, which connects from a private address:
+    "X-Forwarded-For: <client>, <Cloudflare edge>" (rohitpaulk.com/articles/render-rails-
+    remote-ip), so N = 2. The header is believed only from a private, loopback or
+    link-local peer (where our proxies are): a connection from a public address came
+    straight to us, and counts by that address, whatever it says."""
+    address = peer.rpartition(":")[0] or peer
+    if trusted_proxies and _behind_us(address):
         chain = [a.strip() for a in req.headers.get("x-forwarded-for", "").split(",")]
         if len(chain) >= trusted_proxies and chain[-trusted_proxies]:
             return chain[-trusted_proxies]
-    return peer.rpartition(":")[0] or peer
+    return address
+
+
+def _behind_us(address: str) -> bool:
+    """Whether `address` is private, loopback or link-local: one of our own proxies'."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local
 
 
 # ---------------------------------------------------------------------------
@@ -1355,7 +1484,8 @@ class Stats:
                  "snapshots", "replays", "reads", "listener_reconnects", "rejected",
                  "calls_made", "calls_refused", "uncalls", "holds", "lag_counts", "lag_sum",
                  "lag_count", "pool_timeouts", "listener_timeouts", "db_terminations", "log_reads",
-                 "notifications_ignored")
+                 "notifications_ignored", "idle_closed", "refused_streams", "over_token",
+                 "over_faction")
 
     def __init__(self):
         for name in self.__slots__:
@@ -1397,6 +1527,10 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
          stats.listener_reconnects),
         ("rejected_connections_total", "Connections refused because the server was full.",
          stats.rejected),
+        ("idle_closed_total", "Idle connections closed for newer ones (past "
+         "CONNECTIONS_PER_ADDRESS or REQUEST_SLOTS).", stats.idle_closed),
+        ("refused_streams_total", "Streams and reads refused because what they would get "
+         "first (a snapshot, a replay) is more than CLIENT_BUFFER_BYTES.", stats.refused_streams),
         ("uncalls_total", "Uncalls made through the API.", stats.uncalls),
         ("db_terminated_connections_total", "Postgres connections closed at once because they "
          "missed a deadline or failed mid-statement.", stats.db_terminations),
@@ -1409,6 +1543,9 @@ def render_metrics(stats: Stats, gauges: dict[str, tuple[str, float]]) -> bytes:
         metric(name, "counter", help_text, [("", value)])
     metric("calls_total", "counter", "Calls through the API, by result.",
            [('{result="made"}', stats.calls_made), ('{result="refused"}', stats.calls_refused)])
+    metric("slots_refused_total", "counter", "Streams and long-polls refused for their "
+           "token's or faction's share of the slots.",
+           [('{over="token"}', stats.over_token), ('{over="faction"}', stats.over_faction)])
     metric("db_timeouts_total", "counter", "Database operations that missed their deadline.",
            [('{connection="pool"}', stats.pool_timeouts),
             ('{connection="listener"}', stats.listener_timeouts)])
@@ -1444,15 +1581,18 @@ class Client:
     held long-poll's deadline, which the hub moves to now when an event comes).
     """
 
-    __slots__ = ("writer", "phase", "grant", "cursor", "cap", "wake")
+    __slots__ = ("writer", "phase", "grant", "cursor", "cap", "wake", "address", "idle_since")
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, now: float = 0.0):
         self.writer = writer
         self.phase = Phase.READING
         self.grant: Grant = OPEN
         self.cursor: int | None = None
         self.cap = 0
         self.wake: asyncio.Timeout | None = None
+        peer = writer.get_extra_info("peername")
+        self.address: str = peer[0] if peer else "?"  # the TCP peer: per-address bounds
+        self.idle_since = now  # loop time it began waiting for a request (Phase.READING)
 
     @property
     def scope(self) -> int | None:
@@ -1494,12 +1634,18 @@ class Hub:
         self.by_faction: dict[int | None, dict[int, bytes]] = {}  # faction -> call id -> JSON
         self.statuses: dict[int | None, dict[int, bytes]] = {}  # faction -> target -> JSON
         self.health: dict[int | None, bytes] = {}  # faction -> its last poll_health (JSON)
+        self.wars: dict[int, bytes] = {}  # faction -> its current war (JSON), when known
         self.subscribers: dict[int | None, set[Client]] = {}
         self.waiting: set[Client] = set()    # streams opened before the first snapshot
         self.holding: dict[int | None, set[Client]] = {}  # long-polls waiting for an event
+        # Streams and held long-polls per member (player id) and per faction: their shares
+        # of the slots (MAX_CLIENTS_PER_TOKEN, MAX_CLIENTS_PER_FACTION).
+        self.per_player: collections.Counter[int] = collections.Counter()
+        self.per_faction: collections.Counter[int] = collections.Counter()
         self._outbox: list[Event] = []
         self._snapshots: dict[int | None, tuple[bytes, bytes]] = {}
         self._bodies: dict[tuple[int | None, int], bytes] = {}  # (scope, since) -> GET /calls body
+        self.bodies_bytes = 0  # their size, at most CALLS_CACHE_BYTES
         self._sent: dict[int, asyncio.Future] = {}  # writes waiting to see their event go out
 
     @property
@@ -1515,17 +1661,31 @@ class Hub:
         """Streams and held long-polls: what MAX_CLIENTS bounds."""
         return self.stream_count + self.held_count
 
+    def _counted(self, client: Client, n: int) -> None:
+        """A stream or held long-poll starts (n=1) or ends (n=-1) in its shares."""
+        grant = client.grant
+        if grant.player_id is not None:
+            self.per_player[grant.player_id] += n
+            if self.per_player[grant.player_id] <= 0:
+                del self.per_player[grant.player_id]
+        if grant.faction is not None:
+            self.per_faction[grant.faction] += n
+            if self.per_faction[grant.faction] <= 0:
+                del self.per_faction[grant.faction]
+
     # -- state ---------------------------------------------------------------
 
     def load(self, calls: list[tuple[int, int | None, bytes]], last_event_id: int,
              recent: list[Event], statuses: list[tuple[int | None, int, bytes]] = (),
-             health: list[tuple[int | None, bytes]] = ()) -> None:
+             health: list[tuple[int | None, bytes]] = (),
+             wars: list[tuple[int, bytes]] = ()) -> None:
         """Replace all state from the database (start-up, or after events we needed were pruned)."""
         self.flush()
         self.active.clear()
         self.by_faction.clear()
         self.statuses.clear()
         self.health = dict(health)
+        self.wars = dict(wars)
         for call_id, faction, data in calls:
             self.active[call_id] = faction
             self.by_faction.setdefault(faction, {})[call_id] = data
@@ -1535,7 +1695,7 @@ class Hub:
         self.recent = collections.deque(recent)
         self.floor = recent[0].id - 1 if recent else last_event_id
         self._snapshots.clear()
-        self._bodies.clear()
+        self._clear_bodies()
         self._release_sent()
         if not self.ready:
             self.ready = True
@@ -1555,6 +1715,11 @@ class Hub:
         faction = _ABSENT if ev.call_id is None else self.active.pop(ev.call_id, _ABSENT)
         if ev.kind is EventKind.POLL_HEALTH:  # the poll's health replaces the one known
             self.health[ev.faction] = ev.data
+        elif ev.kind is EventKind.WAR:  # so does the war; a war no one knows is not kept
+            if json.loads(ev.data).get("known") is True:  # rare: parsing again costs nothing
+                self.wars[ev.faction] = ev.data
+            else:
+                self.wars.pop(ev.faction, None)
         elif ev.call_id is None:  # target_status: the enemy's status replaces the one known
             self.statuses.setdefault(ev.faction, {})[ev.target_id] = ev.data
         elif faction is not _ABSENT:
@@ -1568,7 +1733,7 @@ class Hub:
             self.by_faction.setdefault(ev.faction, {})[ev.call_id] = ev.data
         self._snapshots.pop(ev.faction, None)
         self._snapshots.pop(None, None)
-        self._bodies.clear()
+        self._clear_bodies()
         self.recent.append(ev)
         while len(self.recent) > self.replay_events:
             self.floor = self.recent.popleft().id
@@ -1590,17 +1755,20 @@ class Hub:
                 calls = [d for f in self.by_faction.values() for d in f.values()]
                 statuses = [d for f in self.statuses.values() for d in f.values()]
                 health = list(self.health.values())
+                war = b'"wars":[%s],' % b",".join(self.wars.values()) if self.wars else b""
             else:
                 calls = list(self.by_faction.get(scope, {}).values())
                 statuses = list(self.statuses.get(scope, {}).values())
                 health = [self.health[scope]] if scope in self.health else []
+                war = b'"war":%s,' % self.wars[scope] if scope in self.wars else b""
             # "statuses" only once the poll has seen one, "poll_health" once the poll was
-            # unhealthy: the snapshot stays as it was without.
-            data = b'{"calls":[%s],%s%s"last_event_id":%d}' % (
+            # unhealthy, "war" (every faction's: "wars") once someone said which war is
+            # current: the snapshot stays as it was without.
+            data = b'{"calls":[%s],%s%s%s"last_event_id":%d}' % (
                 b",".join(calls),
                 b'"statuses":[%s],' % b",".join(statuses) if statuses else b"",
                 b'"poll_health":[%s],' % b",".join(health) if health else b"",
-                self.last_event_id)
+                war, self.last_event_id)
             cached = self._snapshots[scope] = (
                 data, sse_frame(self.last_event_id, "snapshot", data))
         return cached
@@ -1609,24 +1777,34 @@ class Hub:
         return self.snapshot(scope)[1]
 
     def calls_since(self, scope: int | None, since: int | None) -> bytes:
-        """GET /calls: the snapshot, the events after `since`, or a reset when it is too old.
+        """GET /calls: the snapshot, the events after `since`, or a reset (the snapshot) when
+        `since` is too old, or its events are more than a client may be sent at once
+        (CLIENT_BUFFER_BYTES) and the snapshot is shorter.
 
-        Cached per (scope, since) until the next event: a faction's long-polls all
-        ask with the same `since` when an event wakes them.
+        Cached per (scope, since) until the next event, CALLS_CACHE_BYTES at most: a
+        faction's long-polls all ask with the same `since` when an event wakes them.
         """
         if since is None:
             return self.snapshot(scope)[0]
+        reset = b'{"reset":true,' + self.snapshot(scope)[0][1:]
         if not self.can_replay(since):
-            return b'{"reset":true,' + self.snapshot(scope)[0][1:]
+            return reset
         body = self._bodies.get((scope, since))
         if body is None:
-            if len(self._bodies) >= CALLS_CACHE_ENTRIES:
-                self._bodies.clear()
             events = b",".join(b'{"id":%d,"event":"%s","data":%s}' % (
                 ev.id, ev.kind.encode(), ev.data) for ev in self.events_after(since, scope))
-            body = self._bodies[scope, since] = b'{"events":[%s],"last_event_id":%d}' % (
-                events, self.last_event_id)
+            body = b'{"events":[%s],"last_event_id":%d}' % (events, self.last_event_id)
+            if len(body) > self.client_buffer and len(body) > len(reset):
+                return reset  # the snapshot says the same in fewer bytes
+            if self.bodies_bytes + len(body) > CALLS_CACHE_BYTES:
+                self._clear_bodies()
+            self._bodies[scope, since] = body
+            self.bodies_bytes += len(body)
         return body
+
+    def _clear_bodies(self) -> None:
+        self._bodies.clear()
+        self.bodies_bytes = 0
 
     def has_news(self, scope: int | None, since: int) -> bool:
         """Whether a poll with `since` would get something now: events, or a reset."""
@@ -1663,12 +1841,23 @@ class Hub:
         return cursor is not None and self.floor <= cursor <= self.last_event_id
 
     def initial_frames(self, scope: int | None, cursor: int | None) -> bytes:
-        """A replay of what `cursor` missed, or a snapshot when that is not possible."""
+        """A replay of what `cursor` missed, or a snapshot when that is not possible, or the
+        replay is more than CLIENT_BUFFER_BYTES and the snapshot shorter."""
         if self.can_replay(cursor):
-            self.stats.replays += 1
-            return b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            replay = b"".join(ev.frame for ev in self.events_after(cursor, scope))
+            if len(replay) <= max(self.client_buffer, len(self.snapshot_frame(scope))):
+                self.stats.replays += 1
+                return replay
         self.stats.snapshots += 1
         return self.snapshot_frame(scope)
+
+    def first_bytes(self, scope: int | None, cursor: int | None) -> int:
+        """How many bytes a stream would be sent first (its replay or snapshot)."""
+        snapshot = len(self.snapshot_frame(scope))
+        if self.can_replay(cursor):
+            replay = sum(len(ev.frame) for ev in self.events_after(cursor, scope))
+            return replay if replay <= max(self.client_buffer, snapshot) else snapshot
+        return snapshot
 
     # -- streams -------------------------------------------------------------------
 
@@ -1676,6 +1865,7 @@ class Hub:
         """Register a stream whose HTTP head and retry: field are `preamble`."""
         self.stats.connects += 1
         client.phase = Phase.STREAM
+        self._counted(client, 1)
         if self._outbox:
             self.flush()  # so the snapshot below does not repeat queued events
         self._start(client, preamble)
@@ -1688,11 +1878,17 @@ class Hub:
             client.writer.write(preamble)
             self.waiting.add(client)
             return
-        self.subscribers.setdefault(client.scope, set()).add(client)
         frames = self.initial_frames(client.scope, client.cursor)
+        if len(frames) > self.client_buffer:  # opened before the first load: see App.events
+            self.stats.refused_streams += 1
+            self.evict(client)
+            return
+        self.subscribers.setdefault(client.scope, set()).add(client)
         client.writer.write(preamble + chunk(frames) if frames else preamble)
-        # A big snapshot on a fresh connection is not a sign of a slow client.
-        client.cap = self.client_buffer + client.writer.transport.get_write_buffer_size()
+        # What it was sent first counts against its buffer like any event (it no longer
+        # raises the cap): a client that does not read falls CLIENT_BUFFER_BYTES behind no
+        # sooner for having been sent a big snapshot, and is held no more.
+        client.cap = self.client_buffer
 
     def unsubscribe(self, client: Client) -> None:
         """Forget a stream, whether it left, was evicted or ended; safe to call twice."""
@@ -1700,6 +1896,7 @@ class Hub:
             return
         client.phase = Phase.CLOSED
         self.stats.disconnects += 1
+        self._counted(client, -1)
         self.waiting.discard(client)
         subs = self.subscribers.get(client.scope)
         if subs is not None:
@@ -1745,13 +1942,15 @@ class Hub:
         """Park a long-poll until its scope's next event (or `load`) moves `wake` to now."""
         client.phase, client.wake = Phase.HELD, wake
         self.holding.setdefault(client.scope, set()).add(client)
+        self._counted(client, 1)
 
     def release(self, client: Client) -> None:
         """Forget a held long-poll, woken or not; safe to call twice."""
         client.wake = None
         held = self.holding.get(client.scope)
-        if held is not None:
+        if held is not None and client in held:
             held.discard(client)
+            self._counted(client, -1)
             if not held:
                 del self.holding[client.scope]
 
@@ -1766,8 +1965,8 @@ class Hub:
 
     def _wake(self, scopes) -> None:
         now = self.loop.time()
-        for scope in scopes:
-            for client in self.holding.pop(scope, ()):
+        for scope in scopes:  # each leaves `holding` in release(), when its request answers
+            for client in self.holding.get(scope, ()):
                 if client.wake is not None:
                     client.wake.reschedule(now)
                     client.wake = None
@@ -1850,6 +2049,9 @@ class CallOutcome(enum.StrEnum):
     UNCALLED = "uncalled"      # the call ended
     NOT_YOURS = "not_yours"    # another member holds it, and the uncall was not forced
     NOT_CALLED = "not_called"  # nobody holds it
+    NOT_CURRENT_WAR = "not_current_war"  # the call names a war that is not the faction's
+    UNKNOWN_WAR = "unknown_war"  # the wars table target_calls references has no such war
+    REFUSED = "refused"        # the table requires a column the call cannot fill
 
 
 # Errors that say the database (or the way to it) is not there, rather than that a
@@ -1860,17 +2062,58 @@ DB_UNAVAILABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceErr
 CALL_SQL = "SELECT * FROM torncat_call($1, $2, $3, $4, $5, $6)"
 UNCALL_SQL = "SELECT * FROM torncat_uncall($1, $2, $3, $4, $5)"
 EXPIRE_CALLS_SQL = "SELECT torncat_expire_calls(make_interval(secs => $1))"
+SYNC_WARS_SQL = "SELECT torncat_sync_wars()"
 PRUNE_EVENTS_SQL = "SELECT prune_target_call_events(make_interval(hours => $1))"
+# A member token, in one statement with what it ends: the player's tokens of any other
+# faction (Torn lists them in this one now) and their oldest of this one past
+# MEMBER_TOKENS_PER_PLAYER ($7) with it. Returns the new expiry and the ended digests.
 ISSUE_MEMBER_TOKEN_SQL = """
-    INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id, player_name,
-                                expires_at)
-    VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
-    RETURNING extract(epoch FROM expires_at)::float8 AS expires_at
+    WITH moved AS (
+        UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
+        WHERE kind = 'member' AND player_id = $4 AND faction_id <> $1 AND revoked_at IS NULL
+        RETURNING token_sha256),
+    replaced AS (
+        UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'replaced'
+        WHERE id IN (SELECT id FROM torncat_tokens
+                     WHERE kind = 'member' AND player_id = $4 AND faction_id = $1
+                       AND revoked_at IS NULL AND expires_at > now()
+                     ORDER BY created_at DESC, id DESC OFFSET $7 - 1)
+        RETURNING token_sha256),
+    issued AS (
+        INSERT INTO torncat_tokens (kind, faction_id, label, token_sha256, player_id,
+                                    player_name, expires_at)
+        VALUES ('member', $1, $2, $3, $4, $5, now() + make_interval(secs => $6))
+        RETURNING expires_at)
+    SELECT extract(epoch FROM (SELECT expires_at FROM issued))::float8 AS expires_at,
+           array(SELECT token_sha256 FROM moved) AS moved,
+           array(SELECT token_sha256 FROM replaced) AS replaced
 """
+# Every faction token, revoked ones included (once a token existed the server stays
+# closed), and the member tokens valid or ended within a day: an ended one ends its grant
+# (and tells Auth that a token it issued is settled), older ones are history.
+LOAD_TOKENS_SQL = """
+    SELECT token_sha256, faction_id, label,
+           revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
+           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at,
+           CASE WHEN revoked_at IS NOT NULL THEN coalesce(revoked_reason, 'revoked')
+                WHEN expires_at <= now() THEN 'expired' END AS ended
+    FROM torncat_tokens
+    WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
+"""
+# Member tokens ended more than a day ago are history the server no longer reads.
+PRUNE_TOKENS_SQL = """
+    WITH gone AS (
+        DELETE FROM torncat_tokens
+        WHERE kind = 'member' AND coalesce(revoked_at, expires_at) < now() - interval '1 day'
+        RETURNING 1)
+    SELECT count(*) FROM gone
+"""
+# Only tokens issued before the member list was read ($3): one issued meanwhile is of a
+# player Torn listed when they signed in.
 REVOKE_DEPARTED_SQL = """
     UPDATE torncat_tokens SET revoked_at = now(), revoked_reason = 'left_faction'
     WHERE kind = 'member' AND faction_id = $1 AND revoked_at IS NULL
-      AND NOT (player_id = ANY($2::bigint[]))
+      AND NOT (player_id = ANY($2::bigint[])) AND created_at < to_timestamp($3)
     RETURNING token_sha256, player_id, player_name
 """
 LEND_KEY_SQL = """
@@ -1911,6 +2154,97 @@ LIST_TORN_KEYS_SQL = """
     FROM torncat_torn_keys ORDER BY id
 """
 REMOVE_TORN_KEY_SQL = "DELETE FROM torncat_torn_keys WHERE id = $1 RETURNING id"
+# (`war ...`, `migrate --close-leftovers`)
+OPERATOR_SET_WAR_SQL = "SELECT torncat_set_war($1, $2, $3, 'operator')"
+CLEAR_WAR_SQL = "SELECT torncat_clear_war($1)"
+LIST_WARS_SQL = """
+    SELECT w.faction_id, w.war_id, w.opponent_id, w.source, w.updated_at,
+           (SELECT count(*) FROM torncat_holders h WHERE h.faction_key = w.faction_id) AS shown
+    FROM torncat_wars w ORDER BY w.faction_id
+"""
+CLOSE_LEFTOVERS_SQL = "SELECT torncat_close_leftovers()"
+COUNT_LEFTOVERS_SQL = "SELECT count(*) FROM torncat_leftovers"
+# (`migrate --check`, read only: the catalog, read as trigger.sql's DO block "The shape"
+# reads it, then the rows. Where the columns differ from one database to another, a
+# statement is a template: its {names} are filled with the SQL expressions TableShape
+# builds from the catalog, as trigger.sql builds its view torncat_calls; never with a value.)
+EXISTS_SQL = "SELECT to_regclass($1) IS NOT NULL"
+CALLS_TABLE_SQL = """
+    SELECT pg_get_userbyid(c.relowner) AS owner, c.relrowsecurity AS rls,
+           pg_has_role(current_user, c.relowner, 'MEMBER') AS may_alter, current_user AS me
+    FROM pg_class c WHERE c.oid = 'target_calls'::regclass
+"""
+COUNT_CALL_ROWS_SQL = "SELECT count(*) FROM target_calls"
+COLUMNS_SQL = """
+    SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+    WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+"""
+# The table and column that target_calls.war_id references (the old tool's wars).
+WARS_REFERENCE_SQL = """
+    SELECT k.confrelid::regclass::text AS wars_table, a.attname AS wars_key
+    FROM pg_constraint k
+    JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = k.confkey[1]
+    WHERE k.conrelid = 'target_calls'::regclass AND k.contype = 'f' AND cardinality(k.conkey) = 1
+      AND k.conkey[1] = (SELECT attnum FROM pg_attribute WHERE attrelid = 'target_calls'::regclass
+                         AND attname = 'war_id' AND NOT attisdropped)
+    LIMIT 1
+"""
+# Per faction, the wars its wars table calls current ({sides}: one SELECT per side a row names).
+WARS_TABLE_CURRENT_SQL = """
+    SELECT s.faction_id, array_agg(s.war_id ORDER BY s.war_id) FILTER (WHERE s.is_current)
+               AS current
+    FROM ({sides}) s WHERE s.faction_id IS NOT NULL GROUP BY s.faction_id
+"""
+# What an earlier trigger.sql, or this one, knows of each faction's war ({source}: the
+# column, or 'torn_poll' where an earlier torncat_wars has none).
+TORNCAT_WARS_SQL = "SELECT faction_id, war_id, {source} AS source FROM torncat_wars"
+# Every row of target_calls as trigger.sql's view torncat_calls will see it: whether it is
+# active and whether it is of today ($1, $2: each faction and its current war, NULL at
+# peace; a faction not named counts every war). A statement follows it that reads `x`.
+CALL_ROWS_SQL = """
+    WITH cw AS (SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS cw(faction_id, war_id)),
+    r AS (SELECT t.id::bigint AS id, {faction} AS faction_id, {war} AS war_id,
+                 t.target_id::bigint AS target_id, t.caller_id::bigint AS caller_id,
+                 ({created})::timestamptz AS created_at, {active} AS active
+          FROM target_calls t),
+    x AS (SELECT r.*, r.war_id IS NULL OR CASE
+              WHEN r.faction_id IS NOT NULL THEN coalesce(
+                  (SELECT cw.war_id IS NOT DISTINCT FROM r.war_id FROM cw
+                   WHERE cw.faction_id = r.faction_id), true)
+              ELSE NOT EXISTS (SELECT 1 FROM cw)
+                   OR EXISTS (SELECT 1 FROM cw WHERE cw.war_id = r.war_id)
+              END AS today
+          FROM r)
+"""
+SHOWN_PER_FACTION_SQL = CALL_ROWS_SQL + """
+    SELECT coalesce(faction_id, 0) AS faction, count(DISTINCT target_id) AS shown
+    FROM x WHERE active AND today GROUP BY 1 ORDER BY 1
+"""
+LEFTOVER_ROWS_SQL = CALL_ROWS_SQL + """
+    SELECT * FROM x WHERE active AND NOT today ORDER BY created_at NULLS FIRST, id
+"""
+HELD_TWICE_SQL = CALL_ROWS_SQL + """
+    SELECT coalesce(faction_id, 0) AS faction, war_id, target_id, bool_and(today) AS today,
+           array_agg(id ORDER BY created_at, id) AS ids,
+           array_agg(caller_id ORDER BY created_at, id) AS callers
+    FROM x WHERE active GROUP BY 1, 2, 3 HAVING count(*) > 1 ORDER BY 4 DESC, 1, 2, 3
+"""
+COUNT_WITHOUT_FACTION_SQL = "SELECT count(*) FROM target_calls t WHERE {faction} IS NULL"
+COUNT_TORNCAT_ACTIVE_SQL = "SELECT count(*) FROM target_calls t WHERE t.torncat_made AND {active}"
+# Who else may use target_calls, and whether row level security would stop them.
+CALLS_GRANTEES_SQL = """
+    SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE r.rolname END AS role,
+           coalesce(r.rolbypassrls OR r.rolsuper, false) AS bypass,
+           string_agg(a.privilege_type, ', ' ORDER BY a.privilege_type) AS what
+    FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+    LEFT JOIN pg_roles r ON r.oid = a.grantee
+    WHERE c.oid = 'target_calls'::regclass AND a.grantee <> c.relowner
+    GROUP BY 1, 2 ORDER BY 1
+"""
+CALLS_TRIGGERS_SQL = """
+    SELECT tgname FROM pg_trigger WHERE tgrelid = 'target_calls'::regclass AND NOT tgisinternal
+    ORDER BY 1
+"""
 
 
 def database_tls(ca_cert: str) -> ssl.SSLContext | None:
@@ -1950,30 +2284,58 @@ def tune_db_socket(conn: asyncpg.Connection, keepalive: float, user_timeout: flo
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-async def apply_schema(conn) -> None:
-    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races)."""
-    def show_warning(_conn, message) -> None:
-        if isinstance(message, asyncpg.PostgresWarning):
-            log.warning("trigger.sql: %s", message)
+class SchemaFailed(Exception):
+    """trigger.sql stopped on an error of its own (not a lost connection): it is one
+    transaction, so nothing of it was applied. The message is that error, with its DETAIL,
+    HINT and where it happened."""
 
-    conn.add_log_listener(show_warning)
+
+def schema_error(e: asyncpg.PostgresError) -> str:
+    parts = [f"{type(e).__name__}: {' '.join(str(e.message).split())}"]
+    for label, text in (("DETAIL", e.detail), ("HINT", e.hint), ("WHERE", e.context)):
+        if text:
+            parts.append(f"{label}: {' '.join(text.split())}")
+    return "; ".join(parts)
+
+
+async def apply_schema(conn) -> None:
+    """Apply trigger.sql, one process at a time (it is idempotent, but DDL races); its
+    warnings and notices go to the log. SchemaFailed if it fails on an error of its own."""
+    def show(_conn, message) -> None:
+        warning = isinstance(message, asyncpg.PostgresWarning)
+        log.log(logging.WARNING if warning else logging.INFO, "trigger.sql: %s",
+                " ".join(str(message.message).split()))
+
+    conn.add_log_listener(show)
     await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
     try:
         await conn.execute(TRIGGER_SQL_PATH.read_text())
+    except asyncpg.PostgresError as e:
+        if isinstance(e, DB_UNAVAILABLE):
+            raise
+        # The file's own transaction is aborted: end it, or every later statement on this
+        # connection (the unlock below included) says only that.
+        with contextlib.suppress(*DB_UNAVAILABLE, asyncpg.PostgresError):
+            await conn.execute("ROLLBACK")
+        raise SchemaFailed(schema_error(e)) from None
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
-        conn.remove_log_listener(show_warning)
+        # Best effort, never masking why we are here (an error, or a cancellation at
+        # shutdown that left the file's transaction aborted): a session lock also ends
+        # with its connection, which the caller closes.
+        with contextlib.suppress(*DB_UNAVAILABLE, asyncpg.PostgresError):
+            await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+        conn.remove_log_listener(show)
     log.info("applied trigger.sql")
 
 
 @contextlib.asynccontextmanager
-async def cli_connection(config: Config, dsn: str):
+async def cli_connection(config: Config, dsn: str, schema: bool = True):
     """The command line's connection: deadlines on connecting and on every statement, and
-    trigger.sql applied first with --init-db."""
+    trigger.sql applied first with --init-db (unless `schema` is false: migrate --check)."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, command_timeout=SCHEMA_TIMEOUT,
                                  ssl=database_tls(config.database_ca_cert))
     try:
-        if config.applies_schema:
+        if schema and config.applies_schema:
             await apply_schema(conn)
         yield conn
     finally:
@@ -2044,24 +2406,44 @@ class Database:
         return CallOutcome(row["status"]), call, row["event_id"]
 
     async def issue_member_token(self, faction_id: int, name: str, digest: bytes,
-                                 player_id: int, seconds: float) -> float:
-        """Store a member token's digest; returns when it expires (seconds since the epoch)."""
+                                 player_id: int, seconds: float,
+                                 keep: int) -> tuple[float, list[bytes], list[bytes]]:
+        """Store a member token's digest, ending the player's tokens of other factions and
+        their oldest past `keep`; returns (when it expires, in seconds since the epoch,
+        those of other factions, those replaced)."""
         row = await self._run(lambda c: c.fetchrow(ISSUE_MEMBER_TOKEN_SQL, faction_id, name,
-                                                   digest, player_id, name, seconds))
-        return row["expires_at"]
+                                                   digest, player_id, name, seconds, keep))
+        return row["expires_at"], [bytes(d) for d in row["moved"]], \
+            [bytes(d) for d in row["replaced"]]
 
     async def lend_key(self, faction_id: int, key: str, player_id: int, name: str) -> None:
         await self._run(lambda c: c.fetchrow(LEND_KEY_SQL, faction_id, key, player_id, name))
 
-    async def revoke_departed(self, faction_id: int, member_ids: set[int]) -> list:
-        """Revoke the member tokens of `faction_id` whose players are not in `member_ids`;
-        returns their (token_sha256, player_id, player_name) rows."""
+    async def revoke_departed(self, faction_id: int, member_ids: set[int],
+                              read_at: float) -> list:
+        """Revoke the member tokens of `faction_id` issued before `read_at` (seconds since
+        the epoch) whose players are not in `member_ids`; returns their (token_sha256,
+        player_id, player_name) rows."""
         return await self._run(lambda c: c.fetch(REVOKE_DEPARTED_SQL, faction_id,
-                                                 sorted(member_ids)), QUERY_TIMEOUT)
+                                                 sorted(member_ids), read_at), QUERY_TIMEOUT)
 
     async def expire_calls(self, ttl: int) -> int:
         """Uncall calls older than `ttl` seconds (trigger.sql); returns how many."""
         return (await self._run(lambda c: c.fetchrow(EXPIRE_CALLS_SQL, ttl)))[0]
+
+    async def sync_wars(self) -> int:
+        """Read the old tool's wars table for current wars (trigger.sql); returns how many
+        factions changed."""
+        return (await self._run(lambda c: c.fetchrow(SYNC_WARS_SQL), QUERY_TIMEOUT))[0]
+
+    async def prune_tokens(self) -> int:
+        """Delete member tokens that ended more than a day ago; returns how many."""
+        return (await self._run(lambda c: c.fetchrow(PRUNE_TOKENS_SQL), PRUNE_TIMEOUT))[0]
+
+    async def load_tokens(self) -> list:
+        """Every token the server needs (LOAD_TOKENS_SQL): on the pool, never on the
+        LISTEN connection, so that events flow while it is read."""
+        return await self._run(lambda c: c.fetch(LOAD_TOKENS_SQL), QUERY_TIMEOUT)
 
     async def prune_events(self, hours: int) -> int:
         """Delete events older than `hours` (trigger.sql keeps the newest); returns how many."""
@@ -2215,9 +2597,11 @@ class Database:
 
 # -- The LISTEN connection --------------------------------------------------
 
+# The calls clients are shown: one per faction and target (trigger.sql, "One caller per
+# target"), exactly as they were shown.
 LOAD_CALLS_SQL = """
-    SELECT id, faction_id, target_call_json(t)::text AS data
-    FROM target_calls t WHERE uncalled_at IS NULL ORDER BY id
+    SELECT call_id AS id, nullif(faction_key, 0) AS faction_id, data::text AS data
+    FROM torncat_holders ORDER BY call_id
 """
 LOAD_STATUSES_SQL = """
     SELECT faction_id, target_id, target_status_json(s)::text AS data
@@ -2226,22 +2610,13 @@ LOAD_STATUSES_SQL = """
 LOAD_POLL_HEALTH_SQL = """
     SELECT faction_id, poll_health_json(h)::text AS data FROM torncat_poll_health h
 """
+LOAD_WARS_SQL = """
+    SELECT faction_id, torncat_war_json(faction_id, w, NULL)::text AS data FROM torncat_wars w
+"""
 LOAD_RECENT_SQL = """
     SELECT event_id, event, faction_id, data::text AS data FROM (
         SELECT * FROM target_call_events ORDER BY event_id DESC LIMIT $1) recent
     ORDER BY event_id
-"""
-# Every faction token, revoked ones included (once a token existed the server stays
-# closed), and the member tokens valid or ended within a day: an ended one ends its grant
-# (and tells Auth that a token it issued is settled), older ones are history.
-LOAD_TOKENS_SQL = """
-    SELECT token_sha256, faction_id, label,
-           revoked_at IS NOT NULL OR coalesce(expires_at <= now(), false) AS revoked,
-           player_id, player_name, extract(epoch FROM expires_at)::float8 AS expires_at,
-           CASE WHEN revoked_at IS NOT NULL THEN coalesce(revoked_reason, 'revoked')
-                WHEN expires_at <= now() THEN 'expired' END AS ended
-    FROM torncat_tokens
-    WHERE kind = 'faction' OR coalesce(revoked_at, expires_at) > now() - interval '1 day'
 """
 # created_at is when the writing transaction began: for the lag metric.
 READ_LOG_SQL = """
@@ -2309,6 +2684,11 @@ class Listener:
             try:
                 await self._session()
             except asyncio.CancelledError:
+                raise
+            except SchemaFailed as e:
+                log.critical("trigger.sql failed, so nothing of it was applied: %s. Applying it "
+                             "again cannot help: fix that (`psql -v ON_ERROR_STOP=1 -f "
+                             "trigger.sql` shows the line) and start the server again", e)
                 raise
             except SelfTestFailed as e:
                 self.state = ListenerState.SELF_TEST_FAILED
@@ -2460,10 +2840,10 @@ class Listener:
                 return
 
     async def _load_tokens(self) -> None:
-        """Read the token table; end the streams of tokens that are gone."""
+        """Read the token table (on the pool: events keep flowing meanwhile); end the
+        streams of tokens that are gone."""
         try:
-            async with self._in_use, asyncio.timeout(QUERY_TIMEOUT):
-                rows = await self.conn.fetch(LOAD_TOKENS_SQL)
+            rows = await self.db.load_tokens()
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
             log.warning("no torncat_tokens table (or an old one): apply trigger.sql for "
                         "database tokens")
@@ -2528,7 +2908,9 @@ class Listener:
                         for r in await conn.fetch(LOAD_STATUSES_SQL)]
             health = [(r["faction_id"], json_bytes(json.loads(r["data"])))
                       for r in await conn.fetch(LOAD_POLL_HEALTH_SQL)]
-        self.hub.load(calls, last, recent, statuses, health)
+            wars = [(r["faction_id"], json_bytes(json.loads(r["data"])))
+                    for r in await conn.fetch(LOAD_WARS_SQL)]
+        self.hub.load(calls, last, recent, statuses, health, wars)
         log.info("loaded %d active calls, last_event_id=%d", len(calls), last)
 
     def _on_probe(self, conn, pid, channel, payload: str) -> None:
@@ -2565,8 +2947,10 @@ HOLDS_POLL_LOCK_SQL = """
                    AND objid = $1 AND objsubid = 1 AND granted AND pid = pg_backend_pid())
 """
 POLL_KEYS_SQL = """
-    SELECT id, faction_id, api_key FROM torncat_torn_keys WHERE disabled_at IS NULL ORDER BY id
+    SELECT id, faction_id, api_key, player_id FROM torncat_torn_keys WHERE disabled_at IS NULL
+    ORDER BY id
 """
+POLL_WARS_SQL = "SELECT faction_id, war_id, opponent_id FROM torncat_wars"
 POLL_KNOWN_SQL = """
     SELECT faction_id, target_id, war_id, state, until, description FROM torncat_target_status
 """
@@ -2621,6 +3005,9 @@ class PollSession:
     async def known_statuses(self) -> list:
         return await self._run(lambda c: c.fetch(POLL_KNOWN_SQL))
 
+    async def wars(self) -> list:
+        return await self._run(lambda c: c.fetch(POLL_WARS_SQL))
+
     async def keys(self) -> list:
         return await self._run(lambda c: c.fetch(POLL_KEYS_SQL))
 
@@ -2653,14 +3040,22 @@ class PollSession:
 # is never stored, logged or echoed, and no reference to it outlives the request
 # to Torn. What is cached is an HMAC of the key under a per-process secret.
 #
-# The client is urllib.request in a small thread pool of its own: the standard
-# library verifies TLS certificates and host names and decodes chunked answers, so
-# there is no hand-written HTTPS to get wrong and no dependency beyond the design
-# card's. A sign-in is rare (once per player per MEMBER_TOKEN_DAYS, and one Torn
-# request per key per SIGNIN_CACHE_SECONDS however many tabs ask), so a thread per
-# request in flight costs nothing that matters. The pool is separate from asyncio's
-# default executor, which resolves host names for Postgres connections: a hanging
-# Torn cannot starve those.
+# The client is asyncio's own: a connection per request (TLS by the standard library's
+# ssl, which verifies certificates and host names), HTTP/1.1 written and read here as the
+# server does it, and one deadline, TORN_TIMEOUT_SECONDS, for the whole request:
+# connecting, TLS, sending and every byte of the answer. A Torn that drips its answer a
+# byte at a time is given up at the deadline, and nothing of it stays behind (a thread
+# blocked in a read did, with urllib, whose timeout is per read). Sign-ins and the poll
+# each have their own number of requests in flight, so a slow Torn cannot make one
+# starve the other. Torn's address is looked up one lookup at a time and kept
+# TORN_DNS_SECONDS: asyncio's default executor, which also resolves Postgres's host
+# names, never fills with lookups of a hanging resolver.
+#
+# Nothing Torn answers is trusted. Every answer is checked against the shape Torn's
+# OpenAPI document gives it (torn_v2.json) before use: ids positive and at most MAX_ID,
+# names and texts printable and bounded (`printable`), lists no longer than Torn makes
+# them. An answer that is not what the document says is TORN_BAD_ANSWER with a reason:
+# a sign-in answers 502 saying so, and the poll fails that faction's round only.
 
 TORN_NO_ANSWER = None            # "code" of a Torn request that timed out or found no server
 TORN_BAD_ANSWER = -1             # "code" of an answer that is not Torn's JSON
@@ -2692,15 +3087,17 @@ PUBLIC_KEY_URL = "https://www.torn.com/preferences.php#tab=api?step=addNewKey&ti
 PUBLIC_ACCESS_LEVEL = 1           # KeyInfoResponse.info.access.level of a "Public Only" key
 
 
-def torn_error_to_http(code: int | None) -> HttpError:
-    """The error a sign-in answers when Torn answered error `code` (None: no answer)."""
+def torn_error_to_http(code: int | None, reason: str = "") -> HttpError:
+    """The error a sign-in answers when Torn answered error `code` (None: no answer), or an
+    answer TornCat does not understand (TORN_BAD_ANSWER: 502, saying what was wrong)."""
     if code in TORN_ERRORS:
         status, message, retry = TORN_ERRORS[code]
     elif code in TORN_TRANSIENT:
         status, message, retry = 503, f"Torn's API had a temporary error (code {code})", 10
     else:
         status, retry = 502, None
-        message = ("Torn's API gave an answer TornCat does not understand" if code == TORN_BAD_ANSWER
+        message = (f"Torn's API gave an answer TornCat does not understand ({reason})"
+                   if code == TORN_BAD_ANSWER
                    else f"Torn's API refused the request (error code {code})")
     extra = {"torn_error_code": code} if code is not None and code >= 0 else {}
     if code == 16:
@@ -2716,13 +3113,6 @@ class TornError(Exception):
         self.code = code
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib would follow a redirect with our headers, the key included: never."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError for the 3xx
-
-
 @dataclass(frozen=True, slots=True)
 class TornIdentity:
     player_id: int
@@ -2730,71 +3120,176 @@ class TornIdentity:
     faction_id: int | None
 
 
+class TornUse(enum.Enum):
+    """Who asks Torn: each has its own requests in flight (TORN_SIGNIN_REQUESTS,
+    TORN_POLL_REQUESTS)."""
+
+    SIGN_IN = "sign-in"
+    POLL = "poll"
+
+
+def torn_id(value: object, what: str) -> int:
+    """An id from Torn (FactionId, UserId, war_id: integers): positive, at most MAX_ID."""
+    if type(value) is not int or not 0 < value <= MAX_ID:
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not an id")
+    return value
+
+
+def torn_text(value: object, what: str, limit: int) -> str:
+    """A string from Torn, printable and at most `limit` characters."""
+    if not isinstance(value, str):
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not a string")
+    return printable(value, limit)
+
+
+def torn_object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise TornError(TORN_BAD_ANSWER, f"{what} is not an object")
+    return value
+
+
+def parse_torn_answer(data: bytes) -> dict:
+    """Torn's JSON answer as an object; TornError for an error it names, or for what is
+    not a JSON object (too deep to read included)."""
+    if len(data) > TORN_MAX_ANSWER_BYTES:
+        raise TornError(TORN_BAD_ANSWER, "answer too large")
+    try:
+        obj = json.loads(data)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise TornError(TORN_BAD_ANSWER, "answer is not JSON") from None
+    except RecursionError:
+        raise TornError(TORN_BAD_ANSWER, "answer nests too deeply") from None
+    obj = torn_object(obj, "the answer")
+    error = obj.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        text = error.get("error")
+        raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
+                        printable(text if isinstance(text, str) else "", TORN_ERROR_TEXT_CHARS))
+    return obj
+
+
+def member_list(answer: dict) -> list[dict]:
+    """FactionMembersResponse.members: FactionMember objects, at most MAX_FACTION_MEMBERS."""
+    members = answer.get("members")
+    if not isinstance(members, list):
+        raise TornError(TORN_BAD_ANSWER, "members is not a list")
+    if len(members) > MAX_FACTION_MEMBERS:
+        raise TornError(TORN_BAD_ANSWER, f"{len(members)} members, more than a faction has")
+    for n, m in enumerate(members):
+        torn_id(torn_object(m, f"members[{n}]").get("id"), f"members[{n}].id")
+    return members
+
+
 class TornClient:
-    """GET requests to Torn's API v2, each in a thread of our own pool, with a deadline."""
+    """GET requests to Torn's API v2, each within one deadline for the whole request."""
 
     def __init__(self, base_url: str, timeout: float):
-        self.base_url, self.timeout = base_url, timeout
-        self.executor = concurrent.futures.ThreadPoolExecutor(TORN_THREADS, "torn-api")
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        parts = urllib.parse.urlsplit(base_url)
+        self.host, self.prefix, self.timeout = parts.hostname, parts.path.rstrip("/"), timeout
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.in_flight = {TornUse.SIGN_IN: asyncio.Semaphore(TORN_SIGNIN_REQUESTS),
+                          TornUse.POLL: asyncio.Semaphore(TORN_POLL_REQUESTS)}
+        self._address: tuple[str, float] | None = None  # (Torn's address, when looked up)
+        self._looking_up = asyncio.Lock()
 
-    async def get(self, key: str, path: str) -> dict:
+    async def get(self, key: str, path: str, use: TornUse) -> dict:
         """Torn's JSON answer to GET <base><path>; TornError for an error or no answer."""
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self.executor, self._get, key, path)
         try:
-            # urllib's timeout bounds each socket operation; this bounds the whole request.
-            return await asyncio.wait_for(work, self.timeout)
+            async with asyncio.timeout(self.timeout), self.in_flight[use]:
+                data = await self._fetch(key, path)
         except TimeoutError:
             raise TornError(TORN_NO_ANSWER, f"no answer within {self.timeout:g}s") from None
+        return parse_torn_answer(data)
 
-    def _get(self, key: str, path: str) -> dict:
-        request = urllib.request.Request(self.base_url + path, headers={
-            "Authorization": f"ApiKey {key}", "Accept": "application/json",
-            "User-Agent": TORN_USER_AGENT})
+    async def _fetch(self, key: str, path: str) -> bytes:
         try:
-            with self._opener.open(request, timeout=self.timeout) as answer:
-                data = answer.read(TORN_MAX_ANSWER_BYTES + 1)
-        except urllib.error.HTTPError as e:  # Torn answers errors with 200: this is a proxy
-            raise TornError(TORN_NO_ANSWER, f"HTTP {e.code}") from None
-        except (OSError, ValueError) as e:   # URLError, timeouts, resets, TLS errors
+            reader, writer = await asyncio.open_connection(
+                await self._resolve(), self.port, ssl=self.tls, limit=TORN_MAX_HEAD_BYTES,
+                server_hostname=self.host if self.tls else None)
+        except (OSError, ValueError) as e:  # refused, unreachable, TLS errors
             raise TornError(TORN_NO_ANSWER, describe(e)) from None
-        if len(data) > TORN_MAX_ANSWER_BYTES:
-            raise TornError(TORN_BAD_ANSWER, "answer too large")
         try:
-            obj = json.loads(data)
+            writer.write(f"GET {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                         f"Authorization: ApiKey {key}\r\nAccept: application/json\r\n"
+                         f"User-Agent: {TORN_USER_AGENT}\r\nConnection: close\r\n\r\n".encode())
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            status = head[0].split(" ", 2)
+            if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
+                # Torn answers its errors with 200: another status is a proxy's, or a redirect,
+                # which is never followed (it would carry the key elsewhere).
+                raise TornError(TORN_NO_ANSWER, f"HTTP {status[1] if len(status) > 1 else '?'}")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            return await self._read_body(reader, headers)
+        except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            raise TornError(TORN_NO_ANSWER, describe(e)) from None
+        finally:
+            writer.transport.abort()  # Connection: close; and at once when given up
+
+    @staticmethod
+    async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        """The body by Content-Length, chunked (RFC 9112 section 7.1) or to the end; at most
+        one byte more than TORN_MAX_ANSWER_BYTES (parse_torn_answer refuses that)."""
+        limit = TORN_MAX_ANSWER_BYTES + 1
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = bytearray()
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+                if size == 0 or len(body) + size > limit:
+                    return bytes(body) + (b"." * limit if size else b"")
+                body += await reader.readexactly(size)
+                await reader.readexactly(2)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            return b"." * limit if length > limit else await reader.readexactly(length)
+        body = bytearray()  # delimited by the connection's end, however many pieces
+        while len(body) < limit and (piece := await reader.read(limit - len(body))):
+            body += piece
+        return bytes(body)
+
+    async def _resolve(self) -> str:
+        """Torn's address: an IP literal as it is, a name looked up once per TORN_DNS_SECONDS."""
+        try:
+            ipaddress.ip_address(self.host)
+            return self.host
         except ValueError:
-            raise TornError(TORN_BAD_ANSWER, "answer is not JSON") from None
-        if not isinstance(obj, dict):
-            raise TornError(TORN_BAD_ANSWER, "answer is not a JSON object")
-        error = obj.get("error")
-        if isinstance(error, dict):
-            code = error.get("code")
-            raise TornError(code if type(code) is int else TORN_BAD_ANSWER,
-                            str(error.get("error", ""))[:TORN_ERROR_TEXT_CHARS])
-        return obj
+            pass
+        loop = asyncio.get_running_loop()
+        async with self._looking_up:
+            if self._address is None or loop.time() - self._address[1] > TORN_DNS_SECONDS:
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                self._address = (infos[0][4][0], loop.time())
+            return self._address[0]
 
     async def identity(self, key: str) -> TornIdentity:
         """Who owns `key`: /user/profile (UserProfileResponse) needs only Public access."""
-        profile = (await self.get(key, "/user/profile")).get("profile")
-        if not isinstance(profile, dict):
-            raise TornError(TORN_BAD_ANSWER, "no profile in the answer")
-        player, name, faction = profile.get("id"), profile.get("name"), profile.get("faction_id")
-        if type(player) is not int or player <= 0 or not isinstance(name, str) or not (
-                faction is None or type(faction) is int):
-            raise TornError(TORN_BAD_ANSWER, "unexpected profile fields")
-        return TornIdentity(player, name.strip()[:MAX_NAME_CHARS], faction or None)
+        profile = torn_object((await self.get(key, "/user/profile", TornUse.SIGN_IN))
+                              .get("profile"), "profile")
+        name = torn_text(profile.get("name"), "profile.name", MAX_NAME_CHARS)
+        if not name:
+            raise TornError(TORN_BAD_ANSWER, "profile.name is empty")
+        faction = profile.get("faction_id")
+        return TornIdentity(torn_id(profile.get("id"), "profile.id"), name,
+                            None if faction in (None, 0) else torn_id(faction, "profile.faction_id"))
 
-    async def faction_member_ids(self, key: str, faction_id: int) -> set[int]:
+    async def faction_member_ids(self, key: str, faction_id: int, use: TornUse) -> set[int]:
         """The ids in a faction's member list (FactionMembersResponse), for re-verification."""
-        members = (await self.get(key, f"/faction/{int(faction_id)}/members")).get("members")
-        if not isinstance(members, list) or not all(
-                isinstance(m, dict) and type(m.get("id")) is int for m in members):
-            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
-        return {m["id"] for m in members}
+        answer = await self.get(key, f"/faction/{int(faction_id)}/members?timestamp={int(time.time())}",
+                                use)
+        return {m["id"] for m in member_list(answer)}
+
+    async def key_owner(self, key: str) -> int | None:
+        """The player who owns `key` (KeyInfoResponse.info.user.id), if Torn says."""
+        info = (await self.get(key, "/key/info", TornUse.POLL)).get("info")
+        user = info.get("user") if isinstance(info, dict) else None
+        return torn_id(user.get("id"), "info.user.id") if isinstance(user, dict) else None
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        pass  # nothing outlives a request
 
 
 class SignIn:
@@ -2803,7 +3298,11 @@ class SignIn:
     Who owns a key is asked of Torn once per key however many sign-ins ask at once:
     answers (and refusals that will not change soon: wrong, inactive or too-weak keys)
     are cached by HMAC of the key; a sign-in while Torn is being asked about the same
-    key waits for that answer instead of asking again.
+    key waits for that answer instead of asking again. A cached answer is not used for a
+    player since seen out of that faction: they are asked about again.
+
+    A sign-in also reads the faction's member list with the member's own key, once per
+    REVERIFY_HOURS per faction: a faction the poll has no key for is re-verified so.
     """
 
     def __init__(self, config: Config, torn: TornClient, db: Database, auth: Auth, hub: Hub):
@@ -2811,13 +3310,15 @@ class SignIn:
         self._secret = secrets.token_bytes(32)
         self._cache: dict[bytes, tuple[float, TornIdentity | HttpError]] = {}
         self._asking: dict[bytes, asyncio.Task] = {}
+        self._verified: dict[int, float] = {}  # faction -> loop time of its last read here
+        self._suspect: dict[int, set[int]] = {}  # faction -> members a read missed, too many
 
     async def identity(self, key: str) -> TornIdentity:
         """The key's owner; HttpError (the Torn error mapped) when Torn says no."""
         digest = hmac.digest(self._secret, key.encode(), "sha256")
         loop = asyncio.get_running_loop()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > loop.time():
+        if cached is not None and cached[0] > loop.time() and not self._left(cached[1]):
             result = cached[1]
         else:
             task = self._asking.get(digest)
@@ -2828,12 +3329,17 @@ class SignIn:
             raise HttpError(result.status, result.message, result.headers, result.extra)
         return result
 
+    def _left(self, known: TornIdentity | HttpError) -> bool:
+        """Whether a cached owner has since been seen out of the faction it names."""
+        return isinstance(known, TornIdentity) and known.faction_id is not None and \
+            self.auth.has_left(known.player_id, known.faction_id)
+
     async def _ask(self, digest: bytes, key: str) -> TornIdentity | HttpError:
         try:
             result: TornIdentity | HttpError = await self.torn.identity(key)
             ttl = SIGNIN_CACHE_SECONDS
         except TornError as e:
-            result = torn_error_to_http(e.code)
+            result = torn_error_to_http(e.code, str(e))
             ttl = SIGNIN_REFUSAL_CACHE_SECONDS if result.status in (401, 403) else 0.0
             if result.status >= 500:
                 log.warning("sign-in: Torn's API: %s (code %s)", e, e.code)
@@ -2861,15 +3367,19 @@ class SignIn:
                             extra={"faction_id": who.faction_id})
         if lend:
             await self.lend(key, who)
+        await self._reverify(key, who)
         del key  # nothing below needs it
         token = "tm_" + secrets.token_urlsafe(24)
         digest = token_digest(token)
-        expires_at = await self.db.issue_member_token(who.faction_id, who.name, digest,
-                                                      who.player_id,
-                                                      self.config.member_token_days * 86400)
+        expires_at, moved, replaced = await self.db.issue_member_token(
+            who.faction_id, who.name, digest, who.player_id,
+            self.config.member_token_days * 86400, self.config.member_tokens_per_player)
         self.auth.add_member(digest, Grant(who.faction_id, who.name, who.player_id, who.name,
                                            expires_at))
-        log.info("signed in: %s [%d] of faction %d", who.name, who.player_id, who.faction_id)
+        self.hub.end_grants(self.auth.drop(moved, "left_faction")
+                            | self.auth.drop(replaced, "replaced"), self.config.retry_ms)
+        log.info("signed in: %s [%d] of faction %d%s", who.name, who.player_id, who.faction_id,
+                 "; signed out of their former faction" if moved else "")
         expires = datetime.datetime.fromtimestamp(expires_at, datetime.UTC)
         return {"token": token, "player_id": who.player_id, "name": who.name,
                 "faction_id": who.faction_id, "lent": lend,
@@ -2879,31 +3389,70 @@ class SignIn:
         """Store a member's key for the faction's Torn API poll ("lend": true at sign-in):
         only a Public key, the poll reads nothing else (see "The Torn API poll")."""
         try:
-            info = (await self.torn.get(key, "/key/info")).get("info")
+            info = (await self.torn.get(key, "/key/info", TornUse.SIGN_IN)).get("info")
         except TornError as e:
-            raise torn_error_to_http(e.code) from None
+            raise torn_error_to_http(e.code, str(e)) from None
         access = info.get("access") if isinstance(info, dict) else None
         level = access.get("level") if isinstance(access, dict) else None
         if level != PUBLIC_ACCESS_LEVEL:
             kind = access.get("type") if isinstance(access, dict) else None
+            kind = printable(kind, MAX_NAME_CHARS) if isinstance(kind, str) else "other"
             raise HttpError(403, f"TornCat borrows only keys with Public access for the "
-                            f"faction's poll, and this one has {kind or 'other'} access: create "
+                            f"faction's poll, and this one has {kind} access: create "
                             f"a Public key ({PUBLIC_KEY_URL}) and lend that one, or sign in "
                             "without lending", extra={"create_key_url": PUBLIC_KEY_URL})
         await self.db.lend_key(who.faction_id, key, who.player_id, who.name)
         log.info("%s [%d] lent a key to faction %d's Torn API poll", who.name, who.player_id,
                  who.faction_id)
 
-    async def sign_out_departed(self, faction_id: int, member_ids: set[int]) -> int:
-        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (the
-        faction's member list as Torn shows it now) and end their streams; returns how many.
-        Other servers learn of it through the token table's NOTIFY."""
-        rows = await self.db.revoke_departed(faction_id, member_ids)
+    async def _reverify(self, key: str, who: TornIdentity) -> None:
+        """Read the faction's member list with the signing-in member's key, once per
+        REVERIFY_HOURS per faction, and sign out those it no longer lists."""
+        loop, faction = asyncio.get_running_loop(), who.faction_id
+        if loop.time() - self._verified.get(faction, -math.inf) < self.config.reverify_hours * 3600:
+            return
+        self._verified[faction] = loop.time()
+        read_at = time.time()
+        try:
+            members = await self.torn.faction_member_ids(key, faction, TornUse.SIGN_IN)
+            _, implausible = await self.sign_out_departed(faction, members, who.player_id,
+                                                          read_at)
+        except (TornError, DatabaseUnavailable) as e:
+            implausible = describe(e)
+        if implausible:
+            self._verified.pop(faction, None)  # the next sign-in reads it again
+
+    async def sign_out_departed(self, faction_id: int, member_ids: set[int], owner: int | None,
+                                read_at: float) -> tuple[int, str | None]:
+        """Revoke the member tokens of `faction_id` held by players not in `member_ids` (its
+        member list as Torn showed it at `read_at`, read with a key of `owner`'s; tokens
+        issued since stay) and end their streams; returns how many, and why nobody was
+        signed out when the list is implausible: empty (a faction lists at least its
+        leader), without the key's owner, or missing more than SIGNOUT_MAX_DROP signed-in
+        members at once, unless the read before missed them too. Other servers learn of it
+        through the token table's NOTIFY."""
+        if not member_ids:
+            why = "it is empty"
+        elif owner is not None and owner not in member_ids:
+            why = f"it does not list the key's owner [{owner}]"
+        else:
+            why = None
+            gone = self.auth.members_of(faction_id) - member_ids
+            before = self._suspect.pop(faction_id, None)
+            if len(gone) > self.config.signout_max_drop and (before is None or not gone <= before):
+                self._suspect[faction_id] = gone
+                why = (f"{len(gone)} signed-in members are missing from it, more than "
+                       f"SIGNOUT_MAX_DROP ({self.config.signout_max_drop}): the next read decides")
+        if why:
+            log.warning("faction %d's member list looks implausible (%s): nobody signed out",
+                        faction_id, why)
+            return 0, why
+        rows = await self.db.revoke_departed(faction_id, member_ids, read_at)
         gone = self.auth.drop([bytes(r["token_sha256"]) for r in rows], "left_faction")
         self.hub.end_grants(gone, self.config.retry_ms)
         for player in sorted({(r["player_name"], r["player_id"]) for r in rows}):
             log.info("%s [%d] is no longer in faction %d: signed out", *player, faction_id)
-        return len(rows)
+        return len(rows), None
 
 
 # -- The Torn API poll ----------------------------------------------------------
@@ -2922,20 +3471,31 @@ class SignIn:
 # (POLL_SESSION_SQL) end the session within a few seconds. Either way another
 # process takes over within POLL_SECONDS and a few seconds.
 #
-# Every POLL_SECONDS, for each faction with a key: GET /faction/wars (FactionWarsResponse:
-# wars.ranked, a FactionRankedWar with war_id, start, end, winner and the two factions),
-# then, during a war, GET /faction/{opponent}/members (FactionMembersResponse: each
-# member's UserStatus: state, until, description). Both with `timestamp=<now>`: Torn
-# caches an answer ~30 s unless that parameter changes. Statuses that changed since the
-# last poll go to torncat_target_statuses (trigger.sql) in one statement, which appends
-# `target_status` events and ends the calls of targets hospitalised or jailed since; a war
-# that ended (or changed) ends its calls (torncat_set_war). Every REVERIFY_HOURS it reads
-# the faction's own member list and signs out members who left (SignIn.sign_out_departed).
+# Every POLL_SECONDS, for each faction with a key: GET /faction/{id}/wars of that very
+# faction (FactionWarsResponse: wars.ranked, a FactionRankedWar with war_id, start, end,
+# winner and the two factions; not /faction/wars, which is the key owner's faction, who
+# may have moved), then, during a war, GET /faction/{opponent}/members
+# (FactionMembersResponse: each member's UserStatus: state, until, description). Both with
+# `timestamp=<now>`: Torn caches an answer ~30 s unless that parameter changes. Statuses
+# that changed since the last poll go to torncat_target_statuses (trigger.sql) in one
+# statement, which appends `target_status` events and ends the calls of targets
+# hospitalised or jailed since. A war ends, and its calls with it (torncat_set_war), when
+# Torn names its end or winner, or when two answers in a row show no war or another one:
+# one odd answer ends nothing. Every REVERIFY_HOURS it reads the faction's own member list
+# and signs out members who left (SignIn.sign_out_departed, which refuses implausible
+# lists).
+#
+# Each faction's round stands alone. An answer that is not what the document says (see
+# TornClient) fails that faction's round as Torn being down does: counted, backed off,
+# "stale" after POLL_STALE_ROUNDS; the other factions and the session go on.
 #
 # Keys come from TORN_API_KEYS and the torncat_torn_keys table (operators' and lent
-# ones). Each request takes the faction's least used key whose requests in the last
-# minute are under TORN_KEY_BUDGET; with none, the round waits. A key Torn calls
-# incorrect, inactive, paused or too weak (BAD_KEY_CODES) is disabled and logged once
+# ones). Torn allows a player 100 requests a minute across all their keys, so the budget,
+# TORN_KEY_BUDGET, is a player's: a lent key's owner is known, another key's is asked of
+# Torn once (GET /key/info, counted too), and a key whose owner Torn does not name counts
+# on its own. Each request takes the faction's least used key whose owner is under the
+# budget; with none, the round waits. A key Torn calls incorrect, inactive, paused or too
+# weak (BAD_KEY_CODES), or whose owner has left the faction, is disabled and logged once
 # by its reference ("env:1", "db:7"), never by its value. Torn down or slow backs the
 # faction's polls off, with jitter, to at most POLL_BACKOFF_MAX_SECONDS, and leaves
 # every call as it is.
@@ -2955,66 +3515,104 @@ class PollKey:
     faction: int
     key: str = dataclasses.field(repr=False)
     db_id: int | None = None
+    owner: int | None = None          # the player whose key it is, once known
+    owner_asked: bool = False         # GET /key/info was asked (once per session)
     uses: collections.deque = dataclasses.field(default_factory=collections.deque)
     disabled: bool = False
+    owner_missing: int = 0            # member lists in a row that did not list its owner
 
     def used(self, now: float) -> int:
-        """Requests in the last KEY_WINDOW_SECONDS."""
-        while self.uses and self.uses[0] <= now - KEY_WINDOW_SECONDS:
-            self.uses.popleft()
-        return len(self.uses)
+        """Requests with this key in the last KEY_WINDOW_SECONDS."""
+        return window(self.uses, now)
+
+    @property
+    def payer(self) -> object:
+        """Whose budget its requests count on: its owner's, or its own while unknown."""
+        return self.ref if self.owner is None else self.owner
+
+
+def window(uses: collections.deque, now: float) -> int:
+    """Requests in `uses` (their times) in the last KEY_WINDOW_SECONDS."""
+    while uses and uses[0] <= now - KEY_WINDOW_SECONDS:
+        uses.popleft()
+    return len(uses)
 
 
 @dataclass
 class FactionPoll:
     faction: int
     war: tuple[int, int] | None = None   # (war_id, opponent) as last stored; None: none
-    war_known: bool = False              # whether `war` was stored this session
+    seen: tuple | None = None            # a war (or none) Torn showed once instead of `war`
     known: dict = dataclasses.field(default_factory=dict)  # target -> (state, until, desc, war)
     last_success: float | None = None    # time.time() of the last complete poll
     failures: int = 0                    # polls failed in a row (Torn down or slow)
-    polls: int = 0                       # polls completed this session
+    polls: int = 0                       # polls completed
     next_at: float = 0.0                 # loop time of the next poll
     reverified_at: float = -math.inf     # loop time of the last member-list read
     failing_since: float | None = None   # time.time() of the first failure of this outage
     health: tuple | None = None          # (state, reason) last stored; None: not this session
 
 
-def current_ranked_war(answer: dict, faction: int, now: int) -> tuple[int, int] | None:
-    """(war_id, opponent id) of FactionWarsResponse's ranked war, if it is on or coming."""
-    wars = answer.get("wars")
-    if not isinstance(wars, dict):
-        raise TornError(TORN_BAD_ANSWER, "no wars in the answer")
+class WarSeen(enum.Enum):
+    """What one FactionWarsResponse says of the faction's ranked war."""
+
+    ON = "on"      # on, or coming: (war_id, opponent)
+    OVER = "over"  # Torn names its end or its winner
+    NONE = "none"  # `ranked` is null: no war, or Torn does not show it this time
+
+
+def ranked_war(answer: dict, faction: int, now: int) -> tuple[WarSeen, tuple[int, int] | None]:
+    """What FactionWarsResponse (GET /faction/{faction}/wars) says of the faction's ranked
+    war, checked against FactionRankedWar: (ON, (war_id, opponent)), (OVER, (war_id,
+    opponent)) or (NONE, None). TornError for an answer the document does not allow."""
+    wars = torn_object(answer.get("wars"), "wars")
     ranked = wars.get("ranked")
     if ranked is None:
-        return None
-    if not isinstance(ranked, dict) or type(ranked.get("war_id")) is not int:
-        raise TornError(TORN_BAD_ANSWER, "unexpected ranked war")
-    end = ranked.get("end")
-    if ranked.get("winner") or (type(end) is int and 0 < end <= now):
-        return None  # over
-    others = [f.get("id") for f in ranked.get("factions") or () if isinstance(f, dict)]
-    others = [i for i in others if type(i) is int and i != faction]
-    if len(others) != 1:
-        raise TornError(TORN_BAD_ANSWER, "a ranked war without one opponent")
-    return ranked["war_id"], others[0]
+        return WarSeen.NONE, None
+    ranked = torn_object(ranked, "wars.ranked")
+    war_id = torn_id(ranked.get("war_id"), "wars.ranked.war_id")
+    sides = ranked.get("factions")
+    if not isinstance(sides, list):
+        raise TornError(TORN_BAD_ANSWER, "wars.ranked.factions is not a list")
+    ids = [torn_id(torn_object(f, "a ranked war's faction").get("id"), "a ranked war's faction id")
+           for f in sides]
+    others = [i for i in ids if i != faction]
+    if faction not in ids or len(others) != 1:
+        raise TornError(TORN_BAD_ANSWER, "a ranked war not between this faction and one other")
+    end, winner = ranked.get("end"), ranked.get("winner")
+    for name, value in (("end", end), ("winner", winner)):
+        if value is not None and (type(value) is not int or value < 0):
+            raise TornError(TORN_BAD_ANSWER, f"wars.ranked.{name} is not a time or an id")
+    over = bool(winner) or (end is not None and 0 < end <= now)
+    return (WarSeen.OVER if over else WarSeen.ON), (war_id, others[0])
+
+
+def torn_failure(e: TornError) -> str:
+    """How a failed request reads in logs and on the panel."""
+    if e.code is TORN_NO_ANSWER:
+        return "no answer"
+    if e.code == TORN_BAD_ANSWER:
+        return f"an answer off Torn's API document: {e}"
+    return f"error {e.code}: {e}"
 
 
 def member_statuses(answer: dict) -> list[dict]:
-    """The statuses of FactionMembersResponse, as torncat_target_statuses takes them."""
-    members = answer.get("members")
-    if not isinstance(members, list):
-        raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+    """The statuses of FactionMembersResponse (FactionMember, UserStatus), as
+    torncat_target_statuses takes them: every field checked, every text made printable."""
     out = []
-    for m in members:
-        status = m.get("status") if isinstance(m, dict) else None
-        if type(m.get("id")) is not int or not isinstance(status, dict):
-            raise TornError(TORN_BAD_ANSWER, "unexpected member list")
+    for n, m in enumerate(member_list(answer)):
+        status = torn_object(m.get("status"), f"members[{n}].status")
         until = status.get("until")
-        out.append({"target_id": m["id"], "target_name": str(m.get("name") or "")[:MAX_NAME_CHARS],
-                    "state": str(status.get("state") or "")[:MAX_NAME_CHARS],
-                    "until": until if type(until) is int and until > 0 else None,
-                    "description": str(status.get("description") or "")[:STATUS_DESCRIPTION_CHARS]})
+        if until is not None and (type(until) is not int or not 0 <= until <= MAX_ID):
+            raise TornError(TORN_BAD_ANSWER, f"members[{n}].status.until is not a time")
+        out.append({"target_id": m["id"],
+                    "target_name": torn_text(m.get("name"), f"members[{n}].name", MAX_NAME_CHARS),
+                    "state": torn_text(status.get("state"), f"members[{n}].status.state",
+                                       MAX_NAME_CHARS),
+                    "until": until or None,
+                    "description": torn_text(status.get("description"),
+                                             f"members[{n}].status.description",
+                                             STATUS_DESCRIPTION_CHARS)})
     return out
 
 
@@ -3043,7 +3641,8 @@ class TornPoll:
     """
 
     def __init__(self, config: Config, db: Database, torn: TornClient,
-                 sign_out: Callable[[int, set[int]], Awaitable[int]]):
+                 sign_out: Callable[[int, set[int], int | None, float],
+                                    Awaitable[tuple[int, str | None]]]):
         self.config, self.db, self.torn, self.sign_out = config, db, torn, sign_out
         self.role = PollRole.STARTING
         self.session: PollSession | None = None
@@ -3053,6 +3652,7 @@ class TornPoll:
         self.factions: dict[int, FactionPoll] = {}
         self.errors: collections.Counter = collections.Counter()    # Torn code -> count
         self.requests: collections.Counter = collections.Counter()  # key ref -> count
+        self.spent: dict[object, collections.deque] = {}  # PollKey.payer -> request times
         self._check: asyncio.Task | None = None  # a ping asked for by check()
 
     async def run(self) -> None:
@@ -3098,14 +3698,22 @@ class TornPoll:
             raise PoolerDetected  # granted, yet not to our backend
         self.role = PollRole.POLLING
         log.info("torn poll: this process polls Torn's API (it holds the poll lock)")
-        self.factions.clear()
+        # What another session (or process) stored may have changed meanwhile: start from the
+        # table. The factions themselves (failures, backoff) carry over: a session that ends
+        # does not make an outage look new.
+        wars = {r["faction_id"]: (r["war_id"], r["opponent_id"]) for r in await session.wars()}
+        for fp in self.factions.values():
+            fp.war, fp.seen, fp.health = wars.get(fp.faction), None, None
+            fp.known.clear()
+        for key in self.keys.values():
+            key.owner_asked = key.owner is not None
         known = await session.known_statuses()
         loop = asyncio.get_running_loop()
         while True:
             if not await session.holds_lock():
                 raise RuntimeError("the poll lock is no longer ours")
-            await self._load_keys(known)
-            known = ()
+            await self._load_keys(known, wars)
+            known, wars = (), {}
             now = loop.time()
             due = [fp for fp in self.factions.values() if fp.next_at <= now]
             await asyncio.gather(*(self._poll(fp) for fp in due))
@@ -3120,7 +3728,7 @@ class TornPoll:
         if self.session is not None and (self._check is None or self._check.done()):
             self._check = asyncio.get_running_loop().create_task(self.session.ping())
 
-    async def _load_keys(self, known) -> None:
+    async def _load_keys(self, known, wars: dict) -> None:
         rows = await self.session.keys()
         stored = {f"db:{r['id']}": r for r in rows}
         for ref in [ref for ref, k in self.keys.items() if k.db_id is not None
@@ -3128,10 +3736,12 @@ class TornPoll:
             del self.keys[ref]  # removed from the table, or disabled there
         for ref, r in stored.items():
             if ref not in self.keys:
-                self.keys[ref] = PollKey(ref, r["faction_id"], r["api_key"], r["id"])
+                owner = r["player_id"]  # a lent key's: the player who lent it
+                self.keys[ref] = PollKey(ref, r["faction_id"], r["api_key"], r["id"], owner,
+                                         owner is not None)
         wanted = {k.faction for k in self.keys.values() if not k.disabled}
         for faction in wanted - self.factions.keys():
-            self.factions[faction] = FactionPoll(faction)
+            self.factions[faction] = FactionPoll(faction, wars.get(faction))
         for faction in self.factions.keys() - wanted:
             del self.factions[faction]
         for r in known:
@@ -3140,32 +3750,53 @@ class TornPoll:
                 fp.known[r["target_id"]] = (r["state"], r["until"], r["description"], r["war_id"])
 
     def _take_key(self, faction: int) -> PollKey:
+        """The faction's least used key whose owner is under TORN_KEY_BUDGET this minute,
+        with one request counted; OverBudget when there is none."""
         now = asyncio.get_running_loop().time()
         budget = self.config.torn_key_budget
-        free = [k for k in self.keys.values()
-                if k.faction == faction and not k.disabled and k.used(now) < budget]
+        spent = {k: window(self.spent.setdefault(k.payer, collections.deque()), now)
+                 for k in self.keys.values() if k.faction == faction and not k.disabled}
+        free = [k for k, n in spent.items() if n < budget]
         if not free:
             raise OverBudget
-        key = min(free, key=lambda k: len(k.uses))
+        key = min(free, key=lambda k: spent[k])
         key.uses.append(now)
+        self.spent[key.payer].append(now)
         self.requests[key.ref] += 1
         return key
 
-    async def _ask(self, fp: FactionPoll, path: str, members_of: int | None = None):
+    async def _ask(self, fp: FactionPoll, path: str) -> tuple[PollKey, dict]:
+        """A key of the faction's, and Torn's answer to GET `path` with it."""
         key = self._take_key(fp.faction)
         try:
-            if members_of is not None:
-                return await self.torn.faction_member_ids(key.key, members_of)
-            return await self.torn.get(key.key, path)
+            if not key.owner_asked:  # whose budget is it? Asked once, and counted
+                key.owner_asked = True
+                try:
+                    self._owned(key, await self.torn.key_owner(key.key))
+                except TornError as e:
+                    if e.code in BAD_KEY_CODES:
+                        raise
+                    # Not named (or no answer now): the key counts on its own.
+                if key.owner is not None:
+                    key = self._take_key(fp.faction)
+            return key, await self.torn.get(key.key, path, TornUse.POLL)
         except TornError as e:
             self.errors["timeout" if e.code is None else str(e.code)] += 1
             if e.code in BAD_KEY_CODES:
-                await self._disable(key, e)
+                await self._disable(key, f"Torn error {e.code} ({e})", e)
             raise
 
-    async def _disable(self, key: PollKey, e: TornError) -> None:
+    def _owned(self, key: PollKey, owner: int | None) -> None:
+        """`key` is `owner`'s: its requests so far count on their budget from now on."""
+        if owner is None:
+            return
+        mine = self.spent.pop(key.ref, collections.deque())
+        key.owner = owner
+        theirs = self.spent.setdefault(owner, collections.deque())
+        self.spent[owner] = collections.deque(sorted([*theirs, *mine]))
+
+    async def _disable(self, key: PollKey, reason: str, e: TornError | None = None) -> None:
         key.disabled = True
-        reason = f"Torn error {e.code} ({e})"
         log.warning("torn poll: key %s of faction %d disabled: %s; it is not used again "
                     "(add a new one: `torn-key add`, or a member lends one)",
                     key.ref, key.faction, reason)
@@ -3173,70 +3804,115 @@ class TornPoll:
             await self.session.disable_key(key.db_id, reason)
         fp = self.factions.get(key.faction)
         if fp is not None:  # its members' panels say so (until a poll succeeds again)
-            await self._health(fp, PollHealth.KEY_REFUSED, e)
+            await self._health(fp, PollHealth.KEY_REFUSED, e, None if e else reason)
 
     async def _poll(self, fp: FactionPoll) -> None:
+        """One round of one faction. Whatever goes wrong in it (Torn, an answer off the
+        document) fails this faction's round only; a lost database link ends the session."""
         loop = asyncio.get_running_loop()
-        poll_seconds = self.config.poll_seconds
         now = int(time.time())
         try:
-            war = current_ranked_war(
-                await self._ask(fp, f"/faction/wars?timestamp={now}"), fp.faction, now)
-            if war != fp.war or not fp.war_known:
-                ended = await self.session.set_war(fp.faction, war)
-                if war != fp.war:
-                    log.info("torn poll: faction %d: %s", fp.faction,
-                             f"war {war[0]} against faction {war[1]}" if war else "no war")
-                if ended:
-                    log.info("torn poll: faction %d: %d calls ended with their war",
-                             fp.faction, ended)
-                fp.war, fp.war_known = war, True
+            _, answer = await self._ask(fp, f"/faction/{fp.faction}/wars?timestamp={now}")
+            war = await self._war(fp, *ranked_war(answer, fp.faction, now))
             if war is not None:
                 await self._statuses(fp, war, now)
             if loop.time() - fp.reverified_at >= self.config.reverify_hours * 3600:
-                members = await self._ask(fp, "", members_of=fp.faction)
-                try:
-                    await self.sign_out(fp.faction, members)
-                    fp.reverified_at = loop.time()
-                except (DatabaseUnavailable, asyncpg.PostgresError) as e:
-                    log.warning("torn poll: faction %d: could not sign out departed members "
-                                "(%s): next round", fp.faction, describe(e))
+                await self._reverify(fp)
         except OverBudget:
-            log.debug("torn poll: faction %d: every key used its budget this minute",
+            log.debug("torn poll: faction %d: every key's owner used their budget this minute",
                       fp.faction)
-            fp.next_at = loop.time() + poll_seconds
+            fp.next_at = loop.time() + self.config.poll_seconds
             return
         except TornError as e:
             if e.code in BAD_KEY_CODES:
                 fp.next_at = loop.time()  # at once, with the next key
                 return
-            fp.failures += 1
-            if fp.failures == 1:
-                fp.failing_since = time.time()
-            if fp.failures >= POLL_STALE_ROUNDS:
-                await self._health(fp, PollHealth.STALE, e)
-            if fp.failures == 1:
-                log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; "
-                            "calls stay as they are", fp.faction,
-                            "no answer" if e.code is None else f"error {e.code}: {e}")
-            backoff = min(poll_seconds * 2 ** min(fp.failures, 10), POLL_BACKOFF_MAX_SECONDS)
-            fp.next_at = loop.time() + backoff * random.uniform(0.5, 1.0)
+            await self._failed(fp, e)
+            return
+        except (TimeoutError, *DB_UNAVAILABLE):
+            raise  # the session's own link: run() starts another
+        except Exception as e:  # what no check foresaw: this faction's round, not the session
+            log.exception("torn poll: faction %d: round failed", fp.faction)
+            await self._failed(fp, TornError(TORN_BAD_ANSWER, describe(e)))
             return
         if fp.failures:
             log.info("torn poll: faction %d: Torn's API answers again (after %d failed polls)",
                      fp.faction, fp.failures)
         fp.failures = 0
         fp.last_success = time.time()
-        fp.next_at = loop.time() + poll_seconds
+        fp.next_at = loop.time() + self.config.poll_seconds
         fp.polls += 1
         await self._health(fp, PollHealth.OK)
 
-    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None) -> None:
+    async def _failed(self, fp: FactionPoll, e: TornError) -> None:
+        """A round that failed: counted, backed off, "stale" after POLL_STALE_ROUNDS."""
+        fp.failures += 1
+        if fp.failures == 1:
+            fp.failing_since = time.time()
+            log.warning("torn poll: faction %d: Torn's API failed (%s): backing off; calls "
+                        "stay as they are", fp.faction, torn_failure(e))
+        if fp.failures >= POLL_STALE_ROUNDS:
+            await self._health(fp, PollHealth.STALE, e)
+        poll_seconds = self.config.poll_seconds
+        backoff = min(poll_seconds * 2 ** min(fp.failures, 10), POLL_BACKOFF_MAX_SECONDS)
+        fp.next_at = asyncio.get_running_loop().time() + backoff * random.uniform(0.5, 1.0)
+
+    async def _war(self, fp: FactionPoll, seen: WarSeen,
+                   war: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The faction's war after this answer. A war that starts is stored at once, and
+        one Torn names the end or winner of ends at once; one that is merely not shown (no
+        war, or another one) ends when the next answer agrees: one odd answer ends nothing.
+        Storing ends the calls of any other war (torncat_set_war)."""
+        now_war = None if seen is not WarSeen.ON else war
+        if now_war == fp.war:
+            fp.seen = None
+            return fp.war
+        ends_for_sure = fp.war is None or (seen is WarSeen.OVER and war == fp.war)
+        if not ends_for_sure and fp.seen != (now_war,):
+            fp.seen = (now_war,)  # once: the next answer decides
+            log.info("torn poll: faction %d: Torn shows %s instead of war %d: ended if the "
+                     "next answer agrees", fp.faction,
+                     f"war {now_war[0]}" if now_war else "no war", fp.war[0])
+            return fp.war
+        ended = await self.session.set_war(fp.faction, now_war)
+        log.info("torn poll: faction %d: %s", fp.faction, f"war {now_war[0]} against faction "
+                 f"{now_war[1]}" if now_war else "no war")
+        if ended:
+            log.info("torn poll: faction %d: %d calls ended with their war", fp.faction, ended)
+        fp.war, fp.seen = now_war, None
+        return now_war
+
+    async def _reverify(self, fp: FactionPoll) -> None:
+        """Read the faction's own member list and sign out who left it; an implausible list
+        is read again next round. A key whose owner two lists in a row do not show is
+        disabled: its owner has left the faction."""
+        read_at = time.time()
+        key, answer = await self._ask(fp, f"/faction/{fp.faction}/members?timestamp={int(read_at)}")
+        members = {m["id"] for m in member_list(answer)}
+        if members and key.owner is not None and key.owner not in members:
+            key.owner_missing += 1
+            if key.owner_missing >= 2:
+                await self._disable(key, f"its owner [{key.owner}] is no longer in faction "
+                                         f"{fp.faction}")
+                return
+        else:
+            key.owner_missing = 0
+        try:
+            _, implausible = await self.sign_out(fp.faction, members, key.owner, read_at)
+        except (DatabaseUnavailable, asyncpg.PostgresError) as e:
+            log.warning("torn poll: faction %d: could not sign out departed members (%s): "
+                        "next round", fp.faction, describe(e))
+            return
+        if not implausible:
+            fp.reverified_at = asyncio.get_running_loop().time()
+
+    async def _health(self, fp: FactionPoll, state: PollHealth, e: TornError | None = None,
+                      reason: str | None = None) -> None:
         """Tell the faction's members how the poll is (the `poll_health` event), when that
         changed: the first time this session (the table says whether it changed), or when
         its state or reason did."""
-        reason = None if e is None else ("no answer" if e.code is None else
-                                         f"error {e.code}: {e}")[:POLL_HEALTH_REASON_CHARS]
+        reason = (reason or (None if e is None else torn_failure(e)))
+        reason = reason and reason[:POLL_HEALTH_REASON_CHARS]
         if fp.health == (state, reason):
             return
         def stamp(t: float | None) -> datetime.datetime | None:
@@ -3250,8 +3926,8 @@ class TornPoll:
 
     async def _statuses(self, fp: FactionPoll, war: tuple[int, int], now: int) -> None:
         war_id, opponent = war
-        statuses = member_statuses(await self._ask(
-            fp, f"/faction/{opponent}/members?timestamp={now}"))
+        _, answer = await self._ask(fp, f"/faction/{opponent}/members?timestamp={now}")
+        statuses = member_statuses(answer)
         changed = [s for s in statuses if fp.known.get(s["target_id"]) != (
             s["state"], s["until"], s["description"], war_id)]
         if not changed:
@@ -3360,6 +4036,80 @@ def unavailable(e: DatabaseUnavailable) -> HttpError:
                      (("Retry-After", DB_RETRY_AFTER),), extra={"outcome": "not applied"})
 
 
+class RequestSlots:
+    """The connections that are neither streams nor held long-polls: idle between requests,
+    sending one, or being answered. They are REQUEST_SLOTS at most, CONNECTIONS_PER_ADDRESS
+    from one address. Past either bound the oldest idle one (of that address, or of the
+    address holding the most) is closed, so that a new request, /healthz included, always
+    gets in: idle connections cannot take a server's slots, nor one address everyone's.
+    One idle for less than IDLE_GRACE_SECONDS is kept (honest clients arriving together
+    from one address each send their request at once) and the bound is restored a moment
+    later; only a server out of file descriptors closes the youngest too.
+    """
+
+    def __init__(self, per_address: int, stats: Stats, loop: asyncio.AbstractEventLoop):
+        self.per_address, self.stats, self.loop = per_address, stats, loop
+        self.by_address: dict[str, dict[Client, None]] = {}  # oldest first
+        self.count = 0
+        self._over: set[str] = set()  # addresses found past per_address
+        self._retry: asyncio.TimerHandle | None = None
+
+    def admit(self, client: Client, full: bool) -> bool:
+        """Room for a new connection; False when the server is `full` and none is idle."""
+        if full and not self._close_idle(self._busiest(), 0.0, self.loop.time()):
+            return False
+        self.take(client)
+        if len(self.by_address[client.address]) > self.per_address:
+            self._over.add(client.address)
+        if self._over or self.count > REQUEST_SLOTS:
+            self.trim()
+        return True
+
+    def take(self, client: Client) -> None:
+        """`client` waits for (or sends, or is answered) a request; safe to call twice."""
+        conns = self.by_address.setdefault(client.address, {})
+        if client not in conns:
+            conns[client] = None
+            self.count += 1
+
+    def give_back(self, client: Client) -> None:
+        """`client` became a stream or a held long-poll, or closed; safe to call twice."""
+        conns = self.by_address.get(client.address)
+        if conns is not None and client in conns:
+            del conns[client]
+            self.count -= 1
+            if not conns:
+                del self.by_address[client.address]
+
+    def trim(self) -> None:
+        """Close idle connections past the bounds; again in a moment if some are too young."""
+        self._retry = None
+        now = self.loop.time()
+        for address in list(self._over):
+            conns = self.by_address.get(address, {})
+            while len(conns) > self.per_address and self._close_idle(conns, IDLE_GRACE_SECONDS, now):
+                pass
+            if len(conns) <= self.per_address:
+                self._over.discard(address)
+        while self.count > REQUEST_SLOTS and self._close_idle(self._busiest(), IDLE_GRACE_SECONDS, now):
+            pass
+        if (self._over or self.count > REQUEST_SLOTS) and self._retry is None:
+            self._retry = self.loop.call_later(IDLE_GRACE_SECONDS, self.trim)
+
+    def _busiest(self) -> dict[Client, None]:
+        return max(self.by_address.values(), key=len, default={})
+
+    def _close_idle(self, conns: dict[Client, None], grace: float, now: float) -> bool:
+        """Close the oldest of `conns` idle for `grace` seconds; False if there is none."""
+        for client in conns:
+            if client.phase is Phase.READING and now - client.idle_since >= grace:
+                self.give_back(client)
+                self.stats.idle_closed += 1
+                client.writer.transport.abort()  # its handler sees the end and cleans up
+                return True
+        return False
+
+
 def route_pattern(template: str) -> re.Pattern:
     """A route's path as a pattern: `<target>` stands for a Torn id."""
     return re.compile(re.escape(template).replace("<target>", r"(\d{1,19})"))
@@ -3411,6 +4161,8 @@ class Status:
                            int(self.db.health is not PoolHealth.FAILING)),
             "db_pool_connections": ("Open pool connections (LISTEN not included).", pool_size),
             "db_pool_idle_connections": ("Pool connections waiting for a statement.", pool_idle),
+            "calls_cache_bytes": ("Bytes of GET /calls answers cached (at most "
+                                  "CALLS_CACHE_BYTES).", self.hub.bodies_bytes),
         }) + self.torn_poll.metrics().encode()
 
 
@@ -3430,9 +4182,11 @@ class App:
         self.loop = hub.loop
         self.budgets = Budgets(config.writes_per_minute, config.signins_per_minute)
         self.connections: set[Client] = set()
+        self.slots = RequestSlots(config.connections_per_address, stats, self.loop)
         self.max_connections = config.max_clients + REQUEST_SLOTS
         self.retry_after = str(max(1, round(config.retry_ms / 1000)))
         self.stopping = False
+        self._too_big_logged_at = -math.inf
         self.drained = asyncio.Event()  # set when the last connection closes while stopping
         # Every route: path -> method -> handler, the methods in the order a 405 lists them.
         routes: dict[str, dict[str, Handler]] = {
@@ -3451,14 +4205,15 @@ class App:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """asyncio.start_server's callback: one connection, from accept to close."""
-        if self.stopping or len(self.connections) >= self.max_connections:
+        client = Client(writer, self.loop.time())
+        full = len(self.connections) >= self.max_connections
+        if self.stopping or not self.slots.admit(client, full):
             self.stats.rejected += 1
             writer.write(render(json_reply(503, {"error": "server busy"},
                                            (("Retry-After", self.retry_after),)),
                                 [], close=True, head_only=False))
             writer.close()
             return
-        client = Client(writer)
         self.connections.add(client)
         try:
             await self.converse(client, reader)
@@ -3475,6 +4230,7 @@ class App:
             self.hub.unsubscribe(client)
             self.hub.release(client)
             client.phase = Phase.CLOSED
+            self.slots.give_back(client)
             self.connections.discard(client)
             if not writer.is_closing():
                 writer.close()
@@ -3486,7 +4242,8 @@ class App:
         writer = client.writer
         requests = RequestReader()
         while True:
-            client.phase = Phase.READING
+            client.phase, client.idle_since = Phase.READING, self.loop.time()
+            self.slots.take(client)
             try:
                 got = await self.read_request(reader, requests)
             except HttpError as e:
@@ -3505,6 +4262,7 @@ class App:
             cors, keep_alive, head_only = x.cors, x.keep_alive, req.method == "HEAD"
             if isinstance(answer, Held):
                 got = req = body = x = None  # not kept for the seconds the request is held
+                self.slots.give_back(client)
                 answer, keep_alive = await self.hold(client, reader, requests, answer,
                                                      keep_alive)
             writer.write(render(answer, cors, close=not keep_alive, head_only=head_only))
@@ -3548,6 +4306,8 @@ class App:
             log.debug("%s: %d %s", client.peer(), e.status, e.message)
         writer = client.writer
         client.phase = Phase.CLOSED
+        if writer.is_closing():
+            return  # closed meanwhile, for a newer connection (RequestSlots)
         writer.write(render(error_reply(e), [], close=True, head_only=False))
         if writer.can_write_eof():
             writer.write_eof()
@@ -3594,11 +4354,11 @@ class App:
         if req.version != "HTTP/1.1":
             raise HttpError(505, "the event stream needs HTTP/1.1")
         client.grant = self.auth.grant(req, time.time())
-        if self.stopping or self.hub.client_count >= self.config.max_clients:
-            raise HttpError(503, "too many clients, retry later",
-                            (("Retry-After", self.retry_after),))
+        self._room_for(client.grant)
         client.cursor = parse_event_id(req.headers.get("last-event-id",
                                                        req.query.get("last_event_id")))
+        if self.hub.ready:
+            self._fits(client.scope, self.hub.first_bytes(client.scope, client.cursor))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: stream opened (faction=%s, last_event_id=%s)", client.peer(),
                       "all" if client.scope is None else client.scope, client.cursor)
@@ -3613,6 +4373,7 @@ class App:
             *x.cors,
         ])
         self.hub.subscribe(client, head + chunk(retry_field(self.config.retry_ms)))
+        self.slots.give_back(client)
         return STREAMING
 
     async def healthz(self, x: Exchange) -> Reply:
@@ -3666,13 +4427,13 @@ class App:
         wait = parse_wait(req.query.get("wait"))
         if wait and since is not None and not self.stopping \
                 and not self.hub.has_news(grant.faction, since):
-            if self.hub.client_count >= self.config.max_clients:
-                raise HttpError(503, "too many clients, retry later",
-                                (("Retry-After", self.retry_after),))
+            self._room_for(grant)
             x.client.grant = grant
             return Held(since, wait)
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(grant.faction, since))
+        body = self.hub.calls_since(grant.faction, since)
+        self._fits(grant.faction, len(body))
+        return Reply(200, body)
 
     async def hold(self, client: Client, reader: asyncio.StreamReader, requests: RequestReader,
                    held: Held, keep_alive: bool) -> tuple[Reply, bool]:
@@ -3704,7 +4465,12 @@ class App:
             why = client.grant.ended if client.grant.player_id is not None else None
             return error_reply(unauthorized(why)), keep_alive
         self.stats.reads += 1
-        return Reply(200, self.hub.calls_since(client.scope, held.since)), keep_alive
+        body = self.hub.calls_since(client.scope, held.since)
+        try:
+            self._fits(client.scope, len(body))
+        except HttpError as e:
+            return error_reply(e), keep_alive
+        return Reply(200, body), keep_alive
 
     async def make_call(self, x: Exchange) -> Reply:
         """POST /calls: call a target for the token's faction."""
@@ -3713,6 +4479,11 @@ class App:
                        else MEMBER_CALL_FIELDS)
         caller_id, caller_name = writer_of(grant, f)
         self.budgets.write(grant, self.loop.time())
+        active = len(self.hub.by_faction.get(grant.faction, ()))
+        if active >= self.config.calls_per_faction:
+            raise HttpError(429, f"your faction has {active} active calls, the most this "
+                            "server keeps (CALLS_PER_FACTION): uncall some first",
+                            (("Retry-After", "60"),))
         outcome, call, event_id = await self.db.call(grant.faction, f["war_id"], f["target_id"],
                                                      f["target_name"], caller_id, caller_name)
         if outcome is CallOutcome.TAKEN:
@@ -3720,6 +4491,14 @@ class App:
             who = call["caller_name"] or f"player {call['caller_id']}"
             raise HttpError(409, f"target {f['target_id']} is already called by {who}",
                             extra={"call": call})
+        if outcome is CallOutcome.NOT_CURRENT_WAR:  # the call would be history at once
+            raise HttpError(409, f"war {call['war_id']} is not faction {grant.faction}'s "
+                            f"current war ({call['current_war_id'] or 'none'})")
+        if outcome is CallOutcome.UNKNOWN_WAR:  # target_calls' foreign key to the wars table
+            raise HttpError(422, f"war {call['war_id']} is not in the wars table")
+        if outcome is CallOutcome.REFUSED:  # e.g. a NOT NULL faction_id, and a call without one
+            raise HttpError(422, f"this database requires {call['column']} on every call, "
+                            "which this call does not have")
         if outcome is CallOutcome.YOURS:
             # The caller holds it already: most likely a retry of a write whose answer was
             # lost ("outcome": "unknown"). Same answer as the first time; nothing new happened.
@@ -3748,7 +4527,48 @@ class App:
         await self._seen(event_id)
         return json_reply(200, {"call": call, "event_id": event_id})
 
-    # -- the calls API's helpers ------------------------------------------------------
+    # -- helpers ----------------------------------------------------------------------
+
+    def _fits(self, scope: int | None, size: int) -> None:
+        """What a client would be sent first (a snapshot, a replay, a GET /calls answer)
+        must fit in CLIENT_BUFFER_BYTES: every byte a client makes us hold counts there.
+        Calls made through the API cannot outgrow it (CALLS_PER_FACTION); rows another
+        program writes could: then the faction is refused, and the operator told why."""
+        if size <= self.config.client_buffer_bytes:
+            return
+        self.stats.refused_streams += 1
+        now = self.loop.time()
+        if now - self._too_big_logged_at >= BAD_NOTIFY_LOG_SECONDS:
+            self._too_big_logged_at = now
+            log.warning("%s's calls are %d bytes, more than CLIENT_BUFFER_BYTES (%d): its "
+                        "streams and reads are refused; end calls, or raise "
+                        "CLIENT_BUFFER_BYTES", "every faction" if scope is None
+                        else f"faction {scope}", size, self.config.client_buffer_bytes)
+        raise HttpError(503, "this faction's calls are more than this server sends a client "
+                        "at once (CLIENT_BUFFER_BYTES): its operator is told",
+                        (("Retry-After", "60"),))
+
+    def _room_for(self, grant: Grant) -> None:
+        """A stream or held long-poll of `grant` may start; HttpError when the server, the
+        token's share (a member's tokens together) or the faction's share is full."""
+        config = self.config
+        if self.stopping or self.hub.client_count >= config.max_clients:
+            raise HttpError(503, "too many clients, retry later",
+                            (("Retry-After", self.retry_after),))
+        if grant.player_id is not None and \
+                self.hub.per_player[grant.player_id] >= config.max_clients_per_token:
+            self.stats.over_token += 1
+            raise HttpError(429, f"{config.max_clients_per_token} streams and long-polls are "
+                            "open with your sign-in already: close a tab or a device (a browser "
+                            "shares one stream across its tabs)",
+                            (("Retry-After", self.retry_after),))
+        if grant.faction is not None and \
+                self.hub.per_faction[grant.faction] >= config.max_clients_per_faction:
+            self.stats.over_faction += 1
+            raise HttpError(503, f"faction {grant.faction} has {config.max_clients_per_faction} "
+                            "streams and long-polls open, its share of this server: retry later",
+                            (("Retry-After", self.retry_after),))
+
 
     async def _seen(self, event_id: int) -> None:
         """Wait (briefly) until our own event has gone out, so a poll right after sees it."""
@@ -3859,15 +4679,31 @@ async def expire_calls(db: Database, ttl: int) -> None:
                 log.info("expired %d calls older than %ds", expired, ttl)
 
 
-async def prune_events(db: Database, hours: int) -> None:
-    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql)."""
-    if not hours:
+async def sync_wars(db: Database, seconds: int) -> None:
+    """Every WARS_SYNC_SECONDS: follow the old tool's wars table, so a war it ends ends its
+    calls on the stream (trigger.sql, "Today's war")."""
+    if not seconds:
         return
+    while True:
+        await asyncio.sleep(seconds)
+        with contextlib.suppress(DatabaseUnavailable):  # try again later
+            changed = await db.sync_wars()
+            if changed:
+                log.info("wars table: the current war of %d factions changed", changed)
+
+
+async def prune(db: Database, hours: int) -> None:
+    """Hourly: delete events older than EVENT_RETENTION_HOURS (see trigger.sql; 0: never),
+    and member tokens that ended more than a day ago (every server reads the rest)."""
     while True:
         await asyncio.sleep(PRUNE_EVERY_SECONDS)
         with contextlib.suppress(DatabaseUnavailable):
-            pruned = await db.prune_events(hours)
-            log.info("pruned %d events older than %d hours", pruned, hours)
+            if hours:
+                pruned = await db.prune_events(hours)
+                log.info("pruned %d events older than %d hours", pruned, hours)
+            tokens = await db.prune_tokens()
+            if tokens:
+                log.info("pruned %d member tokens that ended more than a day ago", tokens)
 
 
 def read_userscript() -> str | None:
@@ -3908,9 +4744,12 @@ async def serve(config: Config, dsn: str) -> None:
     tasks = [loop.create_task(coro) for coro in (
         listener.run(), keep_streams_alive(hub, config.keepalive_seconds),
         log_stats(stats, hub, listener, config.stats_log_seconds),
-        expire_calls(db, config.call_ttl_seconds), prune_events(db, config.event_retention_hours),
+        expire_calls(db, config.call_ttl_seconds), prune(db, config.event_retention_hours),
+        sync_wars(db, config.wars_sync_seconds),
         end_expired_members(hub, auth, config.retry_ms), torn_poll.run())]
-    await stop.wait()
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([stopping, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
     server.close()
     await app.shutdown()
     torn.close()
@@ -3919,6 +4758,8 @@ async def serve(config: Config, dsn: str) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     db.close()
     log.info("stopped")
+    if tasks[0].done() and not tasks[0].cancelled():
+        tasks[0].result()  # the listener gave up: SchemaFailed (it logged why)
 
 
 async def token_command(config: Config, dsn: str) -> int:
@@ -4008,6 +4849,272 @@ async def torn_key_command(config: Config, dsn: str) -> int:
         return 1
 
 
+# What trigger.sql will find (`migrate --check`). The catalog is read as trigger.sql's DO
+# block "The shape" reads it, and TableShape builds the same SQL expressions from it
+# (test_migration.py checks, on every shape, that the report matches what trigger.sql then
+# does), so the report can say what the rows will be before trigger.sql has made its view.
+CREATION = ("created_at", "called_at")  # the creation time's names, the first preferred
+ADDED_COLUMNS = ("faction_id", "war_id", "caller_name", "target_name", "uncalled_at",
+                 "uncalled_by", "uncalled_by_name", "uncall_reason", "torncat_made")
+MIGRATE_EXAMPLES = 3  # rows shown per finding
+# Each side a wars row names, with its opponent (the same pairs trigger.sql reads).
+WAR_SIDES = (("faction_id", "enemy_faction_id"), ("faction_a_id", "faction_b_id"),
+             ("faction_b_id", "faction_a_id"), ("attacker_faction_id", "defender_faction_id"),
+             ("defender_faction_id", "attacker_faction_id"))
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class TableShape:
+    """What the catalog says of target_calls (`cols`: name -> type; empty: there is none)
+    and of the wars table its war_id references (`wars`: (table, key column))."""
+
+    def __init__(self, cols: dict[str, str], wars: tuple[str, str] | None,
+                 wars_cols: dict[str, str]):
+        self.cols, self.wars = cols, wars
+        self.created = [c for c in CREATION if c in cols]
+        active = (["t.status::text = 'active'"] if "status" in cols else []) + (
+            ["t.uncalled_at IS NULL"] if "uncalled_at" in cols else [])
+        # The SQL expressions the statements' {names} are filled with.
+        self.sql = {
+            "created": (f"coalesce({', '.join('t.' + c for c in self.created)})"
+                        if self.created else "NULL::timestamptz"),
+            "active": f"coalesce({' AND '.join(active) or 'true'}, false)",
+            "faction": "t.faction_id::bigint" if "faction_id" in cols else "NULL::bigint",
+            "war": "t.war_id::bigint" if "war_id" in cols else "NULL::bigint",
+        }
+        flags = (["w.is_active IS TRUE"] if "is_active" in wars_cols else []) + (
+            ["w.ended_at IS NULL"] if "ended_at" in wars_cols else [])
+        self.wars_flags = " AND ".join(flags)
+        sides = [side for side, _ in WAR_SIDES if side in wars_cols]
+        self.wars_sides = None  # one SELECT per side, or None: no wars table says which is current
+        if wars and flags and sides:
+            table, key = wars
+            self.wars_sides = " UNION ALL ".join(
+                f"SELECT w.{quote_ident(side)}::bigint AS faction_id, "
+                f"w.{quote_ident(key)}::bigint AS war_id, ({self.wars_flags}) AS is_current "
+                f"FROM {table} w" for side in sides)
+
+    def statement(self, template: str) -> str:
+        return template.format(**self.sql)
+
+    def describe(self) -> str:
+        if not self.cols:
+            return "target_calls: none here: trigger.sql creates it (the seed's columns and TornCat's)"
+        parts = [f"creation time {' and '.join(self.created) or 'none (trigger.sql adds created_at)'}"]
+        parts += [f"{c} {'yes' if c in self.cols else 'no'}"
+                  for c in ("status", "uncalled_at", "faction_id", "target_status")]
+        if self.wars:
+            parts.append(f"war_id -> {self.wars[0]}({self.wars[1]})")
+        else:
+            parts.append("war_id " + ("without a foreign key" if "war_id" in self.cols else "no"))
+        return "shape: " + "; ".join(parts)
+
+
+async def columns(conn, table: str) -> dict[str, str]:
+    return {r["attname"]: r["type"] for r in await conn.fetch(COLUMNS_SQL, table)}
+
+
+async def read_shape(conn) -> TableShape:
+    if not await conn.fetchval(EXISTS_SQL, "target_calls"):
+        return TableShape({}, None, {})
+    wars = await conn.fetchrow(WARS_REFERENCE_SQL)
+    wars = None if wars is None else (wars["wars_table"], wars["wars_key"])
+    return TableShape(await columns(conn, "target_calls"), wars,
+                      await columns(conn, wars[0]) if wars else {})
+
+
+async def current_wars(conn, shape: TableShape) -> tuple[dict[int, int | None], dict[int, str], list[str]]:
+    """Each faction's current war as trigger.sql will know it: (faction -> war, or None at
+    peace; faction -> who says so; the factions the wars table gives two current wars)."""
+    wars: dict[int, int | None] = {}
+    source: dict[int, str] = {}
+    ambiguous: list[str] = []
+    if shape.wars_sides:
+        for r in await conn.fetch(WARS_TABLE_CURRENT_SQL.format(sides=shape.wars_sides)):
+            current = r["current"] or []
+            if len(current) > 1:
+                ambiguous.append(f"faction {r['faction_id']}: wars {', '.join(map(str, current))}")
+                continue
+            wars[r["faction_id"]] = current[0] if current else None
+            source[r["faction_id"]] = f"{shape.wars[0]} table"
+    if await conn.fetchval(EXISTS_SQL, "torncat_wars"):  # trigger.sql ran here before
+        known = "source" if "source" in await columns(conn, "torncat_wars") else "'torn_poll'"
+        for r in await conn.fetch(TORNCAT_WARS_SQL.format(source=known)):
+            if r["source"] != "wars_table":
+                wars[r["faction_id"]] = r["war_id"]
+                source[r["faction_id"]] = {"torn_poll": "the Torn API poll",
+                                           "operator": "`war set`"}.get(r["source"], r["source"])
+    return wars, source, ambiguous
+
+
+def _faction(faction: int) -> str:
+    return "no faction" if faction == 0 else f"faction {faction}"
+
+
+def _row(r) -> str:
+    when = f", {r['created_at']:%Y-%m-%d %H:%M}" if r["created_at"] else ""
+    return (f"id {r['id']} ({_faction(r['faction_id'] or 0)}, war {r['war_id']}, "
+            f"target {r['target_id']}, caller {r['caller_id']}{when})")
+
+
+async def migrate_report(conn) -> list[str]:
+    """What trigger.sql will do to this database, read in a read-only transaction."""
+    lines: list[str] = []
+    async with conn.transaction(readonly=True):
+        shape = await read_shape(conn)
+        lines.append(shape.describe())
+        if not shape.cols:
+            return lines
+        t = await conn.fetchrow(CALLS_TABLE_SQL)
+        users = await conn.fetch(CALLS_GRANTEES_SQL)  # roles other than the owner
+        locked = [u for u in users if not u["bypass"]]  # those row level security would stop
+        lines.append(f"rows: {await conn.fetchval(COUNT_CALL_ROWS_SQL)}; owner {t['owner']}: " + (
+            f"you connect as {t['me']}, who may apply trigger.sql" if t["may_alter"] else
+            f"you connect as {t['me']}, who may NOT alter it: apply trigger.sql as {t['owner']}"))
+        add = [c for c in ADDED_COLUMNS if c not in shape.cols]
+        if not shape.created:
+            add.append("created_at")
+        lines.append("columns trigger.sql adds (nullable, no default: no row is rewritten): "
+                     + (", ".join(add) or "none"))
+        if await conn.fetchval(EXISTS_SQL, "torncat_holders"):
+            lines.append("trigger.sql (this version) was applied here already; what follows is "
+                         "what it sees now")
+        if shape.wars:
+            how = (f"while {shape.wars_flags.replace('w.', '')}" if shape.wars_flags else
+                   "never (it has no is_active or ended_at column): use `war set`")
+            lines.append(f"wars: table {shape.wars[0]} says a war is current {how}")
+        wars, source, ambiguous = await current_wars(conn, shape)
+        lines += [f"  faction {f}: war {wars[f]} (from {source[f]})"
+                  for f in sorted(f for f in wars if wars[f] is not None)]
+        peace = sorted(f for f in wars if wars[f] is None)
+        if peace:
+            lines.append(f"  {len(peace)} more factions at no war: "
+                         + ", ".join(map(str, peace[:10])) + (" ..." if len(peace) > 10 else ""))
+        if not wars and not ambiguous:
+            lines.append("  no faction's current war is known: every call of every war counts "
+                         "until the Torn API poll or `war set` says which war is current")
+        lines += [f"  {a}: two current wars in the wars table, so its war is NOT known and every "
+                  "war's calls count: `torncat_sse.py war set` fixes it" for a in ambiguous]
+        today = (list(wars), list(wars.values()))
+
+        shown = await conn.fetch(shape.statement(SHOWN_PER_FACTION_SQL), *today)
+        lines.append(f"calls shown after trigger.sql: {sum(r['shown'] for r in shown)}" + (
+            " (" + ", ".join(f"{_faction(r['faction'])}: {r['shown']}" for r in shown) + ")"
+            if shown else ""))
+        stale = await conn.fetch(shape.statement(LEFTOVER_ROWS_SQL), *today)
+        # How trigger.sql's torncat_end_rows ends a row here (its DO block "The shape").
+        ending = ("status 'uncalled' and uncalled_at" if "status" in shape.cols else
+                  "DELETE (with no status column, the only uncall their programs see)" if locked
+                  else "uncalled_at")
+        per_war = collections.Counter(r["war_id"] for r in stale)
+        lines.append(f"still active in wars that are not current: {len(stale)} rows" + (
+            f" over {len(per_war)} wars (" + ", ".join(f"war {w}: {n}" for w, n in per_war.items())
+            + "); history to TornCat, left as they are; `migrate --close-leftovers` (after "
+            f"trigger.sql) ends them as the old tool would: {ending}" if stale else ""))
+        lines += [f"  e.g. {_row(r)}" for r in stale[:MIGRATE_EXAMPLES]]
+        twice = await conn.fetch(shape.statement(HELD_TWICE_SQL), *today)
+        now = sum(r["today"] for r in twice)
+        lines.append(f"targets held twice or more: {len(twice)} ({now} in current wars, "
+                     f"{len(twice) - now} in wars that are not)" + (
+                         "; TornCat shows the earliest live row of each, the others wait in line "
+                         "and take over when it ends" if twice else ""))
+        lines += [f"  e.g. {_faction(r['faction'])}, war {r['war_id']}, target {r['target_id']}: "
+                  "rows " + ", ".join(f"{i} (caller {c})"
+                                      for i, c in zip(r["ids"], r["callers"], strict=True))
+                  for r in twice[:MIGRATE_EXAMPLES]]
+        orphans = await conn.fetchval(shape.statement(COUNT_WITHOUT_FACTION_SQL))
+        lines.append(f"rows without a faction: {orphans}" + (
+            "; TornCat shows their calls only to SECRET_TOKEN and open access (every "
+            "faction), never to faction or member tokens" if orphans else ""))
+        if "torncat_made" in shape.cols:
+            mine = await conn.fetchval(shape.statement(COUNT_TORNCAT_ACTIVE_SQL))
+            lines.append(f"CALL_TTL_SECONDS expiry: ends only calls TornCat made ({mine} active now)")
+        else:
+            lines.append("CALL_TTL_SECONDS expiry: ends only calls TornCat makes: none of these rows")
+
+        if t["rls"]:
+            lines.append("row level security on target_calls: ON already; trigger.sql leaves it on")
+        elif locked:
+            lines.append("row level security on target_calls: off, and trigger.sql leaves it off: "
+                         "it would lock out " + "; ".join(f"{u['role']} ({u['what']})" for u in locked))
+        else:
+            lines.append("row level security on target_calls: off; no other role uses the table, "
+                         "so trigger.sql turns it on")
+        lines += [f"  {u['role']} bypasses it ({u['what']})" for u in users if u["bypass"]]
+        triggers = [r["tgname"] for r in await conn.fetch(CALLS_TRIGGERS_SQL)]
+        lines.append("triggers on target_calls: " + (", ".join(triggers) or "none") +
+                     "; trigger.sql (re)creates trg_notify_target_call (the seed's payload on "
+                     "channel target_calls, inserts only) and adds trg_torncat_target_calls and "
+                     "trg_torncat_target_calls_truncate")
+    return lines
+
+
+async def migrate_command(config: Config, dsn: str) -> int:
+    """`migrate --check`: what trigger.sql will find and do (read only); `migrate
+    --close-leftovers`: the same report of leftovers, then, once confirmed, end them."""
+    async with cli_connection(config, dsn, schema=not config.check) as conn:
+        report = await migrate_report(conn)
+        if config.check:
+            print("\n".join(report))
+            return 0
+        if not await conn.fetchval(EXISTS_SQL, "torncat_leftovers"):
+            print("torncat_sse: apply trigger.sql first (`psql -v ON_ERROR_STOP=1 "
+                  "\"$DATABASE_URL\" -f trigger.sql`, or add --init-db)", file=sys.stderr)
+            return 1
+        print("\n".join(line for line in report
+                        if line.startswith(("still active", "  e.g. id"))))
+        count = await conn.fetchval(COUNT_LEFTOVERS_SQL)
+        if not count:
+            return 0
+        if not config.yes:
+            if not sys.stdin.isatty():
+                print("torncat_sse: add --yes to close them without a terminal", file=sys.stderr)
+                return 2
+            answer = await asyncio.to_thread(input, f"end these {count} rows as said above "
+                                             "(reason war_ended)? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                return 1
+        closed = await conn.fetchval(CLOSE_LEFTOVERS_SQL)
+        print(f"closed {closed} rows left active in wars that are not current", file=sys.stderr)
+        return 0
+
+
+async def war_command(config: Config, dsn: str) -> int:
+    """`war set|clear|list`: each faction's current war, where the Torn API poll is silent."""
+    try:
+        async with cli_connection(config, dsn) as conn:
+            if config.war_command == "set":
+                ended = await conn.fetchval(OPERATOR_SET_WAR_SQL, config.faction, config.war, config.opponent)
+                print(f"faction {config.faction}: " + (f"war {config.war}" if config.war
+                                                      else "no war")
+                      + f"; {ended} calls of other wars are no longer shown", file=sys.stderr)
+            elif config.war_command == "clear":
+                ended = await conn.fetchval(CLEAR_WAR_SQL, config.faction)
+                print(f"faction {config.faction}: its war is the wars table's again, or not "
+                      f"known; {ended} calls are no longer shown", file=sys.stderr)
+            else:
+                print(f"{'faction':>10}  {'war':>8}  {'opponent':>10}  {'shown':>5}  "
+                      f"{'since (UTC)':19}  from")
+                for r in await conn.fetch(LIST_WARS_SQL):
+                    print(f"{r['faction_id']:>10}  {r['war_id'] or '-':>8}  "
+                          f"{r['opponent_id'] or '-':>10}  {r['shown']:>5}  "
+                          f"{r['updated_at']:%Y-%m-%d %H:%M:%S}  {r['source']}")
+            return 0
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError):
+        print("torncat_sse: the database has no (current) torncat_wars: apply trigger.sql "
+              "(or add --init-db)", file=sys.stderr)
+        return 1
+
+
+def command(config: Config, dsn: str) -> Awaitable[int]:
+    """The command line's command, ready to run."""
+    return {"token": token_command, "torn-key": torn_key_command, "migrate": migrate_command,
+            "war": war_command}[config.command](config, dsn)
+
+
 def access_summary(config: Config) -> str:
     """One start-up log line: who may read and write without a token, and why."""
     env_tokens = bool(config.secret_token) + len(config.faction_tokens)
@@ -4055,26 +5162,36 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    if config.command == "token":
-        return runner(token_command(config, dsn))
-    if config.command == "torn-key":
-        return runner(torn_key_command(config, dsn))
+    if config.command is not None:
+        try:
+            return runner(command(config, dsn))
+        except SchemaFailed as e:  # --init-db, and trigger.sql failed
+            print(f"torncat_sse: trigger.sql failed, so nothing of it was applied: {e}",
+                  file=sys.stderr)
+            return 1
     if config.workers > 1:
         return run_workers(config, lambda config: runner(serve(config, dsn)))
-    runner(serve(config, dsn))
+    try:
+        runner(serve(config, dsn))
+    except SchemaFailed:  # INIT_DB, and trigger.sql failed: the listener logged it
+        return 1
     return 0
+
+
+WORKER_GAVE_UP = 3  # a worker's exit status: starting it again cannot help
 
 
 def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     """WORKERS=N: fork N servers on one port (SO_REUSEPORT spreads connections across
-    them) and keep them running: one that dies is started again; SIGTERM stops all."""
+    them) and keep them running: one that dies is started again, except where starting
+    again cannot help (trigger.sql failed), which stops all; so does SIGTERM."""
     if config.port == 0:  # pick the port once, so that every worker shares it
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             probe.bind((config.host, 0))
             config = config.replace(port=probe.getsockname()[1])
     children: dict[int, int] = {}  # pid -> worker number
-    stopping = False
+    stopping = gave_up = False
 
     def start(number: int) -> None:
         pid = os.fork()
@@ -4087,6 +5204,8 @@ def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
             code = 0
             try:
                 serve_forever(config)
+            except SchemaFailed:  # logged by the listener
+                code = WORKER_GAVE_UP
             except BaseException:
                 log.exception("worker %d failed", number)
                 code = 1
@@ -4109,11 +5228,17 @@ def run_workers(config: Config, serve_forever: Callable[[Config], None]) -> int:
     while children:
         pid, status = os.wait()
         number = children.pop(pid, None)
-        if number is not None and not stopping:
+        if number is None or stopping:
+            continue
+        if os.waitstatus_to_exitcode(status) == WORKER_GAVE_UP:
+            log.critical("worker %d cannot start (see above): stopping every worker", number)
+            gave_up = True
+            stop(signal.SIGTERM, None)
+        else:
             log.error("worker %d exited (status %d): starting it again", number, status)
             time.sleep(1)
             start(number)
-    return 0
+    return 1 if gave_up else 0
 
 
 if __name__ == "__main__":
