@@ -4061,7 +4061,10 @@ class RequestSlots:
         self.take(client)
         if len(self.by_address[client.address]) > self.per_address:
             self._over.add(client.address)
-        if self._over or self.count > REQUEST_SLOTS:
+        # Past a bound with a trim already due (some were too young to close): that one
+        # restores it. Not again on each arrival: a thousand arriving from one address at
+        # once would each walk the address's others for none (a reconnect storm).
+        if (self._over or self.count > REQUEST_SLOTS) and self._retry is None:
             self.trim()
         return True
 
