@@ -2265,6 +2265,17 @@ def next_war(torn_api, war_id: int) -> None:
     torn_api.factions[FACTION].ranked_war = torn_api.factions[456].ranked_war = war
 
 
+async def shows_no_war(page: Page) -> None:
+    """The panel of a faction at peace: every row marked, none with a Call button or a
+    countdown of the war that is over, no call box, and the empty list says why."""
+    rows = page.locator(".enemy-faction")
+    await expect(rows.locator(".tc-cell")).to_have_count(len(ENEMIES))
+    await expect(rows.locator(".tc-call-btn")).to_have_count(0)  # nothing to call
+    await expect(rows.locator(".tc-state")).to_have_count(0)     # no countdown of a war that is over
+    await expect(panel(page).locator(".tc-form")).to_be_hidden()
+    await expect(panel(page).locator(".tc-empty")).to_have_text("No war on: no calls")
+
+
 async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_one_brings_them_back(
         h, on_torn, torn_api):
     at_war(torn_api, 82)
@@ -2288,17 +2299,12 @@ async def test_a_war_ends_with_a_notice_and_no_calls_or_countdowns_and_the_next_
     torn_api.factions[FACTION].ranked_war["end"] = int(time.time()) - 1
     await expect(panel(alice).locator(".tc-notice")).to_have_text("War over: 2 calls cleared")
     await expect(panel(alice).locator("li.tc-call")).to_have_count(0)
-    rows = alice.locator(".enemy-faction")
-    await expect(rows.locator(".tc-call-btn")).to_have_count(0)  # nothing to call
-    await expect(rows.locator(".tc-state")).to_have_count(0)     # no countdown of a war that is over
-    await expect(panel(alice).locator(".tc-form")).to_be_hidden()
+    await shows_no_war(alice)
     # A reload brings back neither a Call nor a stale countdown.
     await alice.reload()
     await expect(panel(alice)).to_have_attribute("data-status", "live")
-    await expect(rows.locator(".tc-cell")).to_have_count(len(ENEMIES))
-    await expect(rows.locator(".tc-call-btn")).to_have_count(0)
-    await expect(rows.locator(".tc-state")).to_have_count(0)
-    await expect(panel(alice).locator(".tc-empty")).to_have_text("No war on: no calls")
+    await shows_no_war(alice)
+    rows = alice.locator(".enemy-faction")
 
     # The next war: Call buttons and statuses are back.
     next_war(torn_api, 83)
@@ -2328,15 +2334,10 @@ async def test_a_war_that_ends_with_no_call_on_says_so_and_a_browser_opened_afte
 
     torn_api.factions[FACTION].ranked_war["end"] = int(time.time()) - 1  # no call was on
     await expect(panel(alice).locator(".tc-notice")).to_have_text("War over")
-    await expect(alice.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
-    await expect(alice.locator(".enemy-faction .tc-state")).to_have_count(0)
-    await expect(panel(alice).locator(".tc-form")).to_be_hidden()
+    await shows_no_war(alice)
     bob = await h.open(BOB, "violentmonkey")  # nothing remembered: the snapshot alone says it
     await expect(panel(bob)).to_have_attribute("data-status", "live")
-    await expect(bob.locator(".enemy-faction .tc-cell")).to_have_count(len(ENEMIES))
-    await expect(bob.locator(".enemy-faction .tc-call-btn")).to_have_count(0)
-    await expect(bob.locator(".enemy-faction .tc-state")).to_have_count(0)
-    await expect(panel(bob).locator(".tc-empty")).to_have_text("No war on: no calls")
+    await shows_no_war(bob)
 
     next_war(torn_api, 85)
     for page in (alice, bob):
