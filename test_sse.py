@@ -2741,7 +2741,7 @@ async def test_members_are_told_when_the_war_starts_and_ends_even_with_no_call_l
     GET /calls') `war`: a war that ends with no call left to end still says so, a stream
     opened after its end is told at once, and the next war is announced. (The panel's "War
     over" and its Call buttons follow them.)"""
-    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}",
+    server = poll_server(TORN_API_KEYS=f"{RED_ID}:{war}", SECRET_TOKEN=ADMIN_TOKEN,
                          FACTION_TOKENS=f"{RED_ID}:{RED},{BLUE_ID}:{BLUE}")
     await polled(server)
     async with SseClient(server.port, headers=bearer(RED)) as stream:
@@ -2767,9 +2767,11 @@ async def test_members_are_told_when_the_war_starts_and_ends_even_with_no_call_l
         began = await late.next()
         assert (began.event, began.json["war_id"], began.json["ended_war_id"]) == (
             "war", WAR_ID + 1, None)
-    # Another faction's streams hear nothing of RED's war.
+    # Another faction's streams hear nothing of RED's war; every faction's see each war.
     async with SseClient(server.port, headers=bearer(BLUE)) as other:
         assert "war" not in (await other.next()).json
+    body = (await http(server.port, "GET", "/calls", bearer(ADMIN_TOKEN))).json()
+    assert [(w["faction_id"], w["war_id"]) for w in body["wars"]] == [(RED_ID, WAR_ID + 1)]
 
 
 async def test_two_servers_poll_once_and_the_second_takes_over_when_the_first_is_killed(
