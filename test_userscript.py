@@ -1208,8 +1208,8 @@ async def test_a_stream_that_ends_before_a_byte_hands_over_to_long_poll_at_once_
         "title", re.compile("the stream did not work here"))
     streams = [r for r in h.manager.requests if urllib.parse.urlsplit(r["url"]).path == "/events"]
     assert len(streams) == 1  # no second try in a row: it waits STREAM_PROBE_MS, beside the long-poll
-    statuses = await alice.evaluate("window.__tc.statuses")
-    assert "reconnecting" not in statuses, statuses
+    changes = await alice.evaluate("window.__tc.changes")
+    assert "reconnecting" not in [c[1] for c in changes], changes
 
     await api_call(server.port, BOB, 2001, "Xena")
     await expect(row_cell(alice, 2001)).to_have_text("called by Bob")
