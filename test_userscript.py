@@ -2201,12 +2201,14 @@ async def test_violentmonkey_reads_the_stream_from_responsetext_and_starts_afres
     assert script != USERSCRIPT
     alice = await h.page(await h.context("violentmonkey", script=script), ALICE)
     await expect(panel(alice).locator(".tc-status")).to_have_text("live · stream")
+    await server.await_log(r"stream opened")  # the first stream's line is in before the mark
     mark = server.mark()
     targets = [3000 + i for i in range(12)]  # ~350 bytes of SSE each: past the bound
     for target in targets:
         await api_call(server.port, BOB, target, f"T{target}")
     for target in targets:
         await expect(panel_call(alice, target)).to_contain_text("Bob")
+    await server.await_log(r"stream opened", start=mark)  # afresh after the last event read
     opened = [line for line in server.lines[mark:] if "stream opened" in line]
     assert opened and all("last_event_id=" in line for line in opened), opened
     requests = [r for r in await alice.evaluate("window.__gmRequests") if r["url"].endswith("/events")]
