@@ -72,3 +72,12 @@ def start_server():
     yield start
     for server in started:
         server.stop(timeout=5)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item, so that a fixture can tell, as it tears down,
+    that its test failed (and say what it saw: test_userscript's harness does)."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report

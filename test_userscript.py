@@ -840,6 +840,24 @@ class Harness:
         """A browser of its own (a context) with one war page, for one member."""
         return await self.page(await self.context(transport, **kw), member)
 
+    async def describe(self) -> str:
+        """What each page showed and went through, the manager's last requests and the
+        server's last log lines: for a test that failed, what a flake leaves to go on."""
+        out = []
+        for i, context in enumerate(self.contexts):
+            for j, page in enumerate(context.pages):
+                try:
+                    text = await page.locator("#torncat-panel").inner_text(timeout=2000)
+                    changes = await page.evaluate("window.__tc && window.__tc.changes")
+                except Exception as e:  # a page that closed, or never had a panel
+                    text, changes = f"({type(e).__name__}: {e})", None
+                out.append(f"--- context {i} page {j} {page.url}\n{text}\nstatus changes: {changes}")
+        out.append(f"--- manager's last requests: {self.manager.requests[-10:]}")
+        out.append(f"--- page errors: {self.errors}  dialogs: {self.dialogs}")
+        if self.server is not None:
+            out.append(f"--- server log:\n{self.server.log_tail(60)}")
+        return "\n".join(out)
+
     async def close(self) -> None:
         for context in self.contexts:
             with contextlib.suppress(Exception):
@@ -857,10 +875,13 @@ class Harness:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def h(browser, db, start_server):
+async def h(browser, db, start_server, request):
     harness = Harness(browser, db, start_server)
     await harness.site.start()
     yield harness
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        print(await harness.describe())  # shown under the failure, as "Captured stdout teardown"
     await harness.close()
 
 
