@@ -597,18 +597,20 @@ END
 $$;
 
 -- Every target of a faction, and those of calls without a faction (whose today depends
--- on every faction's war): after a faction's war changed. Returns the holders ended.
-CREATE OR REPLACE FUNCTION torncat_reconcile_faction(p_faction bigint) RETURNS integer
+-- on every faction's war): after a faction's war changed; every target of every faction
+-- with p_all. Returns the holders ended.
+CREATE OR REPLACE FUNCTION torncat_reconcile_targets(p_all boolean, p_faction bigint)
+RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     g      record;
     ended  integer := 0;
 BEGIN
     FOR g IN SELECT h.faction_key AS k, h.target_id AS t FROM torncat_holders h
-             WHERE h.faction_key IN (coalesce(p_faction, 0), 0)
+             WHERE p_all OR h.faction_key IN (coalesce(p_faction, 0), 0)
              UNION
              SELECT coalesce(c.faction_id, 0), c.target_id FROM torncat_calls c
-             WHERE c.active AND coalesce(c.faction_id, 0) IN (coalesce(p_faction, 0), 0)
+             WHERE c.active AND (p_all OR coalesce(c.faction_id, 0) IN (coalesce(p_faction, 0), 0))
              ORDER BY 1, 2 LOOP
         ended := ended + torncat_reconcile(g.k, g.t);
     END LOOP;
@@ -616,21 +618,11 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION torncat_reconcile_faction(p_faction bigint) RETURNS integer
+LANGUAGE sql AS $$ SELECT torncat_reconcile_targets(false, p_faction) $$;
+
 CREATE OR REPLACE FUNCTION torncat_reconcile_all() RETURNS integer
-LANGUAGE plpgsql AS $$
-DECLARE
-    g      record;
-    ended  integer := 0;
-BEGIN
-    FOR g IN SELECT h.faction_key AS k, h.target_id AS t FROM torncat_holders h
-             UNION
-             SELECT coalesce(c.faction_id, 0), c.target_id FROM torncat_calls c WHERE c.active
-             ORDER BY 1, 2 LOOP
-        ended := ended + torncat_reconcile(g.k, g.t);
-    END LOOP;
-    RETURN ended;
-END
-$$;
+LANGUAGE sql AS $$ SELECT torncat_reconcile_targets(true, NULL) $$;
 
 -- ---------------------------------------------------------------------------
 -- The triggers on target_calls
